@@ -1,0 +1,71 @@
+# The project's target helpers: every library, plugin and test is made by one of these, so
+# warnings, visibility and output locations are the same everywhere.
+
+function(memsnap_set_warnings target)
+  target_compile_options(${target} PRIVATE -Wall -Wextra -Wshadow -Wnon-virtual-dtor
+                                           -Wold-style-cast -Wcast-align -Wnull-dereference)
+  if(MEMSNAP_WERROR)
+    target_compile_options(${target} PRIVATE -Werror)
+  endif()
+endfunction()
+
+# memsnap_add_library(NAME <name> SOURCES ... [DEPS ...] [PUBLIC_DEPS ...])
+# A static library aliased memsnap::<name>. Include paths are rooted at the source tree, so
+# code includes "core/snapshot/snapshot_writer.h", "plugins/plugin_api/plugin_api.h" and so on.
+function(memsnap_add_library)
+  cmake_parse_arguments(ARG "" "NAME" "SOURCES;DEPS;PUBLIC_DEPS" ${ARGN})
+  add_library(memsnap_${ARG_NAME} STATIC ${ARG_SOURCES})
+  add_library(memsnap::${ARG_NAME} ALIAS memsnap_${ARG_NAME})
+  target_include_directories(memsnap_${ARG_NAME} PUBLIC ${PROJECT_SOURCE_DIR})
+  target_link_libraries(memsnap_${ARG_NAME} PUBLIC ${ARG_PUBLIC_DEPS} PRIVATE ${ARG_DEPS})
+  memsnap_set_warnings(memsnap_${ARG_NAME})
+endfunction()
+
+# memsnap_add_plugin(NAME <name> LOGIC <sources...> REGISTRATION <plugin.cc> [DEPS ...])
+# A strategy plugin is one folder: its logic (a static library memsnap::<name>, so tests use it
+# without dlopen) and one registration file that becomes the MODULE library
+# lib/memsnap/plugins/memsnap_<name>.so loaded by the host. Plugins see only plugin_api.
+function(memsnap_add_plugin)
+  cmake_parse_arguments(ARG "" "NAME;REGISTRATION" "LOGIC;DEPS" ${ARGN})
+  add_library(memsnap_${ARG_NAME} STATIC ${ARG_LOGIC})
+  add_library(memsnap::${ARG_NAME} ALIAS memsnap_${ARG_NAME})
+  target_include_directories(memsnap_${ARG_NAME} PUBLIC ${PROJECT_SOURCE_DIR})
+  target_link_libraries(memsnap_${ARG_NAME} PUBLIC memsnap::plugin_api ${ARG_DEPS})
+  set_target_properties(memsnap_${ARG_NAME} PROPERTIES CXX_VISIBILITY_PRESET hidden
+                                                       VISIBILITY_INLINES_HIDDEN ON)
+  memsnap_set_warnings(memsnap_${ARG_NAME})
+
+  add_library(memsnap_plugin_${ARG_NAME} MODULE ${ARG_REGISTRATION})
+  target_link_libraries(memsnap_plugin_${ARG_NAME} PRIVATE memsnap_${ARG_NAME})
+  set_target_properties(memsnap_plugin_${ARG_NAME} PROPERTIES
+    PREFIX "" OUTPUT_NAME memsnap_${ARG_NAME}
+    LIBRARY_OUTPUT_DIRECTORY ${MEMSNAP_PLUGIN_OUTPUT_DIR}
+    CXX_VISIBILITY_PRESET hidden VISIBILITY_INLINES_HIDDEN ON)
+  target_link_options(memsnap_plugin_${ARG_NAME} PRIVATE -Wl,--no-undefined)
+  memsnap_set_warnings(memsnap_plugin_${ARG_NAME})
+  add_dependencies(memsnap_plugins memsnap_plugin_${ARG_NAME})
+endfunction()
+
+# memsnap_add_test(NAME <name> SOURCES ... [DEPS ...] [LABELS ...] [TIMEOUT s] [ARGS ...])
+# A GoogleTest executable registered with CTest. Tests that load plugins depend on all plugins
+# being built and get their directory in MEMSNAP_PLUGIN_DIR.
+function(memsnap_add_test)
+  if(NOT MEMSNAP_BUILD_TESTS)
+    return()
+  endif()
+  cmake_parse_arguments(ARG "" "NAME;TIMEOUT" "SOURCES;DEPS;LABELS;ARGS" ${ARGN})
+  add_executable(${ARG_NAME} ${ARG_SOURCES})
+  target_link_libraries(${ARG_NAME} PRIVATE ${ARG_DEPS} GTest::gtest GTest::gtest_main
+                                            Threads::Threads)
+  target_include_directories(${ARG_NAME} PRIVATE ${PROJECT_SOURCE_DIR})
+  set_target_properties(${ARG_NAME} PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/tests)
+  memsnap_set_warnings(${ARG_NAME})
+  add_dependencies(${ARG_NAME} memsnap_plugins)
+  add_test(NAME ${ARG_NAME} COMMAND ${ARG_NAME} ${ARG_ARGS})
+  if(NOT ARG_TIMEOUT)
+    set(ARG_TIMEOUT 300)
+  endif()
+  set_tests_properties(${ARG_NAME} PROPERTIES TIMEOUT ${ARG_TIMEOUT}
+    LABELS "${ARG_LABELS}"
+    ENVIRONMENT "MEMSNAP_PLUGIN_DIR=${MEMSNAP_PLUGIN_OUTPUT_DIR};MEMSNAP_BIN_DIR=${CMAKE_BINARY_DIR}/bin;MEMSNAP_TEST_BIN_DIR=${CMAKE_BINARY_DIR}/tests")
+endfunction()

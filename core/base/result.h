@@ -1,0 +1,104 @@
+// Error codes and the Result type returned by every runtime path of the host.
+//
+// Codes are stable: their names (errc_name) appear in CLI output, JSON and, later, the control
+// API, so rename none; add new ones at the end of their group.
+#pragma once
+
+#include <cassert>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <variant>
+
+namespace memsnap {
+
+enum class Errc {
+  kOk = 0,
+  // generic
+  kInvalidArgument,
+  kIoError,
+  kNotFound,
+  kUnsupported,
+  kInternal,
+  // plugin loading (PluginRegistry)
+  kPluginCannotOpen,
+  kPluginNoAbiSymbol,
+  kPluginAbiMismatch,
+  kPluginBadDescriptor,
+  kPluginNoFactory,
+  kPluginFactoryFailed,
+  kPluginDuplicateName,
+  kPluginUnsafeFile,
+  kPluginNotLoaded,
+  // snapshot files
+  kSnapshotTruncated,
+  kSnapshotBadMagic,
+  kSnapshotBadVersion,
+  kSnapshotBadHeader,
+  kSnapshotBadMap,
+  kSnapshotChecksumMismatch,
+  kSnapshotChainMismatch,
+  kSnapshotIncomplete,  // the writer was not given every byte it was promised
+  // export
+  kExportFailed,
+  kProcessGone,
+  kBadAddress,
+};
+
+// The stable snake_case name of a code, e.g. "plugin_abi_mismatch".
+std::string_view errc_name(Errc code) noexcept;
+
+struct Error {
+  Errc code = Errc::kInternal;
+  std::string message;
+  int sys_errno = 0;
+
+  // "plugin_abi_mismatch: <message>"
+  [[nodiscard]] std::string to_string() const;
+};
+
+[[nodiscard]] inline Error make_error(Errc code, std::string message, int sys_errno = 0) {
+  return Error{code, std::move(message), sys_errno};
+}
+
+// A value or an Error. Access to the wrong alternative is a bug (asserted).
+template <typename T>
+class [[nodiscard]] Result {
+ public:
+  Result(T value) : v_(std::move(value)) {}  // NOLINT: implicit by design
+  Result(Error error) : v_(std::move(error)) {}  // NOLINT
+
+  [[nodiscard]] bool ok() const noexcept { return v_.index() == 0; }
+  explicit operator bool() const noexcept { return ok(); }
+
+  T& value() & { assert(ok()); return std::get<0>(v_); }
+  const T& value() const& { assert(ok()); return std::get<0>(v_); }
+  T&& value() && { assert(ok()); return std::get<0>(std::move(v_)); }
+  T* operator->() { return &value(); }
+  const T* operator->() const { return &value(); }
+  T& operator*() & { return value(); }
+
+  const Error& error() const& { assert(!ok()); return std::get<1>(v_); }
+  Error&& error() && { assert(!ok()); return std::get<1>(std::move(v_)); }
+
+ private:
+  std::variant<T, Error> v_;
+};
+
+// Result of an operation without a value.
+class [[nodiscard]] Status {
+ public:
+  Status() = default;
+  Status(Error error) : error_(std::move(error)), ok_(false) {}  // NOLINT
+
+  [[nodiscard]] bool ok() const noexcept { return ok_; }
+  explicit operator bool() const noexcept { return ok_; }
+  const Error& error() const& { assert(!ok_); return error_; }
+  Error&& error() && { assert(!ok_); return std::move(error_); }
+
+ private:
+  Error error_;
+  bool ok_ = true;
+};
+
+}  // namespace memsnap

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs every Debian 12 package memsnap needs to build, test and benchmark. Idempotent: it
+# only calls apt-get when a package is missing. Run as root (or through sudo).
+set -euo pipefail
+
+packages=(
+  build-essential cmake ninja-build pkg-config git
+  libboost-dev libboost-filesystem-dev   # Boost.DLL (plugin loading)
+  libspdlog-dev libfmt-dev               # logging
+  libxxhash-dev                          # snapshot checksums (XXH3-64)
+  nlohmann-json3-dev                     # JSON output of the CLI
+  libyaml-cpp-dev                        # configuration files
+  prometheus-cpp-dev                     # metrics
+  libgtest-dev libgmock-dev googletest   # tests
+  libbenchmark-dev                       # benchmarks
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -eq 0 ]; then
+  exit 0
+fi
+echo "setup: installing ${missing[*]}" >&2
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO=sudo
+$SUDO apt-get update -qq
+DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
