@@ -3,7 +3,7 @@
 
 function(memsnap_set_warnings target)
   target_compile_options(${target} PRIVATE -Wall -Wextra -Wshadow -Wnon-virtual-dtor
-                                           -Wold-style-cast -Wcast-align -Wnull-dereference)
+                                           -Wold-style-cast -Wcast-align)
   if(MEMSNAP_WERROR)
     target_compile_options(${target} PRIVATE -Werror)
   endif()

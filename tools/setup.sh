@@ -4,7 +4,7 @@
 set -euo pipefail
 
 packages=(
-  build-essential cmake ninja-build pkg-config git
+  build-essential cmake ninja-build pkg-config git python3
   libboost-dev libboost-filesystem-dev   # Boost.DLL (plugin loading)
   libspdlog-dev libfmt-dev               # logging
   libxxhash-dev                          # snapshot checksums (XXH3-64)

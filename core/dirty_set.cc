@@ -1,0 +1,238 @@
+#include "core/dirty_set.h"
+
+#include <fcntl.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <string>
+
+namespace memsnap {
+namespace {
+
+// PAGEMAP_SCAN (Linux 6.7+). Debian 12's kernel headers predate it, so the ABI is declared here
+// from the kernel's documented uapi (include/uapi/linux/fs.h).
+struct PageRegion {
+  std::uint64_t start;
+  std::uint64_t end;
+  std::uint64_t categories;
+};
+struct PmScanArg {
+  std::uint64_t size;
+  std::uint64_t flags;
+  std::uint64_t start;
+  std::uint64_t end;
+  std::uint64_t walk_end;
+  std::uint64_t vec;
+  std::uint64_t vec_len;
+  std::uint64_t max_pages;
+  std::uint64_t category_inverted;
+  std::uint64_t category_mask;
+  std::uint64_t category_anyof_mask;
+  std::uint64_t return_mask;
+};
+constexpr std::uint64_t kPageIsPresent = 1u << 3;
+constexpr std::uint64_t kPageIsSwapped = 1u << 4;
+constexpr unsigned long kPagemapScan = _IOWR('f', 16, PmScanArg);
+
+class Fd {
+ public:
+  explicit Fd(int fd) : fd_(fd) {}
+  ~Fd() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  int get() const { return fd_; }
+
+ private:
+  int fd_;
+};
+
+std::string errno_text(int err) { return std::strerror(err); }
+
+void append_merged(std::vector<ByteRange>& out, std::uint64_t start, std::uint64_t end) {
+  if (!out.empty() && out.back().offset + out.back().length >= start) {
+    const std::uint64_t back_end = out.back().offset + out.back().length;
+    out.back().length = std::max(back_end, end) - out.back().offset;
+  } else {
+    out.push_back({start, end - start});
+  }
+}
+
+// Adds the host-address range [start, end) of region r, translated to guest offsets and widened
+// to blocks.
+void add_host_range(std::vector<ByteRange>& out, const Region& r, std::uint64_t start,
+                    std::uint64_t end, std::uint64_t block_size) {
+  std::uint64_t g_start = r.guest_offset + (start - r.host_addr);
+  std::uint64_t g_end = r.guest_offset + (end - r.host_addr);
+  g_start -= g_start % block_size;
+  g_end = (g_end + block_size - 1) / block_size * block_size;
+  append_merged(out, g_start, std::min(g_end, r.guest_offset + r.size));
+}
+
+Result<bool> scan_with_ioctl(int fd, const Region& r, std::uint64_t block_size,
+                             std::vector<ByteRange>& out, ScanStats& stats) {
+  std::vector<PageRegion> vec(512);
+  std::uint64_t start = r.host_addr;
+  const std::uint64_t end = r.host_addr + r.size;
+  while (start < end) {
+    PmScanArg arg{};
+    arg.size = sizeof(arg);
+    arg.start = start;
+    arg.end = end;
+    arg.vec = reinterpret_cast<std::uint64_t>(vec.data());
+    arg.vec_len = vec.size();
+    arg.category_anyof_mask = kPageIsPresent | kPageIsSwapped;
+    arg.return_mask = kPageIsPresent | kPageIsSwapped;
+    const int n = ::ioctl(fd, kPagemapScan, &arg);
+    ++stats.ioctl_calls;
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      if ((errno == ENOTTY || errno == EINVAL) && stats.ioctl_calls == 1) return false;
+      return make_error(Errc::kIoError, "PAGEMAP_SCAN failed: " + errno_text(errno), errno);
+    }
+    for (int i = 0; i < n; ++i) add_host_range(out, r, vec[i].start, vec[i].end, block_size);
+    // walk_end is stale when the vector filled up; the scan is only complete when fewer regions
+    // than vec_len came back, otherwise it resumes after the last region returned.
+    if (static_cast<std::uint64_t>(n) < arg.vec_len) break;
+    start = vec[n - 1].end;
+  }
+  return true;
+}
+
+Status scan_with_pagemap(int fd, const Region& r, std::uint64_t block_size,
+                         std::vector<ByteRange>& out) {
+  const std::uint64_t page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
+  std::vector<std::uint64_t> entries(4096);
+  for (std::uint64_t addr = r.host_addr; addr < r.host_addr + r.size;) {
+    const std::uint64_t pages = std::min<std::uint64_t>(entries.size(), (r.host_addr + r.size - addr) / page);
+    const ssize_t n = ::pread(fd, entries.data(), pages * 8, static_cast<off_t>(addr / page * 8));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return make_error(Errc::kIoError, "reading pagemap: " + errno_text(errno), errno);
+    }
+    if (n == 0) return make_error(Errc::kIoError, "pagemap ended early");
+    const std::uint64_t got = static_cast<std::uint64_t>(n) / 8;
+    for (std::uint64_t i = 0; i < got; ++i) {
+      if (entries[i] & ((1ULL << 63) | (1ULL << 62))) {
+        add_host_range(out, r, addr + i * page, addr + (i + 1) * page, block_size);
+      }
+    }
+    addr += got * page;
+  }
+  return {};
+}
+
+}  // namespace
+
+std::uint64_t total_bytes(const std::vector<ByteRange>& ranges) noexcept {
+  std::uint64_t sum = 0;
+  for (const auto& r : ranges) sum += r.length;
+  return sum;
+}
+
+Result<std::vector<ByteRange>> normalize_ranges(std::vector<ByteRange> ranges,
+                                                std::uint64_t guest_size,
+                                                std::uint64_t block_size) {
+  for (const auto& r : ranges) {
+    if (r.offset + r.length < r.offset || r.offset + r.length > guest_size) {
+      return make_error(Errc::kInvalidArgument,
+                        "dirty range " + std::to_string(r.offset) + "+" + std::to_string(r.length) +
+                            " is outside the guest (" + std::to_string(guest_size) + " bytes)");
+    }
+  }
+  std::sort(ranges.begin(), ranges.end(),
+            [](const ByteRange& a, const ByteRange& b) { return a.offset < b.offset; });
+  std::vector<ByteRange> out;
+  out.reserve(ranges.size());
+  for (const auto& r : ranges) {
+    if (r.length == 0) continue;
+    const std::uint64_t start = r.offset / block_size * block_size;
+    const std::uint64_t end = std::min(guest_size, (r.offset + r.length + block_size - 1) / block_size * block_size);
+    append_merged(out, start, end);
+  }
+  return out;
+}
+
+Result<std::vector<ByteRange>> populated_ranges_of_memfd(int memfd, std::uint64_t guest_size,
+                                                         std::uint64_t block_size) {
+  std::vector<ByteRange> out;
+  off_t pos = 0;
+  while (static_cast<std::uint64_t>(pos) < guest_size) {
+    const off_t data = ::lseek(memfd, pos, SEEK_DATA);
+    if (data < 0) {
+      if (errno == ENXIO) break;  // no data after pos
+      return make_error(Errc::kIoError, "lseek(SEEK_DATA) on the memfd: " + errno_text(errno), errno);
+    }
+    if (static_cast<std::uint64_t>(data) >= guest_size) break;
+    off_t hole = ::lseek(memfd, data, SEEK_HOLE);
+    if (hole < 0) {
+      return make_error(Errc::kIoError, "lseek(SEEK_HOLE) on the memfd: " + errno_text(errno), errno);
+    }
+    const std::uint64_t start = static_cast<std::uint64_t>(data) / block_size * block_size;
+    const std::uint64_t end = std::min<std::uint64_t>(
+        guest_size, (static_cast<std::uint64_t>(hole) + block_size - 1) / block_size * block_size);
+    append_merged(out, start, end);
+    pos = hole;
+  }
+  return out;
+}
+
+Result<std::vector<ByteRange>> populated_ranges_of_process(pid_t pid,
+                                                           const std::vector<Region>& regions,
+                                                           std::uint64_t block_size,
+                                                           ScanStats* stats_out) {
+  const std::string path = "/proc/" + std::to_string(pid) + "/pagemap";
+  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (fd.get() < 0) {
+    const int err = errno;
+    return make_error(err == ENOENT ? Errc::kProcessGone : Errc::kIoError,
+                      "cannot open " + path + ": " + errno_text(err), err);
+  }
+  ScanStats stats;
+  stats.used_pagemap_scan = true;
+  std::vector<ByteRange> out;
+  for (const auto& r : regions) {
+    if (stats.used_pagemap_scan) {
+      auto used = scan_with_ioctl(fd.get(), r, block_size, out, stats);
+      if (!used.ok()) return std::move(used).error();
+      if (*used) continue;
+      stats.used_pagemap_scan = false;
+    }
+    if (auto s = scan_with_pagemap(fd.get(), r, block_size, out); !s.ok()) {
+      return std::move(s).error();
+    }
+  }
+  if (stats_out) *stats_out = stats;
+  return out;
+}
+
+Status validate_regions(std::vector<Region>& regions, std::uint64_t guest_size) {
+  std::sort(regions.begin(), regions.end(),
+            [](const Region& a, const Region& b) { return a.guest_offset < b.guest_offset; });
+  const std::uint64_t page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
+  std::uint64_t prev_end = 0;
+  for (const auto& r : regions) {
+    if (r.size == 0 || r.host_addr % page || r.size % page || r.guest_offset % page) {
+      return make_error(Errc::kInvalidArgument, "region at guest offset " +
+                                                    std::to_string(r.guest_offset) +
+                                                    " is empty or not page-aligned");
+    }
+    if (r.guest_offset < prev_end) {
+      return make_error(Errc::kInvalidArgument, "regions overlap at guest offset " +
+                                                    std::to_string(r.guest_offset));
+    }
+    if (r.guest_offset + r.size > guest_size) {
+      return make_error(Errc::kInvalidArgument, "region at guest offset " +
+                                                    std::to_string(r.guest_offset) +
+                                                    " ends past the guest size");
+    }
+    prev_end = r.guest_offset + r.size;
+  }
+  return {};
+}
+
+}  // namespace memsnap

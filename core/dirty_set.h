@@ -1,0 +1,46 @@
+// Dirty sets: which guest byte ranges a pause exports. Either given by the caller (normalized
+// here) or "everything populated", found with SEEK_DATA/SEEK_HOLE on the guest memfd or with the
+// PAGEMAP_SCAN ioctl on the VMM process (falling back to reading /proc/PID/pagemap on kernels
+// without it). All results are sorted, disjoint, block-aligned and inside [0, guest_size).
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <vector>
+
+#include "core/base/result.h"
+#include "plugins/plugin_api/plugin_api.h"
+
+namespace memsnap {
+
+using plugin::ByteRange;
+using plugin::Region;
+
+// Sorts and merges ranges, widens them to whole blocks and checks they lie inside the guest.
+// kInvalidArgument for a range past guest_size or an overflowing one.
+Result<std::vector<ByteRange>> normalize_ranges(std::vector<ByteRange> ranges,
+                                                std::uint64_t guest_size,
+                                                std::uint64_t block_size);
+
+// Total bytes in ranges.
+std::uint64_t total_bytes(const std::vector<ByteRange>& ranges) noexcept;
+
+// The data (non-hole) ranges of a memfd, as guest offsets (guest offset == file offset).
+Result<std::vector<ByteRange>> populated_ranges_of_memfd(int memfd, std::uint64_t guest_size,
+                                                         std::uint64_t block_size);
+
+// Pages of the VMM's guest regions that are present or swapped, as guest offsets.
+struct ScanStats {
+  bool used_pagemap_scan = false;  // false: read /proc/PID/pagemap instead
+  std::uint64_t ioctl_calls = 0;
+};
+Result<std::vector<ByteRange>> populated_ranges_of_process(pid_t pid,
+                                                           const std::vector<Region>& regions,
+                                                           std::uint64_t block_size,
+                                                           ScanStats* stats = nullptr);
+
+// Sorts regions by guest offset and checks they are disjoint, page-aligned and inside the guest.
+Status validate_regions(std::vector<Region>& regions, std::uint64_t guest_size);
+
+}  // namespace memsnap

@@ -1,0 +1,99 @@
+#include "core/dirty_set.h"
+
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <cstring>
+
+namespace memsnap::plugin {
+static bool operator==(const ByteRange& a, const ByteRange& b) {
+  return a.offset == b.offset && a.length == b.length;
+}
+}  // namespace memsnap::plugin
+
+namespace memsnap {
+namespace {
+
+constexpr std::uint64_t kPage = 4096;
+
+TEST(NormalizeRangesTest, SortsMergesAndWidensToBlocks) {
+  auto r = normalize_ranges({{3 * kPage + 10, 5}, {0, 1}, {kPage, kPage}, {4 * kPage - 1, 2}},
+                            16 * kPage, kPage);
+  ASSERT_TRUE(r.ok()) << r.error().to_string();
+  ASSERT_EQ(r->size(), 2u);
+  EXPECT_EQ((*r)[0], (ByteRange{0, 2 * kPage}));
+  EXPECT_EQ((*r)[1], (ByteRange{3 * kPage, 2 * kPage}));
+}
+
+TEST(NormalizeRangesTest, RejectsRangesOutsideTheGuest) {
+  auto r = normalize_ranges({{15 * kPage, 2 * kPage}}, 16 * kPage, kPage);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, Errc::kInvalidArgument);
+  auto overflow = normalize_ranges({{~0ULL - 10, 100}}, 16 * kPage, kPage);
+  ASSERT_FALSE(overflow.ok());
+}
+
+TEST(PopulatedRangesTest, MemfdHolesAreLeftOut) {
+  const int fd = memfd_create("dirty_set_test", MFD_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(ftruncate(fd, 64 * kPage), 0);
+  char page[kPage];
+  std::memset(page, 1, sizeof(page));
+  for (std::uint64_t p : {3, 10, 11, 12, 63}) {
+    ASSERT_EQ(pwrite(fd, page, kPage, static_cast<off_t>(p * kPage)), ssize_t(kPage));
+  }
+  auto r = populated_ranges_of_memfd(fd, 64 * kPage, kPage);
+  ASSERT_TRUE(r.ok()) << r.error().to_string();
+  ASSERT_EQ(r->size(), 3u);
+  EXPECT_EQ((*r)[0], (ByteRange{3 * kPage, kPage}));
+  EXPECT_EQ((*r)[1], (ByteRange{10 * kPage, 3 * kPage}));
+  EXPECT_EQ((*r)[2], (ByteRange{63 * kPage, kPage}));
+  close(fd);
+}
+
+TEST(PopulatedRangesTest, ProcessScanFindsTouchedPagesOnly) {
+  const std::uint64_t size = 256 * kPage;
+  auto* mem = static_cast<char*>(
+      mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  ASSERT_NE(mem, MAP_FAILED);
+  madvise(mem, size, MADV_NOHUGEPAGE);
+  for (std::uint64_t p : {0, 1, 2, 100, 255}) mem[p * kPage] = 1;
+  // Two regions: guest [0, 128 pages) and [1 GiB, +128 pages) backed by the two halves.
+  const std::uint64_t high = 1ULL << 30;
+  std::vector<Region> regions = {{0, reinterpret_cast<std::uint64_t>(mem), 128 * kPage},
+                                 {high, reinterpret_cast<std::uint64_t>(mem) + 128 * kPage, 128 * kPage}};
+  ScanStats stats;
+  auto r = populated_ranges_of_process(getpid(), regions, kPage, &stats);
+  ASSERT_TRUE(r.ok()) << r.error().to_string();
+  ASSERT_EQ(r->size(), 3u);
+  EXPECT_EQ((*r)[0], (ByteRange{0, 3 * kPage}));
+  // Page 100 lies in the first region; pages 255 in the second (guest high + 127 pages).
+  EXPECT_EQ((*r)[1], (ByteRange{100 * kPage, kPage}));
+  EXPECT_EQ((*r)[2], (ByteRange{high + 127 * kPage, kPage}));
+  EXPECT_TRUE(stats.used_pagemap_scan) << "this kernel should have PAGEMAP_SCAN";
+  munmap(mem, size);
+}
+
+TEST(PopulatedRangesTest, GoneProcessIsReported) {
+  std::vector<Region> regions = {{0, 0x10000, kPage}};
+  auto r = populated_ranges_of_process(999999999, regions, kPage);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, Errc::kProcessGone);
+}
+
+TEST(ValidateRegionsTest, RejectsOverlapAndMisalignment) {
+  std::vector<Region> overlap = {{0, 0x10000, 2 * kPage}, {kPage, 0x20000, kPage}};
+  EXPECT_FALSE(validate_regions(overlap, 16 * kPage).ok());
+  std::vector<Region> unaligned = {{0, 0x10001, kPage}};
+  EXPECT_FALSE(validate_regions(unaligned, 16 * kPage).ok());
+  std::vector<Region> past_end = {{15 * kPage, 0x10000, 2 * kPage}};
+  EXPECT_FALSE(validate_regions(past_end, 16 * kPage).ok());
+  std::vector<Region> good = {{8 * kPage, 0x20000, kPage}, {0, 0x10000, kPage}};
+  EXPECT_TRUE(validate_regions(good, 16 * kPage).ok());
+  EXPECT_EQ(good[0].guest_offset, 0u);
+}
+
+}  // namespace
+}  // namespace memsnap

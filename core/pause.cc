@@ -1,0 +1,322 @@
+#include "core/pause.h"
+
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstring>
+#include <memory>
+
+#include <spdlog/spdlog.h>
+
+#include "core/dirty_set.h"
+#include "core/snapshot/snapshot_reader.h"
+#include "core/snapshot/snapshot_writer.h"
+#include "core/vmm_process.h"
+
+namespace memsnap {
+namespace {
+
+double thread_cpu_seconds() {
+  timespec ts{};
+  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+  return double(ts.tv_sec) + double(ts.tv_nsec) * 1e-9;
+}
+
+// Times consecutive phases of one pause on the calling thread.
+class PhaseClock {
+ public:
+  explicit PhaseClock(std::vector<PhaseTiming>& out) : out_(out) {}
+  void start(std::string name) {
+    stop();
+    name_ = std::move(name);
+    wall_start_ = std::chrono::steady_clock::now();
+    cpu_start_ = thread_cpu_seconds();
+  }
+  void stop() {
+    if (name_.empty()) return;
+    const std::chrono::duration<double> wall = std::chrono::steady_clock::now() - wall_start_;
+    out_.push_back({std::move(name_), wall.count(), thread_cpu_seconds() - cpu_start_});
+    name_.clear();
+  }
+
+ private:
+  std::vector<PhaseTiming>& out_;
+  std::string name_;
+  std::chrono::steady_clock::time_point wall_start_;
+  double cpu_start_ = 0;
+};
+
+// Why info's strategy cannot run on this request, or empty if it can.
+std::string missing_prerequisite(const PluginInfo& info, const PauseRequest& req) {
+  if ((info.capabilities & plugin::kCapNeedsMemfd) && req.memfd < 0) {
+    return "strategy " + info.name + " needs the memfd that backs guest memory, and none was given";
+  }
+  if ((info.capabilities & plugin::kCapNeedsPid) && (req.pid <= 0 || req.regions.empty())) {
+    return "strategy " + info.name + " needs the VMM pid and its guest regions, and they were not given";
+  }
+  return {};
+}
+
+Errc errc_of(plugin::StatusCode code) {
+  switch (code) {
+    case plugin::StatusCode::kProcessGone: return Errc::kProcessGone;
+    case plugin::StatusCode::kBadAddress: return Errc::kBadAddress;
+    case plugin::StatusCode::kInvalidArgument: return Errc::kInvalidArgument;
+    case plugin::StatusCode::kUnsupported: return Errc::kUnsupported;
+    default: return Errc::kExportFailed;
+  }
+}
+
+// Puts released source memory back into the memfd from the unfinished snapshot.
+Result<std::uint64_t> restore_released(SnapshotWriter& writer, int memfd) {
+  std::vector<char> buf(1 << 20);
+  std::uint64_t restored = 0;
+  for (const auto& r : writer.released_ranges()) {
+    for (std::uint64_t off = r.offset; off < r.offset + r.length;) {
+      const std::uint64_t n = std::min<std::uint64_t>(buf.size(), r.offset + r.length - off);
+      if (auto s = writer.read_back(off, n, buf.data()); !s.ok()) return std::move(s).error();
+      for (std::uint64_t done = 0; done < n;) {
+        const ssize_t w = ::pwrite(memfd, buf.data() + done, n - done, static_cast<off_t>(off + done));
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) {
+          return make_error(Errc::kIoError, std::string("writing released memory back: ") +
+                                                std::strerror(errno), errno);
+        }
+        done += static_cast<std::uint64_t>(w);
+      }
+      off += n;
+      restored += n;
+    }
+  }
+  return restored;
+}
+
+// Called when a pause fails after the writer exists: nothing is committed, and memory the
+// strategy released is put back. If it cannot be, the unfinished snapshot is kept on disk (it
+// is then the only copy of those bytes) and the error says where.
+Error fail_pause(SnapshotWriter& writer, const PauseRequest& req, Error error) {
+  if (writer.released_ranges().empty()) {
+    writer.abort();
+    return error;
+  }
+  auto restored = restore_released(writer, req.memfd);
+  if (restored.ok()) {
+    spdlog::warn("pause failed after releasing memory; restored {} bytes into the memfd",
+                 *restored);
+    error.message += " (the " + std::to_string(*restored) +
+                     " bytes already released were written back into the memfd)";
+    writer.abort();
+  } else {
+    const std::string kept = writer.keep_temp_file();
+    spdlog::critical("pause failed and released memory could not be restored: {}; its only copy "
+                     "is in {}", restored.error().to_string(), kept);
+    error.message += "; DATA AT RISK: released memory could not be written back (" +
+                     restored.error().to_string() + "); its only copy is kept in " + kept;
+  }
+  return error;
+}
+
+// A new open file description of the same memfd. Strategies and the dirty-set scan move the file
+// position with lseek(SEEK_DATA/SEEK_HOLE); on the caller's descriptor, which may share its
+// description with the VMM's own (pidfd_getfd), that would move the VMM's position too.
+Result<int> reopen_privately(int fd) {
+  const std::string path = "/proc/self/fd/" + std::to_string(fd);
+  const int copy = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+  if (copy < 0) {
+    return make_error(Errc::kIoError, "reopening the memfd through " + path + ": " +
+                                          std::strerror(errno), errno);
+  }
+  return copy;
+}
+
+class FdCloser {
+ public:
+  explicit FdCloser(int fd) : fd_(fd) {}
+  ~FdCloser() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+  FdCloser(const FdCloser&) = delete;
+  FdCloser& operator=(const FdCloser&) = delete;
+
+ private:
+  int fd_;
+};
+
+Result<std::uint64_t> derive_guest_size(const PauseRequest& req) {
+  if (req.guest_size != 0) return req.guest_size;
+  if (req.memfd >= 0) {
+    struct stat st {};
+    if (::fstat(req.memfd, &st) != 0) {
+      return make_error(Errc::kIoError, std::string("fstat on the memfd: ") + std::strerror(errno), errno);
+    }
+    return static_cast<std::uint64_t>(st.st_size);
+  }
+  std::uint64_t end = 0;
+  for (const auto& r : req.regions) end = std::max(end, r.guest_offset + r.size);
+  return end;
+}
+
+}  // namespace
+
+const PhaseTiming* PauseReport::phase(std::string_view name) const {
+  for (const auto& p : phases) {
+    if (p.name == name) return &p;
+  }
+  return nullptr;
+}
+
+Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& request) {
+  PauseRequest req = request;
+  PauseReport report;
+  report.requested_strategy = req.strategy;
+  const auto wall_start = std::chrono::steady_clock::now();
+  const double cpu_start = thread_cpu_seconds();
+  PhaseClock clock(report.phases);
+
+  clock.start("resolve");
+  if (req.out_path.empty()) return make_error(Errc::kInvalidArgument, "no output path given");
+  if (req.block_size != 4096 && req.block_size != (2u << 20)) {
+    return make_error(Errc::kInvalidArgument, "block size must be 4096 or 2097152, not " +
+                                                  std::to_string(req.block_size));
+  }
+  auto guest_size = derive_guest_size(req);
+  if (!guest_size.ok()) return std::move(guest_size).error();
+  req.guest_size = *guest_size;
+  if (req.guest_size == 0 || req.guest_size % req.block_size != 0) {
+    return make_error(Errc::kInvalidArgument, "guest size " + std::to_string(req.guest_size) +
+                                                  " is not a positive multiple of the block size");
+  }
+  if (auto s = validate_regions(req.regions, req.guest_size); !s.ok()) return std::move(s).error();
+  if (req.memfd >= 0) {
+    auto own = reopen_privately(req.memfd);
+    if (!own.ok()) return std::move(own).error();
+    req.memfd = *own;
+  }
+  const FdCloser close_memfd(req.memfd);
+
+  // Strategy, with an explicit fallback only where allowed.
+  std::string problem;
+  const PluginInfo* info = registry.find(req.strategy);
+  if (info == nullptr) {
+    problem = "strategy " + req.strategy + " is not loaded";
+    for (const auto& p : registry.plugins()) {
+      if (p.name == req.strategy) problem += " (" + p.reason + ")";
+    }
+  } else {
+    problem = missing_prerequisite(*info, req);
+  }
+  auto options = req.strategy_options;
+  if (!problem.empty()) {
+    if (!req.allow_fallback || req.fallback_strategy == req.strategy) {
+      return make_error(info == nullptr ? Errc::kPluginNotLoaded : Errc::kUnsupported,
+                        problem + (req.allow_fallback ? "" : "; fallback is not allowed"));
+    }
+    const PluginInfo* fallback = registry.find(req.fallback_strategy);
+    if (fallback == nullptr) {
+      return make_error(Errc::kPluginNotLoaded, problem + "; the fallback strategy " +
+                                                    req.fallback_strategy + " is not loaded either");
+    }
+    if (auto why = missing_prerequisite(*fallback, req); !why.empty()) {
+      return make_error(Errc::kUnsupported, problem + "; and the fallback cannot run: " + why);
+    }
+    spdlog::warn("falling back from {} to {}: {}", req.strategy, fallback->name, problem);
+    report.fallback_reason = problem;
+    info = fallback;
+    options.clear();  // options were meant for the strategy asked for
+  }
+  report.strategy = info->name;
+  auto strategy = registry.create(info->name, options);
+  if (!strategy.ok()) return std::move(strategy).error();
+
+  SnapshotParams params;
+  params.block_size = req.block_size;
+  params.guest_size = req.guest_size;
+  params.generation = 1;
+  params.sync_on_commit = req.sync;
+  if (!req.parent_path.empty()) {
+    auto parent = SnapshotReader::open(req.parent_path, Verify::kHeaderAndMap);
+    if (!parent.ok()) return std::move(parent).error();
+    const auto& h = (*parent)->header();
+    if (h.block_size != req.block_size || h.guest_size != req.guest_size) {
+      return make_error(Errc::kSnapshotChainMismatch,
+                        "parent " + req.parent_path + " has block size " +
+                            std::to_string(h.block_size) + " and guest size " +
+                            std::to_string(h.guest_size) + "; this pause has " +
+                            std::to_string(req.block_size) + " and " + std::to_string(req.guest_size));
+    }
+    params.generation = h.generation + 1;
+    params.parent_id = h.snapshot_id;
+  }
+
+  std::optional<Freezer> frozen;
+  if (req.freeze && req.pid > 0) {
+    clock.start("freeze");
+    auto f = Freezer::freeze(req.pid);
+    if (!f.ok()) return std::move(f).error();
+    frozen.emplace(std::move(*f));
+  }
+
+  clock.start("dirty_set");
+  Result<std::vector<plugin::ByteRange>> dirty = std::vector<plugin::ByteRange>{};
+  if (req.dirty) {
+    dirty = normalize_ranges(*req.dirty, req.guest_size, req.block_size);
+  } else if (req.memfd >= 0) {
+    dirty = populated_ranges_of_memfd(req.memfd, req.guest_size, req.block_size);
+  } else {
+    dirty = populated_ranges_of_process(req.pid, req.regions, req.block_size);
+  }
+  if (!dirty.ok()) return std::move(dirty).error();
+  report.dirty_bytes = total_bytes(*dirty);
+
+  clock.start("export");
+  auto writer = SnapshotWriter::create(req.out_path, params, *dirty);
+  if (!writer.ok()) return std::move(writer).error();
+  plugin::ExportRequest export_request;
+  export_request.pid = req.pid;
+  export_request.regions = req.regions.data();
+  export_request.region_count = req.regions.size();
+  export_request.memfd = req.memfd;
+  export_request.guest_size = req.guest_size;
+  export_request.block_size = req.block_size;
+  export_request.ranges = dirty->data();
+  export_request.range_count = dirty->size();
+  const plugin::Status exported =
+      (*strategy)->export_ranges(export_request, **writer, report.export_stats);
+  if (!exported.ok()) {
+    return fail_pause(**writer, req,
+                      make_error(errc_of(exported.code),
+                                 "strategy " + report.strategy + " failed: " + exported.message,
+                                 exported.sys_errno));
+  }
+
+  clock.start("commit");
+  if (auto s = (*writer)->commit(); !s.ok()) return fail_pause(**writer, req, std::move(s).error());
+
+  if (frozen) {
+    clock.start("thaw");
+    if (auto s = frozen->thaw(); !s.ok()) spdlog::warn("{}", s.error().to_string());
+  }
+  clock.stop();
+
+  const auto& stats = (*writer)->stats();
+  report.snapshot_path = req.out_path;
+  report.snapshot_id = to_hex((*writer)->snapshot_id());
+  report.parent_id = is_zero_id(params.parent_id) ? "" : to_hex(params.parent_id);
+  report.generation = params.generation;
+  report.guest_size = req.guest_size;
+  report.block_size = req.block_size;
+  report.data_blocks = stats.data_blocks;
+  report.zero_blocks = stats.zero_blocks;
+  report.parent_blocks = stats.parent_blocks;
+  report.data_bytes = stats.data_bytes;
+  report.wall_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - wall_start).count();
+  report.cpu_seconds = thread_cpu_seconds() - cpu_start;
+  return report;
+}
+
+}  // namespace memsnap

@@ -1,0 +1,84 @@
+// The pause export pipeline: one call takes a sandbox's guest memory out of its VMM into a
+// committed snapshot file through a strategy plugin, and reports what happened.
+//
+//   resolve strategy (explicit fallback) -> freeze -> dirty set -> export -> commit -> thaw
+//
+// Every phase is timed the same way for every strategy (wall and thread CPU), so strategies are
+// compared fairly. Nothing is committed unless every dirty byte reached the snapshot; if the
+// strategy had already released source memory when a pause fails, those bytes are written back
+// into the memfd from the unfinished snapshot before it is discarded.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "core/base/result.h"
+#include "core/plugin_host/plugin_registry.h"
+#include "plugins/plugin_api/plugin_api.h"
+
+namespace memsnap {
+
+struct PauseRequest {
+  // The source: a VMM pid with its guest regions, and/or the memfd that backs guest memory (not
+  // owned; guest offset == memfd offset).
+  pid_t pid = -1;
+  std::vector<plugin::Region> regions;
+  int memfd = -1;
+  std::uint64_t guest_size = 0;  // 0: the memfd's size, or the end of the last region
+  std::uint32_t block_size = 4096;
+
+  // What to export; nullopt means everything populated (SEEK_DATA on the memfd, else
+  // PAGEMAP_SCAN on the process).
+  std::optional<std::vector<plugin::ByteRange>> dirty;
+
+  std::string strategy;
+  std::vector<std::pair<std::string, std::string>> strategy_options;
+  // When the strategy cannot run (not loaded, or its prerequisites are missing), use
+  // fallback_strategy instead -- only if allowed, and always reported in PauseReport.
+  bool allow_fallback = false;
+  std::string fallback_strategy = "process_vm_readv";
+
+  std::string out_path;
+  std::string parent_path;  // empty: a base snapshot; else the diff's parent
+  bool freeze = false;      // SIGSTOP the pid for the export, SIGCONT after
+  bool sync = true;         // fsync the snapshot and its directory at commit
+};
+
+struct PhaseTiming {
+  std::string name;  // resolve, freeze, dirty_set, export, commit, thaw
+  double wall_seconds = 0;
+  double cpu_seconds = 0;  // CPU of the calling thread (user + system)
+};
+
+struct PauseReport {
+  std::string requested_strategy;
+  std::string strategy;         // the one that ran
+  std::string fallback_reason;  // empty when no fallback happened
+  std::string snapshot_path;
+  std::string snapshot_id;  // 32 hex digits
+  std::string parent_id;    // empty for a base snapshot
+  std::uint64_t generation = 0;
+  std::uint64_t guest_size = 0;
+  std::uint32_t block_size = 0;
+  std::uint64_t dirty_bytes = 0;
+  std::uint64_t data_blocks = 0;
+  std::uint64_t zero_blocks = 0;
+  std::uint64_t parent_blocks = 0;
+  std::uint64_t data_bytes = 0;  // bytes of data in the snapshot file
+  plugin::ExportStats export_stats;
+  std::vector<PhaseTiming> phases;
+  double wall_seconds = 0;
+  double cpu_seconds = 0;
+
+  const PhaseTiming* phase(std::string_view name) const;
+};
+
+// Runs a pause. Thread-safe as long as distinct calls use distinct outputs and sources.
+Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& request);
+
+}  // namespace memsnap

@@ -1,0 +1,47 @@
+#include "core/snapshot/snapshot_format.h"
+
+#include <xxhash.h>
+
+namespace memsnap {
+
+bool is_zero_id(const SnapshotId& id) noexcept {
+  for (std::uint8_t b : id) {
+    if (b != 0) return false;
+  }
+  return true;
+}
+
+std::string to_hex(const SnapshotId& id) {
+  static constexpr char kDigits[] = "0123456789abcdef";
+  std::string out;
+  out.reserve(2 * id.size());
+  for (std::uint8_t b : id) {
+    out += kDigits[b >> 4];
+    out += kDigits[b & 15];
+  }
+  return out;
+}
+
+std::string_view run_kind_name(RunKind kind) noexcept {
+  switch (kind) {
+    case RunKind::kData:
+      return "data";
+    case RunKind::kZero:
+      return "zero";
+    case RunKind::kParent:
+      return "parent";
+  }
+  return "unknown";
+}
+
+std::uint64_t compute_header_checksum(const FileHeader& header) noexcept {
+  FileHeader copy = header;
+  copy.header_checksum = 0;
+  return XXH3_64bits(&copy, sizeof(copy));
+}
+
+std::uint64_t compute_map_checksum(std::span<const MapRun> runs) noexcept {
+  return XXH3_64bits(runs.data(), runs.size_bytes());
+}
+
+}  // namespace memsnap

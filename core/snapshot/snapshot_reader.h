@@ -1,0 +1,91 @@
+// SnapshotReader: opens one snapshot file, validates it and reads guest bytes from it.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "core/base/result.h"
+#include "core/snapshot/snapshot_format.h"
+
+namespace memsnap {
+
+enum class Verify {
+  kHeaderAndMap,  // check header and map; DATA checksums only through verify_data()/verify_run()
+  kFull,          // also hash every DATA run at open
+};
+
+struct SnapshotSummary {
+  std::uint64_t data_blocks = 0;
+  std::uint64_t zero_blocks = 0;
+  std::uint64_t parent_blocks = 0;
+  std::uint64_t data_runs = 0;
+  std::uint64_t zero_runs = 0;
+  std::uint64_t parent_runs = 0;
+};
+
+// Immutable after open(); every const method may be called from several threads at once (reads
+// use pread on the one descriptor the reader owns). Errors name the file.
+class SnapshotReader {
+ public:
+  // Errors, each checked in this order:
+  //   kSnapshotTruncated  the file is shorter than its header, data area or map say
+  //   kSnapshotBadMagic, kSnapshotBadVersion
+  //   kSnapshotBadHeader  header checksum, header_size, block size, guest size, flags,
+  //                       generation, ids, offsets inconsistent, or bytes after the map
+  //   kSnapshotBadMap     map checksum; runs unsorted, with gaps or overlaps, not covering the
+  //                       guest, of an unknown kind, PARENT in a base snapshot, DATA too long or
+  //                       not packed in guest order in the data area
+  //   kSnapshotChecksumMismatch  (kFull) a DATA run's bytes; the message names its guest offset
+  //   kIoError, kNotFound  the file cannot be opened or read
+  static Result<std::unique_ptr<SnapshotReader>> open(const std::string& path,
+                                                      Verify verify = Verify::kFull);
+
+  ~SnapshotReader();
+  SnapshotReader(const SnapshotReader&) = delete;
+  SnapshotReader& operator=(const SnapshotReader&) = delete;
+
+  const std::string& path() const { return path_; }
+  const FileHeader& header() const { return header_; }
+  std::uint64_t block_size() const { return header_.block_size; }
+  std::uint64_t guest_size() const { return header_.guest_size; }
+  std::uint64_t block_count() const { return header_.guest_size / header_.block_size; }
+  bool is_base() const { return is_zero_id(header_.parent_id); }
+  std::span<const MapRun> runs() const { return runs_; }
+  const SnapshotSummary& summary() const { return summary_; }
+  // The descriptor of the open file, owned by the reader (e.g. to map the data area).
+  int fd() const { return fd_; }
+
+  // Index into runs() of the run that holds this guest block; nullopt beyond the guest.
+  std::optional<std::size_t> find_run(std::uint64_t block) const;
+
+  // Copies guest bytes [guest_offset, guest_offset+length) into dst. Any byte range works.
+  // Checksums are not checked here (see verify_run()). kSnapshotChainMismatch if the range
+  // touches a PARENT run: those bytes live in an older snapshot, read them through
+  // SnapshotChain. kInvalidArgument outside the guest; kIoError, kSnapshotTruncated.
+  Status read(std::uint64_t guest_offset, std::uint64_t length, void* dst) const;
+
+  // Hashes the DATA of runs()[index] (any other kind passes): kSnapshotChecksumMismatch.
+  Status verify_run(std::size_t index) const;
+  // verify_run() over every DATA run.
+  Status verify_data() const;
+
+ private:
+  SnapshotReader(std::string path, int fd) : path_(std::move(path)), fd_(fd) {}
+  Status load(Verify verify);
+  Status load_header(std::uint64_t file_size);
+  Status load_map();
+  Status verify_run_with(std::size_t index, std::vector<std::uint8_t>& buffer) const;
+  Error error(Errc code, const std::string& message) const;
+
+  const std::string path_;
+  const int fd_;
+  FileHeader header_{};
+  std::vector<MapRun> runs_;
+  SnapshotSummary summary_;
+};
+
+}  // namespace memsnap

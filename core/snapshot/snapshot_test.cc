@@ -1,0 +1,957 @@
+#include <gtest/gtest.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "core/snapshot/snapshot_chain.h"
+#include "core/snapshot/snapshot_format.h"
+#include "core/snapshot/snapshot_reader.h"
+#include "core/snapshot/snapshot_writer.h"
+
+namespace memsnap {
+namespace {
+
+namespace fs = std::filesystem;
+using Bytes = std::vector<std::uint8_t>;
+
+constexpr std::uint64_t k4K = kSmallBlockSize;
+constexpr std::uint64_t k2M = kHugeBlockSize;
+
+// A fresh directory under /tmp, removed with everything in it.
+class SnapshotTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/memsnap-snapshot-test.XXXXXX";
+    ASSERT_NE(::mkdtemp(tmpl), nullptr) << std::strerror(errno);
+    dir_ = tmpl;
+  }
+  void TearDown() override {
+    std::error_code ec;
+    fs::remove_all(dir_, ec);
+  }
+  std::string path(const std::string& name) const { return dir_ + "/" + name; }
+  // Every file in the directory, hidden ones included.
+  std::vector<std::string> files() const {
+    std::vector<std::string> out;
+    for (const auto& e : fs::directory_iterator(dir_)) out.push_back(e.path().filename());
+    std::sort(out.begin(), out.end());
+    return out;
+  }
+
+  std::string dir_;
+};
+
+// Block contents: random words, with a share of all-zero blocks and of blocks whose only
+// non-zero byte is the last one (they must not be taken for zero blocks).
+void fill_block(std::uint8_t* p, std::uint64_t bs, std::mt19937_64& rng, int zero_percent) {
+  const int dice = static_cast<int>(rng() % 100);
+  std::memset(p, 0, bs);
+  if (dice < zero_percent) return;
+  if (dice < zero_percent + 5) {
+    p[bs - 1] = 1;
+    return;
+  }
+  for (std::uint64_t i = 0; i < bs; i += 8) {
+    const std::uint64_t w = rng();
+    std::memcpy(p + i, &w, 8);
+  }
+}
+
+Bytes random_image(std::uint64_t blocks, std::uint64_t bs, std::uint64_t seed, int zero_percent) {
+  Bytes image(blocks * bs);
+  std::mt19937_64 rng(seed);
+  for (std::uint64_t b = 0; b < blocks; ++b)
+    fill_block(image.data() + b * bs, bs, rng, zero_percent);
+  return image;
+}
+
+std::vector<plugin::ByteRange> ranges_of(const std::vector<bool>& dirty, std::uint64_t bs) {
+  std::vector<plugin::ByteRange> out;
+  for (std::uint64_t b = 0; b < dirty.size(); ++b) {
+    if (!dirty[b]) continue;
+    if (!out.empty() && out.back().offset + out.back().length == b * bs) {
+      out.back().length += bs;
+    } else {
+      out.push_back({b * bs, bs});
+    }
+  }
+  return out;
+}
+
+// The error code of a Status or Result, kOk if it succeeded (so a wrong success fails the test
+// instead of asserting).
+template <typename R>
+Errc code_of(const R& r) {
+  return r.ok() ? Errc::kOk : r.error().code;
+}
+
+SnapshotParams params_for(std::uint64_t bs, std::uint64_t guest_size, std::uint64_t generation = 1,
+                          SnapshotId parent = {}) {
+  SnapshotParams p;
+  p.block_size = bs;
+  p.guest_size = guest_size;
+  p.generation = generation;
+  p.parent_id = parent;
+  p.sync_on_commit = false;  // keeps the tests fast; one test turns it on
+  return p;
+}
+
+// Feeds `image` over `dirty` to the writer in chunks of 1..max_chunk_blocks blocks, a few chunks
+// per write() call.
+void feed(SnapshotWriter& w, const Bytes& image, const std::vector<plugin::ByteRange>& dirty,
+          std::uint64_t bs, std::uint64_t seed, std::uint64_t max_chunk_blocks = 7) {
+  std::mt19937_64 rng(seed);
+  std::vector<plugin::Chunk> batch;
+  auto send = [&] {
+    if (batch.empty()) return;
+    const plugin::Status s = w.write(batch.data(), batch.size());
+    ASSERT_TRUE(s.ok()) << s.message;
+    batch.clear();
+  };
+  for (const auto& r : dirty) {
+    for (std::uint64_t off = r.offset; off < r.offset + r.length;) {
+      const std::uint64_t n =
+          std::min<std::uint64_t>((1 + rng() % max_chunk_blocks) * bs, r.offset + r.length - off);
+      batch.push_back({off, image.data() + off, n});
+      off += n;
+      if (rng() % 3 == 0) {
+        send();
+        if (::testing::Test::HasFatalFailure()) return;
+      }
+    }
+  }
+  send();
+}
+
+SnapshotId write_snapshot(const std::string& file, const SnapshotParams& params, const Bytes& image,
+                          const std::vector<plugin::ByteRange>& dirty, std::uint64_t seed = 1) {
+  auto w = SnapshotWriter::create(file, params, dirty);
+  EXPECT_TRUE(w.ok()) << w.error().to_string();
+  if (!w.ok()) return {};
+  feed(**w, image, dirty, params.block_size, seed);
+  const Status s = (*w)->commit();
+  EXPECT_TRUE(s.ok()) << s.error().to_string();
+  return (*w)->snapshot_id();
+}
+
+std::unique_ptr<SnapshotReader> open_ok(const std::string& file, Verify v = Verify::kFull) {
+  auto r = SnapshotReader::open(file, v);
+  EXPECT_TRUE(r.ok()) << r.error().to_string();
+  return r.ok() ? std::move(r).value() : nullptr;
+}
+
+Bytes read_file(const std::string& file) {
+  Bytes out(fs::file_size(file));
+  std::ifstream in(file, std::ios::binary);
+  in.read(reinterpret_cast<char*>(out.data()), static_cast<std::streamsize>(out.size()));
+  return out;
+}
+
+void write_file(const std::string& file, const Bytes& bytes) {
+  std::ofstream out(file, std::ios::binary | std::ios::trunc);
+  out.write(reinterpret_cast<const char*>(bytes.data()),
+            static_cast<std::streamsize>(bytes.size()));
+}
+
+FileHeader header_of(const Bytes& file) {
+  FileHeader h;
+  std::memcpy(&h, file.data(), sizeof(h));
+  return h;
+}
+
+// Replaces the header and fixes its checksum, so only the field under test is wrong.
+void put_header(Bytes& file, FileHeader h) {
+  h.header_checksum = compute_header_checksum(h);
+  std::memcpy(file.data(), &h, sizeof(h));
+}
+
+std::vector<MapRun> map_of(const Bytes& file) {
+  const FileHeader h = header_of(file);
+  std::vector<MapRun> runs(h.run_count);
+  std::memcpy(runs.data(), file.data() + h.map_offset, runs.size() * sizeof(MapRun));
+  return runs;
+}
+
+// Replaces the map and fixes both checksums, so only the map's content is wrong.
+void put_map(Bytes& file, const std::vector<MapRun>& runs) {
+  FileHeader h = header_of(file);
+  ASSERT_EQ(runs.size(), h.run_count);
+  std::memcpy(file.data() + h.map_offset, runs.data(), runs.size() * sizeof(MapRun));
+  h.map_checksum = compute_map_checksum(runs);
+  put_header(file, h);
+}
+
+plugin::Status write_one(SnapshotWriter& w, std::uint64_t offset, const void* data,
+                         std::uint64_t length) {
+  const plugin::Chunk c{offset, data, length};
+  return w.write(&c, 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Round trips
+
+TEST_F(SnapshotTest, RoundTripWithDataAndZeroBlocks) {
+  const std::uint64_t blocks = 300;
+  const Bytes image = random_image(blocks, k4K, 11, 30);
+  const auto dirty = ranges_of(std::vector<bool>(blocks, true), k4K);
+  write_snapshot(path("a.snap"), params_for(k4K, blocks * k4K, 3), image, dirty);
+  EXPECT_EQ(files(), std::vector<std::string>{"a.snap"});
+
+  auto r = open_ok(path("a.snap"));
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->header().generation, 3u);
+  EXPECT_TRUE(r->is_base());
+  std::uint64_t zero_blocks = 0;
+  for (std::uint64_t b = 0; b < blocks; ++b) {
+    const bool zero = std::all_of(image.begin() + b * k4K, image.begin() + (b + 1) * k4K,
+                                  [](std::uint8_t x) { return x == 0; });
+    zero_blocks += zero;
+    const auto run = r->find_run(b);
+    ASSERT_TRUE(run.has_value());
+    EXPECT_EQ(r->runs()[*run].kind, zero ? RunKind::kZero : RunKind::kData) << "block " << b;
+  }
+  ASSERT_GT(zero_blocks, 0u);
+  EXPECT_EQ(r->summary().zero_blocks, zero_blocks);
+  EXPECT_EQ(r->summary().data_blocks, blocks - zero_blocks);
+  EXPECT_EQ(r->header().data_bytes, (blocks - zero_blocks) * k4K);
+  EXPECT_FALSE(r->find_run(blocks).has_value());
+
+  Bytes out(image.size(), 0xAA);
+  ASSERT_TRUE(r->read(0, out.size(), out.data()).ok());
+  EXPECT_TRUE(out == image);
+  Bytes part(10000);
+  ASSERT_TRUE(r->read(5 * k4K + 123, part.size(), part.data()).ok());
+  EXPECT_TRUE(std::equal(part.begin(), part.end(), image.begin() + 5 * k4K + 123));
+  EXPECT_EQ(code_of(r->read(image.size() - 10, 11, part.data())), Errc::kInvalidArgument);
+}
+
+TEST_F(SnapshotTest, ZeroBlocksTakeNoDataBytes) {
+  const std::uint64_t blocks = 1024;
+  Bytes image(blocks * k4K, 0);
+  image[5 * k4K + 17] = 9;   // block 5: data
+  image[701 * k4K - 1] = 1;  // block 700: only its last byte is set
+  const auto dirty = ranges_of(std::vector<bool>(blocks, true), k4K);
+  auto w = SnapshotWriter::create(path("z.snap"), params_for(k4K, image.size()), dirty);
+  ASSERT_TRUE(w.ok());
+  feed(**w, image, dirty, k4K, 2, 64);
+  ASSERT_TRUE((*w)->commit().ok());
+  EXPECT_EQ((*w)->stats().data_blocks, 2u);
+  EXPECT_EQ((*w)->stats().zero_blocks, blocks - 2);
+  EXPECT_EQ((*w)->stats().data_bytes, 2 * k4K);
+  EXPECT_EQ((*w)->stats().run_count, 5u);  // zero, data, zero, data, zero
+
+  auto r = open_ok(path("z.snap"));
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->header().data_bytes, 2 * k4K);
+  EXPECT_EQ(r->runs().size(), 5u);
+  EXPECT_EQ(fs::file_size(path("z.snap")), kSnapshotDataOffset + 2 * k4K + 5 * sizeof(MapRun));
+  Bytes out(image.size(), 0xAA);
+  ASSERT_TRUE(r->read(0, out.size(), out.data()).ok());
+  EXPECT_TRUE(out == image);
+}
+
+TEST_F(SnapshotTest, DataRunsAreCutAtOneMiB) {
+  const std::uint64_t blocks = 700;
+  const Bytes image = random_image(blocks, k4K, 5, 0);  // 5% have only their last byte set
+  const auto dirty = ranges_of(std::vector<bool>(blocks, true), k4K);
+  write_snapshot(path("c.snap"), params_for(k4K, image.size()), image, dirty);
+  auto r = open_ok(path("c.snap"));
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->runs().size(), 3u);
+  EXPECT_EQ(r->runs()[0].block_count, 256u);
+  EXPECT_EQ(r->runs()[1].block_count, 256u);
+  EXPECT_EQ(r->runs()[2].block_count, 700u - 512u);
+  EXPECT_EQ(r->runs()[1].data_offset, 256 * k4K);
+  Bytes out(image.size());
+  ASSERT_TRUE(r->read(0, out.size(), out.data()).ok());
+  EXPECT_TRUE(out == image);
+}
+
+TEST_F(SnapshotTest, TwoMiBBlocks) {
+  const std::uint64_t blocks = 6;
+  Bytes image = random_image(blocks, k2M, 8, 0);
+  std::memset(image.data() + 2 * k2M, 0, k2M);  // block 2 is zero
+  std::vector<bool> dirty_blocks = {true, true, true, true, false, true};
+  const auto dirty = ranges_of(dirty_blocks, k2M);
+  write_snapshot(path("h.snap"), params_for(k2M, image.size()), image, dirty);
+  std::memset(image.data() + 4 * k2M, 0, k2M);  // not dirty in a base: zero
+
+  auto r = open_ok(path("h.snap"));
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->block_size(), k2M);
+  const std::vector<RunKind> kinds = {RunKind::kData, RunKind::kData, RunKind::kZero,
+                                      RunKind::kData, RunKind::kZero, RunKind::kData};
+  ASSERT_EQ(r->runs().size(), kinds.size());  // one block per DATA run
+  for (std::size_t i = 0; i < kinds.size(); ++i) EXPECT_EQ(r->runs()[i].kind, kinds[i]) << i;
+  EXPECT_EQ(r->header().data_bytes, 4 * k2M);
+  Bytes out(image.size());
+  ASSERT_TRUE(r->read(0, out.size(), out.data()).ok());
+  EXPECT_TRUE(out == image);
+}
+
+TEST_F(SnapshotTest, ManyScatteredBlocksInOneWriteCall) {
+  // 3000 data blocks separated by zero blocks, in one call: more iovecs than IOV_MAX.
+  const std::uint64_t blocks = 6000;
+  Bytes image = random_image(blocks, k4K, 21, 0);
+  for (std::uint64_t b = 1; b < blocks; b += 2) std::memset(image.data() + b * k4K, 0, k4K);
+  const plugin::Chunk chunk{0, image.data(), image.size()};
+  auto w =
+      SnapshotWriter::create(path("s.snap"), params_for(k4K, image.size()), {{0, image.size()}});
+  ASSERT_TRUE(w.ok());
+  ASSERT_TRUE((*w)->write(&chunk, 1).ok());
+  ASSERT_TRUE((*w)->commit().ok());
+  auto r = open_ok(path("s.snap"));
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->summary().data_runs, 3000u);
+  Bytes out(image.size());
+  ASSERT_TRUE(r->read(0, out.size(), out.data()).ok());
+  EXPECT_TRUE(out == image);
+}
+
+TEST_F(SnapshotTest, ParallelAndInlineHashingWriteTheSameMap) {
+  // Big batches are hashed on a helper thread, small ones inline; the result must not differ.
+  const std::uint64_t blocks = 5000;
+  const Bytes image = random_image(blocks, k4K, 31, 10);
+  const std::vector<plugin::ByteRange> dirty = {{0, image.size()}};
+  SnapshotParams p = params_for(k4K, image.size());
+  p.snapshot_id[0] = 1;
+  auto parallel = SnapshotWriter::create(path("p.snap"), p, dirty);
+  ASSERT_TRUE(parallel.ok());
+  const plugin::Chunk halves[] = {{0, image.data(), 2001 * k4K},
+                                  {2001 * k4K, image.data() + 2001 * k4K, 2999 * k4K}};
+  ASSERT_TRUE((*parallel)->write(&halves[0], 1).ok());
+  ASSERT_TRUE((*parallel)->write(&halves[1], 1).ok());
+  ASSERT_TRUE((*parallel)->commit().ok());
+  p.hash_in_parallel = false;
+  auto inline_writer = SnapshotWriter::create(path("i.snap"), p, dirty);
+  ASSERT_TRUE(inline_writer.ok());
+  ASSERT_TRUE((*inline_writer)->write(halves, 2).ok());
+  ASSERT_TRUE((*inline_writer)->commit().ok());
+
+  auto a = open_ok(path("p.snap"));
+  auto b = open_ok(path("i.snap"));
+  ASSERT_TRUE(a && b);
+  ASSERT_EQ(a->runs().size(), b->runs().size());
+  EXPECT_EQ(std::memcmp(a->runs().data(), b->runs().data(), a->runs().size_bytes()), 0);
+  EXPECT_EQ(fs::file_size(path("p.snap")), fs::file_size(path("i.snap")));
+  Bytes out(image.size());
+  ASSERT_TRUE(a->read(0, out.size(), out.data()).ok());
+  EXPECT_TRUE(out == image);
+}
+
+TEST_F(SnapshotTest, UndirtiedBlocksAreParentInADiffAndZeroInABase) {
+  const std::uint64_t blocks = 16;
+  const Bytes image = random_image(blocks, k4K, 3, 0);
+  const std::vector<plugin::ByteRange> dirty = {{4 * k4K, 4 * k4K}};
+  write_snapshot(path("base.snap"), params_for(k4K, image.size()), image, dirty);
+  SnapshotId parent{};
+  parent[0] = 1;
+  write_snapshot(path("diff.snap"), params_for(k4K, image.size(), 2, parent), image, dirty);
+  auto base = open_ok(path("base.snap"));
+  auto diff = open_ok(path("diff.snap"));
+  ASSERT_TRUE(base && diff);
+  EXPECT_EQ(base->summary().zero_blocks, 12u);
+  EXPECT_EQ(base->summary().zero_runs, 2u);
+  EXPECT_EQ(diff->summary().parent_blocks, 12u);
+  EXPECT_EQ(diff->summary().parent_runs, 2u);
+  EXPECT_EQ(diff->summary().zero_blocks, 0u);
+  Bytes out(k4K);
+  EXPECT_TRUE(diff->read(4 * k4K, k4K, out.data()).ok());
+  const Status s = diff->read(3 * k4K, 2 * k4K, out.data());
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(code_of(s), Errc::kSnapshotChainMismatch);
+}
+
+TEST_F(SnapshotTest, SyncOptionsAndStats) {
+  const Bytes image = random_image(8, k4K, 4, 0);
+  SnapshotParams p = params_for(k4K, image.size());
+  p.sync_on_commit = true;
+  p.sync_on_make_durable = true;
+  auto w = SnapshotWriter::create(path("sync.snap"), p, {{0, image.size()}});
+  ASSERT_TRUE(w.ok());
+  EXPECT_FALSE(is_zero_id((*w)->snapshot_id()));  // generated
+  ASSERT_TRUE(write_one(**w, 0, image.data(), image.size()).ok());
+  EXPECT_TRUE((*w)->make_durable().ok());
+  ASSERT_TRUE((*w)->commit().ok());
+  EXPECT_TRUE((*w)->committed());
+  auto r = open_ok(path("sync.snap"));
+  ASSERT_TRUE(r);
+  EXPECT_EQ(r->header().snapshot_id, (*w)->snapshot_id());
+  EXPECT_GT(r->header().created_unix_ns, 0u);
+  EXPECT_EQ(code_of((*w)->commit()), Errc::kInvalidArgument);  // only once
+}
+
+// ---------------------------------------------------------------------------------------------
+// Chains
+
+TEST_F(SnapshotTest, BaseAndTwoDiffsResolveLikeAnInMemoryModel) {
+  const std::uint64_t blocks = 1500;
+  const std::uint64_t guest = blocks * k4K;
+  std::mt19937_64 rng(20261129);
+  Bytes model(guest, 0);
+  std::vector<int> owner(blocks, 0);  // the layer that last wrote each block
+  std::vector<std::string> paths;
+  SnapshotId parent{};
+  for (int layer = 0; layer < 3; ++layer) {
+    const int percent = layer == 0 ? 70 : 20;
+    std::vector<bool> dirty(blocks);
+    for (std::uint64_t b = 0; b < blocks; ++b) dirty[b] = static_cast<int>(rng() % 100) < percent;
+    const Bytes content = random_image(blocks, k4K, rng(), 25);
+    for (std::uint64_t b = 0; b < blocks; ++b) {
+      if (!dirty[b]) continue;
+      std::memcpy(model.data() + b * k4K, content.data() + b * k4K, k4K);
+      owner[b] = layer;
+    }
+    paths.push_back(path("layer" + std::to_string(layer) + ".snap"));
+    parent = write_snapshot(paths.back(), params_for(k4K, guest, 10 + layer, parent), content,
+                            ranges_of(dirty, k4K), rng());
+    ASSERT_FALSE(HasFailure());
+  }
+
+  auto chain = SnapshotChain::open(paths, Verify::kFull);
+  ASSERT_TRUE(chain.ok()) << chain.error().to_string();
+  ASSERT_EQ(chain->size(), 3u);
+  Bytes out(guest, 0xAA);
+  ASSERT_TRUE(chain->read(0, guest, out.data()).ok());
+  EXPECT_TRUE(out == model);
+
+  for (int i = 0; i < 200; ++i) {
+    const std::uint64_t off = rng() % guest;
+    const std::uint64_t len = 1 + rng() % std::min<std::uint64_t>(guest - off, 64 * k4K);
+    Bytes part(len, 0xAA);
+    ASSERT_TRUE(chain->read(off, len, part.data()).ok());
+    ASSERT_TRUE(std::equal(part.begin(), part.end(), model.begin() + static_cast<long>(off)))
+        << "read at " << off << " length " << len;
+  }
+
+  for (std::uint64_t b = 0; b < blocks; ++b) {
+    auto src = chain->resolve(b);
+    ASSERT_TRUE(src.ok());
+    const bool zero = std::all_of(model.begin() + b * k4K, model.begin() + (b + 1) * k4K,
+                                  [](std::uint8_t x) { return x == 0; });
+    EXPECT_EQ(src->kind, zero ? RunKind::kZero : RunKind::kData) << "block " << b;
+    if (!zero) {
+      EXPECT_EQ(src->layer, static_cast<std::size_t>(owner[b])) << "block " << b;
+    }
+  }
+  EXPECT_EQ(code_of(chain->resolve(blocks)), Errc::kInvalidArgument);
+}
+
+class ChainMismatchTest : public SnapshotTest {
+ protected:
+  void SetUp() override {
+    SnapshotTest::SetUp();
+    image_ = random_image(8, k4K, 1, 0);
+    base_a_ = write_snapshot(path("a.snap"), params_for(k4K, image_.size()), image_, all_);
+    write_snapshot(path("b.snap"), params_for(k4K, image_.size()), image_, all_);
+    write_snapshot(path("a1.snap"), params_for(k4K, image_.size(), 2, base_a_), image_, some_);
+  }
+  Errc chain_error(std::vector<std::string> names) {
+    for (auto& n : names) n = path(n);
+    auto c = SnapshotChain::open(names, Verify::kFull);
+    if (!c.ok()) last_message_ = c.error().message;
+    return c.ok() ? Errc::kOk : c.error().code;
+  }
+
+  Bytes image_;
+  SnapshotId base_a_{};
+  const std::vector<plugin::ByteRange> all_ = {{0, 8 * k4K}};
+  const std::vector<plugin::ByteRange> some_ = {{k4K, 2 * k4K}};
+  std::string last_message_;
+};
+
+TEST_F(ChainMismatchTest, AcceptsAGoodChain) {
+  EXPECT_EQ(chain_error({"a.snap", "a1.snap"}), Errc::kOk);
+  EXPECT_EQ(chain_error({"a.snap"}), Errc::kOk);
+}
+
+TEST_F(ChainMismatchTest, WrongParent) {
+  EXPECT_EQ(chain_error({"b.snap", "a1.snap"}), Errc::kSnapshotChainMismatch);
+  EXPECT_NE(last_message_.find("wrong parent"), std::string::npos) << last_message_;
+  EXPECT_EQ(chain_error({"a.snap", "b.snap"}), Errc::kSnapshotChainMismatch);  // two bases
+}
+
+TEST_F(ChainMismatchTest, WrongOrder) {
+  EXPECT_EQ(chain_error({"a1.snap", "a.snap"}), Errc::kSnapshotChainMismatch);
+  EXPECT_NE(last_message_.find("must be a base"), std::string::npos) << last_message_;
+}
+
+TEST_F(ChainMismatchTest, DifferentBlockSize) {
+  // Same 2 MiB guest, 4 KiB blocks in the base and 2 MiB blocks in the diff.
+  const Bytes big(k2M, 7);
+  const Bytes small = random_image(k2M / k4K, k4K, 2, 0);
+  const SnapshotId base = write_snapshot(path("c.snap"), params_for(k4K, k2M), small, {{0, k2M}});
+  write_snapshot(path("c-2m.snap"), params_for(k2M, k2M, 2, base), big, {{0, k2M}});
+  EXPECT_EQ(chain_error({"c.snap", "c-2m.snap"}), Errc::kSnapshotChainMismatch);
+  EXPECT_NE(last_message_.find("block size"), std::string::npos) << last_message_;
+}
+
+TEST_F(ChainMismatchTest, DifferentGuestSize) {
+  const Bytes bigger = random_image(16, k4K, 3, 0);
+  write_snapshot(path("a-big.snap"), params_for(k4K, bigger.size(), 2, base_a_), bigger,
+                 {{0, k4K}});
+  EXPECT_EQ(chain_error({"a.snap", "a-big.snap"}), Errc::kSnapshotChainMismatch);
+}
+
+TEST_F(ChainMismatchTest, GenerationMustIncrease) {
+  write_snapshot(path("a-same-gen.snap"), params_for(k4K, image_.size(), 1, base_a_), image_,
+                 some_);
+  EXPECT_EQ(chain_error({"a.snap", "a-same-gen.snap"}), Errc::kSnapshotChainMismatch);
+  EXPECT_NE(last_message_.find("generation"), std::string::npos) << last_message_;
+}
+
+TEST_F(ChainMismatchTest, EmptyListAndBrokenLayer) {
+  EXPECT_EQ(chain_error({}), Errc::kInvalidArgument);
+  EXPECT_EQ(chain_error({"a.snap", "missing.snap"}), Errc::kNotFound);
+  Bytes f = read_file(path("a1.snap"));
+  f[0] = 'X';
+  write_file(path("a1.snap"), f);
+  EXPECT_EQ(chain_error({"a.snap", "a1.snap"}), Errc::kSnapshotBadMagic);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reader errors: each corruption has its own code.
+
+class CorruptionTest : public SnapshotTest {
+ protected:
+  void SetUp() override {
+    SnapshotTest::SetUp();
+    image_ = random_image(40, k4K, 99, 30);
+    const auto dirty = ranges_of(std::vector<bool>(40, true), k4K);
+    write_snapshot(path("good.snap"), params_for(k4K, image_.size()), image_, dirty);
+    good_ = read_file(path("good.snap"));
+    ASSERT_GT(good_.size(), kSnapshotDataOffset);
+  }
+  // Writes `bytes` as bad.snap and returns its open error.
+  Errc error_of(const Bytes& bytes, Verify v = Verify::kFull) {
+    write_file(path("bad.snap"), bytes);
+    auto r = SnapshotReader::open(path("bad.snap"), v);
+    message_ = r.ok() ? "" : r.error().message;
+    return r.ok() ? Errc::kOk : r.error().code;
+  }
+  Bytes truncated(std::uint64_t size) const { return Bytes(good_.begin(), good_.begin() + size); }
+
+  Bytes image_;
+  Bytes good_;
+  std::string message_;
+};
+
+TEST_F(CorruptionTest, TheUntouchedFileOpens) { EXPECT_EQ(error_of(good_), Errc::kOk); }
+
+TEST_F(CorruptionTest, TruncatedInsideTheHeader) {
+  for (std::uint64_t size : {0, 5, 8, 64, 127}) {
+    EXPECT_EQ(error_of(truncated(size)), Errc::kSnapshotTruncated) << size;
+  }
+  EXPECT_EQ(error_of(truncated(2000)), Errc::kSnapshotTruncated);  // before the data area
+}
+
+TEST_F(CorruptionTest, TruncatedInsideTheData) {
+  const FileHeader h = header_of(good_);
+  ASSERT_GT(h.data_bytes, 0u);
+  for (std::uint64_t size : {h.data_offset, h.data_offset + 100, h.map_offset - 1}) {
+    EXPECT_EQ(error_of(truncated(size)), Errc::kSnapshotTruncated) << size;
+    EXPECT_NE(message_.find("inside the data area"), std::string::npos) << message_;
+  }
+}
+
+TEST_F(CorruptionTest, TruncatedInsideTheMap) {
+  const FileHeader h = header_of(good_);
+  for (std::uint64_t size : {h.map_offset, h.map_offset + 10, good_.size() - 1}) {
+    EXPECT_EQ(error_of(truncated(size)), Errc::kSnapshotTruncated) << size;
+    EXPECT_NE(message_.find("inside the block map"), std::string::npos) << message_;
+  }
+}
+
+TEST_F(CorruptionTest, BadMagic) {
+  Bytes f = good_;
+  f[3] ^= 0x20;
+  EXPECT_EQ(error_of(f), Errc::kSnapshotBadMagic);
+  EXPECT_EQ(error_of(Bytes(4096, 0)), Errc::kSnapshotBadMagic);
+}
+
+TEST_F(CorruptionTest, BadVersion) {
+  Bytes f = good_;
+  FileHeader h = header_of(f);
+  h.version = 2;
+  put_header(f, h);
+  EXPECT_EQ(error_of(f), Errc::kSnapshotBadVersion);
+  f[8] = 0;  // version 0, checksum now wrong too: the version is still what is reported
+  EXPECT_EQ(error_of(f), Errc::kSnapshotBadVersion);
+}
+
+TEST_F(CorruptionTest, HeaderFieldTampered) {
+  Bytes f = good_;
+  f[offsetof(FileHeader, guest_size) + 1] ^= 1;  // checksum no longer matches
+  EXPECT_EQ(error_of(f), Errc::kSnapshotBadHeader);
+  EXPECT_NE(message_.find("header checksum"), std::string::npos) << message_;
+  f = good_;
+  f[offsetof(FileHeader, header_checksum)] ^= 1;
+  EXPECT_EQ(error_of(f), Errc::kSnapshotBadHeader);
+}
+
+TEST_F(CorruptionTest, HeaderFieldsInconsistentDespiteAGoodChecksum) {
+  const FileHeader good = header_of(good_);
+  auto check = [&](const char* what, auto mutate) {
+    Bytes f = good_;
+    FileHeader h = good;
+    mutate(h);
+    put_header(f, h);
+    EXPECT_EQ(error_of(f), Errc::kSnapshotBadHeader) << what << ": " << message_;
+  };
+  check("block size", [](FileHeader& h) { h.block_size = 8192; });
+  check("guest size", [](FileHeader& h) { h.guest_size += 100; });
+  check("zero guest", [](FileHeader& h) { h.guest_size = 0; });
+  check("flags", [](FileHeader& h) { h.flags = 1; });
+  check("generation", [](FileHeader& h) { h.generation = 0; });
+  check("header size", [](FileHeader& h) { h.header_size = 256; });
+  check("data offset", [](FileHeader& h) { h.data_offset = 64; });
+  check("data bytes", [](FileHeader& h) { h.data_bytes += 1; });
+  check("map offset", [](FileHeader& h) { h.map_offset += 4096; });
+  check("run count", [](FileHeader& h) { h.run_count = 0; });
+  check("own parent", [](FileHeader& h) { h.parent_id = h.snapshot_id; });
+  check("zero id", [](FileHeader& h) { h.snapshot_id = SnapshotId{}; });
+  Bytes longer = good_;
+  longer.push_back(0);
+  EXPECT_EQ(error_of(longer), Errc::kSnapshotBadHeader);
+  EXPECT_NE(message_.find("after the block map"), std::string::npos) << message_;
+}
+
+TEST_F(CorruptionTest, MapTampered) {
+  Bytes f = good_;
+  f[header_of(f).map_offset + 3] ^= 0x10;
+  EXPECT_EQ(error_of(f), Errc::kSnapshotBadMap);
+  EXPECT_NE(message_.find("map checksum"), std::string::npos) << message_;
+}
+
+TEST_F(CorruptionTest, MapInconsistentDespiteAGoodChecksum) {
+  const std::vector<MapRun> good = map_of(good_);
+  ASSERT_GE(good.size(), 3u);
+  std::size_t data_run = 0;
+  while (good[data_run].kind != RunKind::kData) ++data_run;
+  std::size_t later_data = data_run + 1;
+  while (later_data < good.size() && good[later_data].kind != RunKind::kData) ++later_data;
+  ASSERT_LT(later_data, good.size());
+  auto check = [&](const char* what, auto mutate) {
+    Bytes f = good_;
+    std::vector<MapRun> runs = good;
+    mutate(runs);
+    put_map(f, runs);
+    EXPECT_EQ(error_of(f), Errc::kSnapshotBadMap) << what << ": " << message_;
+  };
+  check("gap", [](auto& runs) { runs[1].first_block += 1; });
+  check("overlap", [](auto& runs) { runs[1].first_block -= 1; });
+  check("unsorted", [](auto& runs) { std::swap(runs[0], runs[1]); });
+  check("not covering", [](auto& runs) { runs.back().block_count -= 1; });
+  check("beyond the guest", [](auto& runs) { runs.back().block_count += 1; });
+  check("unknown kind", [](auto& runs) { runs[0].kind = static_cast<RunKind>(7); });
+  check("reserved", [](auto& runs) { runs[0].reserved = 1; });
+  check("parent in a base", [&](auto& runs) {
+    runs[data_run] =
+        MapRun{runs[data_run].first_block, runs[data_run].block_count, RunKind::kParent, 0, 0, 0};
+  });
+  check("data out of range", [&](auto& runs) { runs[later_data].data_offset += 1 << 20; });
+  check("data overlapping", [&](auto& runs) { runs[later_data].data_offset = 0; });
+}
+
+TEST_F(CorruptionTest, FlippedDataByteIsAChecksumMismatchNamingTheOffset) {
+  const std::vector<MapRun> runs = map_of(good_);
+  const FileHeader h = header_of(good_);
+  std::size_t victim = runs.size() - 1;
+  while (runs[victim].kind != RunKind::kData) --victim;
+  ASSERT_GT(runs[victim].first_block, 0u);
+  Bytes f = good_;
+  f[h.data_offset + runs[victim].data_offset + 100] ^= 0x01;
+
+  EXPECT_EQ(error_of(f, Verify::kFull), Errc::kSnapshotChecksumMismatch);
+  const std::string offset = "guest offset " + std::to_string(runs[victim].first_block * k4K);
+  EXPECT_NE(message_.find(offset), std::string::npos) << message_;
+
+  // Without data verification the file opens; the damage shows when it is checked.
+  ASSERT_EQ(error_of(f, Verify::kHeaderAndMap), Errc::kOk);
+  auto r = open_ok(path("bad.snap"), Verify::kHeaderAndMap);
+  ASSERT_TRUE(r);
+  const Status all = r->verify_data();
+  ASSERT_FALSE(all.ok());
+  EXPECT_EQ(code_of(all), Errc::kSnapshotChecksumMismatch);
+  EXPECT_NE(all.error().message.find(offset), std::string::npos);
+  EXPECT_EQ(code_of(r->verify_run(victim)), Errc::kSnapshotChecksumMismatch);
+  for (std::size_t i = 0; i < victim; ++i) EXPECT_TRUE(r->verify_run(i).ok()) << i;
+  EXPECT_EQ(code_of(r->verify_run(runs.size())), Errc::kInvalidArgument);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Writer: contract, atomic commit, temporary file
+
+TEST_F(SnapshotTest, CreateRejectsBadParamsAndRanges) {
+  auto code = [&](SnapshotParams p, std::vector<plugin::ByteRange> dirty) {
+    auto w = SnapshotWriter::create(path("x.snap"), p, std::move(dirty));
+    return w.ok() ? Errc::kOk : w.error().code;
+  };
+  const std::uint64_t g = 64 * k4K;
+  EXPECT_EQ(code(params_for(k4K, g), {{0, k4K}, {k4K, k4K}, {8 * k4K, 4 * k4K}}), Errc::kOk);
+  EXPECT_EQ(code(params_for(8192, g), {}), Errc::kInvalidArgument);
+  EXPECT_EQ(code(params_for(k4K, 0), {}), Errc::kInvalidArgument);
+  EXPECT_EQ(code(params_for(k4K, g + 1), {}), Errc::kInvalidArgument);
+  EXPECT_EQ(code(params_for(k2M, k4K * 3), {}), Errc::kInvalidArgument);
+  EXPECT_EQ(code(params_for(k4K, g, 0), {}), Errc::kInvalidArgument);
+  EXPECT_EQ(code(params_for(k4K, g), {{k4K, k4K}, {0, k4K}}), Errc::kInvalidArgument);
+  EXPECT_EQ(code(params_for(k4K, g), {{0, 2 * k4K}, {k4K, k4K}}), Errc::kInvalidArgument);
+  EXPECT_EQ(code(params_for(k4K, g), {{100, k4K}}), Errc::kInvalidArgument);
+  EXPECT_EQ(code(params_for(k4K, g), {{0, 100}}), Errc::kInvalidArgument);
+  EXPECT_EQ(code(params_for(k4K, g), {{0, 0}}), Errc::kInvalidArgument);
+  EXPECT_EQ(code(params_for(k4K, g), {{g - k4K, 2 * k4K}}), Errc::kInvalidArgument);
+  SnapshotParams self = params_for(k4K, g);
+  self.snapshot_id[0] = 5;
+  self.parent_id = self.snapshot_id;
+  EXPECT_EQ(code(self, {}), Errc::kInvalidArgument);
+  EXPECT_EQ(code(params_for(k4K, g), {}), Errc::kOk);
+  EXPECT_EQ(files(), std::vector<std::string>{});  // every writer cleaned up after itself
+}
+
+TEST_F(SnapshotTest, TempFileIsHiddenNextToTheTargetAndRemovedByAbortAndDestructor) {
+  const std::vector<plugin::ByteRange> dirty = {{0, 4 * k4K}};
+  {
+    auto w = SnapshotWriter::create(path("t.snap"), params_for(k4K, 8 * k4K), dirty);
+    ASSERT_TRUE(w.ok());
+    const std::string temp = (*w)->temp_path();
+    EXPECT_EQ(fs::path(temp).parent_path(), fs::path(dir_));
+    EXPECT_EQ(fs::path(temp).filename().string().rfind(
+                  ".t.snap.tmp." + std::to_string(::getpid()) + ".", 0),
+              0u)
+        << temp;
+    struct stat st {};
+    ASSERT_EQ(::stat(temp.c_str(), &st), 0);
+    EXPECT_EQ(st.st_mode & 0137, 0u);  // at most 0640
+    (*w)->abort();
+    EXPECT_FALSE(fs::exists(temp));
+    EXPECT_EQ(code_of((*w)->commit()), Errc::kInvalidArgument);
+    EXPECT_FALSE(write_one(**w, 0, Bytes(k4K, 1).data(), k4K).ok());
+  }
+  std::string temp;
+  {
+    auto w = SnapshotWriter::create(path("t.snap"), params_for(k4K, 8 * k4K), dirty);
+    ASSERT_TRUE(w.ok());
+    temp = (*w)->temp_path();
+    ASSERT_TRUE(write_one(**w, 0, Bytes(k4K, 1).data(), k4K).ok());
+    EXPECT_TRUE(fs::exists(temp));
+  }
+  EXPECT_FALSE(fs::exists(temp));
+  EXPECT_EQ(files(), std::vector<std::string>{});
+}
+
+class ContractTest : public SnapshotTest {
+ protected:
+  void SetUp() override {
+    SnapshotTest::SetUp();
+    auto w = SnapshotWriter::create(path("k.snap"), params_for(k4K, 64 * k4K),
+                                    {{0, 8 * k4K}, {16 * k4K, 8 * k4K}});
+    ASSERT_TRUE(w.ok());
+    writer_ = std::move(w).value();
+    data_ = Bytes(16 * k4K, 0x5A);
+  }
+  // Expects `s` to be a refusal, the writer to stay poisoned and nothing to be committed.
+  void expect_rejected_and_poisoned(const plugin::Status& s, const char* words) {
+    EXPECT_EQ(s.code, plugin::StatusCode::kSinkError);
+    EXPECT_NE(std::string(s.message).find(words), std::string::npos) << s.message;
+    const plugin::Status again = write_one(*writer_, 20 * k4K, data_.data(), k4K);
+    EXPECT_EQ(again.code, plugin::StatusCode::kSinkError);
+    EXPECT_STREQ(again.message, s.message);
+    EXPECT_EQ(writer_->make_durable().code, plugin::StatusCode::kSinkError);
+    EXPECT_FALSE(writer_->commit().ok());
+    EXPECT_FALSE(fs::exists(path("k.snap")));
+    EXPECT_FALSE(fs::exists(writer_->temp_path()));
+  }
+
+  std::unique_ptr<SnapshotWriter> writer_;
+  Bytes data_;
+};
+
+TEST_F(ContractTest, OutOfOrder) {
+  ASSERT_TRUE(write_one(*writer_, 4 * k4K, data_.data(), k4K).ok());
+  expect_rejected_and_poisoned(write_one(*writer_, 2 * k4K, data_.data(), k4K), "out of order");
+}
+
+TEST_F(ContractTest, OutOfOrderInsideOneCallWritesNothing) {
+  const plugin::Chunk chunks[] = {{2 * k4K, data_.data(), k4K}, {0, data_.data(), k4K}};
+  const plugin::Status s = writer_->write(chunks, 2);
+  EXPECT_EQ(writer_->stats().data_blocks, 0u);
+  expect_rejected_and_poisoned(s, "out of order");
+}
+
+TEST_F(ContractTest, Overlapping) {
+  ASSERT_TRUE(write_one(*writer_, 0, data_.data(), 2 * k4K).ok());
+  expect_rejected_and_poisoned(write_one(*writer_, k4K, data_.data(), 2 * k4K), "overlaps");
+}
+
+TEST_F(ContractTest, UnalignedOffset) {
+  expect_rejected_and_poisoned(write_one(*writer_, 512, data_.data(), k4K), "not aligned");
+}
+
+TEST_F(ContractTest, UnalignedLength) {
+  expect_rejected_and_poisoned(write_one(*writer_, 0, data_.data(), k4K + 1), "not aligned");
+}
+
+TEST_F(ContractTest, EmptyChunk) {
+  expect_rejected_and_poisoned(write_one(*writer_, 0, data_.data(), 0), "empty");
+}
+
+TEST_F(ContractTest, OutsideTheDirtyRanges) {
+  expect_rejected_and_poisoned(write_one(*writer_, 8 * k4K, data_.data(), k4K),
+                               "not inside a dirty range");
+}
+
+TEST_F(ContractTest, SpanningPastADirtyRange) {
+  expect_rejected_and_poisoned(write_one(*writer_, 6 * k4K, data_.data(), 4 * k4K),
+                               "not inside a dirty range");
+}
+
+TEST_F(ContractTest, BeyondTheGuest) {
+  expect_rejected_and_poisoned(write_one(*writer_, 64 * k4K, data_.data(), k4K),
+                               "beyond the guest");
+}
+
+TEST_F(ContractTest, TheSameChunksInOrderAreAccepted) {
+  ASSERT_TRUE(write_one(*writer_, 0, data_.data(), 8 * k4K).ok());
+  const plugin::Chunk chunks[] = {{16 * k4K, data_.data(), 3 * k4K},
+                                  {19 * k4K, data_.data(), 5 * k4K}};
+  ASSERT_TRUE(writer_->write(chunks, 2).ok());
+  ASSERT_TRUE(writer_->commit().ok());
+  EXPECT_TRUE(fs::exists(path("k.snap")));
+  EXPECT_EQ(writer_->stats().data_blocks, 16u);
+  EXPECT_EQ(writer_->stats().zero_blocks, 48u);
+}
+
+TEST_F(SnapshotTest, CommitWithUnwrittenDirtyBytesIsIncomplete) {
+  const Bytes data(4 * k4K, 3);
+  auto w = SnapshotWriter::create(path("i.snap"), params_for(k4K, 32 * k4K),
+                                  {{0, 4 * k4K}, {8 * k4K, 4 * k4K}});
+  ASSERT_TRUE(w.ok());
+  ASSERT_TRUE(write_one(**w, 0, data.data(), 4 * k4K).ok());
+  ASSERT_TRUE(write_one(**w, 8 * k4K, data.data(), 2 * k4K).ok());
+  const Status s = (*w)->commit();
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(code_of(s), Errc::kSnapshotIncomplete);
+  EXPECT_NE(s.error().message.find("guest offset " + std::to_string(10 * k4K)), std::string::npos)
+      << s.error().message;
+  EXPECT_EQ(files(), std::vector<std::string>{});  // no final file, no temporary file
+}
+
+TEST_F(SnapshotTest, FailedCommitLeavesAnExistingFinalFileAlone) {
+  write_file(path("f.snap"), Bytes{'o', 'l', 'd'});
+  const Bytes data(4 * k4K, 3);
+  {
+    auto w = SnapshotWriter::create(path("f.snap"), params_for(k4K, 8 * k4K), {{0, 8 * k4K}});
+    ASSERT_TRUE(w.ok());
+    ASSERT_TRUE(write_one(**w, 0, data.data(), 4 * k4K).ok());
+    EXPECT_EQ(code_of((*w)->commit()), Errc::kSnapshotIncomplete);
+  }
+  EXPECT_EQ(read_file(path("f.snap")), (Bytes{'o', 'l', 'd'}));
+  EXPECT_EQ(files(), std::vector<std::string>{"f.snap"});
+
+  // A successful commit does replace it.
+  auto w = SnapshotWriter::create(path("f.snap"), params_for(k4K, 8 * k4K), {{0, 4 * k4K}});
+  ASSERT_TRUE(w.ok());
+  ASSERT_TRUE(write_one(**w, 0, data.data(), 4 * k4K).ok());
+  ASSERT_TRUE((*w)->commit().ok());
+  EXPECT_TRUE(open_ok(path("f.snap")));
+}
+
+TEST_F(SnapshotTest, ReadBackReturnsWrittenBytes) {
+  const std::uint64_t blocks = 40;
+  Bytes image = random_image(blocks, k4K, 7, 40);
+  std::vector<bool> dirty_blocks(blocks, true);
+  for (std::uint64_t b = 30; b < 34; ++b) dirty_blocks[b] = false;
+  const auto dirty = ranges_of(dirty_blocks, k4K);
+  auto w = SnapshotWriter::create(path("rb.snap"), params_for(k4K, image.size()), dirty);
+  ASSERT_TRUE(w.ok());
+  const plugin::Chunk first{0, image.data(), 20 * k4K};
+  ASSERT_TRUE((*w)->write(&first, 1).ok());
+
+  Bytes out(20 * k4K, 0xAA);
+  ASSERT_TRUE((*w)->read_back(0, out.size(), out.data()).ok());
+  EXPECT_TRUE(std::equal(out.begin(), out.end(), image.begin()));
+  ASSERT_TRUE((*w)->read_back(3 * k4K + 7, 9000, out.data()).ok());
+  EXPECT_TRUE(std::equal(out.begin(), out.begin() + 9000, image.begin() + 3 * k4K + 7));
+  EXPECT_EQ(code_of((*w)->read_back(19 * k4K, 2 * k4K, out.data())), Errc::kNotFound);
+  EXPECT_EQ(code_of((*w)->read_back(blocks * k4K, 1, out.data())), Errc::kInvalidArgument);
+  // Blocks 20 and 21 are skipped: a hole between written runs does not read back either.
+  const plugin::Chunk later{22 * k4K, image.data() + 22 * k4K, 4 * k4K};
+  ASSERT_TRUE((*w)->write(&later, 1).ok());
+  ASSERT_TRUE((*w)->read_back(22 * k4K, 4 * k4K, out.data()).ok());
+  EXPECT_TRUE(std::equal(out.begin(), out.begin() + 4 * k4K, image.begin() + 22 * k4K));
+  EXPECT_EQ(code_of((*w)->read_back(18 * k4K, 6 * k4K, out.data())), Errc::kNotFound);
+
+  // The strategy released what it wrote; then the pause fails before everything was written.
+  (*w)->released(0, 10 * k4K);
+  (*w)->released(10 * k4K, 10 * k4K);
+  (*w)->released(25 * k4K, k4K);
+  ASSERT_EQ((*w)->released_ranges().size(), 2u);
+  EXPECT_EQ((*w)->released_ranges()[0].length, 20 * k4K);
+  EXPECT_EQ(code_of((*w)->commit()), Errc::kSnapshotIncomplete);
+  // The unfinished file stays (it may be the only copy of released memory) and still reads.
+  EXPECT_TRUE(fs::exists((*w)->temp_path()));
+  EXPECT_FALSE(fs::exists(path("rb.snap")));
+  ASSERT_TRUE((*w)->read_back(0, 20 * k4K, out.data()).ok());
+  EXPECT_TRUE(std::equal(out.begin(), out.end(), image.begin()));
+  (*w)->abort();
+  EXPECT_EQ(files(), std::vector<std::string>{});
+}
+
+TEST_F(SnapshotTest, KeepTempFileSurvivesTheWriter) {
+  const Bytes data(k4K, 1);
+  std::string kept;
+  {
+    auto w = SnapshotWriter::create(path("kp.snap"), params_for(k4K, 4 * k4K), {{0, 2 * k4K}});
+    ASSERT_TRUE(w.ok());
+    ASSERT_TRUE(write_one(**w, 0, data.data(), k4K).ok());
+    (*w)->released(0, k4K);
+    EXPECT_FALSE((*w)->commit().ok());
+    kept = (*w)->keep_temp_file();
+  }
+  EXPECT_FALSE(kept.empty());
+  EXPECT_TRUE(fs::exists(kept));
+}
+
+TEST_F(SnapshotTest, WriteErrorsCarryErrnoAndPoison) {
+  // A file size limit makes pwritev fail part-way (first short, then EFBIG).
+  const Bytes data(4 << 20, 0x33);
+  auto w = SnapshotWriter::create(path("e.snap"), params_for(k4K, data.size()), {{0, data.size()}});
+  ASSERT_TRUE(w.ok());
+  struct sigaction ignore {
+  }, old{};
+  ignore.sa_handler = SIG_IGN;
+  ASSERT_EQ(::sigaction(SIGXFSZ, &ignore, &old), 0);
+  rlimit saved{};
+  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &saved), 0);
+  rlimit small = saved;
+  small.rlim_cur = 1 << 20;
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &small), 0);
+  const plugin::Status s = write_one(**w, 0, data.data(), data.size());
+  ::setrlimit(RLIMIT_FSIZE, &saved);
+  ::sigaction(SIGXFSZ, &old, nullptr);
+
+  EXPECT_EQ(s.code, plugin::StatusCode::kSinkError);
+  EXPECT_EQ(s.sys_errno, EFBIG);
+  EXPECT_NE(std::string(s.message).find("writing snapshot data"), std::string::npos) << s.message;
+  EXPECT_EQ(write_one(**w, 0, data.data(), k4K).code, plugin::StatusCode::kSinkError);
+  Bytes out(k4K);
+  EXPECT_TRUE((*w)->read_back(0, k4K, out.data()).ok());  // what reached the file still reads
+  EXPECT_EQ(code_of((*w)->read_back(data.size() - k4K, k4K, out.data())), Errc::kNotFound);
+  const Status c = (*w)->commit();
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(c.error().sys_errno, EFBIG);
+  EXPECT_EQ(files(), std::vector<std::string>{});
+}
+
+}  // namespace
+}  // namespace memsnap

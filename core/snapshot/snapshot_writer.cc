@@ -1,0 +1,714 @@
+#include "core/snapshot/snapshot_writer.h"
+
+#include <fcntl.h>
+#include <limits.h>
+#include <sys/random.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+#include <xxhash.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <condition_variable>
+#include <cstring>
+#include <mutex>
+#include <new>
+#include <system_error>
+#include <thread>
+
+#include "core/snapshot/file_io.h"
+
+namespace memsnap {
+namespace {
+
+using snapshot_io::errno_message;
+
+// Data is hashed and written in batches of about this size: large enough that syscall and
+// thread hand-off costs vanish (a write() costs ~15 us here), small enough to stay in cache
+// between the hash and the copy into the page cache.
+constexpr std::uint64_t kBatchBytes = 4 * 1024 * 1024;
+// Below this a batch is hashed inline: handing it to the helper would cost more than it saves.
+constexpr std::uint64_t kParallelMinBytes = 512 * 1024;
+
+bool is_zero_block(const std::uint8_t* p, std::size_t size) noexcept {
+  std::uint64_t first;
+  std::memcpy(&first, p, sizeof(first));
+  if (first != 0) return false;  // guest pages with data almost always fail here
+  for (std::size_t i = 0; i < size; i += 64) {
+    std::uint64_t w[8];
+    std::memcpy(w, p + i, sizeof(w));
+    if ((w[0] | w[1] | w[2] | w[3] | w[4] | w[5] | w[6] | w[7]) != 0) return false;
+  }
+  return true;
+}
+
+Status fill_random(void* buf, std::size_t len) {
+  auto* p = static_cast<std::uint8_t*>(buf);
+  while (len > 0) {
+    const ssize_t n = ::getrandom(p, len, 0);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      const int err = errno;
+      return make_error(Errc::kIoError, errno_message("getrandom", err), err);
+    }
+    p += n;
+    len -= static_cast<std::size_t>(n);
+  }
+  return {};
+}
+
+std::uint64_t unix_now_ns() {
+  timespec ts{};
+  ::clock_gettime(CLOCK_REALTIME, &ts);
+  return static_cast<std::uint64_t>(ts.tv_sec) * 1000000000u +
+         static_cast<std::uint64_t>(ts.tv_nsec);
+}
+
+std::string range_text(std::uint64_t offset, std::uint64_t length) {
+  return "[" + std::to_string(offset) + ", " + std::to_string(offset + length) + ")";
+}
+
+Status validate_params(const SnapshotParams& p) {
+  if (!is_valid_block_size(p.block_size)) {
+    return make_error(Errc::kInvalidArgument, "block size " + std::to_string(p.block_size) +
+                                                  " is not supported (4096 or 2097152)");
+  }
+  if (p.guest_size == 0 || p.guest_size % p.block_size != 0) {
+    return make_error(Errc::kInvalidArgument, "guest size " + std::to_string(p.guest_size) +
+                                                  " is not a non-zero multiple of the block size " +
+                                                  std::to_string(p.block_size));
+  }
+  if (p.generation == 0) {
+    return make_error(Errc::kInvalidArgument, "generation must be at least 1");
+  }
+  if (!is_zero_id(p.parent_id) && p.parent_id == p.snapshot_id) {
+    return make_error(Errc::kInvalidArgument, "a snapshot cannot be its own parent");
+  }
+  return {};
+}
+
+Result<std::vector<plugin::ByteRange>> normalize_dirty(const std::vector<plugin::ByteRange>& in,
+                                                       const SnapshotParams& p) {
+  std::vector<plugin::ByteRange> out;
+  out.reserve(in.size());
+  std::uint64_t prev_end = 0;
+  for (const auto& r : in) {
+    const std::string what = "dirty range " + range_text(r.offset, r.length);
+    if (r.length == 0) return make_error(Errc::kInvalidArgument, what + " is empty");
+    if (r.offset % p.block_size != 0 || r.length % p.block_size != 0) {
+      return make_error(Errc::kInvalidArgument,
+                        what + " is not aligned to the block size " + std::to_string(p.block_size));
+    }
+    if (r.offset > p.guest_size || r.length > p.guest_size - r.offset) {
+      return make_error(Errc::kInvalidArgument,
+                        what + " ends beyond the guest size " + std::to_string(p.guest_size));
+    }
+    if (r.offset < prev_end) {
+      return make_error(Errc::kInvalidArgument, what + " is out of order or overlaps the previous");
+    }
+    if (!out.empty() && r.offset == prev_end) {
+      out.back().length += r.length;
+    } else {
+      out.push_back(r);
+    }
+    prev_end = r.offset + r.length;
+  }
+  return out;
+}
+
+}  // namespace
+
+void SnapshotWriter::HashStateDeleter::operator()(XXH3_state_s* state) const noexcept {
+  XXH3_freeState(state);
+}
+
+void SnapshotWriter::run_hash_ops(const std::vector<HashOp>& ops, XXH3_state_s* state,
+                                  std::vector<Digest>& out) noexcept {
+  for (const HashOp& op : ops) {
+    switch (op.kind) {
+      case HashOp::kReset:
+        XXH3_64bits_reset(state);
+        break;
+      case HashOp::kUpdate:
+        XXH3_64bits_update(state, op.data, op.length);
+        break;
+      case HashOp::kDigest:
+        out.push_back(Digest{op.run, XXH3_64bits_digest(state)});  // capacity reserved
+        break;
+    }
+  }
+}
+
+// A thread that runs one batch of hash ops at a time while the writer's thread writes the same
+// bytes. The writer hands a batch over and waits for it before touching any of its inputs or
+// outputs again, so the mutex hand-off is the only synchronisation needed.
+class SnapshotWriter::HashWorker {
+ public:
+  HashWorker() : thread_([this] { loop(); }) {}
+  ~HashWorker() {
+    {
+      std::lock_guard lock(mu_);
+      stop_ = true;
+    }
+    cv_.notify_all();
+    thread_.join();
+  }
+
+  void start(const std::vector<HashOp>& ops, XXH3_state_s* state, std::vector<Digest>& out) {
+    {
+      std::lock_guard lock(mu_);
+      ops_ = &ops;
+      state_ = state;
+      out_ = &out;
+      busy_ = true;
+    }
+    cv_.notify_all();
+  }
+
+  void wait() {
+    std::unique_lock lock(mu_);
+    cv_.wait(lock, [this] { return !busy_; });
+  }
+
+ private:
+  void loop() {
+    std::unique_lock lock(mu_);
+    for (;;) {
+      cv_.wait(lock, [this] { return busy_ || stop_; });
+      if (busy_) {
+        lock.unlock();
+        run_hash_ops(*ops_, state_, *out_);
+        lock.lock();
+        busy_ = false;
+        cv_.notify_all();
+      } else if (stop_) {
+        return;
+      }
+    }
+  }
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool busy_ = false;
+  bool stop_ = false;
+  const std::vector<HashOp>* ops_ = nullptr;
+  XXH3_state_s* state_ = nullptr;
+  std::vector<Digest>* out_ = nullptr;
+  std::thread thread_;  // last: starts after the members it uses exist
+};
+
+Result<std::unique_ptr<SnapshotWriter>> SnapshotWriter::create(
+    std::string final_path, SnapshotParams params, std::vector<plugin::ByteRange> dirty_ranges) {
+  if (auto s = validate_params(params); !s.ok()) return std::move(s).error();
+  auto dirty = normalize_dirty(dirty_ranges, params);
+  if (!dirty.ok()) return std::move(dirty).error();
+
+  const std::size_t slash = final_path.rfind('/');
+  const std::string dir = slash == std::string::npos ? "." : final_path.substr(0, slash + 1);
+  const std::string base = slash == std::string::npos ? final_path : final_path.substr(slash + 1);
+  if (base.empty() || base == "." || base == "..") {
+    return make_error(Errc::kInvalidArgument, "snapshot path '" + final_path + "' names no file");
+  }
+
+  if (is_zero_id(params.snapshot_id)) {
+    if (auto s = fill_random(params.snapshot_id.data(), params.snapshot_id.size()); !s.ok()) {
+      return std::move(s).error();
+    }
+  }
+  if (auto s = validate_params(params); !s.ok()) return std::move(s).error();
+
+  std::unique_ptr<XXH3_state_s, HashStateDeleter> hash(XXH3_createState());
+  if (!hash) return make_error(Errc::kInternal, "out of memory for the hash state");
+
+  int fd = -1;
+  std::string temp_path;
+  for (int attempt = 0; fd < 0; ++attempt) {
+    std::uint64_t tag = 0;
+    if (auto s = fill_random(&tag, sizeof(tag)); !s.ok()) return std::move(s).error();
+    SnapshotId tag_bytes{};
+    std::memcpy(tag_bytes.data(), &tag, sizeof(tag));
+    temp_path = (slash == std::string::npos ? "" : dir) + "." + base + ".tmp." +
+                std::to_string(::getpid()) + "." + to_hex(tag_bytes).substr(0, 16);
+    fd = ::open(temp_path.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0640);
+    if (fd < 0 && (errno != EEXIST || attempt >= 8)) {
+      const int err = errno;
+      return make_error(Errc::kIoError, errno_message("creating " + temp_path, err), err);
+    }
+  }
+  return std::unique_ptr<SnapshotWriter>(new SnapshotWriter(
+      std::move(final_path), params, std::move(*dirty), fd, std::move(temp_path), std::move(hash)));
+}
+
+SnapshotWriter::SnapshotWriter(std::string final_path, SnapshotParams params,
+                               std::vector<plugin::ByteRange> dirty, int fd, std::string temp_path,
+                               std::unique_ptr<XXH3_state_s, HashStateDeleter> hash)
+    : final_path_(std::move(final_path)),
+      params_(params),
+      dirty_(std::move(dirty)),
+      fd_(fd),
+      temp_path_(std::move(temp_path)),
+      hash_(std::move(hash)) {
+  for (const auto& r : dirty_) dirty_bytes_ += r.length;
+  iov_.reserve(IOV_MAX);
+}
+
+SnapshotWriter::~SnapshotWriter() {
+  worker_.reset();
+  if (state_ != State::kCommitted) remove_temp_file();
+  if (fd_ >= 0) ::close(fd_);
+}
+
+plugin::Status SnapshotWriter::sink_error() const noexcept {
+  return plugin::Status::Error(plugin::StatusCode::kSinkError, poison_->sys_errno, "%s",
+                               poison_->message.c_str());
+}
+
+plugin::Status SnapshotWriter::poison(Error error) noexcept {
+  if (!poison_) poison_ = std::move(error);
+  return sink_error();
+}
+
+std::optional<Error> SnapshotWriter::check_chunks(const plugin::Chunk* chunks,
+                                                  std::size_t count) const {
+  const std::uint64_t bs = params_.block_size;
+  std::uint64_t next = next_offset_;
+  std::size_t range = range_index_;
+  for (std::size_t i = 0; i < count; ++i) {
+    const plugin::Chunk& c = chunks[i];
+    const std::string what = "snapshot writer: chunk " + range_text(c.guest_offset, c.length);
+    auto bad = [&](const std::string& why) {
+      return make_error(Errc::kInvalidArgument, what + " " + why);
+    };
+    if (c.length == 0) return bad("is empty");
+    if (c.data == nullptr) return bad("has no data");
+    if (c.guest_offset % bs != 0 || c.length % bs != 0) {
+      return bad("is not aligned to the block size " + std::to_string(bs));
+    }
+    if (c.guest_offset > params_.guest_size || c.length > params_.guest_size - c.guest_offset) {
+      return bad("ends beyond the guest size " + std::to_string(params_.guest_size));
+    }
+    if (c.guest_offset < next) {
+      return bad("is out of order or overlaps: earlier chunks reached guest offset " +
+                 std::to_string(next));
+    }
+    while (range < dirty_.size() && dirty_[range].offset + dirty_[range].length <= c.guest_offset) {
+      ++range;
+    }
+    if (range == dirty_.size() || c.guest_offset < dirty_[range].offset ||
+        c.guest_offset + c.length > dirty_[range].offset + dirty_[range].length) {
+      return bad("is not inside a dirty range");
+    }
+    next = c.guest_offset + c.length;
+  }
+  return std::nullopt;
+}
+
+plugin::Status SnapshotWriter::write(const plugin::Chunk* chunks, std::size_t count) noexcept {
+  if (poison_) return sink_error();
+  try {
+    if (state_ != State::kOpen) {
+      return poison(
+          make_error(Errc::kInvalidArgument, "snapshot writer: write() after commit() or abort()"));
+    }
+    if (count > 0 && chunks == nullptr) {
+      return poison(make_error(Errc::kInvalidArgument, "snapshot writer: null chunk array"));
+    }
+    if (auto error = check_chunks(chunks, count)) return poison(std::move(*error));
+    for (std::size_t i = 0; i < count; ++i) {
+      const plugin::Chunk& c = chunks[i];
+      append_chunk(static_cast<const std::uint8_t*>(c.data), c.guest_offset, c.length);
+      if (poison_) return sink_error();
+      next_offset_ = c.guest_offset + c.length;
+      written_bytes_ += c.length;
+    }
+    while (range_index_ < dirty_.size() &&
+           dirty_[range_index_].offset + dirty_[range_index_].length <= next_offset_) {
+      ++range_index_;
+    }
+    // The caller's buffers are only valid until we return.
+    if (auto s = execute_batch(); !s.ok()) return poison(std::move(s).error());
+    return plugin::Status::Ok();
+  } catch (const std::bad_alloc&) {
+    return poison(make_error(Errc::kInternal, "snapshot writer: out of memory", ENOMEM));
+  }
+}
+
+void SnapshotWriter::append_chunk(const std::uint8_t* data, std::uint64_t guest_offset,
+                                  std::uint64_t length) {
+  const std::uint64_t bs = params_.block_size;
+  const std::uint64_t limit_blocks = max_run_data_bytes(bs) / bs;
+  std::uint64_t block = guest_offset / bs;
+  std::uint64_t left = length / bs;
+  while (left > 0) {
+    std::uint64_t n = 1;
+    if (is_zero_block(data, bs)) {
+      while (n < left && is_zero_block(data + n * bs, bs)) ++n;
+      add_zero_blocks(block, n);
+    } else {
+      std::uint64_t room = limit_blocks;
+      if (data_run_open_) {
+        const MapRun& run = written_.back();
+        if (run.first_block + run.block_count == block) room = limit_blocks - run.block_count;
+      }
+      while (n < left && n < room && !is_zero_block(data + n * bs, bs)) ++n;
+      add_data_blocks(data, block, n);
+      if (poison_) return;
+    }
+    data += n * bs;
+    block += n;
+    left -= n;
+  }
+}
+
+void SnapshotWriter::add_zero_blocks(std::uint64_t first_block, std::uint64_t count) {
+  close_data_run();
+  stats_.zero_blocks += count;
+  if (!written_.empty()) {
+    MapRun& last = written_.back();
+    if (last.kind == RunKind::kZero && last.first_block + last.block_count == first_block) {
+      last.block_count += count;
+      return;
+    }
+  }
+  written_.push_back(MapRun{first_block, count, RunKind::kZero, 0, 0, 0});
+  ++stats_.run_count;
+}
+
+void SnapshotWriter::add_data_blocks(const std::uint8_t* data, std::uint64_t first_block,
+                                     std::uint64_t count) {
+  const std::uint64_t bs = params_.block_size;
+  const std::uint64_t bytes = count * bs;
+  bool extend = false;
+  if (data_run_open_) {
+    const MapRun& run = written_.back();
+    extend = run.first_block + run.block_count == first_block &&
+             (run.block_count + count) * bs <= max_run_data_bytes(bs);
+  }
+  if (!extend) {
+    close_data_run();
+    written_.push_back(MapRun{first_block, 0, RunKind::kData, 0, data_end_, 0});
+    hash_ops_.push_back(HashOp{HashOp::kReset, nullptr, 0, 0});
+    data_run_open_ = true;
+    ++stats_.run_count;
+  }
+  if (!hash_ops_.empty() && hash_ops_.back().kind == HashOp::kUpdate &&
+      hash_ops_.back().data + hash_ops_.back().length == data) {
+    hash_ops_.back().length += bytes;
+  } else {
+    hash_ops_.push_back(HashOp{HashOp::kUpdate, data, bytes, 0});
+  }
+  written_.back().block_count += count;
+  data_end_ += bytes;
+  stats_.data_blocks += count;
+  stats_.data_bytes += bytes;
+
+  void* base = const_cast<std::uint8_t*>(data);  // writev only reads through it
+  if (!iov_.empty() && static_cast<std::uint8_t*>(iov_.back().iov_base) + iov_.back().iov_len ==
+                           static_cast<std::uint8_t*>(base)) {
+    iov_.back().iov_len += bytes;
+  } else {
+    iov_.push_back(iovec{base, bytes});
+  }
+  if (data_end_ - data_flushed_ >= kBatchBytes || iov_.size() >= IOV_MAX) {
+    if (auto s = execute_batch(); !s.ok()) poison(std::move(s).error());
+  }
+}
+
+void SnapshotWriter::close_data_run() {
+  if (!data_run_open_) return;
+  hash_ops_.push_back(HashOp{HashOp::kDigest, nullptr, 0, written_.size() - 1});
+  data_run_open_ = false;
+}
+
+Status SnapshotWriter::execute_batch() {
+  digests_.reserve(hash_ops_.size());
+  bool parallel = false;
+  if (params_.hash_in_parallel && data_end_ - data_flushed_ >= kParallelMinBytes) {
+    if (!worker_) {
+      try {
+        worker_ = std::make_unique<HashWorker>();
+      } catch (const std::system_error&) {
+        params_.hash_in_parallel = false;  // no thread to be had: hash inline from now on
+      }
+    }
+    parallel = worker_ != nullptr;
+  }
+  if (parallel) {
+    worker_->start(hash_ops_, hash_.get(), digests_);
+  } else {
+    run_hash_ops(hash_ops_, hash_.get(), digests_);  // first, so the write copies from cache
+  }
+  Status written = flush_data();
+  if (parallel) worker_->wait();  // it reads the caller's buffers: never return before it ends
+  for (const Digest& d : digests_) written_[d.run].checksum = d.checksum;
+  digests_.clear();
+  hash_ops_.clear();
+  return written;
+}
+
+Status SnapshotWriter::flush_data() {
+  std::size_t i = 0;
+  while (i < iov_.size()) {
+    const int batch = static_cast<int>(std::min<std::size_t>(iov_.size() - i, IOV_MAX));
+    const ssize_t n =
+        ::pwritev(fd_, &iov_[i], batch, static_cast<off_t>(kSnapshotDataOffset + data_flushed_));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      const int err = n < 0 ? errno : EIO;
+      iov_.clear();
+      return make_error(Errc::kIoError,
+                        errno_message("writing snapshot data to " + temp_path_, err), err);
+    }
+    data_flushed_ += static_cast<std::uint64_t>(n);
+    auto done = static_cast<std::size_t>(n);
+    while (done > 0) {
+      if (done >= iov_[i].iov_len) {
+        done -= iov_[i].iov_len;
+        ++i;
+      } else {
+        iov_[i].iov_base = static_cast<std::uint8_t*>(iov_[i].iov_base) + done;
+        iov_[i].iov_len -= done;
+        done = 0;
+      }
+    }
+  }
+  iov_.clear();
+  return {};
+}
+
+plugin::Status SnapshotWriter::make_durable() noexcept {
+  if (poison_) return sink_error();
+  try {
+    if (state_ != State::kOpen) {
+      return poison(make_error(Errc::kInvalidArgument,
+                               "snapshot writer: make_durable() after commit() or abort()"));
+    }
+    if (params_.sync_on_make_durable && ::fdatasync(fd_) != 0) {
+      const int err = errno;
+      return poison(make_error(Errc::kIoError, errno_message("fdatasync " + temp_path_, err), err));
+    }
+    return plugin::Status::Ok();
+  } catch (const std::bad_alloc&) {
+    return poison(make_error(Errc::kInternal, "snapshot writer: out of memory", ENOMEM));
+  }
+}
+
+void SnapshotWriter::released(std::uint64_t guest_offset, std::uint64_t length) noexcept {
+  if (length == 0) return;
+  if (!released_.empty() && released_.back().offset + released_.back().length == guest_offset) {
+    released_.back().length += length;
+    return;
+  }
+  released_.push_back({guest_offset, length});
+}
+
+std::optional<std::uint64_t> SnapshotWriter::first_unwritten_dirty_byte() const {
+  const std::uint64_t bs = params_.block_size;
+  std::size_t j = 0;
+  for (const auto& r : dirty_) {
+    std::uint64_t pos = r.offset;
+    const std::uint64_t end = r.offset + r.length;
+    while (pos < end) {
+      while (j < written_.size() &&
+             (written_[j].first_block + written_[j].block_count) * bs <= pos) {
+        ++j;
+      }
+      if (j == written_.size() || written_[j].first_block * bs > pos) return pos;
+      pos = (written_[j].first_block + written_[j].block_count) * bs;
+    }
+  }
+  return std::nullopt;
+}
+
+std::vector<MapRun> SnapshotWriter::build_map() const {
+  const RunKind gap_kind = is_zero_id(params_.parent_id) ? RunKind::kZero : RunKind::kParent;
+  std::vector<MapRun> map;
+  map.reserve(2 * written_.size() + 1);
+  auto add = [&map](const MapRun& run) {
+    if (!map.empty() && run.kind != RunKind::kData && map.back().kind == run.kind &&
+        map.back().first_block + map.back().block_count == run.first_block) {
+      map.back().block_count += run.block_count;
+    } else {
+      map.push_back(run);
+    }
+  };
+  std::uint64_t next = 0;
+  for (const MapRun& run : written_) {
+    if (run.first_block > next) add(MapRun{next, run.first_block - next, gap_kind, 0, 0, 0});
+    add(run);
+    next = run.first_block + run.block_count;
+  }
+  const std::uint64_t blocks = params_.guest_size / params_.block_size;
+  if (next < blocks) add(MapRun{next, blocks - next, gap_kind, 0, 0, 0});
+  return map;
+}
+
+Status SnapshotWriter::commit() {
+  if (state_ != State::kOpen) {
+    return make_error(Errc::kInvalidArgument,
+                      "snapshot writer: commit() after commit(), a failed commit or abort()");
+  }
+  try {
+    if (poison_) return fail_commit(*poison_);
+    close_data_run();
+    if (auto s = execute_batch(); !s.ok()) return fail_commit(std::move(s).error());
+    if (auto missing = first_unwritten_dirty_byte()) {
+      return fail_commit(make_error(Errc::kSnapshotIncomplete,
+                                    "snapshot " + final_path_ + ": only " +
+                                        std::to_string(written_bytes_) + " of " +
+                                        std::to_string(dirty_bytes_) +
+                                        " dirty bytes were written; the first missing byte "
+                                        "is at guest offset " +
+                                        std::to_string(*missing)));
+    }
+    return finish_commit();
+  } catch (const std::bad_alloc&) {
+    return fail_commit(make_error(Errc::kInternal, "snapshot writer: out of memory", ENOMEM));
+  }
+}
+
+Status SnapshotWriter::finish_commit() {
+  const std::vector<MapRun> map = build_map();
+  FileHeader h{};
+  h.magic = kSnapshotMagic;
+  h.version = kSnapshotFormatVersion;
+  h.header_size = sizeof(FileHeader);
+  h.block_size = static_cast<std::uint32_t>(params_.block_size);
+  h.flags = 0;
+  h.guest_size = params_.guest_size;
+  h.generation = params_.generation;
+  h.snapshot_id = params_.snapshot_id;
+  h.parent_id = params_.parent_id;
+  h.created_unix_ns = unix_now_ns();
+  h.data_offset = kSnapshotDataOffset;
+  h.data_bytes = data_end_;
+  h.map_offset = kSnapshotDataOffset + data_end_;
+  h.run_count = map.size();
+  h.map_checksum = compute_map_checksum(map);
+  h.header_checksum = compute_header_checksum(h);
+
+  if (auto s = snapshot_io::pwrite_all(fd_, map.data(), map.size() * sizeof(MapRun), h.map_offset,
+                                       "writing the block map to " + temp_path_);
+      !s.ok()) {
+    return fail_commit(std::move(s).error());
+  }
+  // The header goes last: until it is written the file has no magic and no reader accepts it.
+  if (auto s =
+          snapshot_io::pwrite_all(fd_, &h, sizeof(h), 0, "writing the header to " + temp_path_);
+      !s.ok()) {
+    return fail_commit(std::move(s).error());
+  }
+  if (params_.sync_on_commit && ::fsync(fd_) != 0) {
+    const int err = errno;
+    return fail_commit(make_error(Errc::kIoError, errno_message("fsync " + temp_path_, err), err));
+  }
+  if (::rename(temp_path_.c_str(), final_path_.c_str()) != 0) {
+    const int err = errno;
+    return fail_commit(make_error(
+        Errc::kIoError, errno_message("renaming " + temp_path_ + " to " + final_path_, err), err));
+  }
+  temp_exists_ = false;
+  state_ = State::kCommitted;
+  worker_.reset();
+
+  stats_ = WriterStats{};
+  stats_.data_bytes = data_end_;
+  stats_.run_count = map.size();
+  for (const MapRun& run : map) {
+    if (run.kind == RunKind::kData) stats_.data_blocks += run.block_count;
+    if (run.kind == RunKind::kZero) stats_.zero_blocks += run.block_count;
+    if (run.kind == RunKind::kParent) stats_.parent_blocks += run.block_count;
+  }
+
+  if (params_.sync_on_commit) {
+    const std::size_t slash = final_path_.rfind('/');
+    const std::string dir = slash == std::string::npos ? "." : final_path_.substr(0, slash + 1);
+    const int dfd = ::open(dir.c_str(), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dfd < 0 || ::fsync(dfd) != 0) {
+      const int err = errno;
+      if (dfd >= 0) ::close(dfd);
+      return make_error(
+          Errc::kIoError,
+          errno_message(
+              "snapshot " + final_path_ + " is in place, but syncing its directory failed", err),
+          err);
+    }
+    ::close(dfd);
+  }
+  return {};
+}
+
+Status SnapshotWriter::fail_commit(Error error) {
+  state_ = State::kFailed;
+  worker_.reset();
+  if (released_.empty()) remove_temp_file();
+  return error;
+}
+
+void SnapshotWriter::remove_temp_file() noexcept {
+  if (temp_exists_ && !keep_temp_) ::unlink(temp_path_.c_str());
+  if (!keep_temp_) temp_exists_ = false;
+}
+
+void SnapshotWriter::abort() noexcept {
+  if (state_ == State::kCommitted) return;
+  worker_.reset();
+  remove_temp_file();
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = -1;
+  state_ = State::kAborted;
+}
+
+std::string SnapshotWriter::keep_temp_file() noexcept {
+  if (!temp_exists_) return {};
+  keep_temp_ = true;
+  return temp_path_;
+}
+
+Status SnapshotWriter::read_back(std::uint64_t guest_offset, std::uint64_t length,
+                                 void* dst) const {
+  if (length == 0) return {};
+  if (guest_offset > params_.guest_size || length > params_.guest_size - guest_offset) {
+    return make_error(Errc::kInvalidArgument,
+                      "read_back " + range_text(guest_offset, length) + " is outside the guest");
+  }
+  if (fd_ < 0) return make_error(Errc::kInvalidArgument, "read_back after abort()");
+  const std::uint64_t bs = params_.block_size;
+  auto it = std::upper_bound(
+      written_.begin(), written_.end(), guest_offset / bs,
+      [](std::uint64_t block, const MapRun& run) { return block < run.first_block; });
+  if (it != written_.begin()) --it;
+  auto* out = static_cast<std::uint8_t*>(dst);
+  std::uint64_t pos = guest_offset;
+  const std::uint64_t end = guest_offset + length;
+  for (; pos < end; ++it) {
+    if (it == written_.end() || it->first_block * bs > pos ||
+        (it->first_block + it->block_count) * bs <= pos) {
+      return make_error(Errc::kNotFound,
+                        "read_back: guest offset " + std::to_string(pos) + " was not written");
+    }
+    const std::uint64_t run_start = it->first_block * bs;
+    const std::uint64_t stop = std::min(end, run_start + it->block_count * bs);
+    const std::uint64_t n = stop - pos;
+    if (it->kind == RunKind::kData) {
+      const std::uint64_t data_pos = it->data_offset + (pos - run_start);
+      if (data_pos + n > data_flushed_) {
+        return make_error(Errc::kNotFound, "read_back: guest offset " + std::to_string(pos) +
+                                               " never reached the file (a write failed)");
+      }
+      if (auto s = snapshot_io::pread_exact(fd_, out, n, kSnapshotDataOffset + data_pos,
+                                            "reading back " + temp_path_);
+          !s.ok()) {
+        return s;
+      }
+    } else {
+      std::memset(out, 0, n);
+    }
+    out += n;
+    pos = stop;
+  }
+  return {};
+}
+
+}  // namespace memsnap

@@ -1,0 +1,138 @@
+#include "core/vmm_process.h"
+
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <csignal>
+#include <cerrno>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <thread>
+
+namespace memsnap {
+namespace {
+
+std::string proc_path(pid_t pid, const std::string& rest) {
+  return "/proc/" + std::to_string(pid) + "/" + rest;
+}
+
+// State letter from /proc/PID/stat ('T' stopped, 'Z' zombie...), or 0 if the process is gone.
+char process_state(pid_t pid) {
+  std::ifstream in(proc_path(pid, "stat"));
+  std::string line;
+  if (!std::getline(in, line)) return 0;
+  const auto close_paren = line.rfind(')');
+  if (close_paren == std::string::npos || close_paren + 2 >= line.size()) return 0;
+  return line[close_paren + 2];
+}
+
+}  // namespace
+
+Result<Freezer> Freezer::freeze(pid_t pid, std::chrono::milliseconds timeout) {
+  if (::kill(pid, SIGSTOP) != 0) {
+    const int err = errno;
+    return make_error(err == ESRCH ? Errc::kProcessGone : Errc::kIoError,
+                      "cannot stop process " + std::to_string(pid) + ": " + std::strerror(err), err);
+  }
+  Freezer f(pid);
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  for (;;) {
+    const char state = process_state(pid);
+    if (state == 't' || state == 'T') return f;
+    if (state == 0 || state == 'Z' || state == 'X') {
+      f.pid_ = -1;
+      return make_error(Errc::kProcessGone, "process " + std::to_string(pid) + " exited while being stopped");
+    }
+    if (std::chrono::steady_clock::now() > deadline) {
+      return make_error(Errc::kIoError, "process " + std::to_string(pid) + " did not stop within " +
+                                            std::to_string(timeout.count()) + " ms");
+    }
+    std::this_thread::sleep_for(std::chrono::microseconds(50));
+  }
+}
+
+Freezer::Freezer(Freezer&& other) noexcept : pid_(other.pid_) { other.pid_ = -1; }
+
+Freezer::~Freezer() { (void)thaw(); }
+
+Status Freezer::thaw() {
+  if (pid_ < 0) return {};
+  const pid_t pid = pid_;
+  pid_ = -1;
+  if (::kill(pid, SIGCONT) != 0 && errno != ESRCH) {
+    return make_error(Errc::kIoError, "cannot continue process " + std::to_string(pid) + ": " +
+                                          std::strerror(errno), errno);
+  }
+  return {};
+}
+
+Result<int> take_fd_of_process(pid_t pid, int target_fd) {
+  const int pidfd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+  if (pidfd < 0) {
+    const int err = errno;
+    return make_error(err == ESRCH ? Errc::kProcessGone : Errc::kIoError,
+                      "pidfd_open(" + std::to_string(pid) + "): " + std::strerror(err), err);
+  }
+  const int fd = static_cast<int>(::syscall(SYS_pidfd_getfd, pidfd, target_fd, 0));
+  const int err = errno;
+  ::close(pidfd);
+  if (fd < 0) {
+    return make_error(err == ESRCH ? Errc::kProcessGone : Errc::kIoError,
+                      "pidfd_getfd(" + std::to_string(pid) + ", fd " + std::to_string(target_fd) +
+                          "): " + std::strerror(err), err);
+  }
+  return fd;
+}
+
+Result<std::vector<ProcessMemfd>> find_memfds_of_process(pid_t pid,
+                                                         const std::optional<std::string>& name_filter) {
+  const std::string fd_dir = proc_path(pid, "fd");
+  std::vector<ProcessMemfd> found;
+  std::vector<ino_t> inodes;
+  std::error_code ec;
+  std::filesystem::directory_iterator it(fd_dir, ec);
+  if (ec) {
+    return make_error(ec.value() == ENOENT ? Errc::kProcessGone : Errc::kIoError,
+                      "cannot read " + fd_dir + ": " + ec.message(), ec.value());
+  }
+  for (const auto& entry : it) {
+    std::error_code link_ec;
+    const auto target = std::filesystem::read_symlink(entry.path(), link_ec);
+    if (link_ec) continue;  // closed meanwhile
+    std::string name = target.string();
+    if (name.rfind("/memfd:", 0) != 0) continue;
+    name = name.substr(1);
+    if (const auto del = name.find(" (deleted)"); del != std::string::npos) name.resize(del);
+    if (name_filter && name.find(*name_filter) == std::string::npos) continue;
+    struct stat st {};
+    if (::stat(entry.path().c_str(), &st) != 0) continue;
+    ProcessMemfd m;
+    m.fd_number = std::stoi(entry.path().filename().string());
+    m.name = name;
+    m.size = static_cast<std::uint64_t>(st.st_size);
+    found.push_back(std::move(m));
+    inodes.push_back(st.st_ino);
+  }
+  std::ifstream maps(proc_path(pid, "maps"));
+  std::string line;
+  while (std::getline(maps, line)) {
+    std::istringstream ls(line);
+    std::string range, perms, offset_hex, dev;
+    unsigned long long inode = 0;
+    ls >> range >> perms >> offset_hex >> dev >> inode;
+    if (perms.size() < 4 || perms[3] != 's') continue;  // only shared mappings see the memfd
+    for (std::size_t i = 0; i < found.size(); ++i) {
+      if (inodes[i] != inode || line.find("/memfd:") == std::string::npos) continue;
+      const auto dash = range.find('-');
+      const std::uint64_t start = std::stoull(range.substr(0, dash), nullptr, 16);
+      const std::uint64_t end = std::stoull(range.substr(dash + 1), nullptr, 16);
+      found[i].mappings.push_back({std::stoull(offset_hex, nullptr, 16), start, end - start});
+    }
+  }
+  return found;
+}
+
+}  // namespace memsnap

@@ -1,0 +1,52 @@
+// What the host does to a VMM process around a pause: freeze it, take the memfd that backs its
+// guest memory, and find where that memfd is mapped (the guest regions).
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "core/base/result.h"
+#include "plugins/plugin_api/plugin_api.h"
+
+namespace memsnap {
+
+// Stops a process with SIGSTOP, waits until the kernel reports it stopped, and sends SIGCONT when
+// destroyed (or on thaw()). Move-only.
+class Freezer {
+ public:
+  static Result<Freezer> freeze(pid_t pid, std::chrono::milliseconds timeout = std::chrono::seconds(5));
+  Freezer(Freezer&& other) noexcept;
+  Freezer& operator=(Freezer&&) = delete;
+  Freezer(const Freezer&) = delete;
+  ~Freezer();
+  // Continues the process; idempotent.
+  Status thaw();
+
+ private:
+  explicit Freezer(pid_t pid) : pid_(pid) {}
+  pid_t pid_;
+};
+
+// A copy of file descriptor target_fd of process pid (pidfd_open + pidfd_getfd; needs
+// PTRACE_MODE_ATTACH_REALCREDS over it, e.g. root). The caller owns the returned fd.
+Result<int> take_fd_of_process(pid_t pid, int target_fd);
+
+// A memfd open in a process and the places it is mapped there.
+struct ProcessMemfd {
+  int fd_number = -1;       // in the target process
+  std::string name;         // "memfd:guest" as the kernel names it
+  std::uint64_t size = 0;   // st_size
+  std::vector<plugin::Region> mappings;  // guest_offset = file offset of each shared mapping
+};
+
+// The memfds process pid holds, with their shared mappings from /proc/PID/maps. name_filter, when
+// set, keeps only memfds whose name contains it.
+Result<std::vector<ProcessMemfd>> find_memfds_of_process(pid_t pid,
+                                                         const std::optional<std::string>& name_filter);
+
+}  // namespace memsnap

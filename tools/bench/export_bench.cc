@@ -1,0 +1,241 @@
+// Export throughput of every strategy next to the two references that bound a pause on this
+// machine, all in one run: memcpy (a copy in memory) and write() of an already-resident buffer
+// into a new file in the same directory (the single-copy limit of a pause). Then the framework's
+// own overhead: loading the plugins, and a pause whose diff is empty.
+//
+//   memsnap-bench --benchmark_repetitions=3 --benchmark_enable_random_interleaving=true
+//
+// tools/bench/ratios.py turns its JSON output into the ratio table of docs/performance.md.
+// Options via environment: MEMSNAP_BENCH_DIR (where files go; default /var/tmp),
+// MEMSNAP_BENCH_GIB (guest size, default 1).
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <benchmark/benchmark.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <string>
+#include <vector>
+
+#include "core/pattern.h"
+#include "core/dirty_set.h"
+#include "core/pause.h"
+
+namespace memsnap {
+namespace {
+
+constexpr std::uint64_t kPage = 4096;
+
+std::uint64_t guest_bytes() {
+  const char* gib = std::getenv("MEMSNAP_BENCH_GIB");
+  return (gib ? std::strtoull(gib, nullptr, 10) : 1) << 30;
+}
+
+const std::string& bench_dir() {
+  static const std::string dir = [] {
+    const char* base = std::getenv("MEMSNAP_BENCH_DIR");
+    std::string templ = std::string(base ? base : "/var/tmp") + "/memsnap-bench-XXXXXX";
+    if (::mkdtemp(templ.data()) == nullptr) std::abort();
+    return templ;
+  }();
+  return dir;
+}
+
+std::string plugin_dir() {
+  if (const char* env = std::getenv("MEMSNAP_PLUGIN_DIR")) return env;
+  return (std::filesystem::read_symlink("/proc/self/exe").parent_path().parent_path() / "lib" /
+          "memsnap" / "plugins").string();
+}
+
+const PluginRegistry& registry() {
+  static PluginRegistry* r = [] {
+    auto* reg = new PluginRegistry();
+    if (!reg->load_directory(plugin_dir()).ok()) std::abort();
+    return reg;
+  }();
+  return *r;
+}
+
+void fill(char* mem, std::uint64_t size, std::uint64_t generation) {
+  for (std::uint64_t p = 0; p < size / kPage; ++p) {
+    pattern::fill_page(mem + p * kPage, kPage, 1, p, generation);
+  }
+}
+
+// The guest memory both kinds of source read: an anonymous buffer (process_vm_readv reads it
+// through our own pid) and a memfd (memfd, hole_punch), filled with the pattern.
+struct Source {
+  char* anon = nullptr;
+  int memfd = -1;
+  char* memfd_map = nullptr;
+  std::uint64_t size = 0;
+
+  static Source& get() {
+    static Source* s = [] {
+      auto* src = new Source();
+      src->size = guest_bytes();
+      src->anon = static_cast<char*>(mmap(nullptr, src->size, PROT_READ | PROT_WRITE,
+                                          MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+      madvise(src->anon, src->size, MADV_NOHUGEPAGE);
+      fill(src->anon, src->size, 1);
+      src->memfd = memfd_create("memsnap-bench", MFD_CLOEXEC);
+      if (ftruncate(src->memfd, static_cast<off_t>(src->size)) != 0) std::abort();
+      src->memfd_map = static_cast<char*>(
+          mmap(nullptr, src->size, PROT_READ | PROT_WRITE, MAP_SHARED, src->memfd, 0));
+      fill(src->memfd_map, src->size, 1);
+      return src;
+    }();
+    return *s;
+  }
+  // hole_punch empties the memfd; put the pattern back (outside the timed region).
+  void refill_memfd_if_punched() {
+    struct stat st {};
+    fstat(memfd, &st);
+    if (std::uint64_t(st.st_blocks) * 512 < size) fill(memfd_map, size, 1);
+  }
+};
+
+std::vector<plugin::ByteRange> dirty_set(std::uint64_t size, int percent) {
+  if (percent == 100) return {{0, size}};
+  std::vector<plugin::ByteRange> ranges;
+  for (std::uint64_t p : pattern::select_pages(size / kPage, percent / 100.0, 42, false)) {
+    ranges.push_back({p * kPage, kPage});
+  }
+  return ranges;
+}
+
+void BM_Memcpy(benchmark::State& state) {
+  Source& src = Source::get();
+  std::vector<char> dst(src.size);
+  std::memset(dst.data(), 1, dst.size());  // touched, as the reference says
+  for (auto _ : state) {
+    std::memcpy(dst.data(), src.anon, src.size);
+    benchmark::DoNotOptimize(dst.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetBytesProcessed(std::int64_t(state.iterations() * src.size));
+}
+
+// write() of the resident buffer into a new file in the bench directory (+ fsync when sync).
+void BM_WriteReference(benchmark::State& state) {
+  Source& src = Source::get();
+  const bool sync = state.range(0) != 0;
+  const std::string path = bench_dir() + "/reference";
+  for (auto _ : state) {
+    const int fd = ::open(path.c_str(), O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0600);
+    for (std::uint64_t done = 0; done < src.size;) {
+      const ssize_t n = ::write(fd, src.anon + done, src.size - done);
+      if (n <= 0) std::abort();
+      done += std::uint64_t(n);
+    }
+    if (sync) ::fsync(fd);
+    ::close(fd);
+    state.PauseTiming();
+    ::unlink(path.c_str());
+    state.ResumeTiming();
+  }
+  state.SetBytesProcessed(std::int64_t(state.iterations() * src.size));
+  state.SetLabel(sync ? "write+fsync" : "write");
+}
+
+// One full pause through the pipeline: resolve, dirty set, export, commit.
+void run_pause(benchmark::State& state, const std::string& strategy) {
+  Source& src = Source::get();
+  const int percent = static_cast<int>(state.range(0));
+  const bool sync = state.range(1) != 0;
+  PauseRequest req;
+  req.strategy = strategy;
+  req.guest_size = src.size;
+  req.sync = sync;
+  req.dirty = dirty_set(src.size, percent);
+  if (strategy == "process_vm_readv") {
+    req.pid = getpid();
+    req.regions = {{0, reinterpret_cast<std::uint64_t>(src.anon), src.size}};
+  } else {
+    req.memfd = src.memfd;
+  }
+  req.out_path = bench_dir() + "/" + strategy + ".snap";
+  const std::uint64_t bytes = total_bytes(*req.dirty);
+  double cpu = 0;
+  for (auto _ : state) {
+    state.PauseTiming();
+    src.refill_memfd_if_punched();
+    state.ResumeTiming();
+    auto r = pause(registry(), req);
+    if (!r.ok()) {
+      state.SkipWithError(r.error().to_string().c_str());
+      break;
+    }
+    cpu += r->cpu_seconds;
+    state.PauseTiming();
+    ::unlink(req.out_path.c_str());
+    state.ResumeTiming();
+  }
+  state.SetBytesProcessed(std::int64_t(state.iterations() * bytes));
+  state.counters["cpu_s_per_pause"] = cpu / double(std::max<std::int64_t>(1, state.iterations()));
+  state.SetLabel(std::to_string(percent) + "% dirty" + (sync ? ", fsync" : ""));
+}
+
+void BM_Pause_process_vm_readv(benchmark::State& s) { run_pause(s, "process_vm_readv"); }
+void BM_Pause_memfd(benchmark::State& s) { run_pause(s, "memfd"); }
+void BM_Pause_hole_punch(benchmark::State& s) { run_pause(s, "hole_punch"); }
+
+// Framework overhead: a pause whose diff is empty (resolve + dispatch + commit of a snapshot
+// that is only a header and one inherited run).
+void BM_EmptyDiffPause(benchmark::State& state) {
+  Source& src = Source::get();
+  const bool sync = state.range(0) != 0;
+  PauseRequest req;
+  req.strategy = "memfd";
+  req.memfd = src.memfd;
+  req.guest_size = src.size;
+  req.sync = sync;
+  req.dirty = std::vector<plugin::ByteRange>{{0, kPage}};
+  req.out_path = bench_dir() + "/parent.snap";
+  if (!pause(registry(), req).ok()) std::abort();
+  req.parent_path = req.out_path;
+  req.out_path = bench_dir() + "/empty.snap";
+  req.dirty = std::vector<plugin::ByteRange>{};
+  for (auto _ : state) {
+    auto r = pause(registry(), req);
+    if (!r.ok()) {
+      state.SkipWithError(r.error().to_string().c_str());
+      break;
+    }
+  }
+  state.SetLabel(sync ? "fsync" : "no fsync");
+}
+
+// Loading every plugin of the directory and creating one strategy.
+void BM_LoadPlugins(benchmark::State& state) {
+  for (auto _ : state) {
+    PluginRegistry r;
+    if (!r.load_directory(plugin_dir()).ok()) std::abort();
+    auto s = r.create("memfd", {});
+    benchmark::DoNotOptimize(s.ok());
+  }
+}
+
+BENCHMARK(BM_Memcpy)->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(5);
+BENCHMARK(BM_WriteReference)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(5);
+BENCHMARK(BM_Pause_process_vm_readv)->ArgsProduct({{100, 10}, {0, 1}})->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(5);
+BENCHMARK(BM_Pause_memfd)->ArgsProduct({{100, 10}, {0, 1}})->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(5);
+BENCHMARK(BM_Pause_hole_punch)->ArgsProduct({{100, 10}, {0, 1}})->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(5);
+BENCHMARK(BM_EmptyDiffPause)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond)->UseRealTime()->Iterations(200);
+BENCHMARK(BM_LoadPlugins)->Unit(benchmark::kMicrosecond)->UseRealTime()->Iterations(50);
+
+}  // namespace
+}  // namespace memsnap
+
+int main(int argc, char** argv) {
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  std::filesystem::remove_all(memsnap::bench_dir());
+  return 0;
+}

@@ -1,0 +1,53 @@
+// Pieces shared by the memsnap CLI's commands.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "core/pause.h"
+#include "core/plugin_host/plugin_registry.h"
+
+namespace memsnap::cli {
+
+// Command-line words after the command name, with the small parsing helpers the commands share.
+class Args {
+ public:
+  Args(int argc, char** argv, int first);
+  // True if --flag is present (and consumes it).
+  bool flag(const std::string& name);
+  // The value after --name (consumed), or fallback.
+  std::string value(const std::string& name, const std::string& fallback = "");
+  // Every value of a repeatable --name.
+  std::vector<std::string> values(const std::string& name);
+  // Remaining words that are not options.
+  std::vector<std::string> positional();
+  // Throws std::invalid_argument naming anything left unconsumed.
+  void expect_done();
+
+ private:
+  std::vector<std::string> words_;
+  std::vector<bool> used_;
+};
+
+// "4096", "2M", "1G", "0x1000": bytes. Throws std::invalid_argument.
+std::uint64_t parse_size(const std::string& text);
+std::string format_bytes(double bytes);
+
+// The plugin directory: --plugin-dir, else $MEMSNAP_PLUGIN_DIR, else <exe>/../lib/memsnap/plugins.
+std::string plugin_dir(Args& args);
+// Loads it; exits with a message if the directory itself is unusable.
+void load_plugins(PluginRegistry& registry, const std::string& dir);
+
+nlohmann::json to_json(const PauseReport& report);
+nlohmann::json to_json(const PluginInfo& info);
+std::string capabilities_text(std::uint32_t caps);
+
+int cmd_plugins(Args& args);
+int cmd_pause(Args& args);
+int cmd_inspect(Args& args);
+int cmd_compare(Args& args);
+
+}  // namespace memsnap::cli
