@@ -183,6 +183,10 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
     return make_error(Errc::kInvalidArgument, "block size must be 4096 or 2097152, not " +
                                                   std::to_string(req.block_size));
   }
+  if (req.memfd < 0 && req.regions.empty()) {
+    return make_error(Errc::kInvalidArgument,
+                      "nothing to pause: neither the guest memfd nor the VMM's guest regions were given");
+  }
   auto guest_size = derive_guest_size(req);
   if (!guest_size.ok()) return std::move(guest_size).error();
   req.guest_size = *guest_size;

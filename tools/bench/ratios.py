@@ -76,6 +76,7 @@ def main(path):
     print("|---|---|")
     for key, label in (("BM_EmptyDiffPause/0/iterations:200/real_time", "pause of an empty diff, no fsync"),
                        ("BM_EmptyDiffPause/1/iterations:200/real_time", "pause of an empty diff, fsync + rename + dir fsync"),
+                       ("BM_CommitReference/iterations:200/real_time", "reference: write 4 KiB + fsync + rename + dir fsync, no memsnap"),
                        ("BM_LoadPlugins/iterations:50/real_time", "load the plugin directory (3 plugins) + create one strategy")):
         if key in med:
             print(f"| {label} | {med[key]:.3f} ms |")

@@ -6,10 +6,10 @@
 namespace memsnap::cli {
 
 int cmd_plugins(Args& args) {
-  const auto words = args.positional();
-  if (words.size() != 1 || words[0] != "list") throw std::invalid_argument("usage: memsnap plugins list [--json]");
   const bool json = args.flag("--json");
   const std::string dir = plugin_dir(args);
+  const auto words = args.positional();
+  if (words.size() != 1 || words[0] != "list") throw std::invalid_argument("usage: memsnap plugins list [--json]");
   args.expect_done();
   PluginRegistry registry;
   load_plugins(registry, dir);

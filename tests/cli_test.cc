@@ -1,0 +1,166 @@
+// The memsnap CLI as an operator runs it: a real binary, a real stand-in VMM, real files.
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <set>
+#include <sstream>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "tools/guest_client/guest_client.h"
+
+namespace memsnap {
+namespace {
+
+struct CommandResult {
+  int exit_code = -1;
+  std::string out;
+};
+
+std::string memsnap_binary() {
+  if (const char* bin = std::getenv("MEMSNAP_BIN_DIR")) return std::string(bin) + "/memsnap";
+  return (std::filesystem::read_symlink("/proc/self/exe").parent_path().parent_path() / "bin" /
+          "memsnap").string();
+}
+
+// Runs memsnap with args (stderr folded into the output).
+CommandResult memsnap(const std::string& args) {
+  CommandResult r;
+  const std::string cmd = memsnap_binary() + " " + args + " 2>&1";
+  std::FILE* p = popen(cmd.c_str(), "r");
+  if (p == nullptr) return r;
+  char buf[4096];
+  while (std::fgets(buf, sizeof(buf), p) != nullptr) r.out += buf;
+  const int status = pclose(p);
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+class CliTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char templ[] = "/var/tmp/memsnap-cli-XXXXXX";
+    ASSERT_NE(mkdtemp(templ), nullptr);
+    dir_ = templ;
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+  std::string dir_;
+};
+
+TEST_F(CliTest, PluginsListJsonHasOneObjectPerPlugin) {
+  const CommandResult r = memsnap("plugins list --json");
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  std::istringstream lines(r.out);
+  std::string line;
+  std::set<std::string> names;
+  while (std::getline(lines, line)) {
+    const auto j = nlohmann::json::parse(line);
+    for (const char* key : {"name", "version", "abi", "status", "reason", "experimental"}) {
+      EXPECT_TRUE(j.contains(key)) << key << " missing in " << line;
+    }
+    EXPECT_EQ(j["status"], "loaded") << line;
+    EXPECT_EQ(j["abi"], 1);
+    EXPECT_EQ(j["experimental"], j["name"] == "hole_punch");
+    names.insert(j["name"].get<std::string>());
+  }
+  EXPECT_EQ(names, (std::set<std::string>{"hole_punch", "memfd", "process_vm_readv"}));
+}
+
+TEST_F(CliTest, PluginsListShowsARefusedPluginWithItsReason) {
+  // A plugin directory with one good plugin copied in and one that is not a library.
+  const std::string plugins = dir_ + "/plugins";
+  std::filesystem::create_directory(plugins);
+  const auto real = std::filesystem::path(memsnap_binary()).parent_path().parent_path() / "lib" /
+                    "memsnap" / "plugins" / "memsnap_memfd.so";
+  std::filesystem::copy_file(real, plugins + "/memsnap_memfd.so");
+  std::ofstream(plugins + "/broken.so") << "not an ELF file\n";
+  const CommandResult r = memsnap("plugins list --json --plugin-dir " + plugins);
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  EXPECT_NE(r.out.find("\"status\":\"refused\""), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("plugin_cannot_open"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("\"name\":\"memfd\""), std::string::npos) << r.out;
+}
+
+TEST_F(CliTest, PauseByMemfdOfPidThenInspectThenCorruptionIsCaught) {
+  GuestOptions o;
+  o.size = 16 << 20;
+  o.backing = "memfd";
+  o.zero_fraction = 0.25;
+  auto g = GuestProcess::spawn(o);
+  ASSERT_TRUE(g.ok()) << g.error().to_string();
+  const std::string snap = dir_ + "/base.snap";
+  const CommandResult paused = memsnap("pause --memfd-of-pid " + std::to_string((*g)->pid()) +
+                             " --strategy memfd --freeze --out " + snap + " --json");
+  ASSERT_EQ(paused.exit_code, 0) << paused.out;
+  const auto report = nlohmann::json::parse(paused.out);
+  EXPECT_EQ(report["strategy"], "memfd");
+  EXPECT_TRUE(report["fallback"].is_null());
+  EXPECT_EQ(report.at("zero_blocks").get<std::uint64_t>() + report.at("data_blocks").get<std::uint64_t>(),
+            4096u);
+  EXPECT_EQ(report.at("data_blocks").get<std::uint64_t>(), 3072u);  // a quarter never written
+
+  const CommandResult inspected = memsnap("inspect " + snap + " --json");
+  ASSERT_EQ(inspected.exit_code, 0) << inspected.out;
+  const auto info = nlohmann::json::parse(inspected.out);
+  EXPECT_EQ(info["checksums"], "ok");
+  EXPECT_EQ(info["data_blocks"], 3072u);
+  EXPECT_EQ(info["generation"], 1u);
+
+  // Flip one byte in the data area: inspect must say which checksum failed and exit 1.
+  {
+    std::fstream f(snap, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(4096 + 5 * 4096 + 100);
+    f.put('\x5a');
+  }
+  const CommandResult corrupted = memsnap("inspect " + snap);
+  EXPECT_EQ(corrupted.exit_code, 1) << corrupted.out;
+  EXPECT_NE(corrupted.out.find("snapshot_checksum_mismatch"), std::string::npos) << corrupted.out;
+}
+
+TEST_F(CliTest, PauseByRegionsWithADiffOnTop) {
+  GuestOptions o;
+  o.size = 8 << 20;
+  o.backing = "anon";
+  auto g = GuestProcess::spawn(o);
+  ASSERT_TRUE(g.ok());
+  std::string regions;
+  for (const auto& r : (*g)->regions()) {
+    regions += (regions.empty() ? "" : ",") + std::to_string(r.host_addr) + ":" + std::to_string(r.size);
+  }
+  const std::string pid = std::to_string((*g)->pid());
+  const CommandResult base = memsnap("pause --pid " + pid + " --regions " + regions +
+                           " --strategy process_vm_readv --out " + dir_ + "/b.snap");
+  ASSERT_EQ(base.exit_code, 0) << base.out;
+  const CommandResult diff = memsnap("pause --pid " + pid + " --regions " + regions +
+                           " --strategy process_vm_readv --parent " + dir_ + "/b.snap --dirty 0:8K,1M:4K --out " +
+                           dir_ + "/d.snap --json");
+  ASSERT_EQ(diff.exit_code, 0) << diff.out;
+  const auto j = nlohmann::json::parse(diff.out);
+  EXPECT_EQ(j["generation"], 2u);
+  EXPECT_EQ(j["dirty_bytes"], 12288u);
+  EXPECT_EQ(j["parent_blocks"], 2048u - 3u);
+}
+
+TEST_F(CliTest, BadInputIsAClearErrorAndNothingIsWritten) {
+  CommandResult r = memsnap("pause --strategy memfd --out " + dir_ + "/x.snap");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.out.find("nothing to pause"), std::string::npos) << r.out;
+  r = memsnap("pause --strategy nosuch --pid 1 --regions 0x1000:4K --out " + dir_ + "/x.snap");
+  EXPECT_NE(r.exit_code, 0);
+  EXPECT_NE(r.out.find("plugin_not_loaded"), std::string::npos) << r.out;
+  r = memsnap("pause --strategy memfd --out " + dir_ + "/x.snap --block-size 3K --bogus");
+  EXPECT_EQ(r.exit_code, 2);
+  EXPECT_NE(r.out.find("unexpected argument '--bogus'"), std::string::npos) << r.out;
+  r = memsnap("inspect " + dir_ + "/missing.snap");
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_TRUE(std::filesystem::is_empty(dir_));
+}
+
+}  // namespace
+}  // namespace memsnap
