@@ -52,7 +52,8 @@ struct PauseRequest {
 struct PhaseTiming {
   std::string name;  // resolve, freeze, dirty_set, export, commit, thaw
   double wall_seconds = 0;
-  double cpu_seconds = 0;  // CPU of the calling thread (user + system)
+  double cpu_seconds = 0;  // CPU of the calling thread (user + system), plus the snapshot
+                           // writer's hashing helper thread in "export"
 };
 
 struct PauseReport {
@@ -76,6 +77,7 @@ struct PauseReport {
   double cpu_seconds = 0;
 
   const PhaseTiming* phase(std::string_view name) const;
+  PhaseTiming* phase_mutable(std::string_view name);
 };
 
 // Runs a pause. Thread-safe as long as distinct calls use distinct outputs and sources.
