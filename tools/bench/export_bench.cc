@@ -143,12 +143,14 @@ void BM_WriteReference(benchmark::State& state) {
 }
 
 // One full pause through the pipeline: resolve, dirty set, export, commit.
-void run_pause(benchmark::State& state, const std::string& strategy) {
+void run_pause(benchmark::State& state, const std::string& strategy,
+               std::vector<std::pair<std::string, std::string>> options = {}) {
   Source& src = Source::get();
   const int percent = static_cast<int>(state.range(0));
   const bool sync = state.range(1) != 0;
   PauseRequest req;
   req.strategy = strategy;
+  req.strategy_options = std::move(options);
   req.guest_size = src.size;
   req.sync = sync;
   req.dirty = dirty_set(src.size, percent);
@@ -183,6 +185,8 @@ void run_pause(benchmark::State& state, const std::string& strategy) {
 void BM_Pause_process_vm_readv(benchmark::State& s) { run_pause(s, "process_vm_readv"); }
 void BM_Pause_memfd(benchmark::State& s) { run_pause(s, "memfd"); }
 void BM_Pause_hole_punch(benchmark::State& s) { run_pause(s, "hole_punch"); }
+// The memfd strategy's other read method: pointers into a read-only mapping, no copy to a buffer.
+void BM_Pause_memfd_mmap(benchmark::State& s) { run_pause(s, "memfd", {{"read_method", "mmap"}}); }
 
 // Framework overhead: a pause whose diff is empty (resolve + dispatch + commit of a snapshot
 // that is only a header and one inherited run).
@@ -252,6 +256,7 @@ BENCHMARK(BM_Memcpy)->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(5
 BENCHMARK(BM_WriteReference)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(5);
 BENCHMARK(BM_Pause_process_vm_readv)->ArgsProduct({{100, 10}, {0, 1}})->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(5);
 BENCHMARK(BM_Pause_memfd)->ArgsProduct({{100, 10}, {0, 1}})->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(5);
+BENCHMARK(BM_Pause_memfd_mmap)->ArgsProduct({{100, 10}, {0, 1}})->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(5);
 BENCHMARK(BM_Pause_hole_punch)->ArgsProduct({{100, 10}, {0, 1}})->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(5);
 BENCHMARK(BM_EmptyDiffPause)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond)->UseRealTime()->Iterations(200);
 BENCHMARK(BM_CommitReference)->Unit(benchmark::kMicrosecond)->UseRealTime()->Iterations(200);

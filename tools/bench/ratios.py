@@ -47,7 +47,7 @@ def main(path):
             print(f"| write() (reference) | 100% | {'yes' if sync else 'no'} | {r:.1f} | "
                   f"{1000 / r:.2f} | 1.00x | {memcpy / r:.2f}x | - |")
     full = {}
-    for strategy in ("process_vm_readv", "memfd", "hole_punch"):
+    for strategy in ("process_vm_readv", "memfd", "memfd_mmap", "hole_punch"):
         for sync in (0, 1):
             for pct in (100, 10):
                 key = f"BM_Pause_{strategy}/{pct}/{sync}/iterations:5/real_time"
@@ -66,7 +66,7 @@ def main(path):
     print()
     print("| strategy | fsync | 10% dirty time / full export time (target <= 0.15) |")
     print("|---|---|---|")
-    for strategy in ("process_vm_readv", "memfd", "hole_punch"):
+    for strategy in ("process_vm_readv", "memfd", "memfd_mmap", "hole_punch"):
         for sync in (0, 1):
             ten = med.get(f"BM_Pause_{strategy}/10/{sync}/iterations:5/real_time")
             if ten and (strategy, sync) in full:
