@@ -1,4 +1,5 @@
 #include "plugins/hole_punch/hole_punch.h"
+#include "plugins/plugin_api/plugin_util.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -88,7 +89,7 @@ plugin::Status create_hole_punch(plugin::Strategy** out, const plugin::Option* o
     const char* key = options[i].key != nullptr ? options[i].key : "";
     if (std::strcmp(key, "chunk_bytes") == 0) {
       std::uint64_t n = 0;
-      if (!parse_u64_option(options[i].value, &n) || n < 4096 || n > (1u << 30) || n % 4096 != 0) {
+      if (!plugin::parse_u64(options[i].value, &n) || n < 4096 || n > (1u << 30) || n % 4096 != 0) {
         return Status::Error(StatusCode::kInvalidArgument, 0,
                              "hole_punch: bad value '%s' for option 'chunk_bytes'",
                              options[i].value != nullptr ? options[i].value : "(null)");

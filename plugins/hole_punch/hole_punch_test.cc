@@ -11,6 +11,7 @@
 
 #include <gtest/gtest.h>
 
+#include "plugins/memfd/testing/test_memfd.h"
 #include "plugins/plugin_api/testing/recording_sink.h"
 
 namespace memsnap::plugins {
@@ -24,66 +25,13 @@ using plugin::Option;
 using plugin::Status;
 using plugin::StatusCode;
 using plugin::testing::RecordingSink;
+using plugin::testing::total_bytes;
+using testing::make_request;
+using testing::Memfd;
+using testing::pattern;
 
 constexpr std::uint64_t kPage = 4096;
 constexpr std::uint64_t kMiB = 1 << 20;
-
-unsigned char pattern(std::uint64_t offset) {
-  return static_cast<unsigned char>((offset / kPage) * 131 + offset * 7 + 1);
-}
-
-class Memfd {
- public:
-  explicit Memfd(std::uint64_t size) : size_(size) {
-    fd_ = memfd_create("hole_punch_test", MFD_CLOEXEC);
-    EXPECT_GE(fd_, 0);
-    EXPECT_EQ(ftruncate(fd_, static_cast<off_t>(size)), 0);
-  }
-  ~Memfd() { close(fd_); }
-
-  void fill(std::uint64_t offset, std::uint64_t length) {
-    std::vector<unsigned char> bytes(length);
-    for (std::uint64_t i = 0; i < length; ++i) bytes[i] = pattern(offset + i);
-    ASSERT_EQ(pwrite(fd_, bytes.data(), length, static_cast<off_t>(offset)),
-              static_cast<ssize_t>(length));
-  }
-  void fill() { fill(0, size_); }
-
-  // Bytes of [offset, offset+length) that differ from the pattern (or from zero if zero).
-  std::uint64_t mismatches(std::uint64_t offset, std::uint64_t length, bool zero) const {
-    std::vector<unsigned char> bytes(length);
-    EXPECT_EQ(pread(fd_, bytes.data(), length, static_cast<off_t>(offset)),
-              static_cast<ssize_t>(length));
-    std::uint64_t n = 0;
-    for (std::uint64_t i = 0; i < length; ++i) {
-      n += bytes[i] != (zero ? 0 : pattern(offset + i));
-    }
-    return n;
-  }
-
-  std::uint64_t allocated() const {
-    struct stat st;
-    EXPECT_EQ(fstat(fd_, &st), 0);
-    return static_cast<std::uint64_t>(st.st_blocks) * 512;
-  }
-  int fd() const { return fd_; }
-  std::uint64_t size() const { return size_; }
-
- private:
-  int fd_ = -1;
-  std::uint64_t size_;
-};
-
-ExportRequest make_request(int fd, std::uint64_t guest_size, const std::vector<ByteRange>& ranges,
-                           std::uint64_t block_size = kPage) {
-  ExportRequest r;
-  r.memfd = fd;
-  r.guest_size = guest_size;
-  r.block_size = block_size;
-  r.ranges = ranges.data();
-  r.range_count = ranges.size();
-  return r;
-}
 
 std::unique_ptr<HolePunchStrategy> make_strategy(const std::vector<Option>& options) {
   plugin::Strategy* s = nullptr;
@@ -96,24 +44,7 @@ template <typename Expected>
 void expect_image(const RecordingSink& sink, const std::vector<ByteRange>& ranges,
                   Expected expected) {
   EXPECT_EQ(sink.contract_violation(), "");
-  const auto& image = sink.image();
-  std::uint64_t next = 0;
-  std::uint64_t mismatches = 0;
-  for (const ByteRange& r : ranges) {
-    for (std::uint64_t g = next; g < r.offset; ++g) mismatches += image[g] != 0xEE;
-    for (std::uint64_t g = r.offset; g < r.offset + r.length; ++g) {
-      mismatches += image[g] != expected(g);
-    }
-    next = r.offset + r.length;
-  }
-  for (std::uint64_t g = next; g < image.size(); ++g) mismatches += image[g] != 0xEE;
-  EXPECT_EQ(mismatches, 0u);
-}
-
-std::uint64_t total_bytes(const std::vector<ByteRange>& ranges) {
-  std::uint64_t n = 0;
-  for (const ByteRange& r : ranges) n += r.length;
-  return n;
+  EXPECT_EQ(sink.mismatches(ranges, expected), 0u);
 }
 
 std::uint64_t released_end(const RecordingSink& sink) {

@@ -1,4 +1,5 @@
 #include "plugins/memfd/memfd.h"
+#include "plugins/plugin_api/plugin_util.h"
 
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -30,7 +31,7 @@ alignas(4096) unsigned char g_zeros[kZeroBytes];
 constexpr std::size_t kMaxChunksPerWrite = 1024;
 constexpr std::uint64_t kMaxSize = 1u << 30;
 
-bool is_power_of_two(std::uint64_t v) { return v != 0 && (v & (v - 1)) == 0; }
+using plugin::is_power_of_two;
 std::uint64_t round_down(std::uint64_t v, std::uint64_t to) { return v / to * to; }
 std::uint64_t round_up(std::uint64_t v, std::uint64_t to) { return (v + to - 1) / to * to; }
 
@@ -39,23 +40,7 @@ Status validate_request(const ExportRequest& r) {
   if (!is_power_of_two(r.block_size) || r.block_size < 4096 || r.block_size > kZeroBytes) {
     return Status::Error(StatusCode::kInvalidArgument, 0, "bad block size %" PRIu64, r.block_size);
   }
-  if (r.range_count != 0 && r.ranges == nullptr) {
-    return Status::Error(StatusCode::kInvalidArgument, 0, "null ranges");
-  }
-  std::uint64_t previous_end = 0;
-  for (std::size_t i = 0; i < r.range_count; ++i) {
-    const ByteRange& range = r.ranges[i];
-    if (range.length == 0 || range.offset % r.block_size != 0 || range.length % r.block_size != 0 ||
-        range.offset < previous_end || range.length > r.guest_size ||
-        range.offset > r.guest_size - range.length) {
-      return Status::Error(StatusCode::kInvalidArgument, 0,
-                           "range %zu [0x%" PRIx64 ", +0x%" PRIx64
-                           ") is empty, unaligned, unsorted or outside the guest",
-                           i, range.offset, range.length);
-    }
-    previous_end = range.offset + range.length;
-  }
-  return Status::Ok();
+  return plugin::check_request_ranges(r);
 }
 
 // The state of one export.
@@ -401,19 +386,6 @@ class Run {
 
 }  // namespace
 
-bool parse_u64_option(const char* text, std::uint64_t* out) noexcept {
-  if (text == nullptr || *text == '\0') return false;
-  std::uint64_t value = 0;
-  for (const char* p = text; *p != '\0'; ++p) {
-    if (*p < '0' || *p > '9') return false;
-    const auto digit = static_cast<std::uint64_t>(*p - '0');
-    if (value > (UINT64_MAX - digit) / 10) return false;
-    value = value * 10 + digit;
-  }
-  *out = value;
-  return true;
-}
-
 plugin::Status apply_memfd_option(const plugin::Option& option, MemfdOptions* options) noexcept {
   const char* key = option.key != nullptr ? option.key : "";
   const char* value = option.value != nullptr ? option.value : "";
@@ -429,11 +401,11 @@ plugin::Status apply_memfd_option(const plugin::Option& option, MemfdOptions* op
       valid = false;
     }
   } else if (std::strcmp(key, "window_bytes") == 0) {
-    valid = parse_u64_option(option.value, &n) && n >= kZeroBytes && n <= kMaxSize &&
+    valid = plugin::parse_u64(option.value, &n) && n >= kZeroBytes && n <= kMaxSize &&
             n % kZeroBytes == 0;
     if (valid) options->window_bytes = n;
   } else if (std::strcmp(key, "buffer_bytes") == 0) {
-    valid = parse_u64_option(option.value, &n) && n >= 4096 && n <= kMaxSize && n % 4096 == 0;
+    valid = plugin::parse_u64(option.value, &n) && n >= 4096 && n <= kMaxSize && n % 4096 == 0;
     if (valid) options->buffer_bytes = n;
   } else {
     return Status::Error(StatusCode::kUnsupported, 0, "unknown option '%s'", key);

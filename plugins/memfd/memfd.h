@@ -39,9 +39,6 @@ struct MemfdOptions {
   std::uint64_t buffer_bytes = 4u << 20;
 };
 
-// Parses a decimal unsigned integer (digits only, no sign, no suffix, no overflow).
-bool parse_u64_option(const char* text, std::uint64_t* out) noexcept;
-
 // Applies one option to *options. Returns kOk if the key is a memfd option with a good value,
 // kInvalidArgument for a bad value, and kUnsupported (nothing changed) for a key it does not know,
 // so that strategies built on the exporter can add their own keys.

@@ -1,4 +1,5 @@
 #include "plugins/process_vm_readv/process_vm_readv.h"
+#include "plugins/plugin_api/plugin_util.h"
 
 #include <limits.h>
 #include <sys/uio.h>
@@ -30,46 +31,18 @@ constexpr std::size_t kMaxChunksPerWrite = IOV_MAX;
 constexpr std::uint32_t kMaxConsecutiveRetries = 1000;
 constexpr std::uint64_t kMaxBackoffUs = 1000000;
 
-bool parse_u64(const char* text, std::uint64_t* out) {
-  if (text == nullptr || *text == '\0') return false;
-  std::uint64_t value = 0;
-  for (const char* p = text; *p != '\0'; ++p) {
-    if (*p < '0' || *p > '9') return false;
-    const std::uint64_t digit = static_cast<std::uint64_t>(*p - '0');
-    if (value > (UINT64_MAX - digit) / 10) return false;
-    value = value * 10 + digit;
-  }
-  *out = value;
-  return true;
-}
-
-bool is_power_of_two(std::uint64_t v) { return v != 0 && (v & (v - 1)) == 0; }
+using plugin::is_power_of_two;
+using plugin::parse_u64;
 
 Status validate_request(const ExportRequest& r) {
   if (r.pid <= 0) {
     return Status::Error(StatusCode::kUnsupported, 0, "process_vm_readv needs the VMM pid");
   }
-  if (!is_power_of_two(r.block_size) || r.block_size < 4096) {
-    return Status::Error(StatusCode::kInvalidArgument, 0, "bad block size %" PRIu64, r.block_size);
+  if (r.region_count != 0 && r.regions == nullptr) {
+    return Status::Error(StatusCode::kInvalidArgument, 0, "null regions");
   }
-  if ((r.range_count != 0 && r.ranges == nullptr) ||
-      (r.region_count != 0 && r.regions == nullptr)) {
-    return Status::Error(StatusCode::kInvalidArgument, 0, "null ranges or regions");
-  }
+  if (Status s = plugin::check_request_ranges(r); !s.ok()) return s;
   std::uint64_t previous_end = 0;
-  for (std::size_t i = 0; i < r.range_count; ++i) {
-    const ByteRange& range = r.ranges[i];
-    if (range.length == 0 || range.offset % r.block_size != 0 || range.length % r.block_size != 0 ||
-        range.offset < previous_end || range.length > r.guest_size ||
-        range.offset > r.guest_size - range.length) {
-      return Status::Error(StatusCode::kInvalidArgument, 0,
-                           "range %zu [0x%" PRIx64 ", +0x%" PRIx64
-                           ") is empty, unaligned, unsorted or outside the guest",
-                           i, range.offset, range.length);
-    }
-    previous_end = range.offset + range.length;
-  }
-  previous_end = 0;
   for (std::size_t i = 0; i < r.region_count; ++i) {
     const Region& region = r.regions[i];
     if (region.size == 0 || region.guest_offset < previous_end ||

@@ -30,6 +30,7 @@ using plugin::Region;
 using plugin::Status;
 using plugin::StatusCode;
 using plugin::testing::RecordingSink;
+using plugin::testing::total_bytes;
 
 constexpr std::uint64_t kPage = 4096;
 constexpr std::uint64_t kMiB = 1 << 20;
@@ -104,24 +105,7 @@ std::unique_ptr<ProcessVmReadvStrategy> make_strategy(const std::vector<Option>&
 // Requested bytes carry the pattern, all others are untouched (0xEE).
 void expect_image(const RecordingSink& sink, const std::vector<ByteRange>& ranges, unsigned seed) {
   EXPECT_EQ(sink.contract_violation(), "");
-  const auto& image = sink.image();
-  std::uint64_t next = 0;
-  std::uint64_t mismatches = 0;
-  for (const ByteRange& r : ranges) {
-    for (std::uint64_t g = next; g < r.offset; ++g) mismatches += image[g] != 0xEE;
-    for (std::uint64_t g = r.offset; g < r.offset + r.length; ++g) {
-      mismatches += image[g] != pattern(g, seed);
-    }
-    next = r.offset + r.length;
-  }
-  for (std::uint64_t g = next; g < image.size(); ++g) mismatches += image[g] != 0xEE;
-  EXPECT_EQ(mismatches, 0u);
-}
-
-std::uint64_t total_bytes(const std::vector<ByteRange>& ranges) {
-  std::uint64_t n = 0;
-  for (const ByteRange& r : ranges) n += r.length;
-  return n;
+  EXPECT_EQ(sink.mismatches(ranges, [seed](std::uint64_t g) { return pattern(g, seed); }), 0u);
 }
 
 // About 10% of the pages, in runs of 1-4 pages.

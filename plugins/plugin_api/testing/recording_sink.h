@@ -52,6 +52,22 @@ class RecordingSink final : public BlockSink {
   void fail_after_bytes(std::uint64_t n) { fail_after_bytes_ = n; }
 
   const std::vector<unsigned char>& image() const { return image_; }
+
+  // Bytes inside `ranges` that differ from expected(guest_offset), plus bytes outside them that
+  // were written at all (they must still hold the 0xEE fill). 0 when the export was exact.
+  template <typename Expected>
+  std::uint64_t mismatches(const std::vector<ByteRange>& ranges, Expected expected) const {
+    std::uint64_t next = 0;
+    std::uint64_t bad = 0;
+    for (const ByteRange& r : ranges) {
+      for (std::uint64_t g = next; g < r.offset; ++g) bad += image_[g] != 0xEE;
+      for (std::uint64_t g = r.offset; g < r.offset + r.length; ++g)
+        bad += image_[g] != expected(g);
+      next = r.offset + r.length;
+    }
+    for (std::uint64_t g = next; g < image_.size(); ++g) bad += image_[g] != 0xEE;
+    return bad;
+  }
   std::uint64_t bytes_written() const { return bytes_written_; }
   std::uint64_t write_calls() const { return write_calls_; }
   std::uint64_t durable_calls() const { return durable_calls_; }
@@ -85,5 +101,11 @@ class RecordingSink final : public BlockSink {
   bool released_beyond_durable_ = false;
   std::string violation_;
 };
+
+inline std::uint64_t total_bytes(const std::vector<ByteRange>& ranges) {
+  std::uint64_t n = 0;
+  for (const ByteRange& r : ranges) n += r.length;
+  return n;
+}
 
 }  // namespace memsnap::plugin::testing
