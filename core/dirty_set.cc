@@ -108,7 +108,8 @@ Status scan_with_pagemap(int fd, const Region& r, std::uint64_t block_size,
   const std::uint64_t page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
   std::vector<std::uint64_t> entries(4096);
   for (std::uint64_t addr = r.host_addr; addr < r.host_addr + r.size;) {
-    const std::uint64_t pages = std::min<std::uint64_t>(entries.size(), (r.host_addr + r.size - addr) / page);
+    const std::uint64_t pages =
+        std::min<std::uint64_t>(entries.size(), (r.host_addr + r.size - addr) / page);
     const ssize_t n = ::pread(fd, entries.data(), pages * 8, static_cast<off_t>(addr / page * 8));
     if (n < 0) {
       if (errno == EINTR) continue;
@@ -151,7 +152,8 @@ Result<std::vector<ByteRange>> normalize_ranges(std::vector<ByteRange> ranges,
   for (const auto& r : ranges) {
     if (r.length == 0) continue;
     const std::uint64_t start = r.offset / block_size * block_size;
-    const std::uint64_t end = std::min(guest_size, (r.offset + r.length + block_size - 1) / block_size * block_size);
+    const std::uint64_t end =
+        std::min(guest_size, (r.offset + r.length + block_size - 1) / block_size * block_size);
     append_merged(out, start, end);
   }
   return out;
@@ -165,12 +167,14 @@ Result<std::vector<ByteRange>> populated_ranges_of_memfd(int memfd, std::uint64_
     const off_t data = ::lseek(memfd, pos, SEEK_DATA);
     if (data < 0) {
       if (errno == ENXIO) break;  // no data after pos
-      return make_error(Errc::kIoError, "lseek(SEEK_DATA) on the memfd: " + errno_text(errno), errno);
+      return make_error(Errc::kIoError, "lseek(SEEK_DATA) on the memfd: " + errno_text(errno),
+                        errno);
     }
     if (static_cast<std::uint64_t>(data) >= guest_size) break;
     off_t hole = ::lseek(memfd, data, SEEK_HOLE);
     if (hole < 0) {
-      return make_error(Errc::kIoError, "lseek(SEEK_HOLE) on the memfd: " + errno_text(errno), errno);
+      return make_error(Errc::kIoError, "lseek(SEEK_HOLE) on the memfd: " + errno_text(errno),
+                        errno);
     }
     const std::uint64_t start = static_cast<std::uint64_t>(data) / block_size * block_size;
     const std::uint64_t end = std::min<std::uint64_t>(
@@ -222,13 +226,13 @@ Status validate_regions(std::vector<Region>& regions, std::uint64_t guest_size) 
                                                     " is empty or not page-aligned");
     }
     if (r.guest_offset < prev_end) {
-      return make_error(Errc::kInvalidArgument, "regions overlap at guest offset " +
-                                                    std::to_string(r.guest_offset));
+      return make_error(Errc::kInvalidArgument,
+                        "regions overlap at guest offset " + std::to_string(r.guest_offset));
     }
     if (r.guest_offset + r.size > guest_size) {
-      return make_error(Errc::kInvalidArgument, "region at guest offset " +
-                                                    std::to_string(r.guest_offset) +
-                                                    " ends past the guest size");
+      return make_error(
+          Errc::kInvalidArgument,
+          "region at guest offset " + std::to_string(r.guest_offset) + " ends past the guest size");
     }
     prev_end = r.guest_offset + r.size;
   }

@@ -20,8 +20,7 @@ using plugin::Region;
 // Sorts and merges ranges, widens them to whole blocks and checks they lie inside the guest.
 // kInvalidArgument for a range past guest_size or an overflowing one.
 Result<std::vector<ByteRange>> normalize_ranges(std::vector<ByteRange> ranges,
-                                                std::uint64_t guest_size,
-                                                std::uint64_t block_size);
+                                                std::uint64_t guest_size, std::uint64_t block_size);
 
 // Total bytes in ranges.
 std::uint64_t total_bytes(const std::vector<ByteRange>& ranges) noexcept;

@@ -62,8 +62,9 @@ TEST(PopulatedRangesTest, ProcessScanFindsTouchedPagesOnly) {
   for (std::uint64_t p : {0, 1, 2, 100, 255}) mem[p * kPage] = 1;
   // Two regions: guest [0, 128 pages) and [1 GiB, +128 pages) backed by the two halves.
   const std::uint64_t high = 1ULL << 30;
-  std::vector<Region> regions = {{0, reinterpret_cast<std::uint64_t>(mem), 128 * kPage},
-                                 {high, reinterpret_cast<std::uint64_t>(mem) + 128 * kPage, 128 * kPage}};
+  std::vector<Region> regions = {
+      {0, reinterpret_cast<std::uint64_t>(mem), 128 * kPage},
+      {high, reinterpret_cast<std::uint64_t>(mem) + 128 * kPage, 128 * kPage}};
   ScanStats stats;
   auto r = populated_ranges_of_process(getpid(), regions, kPage, &stats);
   ASSERT_TRUE(r.ok()) << r.error().to_string();

@@ -38,8 +38,8 @@ void fill_page(void* dst, std::size_t page_size, std::uint64_t seed, std::uint64
   for (std::size_t i = 4; i < n; ++i) words[i] = splitmix64(state);
 }
 
-PageCheck check_page(const void* src, std::size_t page_size, std::uint64_t seed,
-                     std::uint64_t page, std::uint64_t generation) noexcept {
+PageCheck check_page(const void* src, std::size_t page_size, std::uint64_t seed, std::uint64_t page,
+                     std::uint64_t generation) noexcept {
   const auto* words = static_cast<const std::uint64_t*>(src);
   const std::size_t n = page_size / 8;
   PageCheck r;
@@ -70,7 +70,8 @@ std::vector<std::uint64_t> select_pages(std::uint64_t page_count, double fractio
   if (want == 0 || page_count == 0) return pages;
   std::uint64_t state = seed;
   if (sequential) {
-    const std::uint64_t start = want >= page_count ? 0 : splitmix64(state) % (page_count - want + 1);
+    const std::uint64_t start =
+        want >= page_count ? 0 : splitmix64(state) % (page_count - want + 1);
     pages.resize(want);
     std::iota(pages.begin(), pages.end(), start);
     return pages;

@@ -24,8 +24,8 @@ struct PageCheck {
 };
 
 // Checks a page against what fill_page (or zeros, for generation 0) would have written.
-PageCheck check_page(const void* src, std::size_t page_size, std::uint64_t seed,
-                     std::uint64_t page, std::uint64_t generation) noexcept;
+PageCheck check_page(const void* src, std::size_t page_size, std::uint64_t seed, std::uint64_t page,
+                     std::uint64_t generation) noexcept;
 
 // Picks round(fraction * page_count) distinct pages, sorted: a pseudo-random set determined by
 // seed, or, when sequential, one contiguous run starting at a seed-determined page.

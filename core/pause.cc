@@ -56,18 +56,24 @@ std::string missing_prerequisite(const PluginInfo& info, const PauseRequest& req
     return "strategy " + info.name + " needs the memfd that backs guest memory, and none was given";
   }
   if ((info.capabilities & plugin::kCapNeedsPid) && (req.pid <= 0 || req.regions.empty())) {
-    return "strategy " + info.name + " needs the VMM pid and its guest regions, and they were not given";
+    return "strategy " + info.name +
+           " needs the VMM pid and its guest regions, and they were not given";
   }
   return {};
 }
 
 Errc errc_of(plugin::StatusCode code) {
   switch (code) {
-    case plugin::StatusCode::kProcessGone: return Errc::kProcessGone;
-    case plugin::StatusCode::kBadAddress: return Errc::kBadAddress;
-    case plugin::StatusCode::kInvalidArgument: return Errc::kInvalidArgument;
-    case plugin::StatusCode::kUnsupported: return Errc::kUnsupported;
-    default: return Errc::kExportFailed;
+    case plugin::StatusCode::kProcessGone:
+      return Errc::kProcessGone;
+    case plugin::StatusCode::kBadAddress:
+      return Errc::kBadAddress;
+    case plugin::StatusCode::kInvalidArgument:
+      return Errc::kInvalidArgument;
+    case plugin::StatusCode::kUnsupported:
+      return Errc::kUnsupported;
+    default:
+      return Errc::kExportFailed;
   }
 }
 
@@ -80,11 +86,13 @@ Result<std::uint64_t> restore_released(SnapshotWriter& writer, int memfd) {
       const std::uint64_t n = std::min<std::uint64_t>(buf.size(), r.offset + r.length - off);
       if (auto s = writer.read_back(off, n, buf.data()); !s.ok()) return std::move(s).error();
       for (std::uint64_t done = 0; done < n;) {
-        const ssize_t w = ::pwrite(memfd, buf.data() + done, n - done, static_cast<off_t>(off + done));
+        const ssize_t w =
+            ::pwrite(memfd, buf.data() + done, n - done, static_cast<off_t>(off + done));
         if (w < 0 && errno == EINTR) continue;
         if (w <= 0) {
-          return make_error(Errc::kIoError, std::string("writing released memory back: ") +
-                                                std::strerror(errno), errno);
+          return make_error(Errc::kIoError,
+                            std::string("writing released memory back: ") + std::strerror(errno),
+                            errno);
         }
         done += static_cast<std::uint64_t>(w);
       }
@@ -112,8 +120,10 @@ Error fail_pause(SnapshotWriter& writer, const PauseRequest& req, Error error) {
     writer.abort();
   } else {
     const std::string kept = writer.keep_temp_file();
-    spdlog::critical("pause failed and released memory could not be restored: {}; its only copy "
-                     "is in {}", restored.error().to_string(), kept);
+    spdlog::critical(
+        "pause failed and released memory could not be restored: {}; its only copy "
+        "is in {}",
+        restored.error().to_string(), kept);
     error.message += "; DATA AT RISK: released memory could not be written back (" +
                      restored.error().to_string() + "); its only copy is kept in " + kept;
   }
@@ -127,8 +137,8 @@ Result<int> reopen_privately(int fd) {
   const std::string path = "/proc/self/fd/" + std::to_string(fd);
   const int copy = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
   if (copy < 0) {
-    return make_error(Errc::kIoError, "reopening the memfd through " + path + ": " +
-                                          std::strerror(errno), errno);
+    return make_error(Errc::kIoError,
+                      "reopening the memfd through " + path + ": " + std::strerror(errno), errno);
   }
   return copy;
 }
@@ -151,7 +161,8 @@ Result<std::uint64_t> derive_guest_size(const PauseRequest& req) {
   if (req.memfd >= 0) {
     struct stat st {};
     if (::fstat(req.memfd, &st) != 0) {
-      return make_error(Errc::kIoError, std::string("fstat on the memfd: ") + std::strerror(errno), errno);
+      return make_error(Errc::kIoError, std::string("fstat on the memfd: ") + std::strerror(errno),
+                        errno);
     }
     return static_cast<std::uint64_t>(st.st_size);
   }
@@ -184,12 +195,13 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
   clock.start("resolve");
   if (req.out_path.empty()) return make_error(Errc::kInvalidArgument, "no output path given");
   if (req.block_size != 4096 && req.block_size != (2u << 20)) {
-    return make_error(Errc::kInvalidArgument, "block size must be 4096 or 2097152, not " +
-                                                  std::to_string(req.block_size));
+    return make_error(Errc::kInvalidArgument,
+                      "block size must be 4096 or 2097152, not " + std::to_string(req.block_size));
   }
   if (req.memfd < 0 && req.regions.empty()) {
-    return make_error(Errc::kInvalidArgument,
-                      "nothing to pause: neither the guest memfd nor the VMM's guest regions were given");
+    return make_error(
+        Errc::kInvalidArgument,
+        "nothing to pause: neither the guest memfd nor the VMM's guest regions were given");
   }
   auto guest_size = derive_guest_size(req);
   if (!guest_size.ok()) return std::move(guest_size).error();
@@ -225,8 +237,9 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
     }
     const PluginInfo* fallback = registry.find(req.fallback_strategy);
     if (fallback == nullptr) {
-      return make_error(Errc::kPluginNotLoaded, problem + "; the fallback strategy " +
-                                                    req.fallback_strategy + " is not loaded either");
+      return make_error(
+          Errc::kPluginNotLoaded,
+          problem + "; the fallback strategy " + req.fallback_strategy + " is not loaded either");
     }
     if (auto why = missing_prerequisite(*fallback, req); !why.empty()) {
       return make_error(Errc::kUnsupported, problem + "; and the fallback cannot run: " + why);
@@ -250,11 +263,11 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
     if (!parent.ok()) return std::move(parent).error();
     const auto& h = (*parent)->header();
     if (h.block_size != req.block_size || h.guest_size != req.guest_size) {
-      return make_error(Errc::kSnapshotChainMismatch,
-                        "parent " + req.parent_path + " has block size " +
-                            std::to_string(h.block_size) + " and guest size " +
-                            std::to_string(h.guest_size) + "; this pause has " +
-                            std::to_string(req.block_size) + " and " + std::to_string(req.guest_size));
+      return make_error(
+          Errc::kSnapshotChainMismatch,
+          "parent " + req.parent_path + " has block size " + std::to_string(h.block_size) +
+              " and guest size " + std::to_string(h.guest_size) + "; this pause has " +
+              std::to_string(req.block_size) + " and " + std::to_string(req.guest_size));
     }
     params.generation = h.generation + 1;
     params.parent_id = h.snapshot_id;
@@ -312,7 +325,8 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
 
   // The writer hashes on a helper thread while it writes: count that CPU as the pause's too.
   const double helper_cpu = (*writer)->helper_cpu_seconds();
-  if (PhaseTiming* exported_phase = report.phase_mutable("export")) exported_phase->cpu_seconds += helper_cpu;
+  if (PhaseTiming* exported_phase = report.phase_mutable("export"))
+    exported_phase->cpu_seconds += helper_cpu;
   const auto& stats = (*writer)->stats();
   report.snapshot_path = req.out_path;
   report.snapshot_id = to_hex((*writer)->snapshot_id());

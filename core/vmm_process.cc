@@ -4,8 +4,8 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
-#include <csignal>
 #include <cerrno>
+#include <csignal>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -35,7 +35,8 @@ Result<Freezer> Freezer::freeze(pid_t pid, std::chrono::milliseconds timeout) {
   if (::kill(pid, SIGSTOP) != 0) {
     const int err = errno;
     return make_error(err == ESRCH ? Errc::kProcessGone : Errc::kIoError,
-                      "cannot stop process " + std::to_string(pid) + ": " + std::strerror(err), err);
+                      "cannot stop process " + std::to_string(pid) + ": " + std::strerror(err),
+                      err);
   }
   Freezer f(pid);
   const auto deadline = std::chrono::steady_clock::now() + timeout;
@@ -44,7 +45,8 @@ Result<Freezer> Freezer::freeze(pid_t pid, std::chrono::milliseconds timeout) {
     if (state == 't' || state == 'T') return f;
     if (state == 0 || state == 'Z' || state == 'X') {
       f.pid_ = -1;
-      return make_error(Errc::kProcessGone, "process " + std::to_string(pid) + " exited while being stopped");
+      return make_error(Errc::kProcessGone,
+                        "process " + std::to_string(pid) + " exited while being stopped");
     }
     if (std::chrono::steady_clock::now() > deadline) {
       return make_error(Errc::kIoError, "process " + std::to_string(pid) + " did not stop within " +
@@ -63,8 +65,9 @@ Status Freezer::thaw() {
   const pid_t pid = pid_;
   pid_ = -1;
   if (::kill(pid, SIGCONT) != 0 && errno != ESRCH) {
-    return make_error(Errc::kIoError, "cannot continue process " + std::to_string(pid) + ": " +
-                                          std::strerror(errno), errno);
+    return make_error(
+        Errc::kIoError,
+        "cannot continue process " + std::to_string(pid) + ": " + std::strerror(errno), errno);
   }
   return {};
 }
@@ -82,13 +85,14 @@ Result<int> take_fd_of_process(pid_t pid, int target_fd) {
   if (fd < 0) {
     return make_error(err == ESRCH ? Errc::kProcessGone : Errc::kIoError,
                       "pidfd_getfd(" + std::to_string(pid) + ", fd " + std::to_string(target_fd) +
-                          "): " + std::strerror(err), err);
+                          "): " + std::strerror(err),
+                      err);
   }
   return fd;
 }
 
-Result<std::vector<ProcessMemfd>> find_memfds_of_process(pid_t pid,
-                                                         const std::optional<std::string>& name_filter) {
+Result<std::vector<ProcessMemfd>> find_memfds_of_process(
+    pid_t pid, const std::optional<std::string>& name_filter) {
   const std::string fd_dir = proc_path(pid, "fd");
   std::vector<ProcessMemfd> found;
   std::vector<ino_t> inodes;

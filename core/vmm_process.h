@@ -19,7 +19,8 @@ namespace memsnap {
 // destroyed (or on thaw()). Move-only.
 class Freezer {
  public:
-  static Result<Freezer> freeze(pid_t pid, std::chrono::milliseconds timeout = std::chrono::seconds(5));
+  static Result<Freezer> freeze(pid_t pid,
+                                std::chrono::milliseconds timeout = std::chrono::seconds(5));
   Freezer(Freezer&& other) noexcept;
   Freezer& operator=(Freezer&&) = delete;
   Freezer(const Freezer&) = delete;
@@ -38,15 +39,15 @@ Result<int> take_fd_of_process(pid_t pid, int target_fd);
 
 // A memfd open in a process and the places it is mapped there.
 struct ProcessMemfd {
-  int fd_number = -1;       // in the target process
-  std::string name;         // "memfd:guest" as the kernel names it
-  std::uint64_t size = 0;   // st_size
+  int fd_number = -1;                    // in the target process
+  std::string name;                      // "memfd:guest" as the kernel names it
+  std::uint64_t size = 0;                // st_size
   std::vector<plugin::Region> mappings;  // guest_offset = file offset of each shared mapping
 };
 
 // The memfds process pid holds, with their shared mappings from /proc/PID/maps. name_filter, when
 // set, keeps only memfds whose name contains it.
-Result<std::vector<ProcessMemfd>> find_memfds_of_process(pid_t pid,
-                                                         const std::optional<std::string>& name_filter);
+Result<std::vector<ProcessMemfd>> find_memfds_of_process(
+    pid_t pid, const std::optional<std::string>& name_filter);
 
 }  // namespace memsnap

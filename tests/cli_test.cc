@@ -26,7 +26,8 @@ struct CommandResult {
 std::string memsnap_binary() {
   if (const char* bin = std::getenv("MEMSNAP_BIN_DIR")) return std::string(bin) + "/memsnap";
   return (std::filesystem::read_symlink("/proc/self/exe").parent_path().parent_path() / "bin" /
-          "memsnap").string();
+          "memsnap")
+      .string();
 }
 
 // Runs memsnap with args (stderr folded into the output).
@@ -96,13 +97,14 @@ TEST_F(CliTest, PauseByMemfdOfPidThenInspectThenCorruptionIsCaught) {
   ASSERT_TRUE(g.ok()) << g.error().to_string();
   const std::string snap = dir_ + "/base.snap";
   const CommandResult paused = memsnap("pause --memfd-of-pid " + std::to_string((*g)->pid()) +
-                             " --strategy memfd --freeze --out " + snap + " --json");
+                                       " --strategy memfd --freeze --out " + snap + " --json");
   ASSERT_EQ(paused.exit_code, 0) << paused.out;
   const auto report = nlohmann::json::parse(paused.out);
   EXPECT_EQ(report["strategy"], "memfd");
   EXPECT_TRUE(report["fallback"].is_null());
-  EXPECT_EQ(report.at("zero_blocks").get<std::uint64_t>() + report.at("data_blocks").get<std::uint64_t>(),
-            4096u);
+  EXPECT_EQ(
+      report.at("zero_blocks").get<std::uint64_t>() + report.at("data_blocks").get<std::uint64_t>(),
+      4096u);
   EXPECT_EQ(report.at("data_blocks").get<std::uint64_t>(), 3072u);  // a quarter never written
 
   const CommandResult inspected = memsnap("inspect " + snap + " --json");
@@ -131,15 +133,16 @@ TEST_F(CliTest, PauseByRegionsWithADiffOnTop) {
   ASSERT_TRUE(g.ok());
   std::string regions;
   for (const auto& r : (*g)->regions()) {
-    regions += (regions.empty() ? "" : ",") + std::to_string(r.host_addr) + ":" + std::to_string(r.size);
+    regions +=
+        (regions.empty() ? "" : ",") + std::to_string(r.host_addr) + ":" + std::to_string(r.size);
   }
   const std::string pid = std::to_string((*g)->pid());
   const CommandResult base = memsnap("pause --pid " + pid + " --regions " + regions +
-                           " --strategy process_vm_readv --out " + dir_ + "/b.snap");
+                                     " --strategy process_vm_readv --out " + dir_ + "/b.snap");
   ASSERT_EQ(base.exit_code, 0) << base.out;
   const CommandResult diff = memsnap("pause --pid " + pid + " --regions " + regions +
-                           " --strategy process_vm_readv --parent " + dir_ + "/b.snap --dirty 0:8K,1M:4K --out " +
-                           dir_ + "/d.snap --json");
+                                     " --strategy process_vm_readv --parent " + dir_ +
+                                     "/b.snap --dirty 0:8K,1M:4K --out " + dir_ + "/d.snap --json");
   ASSERT_EQ(diff.exit_code, 0) << diff.out;
   const auto j = nlohmann::json::parse(diff.out);
   EXPECT_EQ(j["generation"], 2u);

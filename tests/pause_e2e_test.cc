@@ -188,7 +188,8 @@ TEST_F(PauseE2ETest, VmmGoneIsACleanErrorWithNothingCommitted) {
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.error().code, Errc::kProcessGone) << r.error().to_string();
   EXPECT_FALSE(std::filesystem::exists(req.out_path));
-  for (const auto& e : std::filesystem::directory_iterator(dir_)) ADD_FAILURE() << "left behind: " << e.path();
+  for (const auto& e : std::filesystem::directory_iterator(dir_))
+    ADD_FAILURE() << "left behind: " << e.path();
 }
 
 // A disk that fills up in the middle of a hole-punching pause: the pause fails, nothing is

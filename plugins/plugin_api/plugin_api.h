@@ -28,8 +28,8 @@ inline constexpr std::uint32_t kAbiVersion = 1;
 
 // Capability bits of PluginDescriptor::capabilities.
 enum Capability : std::uint32_t {
-  kCapNeedsPid = 1u << 0,        // reads guest memory through the VMM's address space (pid + regions)
-  kCapNeedsMemfd = 1u << 1,      // reads the memfd that backs guest memory
+  kCapNeedsPid = 1u << 0,    // reads guest memory through the VMM's address space (pid + regions)
+  kCapNeedsMemfd = 1u << 1,  // reads the memfd that backs guest memory
   kCapReleasesMemory = 1u << 2,  // frees source memory once it is safely in the snapshot
   kCapExperimental = 1u << 3,    // not for production rollouts
 };
@@ -39,7 +39,7 @@ struct PluginDescriptor {
   const char* name;           // unique strategy name, [a-z0-9_]+, e.g. "memfd"
   const char* version;        // the plugin's own version, e.g. "1.0.0"
   std::uint32_t capabilities;
-  const char* description;    // one line for `memsnap plugins list`
+  const char* description;  // one line for `memsnap plugins list`
 };
 
 enum class StatusCode : std::int32_t {
@@ -63,8 +63,8 @@ struct Status {
 
   [[nodiscard]] bool ok() const noexcept { return code == StatusCode::kOk; }
   [[nodiscard]] static Status Ok() noexcept { return Status{}; }
-  [[nodiscard]] static Status Error(StatusCode code, int sys_errno, const char* format, ...) noexcept
-      __attribute__((format(printf, 3, 4))) {
+  [[nodiscard]] static Status Error(StatusCode code, int sys_errno, const char* format,
+                                    ...) noexcept __attribute__((format(printf, 3, 4))) {
     Status s;
     s.code = code;
     s.sys_errno = sys_errno;
@@ -98,13 +98,15 @@ struct Option {
 
 // What to export. Everything is owned by the host and valid for the duration of the call.
 struct ExportRequest {
-  std::int32_t pid = -1;  // the VMM, or -1
+  std::int32_t pid = -1;            // the VMM, or -1
   const Region* regions = nullptr;  // sorted by guest_offset, disjoint
   std::size_t region_count = 0;
-  std::int32_t memfd = -1;  // the memfd that backs guest memory (guest offset == file offset), or -1
+  std::int32_t memfd =
+      -1;  // the memfd that backs guest memory (guest offset == file offset), or -1
   std::uint64_t guest_size = 0;
   std::uint64_t block_size = 0;  // 4096 or 2097152
-  const ByteRange* ranges = nullptr;  // what to export: sorted, disjoint, block-aligned, in the guest
+  const ByteRange* ranges =
+      nullptr;  // what to export: sorted, disjoint, block-aligned, in the guest
   std::size_t range_count = 0;
 };
 
@@ -157,7 +159,8 @@ class Strategy {
 
 // memsnap_plugin_create: on success stores a new Strategy (to be deleted by the host through its
 // virtual destructor, while the library is loaded) in *out and returns Ok.
-using CreateFn = Status (*)(Strategy** out, const Option* options, std::size_t option_count) noexcept;
+using CreateFn = Status (*)(Strategy** out, const Option* options,
+                            std::size_t option_count) noexcept;
 
 inline constexpr const char* kAbiVersionSymbol = "memsnap_plugin_abi_version";
 inline constexpr const char* kDescriptorSymbol = "memsnap_plugin_descriptor";
@@ -170,18 +173,18 @@ inline constexpr const char* kCreateSymbol = "memsnap_plugin_create";
 // Exports a plugin. FACTORY is a function
 //   memsnap::plugin::Status FACTORY(Strategy** out, const Option* options, std::size_t count);
 // Use once, in the plugin's registration file.
-#define MEMSNAP_PLUGIN(NAME, VERSION, CAPABILITIES, DESCRIPTION, FACTORY)                         \
-  MEMSNAP_PLUGIN_EXPORT const std::uint32_t memsnap_plugin_abi_version =                         \
-      ::memsnap::plugin::kAbiVersion;                                                            \
-  MEMSNAP_PLUGIN_EXPORT const ::memsnap::plugin::PluginDescriptor memsnap_plugin_descriptor = {  \
-      ::memsnap::plugin::kAbiVersion, NAME, VERSION, CAPABILITIES, DESCRIPTION};                 \
-  MEMSNAP_PLUGIN_EXPORT ::memsnap::plugin::Status memsnap_plugin_create(                         \
-      ::memsnap::plugin::Strategy** out, const ::memsnap::plugin::Option* options,               \
-      std::size_t option_count) noexcept {                                                       \
-    try {                                                                                        \
-      return FACTORY(out, options, option_count);                                                \
-    } catch (...) {                                                                              \
-      return ::memsnap::plugin::Status::Error(::memsnap::plugin::StatusCode::kInternal, 0,       \
-                                              "factory of %s threw an exception", NAME);         \
-    }                                                                                            \
+#define MEMSNAP_PLUGIN(NAME, VERSION, CAPABILITIES, DESCRIPTION, FACTORY)                       \
+  MEMSNAP_PLUGIN_EXPORT const std::uint32_t memsnap_plugin_abi_version =                        \
+      ::memsnap::plugin::kAbiVersion;                                                           \
+  MEMSNAP_PLUGIN_EXPORT const ::memsnap::plugin::PluginDescriptor memsnap_plugin_descriptor = { \
+      ::memsnap::plugin::kAbiVersion, NAME, VERSION, CAPABILITIES, DESCRIPTION};                \
+  MEMSNAP_PLUGIN_EXPORT ::memsnap::plugin::Status memsnap_plugin_create(                        \
+      ::memsnap::plugin::Strategy** out, const ::memsnap::plugin::Option* options,              \
+      std::size_t option_count) noexcept {                                                      \
+    try {                                                                                       \
+      return FACTORY(out, options, option_count);                                               \
+    } catch (...) {                                                                             \
+      return ::memsnap::plugin::Status::Error(::memsnap::plugin::StatusCode::kInternal, 0,      \
+                                              "factory of %s threw an exception", NAME);        \
+    }                                                                                           \
   }

@@ -21,8 +21,8 @@
 #include <string>
 #include <vector>
 
-#include "core/pattern.h"
 #include "core/dirty_set.h"
+#include "core/pattern.h"
 #include "core/pause.h"
 
 namespace memsnap {
@@ -48,7 +48,8 @@ const std::string& bench_dir() {
 std::string plugin_dir() {
   if (const char* env = std::getenv("MEMSNAP_PLUGIN_DIR")) return env;
   return (std::filesystem::read_symlink("/proc/self/exe").parent_path().parent_path() / "lib" /
-          "memsnap" / "plugins").string();
+          "memsnap" / "plugins")
+      .string();
 }
 
 const PluginRegistry& registry() {
@@ -78,8 +79,8 @@ struct Source {
     static Source* s = [] {
       auto* src = new Source();
       src->size = guest_bytes();
-      src->anon = static_cast<char*>(mmap(nullptr, src->size, PROT_READ | PROT_WRITE,
-                                          MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+      src->anon = static_cast<char*>(
+          mmap(nullptr, src->size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
       madvise(src->anon, src->size, MADV_NOHUGEPAGE);
       fill(src->anon, src->size, 1);
       src->memfd = memfd_create("memsnap-bench", MFD_CLOEXEC);
@@ -253,12 +254,38 @@ void BM_LoadPlugins(benchmark::State& state) {
 }
 
 BENCHMARK(BM_Memcpy)->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(5);
-BENCHMARK(BM_WriteReference)->Arg(0)->Arg(1)->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(5);
-BENCHMARK(BM_Pause_process_vm_readv)->ArgsProduct({{100, 10}, {0, 1}})->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(5);
-BENCHMARK(BM_Pause_memfd)->ArgsProduct({{100, 10}, {0, 1}})->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(5);
-BENCHMARK(BM_Pause_memfd_mmap)->ArgsProduct({{100, 10}, {0, 1}})->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(5);
-BENCHMARK(BM_Pause_hole_punch)->ArgsProduct({{100, 10}, {0, 1}})->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(5);
-BENCHMARK(BM_EmptyDiffPause)->Arg(0)->Arg(1)->Unit(benchmark::kMicrosecond)->UseRealTime()->Iterations(200);
+BENCHMARK(BM_WriteReference)
+    ->Arg(0)
+    ->Arg(1)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->Iterations(5);
+BENCHMARK(BM_Pause_process_vm_readv)
+    ->ArgsProduct({{100, 10}, {0, 1}})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->Iterations(5);
+BENCHMARK(BM_Pause_memfd)
+    ->ArgsProduct({{100, 10}, {0, 1}})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->Iterations(5);
+BENCHMARK(BM_Pause_memfd_mmap)
+    ->ArgsProduct({{100, 10}, {0, 1}})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->Iterations(5);
+BENCHMARK(BM_Pause_hole_punch)
+    ->ArgsProduct({{100, 10}, {0, 1}})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->Iterations(5);
+BENCHMARK(BM_EmptyDiffPause)
+    ->Arg(0)
+    ->Arg(1)
+    ->Unit(benchmark::kMicrosecond)
+    ->UseRealTime()
+    ->Iterations(200);
 BENCHMARK(BM_CommitReference)->Unit(benchmark::kMicrosecond)->UseRealTime()->Iterations(200);
 BENCHMARK(BM_LoadPlugins)->Unit(benchmark::kMicrosecond)->UseRealTime()->Iterations(50);
 

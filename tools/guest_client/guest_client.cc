@@ -34,11 +34,16 @@ std::string default_guest_binary() {
 Result<std::unique_ptr<GuestProcess>> GuestProcess::spawn(const GuestOptions& o) {
   const std::string binary = o.binary.empty() ? default_guest_binary() : o.binary;
   std::vector<std::string> args = {binary,
-                                   "--size", std::to_string(o.size),
-                                   "--backing", o.backing,
-                                   "--regions", std::to_string(o.regions),
-                                   "--seed", std::to_string(o.seed),
-                                   "--zero-fraction", std::to_string(o.zero_fraction)};
+                                   "--size",
+                                   std::to_string(o.size),
+                                   "--backing",
+                                   o.backing,
+                                   "--regions",
+                                   std::to_string(o.regions),
+                                   "--seed",
+                                   std::to_string(o.seed),
+                                   "--zero-fraction",
+                                   std::to_string(o.zero_fraction)};
   if (o.thp) args.push_back("--thp");
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
@@ -76,11 +81,12 @@ Result<std::unique_ptr<GuestProcess>> GuestProcess::spawn(const GuestOptions& o)
     g->seed_ = (*layout)["seed"].get<std::uint64_t>();
     g->memfd_number_ = (*layout)["memfd_fd"].get<int>();
     for (const auto& r : (*layout)["regions"]) {
-      g->regions_.push_back({r["guest_offset"].get<std::uint64_t>(), r["host_addr"].get<std::uint64_t>(),
-                             r["size"].get<std::uint64_t>()});
+      g->regions_.push_back({r["guest_offset"].get<std::uint64_t>(),
+                             r["host_addr"].get<std::uint64_t>(), r["size"].get<std::uint64_t>()});
     }
   } catch (const std::exception& e) {
-    return make_error(Errc::kInternal, std::string("unexpected layout from memsnap-guest: ") + e.what());
+    return make_error(Errc::kInternal,
+                      std::string("unexpected layout from memsnap-guest: ") + e.what());
   }
   const std::uint64_t pages = g->guest_size_ / 4096;
   g->expected_.assign(pages, 1);
@@ -139,8 +145,8 @@ Result<nlohmann::json> GuestProcess::command(const std::string& line) {
 
 Result<std::vector<plugin::ByteRange>> GuestProcess::dirty(double fraction, bool sequential,
                                                            std::uint64_t seed) {
-  auto j = command("dirty " + std::to_string(fraction) + (sequential ? " sequential " : " random ") +
-                   std::to_string(seed));
+  auto j = command("dirty " + std::to_string(fraction) +
+                   (sequential ? " sequential " : " random ") + std::to_string(seed));
   if (!j.ok()) return std::move(j).error();
   const auto generation = (*j)["generation"].get<std::uint32_t>();
   std::vector<plugin::ByteRange> ranges;

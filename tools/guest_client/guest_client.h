@@ -52,7 +52,8 @@ class GuestProcess {
   // Sends one command line and returns its one-line JSON answer.
   Result<nlohmann::json> command(const std::string& line);
   // Dirties a share of the pages with a new generation; returns the dirty byte ranges.
-  Result<std::vector<plugin::ByteRange>> dirty(double fraction, bool sequential, std::uint64_t seed);
+  Result<std::vector<plugin::ByteRange>> dirty(double fraction, bool sequential,
+                                               std::uint64_t seed);
   // Number of pages that do not hold what they should, as the guest itself sees them.
   Result<std::uint64_t> verify();
   // Kills it with SIGKILL and reaps it.

@@ -85,7 +85,8 @@ std::string format_bytes(double bytes) {
 std::string plugin_dir(Args& args) {
   std::string dir = args.value("--plugin-dir");
   if (!dir.empty()) return dir;
-  if (const char* env = std::getenv("MEMSNAP_PLUGIN_DIR"); env != nullptr && *env != '\0') return env;
+  if (const char* env = std::getenv("MEMSNAP_PLUGIN_DIR"); env != nullptr && *env != '\0')
+    return env;
   std::error_code ec;
   const auto self = std::filesystem::read_symlink("/proc/self/exe", ec);
   return (self.parent_path().parent_path() / "lib" / "memsnap" / "plugins").string();

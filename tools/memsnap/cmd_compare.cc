@@ -43,7 +43,8 @@ double reference_write_seconds(const std::string& dir, std::uint64_t size, bool 
   }
   if (sync) ::fsync(fd);
   ::close(fd);
-  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   ::unlink(path.c_str());
   return seconds;
 }
@@ -103,7 +104,8 @@ Row run_one(const PluginRegistry& registry, const std::string& strategy, const s
     row.error = "chain: " + chain.error().to_string();
     return row;
   }
-  auto check = check_chain_against_pattern(*chain, (*guest)->seed(), (*guest)->expected_generations());
+  auto check =
+      check_chain_against_pattern(*chain, (*guest)->seed(), (*guest)->expected_generations());
   if (!check.ok()) {
     row.error = "check: " + check.error().to_string();
     return row;
@@ -123,7 +125,8 @@ int cmd_compare(Args& args) {
   const bool sync = !args.flag("--no-sync");
   const std::string plugins = plugin_dir(args);
   args.expect_done();
-  if (size == 0 || size % 4096 != 0) throw std::invalid_argument("--size must be a multiple of 4 KiB");
+  if (size == 0 || size % 4096 != 0)
+    throw std::invalid_argument("--size must be a multiple of 4 KiB");
 
   PluginRegistry registry;
   load_plugins(registry, plugins);
@@ -134,9 +137,10 @@ int cmd_compare(Args& args) {
     strategies.push_back(&p);
   }
   // Production strategies first, experimental ones last.
-  std::stable_sort(strategies.begin(), strategies.end(), [](const PluginInfo* a, const PluginInfo* b) {
-    return !a->experimental() && b->experimental();
-  });
+  std::stable_sort(strategies.begin(), strategies.end(),
+                   [](const PluginInfo* a, const PluginInfo* b) {
+                     return !a->experimental() && b->experimental();
+                   });
   if (strategies.empty()) {
     std::fprintf(stderr, "memsnap compare: no strategy loaded from %s\n", plugins.c_str());
     return 1;
@@ -154,10 +158,11 @@ int cmd_compare(Args& args) {
   }
 
   if (!json) {
-    std::printf("memsnap compare: %s memfd-backed stand-in VMM, base snapshot of all memory then a "
-                "%.0f%% random diff, snapshots in %s (%s)\n",
-                format_bytes(double(size)).c_str(), fraction * 100, keep.c_str(),
-                sync ? "fsync at commit" : "no fsync");
+    std::printf(
+        "memsnap compare: %s memfd-backed stand-in VMM, base snapshot of all memory then a "
+        "%.0f%% random diff, snapshots in %s (%s)\n",
+        format_bytes(double(size)).c_str(), fraction * 100, keep.c_str(),
+        sync ? "fsync at commit" : "no fsync");
   }
   // The reference runs next to every strategy and the median is used, so a noisy moment on a
   // shared machine skews it less than one measurement at the start would.
@@ -183,7 +188,9 @@ int cmd_compare(Args& args) {
     const bool ok = row.error.empty() && row.check.mismatches == 0 && row.check.pages > 0;
     failures += ok ? 0 : 1;
     if (json) {
-      nlohmann::json j = {{"strategy", row.strategy}, {"ok", ok}, {"error", row.error},
+      nlohmann::json j = {{"strategy", row.strategy},
+                          {"ok", ok},
+                          {"error", row.error},
                           {"reference_write_seconds", ref}};
       if (row.error.empty()) {
         j["base"] = to_json(row.base);
@@ -205,11 +212,14 @@ int cmd_compare(Args& args) {
                   (double(row.base.dirty_bytes) / base_s) / (double(size) / ref));
     std::snprintf(released, sizeof(released), "%s",
                   format_bytes(double(row.base.export_stats.bytes_released +
-                                      row.diff.export_stats.bytes_released)).c_str());
+                                      row.diff.export_stats.bytes_released))
+                      .c_str());
     if (row.check.mismatches == 0) {
-      std::snprintf(check, sizeof(check), "ok, %llu pages", static_cast<unsigned long long>(row.check.pages));
+      std::snprintf(check, sizeof(check), "ok, %llu pages",
+                    static_cast<unsigned long long>(row.check.pages));
     } else {
-      std::snprintf(check, sizeof(check), "%llu BAD (%s)", static_cast<unsigned long long>(row.check.mismatches),
+      std::snprintf(check, sizeof(check), "%llu BAD (%s)",
+                    static_cast<unsigned long long>(row.check.mismatches),
                     row.check.first_mismatch.c_str());
     }
     std::printf("%-18s %10.1f %8.2f %9s %11.1f %9.3f %10.1f %9s %s\n", row.strategy.c_str(),
@@ -220,12 +230,13 @@ int cmd_compare(Args& args) {
   if (json) {
     std::printf("%s\n", out.dump(2).c_str());
   } else {
-    std::printf("\nBASE = pause of all populated memory; vs write = its bytes per second over "
-                "those of write()+fsync of resident memory into a new file here (median of one run "
-                "before each strategy; one run each, so expect noise: memsnap-bench gives medians).\n"
-                "DIFF = pause of the dirtied pages on top of the base. CPU = the pausing thread, "
-                "base + diff. RELEASED = host memory the strategy freed, base + diff.\n"
-                "CHAIN CHECK reads base+diff back and checks every page against what the VMM wrote.\n");
+    std::printf(
+        "\nBASE = pause of all populated memory; vs write = its bytes per second over "
+        "those of write()+fsync of resident memory into a new file here (median of one run "
+        "before each strategy; one run each, so expect noise: memsnap-bench gives medians).\n"
+        "DIFF = pause of the dirtied pages on top of the base. CPU = the pausing thread, "
+        "base + diff. RELEASED = host memory the strategy freed, base + diff.\n"
+        "CHAIN CHECK reads base+diff back and checks every page against what the VMM wrote.\n");
   }
   if (temporary) std::filesystem::remove_all(keep);
   return failures == 0 ? 0 : 1;

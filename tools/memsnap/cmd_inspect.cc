@@ -12,7 +12,8 @@ int cmd_inspect(Args& args) {
   const bool verify = !args.flag("--no-verify");
   const auto files = args.positional();
   args.expect_done();
-  if (files.size() != 1) throw std::invalid_argument("usage: memsnap inspect FILE [--no-verify] [--json]");
+  if (files.size() != 1)
+    throw std::invalid_argument("usage: memsnap inspect FILE [--no-verify] [--json]");
 
   auto reader = SnapshotReader::open(files[0], Verify::kHeaderAndMap);
   if (!reader.ok()) {
@@ -24,8 +25,9 @@ int cmd_inspect(Args& args) {
   const auto& s = r.summary();
   Status checked;
   if (verify) checked = r.verify_data();
-  const std::string verdict =
-      !verify ? "not checked" : checked.ok() ? "ok" : checked.error().to_string();
+  const std::string verdict = !verify        ? "not checked"
+                              : checked.ok() ? "ok"
+                                             : checked.error().to_string();
 
   if (json) {
     nlohmann::json j = {{"path", files[0]},
@@ -60,12 +62,14 @@ int cmd_inspect(Args& args) {
   std::printf("id           %s\n", to_hex(h.snapshot_id).c_str());
   if (!r.is_base()) std::printf("parent       %s\n", to_hex(h.parent_id).c_str());
   std::printf("created      %s\n", when);
-  std::printf("block map    %llu runs: %llu data blocks in %llu runs, %llu zero blocks in %llu "
-              "runs, %llu inherited blocks in %llu runs\n",
-              static_cast<unsigned long long>(h.run_count),
-              static_cast<unsigned long long>(s.data_blocks), static_cast<unsigned long long>(s.data_runs),
-              static_cast<unsigned long long>(s.zero_blocks), static_cast<unsigned long long>(s.zero_runs),
-              static_cast<unsigned long long>(s.parent_blocks), static_cast<unsigned long long>(s.parent_runs));
+  std::printf(
+      "block map    %llu runs: %llu data blocks in %llu runs, %llu zero blocks in %llu "
+      "runs, %llu inherited blocks in %llu runs\n",
+      static_cast<unsigned long long>(h.run_count), static_cast<unsigned long long>(s.data_blocks),
+      static_cast<unsigned long long>(s.data_runs), static_cast<unsigned long long>(s.zero_blocks),
+      static_cast<unsigned long long>(s.zero_runs),
+      static_cast<unsigned long long>(s.parent_blocks),
+      static_cast<unsigned long long>(s.parent_runs));
   std::printf("data         %s stored\n", format_bytes(double(h.data_bytes)).c_str());
   std::printf("checksums    %s\n", verdict.c_str());
   return checked.ok() ? 0 : 1;

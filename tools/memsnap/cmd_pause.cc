@@ -52,12 +52,14 @@ void print_report(const PauseReport& r) {
   std::printf("snapshot %s (generation %llu, id %s%s%s)\n", r.snapshot_path.c_str(),
               static_cast<unsigned long long>(r.generation), r.snapshot_id.c_str(),
               r.parent_id.empty() ? "" : ", parent ", r.parent_id.c_str());
-  std::printf("strategy %s: %s dirty of %s guest; %llu data blocks, %llu zero blocks, %llu "
-              "inherited; %s released\n",
-              r.strategy.c_str(), format_bytes(double(r.dirty_bytes)).c_str(),
-              format_bytes(double(r.guest_size)).c_str(), static_cast<unsigned long long>(r.data_blocks),
-              static_cast<unsigned long long>(r.zero_blocks), static_cast<unsigned long long>(r.parent_blocks),
-              format_bytes(double(r.export_stats.bytes_released)).c_str());
+  std::printf(
+      "strategy %s: %s dirty of %s guest; %llu data blocks, %llu zero blocks, %llu "
+      "inherited; %s released\n",
+      r.strategy.c_str(), format_bytes(double(r.dirty_bytes)).c_str(),
+      format_bytes(double(r.guest_size)).c_str(), static_cast<unsigned long long>(r.data_blocks),
+      static_cast<unsigned long long>(r.zero_blocks),
+      static_cast<unsigned long long>(r.parent_blocks),
+      format_bytes(double(r.export_stats.bytes_released)).c_str());
   std::printf("total %.1f ms wall, %.1f ms CPU;", r.wall_seconds * 1e3, r.cpu_seconds * 1e3);
   for (const auto& p : r.phases) std::printf(" %s %.2f ms", p.name.c_str(), p.wall_seconds * 1e3);
   std::printf("\n");
@@ -98,7 +100,8 @@ int cmd_pause(Args& args) {
   int memfd = -1;
   if (!memfd_pid_text.empty()) {
     const pid_t vmm = static_cast<pid_t>(std::stol(memfd_pid_text));
-    if (req.pid > 0 && req.pid != vmm) throw std::invalid_argument("--pid and --memfd-of-pid differ");
+    if (req.pid > 0 && req.pid != vmm)
+      throw std::invalid_argument("--pid and --memfd-of-pid differ");
     req.pid = vmm;
     auto memfds = find_memfds_of_process(vmm, std::nullopt);
     if (!memfds.ok()) {
@@ -135,8 +138,9 @@ int cmd_pause(Args& args) {
   if (memfd >= 0) close(memfd);
   if (!report.ok()) {
     if (json) {
-      std::printf("%s\n", nlohmann::json{{"error", {{"code", errc_name(report.error().code)},
-                                                    {"message", report.error().message}}}}
+      std::printf("%s\n", nlohmann::json{{"error",
+                                          {{"code", errc_name(report.error().code)},
+                                           {"message", report.error().message}}}}
                               .dump()
                               .c_str());
     }

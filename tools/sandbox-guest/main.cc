@@ -54,11 +54,22 @@ std::uint64_t parse_size(const std::string& s) {
   std::uint64_t v = std::strtoull(s.c_str(), &end, 10);
   if (end == s.c_str()) usage("bad size " + s);
   switch (*end) {
-    case 'G': case 'g': v <<= 30; break;
-    case 'M': case 'm': v <<= 20; break;
-    case 'K': case 'k': v <<= 10; break;
-    case '\0': break;
-    default: usage("bad size " + s);
+    case 'G':
+    case 'g':
+      v <<= 30;
+      break;
+    case 'M':
+    case 'm':
+      v <<= 20;
+      break;
+    case 'K':
+    case 'k':
+      v <<= 10;
+      break;
+    case '\0':
+      break;
+    default:
+      usage("bad size " + s);
   }
   return v;
 }
@@ -71,18 +82,27 @@ Options parse_args(int argc, char** argv) {
       if (i + 1 >= argc) usage(a + " needs a value");
       return argv[++i];
     };
-    if (a == "--size") o.size = parse_size(next());
-    else if (a == "--backing") o.backing = next();
-    else if (a == "--regions") o.regions = std::atoi(next().c_str());
-    else if (a == "--thp") o.thp = true;
-    else if (a == "--seed") o.seed = std::strtoull(next().c_str(), nullptr, 10);
-    else if (a == "--zero-fraction") o.zero_fraction = std::atof(next().c_str());
-    else if (a == "--memfd-name") o.memfd_name = next();
-    else usage("unknown argument " + a);
+    if (a == "--size")
+      o.size = parse_size(next());
+    else if (a == "--backing")
+      o.backing = next();
+    else if (a == "--regions")
+      o.regions = std::atoi(next().c_str());
+    else if (a == "--thp")
+      o.thp = true;
+    else if (a == "--seed")
+      o.seed = std::strtoull(next().c_str(), nullptr, 10);
+    else if (a == "--zero-fraction")
+      o.zero_fraction = std::atof(next().c_str());
+    else if (a == "--memfd-name")
+      o.memfd_name = next();
+    else
+      usage("unknown argument " + a);
   }
   if (o.backing != "anon" && o.backing != "memfd") usage("--backing is anon or memfd");
   if (o.size == 0 || o.size % kPage != 0) usage("--size must be a positive multiple of 4 KiB");
-  if (o.regions < 1 || o.size / kPage < static_cast<std::uint64_t>(o.regions)) usage("bad --regions");
+  if (o.regions < 1 || o.size / kPage < static_cast<std::uint64_t>(o.regions))
+    usage("bad --regions");
   return o;
 }
 
@@ -102,7 +122,8 @@ class Guest {
     const std::uint64_t pages = o.size / kPage;
     std::uint64_t offset = 0;
     for (int i = 0; i < o.regions; ++i) {
-      const std::uint64_t region_pages = pages / o.regions + (static_cast<std::uint64_t>(i) < pages % o.regions ? 1 : 0);
+      const std::uint64_t region_pages =
+          pages / o.regions + (static_cast<std::uint64_t>(i) < pages % o.regions ? 1 : 0);
       const std::uint64_t size = region_pages * kPage;
       void* p = memfd_ >= 0 ? mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, memfd_,
                                    static_cast<off_t>(offset))
@@ -114,7 +135,8 @@ class Guest {
       offset += size;
     }
     std::vector<bool> zero(pages, false);
-    for (std::uint64_t p : memsnap::pattern::select_pages(pages, o.zero_fraction, o.seed ^ 0x5a5a, false)) {
+    for (std::uint64_t p :
+         memsnap::pattern::select_pages(pages, o.zero_fraction, o.seed ^ 0x5a5a, false)) {
       zero[p] = true;
     }
     generation_ = 1;
@@ -132,8 +154,8 @@ class Guest {
                          {"host_addr", reinterpret_cast<std::uint64_t>(r.host)},
                          {"size", r.size}});
     }
-    return {{"pid", getpid()},         {"backing", o_.backing},   {"memfd_fd", memfd_},
-            {"guest_size", o_.size},   {"page_size", kPage},      {"seed", o_.seed},
+    return {{"pid", getpid()},           {"backing", o_.backing}, {"memfd_fd", memfd_},
+            {"guest_size", o_.size},     {"page_size", kPage},    {"seed", o_.seed},
             {"generation", generation_}, {"regions", regions}};
   }
 
@@ -164,8 +186,10 @@ class Guest {
       const auto c = memsnap::pattern::check_page(page(p), kPage, o_.seed, p, expected_[p]);
       if (c.ok) continue;
       if (++mismatches <= 10) {
-        first.push_back({{"page", p}, {"expected_generation", expected_[p]},
-                         {"found_page", c.found_page}, {"found_generation", c.found_generation}});
+        first.push_back({{"page", p},
+                         {"expected_generation", expected_[p]},
+                         {"found_page", c.found_page},
+                         {"found_generation", c.found_generation}});
       }
     }
     return {{"pages", expected_.size()}, {"mismatches", mismatches}, {"first_mismatches", first}};
@@ -179,7 +203,8 @@ class Guest {
   char* page(std::uint64_t p) const {
     const std::uint64_t off = p * kPage;
     for (const auto& r : regions_) {
-      if (off >= r.guest_offset && off < r.guest_offset + r.size) return r.host + (off - r.guest_offset);
+      if (off >= r.guest_offset && off < r.guest_offset + r.size)
+        return r.host + (off - r.guest_offset);
     }
     std::abort();
   }
@@ -207,7 +232,8 @@ int main(int argc, char** argv) {
       std::string mode;
       std::uint64_t seed = 0;
       if (!(in >> fraction >> mode >> seed) || (mode != "random" && mode != "sequential")) {
-        std::cout << json{{"error", "usage: dirty FRACTION random|sequential SEED"}}.dump() << std::endl;
+        std::cout << json{{"error", "usage: dirty FRACTION random|sequential SEED"}}.dump()
+                  << std::endl;
         continue;
       }
       std::cout << guest.dirty(fraction, mode == "sequential", seed).dump() << std::endl;
