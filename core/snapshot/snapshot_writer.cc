@@ -12,9 +12,9 @@
 
 #include <algorithm>
 #include <cerrno>
-#include <ctime>
 #include <condition_variable>
 #include <cstring>
+#include <ctime>
 #include <mutex>
 #include <new>
 #include <system_error>
