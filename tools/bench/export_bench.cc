@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <benchmark/benchmark.h>
@@ -243,6 +244,58 @@ void BM_CommitReference(benchmark::State& state) {
   }
 }
 
+// What one 4 KiB page of a scattered 10% diff costs to read out of a memfd, by method, without
+// the snapshot writer: pread per page (what the memfd strategy does), process_vm_readv of our own
+// fresh read-only mapping (1,024 iovecs a call), memcpy from a fresh mapping (a fault per page),
+// and memcpy from a mapping whose page tables are already filled (a long-lived mapping).
+void BM_ScatteredRead(benchmark::State& state) {
+  Source& src = Source::get();
+  src.refill_memfd_if_punched();
+  const int method = static_cast<int>(state.range(0));
+  const auto pages = pattern::select_pages(src.size / kPage, 0.10, 42, false);
+  std::vector<char> buf(1024 * kPage);
+  std::vector<iovec> local(1024), remote(1024);
+  char* warm = nullptr;
+  if (method == 3) {
+    warm = static_cast<char*>(mmap(nullptr, src.size, PROT_READ, MAP_SHARED, src.memfd, 0));
+    for (std::uint64_t p : pages) benchmark::DoNotOptimize(warm[p * kPage]);
+  }
+  for (auto _ : state) {
+    char* map = warm;
+    if (method == 1 || method == 2) {
+      map = static_cast<char*>(mmap(nullptr, src.size, PROT_READ, MAP_SHARED, src.memfd, 0));
+    }
+    for (std::size_t i = 0; i < pages.size();) {
+      const std::size_t n = std::min<std::size_t>(1024, pages.size() - i);
+      for (std::size_t j = 0; j < n; ++j) {
+        const std::uint64_t off = pages[i + j] * kPage;
+        if (method == 0) {
+          if (::pread(src.memfd, buf.data() + j * kPage, kPage, static_cast<off_t>(off)) !=
+              ssize_t(kPage))
+            std::abort();
+        } else if (method == 1) {
+          local[j] = {buf.data() + j * kPage, kPage};
+          remote[j] = {map + off, kPage};
+        } else {
+          std::memcpy(buf.data() + j * kPage, map + off, kPage);
+        }
+      }
+      if (method == 1 &&
+          process_vm_readv(getpid(), local.data(), n, remote.data(), n, 0) != ssize_t(n * kPage)) {
+        std::abort();
+      }
+      benchmark::DoNotOptimize(buf.data());
+      i += n;
+    }
+    if (method == 1 || method == 2) munmap(map, src.size);
+  }
+  if (warm != nullptr) munmap(warm, src.size);
+  state.SetItemsProcessed(std::int64_t(state.iterations() * pages.size()));
+  static const char* const kNames[] = {"pread per page", "process_vm_readv of own fresh mapping",
+                                       "memcpy from fresh mapping", "memcpy from warm mapping"};
+  state.SetLabel(kNames[method]);
+}
+
 // Loading every plugin of the directory and creating one strategy.
 void BM_LoadPlugins(benchmark::State& state) {
   for (auto _ : state) {
@@ -286,6 +339,11 @@ BENCHMARK(BM_EmptyDiffPause)
     ->Unit(benchmark::kMicrosecond)
     ->UseRealTime()
     ->Iterations(200);
+BENCHMARK(BM_ScatteredRead)
+    ->DenseRange(0, 3)
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->Iterations(5);
 BENCHMARK(BM_CommitReference)->Unit(benchmark::kMicrosecond)->UseRealTime()->Iterations(200);
 BENCHMARK(BM_LoadPlugins)->Unit(benchmark::kMicrosecond)->UseRealTime()->Iterations(50);
 
