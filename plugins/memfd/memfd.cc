@@ -321,15 +321,8 @@ class Run {
 
   // Hands every pending chunk to the sink; afterwards the buffer may be reused.
   Status flush() {
-    if (!chunks_.empty()) {
-      Status s = sink_.write(chunks_.data(), chunks_.size());
-      if (!s.ok()) {
-        return Status::Error(StatusCode::kSinkError, s.sys_errno,
-                             "sink write at guest offset 0x%" PRIx64 " failed: %s",
-                             chunks_.front().guest_offset, s.message);
-      }
-      chunks_.clear();
-    }
+    if (Status s = plugin::write_chunks(sink_, chunks_.data(), chunks_.size()); !s.ok()) return s;
+    chunks_.clear();
     fill_ = 0;
     bounce_used_ = false;
     return Status::Ok();

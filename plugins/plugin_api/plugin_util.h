@@ -51,4 +51,15 @@ inline Status check_request_ranges(const ExportRequest& r) noexcept {
   return Status::Ok();
 }
 
+// Hands chunks to the sink; a refusal comes back as kSinkError naming the first chunk's offset
+// and carrying the sink's own message.
+inline Status write_chunks(BlockSink& sink, const Chunk* chunks, std::size_t count) noexcept {
+  if (count == 0) return Status::Ok();
+  const Status s = sink.write(chunks, count);
+  if (s.ok()) return s;
+  return Status::Error(StatusCode::kSinkError, s.sys_errno,
+                       "sink write at guest offset 0x%" PRIx64 " failed: %s",
+                       chunks[0].guest_offset, s.message);
+}
+
 }  // namespace memsnap::plugin

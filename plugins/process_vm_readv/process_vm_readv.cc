@@ -277,15 +277,8 @@ class Export {
     if (remote_count_ > 0) {
       if (Status s = read_pending(); !s.ok()) return s;
     }
-    if (!chunks_.empty()) {
-      Status s = sink_.write(chunks_.data(), chunks_.size());
-      if (!s.ok()) {
-        return Status::Error(StatusCode::kSinkError, s.sys_errno,
-                             "sink write at guest offset 0x%" PRIx64 " failed: %s",
-                             chunks_.front().guest_offset, s.message);
-      }
-      chunks_.clear();
-    }
+    if (Status s = plugin::write_chunks(sink_, chunks_.data(), chunks_.size()); !s.ok()) return s;
+    chunks_.clear();
     fill_ = 0;
     read_pos_ = 0;
     return Status::Ok();
