@@ -9,6 +9,8 @@
 #include <cstring>
 #include <string>
 
+#include "core/base/file_io.h"
+
 namespace memsnap {
 namespace {
 
@@ -36,20 +38,6 @@ struct PmScanArg {
 constexpr std::uint64_t kPageIsPresent = 1u << 3;
 constexpr std::uint64_t kPageIsSwapped = 1u << 4;
 constexpr unsigned long kPagemapScan = _IOWR('f', 16, PmScanArg);
-
-class Fd {
- public:
-  explicit Fd(int fd) : fd_(fd) {}
-  ~Fd() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  Fd(const Fd&) = delete;
-  Fd& operator=(const Fd&) = delete;
-  int get() const { return fd_; }
-
- private:
-  int fd_;
-};
 
 std::string errno_text(int err) { return std::strerror(err); }
 
@@ -188,16 +176,17 @@ Result<std::vector<ByteRange>> populated_ranges_of_memfd(int memfd, std::uint64_
 Result<std::vector<ByteRange>> populated_ranges_of_process(pid_t pid,
                                                            const std::vector<Region>& regions,
                                                            std::uint64_t block_size,
-                                                           ScanStats* stats_out) {
+                                                           ScanStats* stats_out,
+                                                           ScanMethod method) {
   const std::string path = "/proc/" + std::to_string(pid) + "/pagemap";
-  Fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  const io::UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
   if (fd.get() < 0) {
     const int err = errno;
     return make_error(err == ENOENT ? Errc::kProcessGone : Errc::kIoError,
                       "cannot open " + path + ": " + errno_text(err), err);
   }
   ScanStats stats;
-  stats.used_pagemap_scan = true;
+  stats.used_pagemap_scan = method == ScanMethod::kAuto;
   std::vector<ByteRange> out;
   for (const auto& r : regions) {
     if (stats.used_pagemap_scan) {

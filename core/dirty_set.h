@@ -34,10 +34,15 @@ struct ScanStats {
   bool used_pagemap_scan = false;  // false: read /proc/PID/pagemap instead
   std::uint64_t ioctl_calls = 0;
 };
+enum class ScanMethod {
+  kAuto,         // PAGEMAP_SCAN, or reading /proc/PID/pagemap where the kernel lacks it
+  kPagemapRead,  // always read /proc/PID/pagemap (the fallback; tests use it to cover it)
+};
 Result<std::vector<ByteRange>> populated_ranges_of_process(pid_t pid,
                                                            const std::vector<Region>& regions,
                                                            std::uint64_t block_size,
-                                                           ScanStats* stats = nullptr);
+                                                           ScanStats* stats = nullptr,
+                                                           ScanMethod method = ScanMethod::kAuto);
 
 // Sorts regions by guest offset and checks they are disjoint, page-aligned and inside the guest.
 Status validate_regions(std::vector<Region>& regions, std::uint64_t guest_size);

@@ -74,6 +74,14 @@ TEST(PopulatedRangesTest, ProcessScanFindsTouchedPagesOnly) {
   EXPECT_EQ((*r)[1], (ByteRange{100 * kPage, kPage}));
   EXPECT_EQ((*r)[2], (ByteRange{high + 127 * kPage, kPage}));
   EXPECT_TRUE(stats.used_pagemap_scan) << "this kernel should have PAGEMAP_SCAN";
+  // The /proc/PID/pagemap fallback (kernels before 6.7) must find exactly the same pages.
+  ScanStats fallback_stats;
+  auto fallback = populated_ranges_of_process(getpid(), regions, kPage, &fallback_stats,
+                                              ScanMethod::kPagemapRead);
+  ASSERT_TRUE(fallback.ok()) << fallback.error().to_string();
+  EXPECT_FALSE(fallback_stats.used_pagemap_scan);
+  ASSERT_EQ(fallback->size(), r->size());
+  for (std::size_t i = 0; i < r->size(); ++i) EXPECT_EQ((*fallback)[i], (*r)[i]) << i;
   munmap(mem, size);
 }
 

@@ -100,4 +100,9 @@ std::vector<std::uint64_t> select_pages(std::uint64_t page_count, double fractio
   return pages;
 }
 
+std::vector<std::uint64_t> never_written_pages(std::uint64_t page_count, double zero_fraction,
+                                               std::uint64_t seed) {
+  return select_pages(page_count, zero_fraction, seed ^ 0x5a5a, false);
+}
+
 }  // namespace memsnap::pattern

@@ -32,4 +32,9 @@ PageCheck check_page(const void* src, std::size_t page_size, std::uint64_t seed,
 std::vector<std::uint64_t> select_pages(std::uint64_t page_count, double fraction,
                                         std::uint64_t seed, bool sequential);
 
+// The pages a stand-in guest leaves never written (generation 0) for a zero fraction: the one
+// definition the guest and everything that checks its memory share.
+std::vector<std::uint64_t> never_written_pages(std::uint64_t page_count, double zero_fraction,
+                                               std::uint64_t seed);
+
 }  // namespace memsnap::pattern

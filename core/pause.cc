@@ -12,6 +12,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "core/base/file_io.h"
 #include "core/dirty_set.h"
 #include "core/snapshot/snapshot_reader.h"
 #include "core/snapshot/snapshot_writer.h"
@@ -85,16 +86,9 @@ Result<std::uint64_t> restore_released(SnapshotWriter& writer, int memfd) {
     for (std::uint64_t off = r.offset; off < r.offset + r.length;) {
       const std::uint64_t n = std::min<std::uint64_t>(buf.size(), r.offset + r.length - off);
       if (auto s = writer.read_back(off, n, buf.data()); !s.ok()) return std::move(s).error();
-      for (std::uint64_t done = 0; done < n;) {
-        const ssize_t w =
-            ::pwrite(memfd, buf.data() + done, n - done, static_cast<off_t>(off + done));
-        if (w < 0 && errno == EINTR) continue;
-        if (w <= 0) {
-          return make_error(Errc::kIoError,
-                            std::string("writing released memory back: ") + std::strerror(errno),
-                            errno);
-        }
-        done += static_cast<std::uint64_t>(w);
+      if (auto s = io::pwrite_all(memfd, buf.data(), n, off, "writing released memory back");
+          !s.ok()) {
+        return std::move(s).error();
       }
       off += n;
       restored += n;
@@ -142,19 +136,6 @@ Result<int> reopen_privately(int fd) {
   }
   return copy;
 }
-
-class FdCloser {
- public:
-  explicit FdCloser(int fd) : fd_(fd) {}
-  ~FdCloser() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-  FdCloser(const FdCloser&) = delete;
-  FdCloser& operator=(const FdCloser&) = delete;
-
- private:
-  int fd_;
-};
 
 Result<std::uint64_t> derive_guest_size(const PauseRequest& req) {
   if (req.guest_size != 0) return req.guest_size;
@@ -216,7 +197,7 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
     if (!own.ok()) return std::move(own).error();
     req.memfd = *own;
   }
-  const FdCloser close_memfd(req.memfd);
+  const io::UniqueFd own_memfd(req.memfd);
 
   // Strategy, with an explicit fallback only where allowed.
   std::string problem;

@@ -11,7 +11,7 @@
 #include <cstring>
 #include <limits>
 
-#include "core/snapshot/file_io.h"
+#include "core/base/file_io.h"
 
 namespace memsnap {
 namespace {
@@ -34,7 +34,7 @@ Result<std::unique_ptr<SnapshotReader>> SnapshotReader::open(const std::string& 
   if (fd < 0) {
     const int err = errno;
     return make_error(err == ENOENT ? Errc::kNotFound : Errc::kIoError,
-                      snapshot_io::errno_message("opening snapshot " + path, err), err);
+                      io::errno_message("opening snapshot " + path, err), err);
   }
   std::unique_ptr<SnapshotReader> reader(new SnapshotReader(path, fd));
   if (auto s = reader->load(verify); !s.ok()) return std::move(s).error();
@@ -51,7 +51,7 @@ Status SnapshotReader::load(Verify verify) {
   struct stat st {};
   if (::fstat(fd_, &st) != 0) {
     const int err = errno;
-    return make_error(Errc::kIoError, snapshot_io::errno_message("fstat " + path_, err), err);
+    return make_error(Errc::kIoError, io::errno_message("fstat " + path_, err), err);
   }
   if (auto s = load_header(static_cast<std::uint64_t>(st.st_size)); !s.ok()) return s;
   if (auto s = load_map(); !s.ok()) return s;
@@ -62,7 +62,7 @@ Status SnapshotReader::load(Verify verify) {
 Status SnapshotReader::load_header(std::uint64_t file_size) {
   const std::size_t have =
       static_cast<std::size_t>(std::min<std::uint64_t>(file_size, sizeof(header_)));
-  if (auto s = snapshot_io::pread_exact(fd_, &header_, have, 0, "reading " + path_); !s.ok()) {
+  if (auto s = io::pread_exact(fd_, &header_, have, 0, "reading " + path_); !s.ok()) {
     return s;
   }
   const FileHeader& h = header_;
@@ -135,7 +135,7 @@ Status SnapshotReader::load_header(std::uint64_t file_size) {
 Status SnapshotReader::load_map() {
   const FileHeader& h = header_;
   runs_.resize(h.run_count);
-  if (auto s = snapshot_io::pread_exact(fd_, runs_.data(), runs_.size() * sizeof(MapRun),
+  if (auto s = io::pread_exact(fd_, runs_.data(), runs_.size() * sizeof(MapRun),
                                         h.map_offset, "reading the block map of " + path_);
       !s.ok()) {
     return s;
@@ -252,7 +252,7 @@ Status SnapshotReader::read(std::uint64_t guest_offset, std::uint64_t length, vo
     const std::uint64_t stop = std::min(end, run_end);
     const std::uint64_t file_pos =
         header_.data_offset + first.data_offset + (pos - first.first_block * bs);
-    if (auto s = snapshot_io::pread_exact(fd_, out, stop - pos, file_pos, "reading " + path_);
+    if (auto s = io::pread_exact(fd_, out, stop - pos, file_pos, "reading " + path_);
         !s.ok()) {
       return s;
     }
@@ -272,7 +272,7 @@ Status SnapshotReader::verify_run_with(std::size_t index, std::vector<std::uint8
   if (r.kind != RunKind::kData) return {};
   const std::uint64_t bytes = r.block_count * block_size();
   if (buffer.size() < bytes) buffer.resize(bytes);
-  if (auto s = snapshot_io::pread_exact(fd_, buffer.data(), bytes,
+  if (auto s = io::pread_exact(fd_, buffer.data(), bytes,
                                         header_.data_offset + r.data_offset, "reading " + path_);
       !s.ok()) {
     return s;

@@ -20,12 +20,12 @@
 #include <system_error>
 #include <thread>
 
-#include "core/snapshot/file_io.h"
+#include "core/base/file_io.h"
 
 namespace memsnap {
 namespace {
 
-using snapshot_io::errno_message;
+using io::errno_message;
 
 // Data is hashed and written in batches of about this size: large enough that syscall and
 // thread hand-off costs vanish (each write call costs ~15 us here), small enough to stay in cache
@@ -633,14 +633,14 @@ Status SnapshotWriter::finish_commit() {
   h.map_checksum = compute_map_checksum(map);
   h.header_checksum = compute_header_checksum(h);
 
-  if (auto s = snapshot_io::pwrite_all(fd_, map.data(), map.size() * sizeof(MapRun), h.map_offset,
+  if (auto s = io::pwrite_all(fd_, map.data(), map.size() * sizeof(MapRun), h.map_offset,
                                        "writing the block map to " + temp_path_);
       !s.ok()) {
     return fail_commit(std::move(s).error());
   }
   // The header goes last: until it is written the file has no magic and no reader accepts it.
   if (auto s =
-          snapshot_io::pwrite_all(fd_, &h, sizeof(h), 0, "writing the header to " + temp_path_);
+          io::pwrite_all(fd_, &h, sizeof(h), 0, "writing the header to " + temp_path_);
       !s.ok()) {
     return fail_commit(std::move(s).error());
   }
@@ -742,7 +742,7 @@ Status SnapshotWriter::read_back(std::uint64_t guest_offset, std::uint64_t lengt
         return make_error(Errc::kNotFound, "read_back: guest offset " + std::to_string(pos) +
                                                " never reached the file (a write failed)");
       }
-      if (auto s = snapshot_io::pread_exact(fd_, out, n, kSnapshotDataOffset + data_pos,
+      if (auto s = io::pread_exact(fd_, out, n, kSnapshotDataOffset + data_pos,
                                             "reading back " + temp_path_);
           !s.ok()) {
         return s;

@@ -90,7 +90,7 @@ Result<std::unique_ptr<GuestProcess>> GuestProcess::spawn(const GuestOptions& o)
   }
   const std::uint64_t pages = g->guest_size_ / 4096;
   g->expected_.assign(pages, 1);
-  for (std::uint64_t p : pattern::select_pages(pages, o.zero_fraction, o.seed ^ 0x5a5a, false)) {
+  for (std::uint64_t p : pattern::never_written_pages(pages, o.zero_fraction, o.seed)) {
     g->expected_[p] = 0;
   }
   return g;

@@ -135,8 +135,7 @@ class Guest {
       offset += size;
     }
     std::vector<bool> zero(pages, false);
-    for (std::uint64_t p :
-         memsnap::pattern::select_pages(pages, o.zero_fraction, o.seed ^ 0x5a5a, false)) {
+    for (std::uint64_t p : memsnap::pattern::never_written_pages(pages, o.zero_fraction, o.seed)) {
       zero[p] = true;
     }
     generation_ = 1;

@@ -1,11 +1,16 @@
-#include "core/snapshot/file_io.h"
+#include "core/base/file_io.h"
 
 #include <unistd.h>
 
 #include <cerrno>
 #include <cstring>
 
-namespace memsnap::snapshot_io {
+namespace memsnap::io {
+
+void UniqueFd::reset(int fd) noexcept {
+  if (fd_ >= 0) ::close(fd_);
+  fd_ = fd;
+}
 
 std::string errno_message(const std::string& what, int err) {
   return what + ": " + std::strerror(err);
@@ -51,4 +56,4 @@ Status pread_exact(int fd, void* buf, std::size_t len, std::uint64_t offset,
   return {};
 }
 
-}  // namespace memsnap::snapshot_io
+}  // namespace memsnap::io
