@@ -35,9 +35,22 @@ struct PmScanArg {
   std::uint64_t category_anyof_mask;
   std::uint64_t return_mask;
 };
+constexpr std::uint64_t kPageIsWritten = 1u << 1;
 constexpr std::uint64_t kPageIsPresent = 1u << 3;
 constexpr std::uint64_t kPageIsSwapped = 1u << 4;
+constexpr std::uint64_t kScanWpMatching = 1u << 0;    // PM_SCAN_WP_MATCHING: re-protect matches
+constexpr std::uint64_t kScanCheckWpAsync = 1u << 1;  // PM_SCAN_CHECK_WPASYNC
 constexpr unsigned long kPagemapScan = _IOWR('f', 16, PmScanArg);
+
+// What one PAGEMAP_SCAN walk asks for.
+struct ScanQuery {
+  std::uint64_t flags = 0;
+  std::uint64_t category_mask = 0;        // all of these
+  std::uint64_t category_anyof_mask = 0;  // at least one of these
+  std::uint64_t return_mask = 0;
+};
+constexpr ScanQuery kPopulatedQuery{0, 0, kPageIsPresent | kPageIsSwapped,
+                                    kPageIsPresent | kPageIsSwapped};
 
 std::string errno_text(int err) { return std::strerror(err); }
 
@@ -62,7 +75,8 @@ void add_host_range(std::vector<ByteRange>& out, const Region& r, std::uint64_t 
 }
 
 Result<bool> scan_with_ioctl(int fd, const Region& r, std::uint64_t block_size,
-                             std::vector<ByteRange>& out, ScanStats& stats) {
+                             const ScanQuery& query, std::vector<ByteRange>& out,
+                             ScanStats& stats) {
   std::vector<PageRegion> vec(512);
   std::uint64_t start = r.host_addr;
   const std::uint64_t end = r.host_addr + r.size;
@@ -73,13 +87,18 @@ Result<bool> scan_with_ioctl(int fd, const Region& r, std::uint64_t block_size,
     arg.end = end;
     arg.vec = reinterpret_cast<std::uint64_t>(vec.data());
     arg.vec_len = vec.size();
-    arg.category_anyof_mask = kPageIsPresent | kPageIsSwapped;
-    arg.return_mask = kPageIsPresent | kPageIsSwapped;
+    arg.flags = query.flags;
+    arg.category_mask = query.category_mask;
+    arg.category_anyof_mask = query.category_anyof_mask;
+    arg.return_mask = query.return_mask;
     const int n = ::ioctl(fd, kPagemapScan, &arg);
     ++stats.ioctl_calls;
     if (n < 0) {
       if (errno == EINTR) continue;
-      if ((errno == ENOTTY || errno == EINVAL) && stats.ioctl_calls == 1) return false;
+      const bool no_wp_async = errno == EPERM && (query.flags & kScanCheckWpAsync) != 0;
+      if ((errno == ENOTTY || errno == EINVAL || no_wp_async) && stats.ioctl_calls == 1) {
+        return false;
+      }
       return make_error(Errc::kIoError, "PAGEMAP_SCAN failed: " + errno_text(errno), errno);
     }
     for (int i = 0; i < n; ++i) add_host_range(out, r, vec[i].start, vec[i].end, block_size);
@@ -190,7 +209,7 @@ Result<std::vector<ByteRange>> populated_ranges_of_process(pid_t pid,
   std::vector<ByteRange> out;
   for (const auto& r : regions) {
     if (stats.used_pagemap_scan) {
-      auto used = scan_with_ioctl(fd.get(), r, block_size, out, stats);
+      auto used = scan_with_ioctl(fd.get(), r, block_size, kPopulatedQuery, out, stats);
       if (!used.ok()) return std::move(used).error();
       if (*used) continue;
       stats.used_pagemap_scan = false;
@@ -201,6 +220,37 @@ Result<std::vector<ByteRange>> populated_ranges_of_process(pid_t pid,
   }
   if (stats_out) *stats_out = stats;
   return out;
+}
+
+Result<std::vector<ByteRange>> written_ranges_of_process(pid_t pid,
+                                                         const std::vector<Region>& regions,
+                                                         std::uint64_t block_size, bool rearm) {
+  const std::string path = "/proc/" + std::to_string(pid) + "/pagemap";
+  const io::UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (fd.get() < 0) {
+    const int err = errno;
+    return make_error(err == ENOENT ? Errc::kProcessGone : Errc::kIoError,
+                      "cannot open " + path + ": " + errno_text(err), err);
+  }
+  const ScanQuery query{kScanCheckWpAsync | (rearm ? kScanWpMatching : 0), kPageIsWritten, 0,
+                        kPageIsWritten};
+  ScanStats stats;
+  std::vector<ByteRange> out;
+  for (const auto& r : regions) {
+    auto used = scan_with_ioctl(fd.get(), r, block_size, query, out, stats);
+    if (!used.ok()) return std::move(used).error();
+    if (!*used) {
+      return make_error(Errc::kUnsupported,
+                        "PAGEMAP_SCAN with write tracking is not available (kernel < 6.7, or the "
+                        "guest memory is not registered for userfaultfd WP_ASYNC)");
+    }
+  }
+  // Regions were scanned in their given order; make the result sorted and merged.
+  std::vector<ByteRange> sorted;
+  std::sort(out.begin(), out.end(),
+            [](const ByteRange& a, const ByteRange& b) { return a.offset < b.offset; });
+  for (const auto& b : out) append_merged(sorted, b.offset, b.offset + b.length);
+  return sorted;
 }
 
 Status validate_regions(std::vector<Region>& regions, std::uint64_t guest_size) {

@@ -44,6 +44,15 @@ Result<std::vector<ByteRange>> populated_ranges_of_process(pid_t pid,
                                                            ScanStats* stats = nullptr,
                                                            ScanMethod method = ScanMethod::kAuto);
 
+// Pages of the VMM's guest regions written since they were last write-protected through
+// userfaultfd in WP_ASYNC mode (PAGEMAP_SCAN, PAGE_IS_WRITTEN), as guest offsets. With rearm, the
+// same ioctl write-protects them again, so the next call reports only later writes.
+// kUnsupported when the kernel or the registration does not allow it (the caller falls back to
+// "everything populated" and says so).
+Result<std::vector<ByteRange>> written_ranges_of_process(pid_t pid,
+                                                         const std::vector<Region>& regions,
+                                                         std::uint64_t block_size, bool rearm);
+
 // Sorts regions by guest offset and checks they are disjoint, page-aligned and inside the guest.
 Status validate_regions(std::vector<Region>& regions, std::uint64_t guest_size);
 

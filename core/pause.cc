@@ -14,42 +14,13 @@
 
 #include "core/base/file_io.h"
 #include "core/dirty_set.h"
+#include "core/phase_clock.h"
 #include "core/snapshot/snapshot_reader.h"
 #include "core/snapshot/snapshot_writer.h"
 #include "core/vmm_process.h"
 
 namespace memsnap {
 namespace {
-
-double thread_cpu_seconds() {
-  timespec ts{};
-  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-  return double(ts.tv_sec) + double(ts.tv_nsec) * 1e-9;
-}
-
-// Times consecutive phases of one pause on the calling thread.
-class PhaseClock {
- public:
-  explicit PhaseClock(std::vector<PhaseTiming>& out) : out_(out) {}
-  void start(std::string name) {
-    stop();
-    name_ = std::move(name);
-    wall_start_ = std::chrono::steady_clock::now();
-    cpu_start_ = thread_cpu_seconds();
-  }
-  void stop() {
-    if (name_.empty()) return;
-    const std::chrono::duration<double> wall = std::chrono::steady_clock::now() - wall_start_;
-    out_.push_back({std::move(name_), wall.count(), thread_cpu_seconds() - cpu_start_});
-    name_.clear();
-  }
-
- private:
-  std::vector<PhaseTiming>& out_;
-  std::string name_;
-  std::chrono::steady_clock::time_point wall_start_;
-  double cpu_start_ = 0;
-};
 
 // Why info's strategy cannot run on this request, or empty if it can.
 std::string missing_prerequisite(const PluginInfo& info, const PauseRequest& req) {
@@ -265,10 +236,17 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
   clock.start("dirty_set");
   Result<std::vector<plugin::ByteRange>> dirty = std::vector<plugin::ByteRange>{};
   if (req.dirty) {
+    report.dirty_set_source = "given by the caller";
     dirty = normalize_ranges(*req.dirty, req.guest_size, req.block_size);
+  } else if (req.dirty_source) {
+    auto ranges = req.dirty_source(&report.dirty_set_source);
+    dirty = ranges.ok() ? normalize_ranges(std::move(*ranges), req.guest_size, req.block_size)
+                        : std::move(ranges);
   } else if (req.memfd >= 0) {
+    report.dirty_set_source = "every populated page of the memfd (SEEK_DATA)";
     dirty = populated_ranges_of_memfd(req.memfd, req.guest_size, req.block_size);
   } else {
+    report.dirty_set_source = "every populated page of the process (PAGEMAP_SCAN)";
     dirty = populated_ranges_of_process(req.pid, req.regions, req.block_size);
   }
   if (!dirty.ok()) return std::move(dirty).error();
@@ -298,7 +276,9 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
   clock.start("commit");
   if (auto s = (*writer)->commit(); !s.ok()) return fail_pause(**writer, req, std::move(s).error());
 
-  if (frozen) {
+  if (frozen && req.stay_frozen) {
+    frozen->keep_stopped();
+  } else if (frozen) {
     clock.start("thaw");
     if (auto s = frozen->thaw(); !s.ok()) spdlog::warn("{}", s.error().to_string());
   }

@@ -12,6 +12,7 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <functional>
 #include <optional>
 #include <string>
 #include <utility>
@@ -35,6 +36,10 @@ struct PauseRequest {
   // What to export; nullopt means everything populated (SEEK_DATA on the memfd, else
   // PAGEMAP_SCAN on the process).
   std::optional<std::vector<plugin::ByteRange>> dirty;
+  // When set (and dirty is not), called in the dirty_set phase -- after the freeze, so no write
+  // can slip between computing the set and exporting it -- e.g. a resume session's write
+  // tracking. It describes its source in *how.
+  std::function<Result<std::vector<plugin::ByteRange>>(std::string* how)> dirty_source;
 
   std::string strategy;
   std::vector<std::pair<std::string, std::string>> strategy_options;
@@ -46,7 +51,11 @@ struct PauseRequest {
   std::string out_path;
   std::string parent_path;  // empty: a base snapshot; else the diff's parent
   bool freeze = false;      // SIGSTOP the pid for the export, SIGCONT after
-  bool sync = true;         // fsync the snapshot and its directory at commit
+  // With freeze: after a successful pause, leave the VMM stopped (a paused sandbox does not run;
+  // the caller kills it). Its memory then still equals the snapshot, so a memfd kept from it
+  // can serve a warm resume. A failed pause always continues the VMM.
+  bool stay_frozen = false;
+  bool sync = true;  // fsync the snapshot and its directory at commit
 };
 
 struct PhaseTiming {
@@ -67,6 +76,7 @@ struct PauseReport {
   std::uint64_t guest_size = 0;
   std::uint32_t block_size = 0;
   std::uint64_t dirty_bytes = 0;
+  std::string dirty_set_source;  // given, dirty_source's description, or how it was found
   std::uint64_t data_blocks = 0;
   std::uint64_t zero_blocks = 0;
   std::uint64_t parent_blocks = 0;

@@ -27,6 +27,8 @@ class Freezer {
   ~Freezer();
   // Continues the process; idempotent.
   Status thaw();
+  // Leaves the process stopped for good (the caller kills it or continues it itself).
+  void keep_stopped() noexcept { pid_ = -1; }
 
  private:
   explicit Freezer(pid_t pid) : pid_(pid) {}

@@ -56,6 +56,18 @@ std::string_view errc_name(Errc code) noexcept {
       return "process_gone";
     case Errc::kBadAddress:
       return "bad_address";
+    case Errc::kHandshakeTimeout:
+      return "handshake_timeout";
+    case Errc::kHandshakeProtocol:
+      return "handshake_protocol";
+    case Errc::kHandshakeBadRegions:
+      return "handshake_bad_regions";
+    case Errc::kHandshakeBadFd:
+      return "handshake_bad_fd";
+    case Errc::kResumeFailed:
+      return "resume_failed";
+    case Errc::kGenerationMismatch:
+      return "generation_mismatch";
   }
   return "unknown";
 }

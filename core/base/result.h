@@ -43,6 +43,13 @@ enum class Errc {
   kExportFailed,
   kProcessGone,
   kBadAddress,
+  // UFFD handshake (core/handshake) and resume
+  kHandshakeTimeout,     // no VMM connected, or it sent nothing, in time
+  kHandshakeProtocol,    // the message itself is wrong: truncated, wrong fd count, no message
+  kHandshakeBadRegions,  // the region JSON is malformed or does not fit the snapshot
+  kHandshakeBadFd,       // a received fd is not what it should be (not a userfaultfd / memfd)
+  kResumeFailed,         // serving guest memory failed (uffd ioctl error, VMM gone mid-fill)
+  kGenerationMismatch,   // a retained memfd does not hold the snapshot asked for
 };
 
 // The stable snake_case name of a code, e.g. "plugin_abi_mismatch".

@@ -111,4 +111,41 @@ Result<BlockSource> SnapshotChain::resolve(std::uint64_t block) const {
                     "snapshot chain: block " + std::to_string(block) + " resolves to no layer");
 }
 
+std::vector<ChainExtent> SnapshotChain::flatten() const {
+  std::vector<ChainExtent> out;
+  flatten_range(layers_.size() - 1, 0, guest_size() / block_size(), out);
+  return out;
+}
+
+// Appends the extents of guest blocks [begin, end) as `layer` resolves them, descending into
+// older layers for PARENT runs (a base snapshot has none, so the recursion ends there).
+void SnapshotChain::flatten_range(std::size_t layer, std::uint64_t begin, std::uint64_t end,
+                                  std::vector<ChainExtent>& out) const {
+  const SnapshotReader& r = *layers_[layer];
+  const auto runs = r.runs();
+  const std::uint64_t bs = r.block_size();
+  for (std::size_t i = *r.find_run(begin); begin < end && i < runs.size(); ++i) {
+    const MapRun& run = runs[i];
+    const std::uint64_t s = std::max(begin, run.first_block);
+    const std::uint64_t e = std::min(end, run.first_block + run.block_count);
+    if (run.kind == RunKind::kParent) {
+      flatten_range(layer - 1, s, e, out);
+    } else if (run.kind == RunKind::kZero && !out.empty() && out.back().kind == RunKind::kZero &&
+               out.back().first_block + out.back().block_count == s) {
+      out.back().block_count += e - s;
+    } else {
+      ChainExtent x;
+      x.first_block = s;
+      x.block_count = e - s;
+      x.kind = run.kind;
+      x.layer = layer;
+      if (run.kind == RunKind::kData) {
+        x.file_offset = r.header().data_offset + run.data_offset + (s - run.first_block) * bs;
+      }
+      out.push_back(x);
+    }
+    begin = e;
+  }
+}
+
 }  // namespace memsnap

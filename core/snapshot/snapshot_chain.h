@@ -20,6 +20,15 @@ struct BlockSource {
   std::size_t run = 0;            // index into layer(layer).runs()
 };
 
+// A stretch of guest blocks that one layer provides, as DATA or ZERO.
+struct ChainExtent {
+  std::uint64_t first_block = 0;
+  std::uint64_t block_count = 0;
+  RunKind kind = RunKind::kZero;  // kData or kZero
+  std::size_t layer = 0;
+  std::uint64_t file_offset = 0;  // kData: where first_block's bytes are in the layer's file
+};
+
 // Owns one SnapshotReader per layer. Immutable after open(); const methods may be called from
 // several threads at once. Movable, not copyable.
 class SnapshotChain {
@@ -43,12 +52,18 @@ class SnapshotChain {
   // layer are read with one pread. kInvalidArgument outside the guest; read errors of layers.
   Status read(std::uint64_t guest_offset, std::uint64_t length, void* dst) const;
 
+  // The whole guest resolved: sorted extents covering every block exactly once, each from the
+  // newest layer that holds it (neighbouring ZERO extents merged).
+  std::vector<ChainExtent> flatten() const;
+
   // Which layer and run provide `block`. kInvalidArgument beyond the guest.
   Result<BlockSource> resolve(std::uint64_t block) const;
 
  private:
   explicit SnapshotChain(std::vector<std::unique_ptr<SnapshotReader>> layers)
       : layers_(std::move(layers)) {}
+  void flatten_range(std::size_t layer, std::uint64_t begin, std::uint64_t end,
+                     std::vector<ChainExtent>& out) const;
   Status read_layer(std::size_t layer, std::uint64_t begin, std::uint64_t end,
                     std::uint8_t* dst) const;
 

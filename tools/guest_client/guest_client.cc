@@ -1,13 +1,16 @@
 #include "tools/guest_client/guest_client.h"
 
 #include <fcntl.h>
+#include <poll.h>
 #include <signal.h>
 #include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <thread>
@@ -31,8 +34,65 @@ std::string default_guest_binary() {
   return "memsnap-guest";
 }
 
+namespace {
+
+// A temporary file holding the --expect table; removed when this goes out of scope (the guest
+// has read it by the time it prints its layout).
+class ExpectFile {
+ public:
+  ExpectFile() = default;
+  ExpectFile(const ExpectFile&) = delete;
+  ExpectFile& operator=(const ExpectFile&) = delete;
+  ~ExpectFile() {
+    if (!path_.empty()) unlink(path_.c_str());
+  }
+
+  Status write(const std::vector<std::uint32_t>& generations) {
+    const char* dir = std::getenv("TMPDIR");
+    std::string tmpl =
+        std::string(dir != nullptr && *dir != '\0' ? dir : "/tmp") + "/memsnap-guest-expect-XXXXXX";
+    const int fd = mkstemp(tmpl.data());
+    if (fd < 0) return make_error(Errc::kIoError, "mkstemp " + tmpl, errno);
+    path_ = tmpl;
+    std::vector<unsigned char> bytes(generations.size() * 4);
+    for (std::size_t i = 0; i < generations.size(); ++i) {
+      for (int b = 0; b < 4; ++b) {
+        bytes[4 * i + b] = static_cast<unsigned char>(generations[i] >> (8 * b));
+      }
+    }
+    std::size_t done = 0;
+    while (done < bytes.size()) {
+      const ssize_t n = ::write(fd, bytes.data() + done, bytes.size() - done);
+      if (n < 0 && errno == EINTR) continue;
+      if (n < 0) {
+        const int err = errno;
+        close(fd);
+        return make_error(Errc::kIoError, "write " + path_, err);
+      }
+      done += static_cast<std::size_t>(n);
+    }
+    close(fd);
+    return Status();
+  }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+}  // namespace
+
 Result<std::unique_ptr<GuestProcess>> GuestProcess::spawn(const GuestOptions& o) {
   const std::string binary = o.binary.empty() ? default_guest_binary() : o.binary;
+  const std::uint64_t pages = o.size / 4096;
+  if (!o.expect.empty() && (!o.no_fill || o.expect.size() != pages)) {
+    return make_error(Errc::kInvalidArgument,
+                      "GuestOptions::expect needs no_fill and one entry per 4 KiB page (" +
+                          std::to_string(pages) + "), has " + std::to_string(o.expect.size()));
+  }
+  if (o.accept_memfd && o.handshake_socket.empty()) {
+    return make_error(Errc::kInvalidArgument, "GuestOptions::accept_memfd needs handshake_socket");
+  }
   std::vector<std::string> args = {binary,
                                    "--size",
                                    std::to_string(o.size),
@@ -45,6 +105,19 @@ Result<std::unique_ptr<GuestProcess>> GuestProcess::spawn(const GuestOptions& o)
                                    "--zero-fraction",
                                    std::to_string(o.zero_fraction)};
   if (o.thp) args.push_back("--thp");
+  if (o.no_fill) args.push_back("--no-fill");
+  ExpectFile expect_file;
+  if (!o.expect.empty()) {
+    if (auto s = expect_file.write(o.expect); !s.ok()) return std::move(s).error();
+    args.push_back("--expect");
+    args.push_back(expect_file.path());
+  }
+  if (!o.handshake_socket.empty()) {
+    args.push_back("--handshake");
+    args.push_back(o.handshake_socket);
+    if (o.accept_memfd) args.push_back("--accept-memfd");
+    if (!o.track_writes) args.push_back("--no-track-writes");
+  }
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());
   argv.push_back(nullptr);
@@ -73,13 +146,15 @@ Result<std::unique_ptr<GuestProcess>> GuestProcess::spawn(const GuestOptions& o)
   std::unique_ptr<GuestProcess> g(new GuestProcess());
   g->pid_ = pid;
   g->to_guest_ = in_pipe[1];
-  g->from_guest_ = fdopen(out_pipe[0], "r");
-  auto layout = g->command("");
+  g->from_guest_ = out_pipe[0];
+  auto layout = g->read_answer(-1);
   if (!layout.ok()) return std::move(layout).error();
   try {
     g->guest_size_ = (*layout)["guest_size"].get<std::uint64_t>();
     g->seed_ = (*layout)["seed"].get<std::uint64_t>();
     g->memfd_number_ = (*layout)["memfd_fd"].get<int>();
+    g->uffd_ = layout->value("uffd", false);
+    g->wp_async_ = layout->value("wp_async", false);
     for (const auto& r : (*layout)["regions"]) {
       g->regions_.push_back({r["guest_offset"].get<std::uint64_t>(),
                              r["host_addr"].get<std::uint64_t>(), r["size"].get<std::uint64_t>()});
@@ -88,10 +163,15 @@ Result<std::unique_ptr<GuestProcess>> GuestProcess::spawn(const GuestOptions& o)
     return make_error(Errc::kInternal,
                       std::string("unexpected layout from memsnap-guest: ") + e.what());
   }
-  const std::uint64_t pages = g->guest_size_ / 4096;
-  g->expected_.assign(pages, 1);
-  for (std::uint64_t p : pattern::never_written_pages(pages, o.zero_fraction, o.seed)) {
-    g->expected_[p] = 0;
+  // Without a handshake the guest reads commands right away.
+  g->ready_ = o.handshake_socket.empty();
+  if (o.no_fill) {
+    g->expected_ = o.expect.empty() ? std::vector<std::uint32_t>(pages, 0) : o.expect;
+  } else {
+    g->expected_.assign(pages, 1);
+    for (std::uint64_t p : pattern::never_written_pages(pages, o.zero_fraction, o.seed)) {
+      g->expected_[p] = 0;
+    }
   }
   return g;
 }
@@ -110,7 +190,7 @@ GuestProcess::~GuestProcess() {
     kill();
   }
   if (to_guest_ >= 0) close(to_guest_);
-  if (from_guest_ != nullptr) std::fclose(from_guest_);
+  if (from_guest_ >= 0) close(from_guest_);
 }
 
 void GuestProcess::kill() {
@@ -121,26 +201,98 @@ void GuestProcess::kill() {
   pid_ = -1;
 }
 
-Result<nlohmann::json> GuestProcess::command(const std::string& line) {
+Status GuestProcess::send_line(const std::string& line) {
   if (pid_ <= 0) return make_error(Errc::kProcessGone, "memsnap-guest is not running");
-  if (!line.empty()) {
-    const std::string msg = line + "\n";
-    if (write(to_guest_, msg.data(), msg.size()) != static_cast<ssize_t>(msg.size())) {
-      return make_error(Errc::kIoError, "cannot write to memsnap-guest", errno);
+  const std::string msg = line + "\n";
+  if (write(to_guest_, msg.data(), msg.size()) != static_cast<ssize_t>(msg.size())) {
+    return make_error(Errc::kIoError, "cannot write to memsnap-guest", errno);
+  }
+  return Status();
+}
+
+Result<nlohmann::json> GuestProcess::read_answer(int timeout_ms) {
+  if (pid_ <= 0) return make_error(Errc::kProcessGone, "memsnap-guest is not running");
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::milliseconds(timeout_ms);
+  std::size_t eol;
+  while ((eol = buffered_.find('\n')) == std::string::npos) {
+    int wait = -1;
+    if (timeout_ms >= 0) {
+      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+          deadline - std::chrono::steady_clock::now());
+      wait = static_cast<int>(std::max<std::int64_t>(0, left.count()));
     }
-    if (line == "exit") return nlohmann::json{};
+    pollfd p{from_guest_, POLLIN, 0};
+    const int r = poll(&p, 1, wait);
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) return make_error(Errc::kIoError, "poll on memsnap-guest's output", errno);
+    if (r == 0) {
+      return make_error(Errc::kHandshakeTimeout, "memsnap-guest did not answer within " +
+                                                     std::to_string(timeout_ms) + " ms");
+    }
+    char buf[65536];
+    const ssize_t n = read(from_guest_, buf, sizeof(buf));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return make_error(Errc::kIoError, "cannot read from memsnap-guest", errno);
+    if (n == 0) return make_error(Errc::kProcessGone, "memsnap-guest closed its output");
+    buffered_.append(buf, static_cast<std::size_t>(n));
   }
-  std::string reply;
-  char buf[65536];
-  while (std::fgets(buf, sizeof(buf), from_guest_) != nullptr) {
-    reply += buf;
-    if (!reply.empty() && reply.back() == '\n') break;
-  }
-  if (reply.empty()) return make_error(Errc::kProcessGone, "memsnap-guest closed its output");
+  const std::string reply = buffered_.substr(0, eol);
+  buffered_.erase(0, eol + 1);
   auto j = nlohmann::json::parse(reply, nullptr, false);
   if (j.is_discarded()) return make_error(Errc::kInternal, "memsnap-guest said: " + reply);
   if (j.contains("error")) return make_error(Errc::kInvalidArgument, j["error"].get<std::string>());
   return j;
+}
+
+void GuestProcess::take_ping(const nlohmann::json& j) {
+  ready_ = true;
+  uffd_ = j.value("uffd", uffd_);
+  wp_async_ = j.value("wp_async", wp_async_);
+  memfd_from_memsnap_ = j.value("memfd_from_memsnap", false);
+  memfd_number_ = j.value("memfd_fd", memfd_number_);
+}
+
+Status GuestProcess::drain_pending() {
+  while (pending_pings_ > 0) {
+    auto j = read_answer(-1);
+    if (!j.ok()) return std::move(j).error();
+    --pending_pings_;
+    take_ping(*j);
+  }
+  return Status();
+}
+
+Status GuestProcess::wait_ready(std::chrono::milliseconds timeout) {
+  if (pending_pings_ == 0) {
+    if (auto s = send_line("ping"); !s.ok()) return s;
+    ++pending_pings_;
+  }
+  while (pending_pings_ > 0) {
+    auto j = read_answer(static_cast<int>(timeout.count()));
+    if (!j.ok()) {
+      if (j.error().code == Errc::kHandshakeTimeout) {
+        return make_error(Errc::kHandshakeTimeout,
+                          "memsnap-guest is not ready after " + std::to_string(timeout.count()) +
+                              " ms (handshake not accepted, or memsnap's reply not received)");
+      }
+      return std::move(j).error();
+    }
+    --pending_pings_;
+    take_ping(*j);
+  }
+  return Status();
+}
+
+Result<nlohmann::json> GuestProcess::command(const std::string& line) {
+  if (line == "exit") {
+    if (auto s = send_line(line); !s.ok()) return std::move(s).error();
+    return nlohmann::json{};
+  }
+  if (auto s = drain_pending(); !s.ok()) return std::move(s).error();
+  if (!line.empty()) {
+    if (auto s = send_line(line); !s.ok()) return std::move(s).error();
+  }
+  return read_answer(-1);
 }
 
 Result<std::vector<plugin::ByteRange>> GuestProcess::dirty(double fraction, bool sequential,
@@ -164,6 +316,15 @@ Result<std::uint64_t> GuestProcess::verify() {
   auto j = command("verify");
   if (!j.ok()) return std::move(j).error();
   return (*j)["mismatches"].get<std::uint64_t>();
+}
+
+Result<std::uint64_t> GuestProcess::discard(std::uint64_t first_page, std::uint64_t count) {
+  auto j = command("discard " + std::to_string(first_page) + " " + std::to_string(count));
+  if (!j.ok()) return std::move(j).error();
+  const auto n = (*j)["discarded"].get<std::uint64_t>();
+  std::fill(expected_.begin() + static_cast<std::ptrdiff_t>(first_page),
+            expected_.begin() + static_cast<std::ptrdiff_t>(first_page + n), 0U);
+  return n;
 }
 
 Result<ChainCheck> check_chain_against_pattern(const SnapshotChain& chain, std::uint64_t seed,

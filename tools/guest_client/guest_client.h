@@ -5,6 +5,7 @@
 
 #include <sys/types.h>
 
+#include <chrono>
 #include <cstdint>
 #include <memory>
 #include <string>
@@ -27,6 +28,21 @@ struct GuestOptions {
   std::uint64_t seed = 1;
   double zero_fraction = 0.0;
   bool thp = false;
+
+  // Resume, like Firecracker with the UFFD memory backend: the guest registers its memory with a
+  // userfaultfd and sends the handshake to this Unix socket (empty: no userfaultfd, no
+  // handshake). spawn() returns as soon as the guest printed its layout, before the handshake is
+  // accepted; wait_ready() then waits until it has been (and the guest took memsnap's reply).
+  std::string handshake_socket;
+  // Do not write the pattern at start: guest memory comes from memsnap.
+  bool no_fill = false;
+  // With no_fill: the generation each page should hold (guest_size / 4096 entries); empty: all
+  // zeros. Passed to the guest in a temporary file.
+  std::vector<std::uint32_t> expect;
+  // Wait for memsnap's reply after the handshake and map the memfd it may hand over.
+  bool accept_memfd = false;
+  // Register for asynchronous write-protect tracking (UFFD_FEATURE_WP_ASYNC) if the kernel can.
+  bool track_writes = true;
 };
 
 // memsnap-guest next to the running executable, else in $MEMSNAP_BIN_DIR.
@@ -49,21 +65,51 @@ class GuestProcess {
   // Generation each page should hold now (0: never written).
   const std::vector<std::uint32_t>& expected_generations() const { return expected_; }
 
-  // Sends one command line and returns its one-line JSON answer.
+  // Whether the guest registered its memory with a userfaultfd, and with asynchronous
+  // write-protect tracking (from the layout, refreshed by wait_ready()).
+  bool uffd() const { return uffd_; }
+  bool wp_async() const { return wp_async_; }
+  // After wait_ready(): the guest maps a memfd memsnap handed it.
+  bool memfd_from_memsnap() const { return memfd_from_memsnap_; }
+  bool ready() const { return ready_; }
+
+  // Sends `ping` and waits up to timeout for the answer. A guest started with a handshake socket
+  // answers only once the handshake is done (and, with accept_memfd, memsnap's reply handled).
+  // kHandshakeTimeout if it did not answer in time (the ping stays pending: a later wait_ready()
+  // or command() consumes its answer first); kProcessGone if it exited.
+  Status wait_ready(std::chrono::milliseconds timeout);
+
+  // Sends one command line and returns its one-line JSON answer (waiting as long as it takes).
   Result<nlohmann::json> command(const std::string& line);
   // Dirties a share of the pages with a new generation; returns the dirty byte ranges.
   Result<std::vector<plugin::ByteRange>> dirty(double fraction, bool sequential,
                                                std::uint64_t seed);
   // Number of pages that do not hold what they should, as the guest itself sees them.
   Result<std::uint64_t> verify();
+  // Releases pages [first_page, first_page + count) like a balloon (their expected generation
+  // becomes 0); returns the number discarded. With a userfaultfd registered this blocks until
+  // the handler has read the UFFD_EVENT_REMOVE it raises.
+  Result<std::uint64_t> discard(std::uint64_t first_page, std::uint64_t count);
   // Kills it with SIGKILL and reaps it.
   void kill();
 
  private:
   GuestProcess() = default;
+  Status send_line(const std::string& line);
+  // Reads one answer line (timeout_ms < 0: no limit).
+  Result<nlohmann::json> read_answer(int timeout_ms);
+  void take_ping(const nlohmann::json& j);
+  Status drain_pending();
+
   pid_t pid_ = -1;
   int to_guest_ = -1;
-  std::FILE* from_guest_ = nullptr;
+  int from_guest_ = -1;
+  std::string buffered_;   // read from the guest, not yet returned
+  int pending_pings_ = 0;  // pings sent whose answer has not been read yet
+  bool uffd_ = false;
+  bool wp_async_ = false;
+  bool memfd_from_memsnap_ = false;
+  bool ready_ = false;
   std::uint64_t guest_size_ = 0;
   std::uint64_t seed_ = 0;
   int memfd_number_ = -1;

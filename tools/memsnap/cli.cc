@@ -153,6 +153,7 @@ nlohmann::json to_json(const PauseReport& r) {
           {"guest_size", r.guest_size},
           {"block_size", r.block_size},
           {"dirty_bytes", r.dirty_bytes},
+          {"dirty_set_source", r.dirty_set_source},
           {"bytes_exported", r.export_stats.bytes_read},
           {"data_bytes", r.data_bytes},
           {"data_blocks", r.data_blocks},
@@ -165,6 +166,47 @@ nlohmann::json to_json(const PauseReport& r) {
           {"wall_seconds", r.wall_seconds},
           {"cpu_seconds", r.cpu_seconds},
           {"phases", phases}};
+}
+
+nlohmann::json to_json(const ResumeReport& r) {
+  nlohmann::json phases = nlohmann::json::object();
+  for (const auto& p : r.phases) {
+    phases[p.name] = {{"wall_seconds", p.wall_seconds}, {"cpu_seconds", p.cpu_seconds}};
+  }
+  return {{"strategy", r.strategy},
+          {"mode", resume_mode_name(r.mode)},
+          {"mode_reason", r.mode_reason},
+          {"vmm_pid", r.vmm_pid},
+          {"vmm_memfd", r.vmm_memfd},
+          {"guest_size", r.guest_size},
+          {"block_size", r.block_size},
+          {"generation", r.generation},
+          {"snapshot_id", r.snapshot_id},
+          {"chain_length", r.chain_length},
+          {"write_tracking", r.write_tracking},
+          {"write_tracking_reason", r.write_tracking_reason},
+          {"ready_seconds", r.ready_seconds},
+          {"eager_bytes", r.eager_bytes},
+          {"phases", phases}};
+}
+
+nlohmann::json to_json(const FaultStats& f) {
+  return {{"faults", f.faults},
+          {"minor_faults", f.minor_faults},
+          {"copies", f.copies},
+          {"zeropages", f.zeropages},
+          {"continues", f.continues},
+          {"eexist", f.eexist},
+          {"eagain_retries", f.eagain_retries},
+          {"remove_events", f.remove_events},
+          {"removed_bytes", f.removed_bytes},
+          {"filled_bytes", f.filled_bytes},
+          {"fill_done", f.fill_done},
+          {"fill_seconds", f.fill_seconds},
+          {"vmm_gone", f.vmm_gone},
+          {"service_seconds", f.service_seconds},
+          {"mean_service_seconds", f.faults ? f.service_seconds / double(f.faults) : 0.0},
+          {"max_service_seconds", f.max_service_seconds}};
 }
 
 }  // namespace memsnap::cli

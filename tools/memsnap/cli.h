@@ -9,6 +9,7 @@
 
 #include "core/pause.h"
 #include "core/plugin_host/plugin_registry.h"
+#include "core/resume.h"
 
 namespace memsnap::cli {
 
@@ -43,11 +44,15 @@ void load_plugins(PluginRegistry& registry, const std::string& dir);
 
 nlohmann::json to_json(const PauseReport& report);
 nlohmann::json to_json(const PluginInfo& info);
+nlohmann::json to_json(const ResumeReport& report);
+nlohmann::json to_json(const FaultStats& stats);
 std::string capabilities_text(std::uint32_t caps);
 
 int cmd_plugins(Args& args);
 int cmd_pause(Args& args);
 int cmd_inspect(Args& args);
 int cmd_compare(Args& args);
+int cmd_resume(Args& args);
+int cmd_cycle(Args& args);
 
 }  // namespace memsnap::cli

@@ -25,6 +25,14 @@ void usage(std::FILE* out) {
       "            [--allow-fallback] [--freeze] [--no-sync] [--block-size 4K|2M] [--json]\n"
       "  inspect   FILE [--no-verify] [--json]\n"
       "            header, block map summary, and a check of every checksum\n"
+      "  resume    --snapshot FILE [--parent FILE]... --listen SOCKET --strategy S\n"
+      "            [--mode lazy|background|eager] [--no-verify] [--no-track-writes]\n"
+      "            [--timeout SECONDS] [--json]\n"
+      "            serve a VMM's memory from the chain (parents base first) through the\n"
+      "            Firecracker UFFD handshake until the VMM exits\n"
+      "  cycle     --strategy S [--mode M] [--size 256M] [--generations 2] [--dirty-fraction 0.1]\n"
+      "            [--backing anon|memfd] [--thp] [--keep DIR] [--no-sync] [--json]\n"
+      "            one stand-in VMM round and round: pause, kill, resume, verify every page\n"
       "\n"
       "common options: --plugin-dir DIR (default: $MEMSNAP_PLUGIN_DIR, else\n"
       "                <memsnap>/../lib/memsnap/plugins), --log-level LEVEL\n",
@@ -47,6 +55,8 @@ int main(int argc, char** argv) {
     if (command == "plugins") return memsnap::cli::cmd_plugins(args);
     if (command == "pause") return memsnap::cli::cmd_pause(args);
     if (command == "inspect") return memsnap::cli::cmd_inspect(args);
+    if (command == "resume") return memsnap::cli::cmd_resume(args);
+    if (command == "cycle") return memsnap::cli::cmd_cycle(args);
   } catch (const std::invalid_argument& e) {
     std::fprintf(stderr, "memsnap %s: %s\n", command.c_str(), e.what());
     return 2;

@@ -4,31 +4,70 @@
 //
 //   dirty FRACTION random|sequential SEED   write a new generation into that share of the pages
 //   verify                                  check every page against the generation it should hold
-//   ping                                    {"ok":true}
+//   discard FIRST_PAGE COUNT                release pages like a balloon: {"discarded":COUNT}
+//   ping                                    {"ok":true,"ready":true,"uffd","wp_async",
+//                                            "memfd_from_memsnap","memfd_fd","backing",
+//                                            "generation"}
 //   exit
 //
 // At start it prints its layout: {"pid", "backing", "memfd_fd", "guest_size", "page_size",
-// "seed", "generation", "regions":[{"guest_offset","host_addr","size"}]}. memsnap can SIGSTOP and
-// SIGCONT it like any VMM.
+// "seed", "generation", "uffd", "wp_async", "uffd_features",
+// "regions":[{"guest_offset","host_addr","size"}]}. memsnap can SIGSTOP and SIGCONT it like any
+// VMM.
+//
+// Resume, like Firecracker restoring with the UFFD memory backend (--handshake SOCKET): it
+// creates a userfaultfd, registers every region, prints the layout, then sends the handshake
+// (core/handshake) and keeps the connection open. It never reads the userfaultfd: whoever
+// accepted the handshake serves its faults, and a page access blocks until they do. Commands are
+// read only once the handshake (and, with --accept-memfd, the memsnap reply) is done, so `ping`
+// answering means "ready".
+//   --no-fill           do not write the pattern (a resumed guest's memory comes from memsnap)
+//   --expect FILE       with --no-fill: little-endian uint32 per page, the generation it should
+//                       hold; the generation counter continues from the largest
+//   --accept-memfd      wait up to 30 s for memsnap's reply; a memfd in it (size == guest size) is
+//                       mapped MAP_FIXED over the regions, registered for write tracking, becomes
+//                       the guest's memfd (same fd number when there was one), and is acked
+//   --no-track-writes   no UFFD_FEATURE_WP_ASYNC / UFFDIO_REGISTER_MODE_WP
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <signal.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <fstream>
 #include <iostream>
+#include <iterator>
 #include <sstream>
 #include <string>
 #include <vector>
 
 #include <nlohmann/json.hpp>
 
+#include "core/handshake/handshake.h"
 #include "core/pattern.h"
+
+// The build's kernel headers (6.1) predate these; the running kernel decides whether it has them.
+#ifndef UFFD_FEATURE_WP_ASYNC
+#define UFFD_FEATURE_WP_ASYNC (1ULL << 15)
+#endif
+#ifndef USERFAULTFD_IOC_NEW
+#define USERFAULTFD_IOC_NEW _IO(0xAA, 0x00)
+#endif
 
 namespace {
 
 using nlohmann::json;
 constexpr std::uint64_t kPage = 4096;
+constexpr auto kReplyTimeout = std::chrono::seconds(30);
 
 struct Options {
   std::uint64_t size = 64ULL << 20;
@@ -38,16 +77,30 @@ struct Options {
   std::uint64_t seed = 1;
   double zero_fraction = 0.0;
   std::string memfd_name = "memsnap-guest";
+  std::string handshake;  // socket path; empty: no userfaultfd, no handshake
+  bool no_fill = false;
+  std::string expect_file;
+  bool accept_memfd = false;
+  bool track_writes = true;
 };
 
 [[noreturn]] void usage(const std::string& why) {
   std::fprintf(stderr,
                "memsnap-guest: %s\n"
                "usage: memsnap-guest [--size BYTES[K|M|G]] [--backing anon|memfd] [--regions N]\n"
-               "                     [--thp] [--seed N] [--zero-fraction F] [--memfd-name NAME]\n",
+               "                     [--thp] [--seed N] [--zero-fraction F] [--memfd-name NAME]\n"
+               "                     [--handshake SOCKET [--accept-memfd] [--no-track-writes]]\n"
+               "                     [--no-fill [--expect FILE]]\n",
                why.c_str());
   std::exit(2);
 }
+
+[[noreturn]] void die(const std::string& what) {
+  std::fprintf(stderr, "memsnap-guest: %s\n", what.c_str());
+  std::exit(1);
+}
+
+[[noreturn]] void die_errno(const std::string& what) { die(what + ": " + std::strerror(errno)); }
 
 std::uint64_t parse_size(const std::string& s) {
   char* end = nullptr;
@@ -96,6 +149,16 @@ Options parse_args(int argc, char** argv) {
       o.zero_fraction = std::atof(next().c_str());
     else if (a == "--memfd-name")
       o.memfd_name = next();
+    else if (a == "--handshake")
+      o.handshake = next();
+    else if (a == "--no-fill")
+      o.no_fill = true;
+    else if (a == "--expect")
+      o.expect_file = next();
+    else if (a == "--accept-memfd")
+      o.accept_memfd = true;
+    else if (a == "--no-track-writes")
+      o.track_writes = false;
     else
       usage("unknown argument " + a);
   }
@@ -103,7 +166,56 @@ Options parse_args(int argc, char** argv) {
   if (o.size == 0 || o.size % kPage != 0) usage("--size must be a positive multiple of 4 KiB");
   if (o.regions < 1 || o.size / kPage < static_cast<std::uint64_t>(o.regions))
     usage("bad --regions");
+  if (!o.expect_file.empty() && !o.no_fill) usage("--expect needs --no-fill");
+  if (o.accept_memfd && o.handshake.empty()) usage("--accept-memfd needs --handshake");
   return o;
+}
+
+std::vector<std::uint32_t> read_expect(const std::string& path, std::uint64_t pages) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) die("cannot read --expect file " + path);
+  const std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  if (bytes.size() != pages * 4) {
+    die("--expect file " + path + " holds " + std::to_string(bytes.size()) + " bytes, not " +
+        std::to_string(pages * 4) + " (one little-endian uint32 per page)");
+  }
+  std::vector<std::uint32_t> out(pages);
+  const auto* b = reinterpret_cast<const unsigned char*>(bytes.data());
+  for (std::uint64_t p = 0; p < pages; ++p) {
+    out[p] = static_cast<std::uint32_t>(b[4 * p]) | static_cast<std::uint32_t>(b[4 * p + 1]) << 8 |
+             static_cast<std::uint32_t>(b[4 * p + 2]) << 16 |
+             static_cast<std::uint32_t>(b[4 * p + 3]) << 24;
+  }
+  return out;
+}
+
+// A new userfaultfd, non-blocking and close-on-exec like Firecracker's: /dev/userfaultfd when it
+// is accessible (works without CAP_SYS_PTRACE even if vm.unprivileged_userfaultfd is 0), else
+// the system call.
+int new_userfaultfd() {
+  const int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+  if (dev >= 0) {
+    const int fd = ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
+    close(dev);
+    if (fd >= 0) return fd;
+  }
+  return static_cast<int>(syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
+}
+
+// Opens a userfaultfd and enables `features` on it; -1 (errno set) if the kernel refuses them.
+int userfaultfd_with(std::uint64_t features) {
+  const int fd = new_userfaultfd();
+  if (fd < 0) die_errno("userfaultfd");
+  uffdio_api api{};
+  api.api = UFFD_API;
+  api.features = features;
+  if (ioctl(fd, UFFDIO_API, &api) != 0) {
+    const int err = errno;
+    close(fd);
+    errno = err;
+    return -1;
+  }
+  return fd;
 }
 
 struct Region {
@@ -114,10 +226,10 @@ struct Region {
 
 class Guest {
  public:
-  explicit Guest(const Options& o) : o_(o), expected_(o.size / kPage, 0) {
+  explicit Guest(const Options& o) : o_(o), backing_(o.backing), expected_(o.size / kPage, 0) {
     if (o.backing == "memfd") {
       memfd_ = memfd_create(o.memfd_name.c_str(), MFD_CLOEXEC);
-      if (memfd_ < 0 || ftruncate(memfd_, static_cast<off_t>(o.size)) != 0) die("memfd");
+      if (memfd_ < 0 || ftruncate(memfd_, static_cast<off_t>(o.size)) != 0) die_errno("memfd");
     }
     const std::uint64_t pages = o.size / kPage;
     std::uint64_t offset = 0;
@@ -129,21 +241,30 @@ class Guest {
                                    static_cast<off_t>(offset))
                             : mmap(nullptr, size, PROT_READ | PROT_WRITE,
                                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-      if (p == MAP_FAILED) die("mmap");
+      if (p == MAP_FAILED) die_errno("mmap");
       madvise(p, size, o.thp ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
       regions_.push_back({offset, static_cast<char*>(p), size});
       offset += size;
     }
-    std::vector<bool> zero(pages, false);
-    for (std::uint64_t p : memsnap::pattern::never_written_pages(pages, o.zero_fraction, o.seed)) {
-      zero[p] = true;
+    if (o.no_fill) {
+      // A resumed guest: its memory comes from whoever serves it; only what it should hold is
+      // known.
+      if (!o.expect_file.empty()) expected_ = read_expect(o.expect_file, pages);
+      generation_ = expected_.empty() ? 0 : *std::max_element(expected_.begin(), expected_.end());
+    } else {
+      std::vector<bool> zero(pages, false);
+      for (std::uint64_t p :
+           memsnap::pattern::never_written_pages(pages, o.zero_fraction, o.seed)) {
+        zero[p] = true;
+      }
+      generation_ = 1;
+      for (std::uint64_t p = 0; p < pages; ++p) {
+        if (zero[p]) continue;
+        memsnap::pattern::fill_page(page(p), kPage, o.seed, p, generation_);
+        expected_[p] = static_cast<std::uint32_t>(generation_);
+      }
     }
-    generation_ = 1;
-    for (std::uint64_t p = 0; p < pages; ++p) {
-      if (zero[p]) continue;
-      memsnap::pattern::fill_page(page(p), kPage, o.seed, p, generation_);
-      expected_[p] = static_cast<std::uint32_t>(generation_);
-    }
+    if (!o.handshake.empty()) setup_userfaultfd();
   }
 
   json layout() const {
@@ -153,9 +274,38 @@ class Guest {
                          {"host_addr", reinterpret_cast<std::uint64_t>(r.host)},
                          {"size", r.size}});
     }
-    return {{"pid", getpid()},           {"backing", o_.backing}, {"memfd_fd", memfd_},
-            {"guest_size", o_.size},     {"page_size", kPage},    {"seed", o_.seed},
-            {"generation", generation_}, {"regions", regions}};
+    return {{"pid", getpid()},           {"backing", backing_},
+            {"memfd_fd", memfd_},        {"guest_size", o_.size},
+            {"page_size", kPage},        {"seed", o_.seed},
+            {"generation", generation_}, {"uffd", uffd_ >= 0},
+            {"wp_async", wp_async_},     {"uffd_features", features_},
+            {"regions", regions}};
+  }
+
+  json ping() const {
+    return {{"ok", true},
+            {"ready", true},
+            {"uffd", uffd_ >= 0},
+            {"wp_async", wp_async_},
+            {"memfd_from_memsnap", memfd_from_memsnap_},
+            {"memfd_fd", memfd_},
+            {"backing", backing_},
+            {"generation", generation_}};
+  }
+
+  // Sends the handshake and, with --accept-memfd, takes over the memfd memsnap may hand back.
+  void handshake() {
+    std::vector<memsnap::handshake::GuestRegion> regions;
+    for (const auto& r : regions_) {
+      regions.push_back({reinterpret_cast<std::uint64_t>(r.host), r.size, r.guest_offset, kPage});
+    }
+    auto conn = memsnap::handshake::connect_and_send(o_.handshake, regions, uffd_, memfd_);
+    if (!conn.ok()) die("handshake: " + conn.error().to_string());
+    connection_ = std::move(*conn);
+    if (!o_.accept_memfd) return;
+    auto reply = memsnap::handshake::receive_reply(connection_.get(), kReplyTimeout);
+    if (!reply.ok()) die("memsnap reply: " + reply.error().to_string());
+    if (reply->has_memfd) adopt_memfd(*reply);
   }
 
   json dirty(double fraction, bool sequential, std::uint64_t seed) {
@@ -194,11 +344,113 @@ class Guest {
     return {{"pages", expected_.size()}, {"mismatches", mismatches}, {"first_mismatches", first}};
   }
 
- private:
-  [[noreturn]] static void die(const char* what) {
-    std::perror(what);
-    std::exit(1);
+  // Gives pages back like a balloon driver: MADV_DONTNEED on private anonymous memory,
+  // MADV_REMOVE (punches the memfd) on a shared mapping. Both raise UFFD_EVENT_REMOVE on a
+  // registered range (a plain fallocate(PUNCH_HOLE) would not) and block until the handler has
+  // read it.
+  json discard(std::uint64_t first, std::uint64_t count) {
+    if (count == 0 || first >= expected_.size() || count > expected_.size() - first) {
+      return {{"error", "discard: pages out of range"}};
+    }
+    const std::uint64_t begin = first * kPage, end = (first + count) * kPage;
+    for (const auto& r : regions_) {
+      const std::uint64_t lo = std::max(begin, r.guest_offset);
+      const std::uint64_t hi = std::min(end, r.guest_offset + r.size);
+      if (lo >= hi) continue;
+      if (madvise(r.host + (lo - r.guest_offset), hi - lo,
+                  memfd_ >= 0 ? MADV_REMOVE : MADV_DONTNEED) != 0) {
+        return {{"error", std::string("discard: madvise: ") + std::strerror(errno)}};
+      }
+    }
+    std::fill(expected_.begin() + static_cast<std::ptrdiff_t>(first),
+              expected_.begin() + static_cast<std::ptrdiff_t>(first + count), 0U);
+    return {{"discarded", count}};
   }
+
+ private:
+  void setup_userfaultfd() {
+    // Shared-memory features whenever the guest is or may become (--accept-memfd) memfd-backed:
+    // registering a shmem range needs them.
+    const bool shmem = o_.backing == "memfd" || o_.accept_memfd;
+    std::uint64_t base = UFFD_FEATURE_EVENT_REMOVE;
+    if (shmem) base |= UFFD_FEATURE_MISSING_SHMEM | UFFD_FEATURE_MINOR_SHMEM;
+    // WP_ASYNC: writes to write-protected pages are resolved by the kernel itself (no message),
+    // so memsnap can find them with PAGEMAP_SCAN. The kernel turns on WP_UNPOPULATED with it
+    // (anonymous none PTEs get write-protect markers), so it is not asked for separately.
+    const std::uint64_t wp = (o_.track_writes ? UFFD_FEATURE_WP_ASYNC : 0) |
+                             (shmem ? UFFD_FEATURE_WP_HUGETLBFS_SHMEM : 0);
+    uffd_ = userfaultfd_with(base | wp);
+    features_ = base | wp;
+    if (uffd_ < 0) {
+      // UFFDIO_API works once per userfaultfd: retry on a new one.
+      std::fprintf(stderr,
+                   "memsnap-guest: UFFDIO_API refused features 0x%llx (%s); retrying "
+                   "without write-protect features\n",
+                   static_cast<unsigned long long>(base | wp), std::strerror(errno));
+      uffd_ = userfaultfd_with(base);
+      features_ = base;
+      if (uffd_ < 0) die_errno("UFFDIO_API");
+    }
+    wp_async_ = (features_ & UFFD_FEATURE_WP_ASYNC) != 0;
+    const std::uint64_t mode = UFFDIO_REGISTER_MODE_MISSING |
+                               (memfd_ >= 0 ? UFFDIO_REGISTER_MODE_MINOR : 0) |
+                               (wp_async_ ? UFFDIO_REGISTER_MODE_WP : 0);
+    for (const auto& r : regions_) register_range(r, mode);
+  }
+
+  void register_range(const Region& r, std::uint64_t mode) const {
+    uffdio_register reg{};
+    reg.range.start = reinterpret_cast<std::uint64_t>(r.host);
+    reg.range.len = r.size;
+    reg.mode = mode;
+    if (ioctl(uffd_, UFFDIO_REGISTER, &reg) != 0) {
+      die_errno("UFFDIO_REGISTER mode " + std::to_string(mode) + " at guest offset " +
+                std::to_string(r.guest_offset));
+    }
+  }
+
+  // Maps memsnap's memfd over every region at the same addresses and makes it guest memory.
+  void adopt_memfd(memsnap::handshake::ResumeReply& reply) {
+    struct stat st {};
+    if (fstat(reply.memfd.get(), &st) != 0) die_errno("fstat of memsnap's memfd");
+    if (static_cast<std::uint64_t>(st.st_size) != o_.size || reply.size != o_.size) {
+      die("memsnap's memfd holds " + std::to_string(st.st_size) + " bytes (reply says " +
+          std::to_string(reply.size) + "), guest memory is " + std::to_string(o_.size));
+    }
+    for (const auto& r : regions_) {
+      void* p = mmap(r.host, r.size, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_FIXED,
+                     reply.memfd.get(), static_cast<off_t>(r.guest_offset));
+      if (p != r.host) die_errno("mmap of memsnap's memfd");
+      madvise(p, r.size, o_.thp ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
+      // All of guest memory is in the memfd (holes read as zeros), so no MISSING/MINOR faults
+      // need serving; only write tracking stays.
+      if (wp_async_) {
+        register_range(r, UFFDIO_REGISTER_MODE_WP);
+        // Arm the tracking before the ack: from the moment memsnap hears back, every write
+        // the guest makes to the new mapping is recorded (nothing is populated yet, so this
+        // only marks the empty page-table entries).
+        uffdio_writeprotect wp{};
+        wp.range.start = reinterpret_cast<std::uint64_t>(r.host);
+        wp.range.len = r.size;
+        wp.mode = UFFDIO_WRITEPROTECT_MODE_WP;
+        if (ioctl(uffd_, UFFDIO_WRITEPROTECT, &wp) != 0) die_errno("UFFDIO_WRITEPROTECT");
+      }
+    }
+    if (memfd_ >= 0) {
+      // Keep the fd number the layout announced; dup3 closes the original memfd.
+      if (dup3(reply.memfd.get(), memfd_, O_CLOEXEC) < 0) die_errno("dup3");
+      reply.memfd.reset();
+    } else {
+      memfd_ = reply.memfd.release();
+      fcntl(memfd_, F_SETFD, FD_CLOEXEC);
+    }
+    backing_ = "memfd";
+    memfd_from_memsnap_ = true;
+    if (auto s = memsnap::handshake::send_mapped_ack(connection_.get()); !s.ok()) {
+      die("memsnap mapped ack: " + s.error().to_string());
+    }
+  }
+
   char* page(std::uint64_t p) const {
     const std::uint64_t off = p * kPage;
     for (const auto& r : regions_) {
@@ -209,18 +461,27 @@ class Guest {
   }
 
   Options o_;
+  std::string backing_;
   int memfd_ = -1;
   std::vector<Region> regions_;
   std::vector<std::uint32_t> expected_;
   std::uint64_t generation_ = 0;
+  int uffd_ = -1;  // kept open for the life of the process, like Firecracker; never read here
+  std::uint64_t features_ = 0;
+  bool wp_async_ = false;
+  bool memfd_from_memsnap_ = false;
+  memsnap::io::UniqueFd connection_;  // the handshake connection, never closed
 };
 
 }  // namespace
 
 int main(int argc, char** argv) {
   const Options o = parse_args(argc, argv);
+  signal(SIGPIPE, SIG_IGN);  // a vanished driver or memsnap shows up as EPIPE, not death
   Guest guest(o);
+  // The layout comes first, so a driver can read it before anyone accepts the handshake.
   std::cout << guest.layout().dump() << std::endl;
+  if (!o.handshake.empty()) guest.handshake();
   std::string line;
   while (std::getline(std::cin, line)) {
     std::istringstream in(line);
@@ -238,8 +499,15 @@ int main(int argc, char** argv) {
       std::cout << guest.dirty(fraction, mode == "sequential", seed).dump() << std::endl;
     } else if (cmd == "verify") {
       std::cout << guest.verify().dump() << std::endl;
+    } else if (cmd == "discard") {
+      std::uint64_t first = 0, count = 0;
+      if (!(in >> first >> count)) {
+        std::cout << json{{"error", "usage: discard FIRST_PAGE COUNT"}}.dump() << std::endl;
+        continue;
+      }
+      std::cout << guest.discard(first, count).dump() << std::endl;
     } else if (cmd == "ping") {
-      std::cout << json{{"ok", true}}.dump() << std::endl;
+      std::cout << guest.ping().dump() << std::endl;
     } else if (cmd == "exit") {
       return 0;
     } else if (!cmd.empty()) {

@@ -1,0 +1,451 @@
+#include "core/fault_server.h"
+
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <string>
+
+namespace memsnap {
+namespace {
+
+// Newer than Debian 12's kernel headers (Linux 6.4+).
+#ifndef UFFDIO_CONTINUE_MODE_WP
+constexpr std::uint64_t kContinueModeWp = 1ULL << 1;
+#else
+constexpr std::uint64_t kContinueModeWp = UFFDIO_CONTINUE_MODE_WP;
+#endif
+
+enum BlockState : std::uint8_t {
+  kUntouched = 0,  // neither served nor filled
+  kFilled = 1,     // in the memfd's page cache (background fill), not yet mapped by a fault
+  kServed = 2,     // a fault installed it: never write it again
+  kRemoved = 3,    // the VMM discarded it: serve zeros from now on
+};
+
+constexpr std::size_t kMessagesPerRead = 64;
+
+double seconds_since(std::chrono::steady_clock::time_point t) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+}
+
+}  // namespace
+
+// One snapshot layer mapped read-only for UFFDIO_COPY's source.
+struct FaultServer::Mapping {
+  void* base = MAP_FAILED;
+  std::size_t length = 0;
+  ~Mapping() {
+    if (base != MAP_FAILED) ::munmap(base, length);
+  }
+};
+
+Result<std::unique_ptr<FaultServer>> FaultServer::start(int uffd,
+                                                        std::vector<plugin::Region> regions,
+                                                        std::shared_ptr<const SnapshotChain> chain,
+                                                        FaultServerOptions options) {
+  std::unique_ptr<FaultServer> s(new FaultServer());
+  s->uffd_ = uffd;
+  s->chain_ = std::move(chain);
+  s->options_ = options;
+  s->block_size_ = s->chain_->block_size();
+  const std::uint64_t guest_size = s->chain_->guest_size();
+
+  std::sort(regions.begin(), regions.end(), [](const plugin::Region& a, const plugin::Region& b) {
+    return a.host_addr < b.host_addr;
+  });
+  for (const auto& r : regions) {
+    if (r.size == 0 || r.guest_offset + r.size > guest_size || r.host_addr % s->block_size_ ||
+        r.size % s->block_size_ || r.guest_offset % s->block_size_) {
+      return make_error(Errc::kInvalidArgument,
+                        "guest region at offset " + std::to_string(r.guest_offset) +
+                            " does not fit the snapshot (block size " +
+                            std::to_string(s->block_size_) + ", guest size " +
+                            std::to_string(guest_size) + ")");
+    }
+  }
+  s->regions_ = std::move(regions);
+
+  // Map every layer that stores data read-only: UFFDIO_COPY copies straight from the page
+  // cache of the snapshot file.
+  std::vector<const std::uint8_t*> bases(s->chain_->size(), nullptr);
+  for (std::size_t i = 0; i < s->chain_->size(); ++i) {
+    const SnapshotReader& r = s->chain_->layer(i);
+    const FileHeader& h = r.header();
+    if (h.data_bytes == 0) continue;
+    auto m = std::make_unique<Mapping>();
+    m->length = h.data_offset + h.data_bytes;
+    m->base = ::mmap(nullptr, m->length, PROT_READ, MAP_SHARED, r.fd(), 0);
+    if (m->base == MAP_FAILED) {
+      const int err = errno;
+      return make_error(Errc::kIoError, io::errno_message("mmap " + r.path(), err), err);
+    }
+    bases[i] = static_cast<const std::uint8_t*>(m->base);
+    s->mappings_.push_back(std::move(m));
+  }
+  for (const ChainExtent& c : s->chain_->flatten()) {
+    Extent x;
+    x.first_block = c.first_block;
+    x.block_count = c.block_count;
+    x.zero = c.kind != RunKind::kData;
+    if (!x.zero) x.data = bases[c.layer] + c.file_offset;
+    s->extents_.push_back(x);
+  }
+
+  s->state_.assign(guest_size / s->block_size_, kUntouched);
+  s->copy_wp_ = options.write_protect;
+  s->continue_wp_ = options.write_protect;
+  s->stats_.fill_done = options.fill_memfd < 0;
+
+  const int flags = ::fcntl(uffd, F_GETFL);
+  if (flags < 0 || ::fcntl(uffd, F_SETFL, flags | O_NONBLOCK) != 0) {
+    const int err = errno;
+    return make_error(Errc::kIoError, io::errno_message("fcntl(uffd, O_NONBLOCK)", err), err);
+  }
+  s->stop_fd_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  s->settle_fd_.reset(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (s->stop_fd_.get() < 0 || s->settle_fd_.get() < 0) {
+    const int err = errno;
+    return make_error(Errc::kIoError, io::errno_message("eventfd", err), err);
+  }
+  s->started_ = std::chrono::steady_clock::now();
+  s->thread_ = std::thread([srv = s.get()] { srv->run(); });
+  return s;
+}
+
+FaultServer::~FaultServer() { stop(); }
+
+void FaultServer::stop() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (stopped_) return;
+    stopped_ = true;
+  }
+  const std::uint64_t one = 1;
+  [[maybe_unused]] const ssize_t n = ::write(stop_fd_.get(), &one, sizeof(one));
+  if (thread_.joinable()) thread_.join();
+  filled_cv_.notify_all();
+}
+
+FaultStats FaultServer::stats(bool settle) const {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (settle && !stopped_ && thread_.joinable()) {
+    const std::uint64_t seen = loops_;
+    const std::uint64_t one = 1;
+    [[maybe_unused]] const ssize_t n = ::write(settle_fd_.get(), &one, sizeof(one));
+    filled_cv_.wait_for(lock, std::chrono::seconds(1),
+                        [&] { return loops_ > seen + 1 || stopped_ || !error_.ok(); });
+  }
+  return stats_;
+}
+
+Status FaultServer::error() const {
+  std::lock_guard<std::mutex> lock(mu_);
+  return error_;
+}
+
+Status FaultServer::wait_filled(std::chrono::milliseconds timeout) const {
+  std::unique_lock<std::mutex> lock(mu_);
+  const bool done = filled_cv_.wait_for(lock, timeout, [&] {
+    return stats_.fill_done || stopped_ || !error_.ok() || stats_.vmm_gone;
+  });
+  if (!error_.ok()) return error_;
+  if (!stats_.fill_done) {
+    return make_error(done ? Errc::kResumeFailed : Errc::kHandshakeTimeout,
+                      done ? "the background fill stopped before it finished"
+                           : "the background fill did not finish in time");
+  }
+  return {};
+}
+
+std::vector<plugin::ByteRange> FaultServer::discarded(bool clear) {
+  std::lock_guard<std::mutex> lock(mu_);
+  std::vector<plugin::ByteRange> out = discarded_;
+  if (clear) discarded_.clear();
+  return out;
+}
+
+void FaultServer::fail(Error e) {
+  std::lock_guard<std::mutex> lock(mu_);
+  if (error_.ok()) error_ = std::move(e);
+}
+
+const FaultServer::Extent* FaultServer::extent_of(std::uint64_t block) const {
+  auto it = std::upper_bound(extents_.begin(), extents_.end(), block,
+                             [](std::uint64_t b, const Extent& x) { return b < x.first_block; });
+  if (it == extents_.begin()) return nullptr;
+  --it;
+  return block < it->first_block + it->block_count ? &*it : nullptr;
+}
+
+const plugin::Region* FaultServer::region_of(std::uint64_t host_addr) const {
+  auto it =
+      std::upper_bound(regions_.begin(), regions_.end(), host_addr,
+                       [](std::uint64_t a, const plugin::Region& r) { return a < r.host_addr; });
+  if (it == regions_.begin()) return nullptr;
+  --it;
+  return host_addr < it->host_addr + it->size ? &*it : nullptr;
+}
+
+FaultServer::Served FaultServer::serve(std::uint64_t host_page, bool minor) {
+  const plugin::Region* region = region_of(host_page);
+  if (region == nullptr) {
+    fail(make_error(Errc::kResumeFailed, "fault at host address " + std::to_string(host_page) +
+                                             " outside every guest region"));
+    return Served::kError;
+  }
+  const std::uint64_t block =
+      (region->guest_offset + (host_page - region->host_addr)) / block_size_;
+  std::uint8_t& state = state_[block];
+  const Extent* x = extent_of(block);
+
+  int rc = 0;
+  enum { kCopy, kZero, kContinue } op;
+  if (state == kRemoved) {
+    op = minor ? kContinue : kZero;
+  } else if (minor || state == kFilled) {
+    // The page is in the memfd's page cache (filled by us); map it.
+    op = kContinue;
+    if (state == kUntouched && !x->zero && options_.fill_memfd >= 0) {
+      // A MINOR fault on a page we never filled: its cache page did not come from the
+      // snapshot; put the snapshot's bytes there first.
+      const Status w =
+          io::pwrite_all(options_.fill_memfd, x->data + (block - x->first_block) * block_size_,
+                         block_size_, block * block_size_, "memfd");
+      if (!w.ok()) {
+        fail(w.error());
+        return Served::kError;
+      }
+    }
+  } else if (state == kServed && !minor) {
+    // Served before and missing again: the VMM dropped the page by a means that raised no
+    // UFFD_EVENT_REMOVE (e.g. fallocate(PUNCH_HOLE) on its memfd). Its content is gone, so it
+    // reads as zeros, as it would without userfaultfd; never the older snapshot bytes.
+    op = kZero;
+  } else {
+    op = x->zero ? kZero : kCopy;
+  }
+
+  if (op == kCopy) {
+    uffdio_copy c{};
+    c.dst = host_page;
+    c.src = reinterpret_cast<std::uint64_t>(x->data + (block - x->first_block) * block_size_);
+    c.len = block_size_;
+    c.mode = copy_wp_ ? UFFDIO_COPY_MODE_WP : 0;
+    rc = ::ioctl(uffd_, UFFDIO_COPY, &c);
+    if (rc != 0 && errno == EINVAL && copy_wp_) {
+      copy_wp_ = false;  // not registered for WP: copy plainly (pages then count as written)
+      return serve(host_page, minor);
+    }
+  } else if (op == kZero) {
+    uffdio_zeropage z{};
+    z.range.start = host_page;
+    z.range.len = block_size_;
+    rc = ::ioctl(uffd_, UFFDIO_ZEROPAGE, &z);
+  } else {
+    uffdio_continue c{};
+    c.range.start = host_page;
+    c.range.len = block_size_;
+    c.mode = continue_wp_ ? kContinueModeWp : 0;
+    rc = ::ioctl(uffd_, UFFDIO_CONTINUE, &c);
+    if (rc != 0 && errno == EINVAL && continue_wp_) {
+      continue_wp_ = false;
+      return serve(host_page, minor);
+    }
+  }
+  if (rc == 0) {
+    if (state != kRemoved) state = kServed;
+    std::lock_guard<std::mutex> lock(mu_);
+    ++(op == kCopy ? stats_.copies : op == kZero ? stats_.zeropages : stats_.continues);
+    return Served::kOk;
+  }
+  const int err = errno;
+  if (err == EEXIST) {
+    // Already mapped (another thread's fault on the same page, or a racing event): just wake
+    // whoever waits on it.
+    uffdio_range r{host_page, block_size_};
+    ::ioctl(uffd_, UFFDIO_WAKE, &r);
+    if (state != kRemoved) state = kServed;
+    std::lock_guard<std::mutex> lock(mu_);
+    ++stats_.eexist;
+    return Served::kOk;
+  }
+  if (err == EAGAIN) return Served::kRetry;
+  if (err == ESRCH) return Served::kGone;
+  fail(make_error(Errc::kResumeFailed,
+                  io::errno_message(std::string(op == kCopy   ? "UFFDIO_COPY"
+                                                : op == kZero ? "UFFDIO_ZEROPAGE"
+                                                              : "UFFDIO_CONTINUE") +
+                                        " at guest offset " + std::to_string(block * block_size_),
+                                    err),
+                  err));
+  return Served::kError;
+}
+
+void FaultServer::handle_message(const void* raw) {
+  const uffd_msg& msg = *static_cast<const uffd_msg*>(raw);
+  if (msg.event == UFFD_EVENT_PAGEFAULT) {
+    const auto t0 = std::chrono::steady_clock::now();
+    const std::uint64_t page = msg.arg.pagefault.address & ~(block_size_ - 1);
+    const bool minor = (msg.arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_MINOR) != 0;
+    const Served s = serve(page, minor);
+    const double dt = seconds_since(t0);
+    std::lock_guard<std::mutex> lock(mu_);
+    ++stats_.faults;
+    if (minor) ++stats_.minor_faults;
+    stats_.service_seconds += dt;
+    stats_.max_service_seconds = std::max(stats_.max_service_seconds, dt);
+    if (s == Served::kRetry) {
+      ++stats_.eagain_retries;
+      retry_.push_back(page);
+    } else if (s == Served::kGone) {
+      stats_.vmm_gone = true;
+    }
+    return;
+  }
+  if (msg.event == UFFD_EVENT_REMOVE) {
+    const std::uint64_t start = msg.arg.remove.start;
+    const std::uint64_t end = msg.arg.remove.end;
+    std::lock_guard<std::mutex> lock(mu_);
+    ++stats_.remove_events;
+    for (const auto& r : regions_) {
+      const std::uint64_t s = std::max(start, r.host_addr);
+      const std::uint64_t e = std::min(end, r.host_addr + r.size);
+      if (s >= e) continue;
+      const std::uint64_t g = r.guest_offset + (s - r.host_addr);
+      const std::uint64_t first = g / block_size_;
+      const std::uint64_t last = (g + (e - s) + block_size_ - 1) / block_size_;
+      for (std::uint64_t b = first; b < last; ++b) state_[b] = kRemoved;
+      discarded_.push_back({first * block_size_, (last - first) * block_size_});
+      stats_.removed_bytes += e - s;
+    }
+    return;
+  }
+  // Other events are not requested by the VMMs memsnap serves; nothing to do.
+}
+
+bool FaultServer::fill_step() {
+  // Copies up to fill_chunk_bytes of DATA blocks that no fault has touched into the memfd.
+  std::uint64_t budget = options_.fill_chunk_bytes / block_size_;
+  if (budget == 0) budget = 1;
+  while (budget > 0 && fill_extent_ < extents_.size()) {
+    const Extent& x = extents_[fill_extent_];
+    if (x.zero || fill_block_ >= x.first_block + x.block_count) {
+      ++fill_extent_;
+      fill_block_ = fill_extent_ < extents_.size() ? extents_[fill_extent_].first_block : 0;
+      continue;
+    }
+    if (fill_block_ < x.first_block) fill_block_ = x.first_block;
+    const std::uint64_t end = std::min(x.first_block + x.block_count, fill_block_ + budget);
+    // Write maximal runs of untouched blocks.
+    std::uint64_t b = fill_block_;
+    while (b < end) {
+      if (state_[b] != kUntouched) {
+        ++b;
+        continue;
+      }
+      std::uint64_t e = b + 1;
+      while (e < end && state_[e] == kUntouched) ++e;
+      const Status w =
+          io::pwrite_all(options_.fill_memfd, x.data + (b - x.first_block) * block_size_,
+                         (e - b) * block_size_, b * block_size_, "memfd");
+      if (!w.ok()) {
+        fail(w.error());
+        return false;
+      }
+      std::fill(state_.begin() + static_cast<std::ptrdiff_t>(b),
+                state_.begin() + static_cast<std::ptrdiff_t>(e), kFilled);
+      std::lock_guard<std::mutex> lock(mu_);
+      stats_.filled_bytes += (e - b) * block_size_;
+      b = e;
+    }
+    budget -= end - fill_block_;
+    fill_block_ = end;
+  }
+  return fill_extent_ < extents_.size();
+}
+
+void FaultServer::run() {
+  bool filling = options_.fill_memfd >= 0;
+  if (filling && !extents_.empty()) fill_block_ = extents_.front().first_block;
+  std::vector<uffd_msg> msgs(kMessagesPerRead);
+  for (;;) {
+    int timeout = -1;
+    if (!retry_.empty()) timeout = 1;
+    if (filling) timeout = 0;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      ++loops_;
+    }
+    filled_cv_.notify_all();
+    pollfd fds[3] = {
+        {uffd_, POLLIN, 0}, {stop_fd_.get(), POLLIN, 0}, {settle_fd_.get(), POLLIN, 0}};
+    const int n = ::poll(fds, 3, timeout);
+    if (n > 0 && (fds[2].revents & POLLIN)) {
+      std::uint64_t v;
+      [[maybe_unused]] const ssize_t r = ::read(settle_fd_.get(), &v, sizeof(v));
+    }
+    if (n < 0 && errno != EINTR) {
+      fail(make_error(Errc::kResumeFailed, io::errno_message("poll(uffd)", errno), errno));
+      break;
+    }
+    if (n > 0 && (fds[1].revents & POLLIN)) break;
+    if (n > 0 && (fds[0].revents & (POLLERR | POLLHUP))) {
+      // The VMM side is gone (its mm was torn down).
+      std::lock_guard<std::mutex> lock(mu_);
+      stats_.vmm_gone = true;
+      break;
+    }
+    if (n > 0 && (fds[0].revents & POLLIN)) {
+      const ssize_t got = ::read(uffd_, msgs.data(), msgs.size() * sizeof(uffd_msg));
+      if (got < 0 && errno != EAGAIN && errno != EINTR) {
+        fail(make_error(Errc::kResumeFailed, io::errno_message("read(uffd)", errno), errno));
+        break;
+      }
+      for (ssize_t i = 0; got > 0 && i < got / static_cast<ssize_t>(sizeof(uffd_msg)); ++i) {
+        handle_message(&msgs[static_cast<std::size_t>(i)]);
+      }
+    }
+    if (!retry_.empty()) {
+      std::vector<std::uint64_t> again;
+      again.swap(retry_);
+      for (std::uint64_t page : again) {
+        const Served s = serve(page, false);
+        std::lock_guard<std::mutex> lock(mu_);
+        if (s == Served::kRetry) {
+          ++stats_.eagain_retries;
+          retry_.push_back(page);
+        } else if (s == Served::kGone) {
+          stats_.vmm_gone = true;
+        }
+      }
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!error_.ok() || stats_.vmm_gone) break;
+    }
+    if (filling) {
+      filling = fill_step();
+      if (!filling) {
+        {
+          std::lock_guard<std::mutex> lock(mu_);
+          if (!error_.ok()) break;
+          stats_.fill_done = true;
+          stats_.fill_seconds = seconds_since(started_);
+        }
+        filled_cv_.notify_all();
+      }
+    }
+  }
+  filled_cv_.notify_all();
+}
+
+}  // namespace memsnap

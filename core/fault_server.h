@@ -1,0 +1,144 @@
+// FaultServer: serves a VMM's guest memory from a snapshot chain through the VMM's userfaultfd,
+// on one thread of its own, until stopped.
+//
+//   MISSING fault, DATA block   UFFDIO_COPY straight from a read-only mapping of the snapshot
+//                               file that holds the block (no intermediate buffer)
+//   MISSING fault, ZERO block   UFFDIO_ZEROPAGE
+//   MINOR fault (memfd)         UFFDIO_CONTINUE: the page is already in the memfd
+//   UFFD_EVENT_REMOVE           the VMM discarded the range: later faults there get zero pages,
+//                               and the range is reported by discarded() (a later diff must
+//                               store it as zero, not inherit it from the parent)
+//   EEXIST                      the page is already there: wake the faulting thread
+//   EAGAIN                      the address space was changing: retry (the kernel does not
+//                               deliver the fault again)
+//   ESRCH                       the VMM is gone: stop serving
+//
+// With a memfd to fill (cold memfd resume), the same thread also copies the chain into the
+// VMM's memfd in the background, a chunk at a time between fault batches, skipping every block
+// a fault has already served; the VMM then takes MINOR faults on filled pages, answered with
+// UFFDIO_CONTINUE. Because the fill and the fault service run on one thread, the fill never
+// overwrites a page the guest may already have written.
+//
+// With write_protect, pages are installed write-protected (UFFDIO_COPY_MODE_WP,
+// UFFDIO_CONTINUE_MODE_WP) so that a userfaultfd in WP_ASYNC mode records which ones the guest
+// writes afterwards (read back with PAGEMAP_SCAN). Zero pages are installed without protection
+// and so always count as written: an over-report (they are stored as zero runs), never a loss.
+#pragma once
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "core/base/file_io.h"
+#include "core/base/result.h"
+#include "core/snapshot/snapshot_chain.h"
+#include "plugins/plugin_api/plugin_api.h"
+
+namespace memsnap {
+
+struct FaultServerOptions {
+  bool write_protect = false;  // install pages write-protected (WP_ASYNC write tracking)
+  int fill_memfd = -1;         // cold memfd: fill this (borrowed) memfd in the background
+  std::uint64_t fill_chunk_bytes = 2 * 1024 * 1024;  // background fill step between fault batches
+};
+
+struct FaultStats {
+  std::uint64_t faults = 0;  // page-fault messages handled
+  std::uint64_t minor_faults = 0;
+  std::uint64_t copies = 0;     // UFFDIO_COPY
+  std::uint64_t zeropages = 0;  // UFFDIO_ZEROPAGE
+  std::uint64_t continues = 0;  // UFFDIO_CONTINUE
+  std::uint64_t eexist = 0;
+  std::uint64_t eagain_retries = 0;
+  std::uint64_t remove_events = 0;
+  std::uint64_t removed_bytes = 0;
+  std::uint64_t filled_bytes = 0;  // copied into the memfd by the background fill
+  bool fill_done = false;          // true at once when there is nothing to fill
+  bool vmm_gone = false;           // ESRCH: the VMM exited while faults were served
+  double service_seconds = 0;      // sum over faults of message read -> page installed
+  double max_service_seconds = 0;
+  double fill_seconds = 0;  // wall time from start to the end of the background fill
+};
+
+class FaultServer {
+ public:
+  // uffd is borrowed and must stay open until stop(); it is switched to non-blocking. regions
+  // are the VMM's mappings of guest memory (host address, guest offset, size). Fails with
+  // kInvalidArgument when regions do not fit the chain, kIoError when a snapshot cannot be
+  // mapped or the thread cannot start.
+  static Result<std::unique_ptr<FaultServer>> start(int uffd, std::vector<plugin::Region> regions,
+                                                    std::shared_ptr<const SnapshotChain> chain,
+                                                    FaultServerOptions options);
+  ~FaultServer();
+  FaultServer(const FaultServer&) = delete;
+  FaultServer& operator=(const FaultServer&) = delete;
+
+  // Stops the thread (idempotent). Faults that arrive later are not served: call it only once
+  // the VMM is gone or its memory no longer needs memsnap.
+  void stop();
+
+  // Counters so far. With settle, first waits (briefly) until the serving thread is between
+  // batches, so every fault whose VMM thread has already been woken is counted.
+  FaultStats stats(bool settle = false) const;
+  // The first error that stopped serving (an unexpected ioctl failure); ok while all is well.
+  Status error() const;
+  // Blocks until the background fill has finished (or serving stopped), at most timeout.
+  Status wait_filled(std::chrono::milliseconds timeout) const;
+  // Guest ranges the VMM discarded (UFFD_EVENT_REMOVE) since the last call with clear.
+  std::vector<plugin::ByteRange> discarded(bool clear);
+
+  // Where a stretch of guest blocks gets its bytes, flattened from the chain.
+  struct Extent {
+    std::uint64_t first_block = 0;
+    std::uint64_t block_count = 0;
+    bool zero = true;
+    const std::uint8_t* data = nullptr;  // first byte of first_block inside a mapped layer
+  };
+
+ private:
+  struct Mapping;
+  enum class Served { kOk, kRetry, kGone, kError };
+  FaultServer() = default;
+  void run();
+  void handle_message(const void* msg);
+  Served serve(std::uint64_t host_page, bool minor);
+  bool fill_step();
+  const Extent* extent_of(std::uint64_t block) const;
+  const plugin::Region* region_of(std::uint64_t host_addr) const;
+  void fail(Error e);
+
+  int uffd_ = -1;
+  io::UniqueFd stop_fd_;                 // eventfd: stop
+  io::UniqueFd settle_fd_;               // eventfd: report back once between batches
+  std::vector<plugin::Region> regions_;  // sorted by host address
+  std::shared_ptr<const SnapshotChain> chain_;
+  std::vector<std::unique_ptr<Mapping>> mappings_;
+  std::vector<Extent> extents_;
+  FaultServerOptions options_;
+  std::uint64_t block_size_ = 0;
+  bool copy_wp_ = false;
+  bool continue_wp_ = false;
+
+  // Owned by the serving thread.
+  std::vector<std::uint8_t> state_;   // per guest block: BlockState
+  std::vector<std::uint64_t> retry_;  // host page addresses to serve again
+  std::size_t fill_extent_ = 0;       // background fill cursor
+  std::uint64_t fill_block_ = 0;
+  std::chrono::steady_clock::time_point started_;
+
+  mutable std::mutex mu_;
+  mutable std::condition_variable filled_cv_;
+  FaultStats stats_;                          // guarded by mu_
+  Status error_;                              // guarded by mu_
+  std::vector<plugin::ByteRange> discarded_;  // guarded by mu_
+  bool stopped_ = false;                      // guarded by mu_
+  std::uint64_t loops_ = 0;                   // guarded by mu_: serving-loop iterations
+  std::thread thread_;
+};
+
+}  // namespace memsnap

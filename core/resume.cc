@@ -1,0 +1,334 @@
+#include "core/resume.h"
+
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <utility>
+
+#include <spdlog/spdlog.h>
+
+#include "core/dirty_set.h"
+#include "core/phase_clock.h"
+
+namespace memsnap {
+namespace {
+
+constexpr std::chrono::milliseconds kAckTimeout{30000};
+
+// Appends b's ranges to a and returns them sorted and merged.
+std::vector<plugin::ByteRange> merged(std::vector<plugin::ByteRange> a,
+                                      const std::vector<plugin::ByteRange>& b) {
+  a.insert(a.end(), b.begin(), b.end());
+  std::sort(a.begin(), a.end(), [](const plugin::ByteRange& x, const plugin::ByteRange& y) {
+    return x.offset < y.offset;
+  });
+  std::vector<plugin::ByteRange> out;
+  for (const auto& r : a) {
+    if (r.length == 0) continue;
+    if (!out.empty() && out.back().offset + out.back().length >= r.offset) {
+      out.back().length =
+          std::max(out.back().offset + out.back().length, r.offset + r.length) - out.back().offset;
+    } else {
+      out.push_back(r);
+    }
+  }
+  return out;
+}
+
+// Copies every DATA extent of the chain into memfd (fresh and sparse: zero blocks stay holes).
+Result<std::uint64_t> fill_memfd(const SnapshotChain& chain, int memfd) {
+  std::vector<std::uint8_t> buffer(4 * 1024 * 1024);
+  std::uint64_t copied = 0;
+  const std::uint64_t bs = chain.block_size();
+  for (const ChainExtent& x : chain.flatten()) {
+    if (x.kind != RunKind::kData) continue;
+    const SnapshotReader& layer = chain.layer(x.layer);
+    for (std::uint64_t done = 0; done < x.block_count * bs;) {
+      const std::uint64_t n = std::min<std::uint64_t>(buffer.size(), x.block_count * bs - done);
+      if (Status s =
+              io::pread_exact(layer.fd(), buffer.data(), n, x.file_offset + done, layer.path());
+          !s.ok()) {
+        return s.error();
+      }
+      if (Status s = io::pwrite_all(memfd, buffer.data(), n, x.first_block * bs + done, "memfd");
+          !s.ok()) {
+        return s.error();
+      }
+      done += n;
+      copied += n;
+    }
+  }
+  return copied;
+}
+
+}  // namespace
+
+std::string_view resume_mode_name(ResumeMode mode) noexcept {
+  switch (mode) {
+    case ResumeMode::kLazy:
+      return "lazy";
+    case ResumeMode::kBackground:
+      return "background";
+    case ResumeMode::kEager:
+      return "eager";
+    case ResumeMode::kWarm:
+      return "warm";
+  }
+  return "unknown";
+}
+
+Result<ResumeMode> parse_resume_mode(std::string_view name) {
+  for (ResumeMode m :
+       {ResumeMode::kLazy, ResumeMode::kBackground, ResumeMode::kEager, ResumeMode::kWarm}) {
+    if (resume_mode_name(m) == name) return m;
+  }
+  return make_error(Errc::kInvalidArgument, "unknown resume mode '" + std::string(name) +
+                                                "' (lazy, background, eager, warm)");
+}
+
+Result<std::unique_ptr<ResumeSession>> ResumeSession::prepare(const PluginRegistry& registry,
+                                                              ResumeRequest request) {
+  std::unique_ptr<ResumeSession> s(new ResumeSession());
+  s->registry_ = &registry;
+  s->request_ = std::move(request);
+  ResumeReport& rep = s->report_;
+  rep.strategy = s->request_.strategy;
+  PhaseClock clock(rep.phases);
+
+  clock.start("open");
+  auto chain = SnapshotChain::open(
+      s->request_.chain, s->request_.verify_checksums ? Verify::kFull : Verify::kHeaderAndMap);
+  if (!chain.ok()) return std::move(chain).error();
+  s->chain_ = std::make_shared<const SnapshotChain>(std::move(*chain));
+  const SnapshotReader& newest = s->chain_->newest();
+  rep.guest_size = s->chain_->guest_size();
+  rep.block_size = s->chain_->block_size();
+  rep.generation = newest.header().generation;
+  rep.snapshot_id = to_hex(newest.header().snapshot_id);
+  rep.chain_length = s->chain_->size();
+
+  // The strategy's own mode, from its capabilities.
+  const PluginInfo* info = registry.find(s->request_.strategy);
+  if (info == nullptr || !info->loaded()) {
+    return make_error(Errc::kPluginNotLoaded,
+                      "strategy '" + s->request_.strategy + "' is not loaded");
+  }
+  ResumeMode mode = ResumeMode::kLazy;
+  std::string why = "strategy " + info->name + " reads the VMM's address space: lazy";
+  const RetainedMemory* kept = s->request_.retained;
+  if (info->releases_memory()) {
+    mode = ResumeMode::kBackground;
+    why = "strategy " + info->name + " released the memory it paused: cold (background fill)";
+  } else if (info->needs_memfd()) {
+    if (kept != nullptr && kept->memfd.get() >= 0 && kept->snapshot_id == rep.snapshot_id &&
+        kept->guest_size == rep.guest_size) {
+      mode = ResumeMode::kWarm;
+      why = "the memfd kept from the pause holds snapshot " + rep.snapshot_id + ": warm";
+    } else {
+      mode = ResumeMode::kBackground;
+      why = kept == nullptr || kept->memfd.get() < 0
+                ? "no memfd kept from the pause: cold (background fill)"
+                : "the memfd kept from the pause holds snapshot " + kept->snapshot_id + ", not " +
+                      rep.snapshot_id + ": cold (background fill)";
+    }
+  }
+  if (s->request_.mode && *s->request_.mode != mode) {
+    const ResumeMode asked = *s->request_.mode;
+    if (asked == ResumeMode::kWarm &&
+        (kept == nullptr || kept->memfd.get() < 0 || kept->snapshot_id != rep.snapshot_id ||
+         kept->guest_size != rep.guest_size)) {
+      return make_error(Errc::kGenerationMismatch,
+                        "warm resume asked for, but no kept memfd holds snapshot " +
+                            rep.snapshot_id + " (generation " + std::to_string(rep.generation) +
+                            ")");
+    }
+    why = "mode " + std::string(resume_mode_name(asked)) +
+          " asked for (strategy default: " + std::string(resume_mode_name(mode)) + ")";
+    mode = asked;
+  }
+  rep.mode = mode;
+  rep.mode_reason = why;
+
+  clock.start("listen");
+  auto listener = handshake::Listener::listen(s->request_.socket_path);
+  if (!listener.ok()) return std::move(listener).error();
+  s->listener_.emplace(std::move(*listener));
+  clock.stop();
+  return s;
+}
+
+ResumeSession::~ResumeSession() { stop(); }
+
+void ResumeSession::stop() {
+  if (server_) server_->stop();
+}
+
+FaultStats ResumeSession::fault_stats() const {
+  return server_ ? server_->stats(/*settle=*/true) : FaultStats{};
+}
+
+Status ResumeSession::serve_error() const { return server_ ? server_->error() : Status(); }
+
+Status ResumeSession::wait_filled(std::chrono::milliseconds timeout) const {
+  if (!server_) return make_error(Errc::kInvalidArgument, "the session is not serving");
+  return server_->wait_filled(timeout);
+}
+
+Status ResumeSession::hand_over_memfd(int memfd, std::uint64_t generation) {
+  if (Status s = handshake::send_reply(handshake_.connection.get(), true, memfd, report_.guest_size,
+                                       generation);
+      !s.ok()) {
+    return s;
+  }
+  return handshake::wait_mapped_ack(handshake_.connection.get(), kAckTimeout);
+}
+
+Status ResumeSession::accept_and_serve() {
+  if (!listener_) return make_error(Errc::kInvalidArgument, "accept_and_serve called twice");
+  ResumeReport& rep = report_;
+  PhaseClock clock(rep.phases);
+
+  clock.start("wait_vmm");
+  // The listener waits for the connection and then the message; time the wait for the VMM
+  // separately from memsnap's own work by polling for the connection first.
+  handshake::Expectations expect;
+  expect.page_size = rep.block_size;
+  expect.guest_size = rep.guest_size;
+  auto hs = listener_->accept(expect, request_.handshake_timeout);
+  const auto handshake_done = std::chrono::steady_clock::now();
+  listener_.reset();  // one VMM per session: nobody else may connect
+  if (!hs.ok()) return std::move(hs).error();
+  handshake_ = std::move(*hs);
+  rep.vmm_pid = handshake_.vmm_pid;
+  rep.vmm_memfd = handshake_.memfd.get() >= 0;
+  for (const auto& r : handshake_.regions) {
+    plugin::Region region{};
+    region.guest_offset = r.offset;
+    region.host_addr = r.base_host_virt_addr;
+    region.size = r.size;
+    regions_.push_back(region);
+  }
+
+  ResumeMode mode = rep.mode;
+  if (mode != ResumeMode::kLazy && mode != ResumeMode::kWarm && !rep.vmm_memfd &&
+      mode != ResumeMode::kEager) {
+    rep.mode_reason += "; the VMM's guest memory is not a memfd: lazy instead";
+    mode = ResumeMode::kLazy;
+  }
+  rep.mode = mode;
+
+  FaultServerOptions options;
+  options.write_protect = request_.track_writes;
+  options.fill_chunk_bytes = request_.fill_chunk_bytes;
+  if (mode == ResumeMode::kBackground) {
+    memfd_ = std::move(handshake_.memfd);
+    options.fill_memfd = memfd_.get();
+  } else if (mode == ResumeMode::kLazy) {
+    memfd_ = std::move(handshake_.memfd);
+  }
+
+  if (mode == ResumeMode::kEager) {
+    clock.start("fill");
+    io::UniqueFd fresh(::memfd_create("memsnap-resume", MFD_CLOEXEC));
+    if (fresh.get() < 0) {
+      const int err = errno;
+      return make_error(Errc::kIoError, io::errno_message("memfd_create", err), err);
+    }
+    if (::ftruncate(fresh.get(), static_cast<off_t>(rep.guest_size)) != 0) {
+      const int err = errno;
+      return make_error(Errc::kIoError, io::errno_message("ftruncate(memfd)", err), err);
+    }
+    auto copied = fill_memfd(*chain_, fresh.get());
+    if (!copied.ok()) return std::move(copied).error();
+    rep.eager_bytes = *copied;
+    clock.start("hand_over");
+    if (Status s = hand_over_memfd(fresh.get(), rep.generation); !s.ok()) return s;
+    memfd_ = std::move(fresh);
+  } else if (mode == ResumeMode::kWarm) {
+    clock.start("hand_over");
+    RetainedMemory& kept = *request_.retained;
+    if (Status s = hand_over_memfd(kept.memfd.get(), kept.generation); !s.ok()) return s;
+    memfd_ = std::move(kept.memfd);
+    kept.snapshot_id.clear();
+  } else {
+    // Tell a VMM that waits for memsnap's reply that no memfd comes; others never read it.
+    if (Status s = handshake::send_reply(handshake_.connection.get(), false, -1, 0, 0); !s.ok()) {
+      spdlog::debug("resume: reply to the VMM not sent: {}", s.error().to_string());
+    }
+  }
+
+  clock.start("serve");
+  auto server = FaultServer::start(handshake_.uffd.get(), regions_, chain_, options);
+  if (!server.ok()) return std::move(server).error();
+  server_ = std::move(*server);
+  clock.stop();
+  rep.ready_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - handshake_done).count();
+  // The handshake phase itself (receive + validate) is inside wait_vmm; the VMM's start-up
+  // dominates it, so ready_seconds starts once the message is in.
+
+  // Is WP_ASYNC tracking there? A scan without re-arming tells without changing anything.
+  if (request_.track_writes) {
+    auto probe = written_ranges_of_process(rep.vmm_pid, regions_, rep.block_size, false);
+    rep.write_tracking = probe.ok();
+    rep.write_tracking_reason =
+        probe.ok() ? "userfaultfd WP_ASYNC + PAGEMAP_SCAN"
+                   : probe.error().message + "; the next pause exports every populated page";
+  } else {
+    rep.write_tracking_reason = "write tracking off; the next pause exports every populated page";
+  }
+  return {};
+}
+
+Result<std::vector<plugin::ByteRange>> ResumeSession::dirty_since_resume(std::string* how) {
+  std::vector<plugin::ByteRange> ranges;
+  std::string source;
+  if (report_.write_tracking) {
+    auto written = written_ranges_of_process(report_.vmm_pid, regions_, report_.block_size, true);
+    if (!written.ok()) return std::move(written).error();
+    ranges = std::move(*written);
+    source = "pages written since the resume (userfaultfd WP_ASYNC + PAGEMAP_SCAN)";
+  } else if (memfd_.get() >= 0) {
+    auto populated =
+        populated_ranges_of_memfd(memfd_.get(), report_.guest_size, report_.block_size);
+    if (!populated.ok()) return std::move(populated).error();
+    ranges = std::move(*populated);
+    source = "every populated page of the memfd (" + report_.write_tracking_reason + ")";
+  } else {
+    auto populated = populated_ranges_of_process(report_.vmm_pid, regions_, report_.block_size);
+    if (!populated.ok()) return std::move(populated).error();
+    ranges = std::move(*populated);
+    source = "every populated page of the process (" + report_.write_tracking_reason + ")";
+  }
+  if (server_) {
+    const auto discarded = server_->discarded(true);
+    if (!discarded.empty()) source += ", plus ranges the VMM discarded";
+    uncommitted_ = merged(std::move(uncommitted_), discarded);
+  }
+  // A pause that took ranges but did not commit them must not lose them: they stay in every
+  // dirty set until pause_committed().
+  uncommitted_ = merged(std::move(ranges), uncommitted_);
+  if (how) *how = source;
+  return uncommitted_;
+}
+
+bool ResumeSession::memfd_complete() const {
+  if (memfd_.get() < 0) return false;
+  switch (report_.mode) {
+    case ResumeMode::kWarm:
+    case ResumeMode::kEager:
+      return true;
+    case ResumeMode::kBackground:
+      return server_ && server_->stats().fill_done;
+    case ResumeMode::kLazy:
+      return false;
+  }
+  return false;
+}
+
+void ResumeSession::pause_committed() { uncommitted_.clear(); }
+
+}  // namespace memsnap

@@ -1,0 +1,150 @@
+// The resume half: a new VMM connects through the Firecracker UFFD handshake and memsnap gives it
+// back the guest memory of a snapshot chain, the way the sandbox's strategy calls for.
+//
+//   lazy        every page on first touch, from the chain (UFFDIO_COPY / UFFDIO_ZEROPAGE)
+//   background  cold memfd: fill the VMM's memfd from the chain in the background, serve MINOR
+//               faults with UFFDIO_CONTINUE and faults ahead of the fill with UFFDIO_COPY
+//   eager       cold memfd: fill a fresh memfd completely, then hand it to the VMM
+//   warm        hand back the memfd memsnap kept from the pause: no copy at all
+//
+// Which mode a strategy gets (ResumeRequest::mode overrides it; every choice is reported):
+//   a strategy that reads a memfd and keeps it (needs-memfd, not releases-memory): warm when
+//   the retained memfd holds exactly the newest snapshot, else background; one that releases
+//   memory (hole_punch): background, always cold; any other (process_vm_readv): lazy. Memfd
+//   modes need a VMM whose guest memory is a memfd; without one, lazy, and the report says so.
+//
+// Handing a memfd to the VMM (eager, warm) uses memsnap's reply extension of the handshake (see
+// core/handshake/handshake.h); the VMM must support it.
+//
+// The session also tracks what the guest writes, for the next pause's diff: pages are installed
+// write-protected and a VMM userfaultfd in WP_ASYNC mode records the writes (read with
+// PAGEMAP_SCAN). Without WP_ASYNC the next pause exports every populated page, and says so.
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "core/base/file_io.h"
+#include "core/base/result.h"
+#include "core/fault_server.h"
+#include "core/handshake/handshake.h"
+#include "core/pause.h"
+#include "core/plugin_host/plugin_registry.h"
+#include "core/snapshot/snapshot_chain.h"
+
+namespace memsnap {
+
+enum class ResumeMode { kLazy, kBackground, kEager, kWarm };
+std::string_view resume_mode_name(ResumeMode mode) noexcept;
+Result<ResumeMode> parse_resume_mode(std::string_view name);
+
+// Guest memory a memfd pause kept after the VMM went away, for a warm resume.
+struct RetainedMemory {
+  io::UniqueFd memfd;
+  std::string snapshot_id;  // the snapshot whose content the memfd holds (hex)
+  std::uint64_t generation = 0;
+  std::uint64_t guest_size = 0;
+};
+
+struct ResumeRequest {
+  std::vector<std::string> chain;  // snapshot files, base first
+  std::string socket_path;         // where the VMM will connect
+  std::string strategy;            // the sandbox's strategy; picks the mode
+  std::optional<ResumeMode> mode;  // overrides the strategy's choice
+  // Memory kept from the pause (warm candidate). Consumed only by a warm resume.
+  RetainedMemory* retained = nullptr;
+  std::chrono::milliseconds handshake_timeout{30000};
+  bool verify_checksums = true;  // hash every DATA run of the chain before serving
+  bool track_writes = true;      // install pages write-protected for WP_ASYNC tracking
+  std::uint64_t fill_chunk_bytes = 2 * 1024 * 1024;
+};
+
+struct ResumeReport {
+  std::string strategy;
+  ResumeMode mode = ResumeMode::kLazy;
+  std::string mode_reason;  // why this mode (and why not the one asked for, if it differs)
+  pid_t vmm_pid = -1;
+  std::uint64_t guest_size = 0;
+  std::uint64_t block_size = 0;
+  std::uint64_t generation = 0;  // of the newest snapshot
+  std::string snapshot_id;
+  std::size_t chain_length = 0;
+  bool vmm_memfd = false;  // the VMM sent a memfd
+  bool write_tracking = false;
+  std::string write_tracking_reason;
+  // Phases: open (chain, with checksums), listen, wait_vmm (until the handshake is in and
+  // validated: mostly the VMM's own start-up), fill (eager), hand_over (reply + the VMM's
+  // ack), serve (start the fault server).
+  std::vector<PhaseTiming> phases;
+  // From the handshake's arrival to the VMM being able to run: what resume costs a sandbox
+  // beyond its VMM's start-up (open is counted separately: it may happen ahead of time).
+  double ready_seconds = 0;
+  std::uint64_t eager_bytes = 0;  // copied into a fresh memfd (eager)
+};
+
+// One resumed sandbox. prepare() opens the chain and listens; start the VMM; then
+// accept_and_serve(). The session serves faults until stop() or destruction: keep it alive as
+// long as the VMM runs (a later pause of a lazily resumed VMM may fault pages in through it).
+class ResumeSession {
+ public:
+  static Result<std::unique_ptr<ResumeSession>> prepare(const PluginRegistry& registry,
+                                                        ResumeRequest request);
+  ~ResumeSession();
+  ResumeSession(const ResumeSession&) = delete;
+  ResumeSession& operator=(const ResumeSession&) = delete;
+
+  // Waits for the VMM's handshake, validates it against the chain and starts serving.
+  Status accept_and_serve();
+
+  const ResumeReport& report() const { return report_; }
+  FaultStats fault_stats() const;
+  Status serve_error() const;
+  // Background mode: waits for the fill to finish.
+  Status wait_filled(std::chrono::milliseconds timeout) const;
+
+  pid_t vmm_pid() const { return report_.vmm_pid; }
+  // The VMM's guest regions as a pause needs them.
+  const std::vector<plugin::Region>& regions() const { return regions_; }
+  // The memfd that now backs the VMM's guest memory (its own, or the one handed to it); -1 for
+  // anonymous memory. Owned by the session.
+  int memfd() const { return memfd_.get(); }
+  // Whether memfd() holds the whole guest image (eager, warm, or a finished background fill),
+  // so that it can be kept for a warm resume after the next pause. A lazily served memfd only
+  // holds the pages the guest touched.
+  bool memfd_complete() const;
+  const SnapshotChain& chain() const { return *chain_; }
+
+  // The dirty set of the next pause of this VMM, computed while it is frozen: written pages
+  // (tracked) or every populated page (no tracking), plus every range the VMM discarded, plus
+  // what an earlier pause took but did not commit. Fill `how` with which. Use it as
+  // PauseRequest::dirty_source, and call pause_committed() after the pause succeeded.
+  Result<std::vector<plugin::ByteRange>> dirty_since_resume(std::string* how);
+  void pause_committed();
+
+  // Stops serving faults (the VMM is gone).
+  void stop();
+
+ private:
+  ResumeSession() = default;
+  Status hand_over_memfd(int memfd, std::uint64_t generation);
+
+  const PluginRegistry* registry_ = nullptr;
+  ResumeRequest request_;
+  ResumeReport report_;
+  std::shared_ptr<const SnapshotChain> chain_;
+  std::optional<handshake::Listener> listener_;
+  handshake::Handshake handshake_;
+  std::vector<plugin::Region> regions_;
+  io::UniqueFd memfd_;
+  std::unique_ptr<FaultServer> server_;
+  std::vector<plugin::ByteRange> uncommitted_;  // taken by a pause that has not committed yet
+};
+
+}  // namespace memsnap
