@@ -3,7 +3,7 @@
 //
 //   MISSING fault, DATA block   UFFDIO_COPY straight from a read-only mapping of the snapshot
 //                               file that holds the block (no intermediate buffer)
-//   MISSING fault, ZERO block   UFFDIO_ZEROPAGE
+//   MISSING fault, ZERO block   UFFDIO_ZEROPAGE, or UFFDIO_COPY of zeros when tracking writes
 //   MINOR fault (memfd)         UFFDIO_CONTINUE: the page is already in the memfd
 //   UFFD_EVENT_REMOVE           the VMM discarded the range: later faults there get zero pages,
 //                               and the range is reported by discarded() (a later diff must
@@ -21,8 +21,9 @@
 //
 // With write_protect, pages are installed write-protected (UFFDIO_COPY_MODE_WP,
 // UFFDIO_CONTINUE_MODE_WP) so that a userfaultfd in WP_ASYNC mode records which ones the guest
-// writes afterwards (read back with PAGEMAP_SCAN). Zero pages are installed without protection
-// and so always count as written: an over-report (they are stored as zero runs), never a loss.
+// writes afterwards (read back with PAGEMAP_SCAN); zero blocks are then copied in as zeros,
+// write-protected too. A page installed without protection counts as written: an over-report,
+// never a loss.
 #pragma once
 
 #include <atomic>
@@ -82,8 +83,9 @@ class FaultServer {
   // the VMM is gone or its memory no longer needs memsnap.
   void stop();
 
-  // Counters so far. With settle, first waits (briefly) until the serving thread is between
-  // batches, so every fault whose VMM thread has already been woken is counted.
+  // Counters so far (the serving thread publishes per-fault counters once per batch of
+  // messages). With settle, first waits (briefly) until the serving thread is between batches,
+  // so every fault whose VMM thread has already been woken is counted.
   FaultStats stats(bool settle = false) const;
   // The first error that stopped serving (an unexpected ioctl failure); ok while all is well.
   Status error() const;
@@ -108,6 +110,8 @@ class FaultServer {
   void handle_message(const void* msg);
   Served serve(std::uint64_t host_page, bool minor);
   bool fill_step();
+  void prepare_serving();  // serving thread, before the first message: extents_ and state_
+  void publish_locked();   // adds pending_ to stats_ (mu_ held)
   const Extent* extent_of(std::uint64_t block) const;
   const plugin::Region* region_of(std::uint64_t host_addr) const;
   void fail(Error e);
@@ -118,14 +122,18 @@ class FaultServer {
   std::vector<plugin::Region> regions_;  // sorted by host address
   std::shared_ptr<const SnapshotChain> chain_;
   std::vector<std::unique_ptr<Mapping>> mappings_;
-  std::vector<Extent> extents_;
+  std::vector<const std::uint8_t*> layer_bases_;  // per chain layer, null if it has no data
   FaultServerOptions options_;
   std::uint64_t block_size_ = 0;
   bool copy_wp_ = false;
   bool continue_wp_ = false;
+  bool zero_by_copy_ = false;            // UFFDIO_ZEROPAGE refused a marker entry once
+  const std::uint8_t* zeros_ = nullptr;  // one block of zeros (read-only mapping)
 
   // Owned by the serving thread.
+  std::vector<Extent> extents_;       // built by prepare_serving()
   std::vector<std::uint8_t> state_;   // per guest block: BlockState
+  FaultStats pending_;                // per-fault counters not yet published to stats_
   std::vector<std::uint64_t> retry_;  // host page addresses to serve again
   std::size_t fill_extent_ = 0;       // background fill cursor
   std::uint64_t fill_block_ = 0;

@@ -2,6 +2,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <fstream>
 #include <memory>
@@ -197,6 +198,17 @@ Result<CycleReport> run_cycle(const PluginRegistry& registry, const CycleOptions
           guest->dirty(o.dirty_fraction, false, o.seed * 1000 + static_cast<std::uint64_t>(g));
       if (!dirtied.ok()) return step_error("dirtying pages", dirtied.error());
       say(o, "the guest dirtied " + std::to_string(o.dirty_fraction * 100) + "% of its pages");
+      if (o.discard_pages > 0) {
+        // A stretch in the middle of the guest, moving with the generation.
+        const std::uint64_t pages = o.size / 4096;
+        const std::uint64_t count = std::min(o.discard_pages, pages);
+        const std::uint64_t first_page =
+            (pages / 3 + static_cast<std::uint64_t>(g) * 977) % (pages - count + 1);
+        auto discarded = guest->discard(first_page, count);
+        if (!discarded.ok()) return step_error("discarding pages", discarded.error());
+        say(o, "the guest discarded " + std::to_string(count) + " pages from page " +
+                   std::to_string(first_page));
+      }
     }
   }
   return report;

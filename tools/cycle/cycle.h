@@ -27,7 +27,10 @@ struct CycleOptions {
   std::uint64_t seed = 1;
   double zero_fraction = 0.05;   // never-written pages of the first VMM
   double dirty_fraction = 0.10;  // dirtied between generations, random pages
-  int generations = 2;           // snapshots taken (each followed by a resume and a verify)
+  // Pages the guest discards between generations, like a balloon (after dirtying): they must
+  // come back as zeros, never as older snapshot bytes.
+  std::uint64_t discard_pages = 0;
+  int generations = 2;  // snapshots taken (each followed by a resume and a verify)
   std::string dir;               // snapshots and sockets go here (must exist)
   bool sync = true;
   bool verify_checksums = true;

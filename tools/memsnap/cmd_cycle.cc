@@ -17,6 +17,7 @@ int cmd_cycle(Args& args) {
   o.generations = std::stoi(args.value("--generations", "2"));
   o.dirty_fraction = std::stod(args.value("--dirty-fraction", "0.1"));
   o.backing = args.value("--backing");
+  o.discard_pages = parse_size(args.value("--discard-pages", "0"));
   o.thp = args.flag("--thp");
   o.sync = !args.flag("--no-sync");
   o.verify_checksums = !args.flag("--no-verify");
