@@ -1,8 +1,9 @@
-// memsnap compare: the default job. For each loaded strategy it starts a fresh stand-in VMM,
-// takes a base snapshot of all of its memory, dirties a share of the pages, takes a diff on top,
-// reads the chain back and checks every page against the pattern the VMM wrote, then prints one
-// row per strategy next to the single-copy reference (write() + fsync of a resident buffer of
-// the same size into the same directory).
+// memsnap compare: the default job. For each loaded strategy it runs one sandbox cycle (see
+// tools/cycle/cycle.h): a fresh stand-in VMM is paused into a base snapshot, killed, resumed
+// from it through the UFFD handshake and checked page by page; a share of its pages is dirtied,
+// paused into a diff, the VMM killed, resumed from the chain and checked again. One row per
+// strategy shows pause and resume side by side, next to the single-copy reference (write() +
+// fsync of a resident buffer of the same size into the same directory).
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -15,7 +16,7 @@
 
 #include "core/snapshot/snapshot_chain.h"
 #include "core/vmm_process.h"
-#include "tools/guest_client/guest_client.h"
+#include "tools/cycle/cycle.h"
 #include "tools/memsnap/cli.h"
 
 namespace memsnap::cli {
@@ -23,8 +24,7 @@ namespace {
 
 struct Row {
   std::string strategy;
-  PauseReport base, diff;
-  ChainCheck check;
+  CycleReport cycle;
   std::string error;
 };
 
@@ -53,64 +53,22 @@ Row run_one(const PluginRegistry& registry, const std::string& strategy, const s
             std::uint64_t size, double dirty_fraction, bool sync) {
   Row row;
   row.strategy = strategy;
-  GuestOptions go;
-  go.size = size;
-  go.backing = "memfd";
-  go.seed = 7;
-  go.zero_fraction = 0.05;  // some never-written pages, stored as map entries only
-  auto guest = GuestProcess::spawn(go);
-  if (!guest.ok()) {
-    row.error = guest.error().to_string();
-    return row;
+  CycleOptions o;
+  o.strategy = strategy;
+  o.size = size;
+  o.dirty_fraction = dirty_fraction;
+  o.zero_fraction = 0.05;  // some never-written pages, stored as map entries only
+  o.generations = 2;
+  o.sync = sync;
+  o.dir = dir + "/" + strategy;
+  std::filesystem::create_directories(o.dir);
+  auto r = run_cycle(registry, o);
+  if (!r.ok()) {
+    row.error = r.error().to_string();
+  } else {
+    row.cycle = std::move(*r);
   }
-  auto memfd = take_fd_of_process((*guest)->pid(), (*guest)->memfd_number());
-  if (!memfd.ok()) {
-    row.error = memfd.error().to_string();
-    return row;
-  }
-  PauseRequest req;
-  req.pid = (*guest)->pid();
-  req.regions = (*guest)->regions();
-  req.memfd = *memfd;
-  req.strategy = strategy;
-  req.freeze = true;
-  req.sync = sync;
-  req.out_path = dir + "/" + strategy + "-base.snap";
-  auto base = pause(registry, req);
-  if (!base.ok()) {
-    ::close(*memfd);
-    row.error = "base: " + base.error().to_string();
-    return row;
-  }
-  row.base = *base;
-  auto dirty = (*guest)->dirty(dirty_fraction, false, 11);
-  if (!dirty.ok()) {
-    ::close(*memfd);
-    row.error = dirty.error().to_string();
-    return row;
-  }
-  req.dirty = *dirty;
-  req.parent_path = req.out_path;
-  req.out_path = dir + "/" + strategy + "-diff.snap";
-  auto diff = pause(registry, req);
-  ::close(*memfd);
-  if (!diff.ok()) {
-    row.error = "diff: " + diff.error().to_string();
-    return row;
-  }
-  row.diff = *diff;
-  auto chain = SnapshotChain::open({req.parent_path, req.out_path}, Verify::kFull);
-  if (!chain.ok()) {
-    row.error = "chain: " + chain.error().to_string();
-    return row;
-  }
-  auto check =
-      check_chain_against_pattern(*chain, (*guest)->seed(), (*guest)->expected_generations());
-  if (!check.ok()) {
-    row.error = "check: " + check.error().to_string();
-    return row;
-  }
-  row.check = *check;
+  std::filesystem::remove_all(o.dir);
   return row;
 }
 
@@ -159,8 +117,8 @@ int cmd_compare(Args& args) {
 
   if (!json) {
     std::printf(
-        "memsnap compare: %s memfd-backed stand-in VMM, base snapshot of all memory then a "
-        "%.0f%% random diff, snapshots in %s (%s)\n",
+        "memsnap compare: %s stand-in VMM per strategy, pause -> resume -> verify, then a "
+        "%.0f%% random diff, pause -> resume -> verify; snapshots in %s (%s)\n",
         format_bytes(double(size)).c_str(), fraction * 100, keep.c_str(),
         sync ? "fsync at commit" : "no fsync");
   }
@@ -179,64 +137,81 @@ int cmd_compare(Args& args) {
   int failures = 0;
   nlohmann::json out = nlohmann::json::array();
   if (!json) {
-    std::printf("\n%-18s %10s %8s %9s %11s %9s %10s %9s %s\n", "STRATEGY", "BASE ms", "GiB/s",
-                "vs write", "DIFF ms", "DIFF/BASE", "CPU ms", "RELEASED", "CHAIN CHECK");
-    std::printf("%-18s %10.1f %8.2f %9s %11s %9s %10s %9s %s\n", "(write() median)", ref * 1e3,
-                double(size) / ref / double(1 << 30), "1.00x", "-", "-", "-", "-", "-");
+    std::printf("\n%-18s %9s %7s %8s %9s %9s | %-10s %8s %9s %9s | %9s %s\n", "STRATEGY", "BASE ms",
+                "GiB/s", "vs write", "DIFF ms", "DIFF/BASE", "RESUME", "READY ms", "TOUCH ms",
+                "us/fault", "RELEASED", "PAGES CHECKED");
+    std::printf("%-18s %9.1f %7.2f %8s\n", "(write() median)", ref * 1e3,
+                double(size) / ref / double(1 << 30), "1.00x");
   }
   for (const auto& row : rows) {
-    const bool ok = row.error.empty() && row.check.mismatches == 0 && row.check.pages > 0;
+    const auto& gens = row.cycle.generations;
+    const bool ok = row.error.empty() && gens.size() == 2 && row.cycle.total_mismatches() == 0;
     failures += ok ? 0 : 1;
     if (json) {
       nlohmann::json j = {{"strategy", row.strategy},
                           {"ok", ok},
                           {"error", row.error},
                           {"reference_write_seconds", ref}};
-      if (row.error.empty()) {
-        j["base"] = to_json(row.base);
-        j["diff"] = to_json(row.diff);
-        j["pages_checked"] = row.check.pages;
-        j["mismatches"] = row.check.mismatches;
+      nlohmann::json g = nlohmann::json::array();
+      for (const auto& gen : gens) {
+        g.push_back({{"generation", gen.generation},
+                     {"pause", to_json(gen.pause)},
+                     {"resume", to_json(gen.resume)},
+                     {"faults", to_json(gen.faults)},
+                     {"verify_seconds", gen.verify_seconds},
+                     {"pages", gen.pages},
+                     {"mismatches", gen.mismatches}});
       }
+      j["generations"] = g;
       out.push_back(j);
       continue;
     }
-    if (!row.error.empty()) {
+    if (!row.error.empty() || gens.size() != 2) {
       std::printf("%-18s FAILED: %s\n", row.strategy.c_str(), row.error.c_str());
       continue;
     }
-    const double base_s = row.base.wall_seconds, diff_s = row.diff.wall_seconds;
-    char ratio[16], released[32], check[96];
+    const PauseReport& base = gens[0].pause;
+    const PauseReport& diff = gens[1].pause;
+    const CycleGeneration& last = gens[1];
+    const double base_s = base.wall_seconds, diff_s = diff.wall_seconds;
+    char ratio[16], check[128];
     // Bytes per second against the reference's (the base skips never-written pages).
     std::snprintf(ratio, sizeof(ratio), "%.2fx",
-                  (double(row.base.dirty_bytes) / base_s) / (double(size) / ref));
-    std::snprintf(released, sizeof(released), "%s",
-                  format_bytes(double(row.base.export_stats.bytes_released +
-                                      row.diff.export_stats.bytes_released))
-                      .c_str());
-    if (row.check.mismatches == 0) {
-      std::snprintf(check, sizeof(check), "ok, %llu pages",
-                    static_cast<unsigned long long>(row.check.pages));
+                  (double(base.dirty_bytes) / base_s) / (double(size) / ref));
+    const std::uint64_t pages = gens[0].pages + gens[1].pages;
+    if (row.cycle.total_mismatches() == 0) {
+      std::snprintf(check, sizeof(check), "ok, %llu", static_cast<unsigned long long>(pages));
     } else {
       std::snprintf(check, sizeof(check), "%llu BAD (%s)",
-                    static_cast<unsigned long long>(row.check.mismatches),
-                    row.check.first_mismatch.c_str());
+                    static_cast<unsigned long long>(row.cycle.total_mismatches()),
+                    (gens[0].mismatches ? gens[0] : gens[1]).first_mismatch.c_str());
     }
-    std::printf("%-18s %10.1f %8.2f %9s %11.1f %9.3f %10.1f %9s %s\n", row.strategy.c_str(),
-                base_s * 1e3, double(row.base.dirty_bytes) / base_s / double(1 << 30), ratio,
-                diff_s * 1e3, diff_s / base_s, (row.base.cpu_seconds + row.diff.cpu_seconds) * 1e3,
-                released, check);
+    const double us_per_fault =
+        last.faults.faults ? last.faults.service_seconds / double(last.faults.faults) * 1e6 : 0;
+    std::printf(
+        "%-18s %9.1f %7.2f %8s %9.1f %9.3f | %-10s %8.2f %9.1f %9.1f | %9s %s\n",
+        row.strategy.c_str(), base_s * 1e3, double(base.dirty_bytes) / base_s / double(1 << 30),
+        ratio, diff_s * 1e3, diff_s / base_s,
+        std::string(resume_mode_name(last.resume.mode)).c_str(), last.resume.ready_seconds * 1e3,
+        last.verify_seconds * 1e3, us_per_fault,
+        format_bytes(double(base.export_stats.bytes_released + diff.export_stats.bytes_released))
+            .c_str(),
+        check);
   }
   if (json) {
     std::printf("%s\n", out.dump(2).c_str());
   } else {
     std::printf(
-        "\nBASE = pause of all populated memory; vs write = its bytes per second over "
-        "those of write()+fsync of resident memory into a new file here (median of one run "
-        "before each strategy; one run each, so expect noise: memsnap-bench gives medians).\n"
-        "DIFF = pause of the dirtied pages on top of the base. CPU = the pausing thread, "
-        "base + diff. RELEASED = host memory the strategy freed, base + diff.\n"
-        "CHAIN CHECK reads base+diff back and checks every page against what the VMM wrote.\n");
+        "\nEach strategy: a stand-in VMM is filled, paused (BASE, all populated memory), killed,\n"
+        "resumed into a new VMM through the UFFD handshake and checked page by page; then %.0f%%\n"
+        "of its pages are dirtied, paused again (DIFF, only what the guest wrote, found by\n"
+        "userfaultfd write tracking), killed, resumed from base+diff and checked again.\n"
+        "vs write = BASE bytes per second over write()%s of resident memory into a new file here.\n"
+        "RESUME = how the second resume served memory; READY = from the VMM's handshake to it\n"
+        "being able to run; TOUCH = the resumed guest reading every page once (faults included);\n"
+        "us/fault = mean fault service time in memsnap. PAGES CHECKED = both resumes, every page.\n"
+        "One run each on a shared machine: expect noise (memsnap-bench gives medians).\n",
+        fraction * 100, sync ? "+fsync" : "");
   }
   if (temporary) std::filesystem::remove_all(keep);
   return failures == 0 ? 0 : 1;
