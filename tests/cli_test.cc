@@ -165,5 +165,77 @@ TEST_F(CliTest, BadInputIsAClearErrorAndNothingIsWritten) {
   EXPECT_TRUE(std::filesystem::is_empty(dir_));
 }
 
+TEST_F(CliTest, CycleJsonShowsEveryPageBackAfterTwoResumes) {
+  const CommandResult r =
+      memsnap("cycle --strategy process_vm_readv --size 16M --no-sync --discard-pages 64 --json");
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  // Progress lines go to stderr (folded in here); the result is the one line of JSON.
+  const auto j = nlohmann::json::parse(r.out.substr(r.out.find("\n{\"") + 1), nullptr, false);
+  ASSERT_TRUE(j.is_object()) << r.out;
+  EXPECT_EQ(j["mismatches"], 0);
+  ASSERT_EQ(j["generations"].size(), 2u);
+  for (const auto& g : j["generations"]) {
+    EXPECT_EQ(g["resume"]["mode"], "lazy");
+    EXPECT_EQ(g["pages"], 4096);
+    EXPECT_EQ(g["mismatches"], 0);
+    EXPECT_GT(g["faults"]["faults"].get<std::uint64_t>(), 0u);
+  }
+}
+
+TEST_F(CliTest, ResumeServesAVmmThatConnectsThroughTheHandshake) {
+  // Pause a filled stand-in with the CLI, then let `memsnap resume` serve a new one.
+  GuestOptions go;
+  go.size = 8 << 20;
+  go.backing = "anon";
+  go.seed = 5;
+  auto guest = GuestProcess::spawn(go);
+  ASSERT_TRUE(guest.ok()) << guest.error().to_string();
+  std::string regions;
+  for (const auto& reg : (*guest)->regions()) {
+    regions += (regions.empty() ? "" : ",") + std::to_string(reg.host_addr) + ":" +
+               std::to_string(reg.size);
+  }
+  const std::string snap = dir_ + "/base.snap";
+  const CommandResult paused =
+      memsnap("pause --pid " + std::to_string((*guest)->pid()) + " --regions " + regions +
+              " --strategy process_vm_readv --freeze --out " + snap);
+  ASSERT_EQ(paused.exit_code, 0) << paused.out;
+  const std::vector<std::uint32_t> expected = (*guest)->expected_generations();
+  (*guest)->kill();
+
+  const std::string sock = dir_ + "/vm.sock";
+  const std::string cmd = memsnap_binary() + " resume --snapshot " + snap + " --listen " + sock +
+                          " --strategy process_vm_readv --timeout 30 --json 2>&1";
+  std::FILE* server = popen(cmd.c_str(), "r");
+  ASSERT_NE(server, nullptr);
+  for (int i = 0; i < 300 && !std::filesystem::exists(sock); ++i) usleep(10 * 1000);
+  ASSERT_TRUE(std::filesystem::exists(sock));
+  EXPECT_EQ(std::filesystem::status(sock).permissions() & std::filesystem::perms::all,
+            std::filesystem::perms::owner_read | std::filesystem::perms::owner_write);
+
+  GuestOptions rgo = go;
+  rgo.handshake_socket = sock;
+  rgo.no_fill = true;
+  rgo.expect = expected;
+  auto resumed = GuestProcess::spawn(rgo);
+  ASSERT_TRUE(resumed.ok()) << resumed.error().to_string();
+  ASSERT_TRUE((*resumed)->wait_ready(std::chrono::seconds(30)).ok());
+  auto bad = (*resumed)->verify();
+  ASSERT_TRUE(bad.ok()) << bad.error().to_string();
+  EXPECT_EQ(*bad, 0u);
+  (*resumed)->kill();
+
+  std::string out;
+  char buf[4096];
+  while (std::fgets(buf, sizeof(buf), server) != nullptr) out += buf;
+  const int status = pclose(server);
+  ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << out;
+  const auto j = nlohmann::json::parse(out.substr(out.find("{\"")), nullptr, false);
+  ASSERT_TRUE(j.is_object()) << out;
+  EXPECT_EQ(j["mode"], "lazy");
+  EXPECT_EQ(j["faults"]["faults"], 2048) << out;
+  EXPECT_TRUE(j["error"].is_null()) << out;
+}
+
 }  // namespace
 }  // namespace memsnap
