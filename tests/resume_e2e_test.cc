@@ -45,7 +45,7 @@ class ResumeE2E : public ::testing::Test {
     o.dirty_fraction = 0.10;
     o.zero_fraction = 0.05;
     o.discard_pages = 300;  // a balloon gives some back: they must return as zeros
-    o.sync = false;  // durability is the pause tests' business; this is about the bytes
+    o.sync = false;         // durability is the pause tests' business; this is about the bytes
     return o;
   }
 
@@ -155,6 +155,30 @@ TEST_F(ResumeE2E, HolePunchIsAlwaysCold) {
     EXPECT_FALSE(g.retained_memfd);
     EXPECT_EQ(g.resume.mode, ResumeMode::kBackground) << g.resume.mode_reason;
     EXPECT_GT(g.pause.export_stats.bytes_released, 0u);
+  }
+}
+
+TEST_F(ResumeE2E, WithoutWpAsyncTheDiffFallsBackToEveryPopulatedPageAndSaysSo) {
+  for (const char* strategy : {"process_vm_readv", "memfd"}) {
+    SCOPED_TRACE(strategy);
+    CycleOptions o = options(strategy);
+    o.vmm_supports_wp_async = false;  // a VMM whose userfaultfd has no WP_ASYNC
+    if (std::string(strategy) == "memfd") o.mode = ResumeMode::kBackground;
+    auto r = run_cycle(registry_, o);
+    ASSERT_TRUE(r.ok()) << r.error().to_string();
+    ASSERT_EQ(r->generations.size(), 2u);
+    for (const auto& g : r->generations) {
+      EXPECT_EQ(g.mismatches, 0u) << g.first_mismatch;
+      EXPECT_FALSE(g.resume.write_tracking);
+      EXPECT_FALSE(g.resume.write_tracking_reason.empty());
+    }
+    const PauseReport& second = r->generations[1].pause;
+    EXPECT_NE(second.dirty_set_source.find("every populated page"), std::string::npos)
+        << second.dirty_set_source;
+    EXPECT_NE(second.dirty_set_source.find("WP_ASYNC"), std::string::npos)
+        << "the fallback must say why: " << second.dirty_set_source;
+    std::filesystem::remove_all(dir_);
+    std::filesystem::create_directories(dir_);
   }
 }
 

@@ -158,7 +158,7 @@ Result<CycleReport> run_cycle(const PluginRegistry& registry, const CycleOptions
     rgo.no_fill = true;
     rgo.expect = expected;
     rgo.accept_memfd = true;
-    rgo.track_writes = o.track_writes;
+    rgo.track_writes = o.vmm_supports_wp_async;
     auto resumed = GuestProcess::spawn(rgo);
     if (!resumed.ok()) return step_error("starting the resumed VMM", resumed.error());
     guest = std::move(*resumed);

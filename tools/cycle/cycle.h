@@ -31,10 +31,11 @@ struct CycleOptions {
   // come back as zeros, never as older snapshot bytes.
   std::uint64_t discard_pages = 0;
   int generations = 2;  // snapshots taken (each followed by a resume and a verify)
-  std::string dir;               // snapshots and sockets go here (must exist)
+  std::string dir;      // snapshots and sockets go here (must exist)
   bool sync = true;
   bool verify_checksums = true;
-  bool track_writes = true;
+  bool track_writes = true;           // memsnap installs pages write-protected
+  bool vmm_supports_wp_async = true;  // the resumed VMMs ask for UFFD_FEATURE_WP_ASYNC
   // Called after generation g's snapshot is committed and its VMM killed, before the resume
   // (tests corrupt a snapshot here).
   std::function<void(int generation, const std::vector<std::string>& chain)> before_resume;
