@@ -148,7 +148,7 @@ FaultStats FaultServer::stats(bool settle) const {
     const std::uint64_t one = 1;
     [[maybe_unused]] const ssize_t n = ::write(settle_fd_.get(), &one, sizeof(one));
     filled_cv_.wait_for(lock, std::chrono::seconds(1),
-                        [&] { return loops_ > seen + 1 || stopped_ || !error_.ok(); });
+                        [&] { return loops_ > seen || stopped_ || !error_.ok(); });
   }
   return stats_;
 }
