@@ -134,6 +134,17 @@ Status scan_with_pagemap(int fd, const Region& r, std::uint64_t block_size,
   return {};
 }
 
+Result<io::UniqueFd> open_pagemap(pid_t pid) {
+  const std::string path = "/proc/" + std::to_string(pid) + "/pagemap";
+  io::UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (fd.get() < 0) {
+    const int err = errno;
+    return make_error(err == ENOENT ? Errc::kProcessGone : Errc::kIoError,
+                      "cannot open " + path + ": " + errno_text(err), err);
+  }
+  return fd;
+}
+
 }  // namespace
 
 std::uint64_t total_bytes(const std::vector<ByteRange>& ranges) noexcept {
@@ -197,13 +208,9 @@ Result<std::vector<ByteRange>> populated_ranges_of_process(pid_t pid,
                                                            std::uint64_t block_size,
                                                            ScanStats* stats_out,
                                                            ScanMethod method) {
-  const std::string path = "/proc/" + std::to_string(pid) + "/pagemap";
-  const io::UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (fd.get() < 0) {
-    const int err = errno;
-    return make_error(err == ENOENT ? Errc::kProcessGone : Errc::kIoError,
-                      "cannot open " + path + ": " + errno_text(err), err);
-  }
+  auto opened = open_pagemap(pid);
+  if (!opened.ok()) return std::move(opened).error();
+  const io::UniqueFd fd = std::move(*opened);
   ScanStats stats;
   stats.used_pagemap_scan = method == ScanMethod::kAuto;
   std::vector<ByteRange> out;
@@ -225,13 +232,9 @@ Result<std::vector<ByteRange>> populated_ranges_of_process(pid_t pid,
 Result<std::vector<ByteRange>> written_ranges_of_process(pid_t pid,
                                                          const std::vector<Region>& regions,
                                                          std::uint64_t block_size, bool rearm) {
-  const std::string path = "/proc/" + std::to_string(pid) + "/pagemap";
-  const io::UniqueFd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
-  if (fd.get() < 0) {
-    const int err = errno;
-    return make_error(err == ENOENT ? Errc::kProcessGone : Errc::kIoError,
-                      "cannot open " + path + ": " + errno_text(err), err);
-  }
+  auto opened = open_pagemap(pid);
+  if (!opened.ok()) return std::move(opened).error();
+  const io::UniqueFd fd = std::move(*opened);
   const ScanQuery query{kScanCheckWpAsync | (rearm ? kScanWpMatching : 0), kPageIsWritten, 0,
                         kPageIsWritten};
   ScanStats stats;

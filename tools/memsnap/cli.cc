@@ -1,5 +1,7 @@
 #include "tools/memsnap/cli.h"
 
+#include <stdlib.h>
+
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -80,6 +82,24 @@ std::string format_bytes(double bytes) {
   char buf[32];
   std::snprintf(buf, sizeof(buf), u == 0 ? "%.0f %s" : "%.1f %s", bytes, units[u]);
   return buf;
+}
+
+std::string work_dir(const std::string& keep, const std::string& prefix) {
+  if (!keep.empty()) {
+    std::error_code ec;
+    std::filesystem::create_directories(keep, ec);
+    if (ec) {
+      std::fprintf(stderr, "memsnap: cannot create %s: %s\n", keep.c_str(), ec.message().c_str());
+      return {};
+    }
+    return keep;
+  }
+  std::string templ = "/var/tmp/" + prefix + "-XXXXXX";
+  if (::mkdtemp(templ.data()) == nullptr) {
+    std::perror("mkdtemp");
+    return {};
+  }
+  return templ;
 }
 
 std::string plugin_dir(Args& args) {

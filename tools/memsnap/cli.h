@@ -36,6 +36,9 @@ class Args {
 // "4096", "2M", "1G", "0x1000": bytes. Throws std::invalid_argument.
 std::uint64_t parse_size(const std::string& text);
 std::string format_bytes(double bytes);
+// The directory a command works in: `keep` (created if missing), or, when empty, a new
+// /var/tmp/<prefix>-XXXXXX the caller removes. Empty (after printing why) on failure.
+std::string work_dir(const std::string& keep, const std::string& prefix);
 
 // The plugin directory: --plugin-dir, else $MEMSNAP_PLUGIN_DIR, else <exe>/../lib/memsnap/plugins.
 std::string plugin_dir(Args& args);
@@ -54,5 +57,6 @@ int cmd_inspect(Args& args);
 int cmd_compare(Args& args);
 int cmd_resume(Args& args);
 int cmd_cycle(Args& args);
+int cmd_flags(Args& args);
 
 }  // namespace memsnap::cli

@@ -104,16 +104,8 @@ int cmd_compare(Args& args) {
     return 1;
   }
   const bool temporary = keep.empty();
-  if (temporary) {
-    char templ[] = "/var/tmp/memsnap-compare-XXXXXX";
-    if (::mkdtemp(templ) == nullptr) {
-      std::perror("mkdtemp");
-      return 1;
-    }
-    keep = templ;
-  } else {
-    std::filesystem::create_directories(keep);
-  }
+  keep = work_dir(keep, "memsnap-compare");
+  if (keep.empty()) return 1;
 
   if (!json) {
     std::printf(

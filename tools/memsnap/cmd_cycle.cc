@@ -38,16 +38,8 @@ int cmd_cycle(Args& args) {
     o.mode = *m;
   }
   const bool temporary = keep.empty();
-  if (temporary) {
-    char templ[] = "/var/tmp/memsnap-cycle-XXXXXX";
-    if (::mkdtemp(templ) == nullptr) {
-      std::perror("mkdtemp");
-      return 1;
-    }
-    keep = templ;
-  } else {
-    std::filesystem::create_directories(keep);
-  }
+  keep = work_dir(keep, "memsnap-cycle");
+  if (keep.empty()) return 1;
   o.dir = keep;
   o.progress = [](const std::string& line) { std::fprintf(stderr, "  %s\n", line.c_str()); };
 
