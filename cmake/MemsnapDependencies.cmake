@@ -4,6 +4,7 @@ find_package(Threads REQUIRED)
 find_package(Boost 1.74 REQUIRED COMPONENTS filesystem)  # Boost.DLL is header-only on top of it
 find_package(spdlog REQUIRED)
 find_package(nlohmann_json 3.10 REQUIRED)
+find_package(yaml-cpp REQUIRED)  # target yaml-cpp (Debian 12 ships 0.7)
 find_package(PkgConfig REQUIRED)
 pkg_check_modules(XXHASH REQUIRED IMPORTED_TARGET libxxhash)
 if(MEMSNAP_BUILD_TESTS)

@@ -31,8 +31,14 @@ void usage(std::FILE* out) {
       "            serve a VMM's memory from the chain (parents base first) through the\n"
       "            Firecracker UFFD handshake until the VMM exits\n"
       "  cycle     --strategy S [--mode M] [--size 256M] [--generations 2] [--dirty-fraction 0.1]\n"
-      "            [--backing anon|memfd] [--thp] [--keep DIR] [--no-sync] [--json]\n"
+      "            [--backing anon|memfd] [--thp] [--discard-pages N] [--keep DIR]\n"
+      "            [--no-sync] [--json]\n"
       "            one stand-in VMM round and round: pause, kill, resume, verify every page\n"
+      "  flags eval --flags FILE --flag KEY [--type boolean|string|integer|float|object]\n"
+      "            [--default JSON] [--context JSON] [--explain]\n"
+      "  flags eval --flags FILE --batch [--explain]   (JSON lines on stdin, one result each)\n"
+      "  flags check FILE...\n"
+      "            evaluate or validate flagd-format feature-flag files (docs/flags.md)\n"
       "\n"
       "common options: --plugin-dir DIR (default: $MEMSNAP_PLUGIN_DIR, else\n"
       "                <memsnap>/../lib/memsnap/plugins), --log-level LEVEL\n",
@@ -57,6 +63,7 @@ int main(int argc, char** argv) {
     if (command == "inspect") return memsnap::cli::cmd_inspect(args);
     if (command == "resume") return memsnap::cli::cmd_resume(args);
     if (command == "cycle") return memsnap::cli::cmd_cycle(args);
+    if (command == "flags") return memsnap::cli::cmd_flags(args);
   } catch (const std::invalid_argument& e) {
     std::fprintf(stderr, "memsnap %s: %s\n", command.c_str(), e.what());
     return 2;

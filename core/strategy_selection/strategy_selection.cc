@@ -1,0 +1,83 @@
+#include "core/strategy_selection/strategy_selection.h"
+
+#include <spdlog/spdlog.h>
+
+#include "flags/semver.h"
+
+namespace memsnap {
+
+nlohmann::json sandbox_context(const SandboxAttributes& s) {
+  return {{"targetingKey", s.id},
+          {"team", s.team},
+          {"template", s.template_name},
+          {"vmm", s.vmm},
+          {"vmm_version", s.vmm_version},
+          {"kernel_version", s.kernel_version},
+          {"memory_mib", s.memory_mib},
+          {"hugepages", s.hugepages},
+          {"host", s.host},
+          {"has_memfd", s.has_memfd}};
+}
+
+StrategySelector::StrategySelector(const flags::FlagStore& flags, const PluginRegistry& plugins,
+                                   StrategySelectionOptions options)
+    : flags_(flags), plugins_(plugins), options_(std::move(options)) {}
+
+std::string StrategySelector::refusal(const std::string& strategy,
+                                      const SandboxAttributes& sandbox) const {
+  const PluginInfo* info = plugins_.find(strategy);
+  if (info == nullptr) {
+    for (const PluginInfo& p : plugins_.plugins()) {
+      if (p.name == strategy && !p.loaded()) {
+        return "plugin \"" + strategy + "\" was refused by the plugin host (" +
+               std::string(errc_name(p.error)) + ": " + p.reason + ")";
+      }
+    }
+    return "no loaded plugin is named \"" + strategy + "\"";
+  }
+  if (info->needs_memfd() && !sandbox.has_memfd) {
+    return "\"" + strategy + "\" needs a memfd and sandbox " + sandbox.id + " has none";
+  }
+  if (const auto it = options_.min_vmm_version.find(strategy);
+      it != options_.min_vmm_version.end()) {
+    const auto ok = flags::semver_matches(sandbox.vmm_version, ">=", it->second);
+    if (!ok) {
+      return "\"" + strategy + "\" needs VMM version >= " + it->second + "; sandbox " + sandbox.id +
+             " reports \"" + sandbox.vmm_version + "\" (not a version)";
+    }
+    if (!*ok) {
+      return "\"" + strategy + "\" needs VMM version >= " + it->second + "; sandbox " + sandbox.id +
+             " runs " + sandbox.vmm_version;
+    }
+  }
+  return {};
+}
+
+StrategyChoice StrategySelector::select(const SandboxAttributes& sandbox) const {
+  StrategyChoice choice;
+  const auto snapshot = flags_.snapshot();
+  choice.resolution = snapshot->evaluate(options_.flag_key, sandbox_context(sandbox),
+                                         flags::FlagType::kString, options_.safe_strategy);
+  const flags::Resolution& r = choice.resolution;
+  choice.requested = r.value.is_string() ? r.value.get<std::string>() : options_.safe_strategy;
+  std::string why;
+  if (!r.ok()) {
+    why = "flag \"" + options_.flag_key +
+          "\": " + std::string(flags::error_code_name(r.error_code)) + ": " + r.error_message;
+  } else if (choice.requested != options_.safe_strategy) {
+    why = refusal(choice.requested, sandbox);
+  }
+  if (why.empty()) {
+    choice.strategy = choice.requested;
+    return choice;
+  }
+  choice.strategy = options_.safe_strategy;
+  choice.fell_back = true;
+  choice.fallback_reason = std::move(why);
+  fallbacks_.fetch_add(1, std::memory_order_relaxed);
+  spdlog::warn("strategy selection: sandbox {}: using {} instead of {}: {}", sandbox.id,
+               choice.strategy, choice.requested, choice.fallback_reason);
+  return choice;
+}
+
+}  // namespace memsnap

@@ -1,0 +1,219 @@
+// `memsnap flags eval|check` as scripts call it: a real binary, real files, stdin and stdout.
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+namespace memsnap {
+namespace {
+
+struct CommandResult {
+  int exit_code = -1;
+  std::string out;
+};
+
+std::string memsnap_binary() {
+  if (const char* bin = std::getenv("MEMSNAP_BIN_DIR")) return std::string(bin) + "/memsnap";
+  return (std::filesystem::read_symlink("/proc/self/exe").parent_path().parent_path() / "bin" /
+          "memsnap")
+      .string();
+}
+
+// Runs `memsnap args` in a shell (so tests can pipe stdin); stdout only unless err is set.
+CommandResult memsnap(const std::string& args, bool with_stderr = false) {
+  CommandResult r;
+  const std::string cmd = memsnap_binary() + " " + args + (with_stderr ? " 2>&1" : " 2>/dev/null");
+  std::FILE* p = popen(cmd.c_str(), "r");
+  if (p == nullptr) return r;
+  char buf[4096];
+  while (std::fgets(buf, sizeof(buf), p) != nullptr) r.out += buf;
+  const int status = pclose(p);
+  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
+  return r;
+}
+
+std::vector<nlohmann::json> json_lines(const std::string& out) {
+  std::vector<nlohmann::json> lines;
+  std::istringstream in(out);
+  std::string line;
+  while (std::getline(in, line)) lines.push_back(nlohmann::json::parse(line));
+  return lines;
+}
+
+class FlagsCliTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char templ[] = "/tmp/memsnap-flags-cli-XXXXXX";
+    ASSERT_NE(mkdtemp(templ), nullptr);
+    dir_ = templ;
+    flags_ = dir_ + "/flags.yaml";
+    std::ofstream(flags_) << R"(flags:
+  strategy:
+    state: ENABLED
+    variants: {pvr: process_vm_readv, memfd: memfd}
+    defaultVariant: pvr
+    targeting:
+      if: [{"==": [{var: team}, infra]}, memfd]
+  ratio:
+    state: ENABLED
+    variants: {low: 0.25, high: 0.75}
+    defaultVariant: low
+  off:
+    state: DISABLED
+    variants: {on: true}
+    defaultVariant: on
+  split:
+    state: ENABLED
+    variants: {a: a, b: b}
+    defaultVariant: a
+    targeting: {fractional: [[a, 1], [b, 1]]}
+)";
+  }
+  void TearDown() override { std::filesystem::remove_all(dir_); }
+  std::string dir_;
+  std::string flags_;
+};
+
+TEST_F(FlagsCliTest, EvalPrintsOneObjectWithEveryField) {
+  const CommandResult r = memsnap("flags eval --flags " + flags_ +
+                                  " --flag strategy --context '{\"team\": \"infra\"}'");
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  const auto lines = json_lines(r.out);
+  ASSERT_EQ(lines.size(), 1U) << r.out;
+  const nlohmann::json& j = lines[0];
+  EXPECT_EQ(j["flag"], "strategy");
+  EXPECT_EQ(j["value"], "memfd");
+  EXPECT_EQ(j["variant"], "memfd");
+  EXPECT_EQ(j["reason"], "TARGETING_MATCH");
+  EXPECT_TRUE(j.contains("errorCode") && j["errorCode"].is_null());
+  EXPECT_TRUE(j.contains("errorMessage") && j["errorMessage"].is_null());
+}
+
+TEST_F(FlagsCliTest, TypeDefaultsToTheVariantsType) {
+  auto j = json_lines(memsnap("flags eval --flags " + flags_ + " --flag ratio").out);
+  ASSERT_EQ(j.size(), 1U);
+  EXPECT_EQ(j[0]["value"], 0.25);
+  EXPECT_EQ(j[0]["reason"], "STATIC");
+  j = json_lines(memsnap("flags eval --flags " + flags_ + " --flag ratio --type float").out);
+  EXPECT_EQ(j[0]["value"], 0.25);
+}
+
+TEST_F(FlagsCliTest, ErrorResultsExitZero) {
+  CommandResult r =
+      memsnap("flags eval --flags " + flags_ + " --flag ratio --type boolean --default true");
+  EXPECT_EQ(r.exit_code, 0);
+  auto j = json_lines(r.out);
+  ASSERT_EQ(j.size(), 1U);
+  EXPECT_EQ(j[0]["reason"], "ERROR");
+  EXPECT_EQ(j[0]["errorCode"], "TYPE_MISMATCH");
+  EXPECT_EQ(j[0]["value"], true);
+  EXPECT_TRUE(j[0]["variant"].is_null());
+
+  r = memsnap("flags eval --flags " + flags_ + " --flag nope --default '\"d\"'");
+  EXPECT_EQ(r.exit_code, 0);
+  j = json_lines(r.out);
+  EXPECT_EQ(j[0]["errorCode"], "FLAG_NOT_FOUND");
+  EXPECT_EQ(j[0]["value"], "d");
+
+  r = memsnap("flags eval --flags " + flags_ + " --flag off --type boolean --default false");
+  j = json_lines(r.out);
+  EXPECT_EQ(j[0]["reason"], "DISABLED");
+  EXPECT_EQ(j[0]["value"], false);
+}
+
+TEST_F(FlagsCliTest, ExplainShowsTheBucket) {
+  const auto j = json_lines(memsnap("flags eval --flags " + flags_ +
+                                    " --flag split --context '{\"targetingKey\": \"sb-1\"}' "
+                                    "--explain")
+                                .out);
+  ASSERT_EQ(j.size(), 1U);
+  bool found = false;
+  for (const auto& step : j[0]["explain"]) {
+    if (step["op"] == "fractional") {
+      found = true;
+      EXPECT_EQ(step["bucketingValue"], "splitsb-1");
+      EXPECT_TRUE(step.contains("hash") && step.contains("bucket"));
+    }
+  }
+  EXPECT_TRUE(found) << j[0].dump();
+}
+
+TEST_F(FlagsCliTest, BatchAnswersEveryLineInOrder) {
+  const std::string input = dir_ + "/in.jsonl";
+  std::ofstream(input)
+      << R"({"flag": "strategy", "type": "string", "default": "x", "context": {"team": "infra"}})"
+      << "\n"
+      << R"({"flag": "strategy", "context": {"team": "other"}})"
+      << "\n"
+      << "this is not json\n"
+      << R"({"flag": "ratio", "type": "bogus"})"
+      << "\n"
+      << R"({"flag": "missing", "default": 5})"
+      << "\n"
+      << R"({"flag": "off", "type": "boolean", "default": true})"
+      << "\n";
+  const CommandResult r = memsnap("flags eval --flags " + flags_ + " --batch < " + input);
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  const auto j = json_lines(r.out);
+  ASSERT_EQ(j.size(), 6U) << r.out;
+  EXPECT_EQ(j[0]["value"], "memfd");
+  EXPECT_EQ(j[1]["value"], "process_vm_readv");
+  EXPECT_EQ(j[1]["reason"], "DEFAULT");
+  EXPECT_EQ(j[2]["reason"], "ERROR");
+  EXPECT_NE(j[2]["errorMessage"].get<std::string>().find("input line 3"), std::string::npos);
+  EXPECT_EQ(j[3]["errorCode"], "GENERAL");
+  EXPECT_EQ(j[4]["errorCode"], "FLAG_NOT_FOUND");
+  EXPECT_EQ(j[4]["value"], 5);
+  EXPECT_EQ(j[5]["reason"], "DISABLED");
+}
+
+TEST_F(FlagsCliTest, CheckReportsFileLineColumn) {
+  CommandResult r = memsnap("flags check " + flags_, true);
+  EXPECT_EQ(r.exit_code, 0) << r.out;
+  EXPECT_NE(r.out.find("ok, 4 flags"), std::string::npos) << r.out;
+
+  const std::string bad = dir_ + "/bad.json";
+  std::ofstream(bad) << "{\"flags\": {\n  \"a\": {\"state\": \"ENABLED\",\n"
+                        "        \"variants\": {\"x\": 1}, \"targeting\": {\"nope\": [1]}}}}\n";
+  r = memsnap("flags check " + flags_ + " " + bad, true);
+  EXPECT_EQ(r.exit_code, 1) << r.out;
+  EXPECT_NE(r.out.find(bad + ":3:44: flag \"a\": targeting: unknown operator \"nope\""),
+            std::string::npos)
+      << r.out;
+
+  const std::string broken = dir_ + "/broken.yaml";
+  std::ofstream(broken) << "flags:\n  a: {state: ENABLED\n";
+  r = memsnap("flags check " + broken, true);
+  EXPECT_EQ(r.exit_code, 1);
+  EXPECT_NE(r.out.find(broken + ":"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("invalid YAML"), std::string::npos) << r.out;
+}
+
+TEST_F(FlagsCliTest, UnloadableFileAndBadUsage) {
+  EXPECT_EQ(memsnap("flags eval --flags " + dir_ + "/absent.yaml --flag a").exit_code, 1);
+  EXPECT_EQ(memsnap("flags eval --flags " + flags_).exit_code, 2);
+  EXPECT_EQ(memsnap("flags eval --flags " + flags_ + " --flag a --type nope").exit_code, 2);
+  EXPECT_EQ(memsnap("flags eval --flags " + flags_ + " --flag a --context '[1]'").exit_code, 2);
+  EXPECT_EQ(memsnap("flags check").exit_code, 2);
+  EXPECT_EQ(memsnap("flags").exit_code, 2);
+}
+
+TEST_F(FlagsCliTest, ShippedFlagsFilesAreValid) {
+  const std::string src = MEMSNAP_SOURCE_DIR;
+  const CommandResult r = memsnap("flags check " + src + "/config/flags.yaml " + src +
+                                      "/docs/experiments/strategy-ab-flag.yaml",
+                                  true);
+  EXPECT_EQ(r.exit_code, 0) << r.out;
+}
+
+}  // namespace
+}  // namespace memsnap

@@ -1,0 +1,200 @@
+// memsnap flags: evaluate and check flagd-format feature-flag files (flags/).
+//
+//   memsnap flags eval --flags FILE|DIR --flag KEY [--type T] [--default JSON] [--context JSON]
+//                      [--explain]
+//   memsnap flags eval --flags FILE|DIR --batch [--explain]     (JSON lines on stdin)
+//   memsnap flags check FILE...
+//
+// eval prints one JSON object per result: {"flag", "value", "variant", "reason", "errorCode",
+// "errorMessage", "metadata"} (+ "explain" with --explain); variant, errorCode and errorMessage
+// are null when absent. It exits 0 whenever it produced results, ERROR results included; 1 when
+// the flags file cannot be loaded; 2 on bad usage.
+#include <cstdio>
+#include <iostream>
+#include <optional>
+#include <stdexcept>
+#include <string>
+
+#include <nlohmann/json.hpp>
+
+#include "flags/flag_set.h"
+#include "tools/memsnap/cli.h"
+
+namespace memsnap::cli {
+namespace {
+
+using flags::FlagType;
+using Ordered = nlohmann::ordered_json;
+
+Ordered result_json(const flags::Resolution& r, bool explain) {
+  Ordered out;
+  out["flag"] = r.flag;
+  out["value"] = r.value;
+  out["variant"] = r.variant ? Ordered(*r.variant) : Ordered(nullptr);
+  out["reason"] = flags::reason_name(r.reason);
+  out["errorCode"] =
+      r.ok() ? Ordered(nullptr) : Ordered(std::string(flags::error_code_name(r.error_code)));
+  out["errorMessage"] = r.ok() ? Ordered(nullptr) : Ordered(r.error_message);
+  out["metadata"] = r.metadata();
+  if (explain) out["explain"] = r.trace;
+  return out;
+}
+
+// An ERROR result for a request that could not even be evaluated (bad input line).
+Ordered input_error(const nlohmann::json& flag, const nlohmann::json& fallback,
+                    const std::string& message) {
+  Ordered out;
+  out["flag"] = flag;
+  out["value"] = fallback;
+  out["variant"] = nullptr;
+  out["reason"] = "ERROR";
+  out["errorCode"] = "GENERAL";
+  out["errorMessage"] = message;
+  out["metadata"] = Ordered::object();
+  return out;
+}
+
+std::optional<FlagType> type_arg(const std::string& text) {
+  if (text.empty()) return std::nullopt;
+  const auto t = flags::parse_type(text);
+  if (!t) {
+    throw std::invalid_argument("--type must be boolean, string, integer, float or object, not '" +
+                                text + "'");
+  }
+  return t;
+}
+
+nlohmann::json json_arg(const std::string& name, const std::string& text,
+                        const nlohmann::json& fallback) {
+  if (text.empty()) return fallback;
+  try {
+    return nlohmann::json::parse(text);
+  } catch (const nlohmann::json::parse_error& e) {
+    throw std::invalid_argument(name + " is not valid JSON: " + e.what());
+  }
+}
+
+void print_line(const Ordered& j) {
+  const std::string line = j.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+  std::fwrite(line.data(), 1, line.size(), stdout);
+  std::fputc('\n', stdout);
+  std::fflush(stdout);
+}
+
+int run_batch(const flags::FlagSet& set, bool explain) {
+  flags::EvalOptions opts;
+  opts.explain = explain;
+  std::string line;
+  long lineno = 0;
+  while (std::getline(std::cin, line)) {
+    ++lineno;
+    if (line.find_first_not_of(" \t\r") == std::string::npos) {
+      // Still one output line per input line, so callers can pair them up by position.
+      print_line(input_error(nullptr, nullptr, "input line " + std::to_string(lineno) + ": empty"));
+      continue;
+    }
+    nlohmann::json req;
+    try {
+      req = nlohmann::json::parse(line);
+    } catch (const nlohmann::json::parse_error& e) {
+      print_line(
+          input_error(nullptr, nullptr,
+                      "input line " + std::to_string(lineno) + ": invalid JSON: " + e.what()));
+      continue;
+    }
+    if (!req.is_object() || !req.contains("flag") || !req["flag"].is_string()) {
+      print_line(input_error(req.is_object() && req.contains("flag") ? req["flag"] : nullptr,
+                             req.is_object() ? req.value("default", nlohmann::json()) : nullptr,
+                             "input line " + std::to_string(lineno) +
+                                 ": expected {\"flag\": KEY, \"type\", \"default\", \"context\"}"));
+      continue;
+    }
+    const nlohmann::json fallback = req.value("default", nlohmann::json());
+    std::optional<FlagType> type;
+    if (const auto t = req.find("type"); t != req.end() && !t->is_null()) {
+      type = t->is_string() ? flags::parse_type(t->get<std::string>()) : std::nullopt;
+      if (!type) {
+        print_line(
+            input_error(req["flag"], fallback,
+                        "input line " + std::to_string(lineno) + ": unknown type " + t->dump()));
+        continue;
+      }
+    }
+    const nlohmann::json context = req.value("context", nlohmann::json::object());
+    if (!context.is_object()) {
+      print_line(
+          input_error(req["flag"], fallback,
+                      "input line " + std::to_string(lineno) + ": context must be an object"));
+      continue;
+    }
+    print_line(result_json(
+        set.evaluate(req["flag"].get<std::string>(), context, type, fallback, opts), explain));
+  }
+  return 0;
+}
+
+int cmd_flags_eval(Args& args) {
+  const std::string file = args.value("--flags");
+  const std::string key = args.value("--flag");
+  const std::optional<FlagType> type = type_arg(args.value("--type"));
+  const nlohmann::json fallback = json_arg("--default", args.value("--default"), nullptr);
+  const nlohmann::json context =
+      json_arg("--context", args.value("--context"), nlohmann::json::object());
+  const bool explain = args.flag("--explain");
+  const bool batch = args.flag("--batch");
+  args.positional();  // "eval"
+  args.expect_done();
+  if (file.empty()) throw std::invalid_argument("--flags FILE is required");
+  if (batch == !key.empty()) throw std::invalid_argument("give exactly one of --flag KEY, --batch");
+  if (!context.is_object()) throw std::invalid_argument("--context must be a JSON object");
+
+  const flags::LoadResult loaded = flags::load_flag_source(file);
+  if (!loaded.ok()) {
+    std::fprintf(stderr, "%s\n", loaded.error_text().c_str());
+    return 1;
+  }
+  if (batch) return run_batch(*loaded.flags, explain);
+  flags::EvalOptions opts;
+  opts.explain = explain;
+  print_line(result_json(loaded.flags->evaluate(key, context, type, fallback, opts), explain));
+  return 0;
+}
+
+int cmd_flags_check(Args& args) {
+  auto files = args.positional();  // "check" FILE...
+  args.expect_done();
+  files.erase(files.begin());
+  if (files.empty()) throw std::invalid_argument("usage: memsnap flags check FILE...");
+  int bad = 0;
+  for (const auto& f : files) {
+    const flags::LoadResult r = flags::load_flag_source(f, {.strict = true});
+    for (const auto& d : r.diagnostics) std::fprintf(stderr, "%s\n", d.to_string().c_str());
+    if (r.ok()) {
+      std::printf("%s: ok, %zu flags\n", f.c_str(), r.flags->size());
+    } else {
+      ++bad;
+    }
+  }
+  return bad == 0 ? 0 : 1;
+}
+
+}  // namespace
+
+int cmd_flags(Args& args) {
+  // The subcommand is the first word that is not an option value; peek without consuming.
+  Args probe = args;
+  probe.values("--flags");
+  probe.values("--flag");
+  probe.values("--type");
+  probe.values("--default");
+  probe.values("--context");
+  const auto words = probe.positional();
+  const std::string sub = words.empty() ? "" : words.front();
+  if (sub == "eval") return cmd_flags_eval(args);
+  if (sub == "check") return cmd_flags_check(args);
+  throw std::invalid_argument(
+      "usage: memsnap flags eval --flags FILE (--flag KEY | --batch) ... | memsnap flags check "
+      "FILE...");
+}
+
+}  // namespace memsnap::cli
