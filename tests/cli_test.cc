@@ -237,5 +237,52 @@ TEST_F(CliTest, ResumeServesAVmmThatConnectsThroughTheHandshake) {
   EXPECT_TRUE(j["error"].is_null()) << out;
 }
 
+TEST_F(CliTest, PauseTakesItsStrategyFromTheFlagAndFallsBackExplicitly) {
+  GuestOptions go;
+  go.size = 4 << 20;
+  go.backing = "anon";
+  auto guest = GuestProcess::spawn(go);
+  ASSERT_TRUE(guest.ok()) << guest.error().to_string();
+  std::string regions;
+  for (const auto& reg : (*guest)->regions()) {
+    regions += (regions.empty() ? "" : ",") + std::to_string(reg.host_addr) + ":" +
+               std::to_string(reg.size);
+  }
+  const std::string by_pid = " --pid " + std::to_string((*guest)->pid()) + " --regions " + regions +
+                             " --no-sync --json --sandbox sb-1 --attr team=infra";
+
+  // The shipped flags file: 0% memfd, so process_vm_readv, chosen by targeting.
+  const std::string shipped = std::string(MEMSNAP_SOURCE_DIR) + "/config/flags.yaml";
+  CommandResult r = memsnap("pause --flags " + shipped + by_pid + " --out " + dir_ + "/a.snap");
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  auto j = nlohmann::json::parse(r.out.substr(r.out.find('{')), nullptr, false);
+  ASSERT_TRUE(j.is_object()) << r.out;
+  EXPECT_EQ(j["strategy"], "process_vm_readv");
+  EXPECT_EQ(j["selection"]["selected"], "process_vm_readv");
+  EXPECT_EQ(j["selection"]["reason"], "TARGETING_MATCH");
+  EXPECT_TRUE(j["selection"]["fallback"].is_null());
+
+  // A flag that puts everyone on memfd: this sandbox has no memfd, so it falls back, and says so.
+  {
+    std::ofstream f(dir_ + "/all-memfd.yaml");
+    f << "flags:\n  memory-export-strategy:\n    state: ENABLED\n    variants:\n"
+         "      memfd: memfd\n      process_vm_readv: process_vm_readv\n"
+         "    defaultVariant: memfd\n";
+  }
+  r = memsnap("pause --flags " + dir_ + "/all-memfd.yaml" + by_pid + " --out " + dir_ + "/b.snap");
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  j = nlohmann::json::parse(r.out.substr(r.out.find('{')), nullptr, false);
+  ASSERT_TRUE(j.is_object()) << r.out;
+  EXPECT_EQ(j["selection"]["requested"], "memfd");
+  EXPECT_EQ(j["strategy"], "process_vm_readv");
+  ASSERT_TRUE(j["selection"]["fallback"].is_string()) << r.out;
+  EXPECT_NE(j["selection"]["fallback"].get<std::string>().find("memfd"), std::string::npos);
+
+  // Neither --strategy nor --flags: a clear error, nothing written.
+  r = memsnap("pause --pid 1 --regions 0x1000:4096 --out " + dir_ + "/c.snap");
+  EXPECT_EQ(r.exit_code, 2) << r.out;
+  EXPECT_FALSE(std::filesystem::exists(dir_ + "/c.snap"));
+}
+
 }  // namespace
 }  // namespace memsnap

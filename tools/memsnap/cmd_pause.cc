@@ -1,9 +1,11 @@
 #include <unistd.h>
 
 #include <cstdio>
+#include <optional>
 #include <sstream>
 #include <stdexcept>
 
+#include "core/strategy_selection/strategy_selection.h"
 #include "core/vmm_process.h"
 #include "tools/memsnap/cli.h"
 
@@ -65,6 +67,40 @@ void print_report(const PauseReport& r) {
   std::printf("\n");
 }
 
+// --attr KEY=VALUE for the flag context: team, template, vmm, vmm_version, kernel_version,
+// memory_mib, hugepages (true/false), host.
+SandboxAttributes parse_sandbox(const std::string& id, const std::vector<std::string>& attrs) {
+  SandboxAttributes s;
+  s.id = id;
+  for (const auto& a : attrs) {
+    const auto eq = a.find('=');
+    if (eq == std::string::npos) throw std::invalid_argument("--attr takes KEY=VALUE");
+    const std::string key = a.substr(0, eq), value = a.substr(eq + 1);
+    if (key == "team") {
+      s.team = value;
+    } else if (key == "template") {
+      s.template_name = value;
+    } else if (key == "vmm") {
+      s.vmm = value;
+    } else if (key == "vmm_version") {
+      s.vmm_version = value;
+    } else if (key == "kernel_version") {
+      s.kernel_version = value;
+    } else if (key == "memory_mib") {
+      s.memory_mib = std::stoull(value);
+    } else if (key == "hugepages") {
+      s.hugepages = value == "true" || value == "1";
+    } else if (key == "host") {
+      s.host = value;
+    } else {
+      throw std::invalid_argument("unknown --attr key '" + key +
+                                  "' (team, template, vmm, vmm_version, kernel_version, "
+                                  "memory_mib, hugepages, host)");
+    }
+  }
+  return s;
+}
+
 }  // namespace
 
 int cmd_pause(Args& args) {
@@ -72,8 +108,16 @@ int cmd_pause(Args& args) {
   req.strategy = args.value("--strategy");
   req.out_path = args.value("--out");
   req.parent_path = args.value("--parent");
-  if (req.strategy.empty() || req.out_path.empty()) {
-    throw std::invalid_argument("--strategy and --out are required");
+  // Without --strategy, the sandbox's strategy comes from the feature flag
+  // memory-export-strategy in --flags, evaluated for --sandbox with its --attr attributes.
+  const std::string flags_path = args.value("--flags");
+  const std::string sandbox_id = args.value("--sandbox");
+  const std::vector<std::string> attrs = args.values("--attr");
+  if ((req.strategy.empty() && flags_path.empty()) || req.out_path.empty()) {
+    throw std::invalid_argument("--out and one of --strategy or --flags are required");
+  }
+  if (!flags_path.empty() && sandbox_id.empty()) {
+    throw std::invalid_argument("--flags needs --sandbox ID (the targeting key)");
   }
   const std::string pid_text = args.value("--pid");
   const std::string regions_text = args.value("--regions");
@@ -134,6 +178,33 @@ int cmd_pause(Args& args) {
 
   PluginRegistry registry;
   load_plugins(registry, dir);
+  std::optional<StrategyChoice> choice;
+  if (!flags_path.empty()) {
+    std::string error;
+    auto store = flags::FlagStore::open(flags_path, {}, &error);
+    if (!store) {
+      if (memfd >= 0) close(memfd);
+      std::fprintf(stderr, "memsnap pause: %s\n", error.c_str());
+      return 1;
+    }
+    SandboxAttributes sandbox = parse_sandbox(sandbox_id, attrs);
+    sandbox.has_memfd = req.memfd >= 0;
+    choice = StrategySelector(*store, registry).select(sandbox);
+    if (req.strategy.empty()) {
+      req.strategy = choice->strategy;
+    } else if (!json) {
+      std::printf("strategy %s forced with --strategy (the flag would pick %s)\n",
+                  req.strategy.c_str(), choice->strategy.c_str());
+    }
+    if (!json) {
+      std::printf("flag %s for sandbox %s: variant %s, reason %s -> %s%s%s\n",
+                  choice->resolution.flag.c_str(), sandbox_id.c_str(),
+                  choice->resolution.variant.value_or("(none)").c_str(),
+                  std::string(flags::reason_name(choice->resolution.reason)).c_str(),
+                  choice->strategy.c_str(), choice->fell_back ? "; FALLBACK: " : "",
+                  choice->fallback_reason.c_str());
+    }
+  }
   auto report = pause(registry, req);
   if (memfd >= 0) close(memfd);
   if (!report.ok()) {
@@ -148,7 +219,20 @@ int cmd_pause(Args& args) {
     return 1;
   }
   if (json) {
-    std::printf("%s\n", to_json(*report).dump(2).c_str());
+    nlohmann::json out = to_json(*report);
+    if (choice) {
+      out["selection"] = {
+          {"flag", choice->resolution.flag},
+          {"sandbox", sandbox_id},
+          {"variant", choice->resolution.variant ? nlohmann::json(*choice->resolution.variant)
+                                                 : nlohmann::json(nullptr)},
+          {"reason", flags::reason_name(choice->resolution.reason)},
+          {"requested", choice->requested},
+          {"selected", choice->strategy},
+          {"fallback",
+           choice->fell_back ? nlohmann::json(choice->fallback_reason) : nlohmann::json(nullptr)}};
+    }
+    std::printf("%s\n", out.dump(2).c_str());
   } else {
     print_report(*report);
   }

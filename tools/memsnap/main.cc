@@ -19,7 +19,7 @@ void usage(std::FILE* out) {
       "            [--size 256M] [--dirty-fraction 0.1] [--strategies a,b] [--keep DIR] [--json]\n"
       "  plugins list [--json]\n"
       "            every plugin in the plugin directory, loaded or refused and why\n"
-      "  pause     --strategy S --out FILE\n"
+      "  pause     (--strategy S | --flags FILE --sandbox ID [--attr KEY=VALUE]...) --out FILE\n"
       "            (--pid P --regions ADDR:SIZE[,...] | --memfd-of-pid P [--memfd-fd N])\n"
       "            [--parent FILE] [--dirty OFF:LEN[,...]] [--option KEY=VALUE]...\n"
       "            [--allow-fallback] [--freeze] [--no-sync] [--block-size 4K|2M] [--json]\n"
