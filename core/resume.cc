@@ -192,8 +192,8 @@ Status ResumeSession::accept_and_serve() {
   PhaseClock clock(rep.phases);
 
   clock.start("wait_vmm");
-  // The listener waits for the connection and then the message; time the wait for the VMM
-  // separately from memsnap's own work by polling for the connection first.
+  // Waiting for the VMM to connect and send its message, then receiving and validating it:
+  // mostly the VMM's own start-up, so ready_seconds starts only once the message is in.
   handshake::Expectations expect;
   expect.page_size = rep.block_size;
   expect.guest_size = rep.guest_size;
@@ -213,8 +213,8 @@ Status ResumeSession::accept_and_serve() {
   }
 
   ResumeMode mode = rep.mode;
-  if (mode != ResumeMode::kLazy && mode != ResumeMode::kWarm && !rep.vmm_memfd &&
-      mode != ResumeMode::kEager) {
+  // Background fills the VMM's own memfd; eager and warm hand one over, so only it needs one.
+  if (mode == ResumeMode::kBackground && !rep.vmm_memfd) {
     rep.mode_reason += "; the VMM's guest memory is not a memfd: lazy instead";
     mode = ResumeMode::kLazy;
   }
@@ -267,8 +267,6 @@ Status ResumeSession::accept_and_serve() {
   clock.stop();
   rep.ready_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - handshake_done).count();
-  // The handshake phase itself (receive + validate) is inside wait_vmm; the VMM's start-up
-  // dominates it, so ready_seconds starts once the message is in.
 
   // Is WP_ASYNC tracking there? A scan without re-arming tells without changing anything.
   if (request_.track_writes) {
