@@ -349,6 +349,78 @@ TEST_F(SnapshotTest, ParallelAndInlineHashingWriteTheSameMap) {
   EXPECT_TRUE(out == image);
 }
 
+TEST_F(SnapshotTest, HashingSharedWithTheHelperMatchesInlineForRandomChunking) {
+  // DATA runs that cross write() calls and batches, runs whose bytes come from several
+  // separate buffers, zero blocks between them, scattered dirty ranges: every checksum must
+  // verify (open_ok checks them all) and the map must equal the one of inline hashing.
+  const std::uint64_t blocks = 3000;
+  const Bytes image = random_image(blocks, k4K, 41, 20);
+  std::mt19937_64 rng(7);
+  std::vector<plugin::ByteRange> dirty;
+  for (std::uint64_t b = 0; b < blocks;) {
+    const std::uint64_t n = std::min<std::uint64_t>(1 + rng() % 400, blocks - b);
+    if (rng() % 4 != 0) dirty.push_back({b * k4K, n * k4K});
+    b += n + rng() % 3;
+  }
+  // Each chunk's bytes live in their own allocation, so a run's pieces are not contiguous.
+  std::vector<std::vector<plugin::Chunk>> calls;
+  std::vector<Bytes> copies;
+  for (const auto& r : dirty) {
+    for (std::uint64_t off = r.offset; off < r.offset + r.length;) {
+      const std::uint64_t n =
+          std::min<std::uint64_t>((1 + rng() % 300) * k4K, r.offset + r.length - off);
+      copies.emplace_back(image.begin() + static_cast<std::ptrdiff_t>(off),
+                          image.begin() + static_cast<std::ptrdiff_t>(off + n));
+      if (calls.empty() || rng() % 3 == 0) calls.emplace_back();
+      calls.back().push_back({off, nullptr, n});
+      off += n;
+    }
+  }
+  std::size_t k = 0;
+  for (auto& call : calls) {
+    for (auto& c : call) c.data = copies[k++].data();
+  }
+  SnapshotParams p = params_for(k4K, image.size());
+  p.snapshot_id[0] = 1;
+  for (const bool parallel : {true, false}) {
+    p.hash_in_parallel = parallel;
+    auto w = SnapshotWriter::create(path(parallel ? "p.snap" : "i.snap"), p, dirty);
+    ASSERT_TRUE(w.ok());
+    for (const auto& call : calls) ASSERT_TRUE((*w)->write(call.data(), call.size()).ok());
+    ASSERT_TRUE((*w)->commit().ok());
+  }
+  auto a = open_ok(path("p.snap"));
+  auto b = open_ok(path("i.snap"));
+  ASSERT_TRUE(a && b);
+  ASSERT_EQ(a->runs().size(), b->runs().size());
+  EXPECT_EQ(std::memcmp(a->runs().data(), b->runs().data(), a->runs().size_bytes()), 0);
+  for (const auto& r : dirty) {
+    Bytes out(r.length);
+    ASSERT_TRUE(a->read(r.offset, r.length, out.data()).ok());
+    EXPECT_EQ(std::memcmp(out.data(), image.data() + r.offset, r.length), 0);
+  }
+}
+
+TEST_F(SnapshotTest, PreallocatedSpaceThatZeroBlocksLeaveUnusedIsCutOff) {
+  // Half the blocks are zero, so the data area ends far before the preallocated space does.
+  const std::uint64_t blocks = 4096;
+  Bytes image = random_image(blocks, k4K, 51, 0);
+  for (std::uint64_t b = 0; b < blocks; b += 2) std::memset(image.data() + b * k4K, 0, k4K);
+  SnapshotParams p = params_for(k4K, image.size());
+  for (const bool preallocate : {true, false}) {
+    p.preallocate = preallocate;
+    const std::string file = path(preallocate ? "pre.snap" : "plain.snap");
+    write_snapshot(file, p, image, {{0, image.size()}});
+    auto r = open_ok(file);
+    ASSERT_TRUE(r);
+    EXPECT_EQ(fs::file_size(file),
+              kSnapshotDataOffset + blocks / 2 * k4K + r->runs().size() * sizeof(MapRun));
+    Bytes out(image.size());
+    ASSERT_TRUE(r->read(0, out.size(), out.data()).ok());
+    EXPECT_TRUE(out == image);
+  }
+}
+
 TEST_F(SnapshotTest, UndirtiedBlocksAreParentInADiffAndZeroInABase) {
   const std::uint64_t blocks = 16;
   const Bytes image = random_image(blocks, k4K, 3, 0);

@@ -33,6 +33,10 @@ using io::errno_message;
 constexpr std::uint64_t kBatchBytes = 4 * 1024 * 1024;
 // Below this a batch is hashed inline: handing it to the helper would cost more than it saves.
 constexpr std::uint64_t kParallelMinBytes = 512 * 1024;
+// preallocate() allocates this much of the data area ahead of the writes at a time: few
+// fallocate calls, and at most this much allocated beyond what a snapshot with many zero blocks
+// ends up using (until commit cuts it off).
+constexpr std::uint64_t kPreallocateBytes = 64 * 1024 * 1024;
 
 bool is_zero_block(const std::uint8_t* p, std::size_t size) noexcept {
   std::uint64_t first;
@@ -97,18 +101,20 @@ Result<std::vector<plugin::ByteRange>> normalize_dirty(const std::vector<plugin:
   out.reserve(in.size());
   std::uint64_t prev_end = 0;
   for (const auto& r : in) {
-    const std::string what = "dirty range " + range_text(r.offset, r.length);
-    if (r.length == 0) return make_error(Errc::kInvalidArgument, what + " is empty");
+    // Built only for an error: this loop runs once per dirty range (tens of thousands).
+    auto what = [&r] { return "dirty range " + range_text(r.offset, r.length); };
+    if (r.length == 0) return make_error(Errc::kInvalidArgument, what() + " is empty");
     if (r.offset % p.block_size != 0 || r.length % p.block_size != 0) {
-      return make_error(Errc::kInvalidArgument,
-                        what + " is not aligned to the block size " + std::to_string(p.block_size));
+      return make_error(Errc::kInvalidArgument, what() + " is not aligned to the block size " +
+                                                    std::to_string(p.block_size));
     }
     if (r.offset > p.guest_size || r.length > p.guest_size - r.offset) {
       return make_error(Errc::kInvalidArgument,
-                        what + " ends beyond the guest size " + std::to_string(p.guest_size));
+                        what() + " ends beyond the guest size " + std::to_string(p.guest_size));
     }
     if (r.offset < prev_end) {
-      return make_error(Errc::kInvalidArgument, what + " is out of order or overlaps the previous");
+      return make_error(Errc::kInvalidArgument,
+                        what() + " is out of order or overlaps the previous");
     }
     if (!out.empty() && r.offset == prev_end) {
       out.back().length += r.length;
@@ -126,52 +132,72 @@ void SnapshotWriter::HashStateDeleter::operator()(XXH3_state_s* state) const noe
   XXH3_freeState(state);
 }
 
-void SnapshotWriter::run_hash_ops(const std::vector<HashOp>& ops, XXH3_state_s* state,
-                                  std::vector<Digest>& out) noexcept {
-  for (const HashOp& op : ops) {
-    switch (op.kind) {
-      case HashOp::kReset:
-        XXH3_64bits_reset(state);
-        break;
-      case HashOp::kUpdate:
-        XXH3_64bits_update(state, op.data, op.length);
-        break;
-      case HashOp::kDigest:
-        out.push_back(Digest{op.run, XXH3_64bits_digest(state)});  // capacity reserved
-        break;
-    }
+void SnapshotWriter::run_hash_task(std::size_t index, XXH3_state_s* scratch) noexcept {
+  const HashTask& t = hash_tasks_[index];
+  const HashPiece* piece = hash_pieces_.data() + t.first_piece;
+  if (!t.resume && t.finish && t.piece_count == 1) {
+    checksums_[index] = XXH3_64bits(piece->data, piece->length);  // the common case: one shot
+    return;
+  }
+  XXH3_state_s* state = t.state >= 0 ? carry_[t.state].get() : scratch;
+  if (!t.resume) XXH3_64bits_reset(state);
+  for (std::size_t i = 0; i < t.piece_count; ++i) {
+    XXH3_64bits_update(state, piece[i].data, piece[i].length);
+  }
+  if (t.finish) checksums_[index] = XXH3_64bits_digest(state);
+}
+
+void SnapshotWriter::drain_hash_tasks(XXH3_state_s* scratch) noexcept {
+  const std::size_t count = hash_tasks_.size();
+  for (;;) {
+    const std::size_t i = next_task_.fetch_add(1, std::memory_order_relaxed);
+    if (i >= count) return;
+    run_hash_task(i, scratch);
   }
 }
 
-// A thread that runs one batch of hash ops at a time while the writer's thread writes the same
-// bytes. The writer hands a batch over and waits for it before touching any of its inputs or
-// outputs again, so the mutex hand-off is the only synchronisation needed.
+void SnapshotWriter::drain_hash_tasks_of(void* writer, XXH3_state_s* scratch) noexcept {
+  static_cast<SnapshotWriter*>(writer)->drain_hash_tasks(scratch);
+}
+
+// A thread that shares the hashing of each batch with the writer's thread: the writer opens the
+// batch, writes its bytes, then claims whatever tasks (one per DATA run) the helper has not
+// claimed yet, and finally closes the batch and waits for the helper to finish the task it is
+// on. So the helper hashes while the writer is in the kernel, and when the helper is late
+// (the other CPU busy with someone else's work, as on a shared build machine), the writer does
+// the rest itself instead of waiting for it: at worst a batch costs what inline hashing costs,
+// plus the one task the helper may be in the middle of (a run holds at most 1 MiB).
 //
 // The scheduler tends to wake the helper on the waker's CPU (measured: 507 of 512 batches), and
-// the two threads then take turns instead of running side by side, which made the writer ~25%
-// slower than write(). So the helper is kept off the CPU the writer is on (re-checked at every
-// batch, a syscall only when that CPU changes). Only built when the process may use 2+ CPUs.
+// the two threads then take turns instead of running side by side. So the helper is kept off
+// the CPU the writer is on (re-checked at every batch, a syscall only when that CPU changes).
+// Only built when the process may use 2+ CPUs.
 class SnapshotWriter::HashWorker {
  public:
-  // Null if the process may run on one CPU only: a helper would then just take turns with it.
+  using DrainFn = void (*)(void* context, XXH3_state_s* scratch) noexcept;
+
+  // Null if the process may run on one CPU only, or no hash state can be allocated.
   static std::unique_ptr<HashWorker> create() {
     cpu_set_t allowed;
     CPU_ZERO(&allowed);
     if (::sched_getaffinity(0, sizeof(allowed), &allowed) != 0 || CPU_COUNT(&allowed) < 2) {
       return nullptr;
     }
-    return std::unique_ptr<HashWorker>(new HashWorker(allowed));
+    std::unique_ptr<XXH3_state_s, HashStateDeleter> scratch(XXH3_createState());
+    if (!scratch) return nullptr;
+    return std::unique_ptr<HashWorker>(new HashWorker(allowed, std::move(scratch)));
   }
   ~HashWorker() {
     {
       std::lock_guard lock(mu_);
       stop_ = true;
     }
-    cv_.notify_all();
+    wake_.notify_all();
     thread_.join();
   }
 
-  void start(const std::vector<HashOp>& ops, XXH3_state_s* state, std::vector<Digest>& out) {
+  // Opens a batch: the helper may now call drain(context, its scratch) once.
+  void open(DrainFn drain, void* context) {
     const int cpu = ::sched_getcpu();
     if (cpu >= 0 && cpu < CPU_SETSIZE && cpu != avoided_cpu_) {
       avoided_cpu_ = cpu;
@@ -184,57 +210,66 @@ class SnapshotWriter::HashWorker {
     }
     {
       std::lock_guard lock(mu_);
-      ops_ = &ops;
-      state_ = state;
-      out_ = &out;
-      busy_ = true;
+      drain_ = drain;
+      context_ = context;
+      open_ = true;
+      ++generation_;
     }
-    cv_.notify_all();
+    wake_.notify_one();
   }
 
-  void wait() {
+  // Closes the batch: a helper that has not joined it yet never will, and one inside it has
+  // finished when this returns. Call after draining the tasks yourself.
+  void close() {
     std::unique_lock lock(mu_);
-    cv_.wait(lock, [this] { return !busy_; });
+    open_ = false;
+    left_.wait(lock, [this] { return !inside_; });
   }
 
-  // CPU time the helper thread has used so far; call after wait().
+  // CPU time the helper thread has used so far; call after close().
   double cpu_seconds() {
     std::lock_guard lock(mu_);
     return cpu_seconds_;
   }
 
  private:
-  explicit HashWorker(const cpu_set_t& allowed) : allowed_(allowed), thread_([this] { loop(); }) {}
+  HashWorker(const cpu_set_t& allowed, std::unique_ptr<XXH3_state_s, HashStateDeleter> scratch)
+      : allowed_(allowed), scratch_(std::move(scratch)), thread_([this] { loop(); }) {}
 
   void loop() {
     std::unique_lock lock(mu_);
+    std::uint64_t seen = 0;
     for (;;) {
-      cv_.wait(lock, [this] { return busy_ || stop_; });
-      if (busy_) {
-        lock.unlock();
-        run_hash_ops(*ops_, state_, *out_);
-        timespec cpu{};
-        ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &cpu);
-        lock.lock();
-        cpu_seconds_ = double(cpu.tv_sec) + double(cpu.tv_nsec) * 1e-9;
-        busy_ = false;
-        cv_.notify_all();
-      } else if (stop_) {
-        return;
-      }
+      wake_.wait(lock, [&] { return stop_ || (open_ && generation_ != seen); });
+      if (stop_) return;
+      seen = generation_;
+      inside_ = true;
+      const DrainFn drain = drain_;
+      void* const context = context_;
+      lock.unlock();
+      drain(context, scratch_.get());
+      timespec cpu{};
+      ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &cpu);
+      lock.lock();
+      cpu_seconds_ = double(cpu.tv_sec) + double(cpu.tv_nsec) * 1e-9;
+      inside_ = false;
+      left_.notify_all();
     }
   }
 
   std::mutex mu_;
-  std::condition_variable cv_;
-  bool busy_ = false;
+  std::condition_variable wake_;  // a batch opened, or stop
+  std::condition_variable left_;  // the helper left a batch
+  bool open_ = false;
+  bool inside_ = false;
   bool stop_ = false;
+  std::uint64_t generation_ = 0;
+  DrainFn drain_ = nullptr;
+  void* context_ = nullptr;
   double cpu_seconds_ = 0;
-  const std::vector<HashOp>* ops_ = nullptr;
-  XXH3_state_s* state_ = nullptr;
-  std::vector<Digest>* out_ = nullptr;
   const cpu_set_t allowed_;
   int avoided_cpu_ = -1;
+  const std::unique_ptr<XXH3_state_s, HashStateDeleter> scratch_;
   std::thread thread_;  // last: starts after the members it uses exist
 };
 
@@ -259,7 +294,11 @@ Result<std::unique_ptr<SnapshotWriter>> SnapshotWriter::create(
   if (auto s = validate_params(params); !s.ok()) return std::move(s).error();
 
   std::unique_ptr<XXH3_state_s, HashStateDeleter> hash(XXH3_createState());
-  if (!hash) return make_error(Errc::kInternal, "out of memory for the hash state");
+  std::unique_ptr<XXH3_state_s, HashStateDeleter> carry0(XXH3_createState());
+  std::unique_ptr<XXH3_state_s, HashStateDeleter> carry1(XXH3_createState());
+  if (!hash || !carry0 || !carry1) {
+    return make_error(Errc::kInternal, "out of memory for the hash state");
+  }
 
   int fd = -1;
   std::string temp_path;
@@ -276,8 +315,11 @@ Result<std::unique_ptr<SnapshotWriter>> SnapshotWriter::create(
       return make_error(Errc::kIoError, errno_message("creating " + temp_path, err), err);
     }
   }
-  return std::unique_ptr<SnapshotWriter>(new SnapshotWriter(
+  auto writer = std::unique_ptr<SnapshotWriter>(new SnapshotWriter(
       std::move(final_path), params, std::move(*dirty), fd, std::move(temp_path), std::move(hash)));
+  writer->carry_[0] = std::move(carry0);
+  writer->carry_[1] = std::move(carry1);
+  return writer;
 }
 
 SnapshotWriter::SnapshotWriter(std::string final_path, SnapshotParams params,
@@ -429,15 +471,19 @@ void SnapshotWriter::add_data_blocks(const std::uint8_t* data, std::uint64_t fir
   if (!extend) {
     close_data_run();
     written_.push_back(MapRun{first_block, 0, RunKind::kData, 0, data_end_, 0});
-    hash_ops_.push_back(HashOp{HashOp::kReset, nullptr, 0, 0});
+    hash_tasks_.push_back(HashTask{written_.size() - 1, hash_pieces_.size(), 0, false, false, -1});
     data_run_open_ = true;
     ++stats_.run_count;
+  } else if (hash_tasks_.empty()) {
+    // The open run goes on from an earlier batch.
+    hash_tasks_.push_back(HashTask{written_.size() - 1, hash_pieces_.size(), 0, true, false, -1});
   }
-  if (!hash_ops_.empty() && hash_ops_.back().kind == HashOp::kUpdate &&
-      hash_ops_.back().data + hash_ops_.back().length == data) {
-    hash_ops_.back().length += bytes;
+  HashTask& task = hash_tasks_.back();
+  if (task.piece_count > 0 && hash_pieces_.back().data + hash_pieces_.back().length == data) {
+    hash_pieces_.back().length += bytes;
   } else {
-    hash_ops_.push_back(HashOp{HashOp::kUpdate, data, bytes, 0});
+    hash_pieces_.push_back(HashPiece{data, bytes});
+    ++task.piece_count;
   }
   written_.back().block_count += count;
   data_end_ += bytes;
@@ -458,12 +504,28 @@ void SnapshotWriter::add_data_blocks(const std::uint8_t* data, std::uint64_t fir
 
 void SnapshotWriter::close_data_run() {
   if (!data_run_open_) return;
-  hash_ops_.push_back(HashOp{HashOp::kDigest, nullptr, 0, written_.size() - 1});
+  if (hash_tasks_.empty()) {
+    // The run was begun in an earlier batch and gets no more data: only its digest is left.
+    hash_tasks_.push_back(HashTask{written_.size() - 1, hash_pieces_.size(), 0, true, false, -1});
+  }
+  hash_tasks_.back().finish = true;
   data_run_open_ = false;
 }
 
 Status SnapshotWriter::execute_batch() {
-  digests_.reserve(hash_ops_.size());
+  // Only the first task can go on from an earlier batch (in carry_[carry_index_]), and only the
+  // last can stay open after this one; it streams into the other carried state, so that the two
+  // can run at the same time.
+  if (!hash_tasks_.empty()) {
+    if (hash_tasks_.front().resume) hash_tasks_.front().state = carry_index_;
+    HashTask& last = hash_tasks_.back();
+    if (!last.finish) {
+      if (!last.resume) last.state = 1 - carry_index_;
+      carry_index_ = last.state;
+    }
+  }
+  checksums_.resize(hash_tasks_.size());
+  next_task_.store(0, std::memory_order_relaxed);
   bool parallel = false;
   if (params_.hash_in_parallel && data_end_ - data_flushed_ >= kParallelMinBytes) {
     if (!worker_) {
@@ -476,23 +538,42 @@ Status SnapshotWriter::execute_batch() {
     }
     parallel = worker_ != nullptr;
   }
+  Status written;
   if (parallel) {
-    worker_->start(hash_ops_, hash_.get(), digests_);
-  } else {
-    run_hash_ops(hash_ops_, hash_.get(), digests_);  // first, so the write copies from cache
-  }
-  Status written = flush_data();
-  if (parallel) {
-    worker_->wait();  // it reads the caller's buffers: never return before it ends
+    worker_->open(&SnapshotWriter::drain_hash_tasks_of, this);
+    written = flush_data();
+    drain_hash_tasks(hash_.get());  // whatever the helper has not taken yet
+    worker_->close();               // it reads the caller's buffers: never return before it is out
     helper_cpu_seconds_ = worker_->cpu_seconds();
+  } else {
+    drain_hash_tasks(hash_.get());  // first, so the write copies from cache
+    written = flush_data();
   }
-  for (const Digest& d : digests_) written_[d.run].checksum = d.checksum;
-  digests_.clear();
-  hash_ops_.clear();
+  for (std::size_t i = 0; i < hash_tasks_.size(); ++i) {
+    if (hash_tasks_[i].finish) written_[hash_tasks_[i].run].checksum = checksums_[i];
+  }
+  hash_tasks_.clear();
+  hash_pieces_.clear();
   return written;
 }
 
+void SnapshotWriter::preallocate(std::uint64_t end) noexcept {
+  if (!params_.preallocate || end <= allocated_end_) return;
+  if (params_.sync_on_commit || params_.sync_on_make_durable) return;
+  // The data area never holds more than the dirty bytes (zero blocks only make it smaller).
+  const std::uint64_t limit = kSnapshotDataOffset + dirty_bytes_;
+  const std::uint64_t start = std::max(allocated_end_, kSnapshotDataOffset);
+  const std::uint64_t stop = std::min(limit, std::max(end, start + kPreallocateBytes));
+  if (stop <= start) return;
+  if (::fallocate(fd_, 0, static_cast<off_t>(start), static_cast<off_t>(stop - start)) != 0) {
+    params_.preallocate = false;  // not supported, no space: the writes will tell
+    return;
+  }
+  allocated_end_ = stop;
+}
+
 Status SnapshotWriter::flush_data() {
+  if (!iov_.empty()) preallocate(kSnapshotDataOffset + data_end_);
   std::size_t i = 0;
   while (i < iov_.size()) {
     const int batch = static_cast<int>(std::min<std::size_t>(iov_.size() - i, IOV_MAX));
@@ -634,13 +715,19 @@ Status SnapshotWriter::finish_commit() {
   h.header_checksum = compute_header_checksum(h);
 
   if (auto s = io::pwrite_all(fd_, map.data(), map.size() * sizeof(MapRun), h.map_offset,
-                                       "writing the block map to " + temp_path_);
+                              "writing the block map to " + temp_path_);
       !s.ok()) {
     return fail_commit(std::move(s).error());
   }
+  // Preallocated blocks that zero blocks left unused would follow the map: cut them off.
+  const std::uint64_t file_size = h.map_offset + map.size() * sizeof(MapRun);
+  if (allocated_end_ > file_size && ::ftruncate(fd_, static_cast<off_t>(file_size)) != 0) {
+    const int err = errno;
+    return fail_commit(
+        make_error(Errc::kIoError, errno_message("truncating " + temp_path_, err), err));
+  }
   // The header goes last: until it is written the file has no magic and no reader accepts it.
-  if (auto s =
-          io::pwrite_all(fd_, &h, sizeof(h), 0, "writing the header to " + temp_path_);
+  if (auto s = io::pwrite_all(fd_, &h, sizeof(h), 0, "writing the header to " + temp_path_);
       !s.ok()) {
     return fail_commit(std::move(s).error());
   }
@@ -743,7 +830,7 @@ Status SnapshotWriter::read_back(std::uint64_t guest_offset, std::uint64_t lengt
                                                " never reached the file (a write failed)");
       }
       if (auto s = io::pread_exact(fd_, out, n, kSnapshotDataOffset + data_pos,
-                                            "reading back " + temp_path_);
+                                   "reading back " + temp_path_);
           !s.ok()) {
         return s;
       }

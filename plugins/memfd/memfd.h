@@ -1,25 +1,30 @@
 // The memfd strategy: reads guest memory from the memfd that backs it (guest offset == file
-// offset), either through bounded read-only MAP_SHARED windows handed straight to the sink, or
-// with pread(2) into a bounded buffer.
+// offset), either with pread(2) into a bounded buffer, or through bounded read-only MAP_SHARED
+// windows handed straight to the sink.
 //
-// Holes of the memfd (found with SEEK_DATA / SEEK_HOLE, rounded to whole blocks) are never read:
-// they go to the sink as zeros from a static zero buffer, so exporting does not populate a sparse
-// memfd (a read fault on a shmem hole through a shared mapping would allocate a page). A range
-// past the end of the file is kShortRead; the file is never mapped or read past its end.
+// Exporting never populates a sparse memfd. Requested ranges of 256 KiB or more are first split
+// into data and holes (SEEK_DATA / SEEK_HOLE, rounded to whole blocks): holes are not read but go
+// to the sink as zeros from a static zero buffer (a read fault on a shmem hole through a shared
+// mapping would allocate a page). Shorter ranges -- a scattered diff has tens of thousands --
+// are read with pread by either method, holes and all: pread returns zeros for a hole without
+// allocating it, and finding holes costs more than that read (SEEK_HOLE walks every page of the
+// data extent it lands in). A range past the end of the file is kShortRead; the file is never
+// mapped or read past its end.
 //
 // Options (integers are decimal):
 //   read_method   pread | mmap; default pread (as fast as mmap into a new ext4 file here, faster
 //                 under hole_punch, and a memfd shrunk under it is kShortRead, not SIGBUS)
 //   window_bytes  mmap window, a multiple of 2 MiB in [2 MiB, 1 GiB]; default 64 MiB
-//   buffer_bytes  pread buffer, a multiple of 4096 in [4096, 1 GiB] and at least the block
-//                 size; default 4 MiB
+//   buffer_bytes  pread buffer (with mmap: for the short ranges), a multiple of 4096 in
+//                 [4096, 1 GiB] and at least the block size; default 4 MiB
 //
-// Stats: bytes_read counts data bytes (not holes) handed to the sink; read_calls counts pread
-// calls, or mmap calls for the mmap method; partial_reads short preads that were continued.
+// Stats: bytes_read counts the bytes handed to the sink that were read (not the holes of long
+// ranges; holes inside short ranges count); read_calls counts pread calls and, for the mmap
+// method, mmap calls; partial_reads short preads that were continued.
 //
 // Errors: kUnsupported without a memfd; kInvalidArgument for a malformed request; kShortRead for
 // a range past EOF; kSinkError when the sink refuses a write; kIoError for a failed system call.
-// Memory use: one window (address space only) or one buffer, plus a bounded chunk list.
+// Memory use: one window (address space only) and/or one buffer, plus a bounded chunk list.
 #pragma once
 
 #include <sys/types.h>
@@ -47,8 +52,9 @@ plugin::Status apply_memfd_option(const plugin::Option& option, MemfdOptions* op
 // Told by MemfdExporter after each chunk of exported data.
 class ChunkHook {
  public:
-  // pieces: the data extents of the chunk in whole blocks (a block partly hole counts as data;
-  // holes are not in any piece), ascending and merged. Every byte of them
+  // pieces: the extents of the chunk that were read, in whole blocks (a block partly hole counts
+  // as data; the holes of ranges of 256 KiB or more are in no piece, those of shorter ranges are
+  // read as zeros and may be), ascending and merged. Every byte of them
   // was handed to the sink in write() calls that returned Ok, and none of them is mapped by the
   // exporter any more. A non-Ok return stops the export with that status.
   virtual plugin::Status after_chunk(const plugin::ByteRange* pieces,

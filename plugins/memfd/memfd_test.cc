@@ -178,6 +178,28 @@ TEST_P(MemfdMethodTest, SparseMemfdStaysUnpopulatedAndExportsZeros) {
   }
 }
 
+// Short ranges are read without looking for holes first: the holes among them come out as
+// zeros, and still nothing gets populated (pread of a hole allocates nothing).
+TEST_P(MemfdMethodTest, ShortRangesOverHolesExportZerosAndPopulateNothing) {
+  Memfd memfd(8 * kMiB);
+  for (std::uint64_t off = 0; off < memfd.size(); off += 64 * kPage) memfd.fill(off, 8 * kPage);
+  const std::uint64_t before = memfd.allocated();
+  auto expected = [](std::uint64_t g) -> unsigned char {
+    return g % (64 * kPage) < 8 * kPage ? pattern(g) : 0;
+  };
+  std::vector<ByteRange> ranges;  // 1 to 40 pages each, over data, holes and both
+  for (std::uint64_t off = kPage; off + 40 * kPage <= memfd.size(); off += 45 * kPage) {
+    ranges.push_back({off, (1 + off / kPage % 40) * kPage});
+  }
+  RecordingSink sink(memfd.size(), kPage, ranges);
+  ExportStats stats;
+  auto strategy = make_strategy(GetParam());
+  Status st = strategy->export_ranges(make_request(memfd.fd(), memfd.size(), ranges), sink, stats);
+  ASSERT_TRUE(st.ok()) << st.message;
+  expect_image(sink, ranges, expected);
+  EXPECT_EQ(memfd.allocated(), before);
+}
+
 // With 2 MiB blocks a block can be partly hole: it is data, and still nothing gets populated.
 TEST_P(MemfdMethodTest, HugeBlocksPartlyHole) {
   Memfd memfd(8 * kMiB);

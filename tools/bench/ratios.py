@@ -13,6 +13,10 @@ import sys
 from collections import defaultdict
 
 
+def fmt_x(num, den):
+    return f"{num / den:.2f}x" if num and den else "-"
+
+
 def main(path):
     with open(path) as f:
         data = json.load(f)
@@ -45,7 +49,11 @@ def main(path):
         r = ref(sync)
         if r:
             print(f"| write() (reference) | 100% | {'yes' if sync else 'no'} | {r:.1f} | "
-                  f"{1000 / r:.2f} | 1.00x | {memcpy / r:.2f}x | - |")
+                  f"{1000 / r:.2f} | 1.00x | {fmt_x(memcpy, r)} | - |")
+    pre = med.get("BM_WriteReference/2/iterations:5/real_time")
+    if pre and ref(0):
+        print(f"| write() into a preallocated file (reference) | 100% | no | {pre:.1f} | "
+              f"{1000 / pre:.2f} | {ref(0) / pre:.2f}x | {fmt_x(memcpy, pre)} | - |")
     full = {}
     for strategy in ("process_vm_readv", "memfd", "memfd_mmap", "hole_punch"):
         for sync in (0, 1):
@@ -62,7 +70,7 @@ def main(path):
                 if pct == 100:
                     full[(strategy, sync)] = t
                 print(f"| {strategy} | {pct}% | {'yes' if sync else 'no'} | {t:.1f} | {speed:.2f} | "
-                      f"{vs_ref:.2f}x | {memcpy / (t / gbytes):.2f}x | {c:.1f} |")
+                      f"{vs_ref:.2f}x | {fmt_x(memcpy, t / gbytes)} | {c:.1f} |")
     print()
     print("| strategy | fsync | 10% dirty time / full export time (target <= 0.15) |")
     print("|---|---|---|")
