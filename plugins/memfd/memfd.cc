@@ -29,10 +29,12 @@ constexpr std::uint64_t kZeroBytes = 2u << 20;
 alignas(4096) unsigned char g_zeros[kZeroBytes];
 
 constexpr std::size_t kMaxChunksPerWrite = 1024;
-// Ranges shorter than this are read with pread as they are, without looking for holes first (by
-// either method): an lseek costs about what reading 64 KiB does, and a pread of a hole returns
-// zeros without allocating it. Longer ones are probed for holes, and with the mmap method read
-// through the mapping (a fault per 64 KiB instead of a pread per range).
+// Ranges shorter than this are read with pread as they are, holes and all, by either method (a
+// pread of a hole returns zeros and allocates nothing). Longer ones are first split into data and
+// holes (SEEK_DATA / SEEK_HOLE), and with the mmap method their data is read through the mapping.
+// Probing short ranges costs more than reading them: SEEK_HOLE walks every page of the data extent
+// it lands in (15 ms a GiB here), and on a scattered 10% diff of 1 GiB that walk alone was 12% of
+// the pause.
 constexpr std::uint64_t kShortRangeBytes = 256u << 10;
 constexpr std::uint64_t kMaxSize = 1u << 30;
 
@@ -75,9 +77,7 @@ class Run {
       std::uint64_t offset = request_.ranges[i].offset;
       const std::uint64_t end = offset + request_.ranges[i].length;
       if (end - offset < kShortRangeBytes) {
-        // Read as it is, holes and all (pread returns zeros for a hole and allocates nothing):
-        // finding holes takes SEEK_DATA and SEEK_HOLE, and SEEK_HOLE walks every page of the
-        // data extent it starts in (15 ms a GiB here) however little of it is asked for.
+        // Read as it is, holes and all (see kShortRangeBytes).
         if (Status s = emit_data(offset, end - offset, false); !s.ok()) return s;
         continue;
       }
