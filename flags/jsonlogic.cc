@@ -1,5 +1,7 @@
 #include "flags/jsonlogic.h"
 
+#include "flags/document.h"
+
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -335,7 +337,7 @@ class Compiler {
     const auto first = j.begin();
     const std::string& name = first.key();
     const Json& value = first.value();
-    const std::string op_ptr = pointer_token(ptr, name);
+    const std::string op_ptr = pointer_append(ptr, name);
     if (name == "$ref") return compile_ref(value, ptr, depth);
     const auto it = operators().find(name);
     if (it == operators().end()) throw LogicError{ptr, "unknown operator \"" + name + "\""};
@@ -353,20 +355,6 @@ class Compiler {
   }
 
  private:
-  static std::string pointer_token(const std::string& base, const std::string& token) {
-    std::string out = base + "/";
-    for (char c : token) {
-      if (c == '~') {
-        out += "~0";
-      } else if (c == '/') {
-        out += "~1";
-      } else {
-        out += c;
-      }
-    }
-    return out;
-  }
-
   LogicNode compile_ref(const Json& value, const std::string& ptr, int depth) {
     if (!value.is_string()) throw LogicError{ptr, "$ref must name an evaluator (a string)"};
     const std::string& ref = value.get_ref<const std::string&>();

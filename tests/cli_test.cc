@@ -13,35 +13,17 @@
 
 #include <nlohmann/json.hpp>
 
+#include "tests/memsnap_cli.h"
 #include "tools/guest_client/guest_client.h"
 
 namespace memsnap {
 namespace {
 
-struct CommandResult {
-  int exit_code = -1;
-  std::string out;
-};
-
-std::string memsnap_binary() {
-  if (const char* bin = std::getenv("MEMSNAP_BIN_DIR")) return std::string(bin) + "/memsnap";
-  return (std::filesystem::read_symlink("/proc/self/exe").parent_path().parent_path() / "bin" /
-          "memsnap")
-      .string();
-}
+using testing::CommandResult;
+using testing::memsnap_binary;
 
 // Runs memsnap with args (stderr folded into the output).
-CommandResult memsnap(const std::string& args) {
-  CommandResult r;
-  const std::string cmd = memsnap_binary() + " " + args + " 2>&1";
-  std::FILE* p = popen(cmd.c_str(), "r");
-  if (p == nullptr) return r;
-  char buf[4096];
-  while (std::fgets(buf, sizeof(buf), p) != nullptr) r.out += buf;
-  const int status = pclose(p);
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
-}
+CommandResult memsnap(const std::string& args) { return testing::run_memsnap(args, true); }
 
 class CliTest : public ::testing::Test {
  protected:

@@ -13,32 +13,16 @@
 
 #include <nlohmann/json.hpp>
 
+#include "tests/memsnap_cli.h"
+
 namespace memsnap {
 namespace {
 
-struct CommandResult {
-  int exit_code = -1;
-  std::string out;
-};
+using testing::CommandResult;
 
-std::string memsnap_binary() {
-  if (const char* bin = std::getenv("MEMSNAP_BIN_DIR")) return std::string(bin) + "/memsnap";
-  return (std::filesystem::read_symlink("/proc/self/exe").parent_path().parent_path() / "bin" /
-          "memsnap")
-      .string();
-}
-
-// Runs `memsnap args` in a shell (so tests can pipe stdin); stdout only unless err is set.
+// Stdout only unless with_stderr.
 CommandResult memsnap(const std::string& args, bool with_stderr = false) {
-  CommandResult r;
-  const std::string cmd = memsnap_binary() + " " + args + (with_stderr ? " 2>&1" : " 2>/dev/null");
-  std::FILE* p = popen(cmd.c_str(), "r");
-  if (p == nullptr) return r;
-  char buf[4096];
-  while (std::fgets(buf, sizeof(buf), p) != nullptr) r.out += buf;
-  const int status = pclose(p);
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
+  return testing::run_memsnap(args, with_stderr);
 }
 
 std::vector<nlohmann::json> json_lines(const std::string& out) {

@@ -25,6 +25,7 @@
 #include "core/dirty_set.h"
 #include "core/pattern.h"
 #include "core/pause.h"
+#include "tools/bench/bench_support.h"
 
 namespace memsnap {
 namespace {
@@ -36,31 +37,9 @@ std::uint64_t guest_bytes() {
   return (gib ? std::strtoull(gib, nullptr, 10) : 1) << 30;
 }
 
-const std::string& bench_dir() {
-  static const std::string dir = [] {
-    const char* base = std::getenv("MEMSNAP_BENCH_DIR");
-    std::string templ = std::string(base ? base : "/var/tmp") + "/memsnap-bench-XXXXXX";
-    if (::mkdtemp(templ.data()) == nullptr) std::abort();
-    return templ;
-  }();
-  return dir;
-}
-
-std::string plugin_dir() {
-  if (const char* env = std::getenv("MEMSNAP_PLUGIN_DIR")) return env;
-  return (std::filesystem::read_symlink("/proc/self/exe").parent_path().parent_path() / "lib" /
-          "memsnap" / "plugins")
-      .string();
-}
-
-const PluginRegistry& registry() {
-  static PluginRegistry* r = [] {
-    auto* reg = new PluginRegistry();
-    if (!reg->load_directory(plugin_dir()).ok()) std::abort();
-    return reg;
-  }();
-  return *r;
-}
+const std::string& bench_dir() { return bench::bench_dir("memsnap-bench"); }
+using bench::plugin_dir;
+using bench::registry;
 
 void fill(char* mem, std::uint64_t size, std::uint64_t generation) {
   for (std::uint64_t p = 0; p < size / kPage; ++p) {

@@ -59,6 +59,7 @@
 #include "core/snapshot/snapshot_format.h"
 #include "core/snapshot/snapshot_writer.h"
 #include "core/vmm_process.h"
+#include "tools/bench/bench_support.h"
 #include "tools/guest_client/guest_client.h"
 
 // Debian 12's kernel headers (6.1) predate these; the running kernel decides.
@@ -88,31 +89,9 @@ std::uint64_t env_u64(const char* name, std::uint64_t fallback) {
 std::uint64_t fault_bytes() { return env_u64("MEMSNAP_RESUME_BENCH_FAULT_MIB", 64) << 20; }
 std::uint64_t resume_bytes() { return env_u64("MEMSNAP_RESUME_BENCH_GIB", 1) << 30; }
 
-const std::string& bench_dir() {
-  static const std::string dir = [] {
-    const char* base = std::getenv("MEMSNAP_BENCH_DIR");
-    std::string templ = std::string(base ? base : "/var/tmp") + "/memsnap-resume-bench-XXXXXX";
-    if (::mkdtemp(templ.data()) == nullptr) std::abort();
-    return templ;
-  }();
-  return dir;
-}
-
-std::string plugin_dir() {
-  if (const char* env = std::getenv("MEMSNAP_PLUGIN_DIR")) return env;
-  return (std::filesystem::read_symlink("/proc/self/exe").parent_path().parent_path() / "lib" /
-          "memsnap" / "plugins")
-      .string();
-}
-
-const PluginRegistry& registry() {
-  static PluginRegistry* r = [] {
-    auto* reg = new PluginRegistry();
-    if (!reg->load_directory(plugin_dir()).ok()) std::abort();
-    return reg;
-  }();
-  return *r;
-}
+const std::string& bench_dir() { return bench::bench_dir("memsnap-resume-bench"); }
+using bench::plugin_dir;
+using bench::registry;
 
 // ---------------------------------------------------------------------------------------------
 // CPU placement
