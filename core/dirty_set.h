@@ -53,6 +53,13 @@ Result<std::vector<ByteRange>> written_ranges_of_process(pid_t pid,
                                                          const std::vector<Region>& regions,
                                                          std::uint64_t block_size, bool rearm);
 
+// Write-protects every page of the VMM's guest regions (registered for userfaultfd WP_ASYNC),
+// populated or not, and returns the pages that were writable until then (written, or mapped by a
+// read: a superset of the written ones), as guest offsets. It arms tracking while the VMM runs:
+// together with later written_ranges_of_process() calls it misses no write. About 7 ms per GiB.
+Result<std::vector<ByteRange>> arm_write_tracking(pid_t pid, const std::vector<Region>& regions,
+                                                  std::uint64_t block_size);
+
 // Sorts regions by guest offset and checks they are disjoint, page-aligned and inside the guest.
 Status validate_regions(std::vector<Region>& regions, std::uint64_t guest_size);
 

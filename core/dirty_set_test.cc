@@ -1,6 +1,10 @@
 #include "core/dirty_set.h"
 
+#include <fcntl.h>
+#include <linux/userfaultfd.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <gtest/gtest.h>
@@ -90,6 +94,68 @@ TEST(PopulatedRangesTest, GoneProcessIsReported) {
   auto r = populated_ranges_of_process(999999999, regions, kPage);
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.error().code, Errc::kProcessGone);
+}
+
+#ifndef UFFD_FEATURE_WP_ASYNC
+#define UFFD_FEATURE_WP_ASYNC (1ULL << 15)
+#endif
+
+// Arming write tracking while the owner of the memory already runs: what was touched before the
+// arm is reported by the arm itself, what is written after it by the next scan, nothing twice
+// after a re-arm, and untouched pages never.
+TEST(WriteTrackingTest, ArmReportsEarlierTouchesAndLaterWritesAreScanned) {
+  const std::uint64_t pages = 64;
+  const int memfd = memfd_create("dirty_set_test_wp", MFD_CLOEXEC);
+  ASSERT_GE(memfd, 0);
+  ASSERT_EQ(ftruncate(memfd, static_cast<off_t>(pages * kPage)), 0);
+  auto* mem = static_cast<volatile char*>(
+      mmap(nullptr, pages * kPage, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0));
+  ASSERT_NE(mem, MAP_FAILED);
+  const int uffd = static_cast<int>(syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
+  if (uffd < 0) GTEST_SKIP() << "no userfaultfd here: " << std::strerror(errno);
+  uffdio_api api{};
+  api.api = UFFD_API;
+  api.features = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_HUGETLBFS_SHMEM;
+  if (ioctl(uffd, UFFDIO_API, &api) != 0) GTEST_SKIP() << "no UFFD_FEATURE_WP_ASYNC";
+  uffdio_register reg{};
+  reg.range.start = reinterpret_cast<std::uint64_t>(mem);
+  reg.range.len = pages * kPage;
+  reg.mode = UFFDIO_REGISTER_MODE_WP;
+  ASSERT_EQ(ioctl(uffd, UFFDIO_REGISTER, &reg), 0) << std::strerror(errno);
+  const std::vector<Region> regions = {{0, reinterpret_cast<std::uint64_t>(mem), pages * kPage}};
+
+  // Before the arm: two writes and a read.
+  mem[1 * kPage] = 1;
+  mem[5 * kPage] = 1;
+  const char seen = mem[9 * kPage];
+  (void)seen;
+  auto armed = arm_write_tracking(getpid(), regions, kPage);
+  if (!armed.ok() && armed.error().code == Errc::kUnsupported) GTEST_SKIP() << "no PAGEMAP_SCAN";
+  ASSERT_TRUE(armed.ok()) << armed.error().to_string();
+  // The writes must be there; the read may be (it mapped the page writable): a superset is safe.
+  ASSERT_EQ(armed->size(), 3u);
+  EXPECT_EQ((*armed)[0], (ByteRange{1 * kPage, kPage}));
+  EXPECT_EQ((*armed)[1], (ByteRange{5 * kPage, kPage}));
+  EXPECT_EQ((*armed)[2], (ByteRange{9 * kPage, kPage}));
+
+  // After the arm: only these writes, including to a page the arm already reported and to a
+  // page that was an empty page-table entry when armed.
+  mem[5 * kPage] = 2;
+  mem[40 * kPage] = 2;
+  const char again = mem[41 * kPage];  // a read after the arm is not a write
+  (void)again;
+  auto written = written_ranges_of_process(getpid(), regions, kPage, /*rearm=*/true);
+  ASSERT_TRUE(written.ok()) << written.error().to_string();
+  ASSERT_EQ(written->size(), 2u);
+  EXPECT_EQ((*written)[0], (ByteRange{5 * kPage, kPage}));
+  EXPECT_EQ((*written)[1], (ByteRange{40 * kPage, kPage}));
+  auto none = written_ranges_of_process(getpid(), regions, kPage, /*rearm=*/true);
+  ASSERT_TRUE(none.ok()) << none.error().to_string();
+  EXPECT_TRUE(none->empty());
+
+  munmap(const_cast<char*>(mem), pages * kPage);
+  close(uffd);
+  close(memfd);
 }
 
 TEST(ValidateRegionsTest, RejectsOverlapAndMisalignment) {

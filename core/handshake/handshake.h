@@ -16,7 +16,10 @@
 //   {"memsnap_resume":{"memfd":false}}
 // or, when it hands guest memory back as a memfd (warm resume, or a cold memfd filled
 // eagerly),
-//   {"memsnap_resume":{"memfd":true,"size":N,"generation":G}}   + SCM_RIGHTS [memfd]
+//   {"memsnap_resume":{"memfd":true,"size":N,"generation":G,"arm_writes":B}}   + SCM_RIGHTS [memfd]
+// arm_writes true asks the VMM to write-protect the new mappings (UFFDIO_WRITEPROTECT) before it
+// acks, so the guest's first write is already tracked; false (or absent) means memsnap arms them
+// itself after the ack, while the guest runs (see ResumeRequest::arm_tracking_before_ready).
 // A VMM that maps a memfd handed to it answers {"memsnap_mapped":true} once it has mapped it over
 // its guest regions and registered its userfaultfd on the new mappings.
 #pragma once
@@ -125,12 +128,13 @@ struct ResumeReply {
   bool has_memfd = false;
   std::uint64_t size = 0;
   std::uint64_t generation = 0;
-  io::UniqueFd memfd;  // set when has_memfd
+  bool arm_writes = false;  // write-protect the new mappings before acking
+  io::UniqueFd memfd;       // set when has_memfd
 };
 
 // memsnap -> VMM. `memfd` is only borrowed (it is duplicated into the message).
 Status send_reply(int connection, bool has_memfd, int memfd, std::uint64_t size,
-                  std::uint64_t generation);
+                  std::uint64_t generation, bool arm_writes = false);
 // VMM side: waits up to timeout for the reply.
 Result<ResumeReply> receive_reply(int connection, std::chrono::milliseconds timeout);
 // VMM -> memsnap, after mapping a handed memfd: {"memsnap_mapped":true}

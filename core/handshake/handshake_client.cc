@@ -143,12 +143,13 @@ Result<io::UniqueFd> connect_and_send(const std::string& path,
 }
 
 Status send_reply(int connection, bool has_memfd, int memfd, std::uint64_t size,
-                  std::uint64_t generation) {
+                  std::uint64_t generation, bool arm_writes) {
   json body = {{"memfd", has_memfd}};
   if (has_memfd) {
     if (memfd < 0) return make_error(Errc::kInvalidArgument, "send_reply: memfd missing");
     body["size"] = size;
     body["generation"] = generation;
+    body["arm_writes"] = arm_writes;
   }
   const std::string payload = json{{"memsnap_resume", body}}.dump();
   return send_with_fds(connection, payload, &memfd, has_memfd ? 1 : 0);
@@ -177,6 +178,12 @@ Result<ResumeReply> receive_reply(int connection, std::chrono::milliseconds time
     }
     reply.size = body["size"].get<std::uint64_t>();
     reply.generation = body["generation"].get<std::uint64_t>();
+    if (body.contains("arm_writes")) {
+      if (!body["arm_writes"].is_boolean()) {
+        return make_error(Errc::kHandshakeProtocol, "memsnap_resume.arm_writes must be a boolean");
+      }
+      reply.arm_writes = body["arm_writes"].get<bool>();
+    }
     reply.memfd = std::move(got.value().fd);
   } else if (got.value().fd.get() >= 0) {
     return make_error(Errc::kHandshakeProtocol, "reply carries an fd it does not announce");

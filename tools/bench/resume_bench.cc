@@ -19,8 +19,11 @@
 //    memsnap-guest, per mode (lazy, background, eager, warm): manual time =
 //    ResumeReport::ready_seconds; counters: touch_all_ms (from accept_and_serve's return until the
 //    guest answered `verify` over every page against its expect table), and memsnap's phases.
-//    BM_WarmArm measures, in this process, what the stand-in does before it acks a warm hand-over
-//    (mmap of the memfd, UFFDIO_REGISTER WP, UFFDIO_WRITEPROTECT).
+//    warm: write tracking armed by memsnap after ready, while the guest runs (counter
+//    arm_after_ready_ms); warm_arm_before_ready: armed by the VMM before it acks (exact diffs,
+//    slower resume); warm_no_tracking: none.
+//    BM_WarmArm measures, in this process, what a VMM arming before its ack does (mmap of the
+//    memfd, UFFDIO_REGISTER WP, UFFDIO_WRITEPROTECT).
 //
 // tools/bench/resume_ratios.py turns the JSON output into the tables of docs/performance.md.
 // Files go to MEMSNAP_BENCH_DIR (default /var/tmp).
@@ -605,11 +608,12 @@ const PhaseTiming* find_phase(const ResumeReport& r, const char* name) {
   return nullptr;
 }
 
-void BM_Resume(benchmark::State& state, ResumeMode mode, bool track_writes) {
+void BM_Resume(benchmark::State& state, ResumeMode mode, bool track_writes,
+               bool arm_before_ready) {
   PausedGuest& pg = PausedGuest::get();
   static int counter = 0;
   double touch_all_s = 0, hand_over_s = 0, fill_s = 0, serve_s = 0, ready_s = 0;
-  double faults = 0;
+  double faults = 0, arm_s = 0;
   std::int64_t n = 0;
   for (auto _ : state) {
     RetainedMemory kept;
@@ -628,6 +632,7 @@ void BM_Resume(benchmark::State& state, ResumeMode mode, bool track_writes) {
     rr.retained = &kept;
     rr.verify_checksums = false;  // open is not part of ready_seconds; saves bench time
     rr.track_writes = track_writes;
+    rr.arm_tracking_before_ready = arm_before_ready;
     auto session = ResumeSession::prepare(registry(), std::move(rr));
     if (!session.ok()) {
       state.SkipWithError(session.error().to_string().c_str());
@@ -671,6 +676,11 @@ void BM_Resume(benchmark::State& state, ResumeMode mode, bool track_writes) {
                               .c_str());
       return;
     }
+    if (Status s = (*session)->wait_tracking_armed(); !s.ok()) {
+      state.SkipWithError(s.error().to_string().c_str());
+      return;
+    }
+    arm_s += rep.tracking_arm_seconds;
     faults += static_cast<double>((*session)->fault_stats().faults);
     state.SetIterationTime(rep.ready_seconds);
     ready_s += rep.ready_seconds;
@@ -690,6 +700,8 @@ void BM_Resume(benchmark::State& state, ResumeMode mode, bool track_writes) {
   state.counters["fill_ms"] = fill_s * k;
   state.counters["serve_ms"] = serve_s * k;
   state.counters["faults"] = faults / static_cast<double>(n);
+  // Warm/eager, tracking armed by memsnap after ready: how long that took (off the resume path).
+  state.counters["arm_after_ready_ms"] = arm_s * k;
   state.counters["guest_mib"] = static_cast<double>(pg.size >> 20);
 }
 
@@ -834,14 +846,18 @@ void register_all() {
     const char* name;
     ResumeMode mode;
     bool track;
+    bool arm_before = false;
   };
   for (const ResumeDef& d : {ResumeDef{"BM_Resume/lazy", ResumeMode::kLazy, true},
                              ResumeDef{"BM_Resume/background", ResumeMode::kBackground, true},
                              ResumeDef{"BM_Resume/eager", ResumeMode::kEager, true},
                              ResumeDef{"BM_Resume/warm", ResumeMode::kWarm, true},
+                             ResumeDef{"BM_Resume/warm_arm_before_ready", ResumeMode::kWarm, true,
+                                       true},
                              ResumeDef{"BM_Resume/warm_no_tracking", ResumeMode::kWarm, false}}) {
-    benchmark::RegisterBenchmark(d.name, [mode = d.mode, track = d.track](
-                                             benchmark::State& s) { BM_Resume(s, mode, track); })
+    benchmark::RegisterBenchmark(d.name,
+                                 [mode = d.mode, track = d.track, before = d.arm_before](
+                                     benchmark::State& s) { BM_Resume(s, mode, track, before); })
         ->Iterations(resume_iters)
         ->UseManualTime()
         ->Unit(benchmark::kMillisecond);

@@ -145,6 +145,7 @@ Result<CycleReport> run_cycle(const PluginRegistry& registry, const CycleOptions
     rr.retained = &retained;
     rr.verify_checksums = o.verify_checksums;
     rr.track_writes = o.track_writes;
+    rr.arm_tracking_before_ready = o.arm_tracking_before_ready;
     auto prepared = ResumeSession::prepare(registry, std::move(rr));
     if (!prepared.ok())
       return step_error("resume of generation " + std::to_string(g), prepared.error());
@@ -173,6 +174,14 @@ Result<CycleReport> run_cycle(const PluginRegistry& registry, const CycleOptions
                std::string(resume_mode_name(gen.resume.mode)) + ": " + gen.resume.mode_reason +
                ") in " + std::to_string(gen.resume.ready_seconds * 1e3) + " ms");
 
+    const bool dirty_now = g < o.generations;
+    if (dirty_now && o.dirty_first) {
+      auto dirtied =
+          guest->dirty(o.dirty_fraction, false, o.seed * 1000 + static_cast<std::uint64_t>(g));
+      if (!dirtied.ok()) return step_error("dirtying pages", dirtied.error());
+      say(o, "the guest dirtied " + std::to_string(o.dirty_fraction * 100) +
+                 "% of its pages right after the resume");
+    }
     const auto t0 = std::chrono::steady_clock::now();
     auto verified = guest->command("verify");
     gen.verify_seconds =
@@ -193,11 +202,13 @@ Result<CycleReport> run_cycle(const PluginRegistry& registry, const CycleOptions
                " mismatches (" + std::to_string(gen.faults.faults) + " faults served)");
     report.generations.push_back(std::move(gen));
 
-    if (g < o.generations) {
-      auto dirtied =
-          guest->dirty(o.dirty_fraction, false, o.seed * 1000 + static_cast<std::uint64_t>(g));
-      if (!dirtied.ok()) return step_error("dirtying pages", dirtied.error());
-      say(o, "the guest dirtied " + std::to_string(o.dirty_fraction * 100) + "% of its pages");
+    if (dirty_now) {
+      if (!o.dirty_first) {
+        auto dirtied =
+            guest->dirty(o.dirty_fraction, false, o.seed * 1000 + static_cast<std::uint64_t>(g));
+        if (!dirtied.ok()) return step_error("dirtying pages", dirtied.error());
+        say(o, "the guest dirtied " + std::to_string(o.dirty_fraction * 100) + "% of its pages");
+      }
       if (o.discard_pages > 0) {
         // A stretch in the middle of the guest, moving with the generation.
         const std::uint64_t pages = o.size / 4096;

@@ -36,6 +36,10 @@ struct CycleOptions {
   bool verify_checksums = true;
   bool track_writes = true;           // memsnap installs pages write-protected
   bool vmm_supports_wp_async = true;  // the resumed VMMs ask for UFFD_FEATURE_WP_ASYNC
+  bool arm_tracking_before_ready = false;  // ResumeRequest::arm_tracking_before_ready
+  // Dirty right after each resume, before the verify (which then checks the new bytes too): the
+  // guest writes while memsnap may still be arming write tracking.
+  bool dirty_first = false;
   // Called after generation g's snapshot is committed and its VMM killed, before the resume
   // (tests corrupt a snapshot here).
   std::function<void(int generation, const std::vector<std::string>& chain)> before_resume;

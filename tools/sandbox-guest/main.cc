@@ -424,16 +424,19 @@ class Guest {
       madvise(p, r.size, o_.thp ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
       // All of guest memory is in the memfd (holes read as zeros), so no MISSING/MINOR faults
       // need serving; only write tracking stays.
+      // Register for write tracking. Arm it here only when memsnap asks (its
+      // arm_tracking_before_ready): arming 1 GiB takes ~7 ms, far longer than the rest of a warm
+      // resume, so by default memsnap arms it after the ack, while the guest runs, and counts
+      // what the guest touches before its page is armed.
       if (wp_async_) {
         register_range(r, UFFDIO_REGISTER_MODE_WP);
-        // Arm the tracking before the ack: from the moment memsnap hears back, every write
-        // the guest makes to the new mapping is recorded (nothing is populated yet, so this
-        // only marks the empty page-table entries).
-        uffdio_writeprotect wp{};
-        wp.range.start = reinterpret_cast<std::uint64_t>(r.host);
-        wp.range.len = r.size;
-        wp.mode = UFFDIO_WRITEPROTECT_MODE_WP;
-        if (ioctl(uffd_, UFFDIO_WRITEPROTECT, &wp) != 0) die_errno("UFFDIO_WRITEPROTECT");
+        if (reply.arm_writes) {
+          uffdio_writeprotect wp{};
+          wp.range.start = reinterpret_cast<std::uint64_t>(r.host);
+          wp.range.len = r.size;
+          wp.mode = UFFDIO_WRITEPROTECT_MODE_WP;
+          if (ioctl(uffd_, UFFDIO_WRITEPROTECT, &wp) != 0) die_errno("UFFDIO_WRITEPROTECT");
+        }
       }
     }
     if (memfd_ >= 0) {
