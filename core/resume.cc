@@ -283,11 +283,15 @@ Status ResumeSession::accept_and_serve() {
   } else {
     rep.write_tracking_reason = "write tracking off; the next pause exports every populated page";
   }
-  // A handed-over memfd is mapped afresh by the VMM: nothing in it is protected yet. Arming it
-  // all takes ~7 ms per GiB, longer than the rest of a warm resume, so it runs while the guest
-  // does; what the guest writes before its page is armed is reported by the arm itself.
-  if (rep.write_tracking && !request_.arm_tracking_before_ready &&
-      (mode == ResumeMode::kWarm || mode == ResumeMode::kEager)) {
+  // Pages the guest has not touched yet are empty page-table entries, which PAGEMAP_SCAN counts
+  // as written until they are protected: without an arm, the next pause would take every page
+  // the guest never touched (and fault it in to read it). A handed-over memfd (warm, eager) is
+  // all unprotected. Arming takes ~7 ms per GiB, longer than the rest of a warm resume, so it
+  // runs while the guest does; what the guest touches before its page is armed is reported by
+  // the arm itself. Pages the fault server installs arrive protected either way.
+  const bool vmm_armed = request_.arm_tracking_before_ready &&
+                         (mode == ResumeMode::kWarm || mode == ResumeMode::kEager);
+  if (rep.write_tracking && !vmm_armed) {
     rep.tracking_armed_in_background = true;
     arming_ = std::async(std::launch::async, [this, pid = rep.vmm_pid, regions = regions_,
                                               bs = rep.block_size] {

@@ -13,6 +13,7 @@ packages=(
   prometheus-cpp-dev                     # metrics
   libgtest-dev libgmock-dev googletest   # tests
   libbenchmark-dev                       # benchmarks
+  prometheus                             # promtool checks and the real Prometheus of the metrics tests
 )
 
 missing=()

@@ -68,6 +68,18 @@ std::string_view errc_name(Errc code) noexcept {
       return "resume_failed";
     case Errc::kGenerationMismatch:
       return "generation_mismatch";
+    case Errc::kAlreadyExists:
+      return "already_exists";
+    case Errc::kInvalidState:
+      return "invalid_state";
+    case Errc::kBusy:
+      return "busy";
+    case Errc::kPathNotAllowed:
+      return "path_not_allowed";
+    case Errc::kShuttingDown:
+      return "shutting_down";
+    case Errc::kTimeout:
+      return "timeout";
   }
   return "unknown";
 }

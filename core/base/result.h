@@ -50,6 +50,13 @@ enum class Errc {
   kHandshakeBadFd,       // a received fd is not what it should be (not a userfaultfd / memfd)
   kResumeFailed,         // serving guest memory failed (uffd ioctl error, VMM gone mid-fill)
   kGenerationMismatch,   // a retained memfd does not hold the snapshot asked for
+  // the host daemon (memsnapd) and its control API
+  kAlreadyExists,   // a sandbox with that id is registered
+  kInvalidState,    // the sandbox is not in a state that allows this (e.g. resume of a running one)
+  kBusy,            // the sandbox is already pausing or resuming
+  kPathNotAllowed,  // a snapshot path outside the snapshot directory (or through a symlink)
+  kShuttingDown,    // the daemon is draining: no new pauses or resumes
+  kTimeout,         // waited for a state that did not come in time
 };
 
 // The stable snake_case name of a code, e.g. "plugin_abi_mismatch".

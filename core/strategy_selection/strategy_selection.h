@@ -56,6 +56,9 @@ struct StrategyChoice {
   std::string requested;  // what the flag asked for (the safe strategy when it asked nothing)
   bool fell_back = false;
   std::string fallback_reason;   // why, when fell_back
+  // The same as a stable token, for metrics labels: flag_error, plugin_not_loaded,
+  // plugin_refused, missing_memfd, vmm_version.
+  std::string fallback_code;
   flags::Resolution resolution;  // the flag evaluation: variant, reason, error code, metadata
 };
 
@@ -74,8 +77,9 @@ class StrategySelector {
   }
 
  private:
-  // Empty when strategy can serve sandbox, else why not.
-  std::string refusal(const std::string& strategy, const SandboxAttributes& sandbox) const;
+  // Empty when strategy can serve sandbox, else why not (and *code the reason's token).
+  std::string refusal(const std::string& strategy, const SandboxAttributes& sandbox,
+                      std::string* code) const;
 
   const flags::FlagStore& flags_;
   const PluginRegistry& plugins_;

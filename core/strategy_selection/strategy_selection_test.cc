@@ -107,6 +107,7 @@ TEST_F(StrategySelectionTest, NoMemfdFallsBackWithReason) {
   EXPECT_EQ(c.strategy, "process_vm_readv");
   EXPECT_TRUE(c.fell_back);
   EXPECT_NE(c.fallback_reason.find("needs a memfd"), std::string::npos) << c.fallback_reason;
+  EXPECT_EQ(c.fallback_code, "missing_memfd");
   EXPECT_EQ(selector.fallbacks(), 1U);
 }
 
@@ -120,6 +121,7 @@ TEST_F(StrategySelectionTest, UnknownPluginFallsBackWithReason) {
   EXPECT_NE(c.fallback_reason.find("no loaded plugin is named \"no_such_plugin\""),
             std::string::npos)
       << c.fallback_reason;
+  EXPECT_EQ(c.fallback_code, "plugin_not_loaded");
 }
 
 TEST_F(StrategySelectionTest, MinimumVmmVersionIsAPrerequisite) {
@@ -131,6 +133,7 @@ TEST_F(StrategySelectionTest, MinimumVmmVersionIsAPrerequisite) {
   StrategyChoice c = selector.select(s);
   EXPECT_TRUE(c.fell_back);
   EXPECT_NE(c.fallback_reason.find("needs VMM version >= 1.8.0"), std::string::npos);
+  EXPECT_EQ(c.fallback_code, "vmm_version");
   s.vmm_version = "v1.9.1";
   c = selector.select(s);
   EXPECT_FALSE(c.fell_back) << c.fallback_reason;

@@ -9,6 +9,7 @@
 
 #include "core/pause.h"
 #include "core/plugin_host/plugin_registry.h"
+#include "core/report_json.h"
 #include "core/resume.h"
 
 namespace memsnap::cli {
@@ -45,10 +46,6 @@ std::string plugin_dir(Args& args);
 // Loads it; exits with a message if the directory itself is unusable.
 void load_plugins(PluginRegistry& registry, const std::string& dir);
 
-nlohmann::json to_json(const PauseReport& report);
-nlohmann::json to_json(const PluginInfo& info);
-nlohmann::json to_json(const ResumeReport& report);
-nlohmann::json to_json(const FaultStats& stats);
 std::string capabilities_text(std::uint32_t caps);
 
 int cmd_plugins(Args& args);

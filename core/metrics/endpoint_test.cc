@@ -1,0 +1,162 @@
+// MetricsEndpoint: a real scrape over HTTP on loopback, and the errors it must report rather
+// than throw.
+#include "core/metrics/metrics_endpoint.h"
+
+#include <arpa/inet.h>
+#include <gtest/gtest.h>
+#include <netinet/in.h>
+#include <prometheus/registry.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <unistd.h>
+
+#include <string>
+
+#include "core/metrics/host_metrics.h"
+#include "core/metrics/metrics_test_util.h"
+
+namespace memsnap::metrics {
+namespace {
+
+// GET `path` from 127.0.0.1:port with a plain socket; the whole response, headers included.
+std::string http_get(std::uint16_t port, const std::string& path) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return {};
+  timeval tv{5, 0};  // a hung server fails the test instead of hanging it
+  ::setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+  ::setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(port);
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  std::string response;
+  if (::connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof addr) == 0) {
+    const std::string request =
+        "GET " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    if (::send(fd, request.data(), request.size(), MSG_NOSIGNAL) ==
+        static_cast<ssize_t>(request.size())) {
+      char buf[8192];
+      ssize_t n = 0;
+      while ((n = ::recv(fd, buf, sizeof buf, 0)) > 0) response.append(buf, std::size_t(n));
+    }
+  }
+  ::close(fd);
+  return response;
+}
+
+EndpointOptions any_port() {
+  EndpointOptions o;
+  o.address = "127.0.0.1";
+  o.port = 0;
+  return o;
+}
+
+TEST(MetricsEndpointTest, ServesTheRegistryOnLoopback) {
+  HostMetricsOptions mo;
+  mo.strategies = {"memfd", "process_vm_readv"};
+  HostMetrics m(mo);
+  PauseObservation p;
+  p.strategy = "memfd";
+  p.seconds = 0.02;
+  m.record_pause(p);
+
+  std::string error;
+  auto endpoint = MetricsEndpoint::start(m, any_port(), &error);
+  ASSERT_NE(endpoint, nullptr) << error;
+  ASSERT_NE(endpoint->port(), 0);
+  EXPECT_EQ(endpoint->url(), "http://127.0.0.1:" + std::to_string(endpoint->port()) + "/metrics");
+
+  const std::string response = http_get(endpoint->port(), "/metrics");
+  ASSERT_EQ(response.rfind("HTTP/1.1 200", 0), 0u) << response.substr(0, 200);
+  const auto body_at = response.find("\r\n\r\n");
+  ASSERT_NE(body_at, std::string::npos);
+  const auto e = testing::parse_exposition(response.substr(body_at + 4));
+  // Every family that has a series is served, with its values.
+  for (const auto& f : m.registry()->Collect()) {
+    EXPECT_TRUE(e.type.count(f.name)) << f.name;
+  }
+  EXPECT_TRUE(e.type.count("memsnap_pause_duration_seconds"));
+  EXPECT_TRUE(e.type.count("memsnap_build_info"));
+  EXPECT_EQ(
+      e.value("memsnap_pause_duration_seconds_count", {{"strategy", "memfd"}, {"outcome", "ok"}}),
+      1);
+  EXPECT_EQ(e.value("memsnap_pause_duration_seconds_count",
+                    {{"strategy", "process_vm_readv"}, {"outcome", "ok"}}),
+            0);
+
+  // A later recording shows in the next scrape.
+  m.record_pause(p);
+  const auto again = testing::parse_exposition(http_get(endpoint->port(), "/metrics"));
+  EXPECT_EQ(again.value("memsnap_pause_duration_seconds_count",
+                        {{"strategy", "memfd"}, {"outcome", "ok"}}),
+            2);
+
+  EXPECT_EQ(http_get(endpoint->port(), "/elsewhere").rfind("HTTP/1.1 404", 0), 0u);
+}
+
+TEST(MetricsEndpointTest, CustomPath) {
+  HostMetrics m;
+  EndpointOptions o = any_port();
+  o.path = "/internal/metrics";
+  std::string error;
+  auto endpoint = MetricsEndpoint::start(m, o, &error);
+  ASSERT_NE(endpoint, nullptr) << error;
+  EXPECT_NE(http_get(endpoint->port(), "/internal/metrics").find("memsnap_build_info"),
+            std::string::npos);
+}
+
+TEST(MetricsEndpointTest, PortInUseIsAnErrorNotAnException) {
+  HostMetrics m;
+  std::string error;
+  auto first = MetricsEndpoint::start(m, any_port(), &error);
+  ASSERT_NE(first, nullptr) << error;
+  EndpointOptions o = any_port();
+  o.port = first->port();
+  auto second = MetricsEndpoint::start(m, o, &error);
+  EXPECT_EQ(second, nullptr);
+  EXPECT_NE(error.find("cannot listen on 127.0.0.1:" + std::to_string(o.port)), std::string::npos)
+      << error;
+}
+
+TEST(MetricsEndpointTest, BadOptionsAreErrors) {
+  HostMetrics m;
+  std::string error;
+  EndpointOptions o = any_port();
+  o.address = "127.0.0.1,0.0.0.0";  // would make civetweb listen twice
+  EXPECT_EQ(MetricsEndpoint::start(m, o, &error), nullptr);
+  EXPECT_NE(error.find("bad address"), std::string::npos) << error;
+
+  o = any_port();
+  o.path = "metrics";
+  EXPECT_EQ(MetricsEndpoint::start(m, o, &error), nullptr);
+  EXPECT_NE(error.find("path"), std::string::npos) << error;
+
+  o = any_port();
+  o.address = "";
+  EXPECT_EQ(MetricsEndpoint::start(m, o, &error), nullptr);
+
+  // 192.0.2.0/24 is TEST-NET-1: never an address of this host, so bind() fails locally
+  // (EADDRNOTAVAIL) without a packet leaving the machine.
+  o = any_port();
+  o.address = "192.0.2.1";
+  EXPECT_EQ(MetricsEndpoint::start(m, o, &error), nullptr);
+  EXPECT_NE(error.find("cannot listen"), std::string::npos) << error;
+
+  EXPECT_EQ(MetricsEndpoint::start(m, o, nullptr), nullptr);  // no error string wanted: fine
+}
+
+TEST(MetricsEndpointTest, KeepsTheRegistryAliveAfterTheMetricsAreGone) {
+  std::unique_ptr<MetricsEndpoint> endpoint;
+  {
+    HostMetricsOptions o;
+    o.version = "9.9.9";
+    HostMetrics m(o);
+    std::string error;
+    endpoint = MetricsEndpoint::start(m, any_port(), &error);
+    ASSERT_NE(endpoint, nullptr) << error;
+  }
+  EXPECT_NE(http_get(endpoint->port(), "/metrics").find("version=\"9.9.9\""), std::string::npos);
+}
+
+}  // namespace
+}  // namespace memsnap::metrics

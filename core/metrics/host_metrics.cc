@@ -1,0 +1,782 @@
+#include "core/metrics/host_metrics.h"
+
+#include <prometheus/counter.h>
+#include <prometheus/family.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+#include <prometheus/text_serializer.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <mutex>
+#include <set>
+#include <shared_mutex>
+#include <sstream>
+#include <utility>
+
+#ifndef MEMSNAP_METRICS_VERSION
+#define MEMSNAP_METRICS_VERSION "unknown"
+#endif
+
+namespace memsnap::metrics {
+
+namespace {
+
+// The strings that stand in for label values we refuse to record as given.
+constexpr std::string_view kOther = "other";      // a token outside [a-z0-9_]: free text
+constexpr std::string_view kInvalid = "invalid";  // a name with odd characters or too long
+
+constexpr std::size_t kMaxTokenLength = 48;
+constexpr std::size_t kMaxNameLength = 64;
+
+// Label values that come from code (reasons, phases, states, modes): lower-case snake_case
+// tokens. Upper case is folded (flagd's TARGETING_MATCH -> targeting_match); anything else,
+// notably a sentence that someone passed as a "reason", becomes "other" so that free text can
+// never mint new series.
+std::string token_value(std::string_view v, std::string_view empty_as) {
+  if (v.empty()) return std::string(empty_as);
+  if (v.size() > kMaxTokenLength) return std::string(kOther);
+  std::string out(v);
+  for (char& c : out) {
+    if (c >= 'A' && c <= 'Z') c = static_cast<char>(c - 'A' + 'a');
+    const bool ok = (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '_';
+    if (!ok) return std::string(kOther);
+  }
+  return out;
+}
+
+// Label values that come from configuration (strategy = plugin names, flag keys, variants,
+// versions): kept as written when they look like names, else "invalid".
+std::string name_value(std::string_view v, std::string_view empty_as) {
+  if (v.empty()) return std::string(empty_as);
+  if (v.size() > kMaxNameLength) return std::string(kInvalid);
+  for (const char c : v) {
+    const bool ok = (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+                    c == '_' || c == '-' || c == '.' || c == ':' || c == '+';
+    if (!ok) return std::string(kInvalid);
+  }
+  return std::string(v);
+}
+
+std::string strategy_value(std::string_view strategy) { return name_value(strategy, "unknown"); }
+
+// A duration or amount worth recording: NaN, infinities and negative values would poison a
+// histogram's sum (or be silently ignored by a counter) for the life of the process.
+bool usable(double v) { return std::isfinite(v) && v >= 0; }
+
+constexpr const char* kPausePhases[] = {"resolve", "freeze", "dirty_set",
+                                        "export",  "commit", "thaw"};
+constexpr const char* kResumePhases[] = {"open", "listen",    "wait_vmm",
+                                         "fill", "hand_over", "serve"};
+constexpr Outcome kOutcomes[] = {Outcome::kOk, Outcome::kError, Outcome::kAborted};
+constexpr OperationKind kKinds[] = {OperationKind::kPause, OperationKind::kResume};
+
+std::vector<MetricInfo> build_catalogue() {
+  using T = MetricType;
+  const auto& op = operation_duration_buckets();
+  const auto& phase = phase_duration_buckets();
+  const auto& fault = fault_latency_buckets();
+  // Sorted by name; the tests check it.
+  return {
+      {"memsnap_api_requests_total",
+       T::kCounter,
+       "Control API requests answered, by endpoint (a fixed route name, never a path: paths hold "
+       "sandbox ids) and HTTP status code.",
+       "",
+       {"endpoint", "code"},
+       {}},
+      {"memsnap_build_info",
+       T::kGauge,
+       "Always 1; the version of memsnap this daemon runs is in the version label.",
+       "",
+       {"version"},
+       {}},
+      {"memsnap_concurrency_limit_rejections_total",
+       T::kCounter,
+       "Pause or resume requests refused because that kind's concurrency limit was reached.",
+       "",
+       {"kind"},
+       {}},
+      {"memsnap_flag_evaluations_total",
+       T::kCounter,
+       "Feature-flag evaluations, by flag key, variant chosen (none when no variant) and "
+       "lower-case OpenFeature reason (static, targeting_match, default, disabled, error).",
+       "",
+       {"flag", "variant", "reason"},
+       {}},
+      {"memsnap_flag_reloads_total",
+       T::kCounter,
+       "Flag file reloads, by result: success (the new flags are in force) or failure (the file "
+       "was rejected and the previous flags stay in force).",
+       "",
+       {"result"},
+       {}},
+      {"memsnap_operations_in_flight",
+       T::kGauge,
+       "Pauses or resumes running right now, by kind.",
+       "",
+       {"kind"},
+       {}},
+      {"memsnap_page_fault_service_duration_seconds",
+       T::kHistogram,
+       "Time to serve one guest page fault while resuming, from reading the fault to the page "
+       "being installed. Fed only by individual or pre-bucketed samples.",
+       "seconds",
+       {"strategy"},
+       fault},
+      {"memsnap_page_fault_service_seconds_total",
+       T::kCounter,
+       "Total time spent serving guest page faults, from every sample and batch; divided by "
+       "memsnap_page_faults_total it gives the mean service time.",
+       "seconds",
+       {"strategy"},
+       {}},
+      {"memsnap_page_faults_total",
+       T::kCounter,
+       "Guest page faults served while resuming, from every sample and batch.",
+       "",
+       {"strategy"},
+       {}},
+      {"memsnap_pause_cpu_seconds_total",
+       T::kCounter,
+       "CPU time spent by pauses: the pausing thread plus the snapshot writer's hashing thread.",
+       "seconds",
+       {"strategy"},
+       {}},
+      {"memsnap_pause_duration_seconds",
+       T::kHistogram,
+       "Wall time of a pause, from the request to the committed snapshot or the failure, by the "
+       "strategy that ran and outcome (ok, error, aborted).",
+       "seconds",
+       {"strategy", "outcome"},
+       op},
+      {"memsnap_pause_exported_bytes_total",
+       T::kCounter,
+       "Guest bytes covered by pauses' dirty sets (data and zero blocks alike): the memory the "
+       "pauses took out of their VMMs.",
+       "bytes",
+       {"strategy"},
+       {}},
+      {"memsnap_pause_phase_duration_seconds",
+       T::kHistogram,
+       "Wall time of each phase of a pause: resolve, freeze, dirty_set, export, commit, thaw.",
+       "seconds",
+       {"strategy", "phase"},
+       phase},
+      {"memsnap_pause_released_bytes_total",
+       T::kCounter,
+       "Host memory given back while exporting, by strategies that release guest memory as they "
+       "go (hole_punch).",
+       "bytes",
+       {"strategy"},
+       {}},
+      {"memsnap_pause_written_bytes_total",
+       T::kCounter,
+       "Data bytes written into snapshot files by pauses (zero blocks are not written).",
+       "bytes",
+       {"strategy"},
+       {}},
+      {"memsnap_pause_zero_bytes_total",
+       T::kCounter,
+       "Guest bytes that pauses found zero and recorded as zero runs, writing no data.",
+       "bytes",
+       {"strategy"},
+       {}},
+      {"memsnap_plugin_info",
+       T::kGauge,
+       "Always 1, one series per strategy plugin the plugin host looked at; status is loaded or "
+       "refused.",
+       "",
+       {"name", "version", "abi", "experimental", "status"},
+       {}},
+      {"memsnap_plugin_load_failures_total",
+       T::kCounter,
+       "Plugins the plugin host refused, by reason (the error code's name, e.g. "
+       "plugin_abi_mismatch).",
+       "",
+       {"reason"},
+       {}},
+      {"memsnap_resume_duration_seconds",
+       T::kHistogram,
+       "What a resume costs a sandbox beyond its VMM's start-up: from the VMM's handshake to the "
+       "VMM being able to run, by strategy and outcome (ok, error, aborted).",
+       "seconds",
+       {"strategy", "outcome"},
+       op},
+      {"memsnap_resume_phase_duration_seconds",
+       T::kHistogram,
+       "Wall time of each phase of a resume: open, listen, wait_vmm, fill, hand_over, serve.",
+       "seconds",
+       {"strategy", "phase"},
+       phase},
+      {"memsnap_resumes_by_mode_total",
+       T::kCounter,
+       "Resumes by strategy and the resume mode they got (lazy, background, eager, warm).",
+       "",
+       {"strategy", "mode"},
+       {}},
+      {"memsnap_sandboxes", T::kGauge, "Sandboxes the daemon knows, by state.", "", {"state"}, {}},
+      {"memsnap_strategy_fallbacks_total",
+       T::kCounter,
+       "Sandboxes that did not get the strategy they asked for, by the strategy asked for (from), "
+       "the one used instead (to) and a short reason token.",
+       "",
+       {"from", "to", "reason"},
+       {}},
+  };
+}
+
+const MetricInfo& info_of(std::string_view name) {
+  for (const MetricInfo& m : catalogue()) {
+    if (m.name == name) return m;
+  }
+  // A name used below but missing from the catalogue is a programming error that every test
+  // run would hit at once.
+  std::fprintf(stderr, "memsnap metrics: %.*s is not in the catalogue\n",
+               static_cast<int>(name.size()), name.data());
+  std::abort();
+}
+
+template <typename Metric, typename Builder>
+prometheus::Family<Metric>& family(prometheus::Registry& registry, std::string_view name,
+                                   MetricType type, Builder builder) {
+  const MetricInfo& info = info_of(name);
+  if (info.type != type) {
+    std::fprintf(stderr, "memsnap metrics: %s has the wrong type\n", info.name.c_str());
+    std::abort();
+  }
+  return builder.Name(info.name).Help(info.help).Register(registry);
+}
+
+// "1ms", "100µs", "2.5s": bucket bounds as a person reads them.
+std::string human_seconds(double s) {
+  char buf[32];
+  if (s < 1e-3) {
+    std::snprintf(buf, sizeof buf, "%gµs", s * 1e6);
+  } else if (s < 1) {
+    std::snprintf(buf, sizeof buf, "%gms", s * 1e3);
+  } else {
+    std::snprintf(buf, sizeof buf, "%gs", s);
+  }
+  return buf;
+}
+
+}  // namespace
+
+std::string_view metric_type_name(MetricType type) noexcept {
+  switch (type) {
+    case MetricType::kCounter:
+      return "counter";
+    case MetricType::kGauge:
+      return "gauge";
+    case MetricType::kHistogram:
+      return "histogram";
+  }
+  return "untyped";
+}
+
+std::string_view outcome_name(Outcome outcome) noexcept {
+  switch (outcome) {
+    case Outcome::kOk:
+      return "ok";
+    case Outcome::kError:
+      return "error";
+    case Outcome::kAborted:
+      return "aborted";
+  }
+  return "error";
+}
+
+std::string_view operation_kind_name(OperationKind kind) noexcept {
+  return kind == OperationKind::kPause ? "pause" : "resume";
+}
+
+std::string_view fallback_reason_name(FallbackReason reason) noexcept {
+  switch (reason) {
+    case FallbackReason::kFlagError:
+      return "flag_error";
+    case FallbackReason::kPluginNotLoaded:
+      return "plugin_not_loaded";
+    case FallbackReason::kPluginRefused:
+      return "plugin_refused";
+    case FallbackReason::kMissingMemfd:
+      return "missing_memfd";
+    case FallbackReason::kMissingPid:
+      return "missing_pid";
+    case FallbackReason::kVmmVersion:
+      return "vmm_version";
+    case FallbackReason::kOther:
+      return "other";
+  }
+  return "other";
+}
+
+const std::vector<double>& operation_duration_buckets() {
+  // 1-2-5 steps from 1 ms; 30 s and 60 s close it because a pause of a large guest on a slow
+  // disk can take tens of seconds, and anything past a minute is an incident, not a latency.
+  static const std::vector<double> b = {0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2,
+                                        0.5,   1,     2,     5,    10,   20,   30,  60};
+  return b;
+}
+
+const std::vector<double>& phase_duration_buckets() {
+  static const std::vector<double> b = {0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01,
+                                        0.02,   0.05,   0.1,    0.2,   0.5,   1,     2,
+                                        5,      10,     20,     30,    60};
+  return b;
+}
+
+const std::vector<double>& fault_latency_buckets() {
+  // A fault served from the page cache takes a few µs; one that reads a cold snapshot from
+  // disk takes up to milliseconds; past 10 ms the guest is visibly stalling.
+  static const std::vector<double> b = {1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4,
+                                        2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2};
+  return b;
+}
+
+const std::vector<MetricInfo>& catalogue() {
+  static const std::vector<MetricInfo> c = build_catalogue();
+  return c;
+}
+
+std::string catalogue_markdown() {
+  std::ostringstream out;
+  out << "| name | type | labels | unit | help |\n|---|---|---|---|---|\n";
+  for (const MetricInfo& m : catalogue()) {
+    out << "| `" << m.name << "` | " << metric_type_name(m.type) << " | ";
+    for (std::size_t i = 0; i < m.labels.size(); ++i) {
+      out << (i ? ", " : "") << '`' << m.labels[i] << '`';
+    }
+    out << " | " << (m.unit.empty() ? "-" : m.unit) << " | " << m.help << " |\n";
+  }
+  out << "\n| histogram | bucket upper bounds (+Inf implied) |\n|---|---|\n";
+  for (const MetricInfo& m : catalogue()) {
+    if (m.type != MetricType::kHistogram) continue;
+    out << "| `" << m.name << "` | ";
+    for (std::size_t i = 0; i < m.buckets.size(); ++i) {
+      out << (i ? ", " : "") << human_seconds(m.buckets[i]);
+    }
+    out << " |\n";
+  }
+  return out.str();
+}
+
+// ---- InFlight ---------------------------------------------------------------------------------
+
+InFlight::InFlight(InFlight&& other) noexcept : gauge_(std::exchange(other.gauge_, nullptr)) {}
+
+InFlight& InFlight::operator=(InFlight&& other) noexcept {
+  if (this != &other) {
+    if (gauge_ != nullptr) gauge_->Decrement();
+    gauge_ = std::exchange(other.gauge_, nullptr);
+  }
+  return *this;
+}
+
+InFlight::~InFlight() {
+  if (gauge_ != nullptr) gauge_->Decrement();
+}
+
+// ---- HostMetrics ------------------------------------------------------------------------------
+
+struct HostMetrics::Impl {
+  using Counters = prometheus::Family<prometheus::Counter>;
+  using Gauges = prometheus::Family<prometheus::Gauge>;
+  using Histograms = prometheus::Family<prometheus::Histogram>;
+
+  explicit Impl(const std::shared_ptr<prometheus::Registry>& r)
+      : registry(r),
+        api_requests(counter("memsnap_api_requests_total")),
+        build_info(gauge("memsnap_build_info")),
+        concurrency_rejections(counter("memsnap_concurrency_limit_rejections_total")),
+        flag_evaluations(counter("memsnap_flag_evaluations_total")),
+        flag_reloads(counter("memsnap_flag_reloads_total")),
+        in_flight(gauge("memsnap_operations_in_flight")),
+        fault_latency(histogram("memsnap_page_fault_service_duration_seconds")),
+        fault_seconds(counter("memsnap_page_fault_service_seconds_total")),
+        faults(counter("memsnap_page_faults_total")),
+        pause_cpu(counter("memsnap_pause_cpu_seconds_total")),
+        pause_duration(histogram("memsnap_pause_duration_seconds")),
+        pause_exported(counter("memsnap_pause_exported_bytes_total")),
+        pause_phase(histogram("memsnap_pause_phase_duration_seconds")),
+        pause_released(counter("memsnap_pause_released_bytes_total")),
+        pause_written(counter("memsnap_pause_written_bytes_total")),
+        pause_zero(counter("memsnap_pause_zero_bytes_total")),
+        plugin_info(gauge("memsnap_plugin_info")),
+        plugin_failures(counter("memsnap_plugin_load_failures_total")),
+        resume_duration(histogram("memsnap_resume_duration_seconds")),
+        resume_phase(histogram("memsnap_resume_phase_duration_seconds")),
+        resume_modes(counter("memsnap_resumes_by_mode_total")),
+        sandboxes(gauge("memsnap_sandboxes")),
+        fallbacks(counter("memsnap_strategy_fallbacks_total")) {}
+
+  Counters& counter(std::string_view name) {
+    return family<prometheus::Counter>(*registry, name, MetricType::kCounter,
+                                       prometheus::BuildCounter());
+  }
+  Gauges& gauge(std::string_view name) {
+    return family<prometheus::Gauge>(*registry, name, MetricType::kGauge, prometheus::BuildGauge());
+  }
+  Histograms& histogram(std::string_view name) {
+    return family<prometheus::Histogram>(*registry, name, MetricType::kHistogram,
+                                         prometheus::BuildHistogram());
+  }
+
+  // The page-fault series of one strategy, looked up once: a fault thread records thousands of
+  // samples a second, and Family::Add allocates a new histogram on every call before finding
+  // the existing one.
+  struct FaultSeries {
+    prometheus::Histogram* latency = nullptr;
+    prometheus::Counter* seconds = nullptr;
+    prometheus::Counter* count = nullptr;
+  };
+  FaultSeries fault_series(const std::string& strategy) {
+    {
+      std::shared_lock lock(fault_mutex);
+      if (auto it = fault_cache.find(strategy); it != fault_cache.end()) return it->second;
+    }
+    const prometheus::Labels labels{{"strategy", strategy}};
+    FaultSeries s{&fault_latency.Add(labels, fault_latency_buckets()), &fault_seconds.Add(labels),
+                  &faults.Add(labels)};
+    std::unique_lock lock(fault_mutex);
+    return fault_cache.emplace(strategy, s).first->second;
+  }
+
+  void declare(const std::string& strategy) {
+    {
+      std::lock_guard lock(mutex);
+      if (!strategies.insert(strategy).second) return;
+    }
+    const prometheus::Labels s{{"strategy", strategy}};
+    for (const Outcome o : kOutcomes) {
+      prometheus::Labels l = s;
+      l.emplace("outcome", outcome_name(o));
+      pause_duration.Add(l, operation_duration_buckets());
+      resume_duration.Add(l, operation_duration_buckets());
+    }
+    for (const char* phase : kPausePhases) {
+      prometheus::Labels l = s;
+      l.emplace("phase", phase);
+      pause_phase.Add(l, phase_duration_buckets());
+    }
+    for (const char* phase : kResumePhases) {
+      prometheus::Labels l = s;
+      l.emplace("phase", phase);
+      resume_phase.Add(l, phase_duration_buckets());
+    }
+    pause_cpu.Add(s);
+    pause_exported.Add(s);
+    pause_written.Add(s);
+    pause_zero.Add(s);
+    pause_released.Add(s);
+    fault_series(strategy);
+  }
+
+  std::shared_ptr<prometheus::Registry> registry;
+  Counters& api_requests;
+  Gauges& build_info;
+  Counters& concurrency_rejections;
+  Counters& flag_evaluations;
+  Counters& flag_reloads;
+  Gauges& in_flight;
+  Histograms& fault_latency;
+  Counters& fault_seconds;
+  Counters& faults;
+  Counters& pause_cpu;
+  Histograms& pause_duration;
+  Counters& pause_exported;
+  Histograms& pause_phase;
+  Counters& pause_released;
+  Counters& pause_written;
+  Counters& pause_zero;
+  Gauges& plugin_info;
+  Counters& plugin_failures;
+  Histograms& resume_duration;
+  Histograms& resume_phase;
+  Counters& resume_modes;
+  Gauges& sandboxes;
+  Counters& fallbacks;
+
+  std::mutex mutex;  // guards the members below
+  std::set<std::string> strategies;
+  std::map<std::string, prometheus::Gauge*> plugin_info_by_name;
+  std::vector<std::string> states;
+  prometheus::Gauge* other_state = nullptr;
+
+  std::shared_mutex fault_mutex;
+  std::map<std::string, FaultSeries> fault_cache;
+};
+
+HostMetrics::HostMetrics(HostMetricsOptions options)
+    : impl_(std::make_unique<Impl>(std::make_shared<prometheus::Registry>())) {
+  Impl& m = *impl_;
+  const std::string version =
+      options.version.empty() ? std::string(MEMSNAP_METRICS_VERSION) : options.version;
+  m.build_info.Add({{"version", name_value(version, "unknown")}}).Set(1);
+  // Series whose label values are known up front start at 0: increase() and rate() only see a
+  // counter's first event if the series existed before it, and alerts need the series to exist.
+  for (const OperationKind k : kKinds) {
+    const prometheus::Labels l{{"kind", std::string(operation_kind_name(k))}};
+    m.in_flight.Add(l);
+    m.concurrency_rejections.Add(l);
+  }
+  m.flag_reloads.Add({{"result", "success"}});
+  m.flag_reloads.Add({{"result", "failure"}});
+  for (const std::string& state : options.sandbox_states) {
+    std::string s = token_value(state, "unknown");
+    if (std::find(m.states.begin(), m.states.end(), s) != m.states.end()) continue;
+    m.sandboxes.Add({{"state", s}});
+    m.states.push_back(std::move(s));
+  }
+  for (const std::string& s : options.strategies) declare_strategy(s);
+}
+
+HostMetrics::~HostMetrics() = default;
+
+std::shared_ptr<prometheus::Registry> HostMetrics::registry() const noexcept {
+  return impl_->registry;
+}
+
+std::string HostMetrics::serialize() const noexcept {
+  try {
+    return prometheus::TextSerializer().Serialize(impl_->registry->Collect());
+  } catch (...) {
+    return {};
+  }
+}
+
+void HostMetrics::declare_strategy(std::string_view strategy) noexcept {
+  try {
+    impl_->declare(strategy_value(strategy));
+  } catch (...) {
+  }
+}
+
+void HostMetrics::record_pause(const PauseObservation& p) noexcept {
+  try {
+    Impl& m = *impl_;
+    const std::string strategy = strategy_value(p.strategy);
+    m.declare(strategy);
+    const prometheus::Labels s{{"strategy", strategy}};
+    if (usable(p.seconds)) {
+      m.pause_duration
+          .Add({{"strategy", strategy}, {"outcome", std::string(outcome_name(p.outcome))}},
+               operation_duration_buckets())
+          .Observe(p.seconds);
+    }
+    for (const Phase& phase : p.phases) {
+      if (!usable(phase.seconds)) continue;
+      m.pause_phase
+          .Add({{"strategy", strategy}, {"phase", token_value(phase.name, "unknown")}},
+               phase_duration_buckets())
+          .Observe(phase.seconds);
+    }
+    if (usable(p.cpu_seconds)) m.pause_cpu.Add(s).Increment(p.cpu_seconds);
+    m.pause_exported.Add(s).Increment(static_cast<double>(p.exported_bytes));
+    m.pause_written.Add(s).Increment(static_cast<double>(p.written_bytes));
+    m.pause_zero.Add(s).Increment(static_cast<double>(p.zero_blocks) *
+                                  static_cast<double>(p.block_size));
+    m.pause_released.Add(s).Increment(static_cast<double>(p.released_bytes));
+  } catch (...) {
+  }
+}
+
+void HostMetrics::record_resume(const ResumeObservation& r) noexcept {
+  try {
+    Impl& m = *impl_;
+    const std::string strategy = strategy_value(r.strategy);
+    m.declare(strategy);
+    if (usable(r.seconds)) {
+      m.resume_duration
+          .Add({{"strategy", strategy}, {"outcome", std::string(outcome_name(r.outcome))}},
+               operation_duration_buckets())
+          .Observe(r.seconds);
+    }
+    for (const Phase& phase : r.phases) {
+      if (!usable(phase.seconds)) continue;
+      m.resume_phase
+          .Add({{"strategy", strategy}, {"phase", token_value(phase.name, "unknown")}},
+               phase_duration_buckets())
+          .Observe(phase.seconds);
+    }
+    if (!r.mode.empty()) {
+      m.resume_modes.Add({{"strategy", strategy}, {"mode", token_value(r.mode, "none")}})
+          .Increment();
+    }
+  } catch (...) {
+  }
+}
+
+void HostMetrics::observe_fault_latency(std::string_view strategy, double seconds) noexcept {
+  try {
+    if (!usable(seconds)) return;
+    const Impl::FaultSeries s = impl_->fault_series(strategy_value(strategy));
+    s.latency->Observe(seconds);
+    s.seconds->Increment(seconds);
+    s.count->Increment();
+  } catch (...) {
+  }
+}
+
+bool HostMetrics::observe_fault_latency_buckets(std::string_view strategy,
+                                                const std::vector<std::uint64_t>& counts,
+                                                double sum_seconds) noexcept {
+  try {
+    if (counts.size() != fault_latency_buckets().size() + 1 || !usable(sum_seconds)) return false;
+    std::vector<double> increments(counts.size());
+    double total = 0;
+    for (std::size_t i = 0; i < counts.size(); ++i) {
+      increments[i] = static_cast<double>(counts[i]);
+      total += increments[i];
+    }
+    const Impl::FaultSeries s = impl_->fault_series(strategy_value(strategy));
+    s.latency->ObserveMultiple(increments, sum_seconds);
+    s.seconds->Increment(sum_seconds);
+    s.count->Increment(total);
+    return true;
+  } catch (...) {
+    return false;
+  }
+}
+
+void HostMetrics::observe_fault_latency_batch(std::string_view strategy, std::uint64_t count,
+                                              double sum_seconds) noexcept {
+  try {
+    if (!usable(sum_seconds)) return;
+    const Impl::FaultSeries s = impl_->fault_series(strategy_value(strategy));
+    s.seconds->Increment(sum_seconds);
+    s.count->Increment(static_cast<double>(count));
+  } catch (...) {
+  }
+}
+
+void HostMetrics::record_fallback(std::string_view from, std::string_view to,
+                                  FallbackReason reason) noexcept {
+  try {
+    impl_->fallbacks
+        .Add({{"from", strategy_value(from)},
+              {"to", strategy_value(to)},
+              {"reason", std::string(fallback_reason_name(reason))}})
+        .Increment();
+  } catch (...) {
+  }
+}
+
+void HostMetrics::record_flag_evaluation(std::string_view flag, std::string_view variant,
+                                         std::string_view reason) noexcept {
+  try {
+    impl_->flag_evaluations
+        .Add({{"flag", name_value(flag, "unknown")},
+              {"variant", name_value(variant, "none")},
+              {"reason", token_value(reason, "unknown")}})
+        .Increment();
+  } catch (...) {
+  }
+}
+
+void HostMetrics::record_flag_reload(bool success) noexcept {
+  try {
+    impl_->flag_reloads.Add({{"result", success ? "success" : "failure"}}).Increment();
+  } catch (...) {
+  }
+}
+
+void HostMetrics::record_plugin_load(const PluginStatus& plugin) noexcept {
+  try {
+    Impl& m = *impl_;
+    const std::string name = name_value(plugin.name, "unknown");
+    {
+      std::lock_guard lock(m.mutex);
+      if (auto it = m.plugin_info_by_name.find(name); it != m.plugin_info_by_name.end()) {
+        m.plugin_info.Remove(it->second);
+        m.plugin_info_by_name.erase(it);
+      }
+      prometheus::Gauge& g =
+          m.plugin_info.Add({{"name", name},
+                             {"version", name_value(plugin.version, "unknown")},
+                             {"abi", std::to_string(plugin.abi)},
+                             {"experimental", plugin.experimental ? "true" : "false"},
+                             {"status", plugin.loaded ? "loaded" : "refused"}});
+      g.Set(1);
+      m.plugin_info_by_name.emplace(name, &g);
+    }
+    if (plugin.loaded) {
+      m.declare(name);  // a loaded plugin is a strategy sandboxes may use
+    } else {
+      m.plugin_failures.Add({{"reason", token_value(plugin.failure_reason, "unknown")}})
+          .Increment();
+    }
+  } catch (...) {
+  }
+}
+
+void HostMetrics::clear_plugins() noexcept {
+  try {
+    Impl& m = *impl_;
+    std::lock_guard lock(m.mutex);
+    for (auto& [name, gauge] : m.plugin_info_by_name) m.plugin_info.Remove(gauge);
+    m.plugin_info_by_name.clear();
+  } catch (...) {
+  }
+}
+
+void HostMetrics::set_sandboxes_by_state(
+    const std::map<std::string, std::int64_t>& counts) noexcept {
+  try {
+    Impl& m = *impl_;
+    // m.states is fixed by the constructor, so it is read here without the lock.
+    std::map<std::string, double> by_state;
+    double other = 0;
+    for (const auto& [state, n] : counts) {
+      const std::string s = token_value(state, "unknown");
+      if (std::find(m.states.begin(), m.states.end(), s) != m.states.end()) {
+        by_state[s] += static_cast<double>(n);
+      } else {
+        other += static_cast<double>(n);
+      }
+    }
+    std::lock_guard lock(m.mutex);
+    for (const std::string& s : m.states) {
+      const auto it = by_state.find(s);
+      m.sandboxes.Add({{"state", s}}).Set(it == by_state.end() ? 0 : it->second);
+    }
+    // "other" exists only once an undeclared state was seen; then it stays, at 0 if need be.
+    if (other != 0 && m.other_state == nullptr) {
+      m.other_state = &m.sandboxes.Add({{"state", std::string(kOther)}});
+    }
+    if (m.other_state != nullptr) m.other_state->Set(other);
+  } catch (...) {
+  }
+}
+
+InFlight HostMetrics::track_in_flight(OperationKind kind) noexcept {
+  try {
+    prometheus::Gauge& g = impl_->in_flight.Add({{"kind", std::string(operation_kind_name(kind))}});
+    g.Increment();
+    return InFlight(&g);
+  } catch (...) {
+    return InFlight();
+  }
+}
+
+void HostMetrics::record_concurrency_rejection(OperationKind kind) noexcept {
+  try {
+    impl_->concurrency_rejections.Add({{"kind", std::string(operation_kind_name(kind))}})
+        .Increment();
+  } catch (...) {
+  }
+}
+
+void HostMetrics::record_api_request(std::string_view endpoint, int code) noexcept {
+  try {
+    const std::string c = (code >= 100 && code <= 599) ? std::to_string(code) : "invalid";
+    impl_->api_requests.Add({{"endpoint", token_value(endpoint, "unknown")}, {"code", c}})
+        .Increment();
+  } catch (...) {
+  }
+}
+
+}  // namespace memsnap::metrics

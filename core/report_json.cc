@@ -1,0 +1,102 @@
+#include "core/report_json.h"
+
+namespace memsnap {
+
+nlohmann::json to_json(const PluginInfo& info) {
+  const bool loaded = info.state == PluginState::kLoaded;
+  nlohmann::json caps = nlohmann::json::array();
+  for (auto [bit, name] : {std::pair{plugin::kCapNeedsPid, "needs-pid"},
+                           std::pair{plugin::kCapNeedsMemfd, "needs-memfd"},
+                           std::pair{plugin::kCapReleasesMemory, "releases-memory"},
+                           std::pair{plugin::kCapExperimental, "experimental"}}) {
+    if (info.capabilities & bit) caps.push_back(name);
+  }
+  return {{"name", info.name},
+          {"version", info.version},
+          {"abi", info.abi},
+          {"status", loaded ? "loaded" : "refused"},
+          {"reason", loaded ? "" : info.reason},
+          {"error", loaded ? "" : std::string(errc_name(info.error))},
+          {"experimental", (info.capabilities & plugin::kCapExperimental) != 0},
+          {"capabilities", caps},
+          {"description", info.description},
+          {"path", info.path}};
+}
+
+nlohmann::json to_json(const PauseReport& r) {
+  nlohmann::json phases = nlohmann::json::object();
+  for (const auto& p : r.phases) {
+    phases[p.name] = {{"wall_seconds", p.wall_seconds}, {"cpu_seconds", p.cpu_seconds}};
+  }
+  return {{"requested_strategy", r.requested_strategy},
+          {"strategy", r.strategy},
+          {"fallback", r.fallback_reason.empty() ? nlohmann::json(nullptr)
+                                                 : nlohmann::json{{"from", r.requested_strategy},
+                                                                  {"to", r.strategy},
+                                                                  {"reason", r.fallback_reason}}},
+          {"snapshot", r.snapshot_path},
+          {"snapshot_id", r.snapshot_id},
+          {"parent_id", r.parent_id},
+          {"generation", r.generation},
+          {"guest_size", r.guest_size},
+          {"block_size", r.block_size},
+          {"dirty_bytes", r.dirty_bytes},
+          {"dirty_set_source", r.dirty_set_source},
+          {"bytes_exported", r.export_stats.bytes_read},
+          {"data_bytes", r.data_bytes},
+          {"data_blocks", r.data_blocks},
+          {"zero_blocks", r.zero_blocks},
+          {"parent_blocks", r.parent_blocks},
+          {"memory_released", r.export_stats.bytes_released},
+          {"read_calls", r.export_stats.read_calls},
+          {"retries", r.export_stats.retries},
+          {"partial_reads", r.export_stats.partial_reads},
+          {"wall_seconds", r.wall_seconds},
+          {"cpu_seconds", r.cpu_seconds},
+          {"phases", phases}};
+}
+
+nlohmann::json to_json(const ResumeReport& r) {
+  nlohmann::json phases = nlohmann::json::object();
+  for (const auto& p : r.phases) {
+    phases[p.name] = {{"wall_seconds", p.wall_seconds}, {"cpu_seconds", p.cpu_seconds}};
+  }
+  return {{"strategy", r.strategy},
+          {"mode", resume_mode_name(r.mode)},
+          {"mode_reason", r.mode_reason},
+          {"vmm_pid", r.vmm_pid},
+          {"vmm_memfd", r.vmm_memfd},
+          {"guest_size", r.guest_size},
+          {"block_size", r.block_size},
+          {"generation", r.generation},
+          {"snapshot_id", r.snapshot_id},
+          {"chain_length", r.chain_length},
+          {"write_tracking", r.write_tracking},
+          {"write_tracking_reason", r.write_tracking_reason},
+          {"tracking_armed_in_background", r.tracking_armed_in_background},
+          {"tracking_arm_seconds", r.tracking_arm_seconds},
+          {"ready_seconds", r.ready_seconds},
+          {"eager_bytes", r.eager_bytes},
+          {"phases", phases}};
+}
+
+nlohmann::json to_json(const FaultStats& f) {
+  return {{"faults", f.faults},
+          {"minor_faults", f.minor_faults},
+          {"copies", f.copies},
+          {"zeropages", f.zeropages},
+          {"continues", f.continues},
+          {"eexist", f.eexist},
+          {"eagain_retries", f.eagain_retries},
+          {"remove_events", f.remove_events},
+          {"removed_bytes", f.removed_bytes},
+          {"filled_bytes", f.filled_bytes},
+          {"fill_done", f.fill_done},
+          {"fill_seconds", f.fill_seconds},
+          {"vmm_gone", f.vmm_gone},
+          {"service_seconds", f.service_seconds},
+          {"mean_service_seconds", f.faults ? f.service_seconds / double(f.faults) : 0.0},
+          {"max_service_seconds", f.max_service_seconds}};
+}
+
+}  // namespace memsnap

@@ -1,0 +1,19 @@
+// JSON forms of the host's reports, shared by the memsnap CLI (--json) and memsnapd's control
+// API, so that a field means the same thing in both.
+#pragma once
+
+#include <nlohmann/json.hpp>
+
+#include "core/fault_server.h"
+#include "core/pause.h"
+#include "core/plugin_host/plugin_registry.h"
+#include "core/resume.h"
+
+namespace memsnap {
+
+nlohmann::json to_json(const PauseReport& report);
+nlohmann::json to_json(const PluginInfo& info);
+nlohmann::json to_json(const ResumeReport& report);
+nlohmann::json to_json(const FaultStats& stats);
+
+}  // namespace memsnap

@@ -1,0 +1,300 @@
+// memsnapd end to end: the real daemon (child process, built-in defaults plus the paths of this
+// test), real stand-in VMMs registered with it, pauses and resumes through the control API whose
+// strategies are split by a flag file, the flag file changed while it runs, /metrics checked,
+// and bad input refused without changing anything.
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <regex>
+#include <string>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+#include "tools/fleet/fleet.h"
+
+namespace memsnap::fleet {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+constexpr std::uint64_t kGuest = 64ULL << 20;
+
+// Team a -> process_vm_readv, b -> memfd, c -> hole_punch; everyone else the default.
+std::string flag_file(const std::string& team_a_strategy) {
+  return R"({"flags": {"memory-export-strategy": {
+      "state": "ENABLED",
+      "variants": {"process_vm_readv": "process_vm_readv", "memfd": "memfd",
+                   "hole_punch": "hole_punch"},
+      "defaultVariant": "process_vm_readv",
+      "targeting": {"if": [
+        {"==": [{"var": "team"}, "a"]}, ")" +
+         team_a_strategy + R"(",
+        {"==": [{"var": "team"}, "b"]}, "memfd",
+        {"==": [{"var": "team"}, "c"]}, "hole_punch",
+        null]}}}})";
+}
+
+void write_file(const std::string& path, const std::string& text) {
+  // Write then rename, as an operator's tooling (or a config management agent) would.
+  const std::string tmp = path + ".tmp";
+  std::ofstream(tmp) << text;
+  fs::rename(tmp, path);
+}
+
+// The value of one sample of the exposition text (-1 if absent).
+double sample(const std::string& text, const std::string& name_and_labels) {
+  std::istringstream in(text);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind(name_and_labels + " ", 0) == 0) {
+      return std::stod(line.substr(name_and_labels.size() + 1));
+    }
+  }
+  return -1;
+}
+
+class MemsnapdTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char templ[] = "/var/tmp/memsnapd-test-XXXXXX";
+    ASSERT_NE(::mkdtemp(templ), nullptr);
+    dir_ = templ;
+    flags_ = dir_ + "/flags.json";
+    write_file(flags_, flag_file("process_vm_readv"));
+    DaemonOptions o;
+    o.dir = dir_;
+    o.flags_file = flags_;
+    auto d = Daemon::start(o);
+    ASSERT_TRUE(d.ok()) << d.error().to_string();
+    daemon_ = std::move(*d);
+  }
+  void TearDown() override {
+    sandboxes_.clear();
+    if (daemon_) {
+      if (HasFailure()) {
+        std::ifstream log(daemon_->log_path());
+        std::cerr << "---- memsnapd log ----\n" << log.rdbuf() << "\n";
+      }
+      daemon_.reset();
+    }
+    fs::remove_all(dir_);
+  }
+
+  Sandbox& launch(const std::string& id, const std::string& team, const std::string& backing) {
+    SandboxSpec spec;
+    spec.id = id;
+    spec.size = kGuest;
+    spec.backing = backing;
+    spec.attributes = {{"team", team}};
+    spec.seed = sandboxes_.size() + 7;
+    auto sb = Sandbox::launch(*daemon_, spec);
+    EXPECT_TRUE(sb.ok()) << sb.error().to_string();
+    if (!sb.ok()) throw std::runtime_error("launch failed");
+    sandboxes_[id] = std::move(*sb);
+    return *sandboxes_[id];
+  }
+
+  Answer call(const std::string& method, const std::string& target, const json& body = nullptr) {
+    auto a = daemon_->call(method, target, body);
+    EXPECT_TRUE(a.ok()) << a.error().to_string();
+    return a.ok() ? *a : Answer{};
+  }
+
+  std::string dir_, flags_;
+  std::unique_ptr<Daemon> daemon_;
+  std::map<std::string, std::unique_ptr<Sandbox>> sandboxes_;
+};
+
+TEST_F(MemsnapdTest, FlagSplitPausesAndResumesEveryStrategyAndTheSplitFollowsTheFlagFile) {
+  Sandbox& a = launch("sb-a", "a", "anon");
+  Sandbox& b = launch("sb-b", "b", "memfd");
+  Sandbox& c = launch("sb-c", "c", "memfd");
+  const std::map<std::string, std::string> expected = {
+      {"sb-a", "process_vm_readv"}, {"sb-b", "memfd"}, {"sb-c", "hole_punch"}};
+
+  for (int generation = 1; generation <= 2; ++generation) {
+    for (Sandbox* sb : {&a, &b, &c}) {
+      SCOPED_TRACE(sb->spec().id + " generation " + std::to_string(generation));
+      auto paused = sb->pause();
+      ASSERT_TRUE(paused.ok()) << paused.error().to_string();
+      EXPECT_EQ((*paused)["strategy"], expected.at(sb->spec().id));
+      EXPECT_EQ((*paused)["variant"], expected.at(sb->spec().id));
+      EXPECT_EQ((*paused)["reason"], "TARGETING_MATCH");
+      EXPECT_TRUE((*paused)["fallback"].is_null());
+      EXPECT_EQ((*paused)["generation"], generation);
+      for (const char* phase : {"freeze", "dirty_set", "export", "commit"}) {
+        EXPECT_TRUE((*paused)["phases"].contains(phase)) << phase;
+      }
+      if (generation == 1) {
+        EXPECT_GT((*paused)["bytes"].get<std::uint64_t>(), kGuest / 2);
+      } else {
+        // Written since the resume: the 10% dirtied below, not the guest.
+        EXPECT_LT((*paused)["bytes"].get<std::uint64_t>(), kGuest / 4)
+            << (*paused)["dirty_set_source"];
+        EXPECT_GT((*paused)["bytes"].get<std::uint64_t>(), kGuest / 20);
+      }
+      if (sb->spec().id == "sb-c") {
+        EXPECT_GT((*paused)["memory_released"].get<std::uint64_t>(), 0u);
+      }
+      auto resumed = sb->resume();
+      ASSERT_TRUE(resumed.ok()) << resumed.error().to_string();
+      auto bad = sb->verify();
+      ASSERT_TRUE(bad.ok()) << bad.error().to_string();
+      EXPECT_EQ(*bad, 0u) << "pages lost on the way out and back";
+      ASSERT_TRUE(sb->dirty(0.10, generation).ok());
+    }
+  }
+
+  // The split changes with the flag file, without a restart: team a moves to memfd. Its VMM is
+  // anonymous memory, so memfd cannot run it and the selection falls back, saying why.
+  const auto generation_before = call("GET", "/v1/health").body["flags"]["generation"];
+  write_file(flags_, flag_file("memfd"));
+  json health;
+  for (int i = 0; i < 200; ++i) {
+    health = call("GET", "/v1/health").body;
+    if (health["flags"]["generation"] != generation_before) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(25));
+  }
+  ASSERT_NE(health["flags"]["generation"], generation_before) << "the flag file was not reloaded";
+  const json explained = call("GET", "/v1/sandboxes/sb-a/strategy").body;
+  EXPECT_EQ(explained["requested_strategy"], "memfd");
+  EXPECT_EQ(explained["strategy"], "process_vm_readv");
+  EXPECT_EQ(explained["fallback"]["reason"], "missing_memfd");
+  auto paused = a.pause();
+  ASSERT_TRUE(paused.ok()) << paused.error().to_string();
+  EXPECT_EQ((*paused)["strategy"], "process_vm_readv");
+  EXPECT_EQ((*paused)["variant"], "memfd");
+  EXPECT_EQ((*paused)["fallback"]["reason"], "missing_memfd");
+  // A memfd-backed sandbox of team a now gets memfd.
+  Sandbox& a2 = launch("sb-a2", "a", "memfd");
+  auto paused2 = a2.pause();
+  ASSERT_TRUE(paused2.ok()) << paused2.error().to_string();
+  EXPECT_EQ((*paused2)["strategy"], "memfd");
+
+  // The metrics saw all of it, by strategy, never by sandbox.
+  auto text = daemon_->scrape();
+  ASSERT_TRUE(text.ok()) << text.error().to_string();
+  EXPECT_EQ(sample(*text, R"(memsnap_pause_duration_seconds_count{outcome="ok",strategy="process_vm_readv"})"), 3);
+  EXPECT_EQ(sample(*text, R"(memsnap_pause_duration_seconds_count{outcome="ok",strategy="memfd"})"), 3);
+  EXPECT_EQ(sample(*text, R"(memsnap_pause_duration_seconds_count{outcome="ok",strategy="hole_punch"})"), 2);
+  EXPECT_EQ(sample(*text, R"(memsnap_resume_duration_seconds_count{outcome="ok",strategy="hole_punch"})"), 2);
+  EXPECT_EQ(sample(*text, R"(memsnap_strategy_fallbacks_total{from="memfd",reason="missing_memfd",to="process_vm_readv"})"), 1);
+  EXPECT_GE(sample(*text, R"(memsnap_flag_reloads_total{result="success"})"), 1);
+  EXPECT_EQ(sample(*text, R"(memsnap_sandboxes{state="paused"})"), 2);
+  EXPECT_EQ(sample(*text, R"(memsnap_sandboxes{state="running"})"), 2);
+  EXPECT_GT(sample(*text, R"(memsnap_pause_released_bytes_total{strategy="hole_punch"})"), 0);
+  EXPECT_EQ(text->find("sb-a"), std::string::npos) << "a sandbox id in the metrics";
+}
+
+TEST_F(MemsnapdTest, BadInputGetsAClearErrorAndChangesNothing) {
+  Sandbox& sb = launch("sb-1", "b", "memfd");
+  const json before = call("GET", "/v1/sandboxes").body;
+  auto expect_error = [&](const Answer& a, int status, const std::string& code) {
+    EXPECT_EQ(a.status, status) << a.body.dump();
+    ASSERT_TRUE(a.body.is_object() && a.body.contains("error")) << a.body.dump();
+    EXPECT_EQ(a.body["error"]["code"], code) << a.body.dump();
+    EXPECT_FALSE(a.body["error"]["message"].get<std::string>().empty());
+  };
+
+  // Malformed JSON, through the raw client (the fleet helper only sends valid JSON).
+  control_api::UnixHttpClient raw(daemon_->socket());
+  auto malformed = raw.call("POST", "/v1/sandboxes/sb-1/pause", "{\"output\": ");
+  ASSERT_TRUE(malformed.ok());
+  EXPECT_EQ(malformed->status, 400);
+  EXPECT_EQ(control_api::parse_api_error(malformed->body)->code, "invalid_argument");
+
+  expect_error(call("POST", "/v1/sandboxes/nope/pause", json::object()), 404, "not_found");
+  expect_error(call("GET", "/v1/sandboxes/nope"), 404, "not_found");
+  json dup = {{"id", "sb-1"}, {"snapshots", json::array({"x"})}, {"strategy", "memfd"}};
+  expect_error(call("POST", "/v1/sandboxes",
+                    {{"id", "sb-1"},
+                     {"vmm_pid", sb.vmm()->pid()},
+                     {"regions", json::array({{{"guest_offset", 0},
+                                               {"host_addr", sb.vmm()->regions()[0].host_addr},
+                                               {"size", kGuest}}})}}),
+               409, "already_exists");
+  expect_error(call("POST", "/v1/sandboxes", {{"id", "../evil"}, {"vmm_pid", 1}}), 400,
+               "invalid_argument");
+  expect_error(call("POST", "/v1/sandboxes/sb-1/pause", {{"outptu", "x.snap"}}), 400,
+               "invalid_argument");
+  expect_error(call("POST", "/v1/sandboxes/sb-1/pause", {{"strategy", "no_such"}}), 400,
+               "invalid_argument");
+
+  // Paths outside the snapshot directory: relative escape, absolute, through a symlink.
+  fs::create_directory_symlink("/tmp", daemon_->snapshot_dir() + "/escape");
+  for (const std::string out : {"../../outside.snap", "/tmp/outside.snap", "escape/outside.snap"}) {
+    SCOPED_TRACE(out);
+    expect_error(call("POST", "/v1/sandboxes/sb-1/pause", {{"output", out}}), 400,
+                 "path_not_allowed");
+  }
+  EXPECT_FALSE(fs::exists("/tmp/outside.snap"));
+  EXPECT_FALSE(fs::exists(fs::path(dir_) / "outside.snap"));
+  // A resume of a running sandbox.
+  expect_error(call("POST", "/v1/sandboxes/sb-1/resume", {{"handshake_socket", dir_ + "/x.sock"}}),
+               409, "invalid_state");
+
+  // Nothing changed: same list, the sandbox still running and pausable.
+  EXPECT_EQ(call("GET", "/v1/sandboxes").body, before);
+  auto paused = sb.pause();
+  ASSERT_TRUE(paused.ok()) << paused.error().to_string();
+  EXPECT_EQ((*paused)["generation"], 1);
+}
+
+TEST_F(MemsnapdTest, APauseOfASandboxAlreadyPausingIsRefused) {
+  // 256 MiB with fsync: the first pause takes long enough to be seen in progress.
+  SandboxSpec spec;
+  spec.id = "sb-big";
+  spec.size = 256ULL << 20;
+  spec.attributes = {{"team", "a"}};
+  auto launched = Sandbox::launch(*daemon_, spec);
+  ASSERT_TRUE(launched.ok()) << launched.error().to_string();
+  std::unique_ptr<Sandbox> sb = std::move(*launched);
+  bool refused = false;
+  for (int attempt = 0; attempt < 5 && !refused; ++attempt) {
+    std::atomic<bool> done{false};
+    Result<json> first = json();
+    std::thread t([&] {
+      first = sb->pause({{"sync", true}});
+      done = true;
+    });
+    while (!done) {
+      const Answer s = call("GET", "/v1/sandboxes/sb-big");
+      if (s.body.value("state", "") == "pausing") {
+        const Answer second = call("POST", "/v1/sandboxes/sb-big/pause", json::object());
+        EXPECT_EQ(second.status, 409) << second.body.dump();
+        EXPECT_EQ(second.body["error"]["code"], "busy") << second.body.dump();
+        refused = true;
+        break;
+      }
+    }
+    t.join();
+    ASSERT_TRUE(first.ok()) << first.error().to_string();
+    // The refused request changed nothing: the first one committed generation attempt+1.
+    EXPECT_EQ((*first)["generation"], attempt + 1);
+    if (!refused) {
+      auto resumed = sb->resume();
+      ASSERT_TRUE(resumed.ok()) << resumed.error().to_string();
+    }
+  }
+  EXPECT_TRUE(refused) << "never saw the pause in progress";
+}
+
+TEST_F(MemsnapdTest, SigtermDrainsAndRemovesTheSocket) {
+  Sandbox& sb = launch("sb-1", "a", "anon");
+  ASSERT_TRUE(sb.pause().ok());
+  EXPECT_EQ(daemon_->stop(SIGTERM, std::chrono::seconds(30)), 0);
+  struct stat st {};
+  EXPECT_NE(::stat(daemon_->socket().c_str(), &st), 0) << "the control socket was left behind";
+  EXPECT_TRUE(fs::exists(daemon_->snapshot_dir() + "/sb-1/generation-1.snap"));
+}
+
+}  // namespace
+}  // namespace memsnap::fleet

@@ -1,0 +1,580 @@
+// The control API server: the listening socket, the accept loop, one thread per connection, and
+// Boost.Beast reading requests and writing responses (see http_server.h).
+#include "tools/control_api/http_server.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cctype>
+#include <cerrno>
+#include <condition_variable>
+#include <cstring>
+#include <exception>
+#include <list>
+#include <mutex>
+#include <sstream>
+#include <stdexcept>
+#include <thread>
+#include <utility>
+
+#include <spdlog/spdlog.h>
+#include <boost/asio/error.hpp>
+#include <boost/asio/write.hpp>
+#include <boost/beast/core/flat_buffer.hpp>
+#include <boost/beast/http.hpp>
+
+#include "core/base/file_io.h"
+#include "tools/control_api/fd_stream.h"
+#include "tools/control_api/router.h"
+
+namespace memsnap::control_api {
+namespace {
+
+namespace http = boost::beast::http;
+namespace asio_error = boost::asio::error;
+using boost::system::error_code;
+using detail::Clock;
+
+constexpr int kBacklog = 128;
+constexpr std::uint32_t kHeaderLimit = 8 * 1024;
+
+Error io_error(const std::string& what, int err) {
+  return make_error(Errc::kIoError, io::errno_message(what, err), err);
+}
+
+bool fill_address(const std::string& path, sockaddr_un& addr) {
+  addr = {};
+  addr.sun_family = AF_UNIX;
+  if (path.empty() || path.size() >= sizeof(addr.sun_path)) return false;
+  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
+  return true;
+}
+
+// Makes room for our socket at `path`: nothing there is fine; a socket file nobody listens on
+// (left by a process that died) is removed; a live socket or any other kind of file is refused
+// and left alone.
+Status clear_path(const sockaddr_un& addr, const std::string& path) {
+  struct stat st {};
+  if (::lstat(path.c_str(), &st) != 0) {
+    if (errno == ENOENT) return {};
+    return io_error("lstat " + path, errno);
+  }
+  if (!S_ISSOCK(st.st_mode)) {
+    return make_error(Errc::kInvalidArgument,
+                      path + " exists and is not a socket; refusing to replace it");
+  }
+  io::UniqueFd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (probe.get() < 0) return io_error("socket", errno);
+  if (::connect(probe.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) == 0 ||
+      errno == EAGAIN) {  // EAGAIN: a listener with a full backlog, alive
+    return make_error(Errc::kInvalidArgument,
+                      path + " is a socket somebody is listening on (another memsnapd?)");
+  }
+  if (errno != ECONNREFUSED && errno != ENOENT) {
+    return io_error("cannot tell whether " + path + " is in use: connect", errno);
+  }
+  if (::unlink(path.c_str()) != 0 && errno != ENOENT) {
+    return io_error("unlink stale socket " + path, errno);
+  }
+  return {};
+}
+
+bool has_crlf(std::string_view s) { return s.find_first_of("\r\n") != std::string_view::npos; }
+
+// The response as it goes on the wire; an invalid handler response becomes a 500.
+http::response<http::string_body> to_beast(Response r, unsigned version, bool keep_alive) {
+  bool valid = r.status >= 200 && r.status <= 599 && !has_crlf(r.content_type);
+  for (const auto& [name, value] : r.headers) {
+    if (name.empty() || has_crlf(name) || name.find(':') != std::string::npos || has_crlf(value)) {
+      valid = false;
+    }
+  }
+  if (!valid) {
+    spdlog::warn("control api: a handler returned an invalid response (status {})", r.status);
+    r = json_error(
+        500, codes::kInternal,
+        "the handler returned an invalid response (status " + std::to_string(r.status) + ")");
+  }
+  http::response<http::string_body> res{static_cast<http::status>(r.status), version};
+  res.set(http::field::server, "memsnap");
+  for (auto& [name, value] : r.headers) res.set(name, value);
+  if (!r.body.empty() && !r.content_type.empty()) {
+    res.set(http::field::content_type, r.content_type);
+  }
+  res.body() = std::move(r.body);
+  res.keep_alive(keep_alive);
+  res.prepare_payload();
+  return res;
+}
+
+// Best effort, never blocks: for refusals answered from the accept loop. The answer is far
+// smaller than a socket buffer, so it goes out whole unless the peer is already gone.
+void refuse(int fd, const Response& r) {
+  std::ostringstream out;
+  out << to_beast(r, 11, false);
+  const std::string wire = out.str();
+  (void)::send(fd, wire.data(), wire.size(), MSG_DONTWAIT | MSG_NOSIGNAL);
+  ::shutdown(fd, SHUT_WR);
+}
+
+bool iequals(std::string_view a, std::string_view b) {
+  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
+           return std::tolower(static_cast<unsigned char>(x)) ==
+                  std::tolower(static_cast<unsigned char>(y));
+         });
+}
+
+std::string_view sv(boost::beast::string_view s) { return {s.data(), s.size()}; }
+
+void signal_eventfd(int fd) {
+  if (fd >= 0) (void)::eventfd_write(fd, 1);
+}
+
+}  // namespace
+
+class HttpServer::Impl {
+ public:
+  explicit Impl(ServerOptions o) : options(std::move(o)) {}
+
+  Status start();
+  void stop(std::chrono::milliseconds deadline);
+
+  ServerOptions options;
+  detail::Router router;
+  std::mutex lifecycle_mutex;  // start / stop / route
+  std::atomic<bool> running{false};
+
+  std::atomic<std::uint64_t> accepted{0};
+  std::atomic<std::uint64_t> refused_forbidden{0};
+  std::atomic<std::uint64_t> refused_busy{0};
+  std::atomic<std::uint64_t> requests{0};
+
+  mutable std::mutex mu;  // guards connections, active
+  std::size_t active = 0;
+
+ private:
+  struct Connection {
+    int fd = -1;  // closed by its thread (under mu), so stop() never touches a reused number
+    bool done = false;
+    std::thread thread;
+  };
+
+  void accept_loop();
+  void on_accept(int fd);
+  void serve(Connection& conn, PeerCredentials peer);
+  void serve_requests(detail::FdStream& stream, const PeerCredentials& peer);
+  bool allowed(const PeerCredentials& peer) const;
+  void reap(bool all);
+  void remove_socket_file();
+
+  io::UniqueFd listen_fd_;
+  io::UniqueFd wake_fd_;  // wakes the accept loop: stop, or a connection finished
+  io::UniqueFd stop_fd_;  // readable once stop() began; idle connections watch it
+  std::atomic<bool> stopping_{false};
+  std::thread acceptor_;
+  dev_t socket_dev_ = 0;
+  ino_t socket_ino_ = 0;
+  std::condition_variable cv_;
+  std::list<Connection> connections_;  // stable addresses: each thread holds its own entry
+};
+
+Status HttpServer::Impl::start() {
+  const ServerOptions& o = options;
+  sockaddr_un addr{};
+  if (!fill_address(o.socket_path, addr)) {
+    return make_error(Errc::kInvalidArgument, "socket path must be 1.." +
+                                                  std::to_string(sizeof(addr.sun_path) - 1) +
+                                                  " bytes: \"" + o.socket_path + "\"");
+  }
+  if ((o.mode & ~static_cast<mode_t>(0777)) != 0) {
+    return make_error(Errc::kInvalidArgument, "socket mode must be permission bits only");
+  }
+  if (o.max_connections == 0 || o.read_timeout.count() <= 0 || o.write_timeout.count() <= 0) {
+    return make_error(Errc::kInvalidArgument,
+                      "max_connections, read_timeout and write_timeout must be positive");
+  }
+  if (Status cleared = clear_path(addr, o.socket_path); !cleared) {
+    return std::move(cleared).error();
+  }
+
+  io::UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
+  if (fd.get() < 0) return io_error("socket", errno);
+  // The mode, without touching the process-wide umask: Linux creates the socket file with the
+  // socket inode's mode (minus the umask), so after this fchmod the file is never created with
+  // more bits than `mode`. A failure here is caught by the check after bind.
+  (void)::fchmod(fd.get(), o.mode);
+  if (::bind(fd.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) != 0) {
+    return io_error("bind " + o.socket_path, errno);
+  }
+  // The file is ours from here on: remove it on any error. Nobody can connect before listen()
+  // (ECONNREFUSED), so fixing group and mode by path now is not a window.
+  auto fail = [&](Error e) -> Status {
+    ::unlink(o.socket_path.c_str());
+    return e;
+  };
+  if (o.group && ::fchownat(AT_FDCWD, o.socket_path.c_str(), static_cast<uid_t>(-1), *o.group,
+                            AT_SYMLINK_NOFOLLOW) != 0) {
+    return fail(
+        io_error("chown " + o.socket_path + " to group " + std::to_string(*o.group), errno));
+  }
+  if (::fchmodat(AT_FDCWD, o.socket_path.c_str(), o.mode, AT_SYMLINK_NOFOLLOW) != 0) {
+    return fail(io_error("chmod " + o.socket_path, errno));
+  }
+  struct stat st {};
+  if (::lstat(o.socket_path.c_str(), &st) != 0)
+    return fail(io_error("lstat " + o.socket_path, errno));
+  if (!S_ISSOCK(st.st_mode) || (st.st_mode & 07777) != o.mode ||
+      (o.group && st.st_gid != *o.group)) {
+    return fail(make_error(Errc::kIoError, o.socket_path +
+                                               " does not have the expected type, mode or group "
+                                               "after bind"));
+  }
+  socket_dev_ = st.st_dev;
+  socket_ino_ = st.st_ino;
+
+  io::UniqueFd wake(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  io::UniqueFd stop(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
+  if (wake.get() < 0 || stop.get() < 0) return fail(io_error("eventfd", errno));
+  if (::listen(fd.get(), kBacklog) != 0) return fail(io_error("listen " + o.socket_path, errno));
+
+  listen_fd_ = std::move(fd);
+  wake_fd_ = std::move(wake);
+  stop_fd_ = std::move(stop);
+  stopping_ = false;
+  try {
+    acceptor_ = std::thread([this] { accept_loop(); });
+  } catch (const std::exception& e) {
+    listen_fd_.reset();
+    wake_fd_.reset();
+    stop_fd_.reset();
+    return fail(
+        make_error(Errc::kInternal, std::string("cannot start the accept thread: ") + e.what()));
+  }
+  running = true;
+  spdlog::info("control api: listening on {} (mode {:04o})", o.socket_path, o.mode);
+  return {};
+}
+
+bool HttpServer::Impl::allowed(const PeerCredentials& peer) const {
+  if (peer.uid == 0 || peer.uid == ::geteuid()) return true;
+  return std::find(options.allowed_uids.begin(), options.allowed_uids.end(), peer.uid) !=
+             options.allowed_uids.end() ||
+         std::find(options.allowed_gids.begin(), options.allowed_gids.end(), peer.gid) !=
+             options.allowed_gids.end();
+}
+
+void HttpServer::Impl::accept_loop() {
+  for (;;) {
+    pollfd fds[2] = {{listen_fd_.get(), POLLIN, 0}, {wake_fd_.get(), POLLIN, 0}};
+    if (::poll(fds, 2, -1) < 0) {
+      if (errno == EINTR) continue;
+      spdlog::error("control api: poll: {}", std::strerror(errno));
+      ::poll(nullptr, 0, 100);
+      continue;
+    }
+    if (fds[1].revents != 0) {
+      eventfd_t ignored = 0;
+      (void)::eventfd_read(wake_fd_.get(), &ignored);
+      reap(false);
+      if (stopping_) return;
+    }
+    if (fds[0].revents == 0) continue;
+    const int fd = ::accept4(listen_fd_.get(), nullptr, nullptr, SOCK_CLOEXEC | SOCK_NONBLOCK);
+    if (fd >= 0) {
+      on_accept(fd);
+      continue;
+    }
+    const int err = errno;
+    if (err == EAGAIN || err == EWOULDBLOCK || err == EINTR || err == ECONNABORTED ||
+        err == EPROTO) {
+      continue;
+    }
+    // EMFILE, ENFILE, ENOBUFS, ENOMEM: the connection stays queued; retry a little later
+    // instead of spinning (still waking up for stop).
+    spdlog::warn("control api: accept on {}: {}", options.socket_path, std::strerror(err));
+    pollfd wake{wake_fd_.get(), POLLIN, 0};
+    ::poll(&wake, 1, 100);
+  }
+}
+
+void HttpServer::Impl::on_accept(int fd) {
+  io::UniqueFd owned(fd);
+  ucred cred{};
+  socklen_t len = sizeof(cred);
+  if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) {
+    spdlog::warn("control api: SO_PEERCRED: {}", std::strerror(errno));
+    return;
+  }
+  const PeerCredentials peer{cred.pid, cred.uid, cred.gid};
+  if (!allowed(peer)) {
+    ++refused_forbidden;
+    spdlog::warn("control api: refused a connection from pid {} uid {} gid {}", peer.pid, peer.uid,
+                 peer.gid);
+    refuse(fd, json_error(403, codes::kForbidden,
+                          "uid " + std::to_string(peer.uid) + " may not use this socket"));
+    return;
+  }
+  std::unique_lock lock(mu);
+  if (active >= options.max_connections) {
+    lock.unlock();
+    ++refused_busy;
+    refuse(fd,
+           json_error(503, codes::kTooManyConnections,
+                      "the server is already serving " + std::to_string(options.max_connections) +
+                          " connections; retry later"));
+    return;
+  }
+  Connection& conn = connections_.emplace_back();
+  conn.fd = owned.release();
+  ++active;
+  ++accepted;  // before the thread exists: its requests may be answered before we return
+  try {
+    conn.thread = std::thread([this, &conn, peer] { serve(conn, peer); });
+  } catch (const std::exception& e) {
+    --active;
+    --accepted;
+    owned.reset(conn.fd);
+    connections_.pop_back();
+    lock.unlock();
+    spdlog::error("control api: cannot start a connection thread: {}", e.what());
+    ++refused_busy;
+    refuse(owned.get(), json_error(503, codes::kTooManyConnections,
+                                   "the server cannot start another connection thread"));
+  }
+}
+
+void HttpServer::Impl::serve(Connection& conn, PeerCredentials peer) {
+  try {
+    detail::FdStream stream(conn.fd);
+    stream.set_abort_fd(stop_fd_.get());
+    serve_requests(stream, peer);
+  } catch (const std::exception& e) {
+    spdlog::error("control api: connection from pid {} failed: {}", peer.pid, e.what());
+  } catch (...) {
+    spdlog::error("control api: connection from pid {} failed", peer.pid);
+  }
+  {
+    std::lock_guard lock(mu);
+    ::shutdown(conn.fd, SHUT_WR);
+    ::close(conn.fd);
+    conn.fd = -1;
+    conn.done = true;
+    --active;
+    cv_.notify_all();
+  }
+  signal_eventfd(wake_fd_.get());  // the accept loop joins this thread
+}
+
+void HttpServer::Impl::serve_requests(detail::FdStream& stream, const PeerCredentials& peer) {
+  boost::beast::flat_buffer buffer;
+  const auto write = [&](http::response<http::string_body>& res, bool header_only) {
+    error_code ec;
+    stream.set_deadline(Clock::now() + options.write_timeout);
+    if (header_only) {
+      http::response_serializer<http::string_body> sr{res};
+      http::write_header(stream, sr, ec);
+    } else {
+      http::write(stream, res, ec);
+    }
+    if (ec) spdlog::debug("control api: writing to pid {}: {}", peer.pid, ec.message());
+    return !ec;
+  };
+  // Answers a request we could not read, and ends the connection.
+  const auto fail = [&](int status, std::string_view code, const std::string& message) {
+    auto res = to_beast(json_error(status, code, message), 11, false);
+    write(res, false);
+  };
+
+  for (;;) {
+    if (stopping_ && buffer.size() == 0) return;
+    stream.reset_received(buffer.size());
+    stream.set_deadline(Clock::now() + options.read_timeout);
+    http::request_parser<http::string_body> parser;
+    parser.body_limit(options.max_body_bytes);
+    parser.header_limit(kHeaderLimit);
+
+    error_code ec;
+    http::read_header(stream, buffer, parser, ec);
+    if (!ec && !parser.is_done()) {
+      // A client that waits for "100 Continue" before sending its body (curl does for large
+      // bodies) gets it; an oversized Content-Length was already refused by read_header.
+      const auto& h = parser.get();
+      if (h.version() >= 11 && iequals(sv(h[http::field::expect]), "100-continue")) {
+        stream.set_deadline(Clock::now() + options.write_timeout);
+        static constexpr std::string_view kContinue = "HTTP/1.1 100 Continue\r\n\r\n";
+        boost::asio::write(stream, boost::asio::buffer(kContinue.data(), kContinue.size()), ec);
+        stream.set_deadline(Clock::now() + options.read_timeout);
+      }
+      if (!ec) http::read(stream, buffer, parser, ec);
+    }
+    if (ec) {
+      if (ec == http::error::end_of_stream || ec == http::error::partial_message ||
+          ec == asio_error::operation_aborted) {
+        return;  // the peer left, or we are stopping and it was idle
+      }
+      if (ec == asio_error::timed_out) {
+        if (stream.received() > 0) {
+          fail(408, codes::kRequestTimeout,
+               "the request did not arrive completely within " +
+                   std::to_string(options.read_timeout.count()) + " ms");
+        }
+        return;
+      }
+      if (ec == http::error::body_limit) {
+        fail(413, codes::kBodyTooLarge,
+             "the request body exceeds " + std::to_string(options.max_body_bytes) + " bytes");
+        return;
+      }
+      if (ec == http::error::header_limit) {
+        fail(431, codes::kHeadersTooLarge,
+             "the request line and headers exceed " + std::to_string(kHeaderLimit) + " bytes");
+        return;
+      }
+      if (ec.category() == http::make_error_code(http::error::bad_method).category()) {
+        fail(400, codes::kBadRequest, "malformed HTTP request: " + ec.message());
+        return;
+      }
+      spdlog::debug("control api: reading from pid {}: {}", peer.pid, ec.message());
+      return;  // a socket error: nobody to answer
+    }
+
+    auto& msg = parser.get();
+    Request request;
+    request.method = std::string(sv(msg.method_string()));
+    std::string target_error;
+    if (!detail::parse_target(sv(msg.target()), request, target_error)) {
+      fail(400, codes::kBadRequest, target_error);
+      return;
+    }
+    for (const auto& field : msg) {
+      std::string name(sv(field.name_string()));
+      std::transform(name.begin(), name.end(), name.begin(),
+                     [](unsigned char c) { return static_cast<char>(std::tolower(c)); });
+      const std::string_view value = sv(field.value());
+      auto [it, inserted] = request.headers.try_emplace(std::move(name), value);
+      if (!inserted) it->second.append(", ").append(value);
+    }
+    request.body = std::move(msg.body());
+    request.peer = peer;
+    const bool head = msg.method() == http::verb::head;
+    const unsigned version = msg.version();
+    const bool keep_alive = msg.keep_alive();
+
+    Response response = router.dispatch(std::move(request));
+    ++requests;
+    // Decided after the handler: a request that was in flight when stop() began is answered,
+    // and then the connection ends.
+    const bool keep = keep_alive && !stopping_;
+    auto res = to_beast(std::move(response), version, keep);
+    if (!write(res, head) || !keep) return;
+  }
+}
+
+void HttpServer::Impl::reap(bool all) {
+  std::list<Connection> finished;
+  {
+    std::lock_guard lock(mu);
+    for (auto it = connections_.begin(); it != connections_.end();) {
+      auto next = std::next(it);
+      if (all || it->done) finished.splice(finished.end(), connections_, it);
+      it = next;
+    }
+  }
+  for (Connection& c : finished) {
+    if (c.thread.joinable()) c.thread.join();
+  }
+}
+
+void HttpServer::Impl::remove_socket_file() {
+  // Only our own socket: if somebody replaced the file, it is not ours to remove.
+  struct stat st {};
+  if (::lstat(options.socket_path.c_str(), &st) == 0 && S_ISSOCK(st.st_mode) &&
+      st.st_dev == socket_dev_ && st.st_ino == socket_ino_) {
+    ::unlink(options.socket_path.c_str());
+  }
+}
+
+void HttpServer::Impl::stop(std::chrono::milliseconds deadline) {
+  if (!running) return;
+  const auto until = Clock::now() + deadline;
+  stopping_ = true;
+  signal_eventfd(wake_fd_.get());
+  if (acceptor_.joinable()) acceptor_.join();
+  // No new connections from here on: the file goes first, so clients fail fast.
+  remove_socket_file();
+  listen_fd_.reset();
+  signal_eventfd(stop_fd_.get());  // idle connections close now
+
+  {
+    std::unique_lock lock(mu);
+    if (!cv_.wait_until(lock, until, [&] { return active == 0; })) {
+      spdlog::warn("control api: {} connection(s) still busy after {} ms; shutting them down",
+                   active, deadline.count());
+      for (Connection& c : connections_) {
+        if (!c.done && c.fd >= 0) ::shutdown(c.fd, SHUT_RDWR);
+      }
+    }
+  }
+  reap(true);  // waits for handlers still running to return
+  wake_fd_.reset();
+  stop_fd_.reset();
+  running = false;
+  spdlog::info("control api: stopped listening on {}", options.socket_path);
+}
+
+// ---- HttpServer ----
+
+HttpServer::HttpServer(ServerOptions options) : impl_(std::make_unique<Impl>(std::move(options))) {}
+
+HttpServer::~HttpServer() { stop(); }
+
+void HttpServer::route(std::string method, std::string pattern, Handler handler) {
+  std::lock_guard lock(impl_->lifecycle_mutex);
+  if (impl_->running) throw std::logic_error("HttpServer::route called after start()");
+  impl_->router.add(std::move(method), std::move(pattern), std::move(handler));
+}
+
+Status HttpServer::start() {
+  std::lock_guard lock(impl_->lifecycle_mutex);
+  if (impl_->running) return make_error(Errc::kInvalidArgument, "the server is already running");
+  try {
+    return impl_->start();
+  } catch (const std::exception& e) {
+    return make_error(Errc::kInternal, std::string("starting the control API failed: ") + e.what());
+  }
+}
+
+void HttpServer::stop() { shutdown_gracefully(impl_->options.drain_timeout); }
+
+void HttpServer::shutdown_gracefully(std::chrono::milliseconds deadline) {
+  std::lock_guard lock(impl_->lifecycle_mutex);
+  impl_->stop(deadline);
+}
+
+bool HttpServer::running() const { return impl_->running; }
+
+const ServerOptions& HttpServer::options() const { return impl_->options; }
+
+ServerStats HttpServer::stats() const {
+  ServerStats s;
+  s.accepted = impl_->accepted;
+  s.refused_forbidden = impl_->refused_forbidden;
+  s.refused_busy = impl_->refused_busy;
+  s.requests = impl_->requests;
+  std::lock_guard lock(impl_->mu);
+  s.active_connections = impl_->active;
+  return s;
+}
+
+Response HttpServer::handle(Request request) const {
+  return impl_->router.dispatch(std::move(request));
+}
+
+}  // namespace memsnap::control_api

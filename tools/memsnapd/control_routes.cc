@@ -1,0 +1,149 @@
+#include "tools/memsnapd/control_routes.h"
+
+#include <chrono>
+#include <string>
+#include <utility>
+
+#include <spdlog/spdlog.h>
+
+namespace memsnap::daemon {
+
+using control_api::Request;
+using control_api::Response;
+using nlohmann::json;
+
+int errc_status(Errc code) noexcept {
+  switch (code) {
+    case Errc::kInvalidArgument:
+    case Errc::kPathNotAllowed:
+    case Errc::kHandshakeBadRegions:
+    case Errc::kSnapshotTruncated:
+    case Errc::kSnapshotBadMagic:
+    case Errc::kSnapshotBadVersion:
+    case Errc::kSnapshotBadHeader:
+    case Errc::kSnapshotBadMap:
+    case Errc::kSnapshotChecksumMismatch:
+    case Errc::kSnapshotChainMismatch:
+    case Errc::kUnsupported:
+      return 400;
+    case Errc::kNotFound:
+      return 404;
+    case Errc::kAlreadyExists:
+    case Errc::kInvalidState:
+    case Errc::kBusy:
+      return 409;
+    case Errc::kProcessGone:
+      return 410;
+    case Errc::kShuttingDown:
+      return 503;
+    case Errc::kTimeout:
+    case Errc::kHandshakeTimeout:
+      return 504;
+    default:
+      return 500;
+  }
+}
+
+namespace {
+
+Response error_response(const Error& e) {
+  return control_api::json_error(errc_status(e.code), errc_name(e.code), e.message);
+}
+
+Response ok(const json& body, int status = 200) {
+  Response r;
+  r.status = status;
+  r.body = body.dump();
+  return r;
+}
+
+// Parses a request body; an empty body is {}.
+Result<json> body_of(const Request& request) {
+  if (request.body.empty()) return json::object();
+  json parsed = json::parse(request.body, nullptr, /*allow_exceptions=*/false);
+  if (parsed.is_discarded()) {
+    return make_error(Errc::kInvalidArgument, "the body is not valid JSON");
+  }
+  return parsed;
+}
+
+Response respond(const Result<json>& result, int ok_status = 200) {
+  if (!result.ok()) return error_response(result.error());
+  return ok(result.value(), ok_status);
+}
+
+}  // namespace
+
+void add_routes(control_api::HttpServer& server, SandboxService& service,
+                metrics::HostMetrics& metrics, RouteHooks hooks) {
+  // Every route is counted in memsnap_api_requests_total under a fixed name (never the path:
+  // paths hold sandbox ids).
+  auto counted = [&metrics](const char* endpoint, auto handler) {
+    return [&metrics, endpoint, handler = std::move(handler)](const Request& request) {
+      Response r = handler(request);
+      metrics.record_api_request(endpoint, r.status);
+      if (r.status >= 500) {
+        spdlog::error("api {} {}: {} {}", request.method, request.path, r.status, r.body);
+      } else if (r.status >= 400) {
+        spdlog::info("api {} {}: {} {}", request.method, request.path, r.status, r.body);
+      }
+      return r;
+    };
+  };
+
+  server.route("GET", "/v1/health", counted("health", [&service](const Request&) {
+                 return ok(service.health());
+               }));
+  server.route("GET", "/v1/config", counted("config", [hooks](const Request&) {
+                 return ok(hooks.config ? hooks.config() : json::object());
+               }));
+  server.route("GET", "/v1/sandboxes", counted("sandbox_list", [&service](const Request&) {
+                 return ok(service.list());
+               }));
+  server.route("POST", "/v1/sandboxes",
+               counted("sandbox_register", [&service](const Request& request) {
+                 auto body = body_of(request);
+                 if (!body.ok()) return error_response(body.error());
+                 return respond(service.register_sandbox(*body), 201);
+               }));
+  server.route("GET", "/v1/sandboxes/{id}",
+               counted("sandbox_get", [&service](const Request& request) {
+                 std::string wait;
+                 std::chrono::milliseconds timeout{30000};
+                 if (auto it = request.query.find("wait_while"); it != request.query.end()) {
+                   wait = it->second;
+                 }
+                 if (auto it = request.query.find("timeout_ms"); it != request.query.end()) {
+                   try {
+                     timeout = std::chrono::milliseconds(std::stoul(it->second));
+                   } catch (...) {
+                     return control_api::json_error(400, "invalid_argument",
+                                                    "timeout_ms must be a number");
+                   }
+                   if (timeout > std::chrono::minutes(10)) timeout = std::chrono::minutes(10);
+                 }
+                 return respond(service.get(request.path_params.at("id"), wait, timeout));
+               }));
+  server.route("DELETE", "/v1/sandboxes/{id}",
+               counted("sandbox_remove", [&service](const Request& request) {
+                 return respond(service.remove(request.path_params.at("id")));
+               }));
+  server.route("POST", "/v1/sandboxes/{id}/pause",
+               counted("sandbox_pause", [&service](const Request& request) {
+                 auto body = body_of(request);
+                 if (!body.ok()) return error_response(body.error());
+                 return respond(service.pause(request.path_params.at("id"), *body));
+               }));
+  server.route("POST", "/v1/sandboxes/{id}/resume",
+               counted("sandbox_resume", [&service](const Request& request) {
+                 auto body = body_of(request);
+                 if (!body.ok()) return error_response(body.error());
+                 return respond(service.resume(request.path_params.at("id"), *body), 202);
+               }));
+  server.route("GET", "/v1/sandboxes/{id}/strategy",
+               counted("sandbox_strategy", [&service](const Request& request) {
+                 return respond(service.explain(request.path_params.at("id")));
+               }));
+}
+
+}  // namespace memsnap::daemon

@@ -1,0 +1,347 @@
+// memsnapd: the host daemon. Loads the strategy plugins, watches the flag file, serves the
+// control API on a Unix socket and Prometheus metrics on loopback.
+//
+//   memsnapd [--config FILE] [--set section.key=value]... [--print-config]
+//
+// With no file it runs on built-in defaults (config/memsnapd.yaml lists them). Signals:
+//   SIGHUP   re-reads the config file (and --set): applies logging, flags, limits and the
+//            fallback strategy; keys that need a restart are logged and left as they were
+//   SIGTERM  drains: no new pause or resume; in-flight ones finish (up to drain.timeout_ms);
+//   SIGINT   then the socket is removed and memsnapd exits (1 if something was still running)
+#include <grp.h>
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <chrono>
+#include <cstdio>
+#include <cstring>
+#include <filesystem>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include <spdlog/pattern_formatter.h>
+#include <spdlog/sinks/stdout_sinks.h>
+#include <spdlog/spdlog.h>
+
+#include "config/daemon_config.h"
+#include "core/metrics/host_metrics.h"
+#include "core/metrics/metrics_endpoint.h"
+#include "core/plugin_host/plugin_registry.h"
+#include "flags/flag_store.h"
+#include "tools/control_api/http_server.h"
+#include "tools/memsnapd/control_routes.h"
+#include "tools/memsnapd/sandbox_service.h"
+
+namespace memsnap::daemon {
+namespace {
+
+namespace fs = std::filesystem;
+
+void usage(FILE* out) {
+  std::fprintf(out,
+               "usage: memsnapd [--config FILE] [--set section.key=value]... [--print-config]\n"
+               "  --config FILE    YAML configuration (default: built-in defaults, see\n"
+               "                   config/memsnapd.yaml)\n"
+               "  --set K=V        override one key, e.g. --set limits.max_concurrent_pauses=2\n"
+               "  --print-config   print the effective configuration and exit\n");
+}
+
+// %* : the message as a JSON string (escaped), for JSON-lines logs.
+class JsonMessageFlag : public spdlog::custom_flag_formatter {
+ public:
+  void format(const spdlog::details::log_msg& msg, const std::tm&,
+              spdlog::memory_buf_t& dest) override {
+    const std::string text =
+        nlohmann::json(std::string(msg.payload.data(), msg.payload.size())).dump();
+    dest.append(text.data(), text.data() + text.size());
+  }
+  std::unique_ptr<custom_flag_formatter> clone() const override {
+    return std::make_unique<JsonMessageFlag>();
+  }
+};
+
+void apply_logging(const config::LoggingConfig& logging) {
+  auto formatter = std::make_unique<spdlog::pattern_formatter>();
+  if (logging.format == config::LogFormat::kJson) {
+    formatter->add_flag<JsonMessageFlag>('*').set_pattern(
+        R"({"time":"%Y-%m-%dT%H:%M:%S.%e%z","level":"%l","thread":%t,"msg":%*})");
+  } else {
+    formatter->set_pattern("%Y-%m-%d %H:%M:%S.%e %^%l%$ memsnapd: %v");
+  }
+  spdlog::set_formatter(std::move(formatter));
+  spdlog::set_level(spdlog::level::from_str(std::string(config::to_string(logging.level))));
+}
+
+std::string default_plugin_dir() {
+  std::error_code ec;
+  const auto self = fs::read_symlink("/proc/self/exe", ec);
+  return (self.parent_path().parent_path() / "lib" / "memsnap" / "plugins").string();
+}
+
+// Temporary snapshot files left by a memsnapd that died mid-pause (.<name>.tmp.<pid>.<rand>):
+// never visible as snapshots, removed here when their writer is gone.
+void remove_stale_temporaries(const std::string& dir) {
+  std::error_code ec;
+  for (auto it = fs::recursive_directory_iterator(dir, ec);
+       !ec && it != fs::recursive_directory_iterator(); it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    const auto tmp = name.find(".tmp.");
+    if (name.empty() || name[0] != '.' || tmp == std::string::npos) continue;
+    const pid_t pid = static_cast<pid_t>(std::atoi(name.c_str() + tmp + 5));
+    if (pid > 0 && (::kill(pid, 0) == 0 || errno == EPERM)) continue;
+    std::error_code rm;
+    if (fs::remove(it->path(), rm)) {
+      spdlog::warn("removed a temporary snapshot file left by a dead memsnapd: {}",
+                   it->path().string());
+    }
+  }
+}
+
+ServiceSettings settings_of(const config::DaemonConfig& c) {
+  ServiceSettings s;
+  s.max_concurrent_pauses = c.limits.max_concurrent_pauses;
+  s.max_concurrent_resumes = c.limits.max_concurrent_resumes;
+  s.handshake_timeout = c.limits.handshake_timeout;
+  s.fallback_strategy = c.strategy.fallback;
+  s.allow_fallback = c.strategy.allow_fallback;
+  s.strategy_flag = c.flags.strategy_flag;
+  return s;
+}
+
+// Opens and watches the flag file; null when there is none (or on error, with *error set).
+std::shared_ptr<flags::FlagStore> open_flags(const std::string& path, std::string* error) {
+  if (path.empty()) return nullptr;
+  std::unique_ptr<flags::FlagStore> store = flags::FlagStore::open(path, {}, error);
+  if (!store) return nullptr;
+  std::string watch_error;
+  if (!store->watch(&watch_error)) {
+    spdlog::warn("flags: {} is not watched ({}); send SIGHUP after editing it", path,
+                 watch_error);
+  }
+  return std::shared_ptr<flags::FlagStore>(std::move(store));
+}
+
+config::LoadResult load(const std::string& path, const std::vector<std::string>& overrides) {
+  config::LoadResult base;
+  if (path.empty()) {
+    base.config = config::DaemonConfig{};
+  } else {
+    base = config::load_file(path);
+  }
+  if (!base.ok()) return base;
+  return config::apply_overrides(*base.config, overrides);
+}
+
+int run(int argc, char** argv) {
+  std::string config_path;
+  std::vector<std::string> overrides;
+  bool print_config = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if ((a == "--config" || a == "--set") && i + 1 < argc) {
+      (a == "--config" ? config_path : overrides.emplace_back()) = argv[++i];
+    } else if (a == "--print-config") {
+      print_config = true;
+    } else if (a == "--help" || a == "-h") {
+      usage(stdout);
+      return 0;
+    } else {
+      std::fprintf(stderr, "memsnapd: unknown argument %s\n", a.c_str());
+      usage(stderr);
+      return 2;
+    }
+  }
+  config::LoadResult loaded = load(config_path, overrides);
+  if (!loaded.ok()) {
+    std::fprintf(stderr, "memsnapd: configuration refused:\n%s\n", loaded.error_text().c_str());
+    return 2;
+  }
+  config::DaemonConfig cfg = *loaded.config;
+  if (print_config) {
+    std::fputs(config::to_yaml(cfg).c_str(), stdout);
+    return 0;
+  }
+  apply_logging(cfg.logging);
+
+  // Signals are taken by the main thread only (sigtimedwait below): block them before any
+  // thread starts, so every thread inherits the mask.
+  sigset_t signals;
+  sigemptyset(&signals);
+  for (int s : {SIGHUP, SIGTERM, SIGINT}) sigaddset(&signals, s);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  ::signal(SIGPIPE, SIG_IGN);
+
+  const std::string plugin_dir =
+      cfg.plugins.directory.empty() ? default_plugin_dir() : cfg.plugins.directory;
+  PluginRegistry registry;
+  if (Status s = registry.load_directory(plugin_dir); !s.ok()) {
+    spdlog::critical("cannot load plugins from {}: {}", plugin_dir, s.error().to_string());
+    return 1;
+  }
+  metrics::HostMetricsOptions mo;
+  for (const auto& p : registry.plugins()) {
+    if (p.loaded()) mo.strategies.push_back(p.name);
+  }
+  metrics::HostMetrics metrics(mo);
+  for (const auto& p : registry.plugins()) {
+    metrics::PluginStatus ps;
+    ps.name = p.name.empty() ? fs::path(p.path).stem().string() : p.name;
+    ps.version = p.version;
+    ps.abi = p.abi;
+    ps.experimental = (p.capabilities & plugin::kCapExperimental) != 0;
+    ps.loaded = p.loaded();
+    ps.failure_reason = p.loaded() ? "" : std::string(errc_name(p.error));
+    metrics.record_plugin_load(ps);
+    if (p.loaded()) {
+      spdlog::info("plugin {} {} loaded from {}", p.name, p.version, p.path);
+    } else {
+      spdlog::warn("plugin {} refused: {}: {}", p.path, errc_name(p.error), p.reason);
+    }
+  }
+  if (registry.find(cfg.strategy.fallback) == nullptr) {
+    spdlog::critical("the fallback strategy {} is not a loaded plugin (plugins: {})",
+                     cfg.strategy.fallback, plugin_dir);
+    return 1;
+  }
+
+  ServiceOptions so;
+  so.snapshot_dir = cfg.snapshots.directory;
+  so.settings = settings_of(cfg);
+  auto created = SandboxService::create(registry, metrics, so);
+  if (!created.ok()) {
+    spdlog::critical("{}", created.error().to_string());
+    return 1;
+  }
+  std::unique_ptr<SandboxService> service = std::move(*created);
+  remove_stale_temporaries(cfg.snapshots.directory);
+
+  std::string flags_error;
+  auto flag_store = open_flags(cfg.flags.file, &flags_error);
+  if (!cfg.flags.file.empty() && !flag_store) {
+    spdlog::critical("cannot load the flag file {}: {}", cfg.flags.file, flags_error);
+    return 1;
+  }
+  service->set_flags(flag_store);
+
+  std::unique_ptr<metrics::MetricsEndpoint> endpoint;
+  if (!cfg.metrics.listen.empty()) {
+    const auto colon = cfg.metrics.listen.rfind(':');
+    metrics::EndpointOptions eo;
+    eo.address = cfg.metrics.listen.substr(0, colon);
+    if (eo.address.size() > 2 && eo.address.front() == '[') {
+      eo.address = eo.address.substr(1, eo.address.size() - 2);
+    }
+    if (eo.address == "localhost") eo.address = "127.0.0.1";
+    eo.port = static_cast<std::uint16_t>(std::stoi(cfg.metrics.listen.substr(colon + 1)));
+    std::string error;
+    endpoint = metrics::MetricsEndpoint::start(metrics, eo, &error);
+    if (!endpoint) {
+      spdlog::critical("cannot serve metrics on {}: {}", cfg.metrics.listen, error);
+      return 1;
+    }
+  }
+
+  control_api::ServerOptions sopt;
+  sopt.socket_path = cfg.control.socket;
+  sopt.mode = static_cast<mode_t>(cfg.control.mode);
+  if (!cfg.control.group.empty()) {
+    const group* g = ::getgrnam(cfg.control.group.c_str());
+    if (g == nullptr) {
+      spdlog::critical("control.group: no group named {}", cfg.control.group);
+      return 1;
+    }
+    sopt.group = g->gr_gid;
+  }
+  for (auto uid : cfg.control.allowed_uids) sopt.allowed_uids.push_back(static_cast<uid_t>(uid));
+  sopt.max_body_bytes = cfg.control.max_request_bytes;
+  std::error_code ec;
+  fs::create_directories(fs::path(cfg.control.socket).parent_path(), ec);
+  control_api::HttpServer server(sopt);
+  RouteHooks hooks;
+  std::mutex cfg_mu;  // cfg changes on SIGHUP while GET /v1/config reads it
+  hooks.config = [&cfg, &cfg_mu] {
+    std::lock_guard lock(cfg_mu);
+    return nlohmann::json{{"yaml", config::to_yaml(cfg)}};
+  };
+  add_routes(server, *service, metrics, hooks);
+  if (Status s = server.start(); !s.ok()) {
+    spdlog::critical("cannot serve the control API: {}", s.error().to_string());
+    return 1;
+  }
+  spdlog::info("memsnapd {} ready: control API on {} (mode {:04o}), metrics on {}, snapshots in {}, "
+               "flags {}",
+               MEMSNAP_VERSION, cfg.control.socket, cfg.control.mode,
+               endpoint ? endpoint->url() : std::string("(off)"), cfg.snapshots.directory,
+               cfg.flags.file.empty() ? std::string("(none: every sandbox gets ") +
+                                            cfg.strategy.fallback + ")"
+                                      : cfg.flags.file);
+
+  int exit_code = 0;
+  for (;;) {
+    const timespec tick{1, 0};
+    const int sig = ::sigtimedwait(&signals, nullptr, &tick);
+    service->poll_flag_reloads();
+    if (sig < 0) continue;
+    if (sig == SIGHUP) {
+      config::LoadResult again = load(config_path, overrides);
+      if (!again.ok()) {
+        spdlog::error("SIGHUP: configuration refused, the running one stays:\n{}",
+                      again.error_text());
+        continue;
+      }
+      const config::DaemonConfig next = *again.config;
+      for (const auto& key : config::restart_required_changes(cfg, next)) {
+        spdlog::warn("SIGHUP: {} changed; it takes effect only after a restart", key);
+      }
+      for (const auto& key : config::changed_keys(cfg, next)) spdlog::info("SIGHUP: {} changed", key);
+      apply_logging(next.logging);
+      if (next.flags.file != cfg.flags.file) {
+        std::string error;
+        auto store = open_flags(next.flags.file, &error);
+        if (!next.flags.file.empty() && !store) {
+          spdlog::error("SIGHUP: cannot load the flag file {}: {}; the old one stays",
+                        next.flags.file, error);
+          metrics.record_flag_reload(false);
+        } else {
+          service->set_flags(store);
+          metrics.record_flag_reload(true);
+        }
+      } else if (flag_store) {
+        flag_store->reload();
+      }
+      service->update_settings(settings_of(next));
+      // Keep the keys that need a restart as they are running.
+      config::DaemonConfig applied = next;
+      applied.plugins = cfg.plugins;
+      applied.snapshots = cfg.snapshots;
+      applied.control.socket = cfg.control.socket;
+      applied.control.mode = cfg.control.mode;
+      applied.control.group = cfg.control.group;
+      applied.metrics = cfg.metrics;
+      std::lock_guard lock(cfg_mu);
+      cfg = applied;
+      continue;
+    }
+    spdlog::info("{}: draining (up to {} ms)", sig == SIGTERM ? "SIGTERM" : "SIGINT",
+                 cfg.drain.timeout.count());
+    if (!service->drain(cfg.drain.timeout)) {
+      spdlog::error("drain timed out: pauses or resumes still running; their snapshots are not "
+                    "committed (temporary files are removed at the next start)");
+      exit_code = 1;
+    }
+    break;
+  }
+  server.stop();
+  service.reset();
+  spdlog::info("memsnapd stopped");
+  return exit_code;
+}
+
+}  // namespace
+}  // namespace memsnap::daemon
+
+int main(int argc, char** argv) { return memsnap::daemon::run(argc, argv); }

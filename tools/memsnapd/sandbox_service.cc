@@ -1,0 +1,1067 @@
+#include "tools/memsnapd/sandbox_service.h"
+
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <filesystem>
+#include <thread>
+#include <utility>
+
+#include <spdlog/spdlog.h>
+
+#include "core/base/file_io.h"
+#include "core/dirty_set.h"
+#include "core/pause.h"
+#include "core/report_json.h"
+#include "core/resume.h"
+#include "core/strategy_selection/strategy_selection.h"
+#include "core/vmm_process.h"
+
+namespace memsnap::daemon {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+// One sandbox. Fields are read and written under SandboxService::mu_, except by the one pause or
+// resume that owns the sandbox (state pausing/resuming): it works on the session and memfd
+// without the lock, and nobody else touches them meanwhile.
+struct Sandbox {
+  std::string id;
+  SandboxAttributes attributes;
+  std::string state;  // running, pausing, paused, resuming, failed
+  pid_t vmm_pid = -1;
+  std::vector<plugin::Region> regions;
+  int vmm_memfd_fd = -1;  // fd number in the VMM of the memfd backing guest memory
+  std::uint64_t guest_size = 0;
+  std::vector<std::string> chain;  // committed snapshots, base first
+  std::string strategy;            // of the newest snapshot
+  std::unique_ptr<ResumeSession> session;
+  RetainedMemory retained;
+  std::string session_strategy;  // what the session's fault-latency series are recorded under
+  FaultStats faults_recorded;    // what went into the metrics already
+  json last_pause;               // null until the first pause
+  json last_resume;
+  std::string last_error;
+  std::thread resume_thread;
+};
+
+namespace {
+
+constexpr const char* kStates[] = {"registered", "running", "pausing",
+                                   "paused",     "resuming", "failed"};
+
+bool valid_id(const std::string& id) {
+  if (id.empty() || id.size() > 128 || id.front() == '.') return false;
+  return std::all_of(id.begin(), id.end(), [](char c) {
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+           c == '-' || c == '_' || c == '.';
+  });
+}
+
+// Checks that body only has the given keys (a typo must not be ignored silently).
+Status only_keys(const json& body, std::initializer_list<const char*> keys, const char* what) {
+  if (!body.is_object()) {
+    return make_error(Errc::kInvalidArgument, std::string(what) + ": the body must be an object");
+  }
+  for (const auto& [k, v] : body.items()) {
+    if (std::none_of(keys.begin(), keys.end(), [&](const char* known) { return k == known; })) {
+      std::string list;
+      for (const char* known : keys) list += std::string(list.empty() ? "" : ", ") + known;
+      return make_error(Errc::kInvalidArgument,
+                        std::string(what) + ": unknown field \"" + k + "\" (known: " + list + ")");
+    }
+  }
+  return {};
+}
+
+template <typename T>
+Result<T> field(const json& body, const char* name, T fallback) {
+  if (!body.contains(name) || body[name].is_null()) return fallback;
+  const json& v = body[name];
+  if constexpr (std::is_same_v<T, std::string>) {
+    if (!v.is_string()) {
+      return make_error(Errc::kInvalidArgument, std::string(name) + " must be a string");
+    }
+    return v.get<std::string>();
+  } else if constexpr (std::is_same_v<T, bool>) {
+    if (!v.is_boolean()) {
+      return make_error(Errc::kInvalidArgument, std::string(name) + " must be true or false");
+    }
+    return v.get<bool>();
+  } else {
+    if (!v.is_number_unsigned()) {
+      return make_error(Errc::kInvalidArgument,
+                        std::string(name) + " must be a non-negative integer");
+    }
+    return static_cast<T>(v.get<std::uint64_t>());
+  }
+}
+
+Result<std::vector<plugin::ByteRange>> ranges_of(const json& v, const char* name,
+                                                 const char* a, const char* b) {
+  if (!v.is_array()) {
+    return make_error(Errc::kInvalidArgument, std::string(name) + " must be an array");
+  }
+  std::vector<plugin::ByteRange> out;
+  for (const auto& item : v) {
+    if (!item.is_object() || !item.contains(a) || !item.contains(b) ||
+        !item[a].is_number_unsigned() || !item[b].is_number_unsigned()) {
+      return make_error(Errc::kInvalidArgument, std::string(name) + ": every element needs " +
+                                                    a + " and " + b + " (non-negative integers)");
+    }
+    out.push_back({item[a].get<std::uint64_t>(), item[b].get<std::uint64_t>()});
+  }
+  return out;
+}
+
+bool process_alive(pid_t pid) { return pid > 0 && (::kill(pid, 0) == 0 || errno == EPERM); }
+
+json phases_json(const std::vector<PhaseTiming>& phases) {
+  json out = json::object();
+  for (const auto& p : phases) out[p.name] = p.wall_seconds;
+  return out;
+}
+
+std::vector<metrics::Phase> metric_phases(const std::vector<PhaseTiming>& phases) {
+  std::vector<metrics::Phase> out;
+  for (const auto& p : phases) out.push_back({p.name, p.wall_seconds});
+  return out;
+}
+
+metrics::FallbackReason fallback_reason_of(const std::string& code) {
+  if (code == "flag_error") return metrics::FallbackReason::kFlagError;
+  if (code == "plugin_not_loaded") return metrics::FallbackReason::kPluginNotLoaded;
+  if (code == "plugin_refused") return metrics::FallbackReason::kPluginRefused;
+  if (code == "missing_memfd") return metrics::FallbackReason::kMissingMemfd;
+  if (code == "vmm_version") return metrics::FallbackReason::kVmmVersion;
+  return metrics::FallbackReason::kOther;
+}
+
+}  // namespace
+
+// The strategy a pause will use and why.
+struct SandboxService::Choice {
+  std::string strategy;
+  std::string requested;
+  std::string variant;  // the flag's variant ("" when none, e.g. forced or no flag file)
+  std::string reason;   // forced, no_flags, or flagd's reason (TARGETING_MATCH, ...)
+  std::string fallback_code;
+  std::string fallback_reason;
+  json trace;
+};
+
+SandboxService::SandboxService(const PluginRegistry& registry, metrics::HostMetrics& metrics,
+                               ServiceOptions options)
+    : registry_(registry),
+      metrics_(metrics),
+      options_(std::move(options)),
+      settings_(options_.settings) {}
+
+Result<std::unique_ptr<SandboxService>> SandboxService::create(const PluginRegistry& registry,
+                                                              metrics::HostMetrics& metrics,
+                                                              ServiceOptions options) {
+  std::error_code ec;
+  fs::create_directories(options.snapshot_dir, ec);
+  if (ec) {
+    return make_error(Errc::kIoError, "cannot create the snapshot directory " +
+                                          options.snapshot_dir + ": " + ec.message());
+  }
+  const fs::path canonical = fs::canonical(options.snapshot_dir, ec);
+  if (ec) {
+    return make_error(Errc::kIoError,
+                      "cannot resolve the snapshot directory " + options.snapshot_dir + ": " +
+                          ec.message());
+  }
+  std::unique_ptr<SandboxService> service(
+      new SandboxService(registry, metrics, std::move(options)));
+  service->snapshot_dir_ = canonical.string();
+  {
+    std::lock_guard lock(service->mu_);
+    service->publish_states_locked();
+  }
+  return service;
+}
+
+SandboxService::~SandboxService() {
+  std::map<std::string, std::shared_ptr<Sandbox>> all;
+  {
+    std::lock_guard lock(mu_);
+    draining_ = true;
+    all = sandboxes_;
+  }
+  changed_.notify_all();
+  for (auto& [id, sb] : all) {
+    if (sb->resume_thread.joinable()) sb->resume_thread.join();
+    if (sb->session) sb->session->stop();
+  }
+}
+
+void SandboxService::set_flags(std::shared_ptr<flags::FlagStore> store) {
+  std::lock_guard lock(mu_);
+  flags_ = std::move(store);
+  reloads_seen_ = 0;
+  reload_failures_seen_ = 0;
+  if (flags_) {
+    const auto stats = flags_->stats();
+    reloads_seen_ = stats.reloads_ok + stats.reloads_unchanged;
+    reload_failures_seen_ = stats.reloads_failed;
+  }
+}
+
+void SandboxService::update_settings(const ServiceSettings& settings) {
+  {
+    std::lock_guard lock(mu_);
+    settings_ = settings;
+  }
+  changed_.notify_all();  // a raised limit frees waiting operations
+}
+
+ServiceSettings SandboxService::settings() const {
+  std::lock_guard lock(mu_);
+  return settings_;
+}
+
+void SandboxService::poll_flag_reloads() {
+  std::shared_ptr<flags::FlagStore> store;
+  {
+    std::lock_guard lock(mu_);
+    store = flags_;
+  }
+  if (!store) return;
+  const auto stats = store->stats();
+  std::lock_guard lock(mu_);
+  if (store != flags_) return;
+  const std::uint64_t ok = stats.reloads_ok + stats.reloads_unchanged;
+  for (; reloads_seen_ < ok; ++reloads_seen_) metrics_.record_flag_reload(true);
+  for (; reload_failures_seen_ < stats.reloads_failed; ++reload_failures_seen_) {
+    metrics_.record_flag_reload(false);
+  }
+}
+
+SandboxService::Choice SandboxService::choose(const Sandbox& sb, const std::string& forced,
+                                              bool record) const {
+  Choice c;
+  std::shared_ptr<flags::FlagStore> store;
+  ServiceSettings settings;
+  {
+    std::lock_guard lock(mu_);
+    store = flags_;
+    settings = settings_;
+  }
+  if (!forced.empty()) {
+    c.strategy = c.requested = forced;
+    c.reason = "forced";
+    return c;
+  }
+  if (!store) {
+    c.strategy = c.requested = settings.fallback_strategy;
+    c.reason = "no_flags";
+    return c;
+  }
+  StrategySelectionOptions so;
+  so.flag_key = settings.strategy_flag;
+  so.safe_strategy = settings.fallback_strategy;
+  const StrategySelector selector(*store, registry_, so);
+  const StrategyChoice sc = selector.select(sb.attributes);
+  c.strategy = sc.strategy;
+  c.requested = sc.requested;
+  c.variant = sc.resolution.variant.value_or("");
+  c.reason = std::string(flags::reason_name(sc.resolution.reason));
+  c.fallback_code = sc.fallback_code;
+  c.fallback_reason = sc.fallback_reason;
+  if (record) {
+    metrics_.record_flag_evaluation(so.flag_key, c.variant, c.reason);
+    if (sc.fell_back) {
+      metrics_.record_fallback(sc.requested, sc.strategy, fallback_reason_of(sc.fallback_code));
+    }
+  }
+  return c;
+}
+
+Result<std::string> SandboxService::confine(const std::string& path, bool must_exist) const {
+  if (path.empty()) return make_error(Errc::kInvalidArgument, "empty path");
+  fs::path p(path);
+  if (p.is_relative()) p = fs::path(snapshot_dir_) / p;
+  p = p.lexically_normal();
+  for (const auto& part : p) {
+    if (part == "..") {
+      return make_error(Errc::kPathNotAllowed, "\"" + path + "\" leaves the snapshot directory");
+    }
+  }
+  const fs::path root(snapshot_dir_);
+  auto inside = [&](const fs::path& candidate) {
+    auto r = root.begin();
+    auto c = candidate.begin();
+    for (; r != root.end(); ++r, ++c) {
+      if (c == candidate.end() || *r != *c) return false;
+    }
+    return c != candidate.end();  // strictly below the root
+  };
+  if (!inside(p)) {
+    return make_error(Errc::kPathNotAllowed, "\"" + path + "\" is not inside the snapshot directory " +
+                                                 snapshot_dir_);
+  }
+  // Symlinks: the directory that will hold the file must resolve inside the root too, and the
+  // file itself must not be a symlink.
+  std::error_code ec;
+  const fs::path dir = fs::weakly_canonical(p.parent_path(), ec);
+  if (ec || (dir != root && !inside(dir))) {
+    return make_error(Errc::kPathNotAllowed,
+                      "\"" + path + "\" resolves outside the snapshot directory " + snapshot_dir_);
+  }
+  const auto st = fs::symlink_status(p, ec);
+  if (fs::is_symlink(st)) {
+    return make_error(Errc::kPathNotAllowed, "\"" + path + "\" is a symbolic link");
+  }
+  if (must_exist && !fs::is_regular_file(st)) {
+    return make_error(Errc::kNotFound, "no snapshot file \"" + path + "\"");
+  }
+  return (dir / p.filename()).string();
+}
+
+void SandboxService::publish_states_locked() {
+  std::map<std::string, std::int64_t> counts;
+  for (const char* s : kStates) counts[s] = 0;
+  for (const auto& [id, sb] : sandboxes_) ++counts[sb->state];
+  metrics_.set_sandboxes_by_state(counts);
+}
+
+json SandboxService::describe_locked(const Sandbox& sb) const {
+  json regions = json::array();
+  for (const auto& r : sb.regions) {
+    regions.push_back({{"guest_offset", r.guest_offset}, {"host_addr", r.host_addr},
+                       {"size", r.size}});
+  }
+  return {{"id", sb.id},
+          {"state", sb.state},
+          {"vmm_pid", sb.vmm_pid},
+          {"guest_size", sb.guest_size},
+          {"regions", regions},
+          {"memfd", sb.session ? sb.session->memfd() >= 0 : sb.vmm_memfd_fd >= 0},
+          {"attributes", sandbox_context(sb.attributes)},
+          {"snapshots", sb.chain},
+          {"strategy", sb.strategy},
+          {"warm_memory_kept", sb.retained.memfd.get() >= 0},
+          {"last_pause", sb.last_pause},
+          {"last_resume", sb.last_resume},
+          {"last_error", sb.last_error.empty() ? json(nullptr) : json(sb.last_error)}};
+}
+
+Result<json> SandboxService::register_sandbox(const json& body) {
+  if (Status s = only_keys(body,
+                           {"id", "vmm_pid", "regions", "memfd_fd", "guest_size", "attributes",
+                            "snapshots", "strategy"},
+                           "register");
+      !s.ok()) {
+    return std::move(s).error();
+  }
+  auto sb = std::make_shared<Sandbox>();
+  auto id = field<std::string>(body, "id", "");
+  if (!id.ok()) return std::move(id).error();
+  if (!valid_id(*id)) {
+    return make_error(Errc::kInvalidArgument,
+                      "id must be 1-128 characters of [A-Za-z0-9._-], not starting with '.'");
+  }
+  sb->id = *id;
+  sb->attributes.id = *id;
+  if (body.contains("attributes")) {
+    const json& a = body["attributes"];
+    if (Status s = only_keys(a,
+                             {"team", "template", "vmm", "vmm_version", "kernel_version",
+                              "memory_mib", "hugepages", "host"},
+                             "attributes");
+        !s.ok()) {
+      return std::move(s).error();
+    }
+    auto str = [&](const char* k, std::string& out) -> Status {
+      auto v = field<std::string>(a, k, "");
+      if (!v.ok()) return std::move(v).error();
+      out = *v;
+      return {};
+    };
+    for (auto [k, out] : {std::pair{"team", &sb->attributes.team},
+                          std::pair{"template", &sb->attributes.template_name},
+                          std::pair{"vmm", &sb->attributes.vmm},
+                          std::pair{"vmm_version", &sb->attributes.vmm_version},
+                          std::pair{"kernel_version", &sb->attributes.kernel_version},
+                          std::pair{"host", &sb->attributes.host}}) {
+      if (Status s = str(k, *out); !s.ok()) return std::move(s).error();
+    }
+    auto huge = field<bool>(a, "hugepages", false);
+    if (!huge.ok()) return std::move(huge).error();
+    sb->attributes.hugepages = *huge;
+    auto mib = field<std::uint64_t>(a, "memory_mib", 0);
+    if (!mib.ok()) return std::move(mib).error();
+    sb->attributes.memory_mib = *mib;
+  }
+
+  const bool has_vmm = body.contains("vmm_pid");
+  const bool has_chain = body.contains("snapshots");
+  if (has_vmm == has_chain) {
+    return make_error(Errc::kInvalidArgument,
+                      "give either vmm_pid and regions (a running VMM) or snapshots (a paused "
+                      "sandbox)");
+  }
+  if (has_vmm) {
+    auto pid = field<std::uint64_t>(body, "vmm_pid", 0);
+    if (!pid.ok()) return std::move(pid).error();
+    if (*pid == 0 || *pid > 4194304) return make_error(Errc::kInvalidArgument, "vmm_pid is not a pid");
+    sb->vmm_pid = static_cast<pid_t>(*pid);
+    if (!process_alive(sb->vmm_pid)) {
+      return make_error(Errc::kProcessGone, "no process " + std::to_string(sb->vmm_pid));
+    }
+    if (!body.contains("regions")) {
+      return make_error(Errc::kInvalidArgument, "a running VMM needs regions");
+    }
+    std::vector<plugin::Region> regions;
+    const json& rs = body["regions"];
+    if (!rs.is_array() || rs.empty()) {
+      return make_error(Errc::kInvalidArgument, "regions must be a non-empty array");
+    }
+    for (const auto& r : rs) {
+      if (Status s = only_keys(r, {"guest_offset", "host_addr", "size"}, "region"); !s.ok()) {
+        return std::move(s).error();
+      }
+      plugin::Region region{};
+      auto off = field<std::uint64_t>(r, "guest_offset", 0);
+      auto addr = field<std::uint64_t>(r, "host_addr", 0);
+      auto size = field<std::uint64_t>(r, "size", 0);
+      if (!off.ok() || !addr.ok() || !size.ok() || !r.contains("host_addr") ||
+          !r.contains("size")) {
+        return make_error(Errc::kInvalidArgument,
+                          "a region needs guest_offset, host_addr and size (non-negative "
+                          "integers)");
+      }
+      region.guest_offset = *off;
+      region.host_addr = *addr;
+      region.size = *size;
+      regions.push_back(region);
+    }
+    std::uint64_t end = 0;
+    for (const auto& r : regions) end = std::max(end, r.guest_offset + r.size);
+    auto guest_size = field<std::uint64_t>(body, "guest_size", end);
+    if (!guest_size.ok()) return std::move(guest_size).error();
+    if (Status s = validate_regions(regions, *guest_size); !s.ok()) return std::move(s).error();
+    sb->regions = std::move(regions);
+    sb->guest_size = *guest_size;
+    auto memfd_fd = field<std::uint64_t>(body, "memfd_fd", ~0ULL);
+    if (!memfd_fd.ok()) return std::move(memfd_fd).error();
+    if (*memfd_fd != ~0ULL) {
+      // Take it now: a wrong number is an error at registration, not at the first pause.
+      auto taken = take_fd_of_process(sb->vmm_pid, static_cast<int>(*memfd_fd));
+      if (!taken.ok()) return std::move(taken).error();
+      io::UniqueFd check(*taken);
+      struct stat st {};
+      if (::fstat(check.get(), &st) != 0 || !S_ISREG(st.st_mode) ||
+          static_cast<std::uint64_t>(st.st_size) < sb->guest_size) {
+        return make_error(Errc::kInvalidArgument,
+                          "fd " + std::to_string(*memfd_fd) + " of process " +
+                              std::to_string(sb->vmm_pid) +
+                              " is not a memfd holding the whole guest");
+      }
+      sb->vmm_memfd_fd = static_cast<int>(*memfd_fd);
+    }
+    sb->attributes.has_memfd = sb->vmm_memfd_fd >= 0;
+    if (sb->attributes.memory_mib == 0) sb->attributes.memory_mib = sb->guest_size >> 20;
+    sb->state = "running";
+  } else {
+    if (body.contains("regions") || body.contains("memfd_fd")) {
+      return make_error(Errc::kInvalidArgument, "a paused sandbox has no regions or memfd_fd");
+    }
+    const json& chain = body["snapshots"];
+    if (!chain.is_array() || chain.empty()) {
+      return make_error(Errc::kInvalidArgument, "snapshots must be a non-empty array of paths");
+    }
+    for (const auto& p : chain) {
+      if (!p.is_string()) return make_error(Errc::kInvalidArgument, "snapshots: paths are strings");
+      auto confined = confine(p.get<std::string>(), /*must_exist=*/true);
+      if (!confined.ok()) return std::move(confined).error();
+      sb->chain.push_back(*confined);
+    }
+    auto chain_open = SnapshotChain::open(sb->chain, Verify::kHeaderAndMap);
+    if (!chain_open.ok()) return std::move(chain_open).error();
+    sb->guest_size = chain_open->guest_size();
+    auto strategy = field<std::string>(body, "strategy", "");
+    if (!strategy.ok()) return std::move(strategy).error();
+    sb->strategy = *strategy;
+    if (sb->strategy.empty() || registry_.find(sb->strategy) == nullptr) {
+      return make_error(Errc::kInvalidArgument,
+                        "a paused sandbox needs the strategy (a loaded plugin) that wrote it");
+    }
+    sb->state = "paused";
+  }
+
+  std::lock_guard lock(mu_);
+  if (sandboxes_.count(sb->id)) {
+    return make_error(Errc::kAlreadyExists, "sandbox " + sb->id + " is already registered");
+  }
+  sandboxes_[sb->id] = sb;
+  publish_states_locked();
+  spdlog::info("sandbox {} registered ({}, {} MiB)", sb->id, sb->state, sb->guest_size >> 20);
+  return describe_locked(*sb);
+}
+
+Result<std::shared_ptr<Sandbox>> SandboxService::claim(const std::string& id, const char* op,
+                                                       const std::string& required_state,
+                                                       const std::string& busy_state) {
+  std::lock_guard lock(mu_);
+  if (draining_) {
+    return make_error(Errc::kShuttingDown, "memsnapd is shutting down: no new " +
+                                               std::string(op) + "s");
+  }
+  const auto it = sandboxes_.find(id);
+  if (it == sandboxes_.end()) return make_error(Errc::kNotFound, "no sandbox " + id);
+  Sandbox& sb = *it->second;
+  if (sb.state == "pausing" || sb.state == "resuming") {
+    return make_error(Errc::kBusy, "sandbox " + id + " is " + sb.state + " already");
+  }
+  if (sb.state != required_state) {
+    return make_error(Errc::kInvalidState, "sandbox " + id + " is " + sb.state + "; a " + op +
+                                               " needs it " + required_state);
+  }
+  sb.state = busy_state;
+  publish_states_locked();
+  return it->second;
+}
+
+bool SandboxService::acquire_slot(bool pause_slot) {
+  std::unique_lock lock(mu_);
+  int& in_flight = pause_slot ? pauses_in_flight_ : resumes_in_flight_;
+  auto limit = [&] {
+    return pause_slot ? settings_.max_concurrent_pauses : settings_.max_concurrent_resumes;
+  };
+  const auto deadline = std::chrono::steady_clock::now() + settings_.queue_timeout;
+  if (!changed_.wait_until(lock, deadline,
+                           [&] { return draining_ || in_flight < limit(); })) {
+    metrics_.record_concurrency_rejection(pause_slot ? metrics::OperationKind::kPause
+                                                     : metrics::OperationKind::kResume);
+    return false;
+  }
+  if (draining_) return false;
+  ++in_flight;
+  return true;
+}
+
+void SandboxService::release_slot(bool pause_slot) {
+  {
+    std::lock_guard lock(mu_);
+    --(pause_slot ? pauses_in_flight_ : resumes_in_flight_);
+  }
+  changed_.notify_all();
+}
+
+void SandboxService::flush_fault_stats_locked(Sandbox& sb) {
+  if (!sb.session) return;
+  const FaultStats now = sb.session->fault_stats();
+  if (now.faults > sb.faults_recorded.faults) {
+    metrics_.observe_fault_latency_batch(sb.session_strategy,
+                                         now.faults - sb.faults_recorded.faults,
+                                         now.service_seconds - sb.faults_recorded.service_seconds);
+  }
+  sb.faults_recorded = now;
+}
+
+Result<json> SandboxService::pause(const std::string& id, const json& body) {
+  if (Status s = only_keys(body, {"output", "parent", "dirty", "strategy", "after", "sync"},
+                           "pause");
+      !s.ok()) {
+    return std::move(s).error();
+  }
+  auto output = field<std::string>(body, "output", "");
+  auto parent = field<std::string>(body, "parent", "");
+  auto forced = field<std::string>(body, "strategy", "");
+  auto after = field<std::string>(body, "after", "stop");
+  auto sync = field<bool>(body, "sync", options_.sync);
+  for (const Result<std::string>* r : {&output, &parent, &forced, &after}) {
+    if (!r->ok()) return r->error();
+  }
+  if (!sync.ok()) return std::move(sync).error();
+  if (*after != "stop" && *after != "continue") {
+    return make_error(Errc::kInvalidArgument, "after must be \"stop\" or \"continue\"");
+  }
+  if (!forced->empty() && registry_.find(*forced) == nullptr) {
+    return make_error(Errc::kInvalidArgument, "strategy \"" + *forced + "\" is not a loaded plugin");
+  }
+  std::optional<std::vector<plugin::ByteRange>> dirty;
+  if (body.contains("dirty") && !body["dirty"].is_null()) {
+    auto ranges = ranges_of(body["dirty"], "dirty", "offset", "length");
+    if (!ranges.ok()) return std::move(ranges).error();
+    dirty = std::move(*ranges);
+  }
+
+  auto claimed = claim(id, "pause", "running", "pausing");
+  if (!claimed.ok()) return std::move(claimed).error();
+  const std::shared_ptr<Sandbox> sb = *claimed;
+  // Puts the sandbox back when the pause does not get to run.
+  auto unclaim = [&](Error e) -> Result<json> {
+    {
+      std::lock_guard lock(mu_);
+      sb->state = "running";
+      publish_states_locked();
+    }
+    changed_.notify_all();
+    return e;
+  };
+
+  // Where the snapshot goes and what it is a diff of. The sandbox is ours now (state pausing).
+  std::string parent_path;
+  std::vector<std::string> chain_before = sb->chain;
+  if (parent->empty()) {
+    // A diff needs to know what changed: write tracking from a resume, or a given dirty set.
+    if (!chain_before.empty() && (sb->session || dirty)) parent_path = chain_before.back();
+  } else if (*parent == "none") {
+    // a base snapshot
+  } else if (*parent == "latest") {
+    if (chain_before.empty()) return unclaim(make_error(Errc::kInvalidArgument, "no snapshot yet"));
+    parent_path = chain_before.back();
+  } else {
+    auto confined = confine(*parent, true);
+    if (!confined.ok()) return unclaim(confined.error());
+    const auto it = std::find(chain_before.begin(), chain_before.end(), *confined);
+    if (it == chain_before.end()) {
+      return unclaim(make_error(Errc::kInvalidArgument,
+                                "parent must be one of the sandbox's snapshots (or latest/none)"));
+    }
+    parent_path = *confined;
+  }
+  if (!parent_path.empty() && !sb->session && !dirty) {
+    return unclaim(make_error(Errc::kInvalidArgument,
+                              "a diff needs a dirty set: give \"dirty\", or resume the sandbox "
+                              "through memsnapd (which tracks writes), or use parent \"none\""));
+  }
+  if (!parent_path.empty() && parent_path != chain_before.back()) {
+    const auto it = std::find(chain_before.begin(), chain_before.end(), parent_path);
+    chain_before.erase(it + 1, chain_before.end());
+  } else if (parent_path.empty()) {
+    chain_before.clear();
+  }
+  const std::string out_name =
+      output->empty() ? sb->id + "/generation-" + std::to_string(sb->chain.size() + 1) + ".snap"
+                      : *output;
+  auto out_path = confine(out_name, false);
+  if (!out_path.ok()) return unclaim(out_path.error());
+  std::error_code ec;
+  if (fs::exists(fs::symlink_status(*out_path, ec))) {
+    return unclaim(make_error(Errc::kAlreadyExists,
+                              "\"" + *out_path + "\" exists: snapshots are never overwritten"));
+  }
+  fs::create_directories(fs::path(*out_path).parent_path(), ec);
+  if (ec) {
+    return unclaim(make_error(Errc::kIoError, "cannot create the directory of " + *out_path +
+                                                  ": " + ec.message()));
+  }
+
+  if (!acquire_slot(true)) {
+    return unclaim(make_error(Errc::kBusy, "no free pause slot (the concurrency limit is reached "
+                                           "and stayed so), or memsnapd is shutting down"));
+  }
+  metrics::InFlight in_flight = metrics_.track_in_flight(metrics::OperationKind::kPause);
+  const auto started = std::chrono::steady_clock::now();
+
+  const Choice choice = choose(*sb, *forced, /*record=*/true);
+  ServiceSettings settings = this->settings();
+
+  // The memfd: the one a resume handed over (or the VMM's own, kept by the session), else the
+  // registered VMM's.
+  io::UniqueFd own_memfd;
+  int memfd = -1;
+  if (sb->session && sb->session->memfd() >= 0) {
+    memfd = sb->session->memfd();
+  } else if (sb->vmm_memfd_fd >= 0) {
+    auto taken = take_fd_of_process(sb->vmm_pid, sb->vmm_memfd_fd);
+    if (taken.ok()) {
+      own_memfd.reset(*taken);
+      memfd = own_memfd.get();
+    } else {
+      spdlog::warn("pause {}: cannot take the VMM's memfd: {}", id, taken.error().to_string());
+    }
+  }
+  {
+    std::lock_guard lock(mu_);
+    flush_fault_stats_locked(*sb);
+  }
+
+  PauseRequest req;
+  req.pid = sb->vmm_pid;
+  req.regions = sb->regions;
+  req.memfd = memfd;
+  req.guest_size = sb->guest_size;
+  req.strategy = choice.strategy;
+  req.allow_fallback = settings.allow_fallback;
+  req.fallback_strategy = settings.fallback_strategy;
+  req.out_path = *out_path;
+  req.parent_path = parent_path;
+  req.freeze = true;
+  req.stay_frozen = *after == "stop";
+  req.sync = *sync;
+  if (dirty) {
+    req.dirty = dirty;
+  } else if (sb->session && !parent_path.empty()) {
+    req.dirty_source = [s = sb->session.get()](std::string* how) {
+      return s->dirty_since_resume(how);
+    };
+  }
+  spdlog::info("pause {}: strategy {} ({}{}) -> {}", id, choice.strategy, choice.reason,
+               choice.variant.empty() ? "" : ", variant " + choice.variant, *out_path);
+  auto paused = memsnap::pause(registry_, req);
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  release_slot(true);
+
+  if (!paused.ok()) {
+    metrics::PauseObservation obs;
+    obs.strategy = choice.strategy;
+    obs.outcome = metrics::Outcome::kError;
+    obs.seconds = seconds;
+    metrics_.record_pause(obs);
+    spdlog::error("pause {} failed: {}", id, paused.error().to_string());
+    {
+      std::lock_guard lock(mu_);
+      sb->state = process_alive(sb->vmm_pid) ? "running" : "failed";
+      sb->last_error = paused.error().to_string();
+      publish_states_locked();
+    }
+    changed_.notify_all();
+    return std::move(paused).error();
+  }
+  const PauseReport& rep = *paused;
+  if (!rep.fallback_reason.empty()) {
+    // The pipeline's own fallback (the strategy could not run this sandbox).
+    metrics_.record_fallback(rep.requested_strategy, rep.strategy, metrics::FallbackReason::kOther);
+  }
+  metrics::PauseObservation obs;
+  obs.strategy = rep.strategy;
+  obs.outcome = metrics::Outcome::kOk;
+  obs.seconds = rep.wall_seconds;
+  obs.phases = metric_phases(rep.phases);
+  obs.exported_bytes = rep.dirty_bytes;
+  obs.written_bytes = rep.data_bytes;
+  obs.zero_blocks = rep.zero_blocks;
+  obs.block_size = rep.block_size;
+  obs.released_bytes = rep.export_stats.bytes_released;
+  obs.cpu_seconds = rep.cpu_seconds;
+  metrics_.record_pause(obs);
+
+  const PluginInfo* info = registry_.find(rep.strategy);
+  const bool keeps_memory = info && info->needs_memfd() && !info->releases_memory();
+  const bool complete = !sb->session || sb->session->memfd_complete();
+  json answer = {{"id", id},
+                 {"strategy", rep.strategy},
+                 {"requested_strategy", choice.requested},
+                 {"variant", choice.variant.empty() ? json(nullptr) : json(choice.variant)},
+                 {"reason", choice.reason},
+                 {"fallback", nullptr},
+                 {"snapshot", rep.snapshot_path},
+                 {"snapshot_id", rep.snapshot_id},
+                 {"generation", rep.generation},
+                 {"parent", parent_path.empty() ? json(nullptr) : json(parent_path)},
+                 {"bytes", rep.dirty_bytes},
+                 {"data_bytes", rep.data_bytes},
+                 {"zero_blocks", rep.zero_blocks},
+                 {"memory_released", rep.export_stats.bytes_released},
+                 {"dirty_set_source", rep.dirty_set_source},
+                 {"seconds", rep.wall_seconds},
+                 {"cpu_seconds", rep.cpu_seconds},
+                 {"phases", phases_json(rep.phases)},
+                 {"after", *after},
+                 {"report", to_json(rep)}};
+  if (!choice.fallback_code.empty()) {
+    answer["fallback"] = {{"from", choice.requested}, {"to", choice.strategy},
+                          {"reason", choice.fallback_code}, {"detail", choice.fallback_reason}};
+  } else if (!rep.fallback_reason.empty()) {
+    answer["fallback"] = {{"from", rep.requested_strategy}, {"to", rep.strategy},
+                          {"reason", "strategy_cannot_run"}, {"detail", rep.fallback_reason}};
+  }
+
+  {
+    std::lock_guard lock(mu_);
+    if (sb->session) sb->session->pause_committed();
+    chain_before.push_back(rep.snapshot_path);
+    sb->chain = std::move(chain_before);
+    sb->strategy = rep.strategy;
+    sb->retained = RetainedMemory{};
+    if (*after == "stop" && keeps_memory && memfd >= 0 && complete) {
+      sb->retained.memfd.reset(::dup(memfd));
+      sb->retained.snapshot_id = rep.snapshot_id;
+      sb->retained.generation = rep.generation;
+      sb->retained.guest_size = sb->guest_size;
+    }
+    sb->last_pause = answer;
+    sb->last_error.clear();
+    sb->state = *after == "stop" ? "paused" : "running";
+    publish_states_locked();
+  }
+  changed_.notify_all();
+  return answer;
+}
+
+Result<json> SandboxService::resume(const std::string& id, const json& body) {
+  if (Status s = only_keys(body, {"handshake_socket", "mode", "track_writes"}, "resume");
+      !s.ok()) {
+    return std::move(s).error();
+  }
+  auto socket = field<std::string>(body, "handshake_socket", "");
+  auto mode_name = field<std::string>(body, "mode", "");
+  auto track = field<bool>(body, "track_writes", true);
+  if (!socket.ok()) return std::move(socket).error();
+  if (!mode_name.ok()) return std::move(mode_name).error();
+  if (!track.ok()) return std::move(track).error();
+  if (socket->empty() || socket->front() != '/') {
+    return make_error(Errc::kInvalidArgument, "handshake_socket must be an absolute path");
+  }
+  std::optional<ResumeMode> mode;
+  if (!mode_name->empty()) {
+    auto parsed = parse_resume_mode(*mode_name);
+    if (!parsed.ok()) return std::move(parsed).error();
+    mode = *parsed;
+  }
+
+  auto claimed = claim(id, "resume", "paused", "resuming");
+  if (!claimed.ok()) return std::move(claimed).error();
+  const std::shared_ptr<Sandbox> sb = *claimed;
+  if (sb->resume_thread.joinable()) sb->resume_thread.join();  // the previous one, long done
+
+  if (!acquire_slot(false)) {
+    std::lock_guard lock(mu_);
+    sb->state = "paused";
+    publish_states_locked();
+    return make_error(Errc::kBusy, "no free resume slot, or memsnapd is shutting down");
+  }
+  // The old VMM is gone (or frozen for good): its session has nothing left to serve.
+  std::unique_ptr<ResumeSession> old;
+  {
+    std::lock_guard lock(mu_);
+    flush_fault_stats_locked(*sb);
+    old = std::move(sb->session);
+  }
+  if (old) old->stop();
+  old.reset();
+
+  ResumeRequest rr;
+  rr.chain = sb->chain;
+  rr.socket_path = *socket;
+  rr.strategy = sb->strategy;
+  rr.mode = mode;
+  rr.retained = &sb->retained;
+  rr.handshake_timeout = settings().handshake_timeout;
+  rr.verify_checksums = true;
+  rr.track_writes = *track;
+  auto prepared = ResumeSession::prepare(registry_, std::move(rr));
+  if (!prepared.ok()) {
+    release_slot(false);
+    metrics::ResumeObservation obs;
+    obs.strategy = sb->strategy;
+    obs.outcome = metrics::Outcome::kError;
+    metrics_.record_resume(obs);
+    {
+      std::lock_guard lock(mu_);
+      sb->state = "paused";
+      sb->last_error = prepared.error().to_string();
+      publish_states_locked();
+    }
+    changed_.notify_all();
+    return std::move(prepared).error();
+  }
+  const std::string mode_chosen(resume_mode_name((*prepared)->report().mode));
+  {
+    std::lock_guard lock(mu_);
+    sb->session = std::move(*prepared);
+    sb->session_strategy = sb->strategy;
+    sb->faults_recorded = FaultStats{};
+  }
+  // The VMM connects when the orchestrator starts it, after this answer: wait for it on a
+  // thread of the sandbox's own.
+  sb->resume_thread = std::thread([this, sb] { finish_resume(sb); });
+  return json{{"id", id},
+              {"state", "resuming"},
+              {"handshake_socket", *socket},
+              {"strategy", sb->strategy},
+              {"mode", mode_chosen},
+              {"snapshots", sb->chain}};
+}
+
+void SandboxService::finish_resume(const std::shared_ptr<Sandbox>& sb) {
+  metrics::InFlight in_flight = metrics_.track_in_flight(metrics::OperationKind::kResume);
+  ResumeSession& session = *sb->session;
+  const Status served = session.accept_and_serve();
+  const ResumeReport& rep = session.report();
+  metrics::ResumeObservation obs;
+  obs.strategy = sb->strategy;
+  obs.phases = metric_phases(rep.phases);
+  obs.mode = std::string(resume_mode_name(rep.mode));
+  release_slot(false);
+  if (!served.ok()) {
+    obs.outcome = metrics::Outcome::kError;
+    metrics_.record_resume(obs);
+    spdlog::error("resume {} failed: {}", sb->id, served.error().to_string());
+    std::unique_ptr<ResumeSession> failed;
+    {
+      std::lock_guard lock(mu_);
+      failed = std::move(sb->session);
+      sb->state = "paused";
+      sb->last_error = served.error().to_string();
+      publish_states_locked();
+    }
+    failed.reset();
+    changed_.notify_all();
+    return;
+  }
+  obs.outcome = metrics::Outcome::kOk;
+  obs.seconds = rep.ready_seconds;
+  metrics_.record_resume(obs);
+  json answer = {{"id", sb->id},
+                 {"strategy", sb->strategy},
+                 {"mode", obs.mode},
+                 {"mode_reason", rep.mode_reason},
+                 {"vmm_pid", rep.vmm_pid},
+                 {"ready_seconds", rep.ready_seconds},
+                 {"phases", phases_json(rep.phases)},
+                 {"write_tracking", rep.write_tracking},
+                 {"report", to_json(rep)}};
+  spdlog::info("resume {}: VMM pid {} ready in {:.3f} ms ({})", sb->id, rep.vmm_pid,
+               rep.ready_seconds * 1e3, obs.mode);
+  {
+    std::lock_guard lock(mu_);
+    sb->vmm_pid = rep.vmm_pid;
+    sb->regions = session.regions();
+    sb->vmm_memfd_fd = -1;  // the session holds the memfd now, if there is one
+    sb->guest_size = rep.guest_size;
+    sb->attributes.has_memfd = session.memfd() >= 0;
+    sb->last_resume = answer;
+    sb->last_error.clear();
+    sb->state = "running";
+    publish_states_locked();
+  }
+  changed_.notify_all();
+}
+
+Result<json> SandboxService::get(const std::string& id, const std::string& wait_while_state,
+                                 std::chrono::milliseconds timeout) {
+  std::unique_lock lock(mu_);
+  const auto it = sandboxes_.find(id);
+  if (it == sandboxes_.end()) return make_error(Errc::kNotFound, "no sandbox " + id);
+  const std::shared_ptr<Sandbox> sb = it->second;
+  if (!wait_while_state.empty()) {
+    if (!changed_.wait_for(lock, timeout, [&] { return sb->state != wait_while_state; })) {
+      return make_error(Errc::kTimeout, "sandbox " + id + " is still " + wait_while_state +
+                                            " after " + std::to_string(timeout.count()) + " ms");
+    }
+  }
+  json out = describe_locked(*sb);
+  if (sb->session) out["faults"] = to_json(sb->session->fault_stats());
+  return out;
+}
+
+json SandboxService::list() const {
+  std::lock_guard lock(mu_);
+  json out = json::array();
+  for (const auto& [id, sb] : sandboxes_) {
+    out.push_back({{"id", id}, {"state", sb->state}, {"strategy", sb->strategy},
+                   {"vmm_pid", sb->vmm_pid}, {"snapshots", sb->chain.size()}});
+  }
+  return {{"sandboxes", out}};
+}
+
+Result<json> SandboxService::explain(const std::string& id) const {
+  std::shared_ptr<Sandbox> sb;
+  {
+    std::lock_guard lock(mu_);
+    const auto it = sandboxes_.find(id);
+    if (it == sandboxes_.end()) return make_error(Errc::kNotFound, "no sandbox " + id);
+    sb = it->second;
+  }
+  SandboxAttributes attributes;
+  {
+    std::lock_guard lock(mu_);
+    attributes = sb->attributes;
+  }
+  Sandbox probe;
+  probe.attributes = attributes;
+  const Choice c = choose(probe, "", /*record=*/false);
+  json out = {{"id", id},
+              {"strategy", c.strategy},
+              {"requested_strategy", c.requested},
+              {"variant", c.variant.empty() ? json(nullptr) : json(c.variant)},
+              {"reason", c.reason},
+              {"fallback", c.fallback_code.empty()
+                               ? json(nullptr)
+                               : json{{"from", c.requested}, {"to", c.strategy},
+                                      {"reason", c.fallback_code}, {"detail", c.fallback_reason}}},
+              {"context", sandbox_context(attributes)}};
+  std::shared_ptr<flags::FlagStore> store;
+  std::string flag;
+  {
+    std::lock_guard lock(mu_);
+    store = flags_;
+    flag = settings_.strategy_flag;
+  }
+  out["flag"] = flag;
+  if (store) {
+    flags::EvalOptions eo;
+    eo.explain = true;
+    const auto r = store->snapshot()->evaluate(flag, sandbox_context(attributes),
+                                               flags::FlagType::kString, c.requested, eo);
+    out["trace"] = r.trace;
+  }
+  return out;
+}
+
+Result<json> SandboxService::remove(const std::string& id) {
+  std::shared_ptr<Sandbox> sb;
+  {
+    std::lock_guard lock(mu_);
+    const auto it = sandboxes_.find(id);
+    if (it == sandboxes_.end()) return make_error(Errc::kNotFound, "no sandbox " + id);
+    if (it->second->state == "pausing" || it->second->state == "resuming") {
+      return make_error(Errc::kBusy, "sandbox " + id + " is " + it->second->state);
+    }
+    sb = it->second;
+    flush_fault_stats_locked(*sb);
+    sandboxes_.erase(it);
+    publish_states_locked();
+  }
+  if (sb->resume_thread.joinable()) sb->resume_thread.join();
+  if (sb->session) sb->session->stop();
+  spdlog::info("sandbox {} unregistered (its snapshots stay)", id);
+  return json{{"id", id}, {"removed", true}, {"snapshots", sb->chain}};
+}
+
+json SandboxService::health() const {
+  std::lock_guard lock(mu_);
+  json plugins = json::array();
+  for (const auto& p : registry_.plugins()) {
+    plugins.push_back({{"name", p.name}, {"status", p.loaded() ? "loaded" : "refused"}});
+  }
+  json flags = nullptr;
+  if (flags_) {
+    const auto stats = flags_->stats();
+    flags = {{"path", flags_->path()},
+             {"generation", stats.generation},
+             {"reloads_failed", stats.reloads_failed},
+             {"last_error", stats.last_error}};
+  }
+  return {{"status", draining_ ? "draining" : "ok"},
+          {"sandboxes", sandboxes_.size()},
+          {"pauses_in_flight", pauses_in_flight_},
+          {"resumes_in_flight", resumes_in_flight_},
+          {"snapshot_dir", snapshot_dir_},
+          {"plugins", plugins},
+          {"flags", flags}};
+}
+
+bool SandboxService::drain(std::chrono::milliseconds timeout) {
+  std::unique_lock lock(mu_);
+  draining_ = true;
+  changed_.notify_all();
+  auto busy = [&] {
+    return std::any_of(sandboxes_.begin(), sandboxes_.end(), [](const auto& kv) {
+      return kv.second->state == "pausing" || kv.second->state == "resuming";
+    });
+  };
+  return changed_.wait_for(lock, timeout, [&] { return !busy(); });
+}
+
+}  // namespace memsnap::daemon

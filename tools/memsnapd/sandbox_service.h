@@ -1,0 +1,132 @@
+// memsnapd's sandboxes: what the control API's endpoints do, without HTTP.
+//
+// A sandbox is registered (a running VMM: pid, guest regions, optionally the fd number of the
+// memfd that backs its memory; or a paused one: its snapshot chain), then paused and resumed,
+// any number of times, through the same pipelines the CLI uses (core/pause, core/resume). The
+// strategy of each pause comes from the feature flag (StrategySelector) unless the request forces
+// one; every pause and resume is recorded in HostMetrics by strategy.
+//
+// States:
+//   running  --pause-->  pausing  --ok, after=stop-->      paused
+//                                 --ok, after=continue-->  running
+//                                 --error-->               running (the VMM was continued)
+//   paused   --resume--> resuming --VMM handshake ok-->    running (the new VMM)
+//                                 --error / timeout-->     paused (the chain is untouched)
+// A sandbox is operated on by one pause or resume at a time (a second one gets kBusy); every
+// snapshot path is confined to the snapshot directory; nothing is committed unless the whole
+// pause succeeded (the pipeline's temporary file is renamed into place last).
+//
+// Thread-safety: every method may be called from any thread (the control API serves each
+// connection on its own thread).
+#pragma once
+
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include <nlohmann/json.hpp>
+
+#include "core/base/result.h"
+#include "core/metrics/host_metrics.h"
+#include "core/plugin_host/plugin_registry.h"
+#include "flags/flag_store.h"
+
+namespace memsnap::daemon {
+
+// What SIGHUP may change.
+struct ServiceSettings {
+  int max_concurrent_pauses = 4;
+  int max_concurrent_resumes = 4;
+  std::chrono::milliseconds handshake_timeout{10000};
+  // How long a pause or resume waits for a free slot before it is refused (kBusy).
+  std::chrono::milliseconds queue_timeout{60000};
+  std::string fallback_strategy = "process_vm_readv";
+  bool allow_fallback = true;
+  std::string strategy_flag = "memory-export-strategy";
+};
+
+struct ServiceOptions {
+  std::string snapshot_dir;  // absolute; created if missing
+  bool sync = true;          // fsync snapshots at commit
+  ServiceSettings settings;
+};
+
+struct Sandbox;
+
+class SandboxService {
+ public:
+  // registry and metrics must outlive the service.
+  static Result<std::unique_ptr<SandboxService>> create(const PluginRegistry& registry,
+                                                        metrics::HostMetrics& metrics,
+                                                        ServiceOptions options);
+  ~SandboxService();
+  SandboxService(const SandboxService&) = delete;
+  SandboxService& operator=(const SandboxService&) = delete;
+
+  // The flag source strategies are chosen from; null: none (every sandbox gets the fallback
+  // strategy, which is then not counted as a fallback).
+  void set_flags(std::shared_ptr<flags::FlagStore> store);
+  void update_settings(const ServiceSettings& settings);
+  ServiceSettings settings() const;
+
+  // The endpoints. Bodies are the parsed JSON requests (docs/api.md); results are the JSON
+  // answers. Errors carry the code the API maps to a status.
+  Result<nlohmann::json> register_sandbox(const nlohmann::json& body);
+  Result<nlohmann::json> pause(const std::string& id, const nlohmann::json& body);
+  Result<nlohmann::json> resume(const std::string& id, const nlohmann::json& body);
+  // wait_while_state: when set, waits (up to timeout) until the state is no longer that one.
+  Result<nlohmann::json> get(const std::string& id, const std::string& wait_while_state,
+                             std::chrono::milliseconds timeout);
+  nlohmann::json list() const;
+  Result<nlohmann::json> explain(const std::string& id) const;
+  Result<nlohmann::json> remove(const std::string& id);
+  nlohmann::json health() const;
+
+  // SIGTERM: refuses new pauses and resumes (kShuttingDown), then waits up to timeout for the
+  // ones in flight. True if none is left.
+  bool drain(std::chrono::milliseconds timeout);
+
+  // Called now and then by the daemon: flag reload counters into the metrics.
+  void poll_flag_reloads();
+
+ private:
+  SandboxService(const PluginRegistry& registry, metrics::HostMetrics& metrics,
+                 ServiceOptions options);
+
+  struct Choice;
+  Choice choose(const Sandbox& sandbox, const std::string& forced, bool record) const;
+  Result<std::shared_ptr<Sandbox>> claim(const std::string& id, const char* op,
+                                         const std::string& required_state,
+                                         const std::string& busy_state);
+  bool acquire_slot(bool pause_slot);
+  void release_slot(bool pause_slot);
+  void publish_states_locked();
+  nlohmann::json describe_locked(const Sandbox& sandbox) const;
+  Result<std::string> confine(const std::string& path, bool must_exist) const;
+  void flush_fault_stats_locked(Sandbox& sandbox);
+  void finish_resume(const std::shared_ptr<Sandbox>& sandbox);
+
+  const PluginRegistry& registry_;
+  metrics::HostMetrics& metrics_;
+  const ServiceOptions options_;
+  std::string snapshot_dir_;  // canonical
+
+  mutable std::mutex mu_;
+  std::condition_variable changed_;  // any state change, slot release, drain
+  std::map<std::string, std::shared_ptr<Sandbox>> sandboxes_;
+  ServiceSettings settings_;
+  std::shared_ptr<flags::FlagStore> flags_;
+  int pauses_in_flight_ = 0;
+  int resumes_in_flight_ = 0;
+  bool draining_ = false;
+  std::uint64_t reloads_seen_ = 0;
+  std::uint64_t reload_failures_seen_ = 0;
+};
+
+}  // namespace memsnap::daemon
