@@ -207,6 +207,9 @@ void FaultServer::publish_locked() {
   stats_.eexist += pending_.eexist;
   stats_.service_seconds += pending_.service_seconds;
   stats_.max_service_seconds = std::max(stats_.max_service_seconds, pending_.max_service_seconds);
+  for (std::size_t i = 0; i < stats_.latency_counts.size(); ++i) {
+    stats_.latency_counts[i] += pending_.latency_counts[i];
+  }
   pending_ = FaultStats{};
 }
 
@@ -353,6 +356,9 @@ void FaultServer::handle_message(const void* raw) {
     if (minor) ++pending_.minor_faults;
     pending_.service_seconds += dt;
     pending_.max_service_seconds = std::max(pending_.max_service_seconds, dt);
+    const auto& bounds = FaultStats::kLatencyBounds;
+    ++pending_.latency_counts[static_cast<std::size_t>(
+        std::lower_bound(bounds.begin(), bounds.end(), dt) - bounds.begin())];
     if (s == Served::kRetry) {
       retry_.push_back(page);
       std::lock_guard<std::mutex> lock(mu_);

@@ -26,6 +26,7 @@
 // never a loss.
 #pragma once
 
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -63,6 +64,12 @@ struct FaultStats {
   bool vmm_gone = false;           // ESRCH: the VMM exited while faults were served
   double service_seconds = 0;      // sum over faults of message read -> page installed
   double max_service_seconds = 0;
+  // The same per fault, bucketed: latency_counts[i] faults took at most kLatencyBounds[i] (and
+  // more than the bound before); the last element counts the rest. The bounds are those of
+  // memsnapd's fault-latency histogram, so the daemon can hand the counts over as they are.
+  static constexpr std::array<double, 13> kLatencyBounds = {
+      1e-6, 2e-6, 5e-6, 1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2};
+  std::array<std::uint64_t, kLatencyBounds.size() + 1> latency_counts{};
   double fill_seconds = 0;  // wall time from start to the end of the background fill
 };
 

@@ -284,7 +284,7 @@ int run(int argc, char** argv) {
   for (;;) {
     const timespec tick{1, 0};
     const int sig = ::sigtimedwait(&signals, nullptr, &tick);
-    service->poll_flag_reloads();
+    service->poll();
     if (sig < 0) continue;
     if (sig == SIGHUP) {
       config::LoadResult again = load(config_path, overrides);

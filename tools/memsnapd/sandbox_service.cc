@@ -224,11 +224,15 @@ ServiceSettings SandboxService::settings() const {
   return settings_;
 }
 
-void SandboxService::poll_flag_reloads() {
+void SandboxService::poll() {
   std::shared_ptr<flags::FlagStore> store;
   {
     std::lock_guard lock(mu_);
     store = flags_;
+    // Only running sandboxes: a pause or resume in flight owns its sandbox's session.
+    for (auto& [id, sb] : sandboxes_) {
+      if (sb->state == "running") flush_fault_stats_locked(*sb);
+    }
   }
   if (!store) return;
   const auto stats = store->stats();
@@ -557,9 +561,19 @@ void SandboxService::flush_fault_stats_locked(Sandbox& sb) {
   if (!sb.session) return;
   const FaultStats now = sb.session->fault_stats();
   if (now.faults > sb.faults_recorded.faults) {
-    metrics_.observe_fault_latency_batch(sb.session_strategy,
-                                         now.faults - sb.faults_recorded.faults,
-                                         now.service_seconds - sb.faults_recorded.service_seconds);
+    const double sum = now.service_seconds - sb.faults_recorded.service_seconds;
+    const auto& bounds = metrics::fault_latency_buckets();
+    if (std::equal(bounds.begin(), bounds.end(), FaultStats::kLatencyBounds.begin(),
+                   FaultStats::kLatencyBounds.end())) {
+      std::vector<std::uint64_t> counts(now.latency_counts.size());
+      for (std::size_t i = 0; i < counts.size(); ++i) {
+        counts[i] = now.latency_counts[i] - sb.faults_recorded.latency_counts[i];
+      }
+      metrics_.observe_fault_latency_buckets(sb.session_strategy, counts, sum);
+    } else {
+      metrics_.observe_fault_latency_batch(sb.session_strategy,
+                                           now.faults - sb.faults_recorded.faults, sum);
+    }
   }
   sb.faults_recorded = now;
 }

@@ -92,8 +92,9 @@ class SandboxService {
   // ones in flight. True if none is left.
   bool drain(std::chrono::milliseconds timeout);
 
-  // Called now and then by the daemon: flag reload counters into the metrics.
-  void poll_flag_reloads();
+  // Called now and then (every second) by the daemon: flag reload counters, and the page faults
+  // served for running sandboxes since the last call, into the metrics.
+  void poll();
 
  private:
   SandboxService(const PluginRegistry& registry, metrics::HostMetrics& metrics,
