@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <map>
 #include <regex>
 #include <string>
@@ -298,6 +299,72 @@ TEST_F(MemsnapdTest, SigtermDrainsAndRemovesTheSocket) {
   struct stat st {};
   EXPECT_NE(::stat(daemon_->socket().c_str(), &st), 0) << "the control socket was left behind";
   EXPECT_TRUE(fs::exists(daemon_->snapshot_dir() + "/sb-1/generation-1.snap"));
+}
+
+TEST(MemsnapdConfigTest, ABadConfigFileIsRefusedWithFileLineAndColumn) {
+  char templ[] = "/var/tmp/memsnapd-config-XXXXXX";
+  ASSERT_NE(::mkdtemp(templ), nullptr);
+  const std::string dir = templ;
+  const std::string config = dir + "/memsnapd.yaml";
+  std::ofstream(config) << "limits:\n  max_concurrent_pauses: four\nlogging:\n  levle: debug\n";
+  DaemonOptions o;
+  o.dir = dir;
+  o.config_file = config;
+  o.start_timeout = std::chrono::seconds(5);
+  auto d = Daemon::start(o);
+  ASSERT_FALSE(d.ok()) << "memsnapd started with a broken config";
+  std::ifstream log(dir + "/memsnapd.log");
+  const std::string text((std::istreambuf_iterator<char>(log)), std::istreambuf_iterator<char>());
+  EXPECT_NE(text.find(config + ":2:26"), std::string::npos) << text;
+  EXPECT_NE(text.find(config + ":4:3"), std::string::npos) << text;
+  EXPECT_NE(text.find("levle"), std::string::npos) << text;
+  fs::remove_all(dir);
+}
+
+TEST_F(MemsnapdTest, SighupAppliesWhatItCanAndKeepsTheRest) {
+  // Restart the fixture's daemon with a config file, then change it and send SIGHUP.
+  daemon_.reset();
+  const std::string config = dir_ + "/memsnapd.yaml";
+  std::ofstream(config) << "limits:\n  max_concurrent_pauses: 4\nstrategy:\n  fallback: process_vm_readv\n";
+  DaemonOptions o;
+  o.dir = dir_;
+  o.config_file = config;
+  auto d = Daemon::start(o);
+  ASSERT_TRUE(d.ok()) << d.error().to_string();
+  daemon_ = std::move(*d);
+  Sandbox& sb = launch("sb-1", "x", "memfd");
+  // No flag file: every sandbox gets the fallback strategy, and that is no fallback.
+  auto first = sb.pause();
+  ASSERT_TRUE(first.ok()) << first.error().to_string();
+  EXPECT_EQ((*first)["strategy"], "process_vm_readv");
+  EXPECT_EQ((*first)["reason"], "no_flags");
+  ASSERT_TRUE(sb.resume().ok());
+
+  write_file(flags_, flag_file("process_vm_readv"));
+  std::ofstream(config) << "limits:\n  max_concurrent_pauses: 2\nstrategy:\n  fallback: memfd\n"
+                        << "flags:\n  file: " << flags_ << "\n"
+                        << "plugins:\n  directory: " << dir_ << "/elsewhere\n";
+  ASSERT_EQ(::kill(daemon_->pid(), SIGHUP), 0);
+  json yaml;
+  for (int i = 0; i < 200; ++i) {
+    yaml = call("GET", "/v1/config").body;
+    if (yaml.value("yaml", "").find("max_concurrent_pauses: 2") != std::string::npos) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(25));
+  }
+  const std::string text = yaml.value("yaml", "");
+  EXPECT_NE(text.find("max_concurrent_pauses: 2"), std::string::npos) << text;
+  EXPECT_TRUE(std::regex_search(text, std::regex("fallback: \"?memfd"))) << text;
+  // Plugins are not reloaded without a restart: the running set stays, and the log says so.
+  EXPECT_EQ(text.find("elsewhere"), std::string::npos) << text;
+  std::ifstream log(daemon_->log_path());
+  const std::string logged((std::istreambuf_iterator<char>(log)), std::istreambuf_iterator<char>());
+  EXPECT_NE(logged.find("plugins.directory changed; it takes effect only after a restart"),
+            std::string::npos);
+  // The flag file named in the reloaded config is in force: team x gets the flag's default.
+  auto second = sb.pause();
+  ASSERT_TRUE(second.ok()) << second.error().to_string();
+  EXPECT_EQ((*second)["reason"], "DEFAULT");
+  EXPECT_EQ((*second)["variant"], "process_vm_readv");
 }
 
 }  // namespace

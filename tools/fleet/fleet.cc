@@ -108,9 +108,10 @@ Result<std::unique_ptr<Daemon>> Daemon::start(const DaemonOptions& o) {
   d->socket_ = o.dir + "/memsnapd.sock";
   d->snapshot_dir_ = o.dir + "/snapshots";
   d->log_ = o.dir + "/memsnapd.log";
-  std::vector<std::string> args = {o.binary.empty() ? find_binary("memsnapd") : o.binary,
-                                   "--set", "snapshots.directory=" + d->snapshot_dir_,
-                                   "--set", "control.socket=" + d->socket_};
+  std::vector<std::string> args = {o.binary.empty() ? find_binary("memsnapd") : o.binary};
+  if (!o.config_file.empty()) args.insert(args.end(), {"--config", o.config_file});
+  args.insert(args.end(), {"--set", "snapshots.directory=" + d->snapshot_dir_, "--set",
+                           "control.socket=" + d->socket_});
   if (o.metrics) {
     auto port = free_loopback_port();
     if (!port.ok()) return std::move(port).error();

@@ -25,6 +25,7 @@ namespace memsnap::fleet {
 struct DaemonOptions {
   std::string binary;  // empty: memsnapd next to this executable, else in $MEMSNAP_BIN_DIR
   std::string dir;     // must exist: control socket, snapshots/, handshake sockets, log go here
+  std::string config_file;             // --config (empty: built-in defaults)
   std::string flags_file;              // flags.file (empty: none)
   std::vector<std::string> overrides;  // more --set section.key=value
   bool metrics = true;                 // serve metrics on a free loopback port
