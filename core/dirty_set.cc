@@ -237,14 +237,15 @@ Result<std::vector<ByteRange>> populated_ranges_of_process(pid_t pid,
   return out;
 }
 
-Result<std::vector<ByteRange>> written_ranges_of_process(pid_t pid,
-                                                         const std::vector<Region>& regions,
-                                                         std::uint64_t block_size, bool rearm) {
+namespace {
+
+// Runs one PAGEMAP_SCAN query over every region of pid (which must support it) and returns what
+// it kept, sorted and merged, as guest offsets.
+Result<std::vector<ByteRange>> scan_process(pid_t pid, const std::vector<Region>& regions,
+                                            std::uint64_t block_size, const ScanQuery& query) {
   auto opened = open_pagemap(pid);
   if (!opened.ok()) return std::move(opened).error();
   const io::UniqueFd fd = std::move(*opened);
-  const ScanQuery query{kScanCheckWpAsync | (rearm ? kScanWpMatching : 0), kPageIsWritten, 0,
-                        kPageIsWritten};
   ScanStats stats;
   std::vector<ByteRange> out;
   for (const auto& r : regions) {
@@ -264,11 +265,18 @@ Result<std::vector<ByteRange>> written_ranges_of_process(pid_t pid,
   return sorted;
 }
 
+}  // namespace
+
+Result<std::vector<ByteRange>> written_ranges_of_process(pid_t pid,
+                                                         const std::vector<Region>& regions,
+                                                         std::uint64_t block_size, bool rearm) {
+  const ScanQuery query{kScanCheckWpAsync | (rearm ? kScanWpMatching : 0), kPageIsWritten, 0,
+                        kPageIsWritten};
+  return scan_process(pid, regions, block_size, query);
+}
+
 Result<std::vector<ByteRange>> arm_write_tracking(pid_t pid, const std::vector<Region>& regions,
                                                   std::uint64_t block_size) {
-  auto opened = open_pagemap(pid);
-  if (!opened.ok()) return std::move(opened).error();
-  const io::UniqueFd fd = std::move(*opened);
   // No category required: every page and every empty page-table entry is visited and
   // write-protected (empty entries get a marker), and each is reported with its categories as
   // they were until then. The kernel does both under the page-table lock, so a write lands
@@ -279,22 +287,7 @@ Result<std::vector<ByteRange>> arm_write_tracking(pid_t pid, const std::vector<R
   const std::uint64_t mapped = kPageIsPresent | kPageIsSwapped;
   const ScanQuery query{kScanCheckWpAsync | kScanWpMatching, 0, 0, kPageIsWritten | mapped,
                         kPageIsWritten, mapped};
-  ScanStats stats;
-  std::vector<ByteRange> out;
-  for (const auto& r : regions) {
-    auto used = scan_with_ioctl(fd.get(), r, block_size, query, out, stats);
-    if (!used.ok()) return std::move(used).error();
-    if (!*used) {
-      return make_error(Errc::kUnsupported,
-                        "PAGEMAP_SCAN with write tracking is not available (kernel < 6.7, or the "
-                        "guest memory is not registered for userfaultfd WP_ASYNC)");
-    }
-  }
-  std::vector<ByteRange> sorted;
-  std::sort(out.begin(), out.end(),
-            [](const ByteRange& a, const ByteRange& b) { return a.offset < b.offset; });
-  for (const auto& b : out) append_merged(sorted, b.offset, b.offset + b.length);
-  return sorted;
+  return scan_process(pid, regions, block_size, query);
 }
 
 Status validate_regions(std::vector<Region>& regions, std::uint64_t guest_size) {
