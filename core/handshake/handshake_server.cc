@@ -21,6 +21,8 @@
 
 #include "core/handshake/handshake.h"
 
+#include "core/base/unix_socket.h"
+
 namespace memsnap::handshake {
 namespace {
 
@@ -123,47 +125,6 @@ Result<Wait> wait_readable(int fd, Clock::time_point deadline) {
     }
     if (errno != EINTR) return io_error("poll", errno);
   }
-}
-
-bool fill_address(const std::string& path, sockaddr_un& addr) {
-  addr = {};
-  addr.sun_family = AF_UNIX;
-  if (path.empty() || path.size() >= sizeof(addr.sun_path)) return false;
-  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
-  return true;
-}
-
-// True when a socket file has nobody listening behind it (connect is refused).
-Result<bool> socket_is_stale(const sockaddr_un& addr, const std::string& path) {
-  io::UniqueFd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
-  if (probe.get() < 0) return io_error("socket", errno);
-  if (::connect(probe.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) == 0) {
-    return false;
-  }
-  const int err = errno;
-  if (err == ECONNREFUSED || err == ENOENT) return true;
-  if (err == EAGAIN) return false;  // a listener whose backlog is full: very much alive
-  return io_error("cannot tell whether " + path + " is in use: connect", err);
-}
-
-// Removes `path` when it is a socket nobody listens on; refuses anything else that exists there.
-Status clear_path(const sockaddr_un& addr, const std::string& path) {
-  struct stat st {};
-  if (::lstat(path.c_str(), &st) != 0) {
-    if (errno == ENOENT) return {};
-    return io_error("lstat " + path, errno);
-  }
-  if (!S_ISSOCK(st.st_mode)) {
-    return make_error(Errc::kInvalidArgument,
-                      path + " exists and is not a socket; refusing to replace it");
-  }
-  auto stale = socket_is_stale(addr, path);
-  if (!stale) return stale.error();
-  if (!stale.value()) {
-    return make_error(Errc::kInvalidArgument, path + " is a socket somebody is listening on");
-  }
-  if (::unlink(path.c_str()) != 0 && errno != ENOENT) return io_error("unlink " + path, errno);
-  return {};
 }
 
 void close_and_unlink(io::UniqueFd& fd, std::string& path) {
@@ -522,41 +483,9 @@ Result<std::vector<GuestRegion>> parse_regions(std::string_view text, const Expe
 }
 
 Result<Listener> Listener::listen(const std::string& path, mode_t mode) {
-  sockaddr_un addr{};
-  if (!fill_address(path, addr)) {
-    return make_error(Errc::kInvalidArgument, "socket path must be 1.." +
-                                                  std::to_string(sizeof(addr.sun_path) - 1) +
-                                                  " bytes: \"" + path + "\"");
-  }
-  if ((mode & ~static_cast<mode_t>(0777)) != 0) {
-    return make_error(Errc::kInvalidArgument, "socket mode must be permission bits only");
-  }
-  if (Status cleared = clear_path(addr, path); !cleared) return std::move(cleared).error();
-
-  io::UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
-  if (fd.get() < 0) return io_error("socket", errno);
-  // The mode, in two layers. (1) Linux creates the socket file with the socket inode's mode minus
-  // the umask, so fchmod before bind means the file never exists with more bits than `mode`,
-  // without touching the process-wide umask (which would race with other threads). (2) Nobody
-  // can connect before listen() (connect gets ECONNREFUSED), so setting the exact mode by path
-  // between bind and listen, and checking it, closes the case where the umask removed bits we
-  // want, or a kernel ignored the fchmod.
-  (void)::fchmod(fd.get(), mode);
-  if (::bind(fd.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) != 0) {
-    return io_error("bind " + path, errno);
-  }
-  // From here on the file is ours: remove it on every error.
-  Listener listener(std::move(fd), path);
-  if (::fchmodat(AT_FDCWD, path.c_str(), mode, AT_SYMLINK_NOFOLLOW) != 0) {
-    return io_error("chmod " + path, errno);
-  }
-  struct stat st {};
-  if (::lstat(path.c_str(), &st) != 0) return io_error("lstat " + path, errno);
-  if (!S_ISSOCK(st.st_mode) || (st.st_mode & 07777) != mode) {
-    return make_error(Errc::kIoError, path + " does not have the expected type and mode");
-  }
-  if (::listen(listener.fd_.get(), kBacklog) != 0) return io_error("listen " + path, errno);
-  return listener;
+  auto listening = io::listen_unix(path, mode, std::nullopt, kBacklog);
+  if (!listening.ok()) return std::move(listening).error();
+  return Listener(std::move(listening->fd), path);
 }
 
 Listener::Listener(Listener&& other) noexcept

@@ -2,6 +2,8 @@
 // Boost.Beast reading requests and writing responses (see http_server.h).
 #include "tools/control_api/http_server.h"
 
+#include "core/base/unix_socket.h"
+
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/eventfd.h>
@@ -47,43 +49,6 @@ constexpr std::uint32_t kHeaderLimit = 8 * 1024;
 
 Error io_error(const std::string& what, int err) {
   return make_error(Errc::kIoError, io::errno_message(what, err), err);
-}
-
-bool fill_address(const std::string& path, sockaddr_un& addr) {
-  addr = {};
-  addr.sun_family = AF_UNIX;
-  if (path.empty() || path.size() >= sizeof(addr.sun_path)) return false;
-  std::memcpy(addr.sun_path, path.c_str(), path.size() + 1);
-  return true;
-}
-
-// Makes room for our socket at `path`: nothing there is fine; a socket file nobody listens on
-// (left by a process that died) is removed; a live socket or any other kind of file is refused
-// and left alone.
-Status clear_path(const sockaddr_un& addr, const std::string& path) {
-  struct stat st {};
-  if (::lstat(path.c_str(), &st) != 0) {
-    if (errno == ENOENT) return {};
-    return io_error("lstat " + path, errno);
-  }
-  if (!S_ISSOCK(st.st_mode)) {
-    return make_error(Errc::kInvalidArgument,
-                      path + " exists and is not a socket; refusing to replace it");
-  }
-  io::UniqueFd probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
-  if (probe.get() < 0) return io_error("socket", errno);
-  if (::connect(probe.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) == 0 ||
-      errno == EAGAIN) {  // EAGAIN: a listener with a full backlog, alive
-    return make_error(Errc::kInvalidArgument,
-                      path + " is a socket somebody is listening on (another memsnapd?)");
-  }
-  if (errno != ECONNREFUSED && errno != ENOENT) {
-    return io_error("cannot tell whether " + path + " is in use: connect", errno);
-  }
-  if (::unlink(path.c_str()) != 0 && errno != ENOENT) {
-    return io_error("unlink stale socket " + path, errno);
-  }
-  return {};
 }
 
 bool has_crlf(std::string_view s) { return s.find_first_of("\r\n") != std::string_view::npos; }
@@ -187,62 +152,23 @@ class HttpServer::Impl {
 
 Status HttpServer::Impl::start() {
   const ServerOptions& o = options;
-  sockaddr_un addr{};
-  if (!fill_address(o.socket_path, addr)) {
-    return make_error(Errc::kInvalidArgument, "socket path must be 1.." +
-                                                  std::to_string(sizeof(addr.sun_path) - 1) +
-                                                  " bytes: \"" + o.socket_path + "\"");
-  }
-  if ((o.mode & ~static_cast<mode_t>(0777)) != 0) {
-    return make_error(Errc::kInvalidArgument, "socket mode must be permission bits only");
-  }
   if (o.max_connections == 0 || o.read_timeout.count() <= 0 || o.write_timeout.count() <= 0) {
     return make_error(Errc::kInvalidArgument,
                       "max_connections, read_timeout and write_timeout must be positive");
   }
-  if (Status cleared = clear_path(addr, o.socket_path); !cleared) {
-    return std::move(cleared).error();
-  }
-
-  io::UniqueFd fd(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));
-  if (fd.get() < 0) return io_error("socket", errno);
-  // The mode, without touching the process-wide umask: Linux creates the socket file with the
-  // socket inode's mode (minus the umask), so after this fchmod the file is never created with
-  // more bits than `mode`. A failure here is caught by the check after bind.
-  (void)::fchmod(fd.get(), o.mode);
-  if (::bind(fd.get(), reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) != 0) {
-    return io_error("bind " + o.socket_path, errno);
-  }
-  // The file is ours from here on: remove it on any error. Nobody can connect before listen()
-  // (ECONNREFUSED), so fixing group and mode by path now is not a window.
+  auto listening = io::listen_unix(o.socket_path, o.mode, o.group, kBacklog);
+  if (!listening.ok()) return std::move(listening).error();
+  io::UniqueFd fd = std::move(listening->fd);
+  socket_dev_ = listening->dev;
+  socket_ino_ = listening->ino;
   auto fail = [&](Error e) -> Status {
     ::unlink(o.socket_path.c_str());
     return e;
   };
-  if (o.group && ::fchownat(AT_FDCWD, o.socket_path.c_str(), static_cast<uid_t>(-1), *o.group,
-                            AT_SYMLINK_NOFOLLOW) != 0) {
-    return fail(
-        io_error("chown " + o.socket_path + " to group " + std::to_string(*o.group), errno));
-  }
-  if (::fchmodat(AT_FDCWD, o.socket_path.c_str(), o.mode, AT_SYMLINK_NOFOLLOW) != 0) {
-    return fail(io_error("chmod " + o.socket_path, errno));
-  }
-  struct stat st {};
-  if (::lstat(o.socket_path.c_str(), &st) != 0)
-    return fail(io_error("lstat " + o.socket_path, errno));
-  if (!S_ISSOCK(st.st_mode) || (st.st_mode & 07777) != o.mode ||
-      (o.group && st.st_gid != *o.group)) {
-    return fail(make_error(Errc::kIoError, o.socket_path +
-                                               " does not have the expected type, mode or group "
-                                               "after bind"));
-  }
-  socket_dev_ = st.st_dev;
-  socket_ino_ = st.st_ino;
 
   io::UniqueFd wake(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   io::UniqueFd stop(::eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK));
   if (wake.get() < 0 || stop.get() < 0) return fail(io_error("eventfd", errno));
-  if (::listen(fd.get(), kBacklog) != 0) return fail(io_error("listen " + o.socket_path, errno));
 
   listen_fd_ = std::move(fd);
   wake_fd_ = std::move(wake);
