@@ -292,6 +292,49 @@ TEST_F(MemsnapdTest, APauseOfASandboxAlreadyPausingIsRefused) {
   EXPECT_TRUE(refused) << "never saw the pause in progress";
 }
 
+TEST_F(MemsnapdTest, SigtermLetsAPauseInFlightFinishAndRefusesNewOnes) {
+  SandboxSpec spec;
+  spec.id = "sb-big";
+  spec.size = 256ULL << 20;
+  spec.attributes = {{"team", "a"}};
+  auto launched = Sandbox::launch(*daemon_, spec);
+  ASSERT_TRUE(launched.ok()) << launched.error().to_string();
+  Sandbox& other = launch("sb-small", "a", "anon");
+  std::unique_ptr<Sandbox> sb = std::move(*launched);
+  Result<json> first = json();
+  std::thread t([&] { first = sb->pause({{"sync", true}}); });
+  bool seen = false;
+  for (int i = 0; i < 20000 && !seen; ++i) {
+    seen = call("GET", "/v1/sandboxes/sb-big").body.value("state", "") == "pausing";
+  }
+  if (!seen) {
+    t.join();
+    GTEST_SKIP() << "the pause finished before it could be seen in progress";
+  }
+  ASSERT_EQ(::kill(daemon_->pid(), SIGTERM), 0);
+  // While draining, a new pause is refused with a stable code, and nothing of it is left.
+  Answer refused;
+  for (int i = 0; i < 200; ++i) {
+    refused = call("POST", "/v1/sandboxes/sb-small/pause", json::object());
+    if (refused.status != 200) break;
+  }
+  t.join();
+  ASSERT_TRUE(first.ok()) << "the pause in flight did not finish: " << first.error().to_string();
+  EXPECT_EQ((*first)["generation"], 1);
+  if (refused.status != 0) {  // 0: the socket was already gone (drain ended first)
+    EXPECT_EQ(refused.status, 503) << refused.body.dump();
+    EXPECT_EQ(refused.body["error"]["code"], "shutting_down") << refused.body.dump();
+  }
+  EXPECT_EQ(daemon_->stop(SIGTERM, std::chrono::seconds(30)), 0);
+  EXPECT_TRUE(fs::exists(daemon_->snapshot_dir() + "/sb-big/generation-1.snap"));
+  EXPECT_FALSE(fs::exists(daemon_->snapshot_dir() + "/sb-small/generation-1.snap"));
+  for (const auto& e : fs::recursive_directory_iterator(daemon_->snapshot_dir())) {
+    EXPECT_EQ(e.path().filename().string().find(".tmp."), std::string::npos)
+        << "a temporary file was left: " << e.path();
+  }
+  (void)other;
+}
+
 TEST_F(MemsnapdTest, SigtermDrainsAndRemovesTheSocket) {
   Sandbox& sb = launch("sb-1", "a", "anon");
   ASSERT_TRUE(sb.pause().ok());

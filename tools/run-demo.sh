@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # The main job on built-in defaults, from a fresh Debian 12 machine: installs what is missing,
-# builds, and pauses a 256 MiB stand-in VMM with every strategy, printing a comparison.
-#   bash tools/run-demo.sh                     # defaults
-#   bash tools/run-demo.sh --size 1G --json    # extra arguments go to `memsnap compare`
+# builds, then starts memsnapd on its defaults with a few stand-in sandboxes split across the
+# export strategies by a flag, pauses and resumes each of them through the control API, verifies
+# every page and prints a per-strategy comparison (and where the metrics are while it runs).
+#   bash tools/run-demo.sh                              # defaults: 6 sandboxes x 3 rounds, 64 MiB
+#   bash tools/run-demo.sh --sandboxes 9 --size 256M    # extra arguments go to `memsnap demo`
+#   bash tools/run-demo.sh --keep /var/tmp/demo         # keep snapshots, log and flag file
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
 cmake --preset release >/dev/null
-cmake --build --preset release --target memsnap
-exec build/release/bin/memsnap compare "$@"
+cmake --build --preset release --target memsnap memsnapd memsnap-guest memsnap_plugins
+exec build/release/bin/memsnap demo "$@"

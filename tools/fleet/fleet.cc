@@ -280,9 +280,9 @@ Result<json> Sandbox::resume(const json& extra) {
   return state->body["last_resume"];
 }
 
-Status Sandbox::dirty(double fraction, std::uint64_t seed) {
+Status Sandbox::dirty(double fraction, std::uint64_t seed, bool sequential) {
   if (!vmm_) return make_error(Errc::kInvalidState, spec_.id + " has no running VMM");
-  auto d = vmm_->dirty(fraction, false, seed);
+  auto d = vmm_->dirty(fraction, sequential, seed);
   if (!d.ok()) return std::move(d).error();
   return {};
 }

@@ -100,8 +100,8 @@ class Sandbox {
   Result<nlohmann::json> pause(const nlohmann::json& body = nlohmann::json::object());
   // POST resume, starts a new VMM that connects to the handshake socket, waits until running.
   Result<nlohmann::json> resume(const nlohmann::json& body = nlohmann::json::object());
-  // Dirties a share of the guest's pages (new generation).
-  Status dirty(double fraction, std::uint64_t seed);
+  // Dirties a share of the guest's pages (new generation), scattered or in one sequential run.
+  Status dirty(double fraction, std::uint64_t seed, bool sequential = false);
   // Pages that do not hold what they should, as the guest sees them.
   Result<std::uint64_t> verify();
 

@@ -55,5 +55,12 @@ int cmd_compare(Args& args);
 int cmd_resume(Args& args);
 int cmd_cycle(Args& args);
 int cmd_flags(Args& args);
+int cmd_demo(Args& args);            // memsnapd + stand-ins with an A/B/C split (the main job)
+int cmd_experiment_run(Args& args);  // an A/B(/C) latency experiment -> results JSON
+
+// Client mode (cmd_client.cc): the command done by memsnapd through its control API at socket.
+// Exit codes: 0 done, 1 memsnapd answered with an error, 2 usage, 3 memsnapd unreachable.
+bool is_client_command(const std::string& command);
+int cmd_client(const std::string& command, const std::string& socket, Args& args);
 
 }  // namespace memsnap::cli

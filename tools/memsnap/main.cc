@@ -1,5 +1,6 @@
 // memsnap: the command-line face of the framework.
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <stdexcept>
 #include <string>
@@ -15,7 +16,16 @@ void usage(std::FILE* out) {
       "usage: memsnap COMMAND [options]\n"
       "\n"
       "commands:\n"
-      "  compare   pause a stand-in VMM with every strategy and compare them (the default job)\n"
+      "  demo      the main job: memsnapd on built-in defaults, stand-in sandboxes split across\n"
+      "            the strategies by a flag, paused and resumed through its API, compared\n"
+      "            [--sandboxes 6] [--rounds 3] [--size 64M] [--dirty 0.1] [--flags FILE]\n"
+      "            [--keep DIR] [--json]\n"
+      "  experiment run   an A/B(/C) latency experiment through memsnapd: N stand-ins assigned by\n"
+      "            a flag with the arms' weights, K interleaved pause/resume cycles each\n"
+      "            [--arms process_vm_readv=1,memfd=1,hole_punch=1] [--sandboxes 6] [--cycles 4]\n"
+      "            [--size 64M] [--backing memfd|anon] [--dirty 0.1] [--pattern random|sequential]\n"
+      "            [--seed 1] [--out experiment-results.json] [--keep DIR]\n"
+      "  compare   pause a stand-in VMM with every strategy and compare them, in process\n"
       "            [--size 256M] [--dirty-fraction 0.1] [--strategies a,b] [--keep DIR] [--json]\n"
       "  plugins list [--json]\n"
       "            every plugin in the plugin directory, loaded or refused and why\n"
@@ -41,22 +51,79 @@ void usage(std::FILE* out) {
       "            evaluate or validate flagd-format feature-flag files (docs/flags.md)\n"
       "\n"
       "common options: --plugin-dir DIR (default: $MEMSNAP_PLUGIN_DIR, else\n"
-      "                <memsnap>/../lib/memsnap/plugins), --log-level LEVEL\n",
+      "                <memsnap>/../lib/memsnap/plugins), --log-level LEVEL\n"
+      "\n"
+      "client mode: memsnap --socket PATH COMMAND ... asks memsnapd (its control API on the Unix\n"
+      "socket PATH, docs/api.md) to do the work. $MEMSNAP_SOCKET is the default PATH; --socket ''\n"
+      "forces local mode (pause and resume exist in both modes):\n"
+      "  health | config | sandboxes\n"
+      "  sandbox ID [--wait-while STATE [--timeout-ms N]]\n"
+      "  register --id ID (--pid PID --region OFF:ADDR:SIZE... [--memfd-fd N] [--guest-size S]\n"
+      "            | --snapshot PATH... --strategy NAME) [--attr KEY=VALUE]...\n"
+      "  pause ID [--output PATH] [--parent latest|none|PATH] [--strategy NAME]\n"
+      "            [--after stop|continue] [--dirty OFF:LEN[,...]] [--no-sync]\n"
+      "  resume ID --handshake-socket PATH [--mode lazy|background|eager|warm]\n"
+      "            [--no-track-writes] [--wait [--timeout-ms N]]\n"
+      "            memsnapd listens on PATH; start the VMM; --wait then waits until it is running\n"
+      "  strategy ID     which strategy the next pause would use, and why\n"
+      "  unregister ID   forget the sandbox (its snapshots stay)\n"
+      "  every one takes --json: print memsnapd's JSON answer as is.\n"
+      "  errors: 'memsnap: <code>: <message>' on stderr; exit 1 when memsnapd answered with an\n"
+      "  error, 2 on a usage error, 3 when memsnapd cannot be reached (no socket, no answer)\n",
       out);
 }
 
 }  // namespace
 
 int main(int argc, char** argv) {
-  if (argc < 2 || std::strcmp(argv[1], "--help") == 0 || std::strcmp(argv[1], "-h") == 0) {
-    usage(argc < 2 ? stderr : stdout);
-    return argc < 2 ? 2 : 0;
+  // Global options, before the command: --socket PATH (client mode), default $MEMSNAP_SOCKET.
+  int first = 1;
+  std::string socket;
+  bool socket_given = false;
+  while (first < argc && std::strncmp(argv[first], "--socket", 8) == 0) {
+    const std::string a = argv[first];
+    if (a == "--socket" && first + 1 < argc) {
+      socket = argv[first + 1];
+      first += 2;
+    } else if (a.rfind("--socket=", 0) == 0) {
+      socket = a.substr(9);
+      first += 1;
+    } else {
+      std::fprintf(stderr, "memsnap: --socket needs a PATH\n");
+      return 2;
+    }
+    socket_given = true;
   }
-  const std::string command = argv[1];
-  memsnap::cli::Args args(argc, argv, 2);
+  if (!socket_given) {
+    if (const char* env = std::getenv("MEMSNAP_SOCKET")) socket = env;
+  }
+  if (first >= argc || std::strcmp(argv[first], "--help") == 0 ||
+      std::strcmp(argv[first], "-h") == 0) {
+    usage(first >= argc ? stderr : stdout);
+    return first >= argc ? 2 : 0;
+  }
+  const std::string command = argv[first];
+  memsnap::cli::Args args(argc, argv, first + 1);
   spdlog::set_pattern("memsnap: %l: %v");
-  spdlog::set_level(spdlog::level::from_str(args.value("--log-level", "warning")));
   try {
+    spdlog::set_level(spdlog::level::from_str(args.value("--log-level", "warning")));
+    // pause and resume also exist locally; every other client command only talks to memsnapd.
+    const bool client_only =
+        memsnap::cli::is_client_command(command) && command != "pause" && command != "resume";
+    if (!socket.empty() && memsnap::cli::is_client_command(command)) {
+      return memsnap::cli::cmd_client(command, socket, args);
+    }
+    if (client_only) {
+      throw std::invalid_argument(
+          "talks to memsnapd: give its socket with --socket PATH (before the command) or "
+          "$MEMSNAP_SOCKET");
+    }
+    if (socket_given && !socket.empty()) {
+      throw std::invalid_argument(
+          "has no client mode (--socket goes with health, config, "
+          "sandboxes, sandbox, register, pause, resume, strategy, "
+          "unregister)");
+    }
     if (command == "compare") return memsnap::cli::cmd_compare(args);
     if (command == "plugins") return memsnap::cli::cmd_plugins(args);
     if (command == "pause") return memsnap::cli::cmd_pause(args);
@@ -64,6 +131,12 @@ int main(int argc, char** argv) {
     if (command == "resume") return memsnap::cli::cmd_resume(args);
     if (command == "cycle") return memsnap::cli::cmd_cycle(args);
     if (command == "flags") return memsnap::cli::cmd_flags(args);
+    if (command == "demo") return memsnap::cli::cmd_demo(args);
+    if (command == "experiment") {
+      const auto sub = args.positional();
+      if (sub.size() == 1 && sub[0] == "run") return memsnap::cli::cmd_experiment_run(args);
+      throw std::invalid_argument("experiment run [options] (see --help)");
+    }
   } catch (const std::invalid_argument& e) {
     std::fprintf(stderr, "memsnap %s: %s\n", command.c_str(), e.what());
     return 2;

@@ -1,0 +1,244 @@
+// memsnap experiment run: an A/B(/C) latency experiment on one host. Starts memsnapd (or uses a
+// running one), launches N stand-in sandboxes, assigns each to a strategy through a flag file
+// with the arms' weights (the real selection path: memsnapd evaluates the flag), and runs K
+// pause/resume cycles per sandbox, interleaved in a fresh random order every cycle so that
+// machine noise hits every arm alike. Every operation is recorded in a JSON results file, the
+// input of `memsnap experiment report`.
+#include <signal.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <random>
+#include <sstream>
+#include <stdexcept>
+#include <thread>
+
+#include "tools/fleet/fleet.h"
+#include "tools/memsnap/cli.h"
+
+namespace memsnap::cli {
+namespace {
+
+using nlohmann::json;
+
+// Resident memory (VmRSS) of a process in bytes, 0 if it is gone.
+std::uint64_t rss_of(pid_t pid) {
+  std::ifstream status("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.rfind("VmRSS:", 0) == 0) return std::stoull(line.substr(6)) * 1024;
+  }
+  return 0;
+}
+
+// Samples host memory while a pause runs: memsnapd's RSS plus the sandbox VMM's (which counts its
+// guest memory, shmem included, as long as it is mapped and not released). Keeps the peak.
+class PeakSampler {
+ public:
+  PeakSampler(pid_t daemon, pid_t vmm) : daemon_(daemon), vmm_(vmm) {
+    thread_ = std::thread([this] {
+      while (!stop_) {
+        peak_ = std::max<std::uint64_t>(peak_, rss_of(daemon_) + rss_of(vmm_));
+        std::this_thread::sleep_for(std::chrono::milliseconds(2));
+      }
+    });
+  }
+  std::uint64_t finish() {
+    stop_ = true;
+    thread_.join();
+    return peak_;
+  }
+  ~PeakSampler() {
+    if (thread_.joinable()) finish();
+  }
+
+ private:
+  pid_t daemon_, vmm_;
+  std::atomic<bool> stop_{false};
+  std::atomic<std::uint64_t> peak_{0};
+  std::thread thread_;
+};
+
+// "process_vm_readv=1,memfd=1,hole_punch=1"
+std::vector<std::pair<std::string, int>> parse_weights(const std::string& text) {
+  std::vector<std::pair<std::string, int>> out;
+  std::stringstream in(text);
+  std::string item;
+  while (std::getline(in, item, ',')) {
+    const auto eq = item.find('=');
+    if (eq == std::string::npos) throw std::invalid_argument("--arms: NAME=WEIGHT, got " + item);
+    const int w = std::stoi(item.substr(eq + 1));
+    if (w < 0) throw std::invalid_argument("--arms: weights are >= 0");
+    out.emplace_back(item.substr(0, eq), w);
+  }
+  if (out.empty()) throw std::invalid_argument("--arms is empty");
+  return out;
+}
+
+std::string split_flag(const std::vector<std::pair<std::string, int>>& arms) {
+  std::string variants, fractional;
+  for (const auto& [name, w] : arms) {
+    variants += "      " + name + ": " + name + "\n";
+    fractional += "        - [" + name + ", " + std::to_string(w) + "]\n";
+  }
+  return "# written by memsnap experiment run\nflags:\n  memory-export-strategy:\n"
+         "    state: ENABLED\n    variants:\n" +
+         variants + "    defaultVariant: " + arms.front().first +
+         "\n    targeting:\n      fractional:\n" + fractional;
+}
+
+void progress(std::size_t done, std::size_t total, double elapsed, bool tty) {
+  if (!tty) return;
+  const int width = 30;
+  const int filled = total ? static_cast<int>(width * done / total) : width;
+  const double eta = done ? elapsed / static_cast<double>(done) * static_cast<double>(total - done) : 0;
+  std::fprintf(stderr, "\r[%s%s] %zu/%zu operations  %.0fs elapsed  eta %.0fs ",
+               std::string(static_cast<std::size_t>(filled), '#').c_str(),
+               std::string(static_cast<std::size_t>(width - filled), '.').c_str(), done, total,
+               elapsed, eta);
+  if (done == total) std::fputc('\n', stderr);
+  std::fflush(stderr);
+}
+
+}  // namespace
+
+int cmd_experiment_run(Args& args) {
+  const int sandboxes = std::stoi(args.value("--sandboxes", "6"));
+  const int cycles = std::stoi(args.value("--cycles", "4"));
+  const std::uint64_t size = parse_size(args.value("--size", "64M"));
+  const std::string backing = args.value("--backing", "memfd");
+  const double dirty = std::stod(args.value("--dirty", "0.1"));
+  const bool sequential = args.value("--pattern", "random") == "sequential";
+  const auto arms = parse_weights(
+      args.value("--arms", "process_vm_readv=1,memfd=1,hole_punch=1"));
+  const std::string out_path = args.value("--out", "experiment-results.json");
+  const std::uint64_t seed = std::stoull(args.value("--seed", "1"));
+  const std::string keep = args.value("--keep");
+  args.expect_done();
+  if (sandboxes < 1 || cycles < 1) throw std::invalid_argument("--sandboxes and --cycles >= 1");
+  if (backing != "memfd" && backing != "anon") throw std::invalid_argument("--backing memfd|anon");
+
+  const std::string dir = work_dir(keep, "memsnap-experiment");
+  if (dir.empty()) return 1;
+  const std::string flags_file = dir + "/flags.yaml";
+  std::ofstream(flags_file) << split_flag(arms);
+  fleet::DaemonOptions dopt;
+  dopt.dir = dir;
+  dopt.flags_file = flags_file;
+  auto daemon = fleet::Daemon::start(dopt);
+  if (!daemon.ok()) {
+    std::fprintf(stderr, "memsnap experiment: %s\n", daemon.error().to_string().c_str());
+    return 1;
+  }
+  fleet::Daemon& d = **daemon;
+  const bool tty = ::isatty(2) != 0;
+  std::fprintf(stderr, "memsnapd pid %d, metrics at %s; %d sandboxes x %d cycles, %s %s each\n",
+               d.pid(), d.metrics_url().c_str(), sandboxes, cycles,
+               format_bytes(static_cast<double>(size)).c_str(), backing.c_str());
+
+  std::vector<std::unique_ptr<fleet::Sandbox>> fleet_;
+  for (int i = 1; i <= sandboxes; ++i) {
+    fleet::SandboxSpec spec;
+    spec.id = "exp-" + std::to_string(seed) + "-" + std::to_string(i);
+    spec.size = size;
+    spec.backing = backing;
+    spec.seed = seed * 1000 + static_cast<std::uint64_t>(i);
+    auto sb = fleet::Sandbox::launch(d, spec);
+    if (!sb.ok()) {
+      std::fprintf(stderr, "memsnap experiment: %s\n", sb.error().to_string().c_str());
+      return 1;
+    }
+    fleet_.push_back(std::move(*sb));
+  }
+
+  json operations = json::array();
+  std::mt19937_64 rng(seed);
+  const auto started = std::chrono::steady_clock::now();
+  const std::size_t total = static_cast<std::size_t>(sandboxes) * static_cast<std::size_t>(cycles);
+  std::size_t done = 0;
+  int failures = 0;
+  std::vector<std::size_t> order(fleet_.size());
+  for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
+  for (int cycle = 1; cycle <= cycles; ++cycle) {
+    std::shuffle(order.begin(), order.end(), rng);
+    for (const std::size_t i : order) {
+      fleet::Sandbox& sb = *fleet_[i];
+      json op = {{"cycle", cycle}, {"sandbox", sb.spec().id}};
+      PeakSampler sampler(d.pid(), sb.vmm()->pid());
+      auto paused = sb.pause();
+      op["peak_memory_bytes"] = sampler.finish();
+      if (!paused.ok()) {
+        op["error"] = paused.error().to_string();
+        ++failures;
+      } else {
+        const json& p = *paused;
+        op["strategy"] = p["strategy"];
+        op["variant"] = p["variant"];
+        op["reason"] = p["reason"];
+        op["fallback"] = p["fallback"];
+        op["pause_seconds"] = p["seconds"];
+        op["pause_phases"] = p["phases"];
+        op["bytes"] = p["bytes"];
+        op["cpu_seconds"] = p["cpu_seconds"];
+        op["released_bytes"] = p["memory_released"];
+        op["guest_bytes"] = size;
+        auto resumed = sb.resume();
+        if (!resumed.ok()) {
+          op["error"] = resumed.error().to_string();
+          ++failures;
+        } else {
+          op["resume_seconds"] = (*resumed)["ready_seconds"];
+          op["resume_phases"] = (*resumed)["phases"];
+          op["resume_mode"] = (*resumed)["mode"];
+          auto bad = sb.verify();
+          op["mismatches"] = bad.ok() ? *bad : 1;
+          if (!bad.ok() || *bad) ++failures;
+          if (Status s = sb.dirty(dirty, seed * 7919 + static_cast<std::uint64_t>(cycle),
+                                  sequential);
+              !s.ok()) {
+            op["error"] = s.error().to_string();
+            ++failures;
+          }
+        }
+      }
+      operations.push_back(op);
+      ++done;
+      progress(done, total,
+               std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count(),
+               tty);
+    }
+  }
+  json weights = json::object();
+  for (const auto& [name, w] : arms) weights[name] = w;
+  json results = {{"experiment",
+                   {{"sandboxes", sandboxes},
+                    {"cycles", cycles},
+                    {"guest_bytes", size},
+                    {"backing", backing},
+                    {"dirty_fraction", dirty},
+                    {"pattern", sequential ? "sequential" : "random"},
+                    {"seed", seed},
+                    {"weights", weights},
+                    {"flag", "memory-export-strategy"},
+                    {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() -
+                                                              started)
+                                    .count()}}},
+                  {"operations", operations},
+                  {"failures", failures}};
+  std::ofstream(out_path) << results.dump(1) << "\n";
+  std::fprintf(stderr, "%zu operations (%d failed) written to %s\n", operations.size(), failures,
+               out_path.c_str());
+  fleet_.clear();
+  d.stop(SIGTERM, std::chrono::seconds(30));
+  if (keep.empty()) std::filesystem::remove_all(dir);
+  return failures ? 1 : 0;
+}
+
+}  // namespace memsnap::cli
