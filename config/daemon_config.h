@@ -45,10 +45,10 @@
 //
 // SIGHUP reload: the daemon loads the file again (plus its --set overrides) and compares.
 //   Applied at runtime: logging.*, flags.file, flags.strategy_flag, limits.*, strategy.*,
-//     control.allowed_uids, control.max_request_bytes, drain.timeout_ms.
+//     drain.timeout_ms.
 //   Need a restart (restart_required_changes names them; the daemon keeps the running value and
-//     logs them): plugins.directory, snapshots.directory, control.socket, control.mode,
-//     control.group, metrics.listen, metrics.allow_non_loopback.
+//     logs them): plugins.directory, snapshots.directory, control.* (the control API's server is
+//     configured once, at start), metrics.listen, metrics.allow_non_loopback.
 //   A reload that fails to load changes nothing.
 #pragma once
 

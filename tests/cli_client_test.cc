@@ -362,20 +362,20 @@ TEST_F(CliClientTest, RegisterPauseResumeWaitAndUnregisterThroughTheCli) {
   EXPECT_TRUE(fs::is_regular_file(snapshot));
   CliRun after = cli({"sandbox", id});
   EXPECT_EQ(after.exit_code, 1) << after;
-  EXPECT_NE(after.err.find("memsnap: not_found: "), std::string::npos) << after;
+  EXPECT_NE(after.err.find("memsnap: sandbox_not_found: "), std::string::npos) << after;
 }
 
 TEST_F(CliClientTest, ErrorsHaveTheirCodeOnStderrAndTheirExitCode) {
   // An API error: exit 1, "memsnap: <code>: <message>" on stderr, nothing on stdout...
   CliRun r = cli({"sandbox", "nope"});
   EXPECT_EQ(r.exit_code, 1) << r;
-  EXPECT_EQ(r.err.rfind("memsnap: not_found: ", 0), 0u) << r;
+  EXPECT_EQ(r.err.rfind("memsnap: sandbox_not_found: ", 0), 0u) << r;
   EXPECT_EQ(r.out, "") << r;
   // ... and with --json the server's error answer on stdout as well.
   r = cli({"pause", "nope", "--json"});
   EXPECT_EQ(r.exit_code, 1) << r;
-  EXPECT_EQ(parse(r)["error"]["code"], "not_found") << r;
-  EXPECT_NE(r.err.find("memsnap: not_found: "), std::string::npos) << r;
+  EXPECT_EQ(parse(r)["error"]["code"], "sandbox_not_found") << r;
+  EXPECT_NE(r.err.find("memsnap: sandbox_not_found: "), std::string::npos) << r;
 
   // Refused by memsnapd: a bad id, a path outside the snapshot directory, a resume of a running
   // sandbox.

@@ -216,8 +216,8 @@ TEST_F(MemsnapdTest, BadInputGetsAClearErrorAndChangesNothing) {
   EXPECT_EQ(malformed->status, 400);
   EXPECT_EQ(control_api::parse_api_error(malformed->body)->code, "invalid_argument");
 
-  expect_error(call("POST", "/v1/sandboxes/nope/pause", json::object()), 404, "not_found");
-  expect_error(call("GET", "/v1/sandboxes/nope"), 404, "not_found");
+  expect_error(call("POST", "/v1/sandboxes/nope/pause", json::object()), 404, "sandbox_not_found");
+  expect_error(call("GET", "/v1/sandboxes/nope"), 404, "sandbox_not_found");
   json dup = {{"id", "sb-1"}, {"snapshots", json::array({"x"})}, {"strategy", "memfd"}};
   expect_error(call("POST", "/v1/sandboxes",
                     {{"id", "sb-1"},
@@ -242,6 +242,12 @@ TEST_F(MemsnapdTest, BadInputGetsAClearErrorAndChangesNothing) {
   }
   EXPECT_FALSE(fs::exists("/tmp/outside.snap"));
   EXPECT_FALSE(fs::exists(fs::path(dir_) / "outside.snap"));
+  // A strategy that gives the guest's memory back cannot leave the VMM running.
+  expect_error(call("POST", "/v1/sandboxes/sb-1/pause",
+                    {{"strategy", "hole_punch"}, {"after", "continue"}}),
+               400, "invalid_argument");
+  expect_error(call("GET", "/v1/sandboxes/sb-1?wait_while=running&timeout_ms=12abc"), 400,
+               "invalid_argument");
   // A resume of a running sandbox.
   expect_error(call("POST", "/v1/sandboxes/sb-1/resume", {{"handshake_socket", dir_ + "/x.sock"}}),
                409, "invalid_state");
@@ -251,6 +257,15 @@ TEST_F(MemsnapdTest, BadInputGetsAClearErrorAndChangesNothing) {
   auto paused = sb.pause();
   ASSERT_TRUE(paused.ok()) << paused.error().to_string();
   EXPECT_EQ((*paused)["generation"], 1);
+  // A new chain (parent none) after a resume never reuses an existing file name.
+  ASSERT_TRUE(sb.resume().ok());
+  auto fresh = sb.pause({{"parent", "none"}});
+  ASSERT_TRUE(fresh.ok()) << fresh.error().to_string();
+  ASSERT_TRUE(sb.resume().ok());
+  auto next = sb.pause();
+  ASSERT_TRUE(next.ok()) << next.error().to_string();
+  EXPECT_NE((*next)["snapshot"], (*fresh)["snapshot"]);
+  EXPECT_NE((*next)["snapshot"], (*paused)["snapshot"]);
 }
 
 TEST_F(MemsnapdTest, APauseOfASandboxAlreadyPausingIsRefused) {

@@ -80,6 +80,8 @@ std::string_view errc_name(Errc code) noexcept {
       return "shutting_down";
     case Errc::kTimeout:
       return "timeout";
+    case Errc::kSandboxNotFound:
+      return "sandbox_not_found";
   }
   return "unknown";
 }

@@ -57,6 +57,7 @@ enum class Errc {
   kPathNotAllowed,  // a snapshot path outside the snapshot directory (or through a symlink)
   kShuttingDown,    // the daemon is draining: no new pauses or resumes
   kTimeout,         // waited for a state that did not come in time
+  kSandboxNotFound, // no sandbox with that id is registered
 };
 
 // The stable snake_case name of a code, e.g. "plugin_abi_mismatch".

@@ -127,8 +127,8 @@ struct HostMetricsOptions {
   // every strategy before its first pause. record_plugin_load() adds loaded plugins too.
   std::vector<std::string> strategies;
   // The states memsnap_sandboxes reports (each always present, 0 when empty).
-  std::vector<std::string> sandbox_states = {"registered", "running",  "pausing",
-                                             "paused",     "resuming", "failed"};
+  std::vector<std::string> sandbox_states = {"running", "pausing", "paused", "resuming",
+                                             "failed"};
 };
 
 class HostMetrics;

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <netinet/in.h>
 #include <signal.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -136,6 +137,8 @@ Result<std::unique_ptr<Daemon>> Daemon::start(const DaemonOptions& o) {
     return make_error(Errc::kIoError, std::string("fork: ") + std::strerror(errno));
   }
   if (pid == 0) {
+    // A test or tool killed hard must not leave its memsnapd behind.
+    ::prctl(PR_SET_PDEATHSIG, SIGTERM);
     ::dup2(log_fd, 1);
     ::dup2(log_fd, 2);
     ::execv(argv[0], argv.data());

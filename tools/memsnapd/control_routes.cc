@@ -1,5 +1,6 @@
 #include "tools/memsnapd/control_routes.h"
 
+#include <algorithm>
 #include <chrono>
 #include <string>
 #include <utility>
@@ -25,12 +26,15 @@ int errc_status(Errc code) noexcept {
     case Errc::kSnapshotChecksumMismatch:
     case Errc::kSnapshotChainMismatch:
     case Errc::kUnsupported:
+    case Errc::kPluginNotLoaded:
       return 400;
     case Errc::kNotFound:
+    case Errc::kSandboxNotFound:
       return 404;
     case Errc::kAlreadyExists:
     case Errc::kInvalidState:
     case Errc::kBusy:
+    case Errc::kGenerationMismatch:  // a warm resume without (the right) kept memory
       return 409;
     case Errc::kProcessGone:
       return 410;
@@ -114,12 +118,16 @@ void add_routes(control_api::HttpServer& server, SandboxService& service,
                    wait = it->second;
                  }
                  if (auto it = request.query.find("timeout_ms"); it != request.query.end()) {
-                   try {
-                     timeout = std::chrono::milliseconds(std::stoul(it->second));
-                   } catch (...) {
-                     return control_api::json_error(400, "invalid_argument",
-                                                    "timeout_ms must be a number");
+                   const std::string& text = it->second;
+                   const bool digits =
+                       !text.empty() && text.size() <= 9 &&
+                       std::all_of(text.begin(), text.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
+                   if (!digits) {
+                     return control_api::json_error(
+                         400, "invalid_argument",
+                         "timeout_ms must be a number of milliseconds (0 .. 600000)");
                    }
+                   timeout = std::chrono::milliseconds(std::stoul(text));
                    if (timeout > std::chrono::minutes(10)) timeout = std::chrono::minutes(10);
                  }
                  return respond(service.get(request.path_params.at("id"), wait, timeout));

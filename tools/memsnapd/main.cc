@@ -183,6 +183,7 @@ int run(int argc, char** argv) {
     return 1;
   }
   metrics::HostMetricsOptions mo;
+  mo.sandbox_states = sandbox_states();
   for (const auto& p : registry.plugins()) {
     if (p.loaded()) mo.strategies.push_back(p.name);
   }
@@ -255,6 +256,8 @@ int run(int argc, char** argv) {
       return 1;
     }
     sopt.group = g->gr_gid;
+    // The group owns the socket so that its members may connect: let them past the peer check.
+    sopt.allowed_gids.push_back(g->gr_gid);
   }
   for (auto uid : cfg.control.allowed_uids) sopt.allowed_uids.push_back(static_cast<uid_t>(uid));
   sopt.max_body_bytes = cfg.control.max_request_bytes;
@@ -318,9 +321,7 @@ int run(int argc, char** argv) {
       config::DaemonConfig applied = next;
       applied.plugins = cfg.plugins;
       applied.snapshots = cfg.snapshots;
-      applied.control.socket = cfg.control.socket;
-      applied.control.mode = cfg.control.mode;
-      applied.control.group = cfg.control.group;
+      applied.control = cfg.control;
       applied.metrics = cfg.metrics;
       std::lock_guard lock(cfg_mu);
       cfg = applied;
@@ -329,8 +330,10 @@ int run(int argc, char** argv) {
     spdlog::info("{}: draining (up to {} ms)", sig == SIGTERM ? "SIGTERM" : "SIGINT",
                  cfg.drain.timeout.count());
     if (!service->drain(cfg.drain.timeout)) {
-      spdlog::error("drain timed out: pauses or resumes still running; their snapshots are not "
-                    "committed (temporary files are removed at the next start)");
+      spdlog::error("drain timed out after {} ms with pauses or resumes still running; memsnapd "
+                    "waits for them to end before it exits (a pause still commits or fails as a "
+                    "whole; nothing partial is ever visible)",
+                    cfg.drain.timeout.count());
       exit_code = 1;
     }
     break;

@@ -50,8 +50,6 @@ struct Sandbox {
 
 namespace {
 
-constexpr const char* kStates[] = {"registered", "running", "pausing",
-                                   "paused",     "resuming", "failed"};
 
 bool valid_id(const std::string& id) {
   if (id.empty() || id.size() > 128 || id.front() == '.') return false;
@@ -142,6 +140,12 @@ metrics::FallbackReason fallback_reason_of(const std::string& code) {
 
 }  // namespace
 
+const std::vector<std::string>& sandbox_states() {
+  static const std::vector<std::string> states = {"running", "pausing", "paused", "resuming",
+                                                  "failed"};
+  return states;
+}
+
 // The strategy a pause will use and why.
 struct SandboxService::Choice {
   std::string strategy;
@@ -150,6 +154,7 @@ struct SandboxService::Choice {
   std::string reason;   // forced, no_flags, or flagd's reason (TARGETING_MATCH, ...)
   std::string fallback_code;
   std::string fallback_reason;
+  bool refused = false;  // it would have fallen back, but fallback is not allowed
   json trace;
 };
 
@@ -276,9 +281,10 @@ SandboxService::Choice SandboxService::choose(const Sandbox& sb, const std::stri
   c.reason = std::string(flags::reason_name(sc.resolution.reason));
   c.fallback_code = sc.fallback_code;
   c.fallback_reason = sc.fallback_reason;
+  c.refused = sc.fell_back && !settings.allow_fallback;
   if (record) {
     metrics_.record_flag_evaluation(so.flag_key, c.variant, c.reason);
-    if (sc.fell_back) {
+    if (sc.fell_back && !c.refused) {
       metrics_.record_fallback(sc.requested, sc.strategy, fallback_reason_of(sc.fallback_code));
     }
   }
@@ -328,7 +334,7 @@ Result<std::string> SandboxService::confine(const std::string& path, bool must_e
 
 void SandboxService::publish_states_locked() {
   std::map<std::string, std::int64_t> counts;
-  for (const char* s : kStates) counts[s] = 0;
+  for (const auto& s : sandbox_states()) counts[s] = 0;
   for (const auto& [id, sb] : sandboxes_) ++counts[sb->state];
   metrics_.set_sandboxes_by_state(counts);
 }
@@ -371,7 +377,7 @@ Result<json> SandboxService::register_sandbox(const json& body) {
   }
   sb->id = *id;
   sb->attributes.id = *id;
-  if (body.contains("attributes")) {
+  if (body.contains("attributes") && !body["attributes"].is_null()) {
     const json& a = body["attributes"];
     if (Status s = only_keys(a,
                              {"team", "template", "vmm", "vmm_version", "kernel_version",
@@ -410,6 +416,11 @@ Result<json> SandboxService::register_sandbox(const json& body) {
                       "sandbox)");
   }
   if (has_vmm) {
+    if (body.contains("strategy")) {
+      return make_error(Errc::kInvalidArgument,
+                        "strategy goes with snapshots (the plugin that wrote them); a running "
+                        "VMM's strategy comes from the flag at each pause");
+    }
     auto pid = field<std::uint64_t>(body, "vmm_pid", 0);
     if (!pid.ok()) return std::move(pid).error();
     if (*pid == 0 || *pid > 4194304) return make_error(Errc::kInvalidArgument, "vmm_pid is not a pid");
@@ -472,8 +483,10 @@ Result<json> SandboxService::register_sandbox(const json& body) {
     if (sb->attributes.memory_mib == 0) sb->attributes.memory_mib = sb->guest_size >> 20;
     sb->state = "running";
   } else {
-    if (body.contains("regions") || body.contains("memfd_fd")) {
-      return make_error(Errc::kInvalidArgument, "a paused sandbox has no regions or memfd_fd");
+    if (body.contains("regions") || body.contains("memfd_fd") || body.contains("guest_size")) {
+      return make_error(Errc::kInvalidArgument,
+                        "a paused sandbox has no regions, memfd_fd or guest_size (the snapshots "
+                        "give its size)");
     }
     const json& chain = body["snapshots"];
     if (!chain.is_array() || chain.empty()) {
@@ -517,7 +530,7 @@ Result<std::shared_ptr<Sandbox>> SandboxService::claim(const std::string& id, co
                                                std::string(op) + "s");
   }
   const auto it = sandboxes_.find(id);
-  if (it == sandboxes_.end()) return make_error(Errc::kNotFound, "no sandbox " + id);
+  if (it == sandboxes_.end()) return make_error(Errc::kSandboxNotFound, "no sandbox " + id);
   Sandbox& sb = *it->second;
   if (sb.state == "pausing" || sb.state == "resuming") {
     return make_error(Errc::kBusy, "sandbox " + id + " is " + sb.state + " already");
@@ -531,7 +544,7 @@ Result<std::shared_ptr<Sandbox>> SandboxService::claim(const std::string& id, co
   return it->second;
 }
 
-bool SandboxService::acquire_slot(bool pause_slot) {
+Errc SandboxService::acquire_slot(bool pause_slot) {
   std::unique_lock lock(mu_);
   int& in_flight = pause_slot ? pauses_in_flight_ : resumes_in_flight_;
   auto limit = [&] {
@@ -542,11 +555,11 @@ bool SandboxService::acquire_slot(bool pause_slot) {
                            [&] { return draining_ || in_flight < limit(); })) {
     metrics_.record_concurrency_rejection(pause_slot ? metrics::OperationKind::kPause
                                                      : metrics::OperationKind::kResume);
-    return false;
+    return Errc::kBusy;
   }
-  if (draining_) return false;
+  if (draining_) return Errc::kShuttingDown;
   ++in_flight;
-  return true;
+  return Errc::kOk;
 }
 
 void SandboxService::release_slot(bool pause_slot) {
@@ -652,9 +665,16 @@ Result<json> SandboxService::pause(const std::string& id, const json& body) {
   } else if (parent_path.empty()) {
     chain_before.clear();
   }
-  const std::string out_name =
-      output->empty() ? sb->id + "/generation-" + std::to_string(sb->chain.size() + 1) + ".snap"
-                      : *output;
+  std::string out_name = *output;
+  if (out_name.empty()) {
+    // generation-<n>.snap with the first n that is free (a pause with parent "none" starts a
+    // new chain, but never overwrites the old one's files).
+    std::error_code exists_ec;
+    for (std::size_t n = chain_before.size() + 1;; ++n) {
+      out_name = sb->id + "/generation-" + std::to_string(n) + ".snap";
+      if (!fs::exists(fs::path(snapshot_dir_) / out_name, exists_ec)) break;
+    }
+  }
   auto out_path = confine(out_name, false);
   if (!out_path.ok()) return unclaim(out_path.error());
   std::error_code ec;
@@ -668,15 +688,35 @@ Result<json> SandboxService::pause(const std::string& id, const json& body) {
                                                   ": " + ec.message()));
   }
 
-  if (!acquire_slot(true)) {
-    return unclaim(make_error(Errc::kBusy, "no free pause slot (the concurrency limit is reached "
-                                           "and stayed so), or memsnapd is shutting down"));
+  if (const Errc slot = acquire_slot(true); slot != Errc::kOk) {
+    return unclaim(slot == Errc::kShuttingDown
+                       ? make_error(slot, "memsnapd is shutting down: no new pauses")
+                       : make_error(slot, "no free pause slot: the concurrency limit was reached "
+                                          "and stayed so for the queue timeout"));
   }
   metrics::InFlight in_flight = metrics_.track_in_flight(metrics::OperationKind::kPause);
   const auto started = std::chrono::steady_clock::now();
 
   const Choice choice = choose(*sb, *forced, /*record=*/true);
   ServiceSettings settings = this->settings();
+  auto refuse = [&](Error e) -> Result<json> {
+    release_slot(true);
+    return unclaim(std::move(e));
+  };
+  if (choice.refused) {
+    return refuse(make_error(Errc::kUnsupported,
+                             "the flag chose " + choice.requested + " for sandbox " + id +
+                                 ", which cannot run it (" + choice.fallback_reason +
+                                 ") and strategy.allow_fallback is false"));
+  }
+  if (const PluginInfo* chosen = registry_.find(choice.strategy);
+      chosen && chosen->releases_memory() && *after == "continue") {
+    // It gives the guest's memory back to the host as it exports it: the VMM must not run on.
+    return refuse(make_error(Errc::kInvalidArgument,
+                             choice.strategy + " releases the guest's memory as it exports it, so "
+                                               "the sandbox cannot continue after the pause: use "
+                                               "after \"stop\" or another strategy"));
+  }
 
   // The memfd: the one a resume handed over (or the VMM's own, kept by the session), else the
   // registered VMM's.
@@ -838,11 +878,17 @@ Result<json> SandboxService::resume(const std::string& id, const json& body) {
   const std::shared_ptr<Sandbox> sb = *claimed;
   if (sb->resume_thread.joinable()) sb->resume_thread.join();  // the previous one, long done
 
-  if (!acquire_slot(false)) {
-    std::lock_guard lock(mu_);
-    sb->state = "paused";
-    publish_states_locked();
-    return make_error(Errc::kBusy, "no free resume slot, or memsnapd is shutting down");
+  if (const Errc slot = acquire_slot(false); slot != Errc::kOk) {
+    {
+      std::lock_guard lock(mu_);
+      sb->state = "paused";
+      publish_states_locked();
+    }
+    changed_.notify_all();
+    return slot == Errc::kShuttingDown
+               ? make_error(slot, "memsnapd is shutting down: no new resumes")
+               : make_error(slot, "no free resume slot: the concurrency limit was reached and "
+                                  "stayed so for the queue timeout");
   }
   // The old VMM is gone (or frozen for good): its session has nothing left to serve.
   std::unique_ptr<ResumeSession> old;
@@ -956,7 +1002,7 @@ Result<json> SandboxService::get(const std::string& id, const std::string& wait_
                                  std::chrono::milliseconds timeout) {
   std::unique_lock lock(mu_);
   const auto it = sandboxes_.find(id);
-  if (it == sandboxes_.end()) return make_error(Errc::kNotFound, "no sandbox " + id);
+  if (it == sandboxes_.end()) return make_error(Errc::kSandboxNotFound, "no sandbox " + id);
   const std::shared_ptr<Sandbox> sb = it->second;
   if (!wait_while_state.empty()) {
     if (!changed_.wait_for(lock, timeout, [&] { return sb->state != wait_while_state; })) {
@@ -984,7 +1030,7 @@ Result<json> SandboxService::explain(const std::string& id) const {
   {
     std::lock_guard lock(mu_);
     const auto it = sandboxes_.find(id);
-    if (it == sandboxes_.end()) return make_error(Errc::kNotFound, "no sandbox " + id);
+    if (it == sandboxes_.end()) return make_error(Errc::kSandboxNotFound, "no sandbox " + id);
     sb = it->second;
   }
   SandboxAttributes attributes;
@@ -1028,7 +1074,7 @@ Result<json> SandboxService::remove(const std::string& id) {
   {
     std::lock_guard lock(mu_);
     const auto it = sandboxes_.find(id);
-    if (it == sandboxes_.end()) return make_error(Errc::kNotFound, "no sandbox " + id);
+    if (it == sandboxes_.end()) return make_error(Errc::kSandboxNotFound, "no sandbox " + id);
     if (it->second->state == "pausing" || it->second->state == "resuming") {
       return make_error(Errc::kBusy, "sandbox " + id + " is " + it->second->state);
     }

@@ -6,12 +6,14 @@
 // strategy of each pause comes from the feature flag (StrategySelector) unless the request forces
 // one; every pause and resume is recorded in HostMetrics by strategy.
 //
-// States:
+// States (sandbox_states()):
 //   running  --pause-->  pausing  --ok, after=stop-->      paused
 //                                 --ok, after=continue-->  running
-//                                 --error-->               running (the VMM was continued)
+//                                 --error-->               running (the VMM was continued), or
+//                                                          failed (the VMM is gone)
 //   paused   --resume--> resuming --VMM handshake ok-->    running (the new VMM)
 //                                 --error / timeout-->     paused (the chain is untouched)
+// Registering a running VMM gives running; registering a snapshot chain gives paused.
 // A sandbox is operated on by one pause or resume at a time (a second one gets kBusy); every
 // snapshot path is confined to the snapshot directory; nothing is committed unless the whole
 // pause succeeded (the pipeline's temporary file is renamed into place last).
@@ -47,6 +49,7 @@ struct ServiceSettings {
   // How long a pause or resume waits for a free slot before it is refused (kBusy).
   std::chrono::milliseconds queue_timeout{60000};
   std::string fallback_strategy = "process_vm_readv";
+  // false: a sandbox whose flagged strategy cannot serve it is refused instead of falling back.
   bool allow_fallback = true;
   std::string strategy_flag = "memory-export-strategy";
 };
@@ -58,6 +61,9 @@ struct ServiceOptions {
 };
 
 struct Sandbox;
+
+// Every state a sandbox can be in, for the metrics' sandboxes-by-state gauge.
+const std::vector<std::string>& sandbox_states();
 
 class SandboxService {
  public:
@@ -105,7 +111,8 @@ class SandboxService {
   Result<std::shared_ptr<Sandbox>> claim(const std::string& id, const char* op,
                                          const std::string& required_state,
                                          const std::string& busy_state);
-  bool acquire_slot(bool pause_slot);
+  // kOk, kShuttingDown (draining), or kBusy (no slot within the queue timeout).
+  Errc acquire_slot(bool pause_slot);
   void release_slot(bool pause_slot);
   void publish_states_locked();
   nlohmann::json describe_locked(const Sandbox& sandbox) const;
