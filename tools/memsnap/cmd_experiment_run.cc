@@ -188,7 +188,7 @@ int cmd_experiment_run(Args& args) {
         op["bytes"] = p["bytes"];
         op["cpu_seconds"] = p["cpu_seconds"];
         op["released_bytes"] = p["memory_released"];
-        op["guest_bytes"] = size;
+        op["guest_memory_bytes"] = size;
         auto resumed = sb.resume();
         if (!resumed.ok()) {
           op["error"] = resumed.error().to_string();

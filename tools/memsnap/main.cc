@@ -25,6 +25,13 @@ void usage(std::FILE* out) {
       "            [--arms process_vm_readv=1,memfd=1,hole_punch=1] [--sandboxes 6] [--cycles 4]\n"
       "            [--size 64M] [--backing memfd|anon] [--dirty 0.1] [--pattern random|sequential]\n"
       "            [--seed 1] [--out experiment-results.json] [--keep DIR]\n"
+      "  experiment report (RESULTS.json | --prometheus http://HOST:PORT [--window 1h])\n"
+      "            [--baseline process_vm_readv] [--arms a=1,b=1] [--alpha 0.05]\n"
+      "            [--warmup 1]  (cycles left out: the first pause is a full one)\n"
+      "            [--out PREFIX] [--json]\n"
+      "            per strategy p50/p90/p99 with bootstrap 95% intervals, each arm against the\n"
+      "            baseline (ratio, Mann-Whitney U), a sample-ratio-mismatch check, verdicts;\n"
+      "            writes PREFIX.md, PREFIX.json and PREFIX.svg\n"
       "  compare   pause a stand-in VMM with every strategy and compare them, in process\n"
       "            [--size 256M] [--dirty-fraction 0.1] [--strategies a,b] [--keep DIR] [--json]\n"
       "  plugins list [--json]\n"
@@ -133,9 +140,12 @@ int main(int argc, char** argv) {
     if (command == "flags") return memsnap::cli::cmd_flags(args);
     if (command == "demo") return memsnap::cli::cmd_demo(args);
     if (command == "experiment") {
-      const auto sub = args.positional();
-      if (sub.size() == 1 && sub[0] == "run") return memsnap::cli::cmd_experiment_run(args);
-      throw std::invalid_argument("experiment run [options] (see --help)");
+      // The subcommand is the word right after "experiment"; the rest are its arguments.
+      const std::string sub = first + 1 < argc ? argv[first + 1] : "";
+      memsnap::cli::Args rest(argc, argv, first + 2);
+      if (sub == "run") return memsnap::cli::cmd_experiment_run(rest);
+      if (sub == "report") return memsnap::cli::cmd_experiment_report(rest);
+      throw std::invalid_argument("experiment run|report [options] (see --help)");
     }
   } catch (const std::invalid_argument& e) {
     std::fprintf(stderr, "memsnap %s: %s\n", command.c_str(), e.what());

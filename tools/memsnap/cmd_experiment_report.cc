@@ -1,0 +1,244 @@
+// memsnap experiment report: the analysis of an A/B(/C) experiment, from the JSON results of
+// `memsnap experiment run` or from Prometheus (the histograms memsnapd exports, over a window).
+// Per strategy p50/p90/p99 with bootstrap intervals, each arm against the baseline (ratio with
+// its interval, Mann-Whitney U), a sample-ratio-mismatch check of the split, verdicts in plain
+// language; written as Markdown, JSON and an SVG picture (tools/experiment).
+//
+// From Prometheus only what the histograms hold is known: pause and resume latency per strategy,
+// bucketed. The samples are rebuilt from the buckets (spread evenly inside each bucket, which is
+// what histogram_quantile assumes), so quantiles agree with Prometheus' own to within a bucket,
+// and the split is checked on flag evaluations (one per pause) instead of sandboxes.
+#include <cctype>
+#include <cmath>
+#include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <map>
+#include <sstream>
+#include <stdexcept>
+
+#include <boost/asio/connect.hpp>
+#include <boost/asio/ip/tcp.hpp>
+#include <boost/beast/core.hpp>
+#include <boost/beast/http.hpp>
+
+#include "tools/experiment/report.h"
+#include "tools/experiment/svg.h"
+#include "tools/memsnap/cli.h"
+
+namespace memsnap::cli {
+namespace {
+
+using nlohmann::json;
+namespace ex = memsnap::experiment;
+
+// GET http://host:port/path?query, the body of a 200.
+std::string http_get(const std::string& url, const std::string& target) {
+  namespace beast = boost::beast;
+  namespace http = beast::http;
+  using tcp = boost::asio::ip::tcp;
+  if (url.rfind("http://", 0) != 0) throw std::invalid_argument("--prometheus must be http://HOST:PORT");
+  std::string hostport = url.substr(7);
+  if (const auto slash = hostport.find('/'); slash != std::string::npos) hostport.resize(slash);
+  const auto colon = hostport.rfind(':');
+  const std::string host = colon == std::string::npos ? hostport : hostport.substr(0, colon);
+  const std::string port = colon == std::string::npos ? "80" : hostport.substr(colon + 1);
+  boost::asio::io_context io;
+  tcp::resolver resolver(io);
+  tcp::socket socket(io);
+  boost::asio::connect(socket, resolver.resolve(host, port));
+  http::request<http::empty_body> req{http::verb::get, target, 11};
+  req.set(http::field::host, hostport);
+  req.set(http::field::connection, "close");
+  http::write(socket, req);
+  beast::flat_buffer buffer;
+  http::response_parser<http::string_body> parser;
+  parser.body_limit(256 * 1024 * 1024);
+  http::read(socket, buffer, parser);
+  if (parser.get().result_int() != 200) {
+    throw std::runtime_error("Prometheus answered HTTP " +
+                             std::to_string(parser.get().result_int()) + ": " +
+                             parser.get().body().substr(0, 300));
+  }
+  return parser.get().body();
+}
+
+std::string url_encode(const std::string& s) {
+  std::string out;
+  for (unsigned char c : s) {
+    if (std::isalnum(c) || c == '-' || c == '_' || c == '.' || c == '~') {
+      out += static_cast<char>(c);
+    } else {
+      char buf[4];
+      std::snprintf(buf, sizeof(buf), "%%%02X", c);
+      out += buf;
+    }
+  }
+  return out;
+}
+
+json prom_query(const std::string& url, const std::string& expr) {
+  const json answer = json::parse(http_get(url, "/api/v1/query?query=" + url_encode(expr)));
+  if (answer.value("status", "") != "success") {
+    throw std::runtime_error("query failed: " + expr + ": " + answer.dump());
+  }
+  return answer["data"]["result"];
+}
+
+// Samples rebuilt from cumulative bucket counts (le -> count), spread evenly inside each bucket.
+std::vector<double> samples_from_buckets(std::map<double, double> cumulative) {
+  std::vector<double> out;
+  double below = 0, lower = 0;
+  for (const auto& [le, count] : cumulative) {
+    const auto n = static_cast<long>(std::llround(count - below));
+    if (std::isinf(le)) {
+      // Beyond the last bound: Prometheus reports the last finite bound; do the same.
+      for (long i = 0; i < n; ++i) out.push_back(lower);
+    } else {
+      for (long i = 0; i < n; ++i) {
+        out.push_back(lower + (le - lower) * (static_cast<double>(i) + 0.5) / static_cast<double>(n));
+      }
+      lower = le;
+    }
+    below = count;
+  }
+  return out;
+}
+
+// Records rebuilt from memsnapd's histograms in Prometheus over `window`: one record per
+// observation, unit = strategy + index (there are no sandbox ids in the metrics, by design).
+std::vector<ex::OperationRecord> records_from_prometheus(const std::string& url,
+                                                         const std::string& window,
+                                                         std::map<std::string, std::uint64_t>& evaluations) {
+  std::vector<ex::OperationRecord> records;
+  for (const auto& [metric, family] :
+       std::vector<std::pair<std::string, std::string>>{{"pause_seconds", "memsnap_pause_duration_seconds"},
+                                                        {"resume_seconds", "memsnap_resume_duration_seconds"}}) {
+    const json result = prom_query(
+        url, "sum by (strategy, le) (increase(" + family + "_bucket{outcome=\"ok\"}[" + window + "]))");
+    std::map<std::string, std::map<double, double>> by_strategy;
+    for (const auto& series : result) {
+      const std::string strategy = series["metric"].value("strategy", "");
+      const std::string le = series["metric"].value("le", "");
+      const double v = std::stod(series["value"][1].get<std::string>());
+      by_strategy[strategy][le == "+Inf" ? INFINITY : std::stod(le)] = v;
+    }
+    for (const auto& [strategy, buckets] : by_strategy) {
+      std::size_t i = 0;
+      for (double s : samples_from_buckets(buckets)) {
+        ex::OperationRecord r;
+        r.arm = strategy;
+        r.unit = strategy + "#" + std::to_string(i++);
+        r.metrics[metric] = s;
+        records.push_back(std::move(r));
+      }
+    }
+  }
+  const json evals = prom_query(
+      url, "sum by (variant) (increase(memsnap_flag_evaluations_total{flag=\"memory-export-strategy\"}[" +
+               window + "]))");
+  for (const auto& series : evals) {
+    evaluations[series["metric"].value("variant", "")] = static_cast<std::uint64_t>(
+        std::llround(std::stod(series["value"][1].get<std::string>())));
+  }
+  return records;
+}
+
+// "a=1,b=2"
+std::vector<ex::ArmWeight> parse_arms(const std::string& text) {
+  std::vector<ex::ArmWeight> out;
+  std::stringstream in(text);
+  std::string item;
+  while (std::getline(in, item, ',')) {
+    const auto eq = item.find('=');
+    out.push_back({item.substr(0, eq), eq == std::string::npos ? 1.0 : std::stod(item.substr(eq + 1))});
+  }
+  return out;
+}
+
+}  // namespace
+
+int cmd_experiment_report(Args& args) {
+  const std::string prometheus = args.value("--prometheus");
+  const std::string window = args.value("--window", "1h");
+  std::string baseline = args.value("--baseline", "process_vm_readv");
+  const std::string arms_text = args.value("--arms");
+  const std::string out_prefix = args.value("--out");
+  const double alpha = std::stod(args.value("--alpha", "0.05"));
+  // The first cycle's pause exports the whole guest (a base snapshot), the later ones a diff:
+  // different operations, so by default only the diffs are compared.
+  const int warmup = std::stoi(args.value("--warmup", "1"));
+  const bool json_out = args.flag("--json");
+  const auto files = args.positional();
+  args.expect_done();
+  if (prometheus.empty() == (files.size() != 1)) {
+    throw std::invalid_argument("give RESULTS.json, or --prometheus URL --window DURATION");
+  }
+
+  ex::ExperimentSpec spec;
+  spec.baseline = baseline;
+  spec.alpha = alpha;
+  std::vector<ex::OperationRecord> records;
+  std::string source;
+  if (!prometheus.empty()) {
+    std::map<std::string, std::uint64_t> evaluations;
+    records = records_from_prometheus(prometheus, window, evaluations);
+    spec.title = "memsnap strategy experiment (Prometheus " + prometheus + ", last " + window + ")";
+    spec.metrics = {ex::metric_spec_for("pause_seconds"), ex::metric_spec_for("resume_seconds")};
+    source = prometheus;
+    std::map<std::string, double> weights;
+    for (const auto& a : parse_arms(arms_text)) weights[a.arm] = a.weight;
+    for (const auto& r : records) weights.emplace(r.arm, 1.0);
+    for (const auto& [name, w] : weights) spec.arms.push_back({name, w});
+  } else {
+    std::ifstream in(files[0]);
+    if (!in) throw std::invalid_argument("cannot read " + files[0]);
+    const json results = json::parse(in);
+    source = files[0];
+    spec.title = "memsnap strategy experiment (" + files[0] +
+                 (warmup > 0 ? ", cycles after the first " + std::to_string(warmup) : "") + ")";
+    for (const auto& op : results["operations"]) {
+      if (op.contains("error") || !op.contains("pause_seconds")) continue;
+      if (op.value("cycle", 0) <= warmup) continue;
+      ex::OperationRecord r;
+      // Intention to treat: the arm is the flag's variant; its latency is that of what ran.
+      r.arm = op["variant"].is_string() ? op["variant"].get<std::string>()
+                                        : op.value("strategy", "");
+      r.unit = op.value("sandbox", "");
+      for (const char* m : {"pause_seconds", "resume_seconds", "cpu_seconds", "peak_memory_bytes",
+                            "released_bytes", "guest_memory_bytes"}) {
+        if (op.contains(m) && op[m].is_number()) r.metrics[m] = op[m].get<double>();
+      }
+      records.push_back(std::move(r));
+    }
+    const json& weights = results["experiment"]["weights"];
+    for (const auto& [name, w] : weights.items()) spec.arms.push_back({name, w.get<double>()});
+    if (!arms_text.empty()) spec.arms = parse_arms(arms_text);
+  }
+  auto report = ex::build_report(records, spec);
+  if (!report.ok()) {
+    std::fprintf(stderr, "memsnap experiment report: %s\n", report.error().to_string().c_str());
+    return 1;
+  }
+  const std::string prefix =
+      !out_prefix.empty() ? out_prefix
+      : prometheus.empty()
+          ? (std::filesystem::path(files[0]).parent_path() /
+             std::filesystem::path(files[0]).stem())
+                    .string() + "-report"
+          : std::string("experiment-prometheus-report");
+  const json j = ex::to_json(*report);
+  std::ofstream(prefix + ".json") << j.dump(2) << "\n";
+  std::ofstream(prefix + ".md") << ex::to_markdown(*report);
+  std::ofstream(prefix + ".svg") << ex::render_svg(*report);
+  if (json_out) {
+    std::printf("%s\n", j.dump(2).c_str());
+  } else {
+    std::printf("%s\n", ex::to_markdown(*report).c_str());
+  }
+  std::fprintf(stderr, "report of %s: %s.md, %s.json, %s.svg\n", source.c_str(), prefix.c_str(),
+               prefix.c_str(), prefix.c_str());
+  return 0;
+}
+
+}  // namespace memsnap::cli
