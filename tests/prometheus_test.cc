@@ -417,6 +417,82 @@ class PrometheusTest : public ::testing::Test {
   int pauses_ = 0;
 };
 
+// Issue 6: the report built from Prometheus' histograms agrees with the report built from the
+// same run's JSON results, within the histogram's bucket resolution.
+TEST(ExperimentReportTest, PrometheusAndJsonReportsAgreeWithinABucket) {
+  if (!executable(prometheus_binary())) GTEST_SKIP() << prometheus_binary() << " missing";
+  char templ[] = "/var/tmp/memsnap-experiment-prom-XXXXXX";
+  ASSERT_NE(::mkdtemp(templ), nullptr);
+  const std::string dir = templ;
+  auto metrics_port = free_loopback_port();
+  auto prom_port = free_loopback_port();
+  ASSERT_TRUE(metrics_port.ok() && prom_port.ok());
+  std::ofstream(dir + "/prometheus.yml")
+      << "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
+      << "scrape_configs:\n  - job_name: memsnap\n    static_configs:\n"
+      << "      - targets: ['127.0.0.1:" << *metrics_port << "']\n";
+  PrometheusServer prometheus(prometheus_binary(), dir + "/prometheus.yml", dir + "/data",
+                              *prom_port, dir + "/prometheus.log");
+  ASSERT_GT(prometheus.pid(), 0);
+  for (int i = 0; !prometheus.get("/-/ready").ok(); ++i) {
+    ASSERT_LT(i, 300) << "prometheus not ready: " << read_file(prometheus.log_path());
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  const std::string memsnap = std::string(std::getenv("MEMSNAP_BIN_DIR") ? std::getenv("MEMSNAP_BIN_DIR") : "") + "/memsnap";
+  const auto run = run_command({memsnap, "experiment", "run", "--sandboxes", "6", "--cycles", "4",
+                                "--size", "32M", "--metrics-port", std::to_string(*metrics_port),
+                                "--out", dir + "/results.json"});
+  ASSERT_EQ(run.status, 0) << run.output;
+  const auto from_json = run_command({memsnap, "experiment", "report", dir + "/results.json",
+                                      "--warmup", "0", "--out", dir + "/json-report", "--json"});
+  ASSERT_EQ(from_json.status, 0) << from_json.output;
+  const auto from_prom = run_command(
+      {memsnap, "experiment", "report", "--prometheus",
+       "http://127.0.0.1:" + std::to_string(*prom_port), "--window", "10m", "--out",
+       dir + "/prom-report", "--json"});
+  ASSERT_EQ(from_prom.status, 0) << from_prom.output;
+  const json a = json::parse(read_file(dir + "/json-report.json"));
+  const json b = json::parse(read_file(dir + "/prom-report.json"));
+  // memsnapd's pause and resume histograms' bounds (docs/metrics.md).
+  std::vector<double> bounds = {0};
+  for (double decade = 1e-4; decade < 100; decade *= 10) {
+    for (double m : {1.0, 2.0, 5.0}) bounds.push_back(m * decade);
+  }
+  auto bucket_of = [&](double v) {
+    std::size_t i = 1;
+    while (i < bounds.size() && bounds[i] < v) ++i;
+    return i;  // v in (bounds[i-1], bounds[i]]
+  };
+  std::size_t compared = 0;
+  for (const auto& arm_a : a["arms"]) {
+    for (const auto& arm_b : b["arms"]) {
+      if (arm_a["name"] != arm_b["name"]) continue;
+      for (const char* metric : {"pause_seconds", "resume_seconds"}) {
+        SCOPED_TRACE(arm_a["name"].get<std::string>() + " " + metric);
+        ASSERT_TRUE(arm_a["metrics"].contains(metric) && arm_b["metrics"].contains(metric));
+        // The same operations on both sides, up to increase()'s extrapolation at the window's
+        // edges...
+        const double n_a = arm_a["metrics"][metric]["n"];
+        const double n_b = arm_b["metrics"][metric]["n"];
+        EXPECT_NEAR(n_b, n_a, 0.25 * n_a);
+        // ...and medians within one bucket of each other (interpolation between two order
+        // statistics may straddle a bound).
+        const double exact = arm_a["metrics"][metric]["p50"]["estimate"];
+        const double rebuilt = arm_b["metrics"][metric]["p50"]["estimate"];
+        const std::size_t k = bucket_of(exact);
+        const double lo = bounds[k >= 2 ? k - 2 : 0];
+        const double hi = bounds[std::min(k + 1, bounds.size() - 1)];
+        EXPECT_GE(rebuilt, lo) << "json p50 " << exact << ", prometheus p50 " << rebuilt;
+        EXPECT_LE(rebuilt, hi) << "json p50 " << exact << ", prometheus p50 " << rebuilt;
+        ++compared;
+      }
+    }
+  }
+  EXPECT_EQ(compared, 6u) << "every strategy, pause and resume";
+  prometheus.stop();
+  fs::remove_all(dir);
+}
+
 TEST(PromtoolTest, ShippedRulesPassCheckRules) {
   if (!executable(promtool_binary())) GTEST_SKIP() << promtool_binary() << " missing";
   const CommandResult r = run_command({promtool_binary(), "check", "rules", kRules});

@@ -202,10 +202,11 @@ std::vector<MetricInfo> build_catalogue() {
       {"memsnap_resume_duration_seconds",
        T::kHistogram,
        "What a resume costs a sandbox beyond its VMM's start-up: from the VMM's handshake to the "
-       "VMM being able to run, by strategy and outcome (ok, error, aborted).",
+       "VMM being able to run, by strategy and outcome (ok, error, aborted). Buckets from 100 us: "
+       "a warm or lazy resume is ready in well under a millisecond.",
        "seconds",
        {"strategy", "outcome"},
-       op},
+       phase},
       {"memsnap_resume_phase_duration_seconds",
        T::kHistogram,
        "Wall time of each phase of a resume: open, listen, wait_vmm, fill, hand_over, serve.",
@@ -455,7 +456,7 @@ struct HostMetrics::Impl {
       prometheus::Labels l = s;
       l.emplace("outcome", outcome_name(o));
       pause_duration.Add(l, operation_duration_buckets());
-      resume_duration.Add(l, operation_duration_buckets());
+      resume_duration.Add(l, phase_duration_buckets());
     }
     for (const char* phase : kPausePhases) {
       prometheus::Labels l = s;
@@ -592,7 +593,7 @@ void HostMetrics::record_resume(const ResumeObservation& r) noexcept {
     if (usable(r.seconds)) {
       m.resume_duration
           .Add({{"strategy", strategy}, {"outcome", std::string(outcome_name(r.outcome))}},
-               operation_duration_buckets())
+               phase_duration_buckets())
           .Observe(r.seconds);
     }
     for (const Phase& phase : r.phases) {

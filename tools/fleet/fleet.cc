@@ -114,7 +114,7 @@ Result<std::unique_ptr<Daemon>> Daemon::start(const DaemonOptions& o) {
   args.insert(args.end(), {"--set", "snapshots.directory=" + d->snapshot_dir_, "--set",
                            "control.socket=" + d->socket_});
   if (o.metrics) {
-    auto port = free_loopback_port();
+    auto port = o.metrics_port ? Result<std::uint16_t>(o.metrics_port) : free_loopback_port();
     if (!port.ok()) return std::move(port).error();
     d->metrics_port_ = *port;
     args.insert(args.end(), {"--set", "metrics.listen=127.0.0.1:" + std::to_string(*port)});

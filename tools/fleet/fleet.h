@@ -28,7 +28,8 @@ struct DaemonOptions {
   std::string config_file;             // --config (empty: built-in defaults)
   std::string flags_file;              // flags.file (empty: none)
   std::vector<std::string> overrides;  // more --set section.key=value
-  bool metrics = true;                 // serve metrics on a free loopback port
+  bool metrics = true;                 // serve metrics on a loopback port:
+  std::uint16_t metrics_port = 0;      // this one (0: a free one)
   std::chrono::milliseconds start_timeout{20000};
 };
 

@@ -6,8 +6,8 @@
 //
 // From Prometheus only what the histograms hold is known: pause and resume latency per strategy,
 // bucketed. The samples are rebuilt from the buckets (spread evenly inside each bucket, which is
-// what histogram_quantile assumes), so quantiles agree with Prometheus' own to within a bucket,
-// and the split is checked on flag evaluations (one per pause) instead of sandboxes.
+// what histogram_quantile assumes), so quantiles agree with Prometheus' own to within a bucket;
+// the split is checked on operations, not sandboxes (the metrics carry no sandbox ids).
 #include <cctype>
 #include <cmath>
 #include <cstdio>
@@ -108,8 +108,7 @@ std::vector<double> samples_from_buckets(std::map<double, double> cumulative) {
 // Records rebuilt from memsnapd's histograms in Prometheus over `window`: one record per
 // observation, unit = strategy + index (there are no sandbox ids in the metrics, by design).
 std::vector<ex::OperationRecord> records_from_prometheus(const std::string& url,
-                                                         const std::string& window,
-                                                         std::map<std::string, std::uint64_t>& evaluations) {
+                                                         const std::string& window) {
   std::vector<ex::OperationRecord> records;
   for (const auto& [metric, family] :
        std::vector<std::pair<std::string, std::string>>{{"pause_seconds", "memsnap_pause_duration_seconds"},
@@ -133,13 +132,6 @@ std::vector<ex::OperationRecord> records_from_prometheus(const std::string& url,
         records.push_back(std::move(r));
       }
     }
-  }
-  const json evals = prom_query(
-      url, "sum by (variant) (increase(memsnap_flag_evaluations_total{flag=\"memory-export-strategy\"}[" +
-               window + "]))");
-  for (const auto& series : evals) {
-    evaluations[series["metric"].value("variant", "")] = static_cast<std::uint64_t>(
-        std::llround(std::stod(series["value"][1].get<std::string>())));
   }
   return records;
 }
@@ -181,8 +173,7 @@ int cmd_experiment_report(Args& args) {
   std::vector<ex::OperationRecord> records;
   std::string source;
   if (!prometheus.empty()) {
-    std::map<std::string, std::uint64_t> evaluations;
-    records = records_from_prometheus(prometheus, window, evaluations);
+    records = records_from_prometheus(prometheus, window);
     spec.title = "memsnap strategy experiment (Prometheus " + prometheus + ", last " + window + ")";
     spec.metrics = {ex::metric_spec_for("pause_seconds"), ex::metric_spec_for("resume_seconds")};
     source = prometheus;

@@ -121,7 +121,10 @@ int cmd_experiment_run(Args& args) {
   const std::string out_path = args.value("--out", "experiment-results.json");
   const std::uint64_t seed = std::stoull(args.value("--seed", "1"));
   const std::string keep = args.value("--keep");
+  // A fixed metrics port, for a Prometheus that is already configured to scrape it.
+  const int metrics_port = std::stoi(args.value("--metrics-port", "0"));
   args.expect_done();
+  if (metrics_port < 0 || metrics_port > 65535) throw std::invalid_argument("--metrics-port");
   if (sandboxes < 1 || cycles < 1) throw std::invalid_argument("--sandboxes and --cycles >= 1");
   if (backing != "memfd" && backing != "anon") throw std::invalid_argument("--backing memfd|anon");
 
@@ -132,12 +135,18 @@ int cmd_experiment_run(Args& args) {
   fleet::DaemonOptions dopt;
   dopt.dir = dir;
   dopt.flags_file = flags_file;
+  dopt.metrics_port = static_cast<std::uint16_t>(metrics_port);
   auto daemon = fleet::Daemon::start(dopt);
   if (!daemon.ok()) {
     std::fprintf(stderr, "memsnap experiment: %s\n", daemon.error().to_string().c_str());
     return 1;
   }
   fleet::Daemon& d = **daemon;
+  if (metrics_port != 0) {
+    // A scraper set up for this port sees every series at 0 before the first operation, so that
+    // rate() and increase() over the run count all of it.
+    std::this_thread::sleep_for(std::chrono::seconds(5));
+  }
   const bool tty = ::isatty(2) != 0;
   std::fprintf(stderr, "memsnapd pid %d, metrics at %s; %d sandboxes x %d cycles, %s %s each\n",
                d.pid(), d.metrics_url().c_str(), sandboxes, cycles,
@@ -235,6 +244,10 @@ int cmd_experiment_run(Args& args) {
   std::ofstream(out_path) << results.dump(1) << "\n";
   std::fprintf(stderr, "%zu operations (%d failed) written to %s\n", operations.size(), failures,
                out_path.c_str());
+  if (metrics_port != 0) {
+    // A scraper set up for this port takes its last samples before memsnapd goes.
+    std::this_thread::sleep_for(std::chrono::seconds(5));
+  }
   fleet_.clear();
   d.stop(SIGTERM, std::chrono::seconds(30));
   if (keep.empty()) std::filesystem::remove_all(dir);
