@@ -167,8 +167,8 @@ void ResumeSession::stop() {
   if (server_) server_->stop();
 }
 
-FaultStats ResumeSession::fault_stats() const {
-  return server_ ? server_->stats(/*settle=*/true) : FaultStats{};
+FaultStats ResumeSession::fault_stats(bool settle) const {
+  return server_ ? server_->stats(settle) : FaultStats{};
 }
 
 Status ResumeSession::serve_error() const { return server_ ? server_->error() : Status(); }

@@ -117,7 +117,9 @@ class ResumeSession {
   Status accept_and_serve();
 
   const ResumeReport& report() const { return report_; }
-  FaultStats fault_stats() const;
+  // settle: first let the fault thread publish what it has counted (waits up to a loop of it,
+  // at most 1 s); without, what was published last (at most one batch old), at once.
+  FaultStats fault_stats(bool settle = true) const;
   Status serve_error() const;
   // Background mode: waits for the fill to finish.
   Status wait_filled(std::chrono::milliseconds timeout) const;

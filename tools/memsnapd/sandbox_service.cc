@@ -572,7 +572,9 @@ void SandboxService::release_slot(bool pause_slot) {
 
 void SandboxService::flush_fault_stats_locked(Sandbox& sb) {
   if (!sb.session) return;
-  const FaultStats now = sb.session->fault_stats();
+  // Not settled: this runs under the service's lock (every second for every running sandbox),
+  // and must not wait for a busy fault thread. What it misses is counted at the next call.
+  const FaultStats now = sb.session->fault_stats(/*settle=*/false);
   if (now.faults > sb.faults_recorded.faults) {
     const double sum = now.service_seconds - sb.faults_recorded.service_seconds;
     const auto& bounds = metrics::fault_latency_buckets();
@@ -1011,7 +1013,7 @@ Result<json> SandboxService::get(const std::string& id, const std::string& wait_
     }
   }
   json out = describe_locked(*sb);
-  if (sb->session) out["faults"] = to_json(sb->session->fault_stats());
+  if (sb->session) out["faults"] = to_json(sb->session->fault_stats(/*settle=*/false));
   return out;
 }
 
