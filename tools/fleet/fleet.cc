@@ -68,22 +68,23 @@ Result<std::uint16_t> free_loopback_port() {
   return static_cast<std::uint16_t>(ntohs(addr.sin_port));
 }
 
-Result<std::string> http_get_loopback(std::uint16_t port, const std::string& target,
-                                      std::chrono::milliseconds timeout) {
+Result<std::string> http_get(const std::string& host, std::uint16_t port, const std::string& target,
+                             std::chrono::milliseconds timeout) {
   namespace beast = boost::beast;
   namespace http = beast::http;
   using tcp = boost::asio::ip::tcp;
   try {
     boost::asio::io_context io;
     tcp::socket socket(io);
-    socket.connect(tcp::endpoint(boost::asio::ip::address_v4::loopback(), port));
+    tcp::resolver resolver(io);
+    boost::asio::connect(socket, resolver.resolve(host, std::to_string(port)));
     // Blocking reads and writes with a deadline each (the socket stays blocking).
     const timeval tv{static_cast<time_t>(timeout.count() / 1000),
                      static_cast<suseconds_t>((timeout.count() % 1000) * 1000)};
     ::setsockopt(socket.native_handle(), SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
     ::setsockopt(socket.native_handle(), SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
     http::request<http::empty_body> req{http::verb::get, target, 11};
-    req.set(http::field::host, "127.0.0.1:" + std::to_string(port));
+    req.set(http::field::host, host + ":" + std::to_string(port));
     req.set(http::field::connection, "close");
     http::write(socket, req);
     beast::flat_buffer buffer;
@@ -92,14 +93,14 @@ Result<std::string> http_get_loopback(std::uint16_t port, const std::string& tar
     http::read(socket, buffer, parser);
     const auto& res = parser.get();
     if (res.result_int() != 200) {
-      return make_error(Errc::kIoError, "GET " + target + " on port " + std::to_string(port) +
+      return make_error(Errc::kIoError, "GET " + target + " on " + host + ":" + std::to_string(port) +
                                             ": HTTP " + std::to_string(res.result_int()) + ": " +
                                             res.body().substr(0, 500));
     }
     return res.body();
   } catch (const std::exception& e) {
     return make_error(Errc::kIoError,
-                      "GET " + target + " on 127.0.0.1:" + std::to_string(port) + ": " + e.what());
+                      "GET " + target + " on " + host + ":" + std::to_string(port) + ": " + e.what());
   }
 }
 

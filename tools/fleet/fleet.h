@@ -78,9 +78,15 @@ class Daemon {
 // A loopback TCP port nobody listened on a moment ago.
 Result<std::uint16_t> free_loopback_port();
 
-// An HTTP GET to 127.0.0.1:port (metrics, Prometheus' API). Body of a 200, else an error.
-Result<std::string> http_get_loopback(std::uint16_t port, const std::string& target,
-                                      std::chrono::milliseconds timeout = std::chrono::seconds(10));
+// An HTTP GET to host:port (metrics, Prometheus' API; host is a name or an address). Body of a
+// 200, else an error.
+Result<std::string> http_get(const std::string& host, std::uint16_t port, const std::string& target,
+                             std::chrono::milliseconds timeout = std::chrono::seconds(10));
+inline Result<std::string> http_get_loopback(
+    std::uint16_t port, const std::string& target,
+    std::chrono::milliseconds timeout = std::chrono::seconds(10)) {
+  return http_get("127.0.0.1", port, target, timeout);
+}
 
 struct SandboxSpec {
   std::string id;

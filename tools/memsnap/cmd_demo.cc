@@ -89,7 +89,6 @@ int cmd_demo(Args& args) {
   std::printf("  log          %s\n\n", d.log_path().c_str());
 
   std::vector<std::unique_ptr<fleet::Sandbox>> fleet_;
-  std::map<std::string, std::string> strategy_of;
   for (int i = 1; i <= count; ++i) {
     fleet::SandboxSpec spec;
     spec.id = "sb-" + std::to_string(i);

@@ -17,12 +17,9 @@
 #include <sstream>
 #include <stdexcept>
 
-#include <boost/asio/connect.hpp>
-#include <boost/asio/ip/tcp.hpp>
-#include <boost/beast/core.hpp>
-#include <boost/beast/http.hpp>
 
 #include "tools/experiment/report.h"
+#include "tools/fleet/fleet.h"
 #include "tools/experiment/svg.h"
 #include "tools/memsnap/cli.h"
 
@@ -32,35 +29,18 @@ namespace {
 using nlohmann::json;
 namespace ex = memsnap::experiment;
 
-// GET http://host:port/path?query, the body of a 200.
+// GET http://host:port/target, the body of a 200.
 std::string http_get(const std::string& url, const std::string& target) {
-  namespace beast = boost::beast;
-  namespace http = beast::http;
-  using tcp = boost::asio::ip::tcp;
   if (url.rfind("http://", 0) != 0) throw std::invalid_argument("--prometheus must be http://HOST:PORT");
   std::string hostport = url.substr(7);
   if (const auto slash = hostport.find('/'); slash != std::string::npos) hostport.resize(slash);
   const auto colon = hostport.rfind(':');
   const std::string host = colon == std::string::npos ? hostport : hostport.substr(0, colon);
-  const std::string port = colon == std::string::npos ? "80" : hostport.substr(colon + 1);
-  boost::asio::io_context io;
-  tcp::resolver resolver(io);
-  tcp::socket socket(io);
-  boost::asio::connect(socket, resolver.resolve(host, port));
-  http::request<http::empty_body> req{http::verb::get, target, 11};
-  req.set(http::field::host, hostport);
-  req.set(http::field::connection, "close");
-  http::write(socket, req);
-  beast::flat_buffer buffer;
-  http::response_parser<http::string_body> parser;
-  parser.body_limit(256 * 1024 * 1024);
-  http::read(socket, buffer, parser);
-  if (parser.get().result_int() != 200) {
-    throw std::runtime_error("Prometheus answered HTTP " +
-                             std::to_string(parser.get().result_int()) + ": " +
-                             parser.get().body().substr(0, 300));
-  }
-  return parser.get().body();
+  const int port = colon == std::string::npos ? 80 : std::stoi(hostport.substr(colon + 1));
+  auto body = fleet::http_get(host, static_cast<std::uint16_t>(port), target,
+                              std::chrono::seconds(60));
+  if (!body.ok()) throw std::runtime_error(body.error().message);
+  return *body;
 }
 
 std::string url_encode(const std::string& s) {
@@ -173,7 +153,13 @@ int cmd_experiment_report(Args& args) {
   std::vector<ex::OperationRecord> records;
   std::string source;
   if (!prometheus.empty()) {
-    records = records_from_prometheus(prometheus, window);
+    try {
+      records = records_from_prometheus(prometheus, window);
+    } catch (const std::exception& e) {
+      // An unreachable server or an answer that is not Prometheus': say so, exit 1.
+      std::fprintf(stderr, "memsnap experiment report: %s: %s\n", prometheus.c_str(), e.what());
+      return 1;
+    }
     spec.title = "memsnap strategy experiment (Prometheus " + prometheus + ", last " + window + ")";
     spec.metrics = {ex::metric_spec_for("pause_seconds"), ex::metric_spec_for("resume_seconds")};
     source = prometheus;
@@ -184,7 +170,11 @@ int cmd_experiment_report(Args& args) {
   } else {
     std::ifstream in(files[0]);
     if (!in) throw std::invalid_argument("cannot read " + files[0]);
-    const json results = json::parse(in);
+    const json results = json::parse(in, nullptr, /*allow_exceptions=*/false);
+    if (!results.is_object() || !results.contains("operations") ||
+        !results["operations"].is_array() || !results.contains("experiment")) {
+      throw std::invalid_argument(files[0] + " is not the results of `memsnap experiment run`");
+    }
     source = files[0];
     spec.title = "memsnap strategy experiment (" + files[0] +
                  (warmup > 0 ? ", cycles after the first " + std::to_string(warmup) : "") + ")";

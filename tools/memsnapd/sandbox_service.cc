@@ -250,8 +250,8 @@ void SandboxService::poll() {
   }
 }
 
-SandboxService::Choice SandboxService::choose(const Sandbox& sb, const std::string& forced,
-                                              bool record) const {
+SandboxService::Choice SandboxService::choose(const SandboxAttributes& attributes,
+                                              const std::string& forced, bool record) const {
   Choice c;
   std::shared_ptr<flags::FlagStore> store;
   ServiceSettings settings;
@@ -274,7 +274,7 @@ SandboxService::Choice SandboxService::choose(const Sandbox& sb, const std::stri
   so.flag_key = settings.strategy_flag;
   so.safe_strategy = settings.fallback_strategy;
   const StrategySelector selector(*store, registry_, so);
-  const StrategyChoice sc = selector.select(sb.attributes);
+  const StrategyChoice sc = selector.select(attributes);
   c.strategy = sc.strategy;
   c.requested = sc.requested;
   c.variant = sc.resolution.variant.value_or("");
@@ -699,7 +699,7 @@ Result<json> SandboxService::pause(const std::string& id, const json& body) {
   metrics::InFlight in_flight = metrics_.track_in_flight(metrics::OperationKind::kPause);
   const auto started = std::chrono::steady_clock::now();
 
-  const Choice choice = choose(*sb, *forced, /*record=*/true);
+  const Choice choice = choose(sb->attributes, *forced, /*record=*/true);
   ServiceSettings settings = this->settings();
   auto refuse = [&](Error e) -> Result<json> {
     release_slot(true);
@@ -1028,21 +1028,14 @@ json SandboxService::list() const {
 }
 
 Result<json> SandboxService::explain(const std::string& id) const {
-  std::shared_ptr<Sandbox> sb;
+  SandboxAttributes attributes;
   {
     std::lock_guard lock(mu_);
     const auto it = sandboxes_.find(id);
     if (it == sandboxes_.end()) return make_error(Errc::kSandboxNotFound, "no sandbox " + id);
-    sb = it->second;
+    attributes = it->second->attributes;
   }
-  SandboxAttributes attributes;
-  {
-    std::lock_guard lock(mu_);
-    attributes = sb->attributes;
-  }
-  Sandbox probe;
-  probe.attributes = attributes;
-  const Choice c = choose(probe, "", /*record=*/false);
+  const Choice c = choose(attributes, "", /*record=*/false);
   json out = {{"id", id},
               {"strategy", c.strategy},
               {"requested_strategy", c.requested},

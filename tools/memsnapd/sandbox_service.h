@@ -37,6 +37,7 @@
 #include "core/base/result.h"
 #include "core/metrics/host_metrics.h"
 #include "core/plugin_host/plugin_registry.h"
+#include "core/strategy_selection/strategy_selection.h"
 #include "flags/flag_store.h"
 
 namespace memsnap::daemon {
@@ -107,7 +108,7 @@ class SandboxService {
                  ServiceOptions options);
 
   struct Choice;
-  Choice choose(const Sandbox& sandbox, const std::string& forced, bool record) const;
+  Choice choose(const SandboxAttributes& sandbox, const std::string& forced, bool record) const;
   Result<std::shared_ptr<Sandbox>> claim(const std::string& id, const char* op,
                                          const std::string& required_state,
                                          const std::string& busy_state);
