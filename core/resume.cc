@@ -11,6 +11,7 @@
 #include <spdlog/spdlog.h>
 
 #include "core/dirty_set.h"
+#include "core/guest_image.h"
 #include "core/phase_clock.h"
 
 namespace memsnap {
@@ -36,32 +37,6 @@ std::vector<plugin::ByteRange> merged(std::vector<plugin::ByteRange> a,
     }
   }
   return out;
-}
-
-// Copies every DATA extent of the chain into memfd (fresh and sparse: zero blocks stay holes).
-Result<std::uint64_t> fill_memfd(const SnapshotChain& chain, int memfd) {
-  std::vector<std::uint8_t> buffer(4 * 1024 * 1024);
-  std::uint64_t copied = 0;
-  const std::uint64_t bs = chain.block_size();
-  for (const ChainExtent& x : chain.flatten()) {
-    if (x.kind != RunKind::kData) continue;
-    const SnapshotReader& layer = chain.layer(x.layer);
-    for (std::uint64_t done = 0; done < x.block_count * bs;) {
-      const std::uint64_t n = std::min<std::uint64_t>(buffer.size(), x.block_count * bs - done);
-      if (Status s =
-              io::pread_exact(layer.fd(), buffer.data(), n, x.file_offset + done, layer.path());
-          !s.ok()) {
-        return s.error();
-      }
-      if (Status s = io::pwrite_all(memfd, buffer.data(), n, x.first_block * bs + done, "memfd");
-          !s.ok()) {
-        return s.error();
-      }
-      done += n;
-      copied += n;
-    }
-  }
-  return copied;
 }
 
 }  // namespace

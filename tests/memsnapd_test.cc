@@ -183,19 +183,33 @@ TEST_F(MemsnapdTest, FlagSplitPausesAndResumesEveryStrategyAndTheSplitFollowsThe
   // The metrics saw all of it, by strategy, never by sandbox.
   auto text = daemon_->scrape();
   ASSERT_TRUE(text.ok()) << text.error().to_string();
-  EXPECT_EQ(sample(*text, R"(memsnap_pause_duration_seconds_count{outcome="ok",strategy="process_vm_readv"})"), 3);
-  EXPECT_EQ(sample(*text, R"(memsnap_pause_duration_seconds_count{outcome="ok",strategy="memfd"})"), 3);
-  EXPECT_EQ(sample(*text, R"(memsnap_pause_duration_seconds_count{outcome="ok",strategy="hole_punch"})"), 2);
-  EXPECT_EQ(sample(*text, R"(memsnap_resume_duration_seconds_count{outcome="ok",strategy="hole_punch"})"), 2);
-  EXPECT_EQ(sample(*text, R"(memsnap_strategy_fallbacks_total{from="memfd",reason="missing_memfd",to="process_vm_readv"})"), 1);
+  EXPECT_EQ(
+      sample(*text,
+             R"(memsnap_pause_duration_seconds_count{outcome="ok",strategy="process_vm_readv"})"),
+      3);
+  EXPECT_EQ(sample(*text, R"(memsnap_pause_duration_seconds_count{outcome="ok",strategy="memfd"})"),
+            3);
+  EXPECT_EQ(
+      sample(*text, R"(memsnap_pause_duration_seconds_count{outcome="ok",strategy="hole_punch"})"),
+      2);
+  EXPECT_EQ(
+      sample(*text, R"(memsnap_resume_duration_seconds_count{outcome="ok",strategy="hole_punch"})"),
+      2);
+  EXPECT_EQ(
+      sample(
+          *text,
+          R"(memsnap_strategy_fallbacks_total{from="memfd",reason="missing_memfd",to="process_vm_readv"})"),
+      1);
   EXPECT_GE(sample(*text, R"(memsnap_flag_reloads_total{result="success"})"), 1);
   EXPECT_EQ(sample(*text, R"(memsnap_sandboxes{state="paused"})"), 2);
   EXPECT_EQ(sample(*text, R"(memsnap_sandboxes{state="running"})"), 2);
   EXPECT_GT(sample(*text, R"(memsnap_pause_released_bytes_total{strategy="hole_punch"})"), 0);
   // Lazy resumes of sb-a served every page the verify touched, one fault each, into the
   // histogram (not only the totals): the dashboards' fault p99 needs the buckets.
-  EXPECT_GE(sample(*text, R"(memsnap_page_fault_service_duration_seconds_count{strategy="process_vm_readv"})"),
-            static_cast<double>(kGuest / 4096));
+  EXPECT_GE(
+      sample(*text,
+             R"(memsnap_page_fault_service_duration_seconds_count{strategy="process_vm_readv"})"),
+      static_cast<double>(kGuest / 4096));
   EXPECT_EQ(text->find("sb-a"), std::string::npos) << "a sandbox id in the metrics";
 }
 
@@ -243,9 +257,9 @@ TEST_F(MemsnapdTest, BadInputGetsAClearErrorAndChangesNothing) {
   EXPECT_FALSE(fs::exists("/tmp/outside.snap"));
   EXPECT_FALSE(fs::exists(fs::path(dir_) / "outside.snap"));
   // A strategy that gives the guest's memory back cannot leave the VMM running.
-  expect_error(call("POST", "/v1/sandboxes/sb-1/pause",
-                    {{"strategy", "hole_punch"}, {"after", "continue"}}),
-               400, "invalid_argument");
+  expect_error(
+      call("POST", "/v1/sandboxes/sb-1/pause", {{"strategy", "hole_punch"}, {"after", "continue"}}),
+      400, "invalid_argument");
   expect_error(call("GET", "/v1/sandboxes/sb-1?wait_while=running&timeout_ms=12abc"), 400,
                "invalid_argument");
   // A resume of a running sandbox.
@@ -318,9 +332,21 @@ TEST_F(MemsnapdTest, SigtermLetsAPauseInFlightFinishAndRefusesNewOnes) {
   std::unique_ptr<Sandbox> sb = std::move(*launched);
   Result<json> first = json();
   std::thread t([&] { first = sb->pause({{"sync", true}}); });
+  // "pausing" is the state from the moment the request is accepted, before it has a pause slot;
+  // a SIGTERM then refuses it (it has not started). The pause is in flight once the snapshot's
+  // temporary file exists: wait for that, so the drain has something to let finish.
+  const fs::path big_dir = fs::path(daemon_->snapshot_dir()) / "sb-big";
+  auto exporting = [&] {
+    std::error_code ec;
+    for (fs::directory_iterator it(big_dir, ec), end; !ec && it != end; it.increment(ec)) {
+      if (it->path().filename().string().find(".tmp.") != std::string::npos) return true;
+    }
+    return false;
+  };
   bool seen = false;
   for (int i = 0; i < 20000 && !seen; ++i) {
-    seen = call("GET", "/v1/sandboxes/sb-big").body.value("state", "") == "pausing";
+    seen = exporting();
+    if (!seen) std::this_thread::sleep_for(std::chrono::microseconds(200));
   }
   if (!seen) {
     t.join();
@@ -390,7 +416,8 @@ TEST_F(MemsnapdTest, SighupAppliesWhatItCanAndKeepsTheRest) {
   // Restart the fixture's daemon with a config file, then change it and send SIGHUP.
   daemon_.reset();
   const std::string config = dir_ + "/memsnapd.yaml";
-  std::ofstream(config) << "limits:\n  max_concurrent_pauses: 4\nstrategy:\n  fallback: process_vm_readv\n";
+  std::ofstream(config)
+      << "limits:\n  max_concurrent_pauses: 4\nstrategy:\n  fallback: process_vm_readv\n";
   DaemonOptions o;
   o.dir = dir_;
   o.config_file = config;

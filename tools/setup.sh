@@ -14,6 +14,11 @@ packages=(
   libgtest-dev libgmock-dev googletest   # tests
   libbenchmark-dev                       # benchmarks
   prometheus                             # promtool checks and the real Prometheus of the metrics tests
+  qemu-system-x86                        # the real VMM of the QEMU end-to-end tests (microvm, TCG)
+  linux-image-amd64                      # the guest kernel (tools/qemu-guest extracts its vmlinux)
+  busybox-static                         # the guest's userland in the initramfs
+  cpio                                   # packs the guest initramfs
+  xz-utils zstd                          # decompressors the vmlinux extractor may need
 )
 
 missing=()
@@ -26,5 +31,8 @@ fi
 echo "setup: installing ${missing[*]}" >&2
 SUDO=""
 [ "$(id -u)" -eq 0 ] || SUDO=sudo
-$SUDO apt-get update -qq
-DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+$SUDO apt-get -o DPkg::Lock::Timeout=600 update -qq
+# INITRD=No: the kernel package is only a source of the guest's vmlinux; building a host initrd
+# for it would cost minutes for nothing.
+$SUDO env DEBIAN_FRONTEND=noninteractive INITRD=No apt-get install -y -qq --no-install-recommends \
+  -o DPkg::Lock::Timeout=600 "${missing[@]}"

@@ -58,6 +58,7 @@ int cmd_flags(Args& args);
 int cmd_demo(Args& args);            // memsnapd + stand-ins with an A/B/C split (the main job)
 int cmd_experiment_run(Args& args);  // an A/B(/C) latency experiment -> results JSON
 int cmd_experiment_report(Args& args);  // its analysis (results JSON or Prometheus)
+int cmd_qemu(const std::string& sub, Args& args);  // a real QEMU microVM round and round
 
 // Client mode (cmd_client.cc): the command done by memsnapd through its control API at socket.
 // Exit codes: 0 done, 1 memsnapd answered with an error, 2 usage, 3 memsnapd unreachable.

@@ -51,6 +51,12 @@ void usage(std::FILE* out) {
       "            [--backing anon|memfd] [--thp] [--discard-pages N] [--keep DIR]\n"
       "            [--no-sync] [--json]\n"
       "            one stand-in VMM round and round: pause, kill, resume, verify every page\n"
+      "  qemu cycle (--strategy S | --flags FILE [--sandbox ID]) [--memory 256M]\n"
+      "            [--ram memsnap|qemu] [--generations 2] [--guest-mib 64] [--dirty-pct 5]\n"
+      "            [--accel tcg|kvm] [--kernel F] [--initrd F] [--reference] [--keep DIR]\n"
+      "            [--json]   (--reference: also time QEMU's own migrate to a file and back)\n"
+      "            a real Linux microVM under QEMU: boot, then pause (base, then diffs), end\n"
+      "            it, resume a new QEMU from the chain; the guest checks its own memory\n"
       "  flags eval --flags FILE --flag KEY [--type boolean|string|integer|float|object]\n"
       "            [--default JSON] [--context JSON] [--explain]\n"
       "  flags eval --flags FILE --batch [--explain]   (JSON lines on stdin, one result each)\n"
@@ -146,6 +152,11 @@ int main(int argc, char** argv) {
       if (sub == "run") return memsnap::cli::cmd_experiment_run(rest);
       if (sub == "report") return memsnap::cli::cmd_experiment_report(rest);
       throw std::invalid_argument("experiment run|report [options] (see --help)");
+    }
+    if (command == "qemu") {
+      const std::string sub = first + 1 < argc ? argv[first + 1] : "";
+      memsnap::cli::Args rest(argc, argv, first + 2);
+      return memsnap::cli::cmd_qemu(sub, rest);
     }
   } catch (const std::invalid_argument& e) {
     std::fprintf(stderr, "memsnap %s: %s\n", command.c_str(), e.what());
