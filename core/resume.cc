@@ -1,7 +1,10 @@
 #include "core/resume.h"
 
+#include <poll.h>
+#include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -140,6 +143,34 @@ ResumeSession::~ResumeSession() { stop(); }
 void ResumeSession::stop() {
   if (arming_.valid()) arming_.wait();
   if (server_) server_->stop();
+  end_vmm_if_running();
+  if (guard_token_ != 0) {
+    request_.guard->release(guard_token_);
+    guard_token_ = 0;
+  }
+}
+
+bool ResumeSession::vmm_running() const {
+  if (vmm_pidfd_.get() < 0) return false;
+  pollfd p{vmm_pidfd_.get(), POLLIN, 0};  // readable once the process has exited
+  return ::poll(&p, 1, 0) == 0;
+}
+
+bool ResumeSession::end_vmm_if_running() {
+  if (!server_ || !vmm_running()) {
+    vmm_pidfd_.reset();
+    return false;
+  }
+  // Its memory is no longer served: its next fault would block forever. Firecracker's
+  // documentation asks the handler to end the VMM then; the pidfd is the process that connected.
+  spdlog::warn(
+      "resume: memsnap stopped serving the memory of VMM pid {} while it still ran: "
+      "ending it (SIGKILL) so that it cannot hang on its next page fault",
+      report_.vmm_pid);
+  const bool sent = ::syscall(SYS_pidfd_send_signal, vmm_pidfd_.get(), SIGKILL, nullptr, 0) == 0;
+  vmm_pidfd_.reset();
+  vmm_ended_ = sent;
+  return sent;
 }
 
 FaultStats ResumeSession::fault_stats(bool settle) const {
@@ -180,6 +211,17 @@ Status ResumeSession::accept_and_serve() {
   if (!hs.ok()) return std::move(hs).error();
   handshake_ = std::move(*hs);
   rep.vmm_pid = handshake_.vmm_pid;
+  // The VMM as a process handle, taken now (it is connected): if memsnap ever stops serving its
+  // memory while it runs, it is ended through this, never through a pid that may be reused.
+  vmm_pidfd_.reset(static_cast<int>(::syscall(SYS_pidfd_open, rep.vmm_pid, 0)));
+  if (request_.guard != nullptr && vmm_pidfd_.get() >= 0) {
+    const std::uint64_t token = request_.guard->next_token();
+    if (Status s = request_.guard->watch(token, vmm_pidfd_.get()); s.ok()) {
+      guard_token_ = token;
+    } else {
+      spdlog::warn("resume: VMM pid {} is not guarded: {}", rep.vmm_pid, s.error().to_string());
+    }
+  }
   rep.vmm_memfd = handshake_.memfd.get() >= 0;
   for (const auto& r : handshake_.regions) {
     plugin::Region region{};
@@ -268,14 +310,14 @@ Status ResumeSession::accept_and_serve() {
                          (mode == ResumeMode::kWarm || mode == ResumeMode::kEager);
   if (rep.write_tracking && !vmm_armed) {
     rep.tracking_armed_in_background = true;
-    arming_ = std::async(std::launch::async, [this, pid = rep.vmm_pid, regions = regions_,
-                                              bs = rep.block_size] {
-      const auto start = std::chrono::steady_clock::now();
-      auto armed = arm_write_tracking(pid, regions, bs);
-      arm_seconds_ =
-          std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-      return armed;
-    });
+    arming_ = std::async(
+        std::launch::async, [this, pid = rep.vmm_pid, regions = regions_, bs = rep.block_size] {
+          const auto start = std::chrono::steady_clock::now();
+          auto armed = arm_write_tracking(pid, regions, bs);
+          arm_seconds_ =
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+          return armed;
+        });
   }
   return {};
 }
@@ -287,9 +329,8 @@ Status ResumeSession::wait_tracking_armed() {
   if (!armed.ok()) {
     // Writes may have gone unrecorded: the next pause must take every populated page.
     report_.write_tracking = false;
-    report_.write_tracking_reason =
-        "arming write tracking failed (" + armed.error().message +
-        "); the next pause exports every populated page";
+    report_.write_tracking_reason = "arming write tracking failed (" + armed.error().message +
+                                    "); the next pause exports every populated page";
     return std::move(armed).error();
   }
   uncommitted_ = merged(std::move(uncommitted_), *armed);

@@ -39,6 +39,7 @@
 #include "core/pause.h"
 #include "core/plugin_host/plugin_registry.h"
 #include "core/snapshot/snapshot_chain.h"
+#include "core/vmm_guard.h"
 
 namespace memsnap {
 
@@ -71,6 +72,9 @@ struct ResumeRequest {
   // (the dirty set is exact; a 1 GiB warm resume then takes ~10 ms instead of ~0.3 ms).
   bool arm_tracking_before_ready = false;
   std::uint64_t fill_chunk_bytes = 2 * 1024 * 1024;
+  // When set, the VMM is handed to this guardian while the session serves it, so that it is
+  // ended if memsnap dies (core/vmm_guard.h). Must outlive the session.
+  VmmGuard* guard = nullptr;
 };
 
 struct ResumeReport {
@@ -147,12 +151,21 @@ class ResumeSession {
   // it too). Returns its error, if any; the report then says tracking is off.
   Status wait_tracking_armed();
 
-  // Stops serving faults (the VMM is gone).
+  // Stops serving faults. A VMM that still runs then would hang on its next page fault, so it
+  // is ended (SIGKILL through a pidfd taken at the handshake, i.e. the process SO_PEERCRED
+  // named): stop only after the VMM exited, or when it must end. Idempotent.
   void stop();
+  // Whether the VMM that connected still runs.
+  bool vmm_running() const;
+  // The VMM's pidfd (-1 before the handshake or after stop()); owned by the session.
+  int vmm_pidfd() const { return vmm_pidfd_.get(); }
+  // Whether stop() had to end the VMM.
+  bool vmm_ended() const { return vmm_ended_; }
 
  private:
   ResumeSession() = default;
   Status hand_over_memfd(int memfd, std::uint64_t generation);
+  bool end_vmm_if_running();
 
   const PluginRegistry* registry_ = nullptr;
   ResumeRequest request_;
@@ -162,6 +175,9 @@ class ResumeSession {
   handshake::Handshake handshake_;
   std::vector<plugin::Region> regions_;
   io::UniqueFd memfd_;
+  io::UniqueFd vmm_pidfd_;
+  bool vmm_ended_ = false;
+  std::uint64_t guard_token_ = 0;  // non-zero while request_.guard holds the VMM
   std::unique_ptr<FaultServer> server_;
   std::vector<plugin::ByteRange> uncommitted_;  // taken by a pause that has not committed yet
   // The background arm of write tracking (warm/eager): the pages writable before it.

@@ -355,10 +355,15 @@ TEST_F(CliClientTest, RegisterPauseResumeWaitAndUnregisterThroughTheCli) {
   ASSERT_TRUE(bad.ok()) << bad.error().to_string();
   EXPECT_EQ(*bad, 0u) << "pages lost on the way out and back";
 
-  // unregister: the sandbox goes, its snapshots stay.
-  CliRun gone = cli({"unregister", id});
+  // unregister: a sandbox that runs on memory memsnapd serves is refused (its VMM would end);
+  // with --force the sandbox goes, its VMM ends, its snapshots stay.
+  CliRun refused = cli({"unregister", id});
+  EXPECT_EQ(refused.exit_code, 1) << refused;
+  EXPECT_NE(refused.err.find("memsnap: invalid_state: "), std::string::npos) << refused;
+  CliRun gone = cli({"unregister", id, "--force"});
   ASSERT_EQ(gone.exit_code, 0) << gone;
   EXPECT_NE(gone.out.find("unregistered " + id), std::string::npos) << gone;
+  EXPECT_NE(gone.out.find("its VMM was ended"), std::string::npos) << gone;
   EXPECT_TRUE(fs::is_regular_file(snapshot));
   CliRun after = cli({"sandbox", id});
   EXPECT_EQ(after.exit_code, 1) << after;

@@ -392,6 +392,61 @@ TEST_F(MemsnapdTest, SigtermDrainsAndRemovesTheSocket) {
   EXPECT_TRUE(fs::exists(daemon_->snapshot_dir() + "/sb-1/generation-1.snap"));
 }
 
+// Whether process pid has ended (gone, or a zombie nobody reaped yet).
+bool ended(pid_t pid) {
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string text;
+  if (!std::getline(stat, text)) return true;
+  const auto close = text.rfind(')');
+  return close == std::string::npos || close + 2 >= text.size() || text[close + 2] == 'Z' ||
+         text[close + 2] == 'X';
+}
+
+bool ends_within(pid_t pid, std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (!ended(pid)) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return true;
+}
+
+// A VMM resumed lazily cannot run without memsnapd: its next fault would block forever. When
+// memsnapd is killed (-9: it can do nothing itself), its guardian ends the VMM.
+TEST_F(MemsnapdTest, KillNineOfMemsnapdEndsTheVmmsItServesInsteadOfLeavingThemHanging) {
+  Sandbox& sb = launch("sb-1", "a", "anon");  // team a: process_vm_readv, resumed lazily
+  ASSERT_TRUE(sb.pause().ok());
+  auto resumed = sb.resume();
+  ASSERT_TRUE(resumed.ok()) << resumed.error().to_string();
+  ASSERT_EQ((*resumed)["mode"], "lazy") << resumed->dump();
+  const pid_t vmm = sb.vmm()->pid();
+  ASSERT_FALSE(ended(vmm));
+  ASSERT_EQ(::kill(daemon_->pid(), SIGKILL), 0);
+  EXPECT_TRUE(ends_within(vmm, std::chrono::seconds(10)))
+      << "the VMM outlived the memsnapd that served its memory";
+}
+
+// Unregistering a sandbox that runs on memory memsnapd serves would end its VMM (and lose what
+// the guest did since its last pause): refused unless asked for with force=true.
+TEST_F(MemsnapdTest, RemovingARunningLazilyServedSandboxNeedsForceAndThenEndsItsVmm) {
+  Sandbox& sb = launch("sb-1", "a", "anon");
+  ASSERT_TRUE(sb.pause().ok());
+  auto resumed = sb.resume();
+  ASSERT_TRUE(resumed.ok()) << resumed.error().to_string();
+  const pid_t vmm = sb.vmm()->pid();
+  Answer refused = call("DELETE", "/v1/sandboxes/sb-1");
+  EXPECT_EQ(refused.status, 409) << refused.body.dump();
+  EXPECT_EQ(refused.body["error"]["code"], "invalid_state") << refused.body.dump();
+  EXPECT_FALSE(ended(vmm));
+  auto still = sb.verify();  // it still runs, served
+  ASSERT_TRUE(still.ok()) << still.error().to_string();
+  EXPECT_EQ(*still, 0u);
+  Answer forced = call("DELETE", "/v1/sandboxes/sb-1?force=true");
+  EXPECT_EQ(forced.status, 200) << forced.body.dump();
+  EXPECT_EQ(forced.body["vmm_ended"], true) << forced.body.dump();
+  EXPECT_TRUE(ends_within(vmm, std::chrono::seconds(5)));
+}
+
 TEST(MemsnapdConfigTest, ABadConfigFileIsRefusedWithFileLineAndColumn) {
   char templ[] = "/var/tmp/memsnapd-config-XXXXXX";
   ASSERT_NE(::mkdtemp(templ), nullptr);

@@ -204,8 +204,23 @@ void GuestProcess::kill() {
 Status GuestProcess::send_line(const std::string& line) {
   if (pid_ <= 0) return make_error(Errc::kProcessGone, "memsnap-guest is not running");
   const std::string msg = line + "\n";
-  if (write(to_guest_, msg.data(), msg.size()) != static_cast<ssize_t>(msg.size())) {
-    return make_error(Errc::kIoError, "cannot write to memsnap-guest", errno);
+  // A guest that died (killed, or ended with its handler) closed the pipe: that is EPIPE here,
+  // never a SIGPIPE that kills the caller. SIGPIPE is blocked around the write and a pending one
+  // taken back.
+  sigset_t pipe_signal, old_mask;
+  sigemptyset(&pipe_signal);
+  sigaddset(&pipe_signal, SIGPIPE);
+  pthread_sigmask(SIG_BLOCK, &pipe_signal, &old_mask);
+  const ssize_t n = write(to_guest_, msg.data(), msg.size());
+  const int err = errno;
+  if (n < 0 && err == EPIPE) {
+    const timespec now{0, 0};
+    (void)sigtimedwait(&pipe_signal, nullptr, &now);
+  }
+  pthread_sigmask(SIG_SETMASK, &old_mask, nullptr);
+  if (n != static_cast<ssize_t>(msg.size())) {
+    return make_error(err == EPIPE ? Errc::kProcessGone : Errc::kIoError,
+                      "cannot write to memsnap-guest", err);
   }
   return Status();
 }

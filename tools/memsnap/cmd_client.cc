@@ -3,7 +3,7 @@
 // of doing it in this process.
 //
 //   health | config | sandboxes | sandbox ID | register | pause ID | resume ID | strategy ID |
-//   unregister ID
+//   unregister ID [--force]
 //
 // Output: a short human summary on stdout, or with --json the server's JSON answer exactly as it
 // came (also for an error answer). Errors: "memsnap: <code>: <message>" on stderr, where <code>
@@ -589,13 +589,15 @@ int client_strategy(Client& c, Args& args) {
 }
 
 int client_unregister(Client& c, Args& args) {
+  const bool force = args.flag("--force");
   const std::string id = one_id(args, "unregister");
   args.expect_done();
-  auto a = c.call("DELETE", sandbox_path(id), nullptr, kQuickCall);
+  auto a = c.call("DELETE", sandbox_path(id) + (force ? "?force=true" : ""), nullptr, kQuickCall);
   if (!a) return c.exit_code;
   if (c.json_output()) return 0;
-  std::printf("unregistered %s; its snapshots stay: %s\n", str(*a, "id").c_str(),
-              list_text(a->value("snapshots", json())).c_str());
+  std::printf("unregistered %s; its snapshots stay: %s%s\n", str(*a, "id").c_str(),
+              list_text(a->value("snapshots", json())).c_str(),
+              a->value("vmm_ended", false) ? "; its VMM was ended" : "");
   return 0;
 }
 

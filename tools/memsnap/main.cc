@@ -79,7 +79,8 @@ void usage(std::FILE* out) {
       "            [--no-track-writes] [--wait [--timeout-ms N]]\n"
       "            memsnapd listens on PATH; start the VMM; --wait then waits until it is running\n"
       "  strategy ID     which strategy the next pause would use, and why\n"
-      "  unregister ID   forget the sandbox (its snapshots stay)\n"
+      "  unregister ID [--force]   forget the sandbox (its snapshots stay); --force also for\n"
+      "            one that runs on memory memsnapd serves (its VMM is then ended)\n"
       "  every one takes --json: print memsnapd's JSON answer as is.\n"
       "  errors: 'memsnap: <code>: <message>' on stderr; exit 1 when memsnapd answered with an\n"
       "  error, 2 on a usage error, 3 when memsnapd cannot be reached (no socket, no answer)\n",

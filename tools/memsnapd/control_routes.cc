@@ -95,47 +95,52 @@ void add_routes(control_api::HttpServer& server, SandboxService& service,
     };
   };
 
-  server.route("GET", "/v1/health", counted("health", [&service](const Request&) {
-                 return ok(service.health());
-               }));
+  server.route("GET", "/v1/health",
+               counted("health", [&service](const Request&) { return ok(service.health()); }));
   server.route("GET", "/v1/config", counted("config", [hooks](const Request&) {
                  return ok(hooks.config ? hooks.config() : json::object());
                }));
-  server.route("GET", "/v1/sandboxes", counted("sandbox_list", [&service](const Request&) {
-                 return ok(service.list());
-               }));
+  server.route("GET", "/v1/sandboxes",
+               counted("sandbox_list", [&service](const Request&) { return ok(service.list()); }));
   server.route("POST", "/v1/sandboxes",
                counted("sandbox_register", [&service](const Request& request) {
                  auto body = body_of(request);
                  if (!body.ok()) return error_response(body.error());
                  return respond(service.register_sandbox(*body), 201);
                }));
-  server.route("GET", "/v1/sandboxes/{id}",
-               counted("sandbox_get", [&service](const Request& request) {
-                 std::string wait;
-                 std::chrono::milliseconds timeout{30000};
-                 if (auto it = request.query.find("wait_while"); it != request.query.end()) {
-                   wait = it->second;
-                 }
-                 if (auto it = request.query.find("timeout_ms"); it != request.query.end()) {
-                   const std::string& text = it->second;
-                   const bool digits =
-                       !text.empty() && text.size() <= 9 &&
-                       std::all_of(text.begin(), text.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
-                   if (!digits) {
-                     return control_api::json_error(
-                         400, "invalid_argument",
-                         "timeout_ms must be a number of milliseconds (0 .. 600000)");
-                   }
-                   timeout = std::chrono::milliseconds(std::stoul(text));
-                   if (timeout > std::chrono::minutes(10)) timeout = std::chrono::minutes(10);
-                 }
-                 return respond(service.get(request.path_params.at("id"), wait, timeout));
-               }));
-  server.route("DELETE", "/v1/sandboxes/{id}",
-               counted("sandbox_remove", [&service](const Request& request) {
-                 return respond(service.remove(request.path_params.at("id")));
-               }));
+  server.route(
+      "GET", "/v1/sandboxes/{id}", counted("sandbox_get", [&service](const Request& request) {
+        std::string wait;
+        std::chrono::milliseconds timeout{30000};
+        if (auto it = request.query.find("wait_while"); it != request.query.end()) {
+          wait = it->second;
+        }
+        if (auto it = request.query.find("timeout_ms"); it != request.query.end()) {
+          const std::string& text = it->second;
+          const bool digits =
+              !text.empty() && text.size() <= 9 &&
+              std::all_of(text.begin(), text.end(), [](char ch) { return ch >= '0' && ch <= '9'; });
+          if (!digits) {
+            return control_api::json_error(
+                400, "invalid_argument",
+                "timeout_ms must be a number of milliseconds (0 .. 600000)");
+          }
+          timeout = std::chrono::milliseconds(std::stoul(text));
+          if (timeout > std::chrono::minutes(10)) timeout = std::chrono::minutes(10);
+        }
+        return respond(service.get(request.path_params.at("id"), wait, timeout));
+      }));
+  server.route(
+      "DELETE", "/v1/sandboxes/{id}", counted("sandbox_remove", [&service](const Request& request) {
+        bool force = false;
+        if (auto it = request.query.find("force"); it != request.query.end()) {
+          if (it->second != "true" && it->second != "false") {
+            return control_api::json_error(400, "invalid_argument", "force is true or false");
+          }
+          force = it->second == "true";
+        }
+        return respond(service.remove(request.path_params.at("id"), force));
+      }));
   server.route("POST", "/v1/sandboxes/{id}/pause",
                counted("sandbox_pause", [&service](const Request& request) {
                  auto body = body_of(request);

@@ -174,6 +174,12 @@ int run(int argc, char** argv) {
   for (int s : {SIGHUP, SIGTERM, SIGINT}) sigaddset(&signals, s);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   ::signal(SIGPIPE, SIG_IGN);
+  // Before any thread: the guardian that ends lazily served VMMs if memsnapd dies.
+  auto guard = VmmGuard::start();
+  if (!guard.ok()) {
+    spdlog::critical("cannot start the VMM guardian: {}", guard.error().to_string());
+    return 1;
+  }
 
   const std::string plugin_dir =
       cfg.plugins.directory.empty() ? default_plugin_dir() : cfg.plugins.directory;
@@ -212,6 +218,7 @@ int run(int argc, char** argv) {
   ServiceOptions so;
   so.snapshot_dir = cfg.snapshots.directory;
   so.settings = settings_of(cfg);
+  so.guard = guard->get();
   auto created = SandboxService::create(registry, metrics, so);
   if (!created.ok()) {
     spdlog::critical("{}", created.error().to_string());

@@ -50,12 +50,11 @@ struct Sandbox {
 
 namespace {
 
-
 bool valid_id(const std::string& id) {
   if (id.empty() || id.size() > 128 || id.front() == '.') return false;
   return std::all_of(id.begin(), id.end(), [](char c) {
-    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
-           c == '-' || c == '_' || c == '.';
+    return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') || c == '-' ||
+           c == '_' || c == '.';
   });
 }
 
@@ -98,8 +97,8 @@ Result<T> field(const json& body, const char* name, T fallback) {
   }
 }
 
-Result<std::vector<plugin::ByteRange>> ranges_of(const json& v, const char* name,
-                                                 const char* a, const char* b) {
+Result<std::vector<plugin::ByteRange>> ranges_of(const json& v, const char* name, const char* a,
+                                                 const char* b) {
   if (!v.is_array()) {
     return make_error(Errc::kInvalidArgument, std::string(name) + " must be an array");
   }
@@ -107,8 +106,8 @@ Result<std::vector<plugin::ByteRange>> ranges_of(const json& v, const char* name
   for (const auto& item : v) {
     if (!item.is_object() || !item.contains(a) || !item.contains(b) ||
         !item[a].is_number_unsigned() || !item[b].is_number_unsigned()) {
-      return make_error(Errc::kInvalidArgument, std::string(name) + ": every element needs " +
-                                                    a + " and " + b + " (non-negative integers)");
+      return make_error(Errc::kInvalidArgument, std::string(name) + ": every element needs " + a +
+                                                    " and " + b + " (non-negative integers)");
     }
     out.push_back({item[a].get<std::uint64_t>(), item[b].get<std::uint64_t>()});
   }
@@ -166,8 +165,8 @@ SandboxService::SandboxService(const PluginRegistry& registry, metrics::HostMetr
       settings_(options_.settings) {}
 
 Result<std::unique_ptr<SandboxService>> SandboxService::create(const PluginRegistry& registry,
-                                                              metrics::HostMetrics& metrics,
-                                                              ServiceOptions options) {
+                                                               metrics::HostMetrics& metrics,
+                                                               ServiceOptions options) {
   std::error_code ec;
   fs::create_directories(options.snapshot_dir, ec);
   if (ec) {
@@ -176,9 +175,8 @@ Result<std::unique_ptr<SandboxService>> SandboxService::create(const PluginRegis
   }
   const fs::path canonical = fs::canonical(options.snapshot_dir, ec);
   if (ec) {
-    return make_error(Errc::kIoError,
-                      "cannot resolve the snapshot directory " + options.snapshot_dir + ": " +
-                          ec.message());
+    return make_error(Errc::kIoError, "cannot resolve the snapshot directory " +
+                                          options.snapshot_dir + ": " + ec.message());
   }
   std::unique_ptr<SandboxService> service(
       new SandboxService(registry, metrics, std::move(options)));
@@ -311,8 +309,8 @@ Result<std::string> SandboxService::confine(const std::string& path, bool must_e
     return c != candidate.end();  // strictly below the root
   };
   if (!inside(p)) {
-    return make_error(Errc::kPathNotAllowed, "\"" + path + "\" is not inside the snapshot directory " +
-                                                 snapshot_dir_);
+    return make_error(Errc::kPathNotAllowed,
+                      "\"" + path + "\" is not inside the snapshot directory " + snapshot_dir_);
   }
   // Symlinks: the directory that will hold the file must resolve inside the root too, and the
   // file itself must not be a symlink.
@@ -342,8 +340,8 @@ void SandboxService::publish_states_locked() {
 json SandboxService::describe_locked(const Sandbox& sb) const {
   json regions = json::array();
   for (const auto& r : sb.regions) {
-    regions.push_back({{"guest_offset", r.guest_offset}, {"host_addr", r.host_addr},
-                       {"size", r.size}});
+    regions.push_back(
+        {{"guest_offset", r.guest_offset}, {"host_addr", r.host_addr}, {"size", r.size}});
   }
   return {{"id", sb.id},
           {"state", sb.state},
@@ -423,7 +421,8 @@ Result<json> SandboxService::register_sandbox(const json& body) {
     }
     auto pid = field<std::uint64_t>(body, "vmm_pid", 0);
     if (!pid.ok()) return std::move(pid).error();
-    if (*pid == 0 || *pid > 4194304) return make_error(Errc::kInvalidArgument, "vmm_pid is not a pid");
+    if (*pid == 0 || *pid > 4194304)
+      return make_error(Errc::kInvalidArgument, "vmm_pid is not a pid");
     sb->vmm_pid = static_cast<pid_t>(*pid);
     if (!process_alive(sb->vmm_pid)) {
       return make_error(Errc::kProcessGone, "no process " + std::to_string(sb->vmm_pid));
@@ -472,10 +471,9 @@ Result<json> SandboxService::register_sandbox(const json& body) {
       struct stat st {};
       if (::fstat(check.get(), &st) != 0 || !S_ISREG(st.st_mode) ||
           static_cast<std::uint64_t>(st.st_size) < sb->guest_size) {
-        return make_error(Errc::kInvalidArgument,
-                          "fd " + std::to_string(*memfd_fd) + " of process " +
-                              std::to_string(sb->vmm_pid) +
-                              " is not a memfd holding the whole guest");
+        return make_error(Errc::kInvalidArgument, "fd " + std::to_string(*memfd_fd) +
+                                                      " of process " + std::to_string(sb->vmm_pid) +
+                                                      " is not a memfd holding the whole guest");
       }
       sb->vmm_memfd_fd = static_cast<int>(*memfd_fd);
     }
@@ -526,8 +524,8 @@ Result<std::shared_ptr<Sandbox>> SandboxService::claim(const std::string& id, co
                                                        const std::string& busy_state) {
   std::lock_guard lock(mu_);
   if (draining_) {
-    return make_error(Errc::kShuttingDown, "memsnapd is shutting down: no new " +
-                                               std::string(op) + "s");
+    return make_error(Errc::kShuttingDown,
+                      "memsnapd is shutting down: no new " + std::string(op) + "s");
   }
   const auto it = sandboxes_.find(id);
   if (it == sandboxes_.end()) return make_error(Errc::kSandboxNotFound, "no sandbox " + id);
@@ -551,8 +549,7 @@ Errc SandboxService::acquire_slot(bool pause_slot) {
     return pause_slot ? settings_.max_concurrent_pauses : settings_.max_concurrent_resumes;
   };
   const auto deadline = std::chrono::steady_clock::now() + settings_.queue_timeout;
-  if (!changed_.wait_until(lock, deadline,
-                           [&] { return draining_ || in_flight < limit(); })) {
+  if (!changed_.wait_until(lock, deadline, [&] { return draining_ || in_flight < limit(); })) {
     metrics_.record_concurrency_rejection(pause_slot ? metrics::OperationKind::kPause
                                                      : metrics::OperationKind::kResume);
     return Errc::kBusy;
@@ -594,8 +591,8 @@ void SandboxService::flush_fault_stats_locked(Sandbox& sb) {
 }
 
 Result<json> SandboxService::pause(const std::string& id, const json& body) {
-  if (Status s = only_keys(body, {"output", "parent", "dirty", "strategy", "after", "sync"},
-                           "pause");
+  if (Status s =
+          only_keys(body, {"output", "parent", "dirty", "strategy", "after", "sync"}, "pause");
       !s.ok()) {
     return std::move(s).error();
   }
@@ -612,7 +609,8 @@ Result<json> SandboxService::pause(const std::string& id, const json& body) {
     return make_error(Errc::kInvalidArgument, "after must be \"stop\" or \"continue\"");
   }
   if (!forced->empty() && registry_.find(*forced) == nullptr) {
-    return make_error(Errc::kInvalidArgument, "strategy \"" + *forced + "\" is not a loaded plugin");
+    return make_error(Errc::kInvalidArgument,
+                      "strategy \"" + *forced + "\" is not a loaded plugin");
   }
   std::optional<std::vector<plugin::ByteRange>> dirty;
   if (body.contains("dirty") && !body["dirty"].is_null()) {
@@ -686,15 +684,16 @@ Result<json> SandboxService::pause(const std::string& id, const json& body) {
   }
   fs::create_directories(fs::path(*out_path).parent_path(), ec);
   if (ec) {
-    return unclaim(make_error(Errc::kIoError, "cannot create the directory of " + *out_path +
-                                                  ": " + ec.message()));
+    return unclaim(make_error(Errc::kIoError,
+                              "cannot create the directory of " + *out_path + ": " + ec.message()));
   }
 
   if (const Errc slot = acquire_slot(true); slot != Errc::kOk) {
     return unclaim(slot == Errc::kShuttingDown
                        ? make_error(slot, "memsnapd is shutting down: no new pauses")
-                       : make_error(slot, "no free pause slot: the concurrency limit was reached "
-                                          "and stayed so for the queue timeout"));
+                       : make_error(slot,
+                                    "no free pause slot: the concurrency limit was reached "
+                                    "and stayed so for the queue timeout"));
   }
   metrics::InFlight in_flight = metrics_.track_in_flight(metrics::OperationKind::kPause);
   const auto started = std::chrono::steady_clock::now();
@@ -706,10 +705,10 @@ Result<json> SandboxService::pause(const std::string& id, const json& body) {
     return unclaim(std::move(e));
   };
   if (choice.refused) {
-    return refuse(make_error(Errc::kUnsupported,
-                             "the flag chose " + choice.requested + " for sandbox " + id +
-                                 ", which cannot run it (" + choice.fallback_reason +
-                                 ") and strategy.allow_fallback is false"));
+    return refuse(
+        make_error(Errc::kUnsupported, "the flag chose " + choice.requested + " for sandbox " + id +
+                                           ", which cannot run it (" + choice.fallback_reason +
+                                           ") and strategy.allow_fallback is false"));
   }
   if (const PluginInfo* chosen = registry_.find(choice.strategy);
       chosen && chosen->releases_memory() && *after == "continue") {
@@ -825,11 +824,15 @@ Result<json> SandboxService::pause(const std::string& id, const json& body) {
                  {"after", *after},
                  {"report", to_json(rep)}};
   if (!choice.fallback_code.empty()) {
-    answer["fallback"] = {{"from", choice.requested}, {"to", choice.strategy},
-                          {"reason", choice.fallback_code}, {"detail", choice.fallback_reason}};
+    answer["fallback"] = {{"from", choice.requested},
+                          {"to", choice.strategy},
+                          {"reason", choice.fallback_code},
+                          {"detail", choice.fallback_reason}};
   } else if (!rep.fallback_reason.empty()) {
-    answer["fallback"] = {{"from", rep.requested_strategy}, {"to", rep.strategy},
-                          {"reason", "strategy_cannot_run"}, {"detail", rep.fallback_reason}};
+    answer["fallback"] = {{"from", rep.requested_strategy},
+                          {"to", rep.strategy},
+                          {"reason", "strategy_cannot_run"},
+                          {"detail", rep.fallback_reason}};
   }
 
   {
@@ -855,8 +858,7 @@ Result<json> SandboxService::pause(const std::string& id, const json& body) {
 }
 
 Result<json> SandboxService::resume(const std::string& id, const json& body) {
-  if (Status s = only_keys(body, {"handshake_socket", "mode", "track_writes"}, "resume");
-      !s.ok()) {
+  if (Status s = only_keys(body, {"handshake_socket", "mode", "track_writes"}, "resume"); !s.ok()) {
     return std::move(s).error();
   }
   auto socket = field<std::string>(body, "handshake_socket", "");
@@ -889,8 +891,9 @@ Result<json> SandboxService::resume(const std::string& id, const json& body) {
     changed_.notify_all();
     return slot == Errc::kShuttingDown
                ? make_error(slot, "memsnapd is shutting down: no new resumes")
-               : make_error(slot, "no free resume slot: the concurrency limit was reached and "
-                                  "stayed so for the queue timeout");
+               : make_error(slot,
+                            "no free resume slot: the concurrency limit was reached and "
+                            "stayed so for the queue timeout");
   }
   // The old VMM is gone (or frozen for good): its session has nothing left to serve.
   std::unique_ptr<ResumeSession> old;
@@ -911,6 +914,7 @@ Result<json> SandboxService::resume(const std::string& id, const json& body) {
   rr.handshake_timeout = settings().handshake_timeout;
   rr.verify_checksums = true;
   rr.track_writes = *track;
+  rr.guard = options_.guard;
   auto prepared = ResumeSession::prepare(registry_, std::move(rr));
   if (!prepared.ok()) {
     release_slot(false);
@@ -1021,8 +1025,11 @@ json SandboxService::list() const {
   std::lock_guard lock(mu_);
   json out = json::array();
   for (const auto& [id, sb] : sandboxes_) {
-    out.push_back({{"id", id}, {"state", sb->state}, {"strategy", sb->strategy},
-                   {"vmm_pid", sb->vmm_pid}, {"snapshots", sb->chain.size()}});
+    out.push_back({{"id", id},
+                   {"state", sb->state},
+                   {"strategy", sb->strategy},
+                   {"vmm_pid", sb->vmm_pid},
+                   {"snapshots", sb->chain.size()}});
   }
   return {{"sandboxes", out}};
 }
@@ -1041,10 +1048,11 @@ Result<json> SandboxService::explain(const std::string& id) const {
               {"requested_strategy", c.requested},
               {"variant", c.variant.empty() ? json(nullptr) : json(c.variant)},
               {"reason", c.reason},
-              {"fallback", c.fallback_code.empty()
-                               ? json(nullptr)
-                               : json{{"from", c.requested}, {"to", c.strategy},
-                                      {"reason", c.fallback_code}, {"detail", c.fallback_reason}}},
+              {"fallback", c.fallback_code.empty() ? json(nullptr)
+                                                   : json{{"from", c.requested},
+                                                          {"to", c.strategy},
+                                                          {"reason", c.fallback_code},
+                                                          {"detail", c.fallback_reason}}},
               {"context", sandbox_context(attributes)}};
   std::shared_ptr<flags::FlagStore> store;
   std::string flag;
@@ -1064,7 +1072,7 @@ Result<json> SandboxService::explain(const std::string& id) const {
   return out;
 }
 
-Result<json> SandboxService::remove(const std::string& id) {
+Result<json> SandboxService::remove(const std::string& id, bool force) {
   std::shared_ptr<Sandbox> sb;
   {
     std::lock_guard lock(mu_);
@@ -1073,15 +1081,30 @@ Result<json> SandboxService::remove(const std::string& id) {
     if (it->second->state == "pausing" || it->second->state == "resuming") {
       return make_error(Errc::kBusy, "sandbox " + id + " is " + it->second->state);
     }
+    // A running VMM whose memory memsnapd serves cannot run on without it: forgetting the
+    // sandbox ends the VMM, and what the guest did since its last pause is lost. Only on request.
+    if (!force && it->second->state == "running" && it->second->session &&
+        it->second->session->vmm_running()) {
+      return make_error(Errc::kInvalidState,
+                        "sandbox " + id + " runs on memory memsnapd serves (VMM pid " +
+                            std::to_string(it->second->vmm_pid) +
+                            "): removing it would end the VMM. Pause it first, or remove it "
+                            "with force=true");
+    }
     sb = it->second;
     flush_fault_stats_locked(*sb);
     sandboxes_.erase(it);
     publish_states_locked();
   }
   if (sb->resume_thread.joinable()) sb->resume_thread.join();
-  if (sb->session) sb->session->stop();
-  spdlog::info("sandbox {} unregistered (its snapshots stay)", id);
-  return json{{"id", id}, {"removed", true}, {"snapshots", sb->chain}};
+  bool vmm_ended = false;
+  if (sb->session) {
+    sb->session->stop();
+    vmm_ended = sb->session->vmm_ended();
+  }
+  spdlog::info("sandbox {} unregistered (its snapshots stay){}", id,
+               vmm_ended ? "; its VMM was ended" : "");
+  return json{{"id", id}, {"removed", true}, {"snapshots", sb->chain}, {"vmm_ended", vmm_ended}};
 }
 
 json SandboxService::health() const {

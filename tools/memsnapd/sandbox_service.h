@@ -38,6 +38,7 @@
 #include "core/metrics/host_metrics.h"
 #include "core/plugin_host/plugin_registry.h"
 #include "core/strategy_selection/strategy_selection.h"
+#include "core/vmm_guard.h"
 #include "flags/flag_store.h"
 
 namespace memsnap::daemon {
@@ -59,6 +60,8 @@ struct ServiceOptions {
   std::string snapshot_dir;  // absolute; created if missing
   bool sync = true;          // fsync snapshots at commit
   ServiceSettings settings;
+  // Ends the VMMs memsnapd serves if memsnapd dies (core/vmm_guard.h); null: none.
+  VmmGuard* guard = nullptr;
 };
 
 struct Sandbox;
@@ -92,7 +95,9 @@ class SandboxService {
                              std::chrono::milliseconds timeout);
   nlohmann::json list() const;
   Result<nlohmann::json> explain(const std::string& id) const;
-  Result<nlohmann::json> remove(const std::string& id);
+  // Refuses (invalid_state) a running sandbox whose memory memsnapd serves unless force: its VMM
+  // would be ended.
+  Result<nlohmann::json> remove(const std::string& id, bool force = false);
   nlohmann::json health() const;
 
   // SIGTERM: refuses new pauses and resumes (kShuttingDown), then waits up to timeout for the
