@@ -69,3 +69,64 @@ function(memsnap_add_test)
     LABELS "${ARG_LABELS}"
     ENVIRONMENT "MEMSNAP_PLUGIN_DIR=${MEMSNAP_PLUGIN_OUTPUT_DIR};MEMSNAP_BIN_DIR=${CMAKE_BINARY_DIR}/bin;MEMSNAP_TEST_BIN_DIR=${CMAKE_BINARY_DIR}/tests")
 endfunction()
+
+# ---- Fuzzing (docs/reliability.md) ----
+# MEMSNAP_FUZZ=ON (clang only; the `fuzz` preset, run by tools/fuzz.sh): every target of the build
+# is compiled with coverage instrumentation plus ASan and UBSan, and memsnap_add_fuzzer also
+# builds the libFuzzer binaries (in <build>/fuzz). Off (any compiler): only the corpus replay
+# tests are built. The option itself is declared in the top-level CMakeLists.txt.
+if(MEMSNAP_FUZZ)
+  if(NOT CMAKE_CXX_COMPILER_ID MATCHES "Clang")
+    message(FATAL_ERROR "MEMSNAP_FUZZ needs clang (libFuzzer); configure with the `fuzz` preset "
+                        "or -DCMAKE_CXX_COMPILER=clang++")
+  endif()
+  add_compile_options(-fsanitize=fuzzer-no-link,address,undefined -fno-sanitize-recover=all
+                      -fno-omit-frame-pointer)
+  add_link_options(-fsanitize=address,undefined)
+endif()
+# Every fuzzer and replay test, so a build can ask for just them (tools/fuzz.sh does).
+add_custom_target(memsnap_fuzzers)
+# "<name> <corpus dir>" per line, for tools/fuzz.sh.
+set(MEMSNAP_FUZZ_MANIFEST ${CMAKE_BINARY_DIR}/fuzz/targets.txt)
+file(WRITE ${MEMSNAP_FUZZ_MANIFEST} "")
+
+# memsnap_add_fuzzer(NAME <name> SOURCES <fuzz.cc>... [DEPS ...] CORPUS <dir>)
+# A libFuzzer target (LLVMFuzzerTestOneInput) and its seed corpus, a folder committed beside it.
+# Always (with the tests): <name>_corpus_test, the same sources linked with
+# cmake/fuzz_replay_main.cc, runs the target over every file of CORPUS; registered with CTest under
+# the label `fuzz`, so CI replays every corpus in every build. With MEMSNAP_FUZZ: also the fuzzer
+# <build>/fuzz/<name> (-fsanitize=fuzzer,address,undefined).
+function(memsnap_add_fuzzer)
+  cmake_parse_arguments(ARG "" "NAME;CORPUS" "SOURCES;DEPS" ${ARGN})
+  if(NOT ARG_NAME OR NOT ARG_SOURCES OR NOT ARG_CORPUS)
+    message(FATAL_ERROR "memsnap_add_fuzzer needs NAME, SOURCES and CORPUS")
+  endif()
+  get_filename_component(corpus ${ARG_CORPUS} ABSOLUTE BASE_DIR ${CMAKE_CURRENT_SOURCE_DIR})
+  if(NOT IS_DIRECTORY ${corpus})
+    message(FATAL_ERROR "memsnap_add_fuzzer(${ARG_NAME}): no corpus directory ${corpus}")
+  endif()
+
+  if(MEMSNAP_BUILD_TESTS)
+    set(test ${ARG_NAME}_corpus_test)
+    add_executable(${test} ${ARG_SOURCES} ${PROJECT_SOURCE_DIR}/cmake/fuzz_replay_main.cc)
+    target_link_libraries(${test} PRIVATE ${ARG_DEPS} Threads::Threads)
+    target_include_directories(${test} PRIVATE ${PROJECT_SOURCE_DIR})
+    set_target_properties(${test} PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/tests)
+    memsnap_set_warnings(${test})
+    add_dependencies(memsnap_fuzzers ${test})
+    add_test(NAME ${test} COMMAND ${test} ${corpus})
+    set_tests_properties(${test} PROPERTIES TIMEOUT 300 LABELS "fuzz")
+  endif()
+
+  if(MEMSNAP_FUZZ)
+    add_executable(${ARG_NAME} ${ARG_SOURCES})
+    target_link_libraries(${ARG_NAME} PRIVATE ${ARG_DEPS} Threads::Threads)
+    target_include_directories(${ARG_NAME} PRIVATE ${PROJECT_SOURCE_DIR})
+    target_compile_options(${ARG_NAME} PRIVATE -fsanitize=fuzzer)
+    target_link_options(${ARG_NAME} PRIVATE -fsanitize=fuzzer)
+    set_target_properties(${ARG_NAME} PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/fuzz)
+    memsnap_set_warnings(${ARG_NAME})
+    add_dependencies(memsnap_fuzzers ${ARG_NAME})
+    file(APPEND ${MEMSNAP_FUZZ_MANIFEST} "${ARG_NAME} ${corpus}\n")
+  endif()
+endfunction()

@@ -19,6 +19,8 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include "flags/utf8.h"
+
 namespace memsnap::config {
 namespace {
 
@@ -812,9 +814,21 @@ LoadResult load_string(std::string_view yaml, std::string_view name) {
          "larger than " + std::to_string(kMaxConfigBytes) + " bytes: not a config file?"});
     return finish({}, std::move(errors));
   }
-  std::vector<YAML::Node> docs;
+  if (const std::size_t bad = first_invalid_utf8(yaml); bad != std::string_view::npos) {
+    const std::string_view before = yaml.substr(0, bad);
+    const std::size_t nl = before.rfind('\n');
+    const int line = static_cast<int>(std::count(before.begin(), before.end(), '\n')) + 1;
+    const int column = static_cast<int>(nl == std::string_view::npos ? bad + 1 : bad - nl);
+    errors.push_back({src.file, line, column, "", "not valid UTF-8 text"});
+    return finish({}, std::move(errors));
+  }
+  // YAML::Load, not LoadAll: Debian 12's yaml-cpp 0.7 never returns from LoadAll (and grows
+  // without bound) on a document that starts with ',' (found by config_fuzz). Load reads the
+  // first document only, so a second one is found by its "---" start line, which yaml-cpp
+  // would otherwise drop silently.
+  YAML::Node doc;
   try {
-    docs = YAML::LoadAll(std::string(yaml));
+    doc = YAML::Load(std::string(yaml));
   } catch (const YAML::Exception& e) {
     const Pos p = pos_of(src, e.mark);
     errors.push_back({src.file, p.line, p.column, "", e.msg});
@@ -822,11 +836,35 @@ LoadResult load_string(std::string_view yaml, std::string_view name) {
   }
   DaemonConfig c;
   Origins origins;
-  if (!docs.empty()) parse_document(docs[0], src, c, origins, errors);
-  if (docs.size() > 1) {
-    // yaml-cpp's Load() would silently drop the rest.
-    const Pos p = pos_of(src, docs[1].Mark());
-    errors.push_back({src.file, p.line, p.column, "", "more than one YAML document"});
+  if (doc) parse_document(doc, src, c, origins, errors);
+  {
+    int line = 0;
+    int first_content_line = 0;
+    bool content = false;
+    std::size_t start = 0;
+    while (start <= yaml.size()) {
+      const std::size_t end = std::min(yaml.find('\n', start), yaml.size());
+      const std::string_view text = yaml.substr(start, end - start);
+      ++line;
+      const bool marker = text.substr(0, 3) == "---" &&
+                          (text.size() == 3 || text[3] == ' ' || text[3] == '\t' || text[3] == '\r');
+      if (marker && content) {
+        errors.push_back({src.file, line, 1, "", "more than one YAML document"});
+        break;
+      }
+      const std::size_t first = text.find_first_not_of(" \t\r");
+      if (!marker && first != std::string_view::npos && text[first] != '#' && !content) {
+        content = true;
+        first_content_line = line;
+      }
+      if (end == yaml.size()) break;
+      start = end + 1;
+    }
+    // Text that yaml-cpp read as no document at all (e.g. a lone ","): not silently defaults.
+    if (content && (!doc || doc.IsNull()) && errors.empty()) {
+      errors.push_back({src.file, first_content_line, 1, "",
+                        "not a YAML mapping of settings"});
+    }
   }
   check_cross_keys(c, origins, errors);
   // In reading order, whatever order the checks found them in.
@@ -883,6 +921,10 @@ LoadResult apply_overrides(DaemonConfig base, const std::vector<std::string>& ov
     // Quoted, so the override's own colons do not read as part of file:line:column.
     sources.push_back(std::make_unique<Source>(Source{"--set '" + text + "'", 0, cwd}));
     Source& src = *sources.back();
+    if (const std::size_t bad = first_invalid_utf8(text); bad != std::string_view::npos) {
+      errors.push_back({src.file, 1, static_cast<int>(bad + 1), "", "not valid UTF-8 text"});
+      continue;
+    }
     const std::size_t eq = text.find('=');
     const std::string path = text.substr(0, eq);
     const std::size_t dot = path.find('.');

@@ -10,8 +10,11 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include "flags/utf8.h"
+
 namespace memsnap::flags {
 namespace {
+
 
 // Maps byte offsets to 1-based line and column.
 class LineIndex {
@@ -348,6 +351,17 @@ struct YamlConverter {
 };
 
 bool parse_yaml(const std::string& text, Document& doc, Diagnostic* error) {
+  // JSON sources are checked by nlohmann's parser; yaml-cpp lets any bytes through into strings
+  // that nlohmann::json::dump() then throws on (found by flags_fuzz).
+  if (const std::size_t bad = first_invalid_utf8(text); bad != std::string::npos) {
+    const std::string_view before(text.data(), bad);
+    const std::size_t nl = before.rfind('\n');
+    *error = {Diagnostic::Severity::kError, doc.file,
+              static_cast<int>(std::count(before.begin(), before.end(), '\n')) + 1,
+              static_cast<int>(nl == std::string_view::npos ? bad + 1 : bad - nl),
+              "invalid YAML: not valid UTF-8 text"};
+    return false;
+  }
   YAML::Node node;
   try {
     node = YAML::Load(text);

@@ -453,7 +453,7 @@ TEST(CliClientDocs, OpenApiAndApiMdCoverEveryRoute) {
   routes_text << routes_file.rdbuf();
   const std::string code = routes_text.str();
   std::set<std::string> routes;
-  const std::regex route_re(R"re(server\.route\("([A-Z]+)",\s*"([^"]+)")re");
+  const std::regex route_re(R"re(server\.route\(\s*"([A-Z]+)",\s*"([^"]+)")re");
   for (auto it = std::sregex_iterator(code.begin(), code.end(), route_re);
        it != std::sregex_iterator(); ++it) {
     std::string method = (*it)[1];

@@ -19,6 +19,7 @@ packages=(
   busybox-static                         # the guest's userland in the initramfs
   cpio                                   # packs the guest initramfs
   xz-utils zstd                          # decompressors the vmlinux extractor may need
+  clang libclang-rt-14-dev               # tools/fuzz.sh: clang and libFuzzer's runtime
 )
 
 missing=()

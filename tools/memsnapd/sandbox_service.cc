@@ -63,7 +63,8 @@ Status only_keys(const json& body, std::initializer_list<const char*> keys, cons
   if (!body.is_object()) {
     return make_error(Errc::kInvalidArgument, std::string(what) + ": the body must be an object");
   }
-  for (const auto& [k, v] : body.items()) {
+  for (const auto& item : body.items()) {
+    const std::string& k = item.key();
     if (std::none_of(keys.begin(), keys.end(), [&](const char* known) { return k == known; })) {
       std::string list;
       for (const char* known : keys) list += std::string(list.empty() ? "" : ", ") + known;
