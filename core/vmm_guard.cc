@@ -12,6 +12,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include "core/base/unix_socket.h"
+
 namespace memsnap {
 namespace {
 
@@ -129,28 +131,10 @@ Status VmmGuard::send(char op, std::uint64_t token, int fd) {
   char message[9];
   message[0] = op;
   std::memcpy(message + 1, &token, sizeof(token));
-  iovec iov{message, sizeof(message)};
-  msghdr msg{};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
-  if (fd >= 0) {
-    msg.msg_control = control;
-    msg.msg_controllen = sizeof(control);
-    cmsghdr* c = CMSG_FIRSTHDR(&msg);
-    c->cmsg_level = SOL_SOCKET;
-    c->cmsg_type = SCM_RIGHTS;
-    c->cmsg_len = CMSG_LEN(sizeof(int));
-    std::memcpy(CMSG_DATA(c), &fd, sizeof(int));
-  }
   std::lock_guard lock(mu_);
-  while (::sendmsg(socket_.get(), &msg, MSG_NOSIGNAL) < 0) {
-    if (errno == EINTR) continue;
-    const int err = errno;
-    return make_error(Errc::kIoError,
-                      std::string("telling the VMM guardian: ") + std::strerror(err), err);
-  }
-  return {};
+  return io::send_with_fds(socket_.get(), std::string_view(message, sizeof(message)),
+                           fd >= 0 ? std::span<const int>(&fd, 1) : std::span<const int>(),
+                           "telling the VMM guardian");
 }
 
 Status VmmGuard::watch(std::uint64_t token, int pidfd) {

@@ -71,6 +71,8 @@ class QemuE2eTest : public ::testing::Test {
     return std::move(*vm);
   }
 
+  std::string pause_and_damage(std::uint64_t at);
+
   std::string dir_;
   PluginRegistry registry_;
 };
@@ -164,23 +166,33 @@ void flip_byte(const std::string& snapshot, std::uint64_t guest_offset) {
   FAIL() << "guest offset " << guest_offset << " is not in a DATA run of " << snapshot;
 }
 
-TEST_F(QemuE2eTest, ADamagedSnapshotIsRefusedBeforeAnyGuestRuns) {
+// Boots a guest, pauses it with memfd into generation-1.snap, ends it, and flips one byte of the
+// guest's checked page 0 (at offset `at` in it) in the snapshot. Returns the snapshot's path.
+std::string QemuE2eTest::pause_and_damage(std::uint64_t at) {
   CheckLine ready;
   auto vm = boot(true, &ready);
-  ASSERT_NE(vm, nullptr);
+  EXPECT_NE(vm, nullptr);
+  if (vm == nullptr) return "";
   VmmPauseRequest p;
   p.out_path = dir_ + "/generation-1.snap";
   p.strategy = "memfd";
   p.sync = false;
   auto paused = pause_vmm(registry_, *vm, p);
-  ASSERT_TRUE(paused.ok()) << paused.error().to_string();
+  EXPECT_TRUE(paused.ok()) << paused.error().to_string();
   vm->terminate();
-  ASSERT_GT(ready.first_pfn, 0u) << "the guest did not say where its checked memory is";
-  flip_byte(p.out_path, ready.first_pfn * 4096);
+  EXPECT_GT(ready.first_pfn, 0u) << "the guest did not say where its checked memory is";
+  if (!paused.ok() || ready.first_pfn == 0) return "";
+  flip_byte(p.out_path, ready.first_pfn * 4096 + at);
+  return p.out_path;
+}
+
+TEST_F(QemuE2eTest, ADamagedSnapshotIsRefusedBeforeAnyGuestRuns) {
+  const std::string snapshot = pause_and_damage(0);
+  ASSERT_FALSE(snapshot.empty());
 
   CountingLauncher launcher(machine(true));
   VmmResumeRequest r;
-  r.chain = {p.out_path};
+  r.chain = {snapshot};
   r.strategy = "memfd";
   auto resumed = resume_vmm(registry_, launcher, r);
   ASSERT_FALSE(resumed.ok()) << "a damaged snapshot was resumed";
@@ -191,22 +203,11 @@ TEST_F(QemuE2eTest, ADamagedSnapshotIsRefusedBeforeAnyGuestRuns) {
 // The guest's own check is not a formality: the same damage, let through by skipping the
 // checksums, is reported by the guest as a BAD page.
 TEST_F(QemuE2eTest, TheGuestReportsDamageThatGetsPastTheChecksums) {
-  CheckLine ready;
-  auto vm = boot(true, &ready);
-  ASSERT_NE(vm, nullptr);
-  VmmPauseRequest p;
-  p.out_path = dir_ + "/generation-1.snap";
-  p.strategy = "memfd";
-  p.sync = false;
-  auto paused = pause_vmm(registry_, *vm, p);
-  ASSERT_TRUE(paused.ok()) << paused.error().to_string();
-  vm->terminate();
-  ASSERT_GT(ready.first_pfn, 0u);
-  flip_byte(p.out_path, ready.first_pfn * 4096 + 100);
-
+  const std::string snapshot = pause_and_damage(100);
+  ASSERT_FALSE(snapshot.empty());
   Launcher launcher(machine(true));
   VmmResumeRequest r;
-  r.chain = {p.out_path};
+  r.chain = {snapshot};
   r.strategy = "memfd";
   r.verify = Verify::kHeaderAndMap;
   auto resumed = resume_vmm(registry_, launcher, r);

@@ -111,4 +111,37 @@ void unlink_if_ours(const std::string& path, const ListeningSocket& socket) {
   }
 }
 
+Status send_with_fds(int socket, std::string_view payload, std::span<const int> fds,
+                     const std::string& what) {
+  constexpr std::size_t kMaxFds = 4;
+  if (fds.size() > kMaxFds) {
+    return make_error(Errc::kInvalidArgument, what + ": more than 4 descriptors in one message");
+  }
+  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * kMaxFds)] = {};
+  std::size_t sent = 0;
+  do {
+    iovec iov{const_cast<char*>(payload.data() + sent), payload.size() - sent};
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    if (sent == 0 && !fds.empty()) {
+      msg.msg_control = control;
+      msg.msg_controllen = CMSG_SPACE(sizeof(int) * fds.size());
+      cmsghdr* c = CMSG_FIRSTHDR(&msg);
+      c->cmsg_level = SOL_SOCKET;
+      c->cmsg_type = SCM_RIGHTS;
+      c->cmsg_len = CMSG_LEN(sizeof(int) * fds.size());
+      std::memcpy(CMSG_DATA(c), fds.data(), sizeof(int) * fds.size());
+    }
+    const ssize_t n = ::sendmsg(socket, &msg, MSG_NOSIGNAL);
+    if (n < 0) {
+      const int err = errno;
+      if (err == EINTR) continue;
+      return make_error(Errc::kIoError, errno_message(what, err), err);
+    }
+    sent += static_cast<std::size_t>(n);
+  } while (sent < payload.size());
+  return {};
+}
+
 }  // namespace memsnap::io

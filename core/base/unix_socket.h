@@ -5,7 +5,9 @@
 #include <sys/types.h>
 
 #include <optional>
+#include <span>
 #include <string>
+#include <string_view>
 
 #include "core/base/file_io.h"
 #include "core/base/result.h"
@@ -13,7 +15,7 @@
 namespace memsnap::io {
 
 struct ListeningSocket {
-  UniqueFd fd;  // non-blocking, close-on-exec
+  UniqueFd fd;    // non-blocking, close-on-exec
   dev_t dev = 0;  // identity of the socket file, to remove only our own later
   ino_t ino = 0;
 };
@@ -33,5 +35,11 @@ Result<ListeningSocket> listen_unix(const std::string& path, mode_t mode,
 
 // Removes the socket file at `path` if it is still the one `socket` created.
 void unlink_if_ours(const std::string& path, const ListeningSocket& socket);
+
+// Sends all of payload on a connected Unix socket with fds (at most 4; none if empty) attached
+// to its first byte as one SCM_RIGHTS message; continues after a partial send, retries EINTR,
+// never raises SIGPIPE. kIoError naming `what` on failure. Not for non-blocking sockets.
+Status send_with_fds(int socket, std::string_view payload, std::span<const int> fds,
+                     const std::string& what);
 
 }  // namespace memsnap::io

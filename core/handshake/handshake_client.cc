@@ -11,6 +11,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/base/unix_socket.h"
 #include "core/handshake/handshake.h"
 
 namespace memsnap::handshake {
@@ -34,33 +35,6 @@ Result<io::UniqueFd> connect_unix(const std::string& path) {
     return make_error(Errc::kIoError, io::errno_message("connect " + path, err), err);
   }
   return fd;
-}
-
-// Sends payload with the given fds (none if empty) in one sendmsg.
-Status send_with_fds(int sock, const std::string& payload, const int* fds, std::size_t nfds) {
-  iovec iov{const_cast<char*>(payload.data()), payload.size()};
-  msghdr msg{};
-  msg.msg_iov = &iov;
-  msg.msg_iovlen = 1;
-  alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * 2)] = {};
-  if (nfds > 0) {
-    msg.msg_control = control;
-    msg.msg_controllen = CMSG_SPACE(sizeof(int) * nfds);
-    cmsghdr* cmsg = CMSG_FIRSTHDR(&msg);
-    cmsg->cmsg_level = SOL_SOCKET;
-    cmsg->cmsg_type = SCM_RIGHTS;
-    cmsg->cmsg_len = CMSG_LEN(sizeof(int) * nfds);
-    std::memcpy(CMSG_DATA(cmsg), fds, sizeof(int) * nfds);
-  }
-  for (;;) {
-    const ssize_t n = sendmsg(sock, &msg, MSG_NOSIGNAL);
-    if (n < 0 && errno == EINTR) continue;
-    if (n < 0) return make_error(Errc::kIoError, io::errno_message("sendmsg", errno), errno);
-    if (static_cast<std::size_t>(n) != payload.size()) {
-      return make_error(Errc::kHandshakeProtocol, "sendmsg sent a partial message");
-    }
-    return Status();
-  }
 }
 
 // Waits for one message (at most kMaxReply bytes, at most one fd) within timeout.
@@ -137,7 +111,8 @@ Result<io::UniqueFd> connect_and_send(const std::string& path,
   if (!sock) return sock.error();
   const int fds[2] = {uffd, memfd};
   const Status sent =
-      send_with_fds(sock.value().get(), serialize_regions(regions), fds, memfd >= 0 ? 2 : 1);
+      io::send_with_fds(sock.value().get(), serialize_regions(regions),
+                        std::span<const int>(fds, memfd >= 0 ? 2 : 1), "sendmsg (handshake)");
   if (!sent) return sent.error();
   return std::move(sock.value());
 }
@@ -152,7 +127,8 @@ Status send_reply(int connection, bool has_memfd, int memfd, std::uint64_t size,
     body["arm_writes"] = arm_writes;
   }
   const std::string payload = json{{"memsnap_resume", body}}.dump();
-  return send_with_fds(connection, payload, &memfd, has_memfd ? 1 : 0);
+  return io::send_with_fds(connection, payload, std::span<const int>(&memfd, has_memfd ? 1 : 0),
+                           "sendmsg (reply)");
 }
 
 Result<ResumeReply> receive_reply(int connection, std::chrono::milliseconds timeout) {
@@ -192,7 +168,8 @@ Result<ResumeReply> receive_reply(int connection, std::chrono::milliseconds time
 }
 
 Status send_mapped_ack(int connection) {
-  return send_with_fds(connection, json{{"memsnap_mapped", true}}.dump(), nullptr, 0);
+  return io::send_with_fds(connection, json{{"memsnap_mapped", true}}.dump(), {},
+                           "sendmsg (mapped ack)");
 }
 
 Status wait_mapped_ack(int connection, std::chrono::milliseconds timeout) {

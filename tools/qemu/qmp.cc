@@ -9,6 +9,8 @@
 #include <cstring>
 #include <thread>
 
+#include "core/base/unix_socket.h"
+
 namespace memsnap::qemu {
 namespace {
 
@@ -69,33 +71,9 @@ Result<QmpClient> QmpClient::connect(const std::string& socket_path,
 }
 
 Status QmpClient::send(const std::string& line, int pass_fd) {
-  std::size_t sent = 0;
-  bool fd_sent = pass_fd < 0;
-  while (sent < line.size()) {
-    iovec iov{const_cast<char*>(line.data() + sent), line.size() - sent};
-    msghdr msg{};
-    msg.msg_iov = &iov;
-    msg.msg_iovlen = 1;
-    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int))] = {};
-    if (!fd_sent) {
-      msg.msg_control = control;
-      msg.msg_controllen = sizeof(control);
-      cmsghdr* c = CMSG_FIRSTHDR(&msg);
-      c->cmsg_level = SOL_SOCKET;
-      c->cmsg_type = SCM_RIGHTS;
-      c->cmsg_len = CMSG_LEN(sizeof(int));
-      std::memcpy(CMSG_DATA(c), &pass_fd, sizeof(int));
-    }
-    const ssize_t n = ::sendmsg(fd_.get(), &msg, MSG_NOSIGNAL);
-    if (n < 0) {
-      const int err = errno;
-      if (err == EINTR) continue;
-      return make_error(Errc::kIoError, std::string("QMP send: ") + std::strerror(err), err);
-    }
-    fd_sent = true;
-    sent += static_cast<std::size_t>(n);
-  }
-  return {};
+  return io::send_with_fds(
+      fd_.get(), line, pass_fd >= 0 ? std::span<const int>(&pass_fd, 1) : std::span<const int>(),
+      "QMP send");
 }
 
 Result<json> QmpClient::read_message(Clock::time_point deadline) {
