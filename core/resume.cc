@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstring>
 #include <utility>
 
 #include <spdlog/spdlog.h>
@@ -214,12 +215,16 @@ Status ResumeSession::accept_and_serve() {
   // The VMM as a process handle, taken now (it is connected): if memsnap ever stops serving its
   // memory while it runs, it is ended through this, never through a pid that may be reused.
   vmm_pidfd_.reset(static_cast<int>(::syscall(SYS_pidfd_open, rep.vmm_pid, 0)));
-  if (request_.guard != nullptr && vmm_pidfd_.get() >= 0) {
-    const std::uint64_t token = request_.guard->next_token();
-    if (Status s = request_.guard->watch(token, vmm_pidfd_.get()); s.ok()) {
-      guard_token_ = token;
+  if (vmm_pidfd_.get() < 0) {
+    spdlog::warn(
+        "resume: no pidfd for VMM pid {} ({}): it cannot be ended if memsnap stops "
+        "serving it",
+        rep.vmm_pid, std::strerror(errno));
+  } else if (request_.guard != nullptr) {
+    if (auto token = request_.guard->watch(vmm_pidfd_.get()); token.ok()) {
+      guard_token_ = *token;
     } else {
-      spdlog::warn("resume: VMM pid {} is not guarded: {}", rep.vmm_pid, s.error().to_string());
+      spdlog::warn("resume: VMM pid {} is not guarded: {}", rep.vmm_pid, token.error().to_string());
     }
   }
   rep.vmm_memfd = handshake_.memfd.get() >= 0;

@@ -157,8 +157,6 @@ class ResumeSession {
   void stop();
   // Whether the VMM that connected still runs.
   bool vmm_running() const;
-  // The VMM's pidfd (-1 before the handshake or after stop()); owned by the session.
-  int vmm_pidfd() const { return vmm_pidfd_.get(); }
   // Whether stop() had to end the VMM.
   bool vmm_ended() const { return vmm_ended_; }
 

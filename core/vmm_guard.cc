@@ -122,11 +122,6 @@ VmmGuard::~VmmGuard() {
   }
 }
 
-std::uint64_t VmmGuard::next_token() {
-  std::lock_guard lock(mu_);
-  return ++tokens_;
-}
-
 Status VmmGuard::send(char op, std::uint64_t token, int fd) {
   char message[9];
   message[0] = op;
@@ -137,9 +132,15 @@ Status VmmGuard::send(char op, std::uint64_t token, int fd) {
                            "telling the VMM guardian");
 }
 
-Status VmmGuard::watch(std::uint64_t token, int pidfd) {
+Result<std::uint64_t> VmmGuard::watch(int pidfd) {
   if (pidfd < 0) return make_error(Errc::kInvalidArgument, "no pidfd to watch");
-  return send('W', token, pidfd);
+  std::uint64_t token = 0;
+  {
+    std::lock_guard lock(mu_);
+    token = ++tokens_;
+  }
+  if (Status s = send('W', token, pidfd); !s.ok()) return s.error();
+  return token;
 }
 
 void VmmGuard::release(std::uint64_t token) {

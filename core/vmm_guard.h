@@ -28,13 +28,10 @@ class VmmGuard {
   VmmGuard(const VmmGuard&) = delete;
   VmmGuard& operator=(const VmmGuard&) = delete;
 
-  // The guardian keeps a duplicate of pidfd under token (at most 4096 at once).
-  Status watch(std::uint64_t token, int pidfd);
-  // Forgets token (the VMM exited or no longer needs memsnap).
+  // The guardian keeps a duplicate of pidfd (at most 4096 at once); the token names it.
+  Result<std::uint64_t> watch(int pidfd);
+  // Forgets a watch (the VMM exited or no longer needs memsnap).
   void release(std::uint64_t token);
-  // A token no other watch of this process uses.
-  std::uint64_t next_token();
-  pid_t pid() const { return pid_; }
 
  private:
   VmmGuard(io::UniqueFd socket, pid_t pid) : socket_(std::move(socket)), pid_(pid) {}

@@ -217,29 +217,6 @@ std::vector<std::string> QemuVm::console_lines() const {
   return lines;
 }
 
-Result<std::string> QemuVm::wait_for_console(const std::function<bool(const std::string&)>& match,
-                                             std::size_t skip, std::chrono::milliseconds timeout) {
-  const auto deadline = Clock::now() + timeout;
-  for (;;) {
-    const std::vector<std::string> lines = console_lines();
-    for (std::size_t i = skip; i < lines.size(); ++i) {
-      if (match(lines[i])) return lines[i];
-    }
-    if (!alive()) {
-      return make_error(Errc::kProcessGone, "QEMU exited; its console ends with \"" +
-                                                (lines.empty() ? std::string() : lines.back()) +
-                                                "\"; it said: " + log_tail());
-    }
-    if (Clock::now() >= deadline) {
-      return make_error(Errc::kTimeout, "the console did not show the line awaited within " +
-                                            std::to_string(timeout.count()) +
-                                            " ms; it ends with \"" +
-                                            (lines.empty() ? std::string() : lines.back()) + "\"");
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
-  }
-}
-
 Result<json> QemuVm::qmp(const std::string& command, const json& arguments) {
   if (!qmp_) return make_error(Errc::kProcessGone, "QEMU is not running");
   return qmp_->execute(command, arguments);

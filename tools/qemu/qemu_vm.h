@@ -58,15 +58,8 @@ class QemuVm final : public VmmAdapter {
   io::UniqueFd release_ram() override;
   void terminate() override;
 
-  // The serial console, as QEMU wrote it (one file per instance).
-  const std::string& console_path() const { return console_; }
   // Every complete console line so far.
   std::vector<std::string> console_lines() const;
-  // Waits for a console line, after the first `skip` lines, for which `match` is true; returns
-  // it. kTimeout, or kProcessGone (with the end of QEMU's log) if QEMU exits meanwhile.
-  Result<std::string> wait_for_console(const std::function<bool(const std::string&)>& match,
-                                       std::size_t skip, std::chrono::milliseconds timeout);
-  Result<nlohmann::json> qmp(const std::string& command, const nlohmann::json& arguments = nullptr);
   bool alive();
   // QEMU's own migration of the whole VM, RAM included, to a file and back (the reference a
   // user would otherwise pick): migrate_to_file on a stopped VM; load_from_file on one started
@@ -78,6 +71,7 @@ class QemuVm final : public VmmAdapter {
 
  private:
   QemuVm() = default;
+  Result<nlohmann::json> qmp(const std::string& command, const nlohmann::json& arguments = nullptr);
   Status migrate_file(const std::string& path, bool incoming, bool ignore_shared);
 
   Machine machine_;
@@ -96,7 +90,6 @@ class Launcher final : public VmmLauncher {
   bool memsnap_owns_ram() const noexcept override { return machine_.memsnap_owns_ram; }
   std::uint64_t guest_size() const noexcept override { return machine_.memory_bytes; }
   Result<std::unique_ptr<VmmAdapter>> start_incoming(io::UniqueFd ram) override;
-  const Machine& machine() const { return machine_; }
 
  private:
   Machine machine_;
