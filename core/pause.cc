@@ -70,8 +70,10 @@ Result<std::uint64_t> restore_released(SnapshotWriter& writer, int memfd) {
 
 // Called when a pause fails after the writer exists: nothing is committed, and memory the
 // strategy released is put back. If it cannot be, the unfinished snapshot is kept on disk (it
-// is then the only copy of those bytes) and the error says where.
-Error fail_pause(SnapshotWriter& writer, const PauseRequest& req, Error error) {
+// is then the only copy of those bytes), the error says where and *at_risk is set.
+Error fail_pause(SnapshotWriter& writer, const PauseRequest& req, Error error,
+                 bool* at_risk = nullptr) {
+  if (at_risk != nullptr) *at_risk = false;
   if (writer.released_ranges().empty()) {
     writer.abort();
     return error;
@@ -84,6 +86,7 @@ Error fail_pause(SnapshotWriter& writer, const PauseRequest& req, Error error) {
                      " bytes already released were written back into the memfd)";
     writer.abort();
   } else {
+    if (at_risk != nullptr) *at_risk = true;
     const std::string kept = writer.keep_temp_file();
     spdlog::critical(
         "pause failed and released memory could not be restored: {}; its only copy "
@@ -121,6 +124,41 @@ Result<std::uint64_t> derive_guest_size(const PauseRequest& req) {
   std::uint64_t end = 0;
   for (const auto& r : req.regions) end = std::max(end, r.guest_offset + r.size);
   return end;
+}
+
+// One export of `dirty` with one strategy into a new snapshot writer at req.out_path. On failure
+// nothing is committed and the writer is gone; *strategy_at_fault is set when the strategy itself
+// failed and the source is whole again (any memory it released was written back), so that another
+// strategy could still succeed. It stays false when the snapshot sink refused the data (a disk
+// problem the next strategy would hit too), when the VMM is gone, and when released memory could
+// not be restored (then the unfinished snapshot is the only copy and must stay where it is).
+Result<std::unique_ptr<SnapshotWriter>> export_once(
+    plugin::Strategy& strategy, const std::string& name, const PauseRequest& req,
+    const SnapshotParams& params, const std::vector<plugin::ByteRange>& dirty,
+    plugin::ExportStats& stats, bool* strategy_at_fault) {
+  *strategy_at_fault = false;
+  auto writer = SnapshotWriter::create(req.out_path, params, dirty);
+  if (!writer.ok()) return std::move(writer).error();
+  plugin::ExportRequest export_request;
+  export_request.pid = req.pid;
+  export_request.regions = req.regions.data();
+  export_request.region_count = req.regions.size();
+  export_request.memfd = req.memfd;
+  export_request.guest_size = req.guest_size;
+  export_request.block_size = req.block_size;
+  export_request.ranges = dirty.data();
+  export_request.range_count = dirty.size();
+  const plugin::Status exported = strategy.export_ranges(export_request, **writer, stats);
+  if (exported.ok()) return writer;
+  bool at_risk = false;
+  Error error = fail_pause(
+      **writer, req,
+      make_error(errc_of(exported.code), "strategy " + name + " failed: " + exported.message,
+                 exported.sys_errno),
+      &at_risk);
+  *strategy_at_fault = !at_risk && exported.code != plugin::StatusCode::kSinkError &&
+                       exported.code != plugin::StatusCode::kProcessGone;
+  return error;
 }
 
 }  // namespace
@@ -253,25 +291,49 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
   report.dirty_bytes = total_bytes(*dirty);
 
   clock.start("export");
-  auto writer = SnapshotWriter::create(req.out_path, params, *dirty);
-  if (!writer.ok()) return std::move(writer).error();
-  plugin::ExportRequest export_request;
-  export_request.pid = req.pid;
-  export_request.regions = req.regions.data();
-  export_request.region_count = req.regions.size();
-  export_request.memfd = req.memfd;
-  export_request.guest_size = req.guest_size;
-  export_request.block_size = req.block_size;
-  export_request.ranges = dirty->data();
-  export_request.range_count = dirty->size();
-  const plugin::Status exported =
-      (*strategy)->export_ranges(export_request, **writer, report.export_stats);
-  if (!exported.ok()) {
-    return fail_pause(**writer, req,
-                      make_error(errc_of(exported.code),
-                                 "strategy " + report.strategy + " failed: " + exported.message,
-                                 exported.sys_errno));
+  bool strategy_at_fault = false;
+  auto writer = export_once(**strategy, report.strategy, req, params, *dirty, report.export_stats,
+                            &strategy_at_fault);
+  if (!writer.ok() && strategy_at_fault && req.allow_fallback && report.fallback_reason.empty() &&
+      req.fallback_strategy != report.strategy) {
+    // The strategy started and failed half way. Its unfinished snapshot is gone and any memory it
+    // released is back in the memfd (export_once made sure of both, or it would not blame the
+    // strategy), so the source is whole again: the fallback exports the same dirty set from it.
+    const Error first = std::move(writer).error();
+    const PluginInfo* fallback = registry.find(req.fallback_strategy);
+    std::string why_not;
+    if (fallback == nullptr) {
+      why_not = "the fallback strategy " + req.fallback_strategy + " is not loaded";
+    } else {
+      why_not = missing_prerequisite(*fallback, req);
+    }
+    if (!why_not.empty()) {
+      Error e = first;
+      e.message += "; no fallback: " + why_not;
+      return e;
+    }
+    auto second = registry.create(fallback->name, {});
+    if (!second.ok()) {
+      Error e = first;
+      e.message += "; no fallback: " + second.error().to_string();
+      return e;
+    }
+    spdlog::warn("strategy {} failed half way ({}); falling back to {}", report.strategy,
+                 first.to_string(), fallback->name);
+    report.fallback_reason = "strategy " + report.strategy + " failed half way: " + first.message;
+    report.fallback_after_failure = true;
+    report.strategy = fallback->name;
+    report.export_stats = {};
+    writer = export_once(**second, report.strategy, req, params, *dirty, report.export_stats,
+                         &strategy_at_fault);
+    if (!writer.ok()) {
+      Error e = std::move(writer).error();
+      e.message += " (after strategy " + report.requested_strategy +
+                   " had failed half way: " + first.message + ")";
+      return e;
+    }
   }
+  if (!writer.ok()) return std::move(writer).error();
 
   clock.start("commit");
   if (auto s = (*writer)->commit(); !s.ok()) return fail_pause(**writer, req, std::move(s).error());

@@ -43,8 +43,11 @@ struct PauseRequest {
 
   std::string strategy;
   std::vector<std::pair<std::string, std::string>> strategy_options;
-  // When the strategy cannot run (not loaded, or its prerequisites are missing), use
-  // fallback_strategy instead -- only if allowed, and always reported in PauseReport.
+  // When the strategy cannot run (not loaded, or its prerequisites are missing), or starts and
+  // fails half way (the plugin returns an error; not when the disk refuses the snapshot or the
+  // VMM is gone), use fallback_strategy instead -- only if allowed, and always reported in
+  // PauseReport. After a failure half way the fallback exports the same dirty set into a fresh
+  // snapshot, once the first attempt's file is gone and any memory it released is back.
   bool allow_fallback = false;
   std::string fallback_strategy = "process_vm_readv";
 
@@ -69,6 +72,7 @@ struct PauseReport {
   std::string requested_strategy;
   std::string strategy;         // the one that ran
   std::string fallback_reason;  // empty when no fallback happened
+  bool fallback_after_failure = false;  // the requested strategy ran and failed half way
   std::string snapshot_path;
   std::string snapshot_id;  // 32 hex digits
   std::string parent_id;    // empty for a base snapshot

@@ -30,10 +30,12 @@ nlohmann::json to_json(const PauseReport& r) {
   }
   return {{"requested_strategy", r.requested_strategy},
           {"strategy", r.strategy},
-          {"fallback", r.fallback_reason.empty() ? nlohmann::json(nullptr)
-                                                 : nlohmann::json{{"from", r.requested_strategy},
-                                                                  {"to", r.strategy},
-                                                                  {"reason", r.fallback_reason}}},
+          {"fallback", r.fallback_reason.empty()
+                           ? nlohmann::json(nullptr)
+                           : nlohmann::json{{"from", r.requested_strategy},
+                                            {"to", r.strategy},
+                                            {"reason", r.fallback_reason},
+                                            {"after_failure", r.fallback_after_failure}}},
           {"snapshot", r.snapshot_path},
           {"snapshot_id", r.snapshot_id},
           {"parent_id", r.parent_id},

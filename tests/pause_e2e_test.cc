@@ -192,6 +192,65 @@ TEST_F(PauseE2ETest, VmmGoneIsACleanErrorWithNothingCommitted) {
     ADD_FAILURE() << "left behind: " << e.path();
 }
 
+// A plugin that fails half way, after punching what it wrote out of the memfd: without fallback
+// the pause fails with nothing committed and the memfd whole again; with fallback the fallback
+// strategy exports everything into a fresh snapshot, and the report says what happened.
+TEST_F(PauseE2ETest, PluginFailingHalfWayCommitsNothingAndTheFallbackCompletesThePause) {
+  auto loaded = registry_.load_file(MEMSNAP_FAULT_PLUGIN);
+  ASSERT_TRUE(loaded.ok()) << loaded.error().to_string();
+  auto g = start_guest("memfd");
+  ASSERT_NE(g, nullptr);
+  struct stat before {};
+  ASSERT_EQ(fstat(memfd_, &before), 0);
+
+  PauseRequest req = request_for(*g, "fails_half_way");
+  req.strategy_options = {{"fail_after_percent", "50"}, {"punch", "true"}};
+  req.out_path = dir_ + "/half.snap";
+  auto failed = pause(registry_, req);
+  ASSERT_FALSE(failed.ok());
+  EXPECT_EQ(failed.error().code, Errc::kExportFailed) << failed.error().to_string();
+  EXPECT_NE(failed.error().message.find("injected failure"), std::string::npos);
+  EXPECT_NE(failed.error().message.find("written back"), std::string::npos)
+      << failed.error().to_string();
+  for (const auto& e : std::filesystem::directory_iterator(dir_))
+    ADD_FAILURE() << "left behind: " << e.path();
+  struct stat after {};
+  ASSERT_EQ(fstat(memfd_, &after), 0);
+  EXPECT_EQ(after.st_blocks, before.st_blocks) << "the memfd lost memory it had";
+  auto intact = g->verify();
+  ASSERT_TRUE(intact.ok()) << intact.error().to_string();
+  EXPECT_EQ(*intact, 0u);
+  // The guest's check reads every page through its shared mapping, which allocates the memfd's
+  // holes: count again.
+  ASSERT_EQ(fstat(memfd_, &before), 0);
+
+  for (const std::string fallback : {"process_vm_readv", "memfd"}) {
+    SCOPED_TRACE(fallback);
+    req.allow_fallback = true;
+    req.fallback_strategy = fallback;
+    req.out_path = dir_ + "/" + fallback + ".snap";
+    auto done = pause(registry_, req);
+    ASSERT_TRUE(done.ok()) << done.error().to_string();
+    EXPECT_EQ(done->requested_strategy, "fails_half_way");
+    EXPECT_EQ(done->strategy, fallback);
+    EXPECT_TRUE(done->fallback_after_failure);
+    EXPECT_NE(done->fallback_reason.find("failed half way"), std::string::npos)
+        << done->fallback_reason;
+    EXPECT_EQ(done->export_stats.bytes_released, 0u);  // the fallback's own figures
+    auto chain = SnapshotChain::open({req.out_path}, Verify::kFull);
+    ASSERT_TRUE(chain.ok()) << chain.error().to_string();
+    auto check = check_chain_against_pattern(*chain, g->seed(), g->expected_generations());
+    ASSERT_TRUE(check.ok());
+    EXPECT_EQ(check->pages, kGuest / 4096);
+    EXPECT_EQ(check->mismatches, 0u) << check->first_mismatch;
+    ASSERT_EQ(fstat(memfd_, &after), 0);
+    EXPECT_EQ(after.st_blocks, before.st_blocks);
+  }
+  auto still_intact = g->verify();
+  ASSERT_TRUE(still_intact.ok());
+  EXPECT_EQ(*still_intact, 0u);
+}
+
 // A disk that fills up in the middle of a hole-punching pause: the pause fails, nothing is
 // committed, and every byte the strategy had already punched out of the memfd is back in it.
 TEST_F(PauseE2ETest, DiskFullDuringHolePunchLosesNothing) {

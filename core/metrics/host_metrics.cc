@@ -309,6 +309,8 @@ std::string_view fallback_reason_name(FallbackReason reason) noexcept {
       return "missing_pid";
     case FallbackReason::kVmmVersion:
       return "vmm_version";
+    case FallbackReason::kStrategyFailed:
+      return "strategy_failed";
     case FallbackReason::kOther:
       return "other";
   }

@@ -76,6 +76,7 @@ enum class FallbackReason {
   kMissingMemfd,     // needs-memfd strategy, sandbox without a reachable memfd
   kMissingPid,       // needs-pid strategy, no pid / regions
   kVmmVersion,       // the VMM is older than the strategy's minimum (or unparseable)
+  kStrategyFailed,   // the strategy started, failed half way, and the fallback finished the pause
   kOther,
 };
 std::string_view fallback_reason_name(FallbackReason reason) noexcept;
@@ -127,8 +128,7 @@ struct HostMetricsOptions {
   // every strategy before its first pause. record_plugin_load() adds loaded plugins too.
   std::vector<std::string> strategies;
   // The states memsnap_sandboxes reports (each always present, 0 when empty).
-  std::vector<std::string> sandbox_states = {"running", "pausing", "paused", "resuming",
-                                             "failed"};
+  std::vector<std::string> sandbox_states = {"running", "pausing", "paused", "resuming", "failed"};
 };
 
 class HostMetrics;

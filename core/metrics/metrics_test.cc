@@ -242,6 +242,7 @@ TEST(HostMetricsTest, FlagsFallbacksApiAndConcurrency) {
   m.record_flag_reload(false);
   m.record_fallback("hole_punch", "process_vm_readv", FallbackReason::kMissingMemfd);
   m.record_fallback("memfd", "process_vm_readv", FallbackReason::kFlagError);
+  m.record_fallback("hole_punch", "memfd", FallbackReason::kStrategyFailed);
   m.record_api_request("sandbox_pause", 200);
   m.record_api_request("sandbox_pause", 200);
   m.record_api_request("sandbox_resume", 429);
@@ -263,6 +264,9 @@ TEST(HostMetricsTest, FlagsFallbacksApiAndConcurrency) {
       1);
   EXPECT_EQ(e.value("memsnap_strategy_fallbacks_total",
                     {{"from", "memfd"}, {"to", "process_vm_readv"}, {"reason", "flag_error"}}),
+            1);
+  EXPECT_EQ(e.value("memsnap_strategy_fallbacks_total",
+                    {{"from", "hole_punch"}, {"to", "memfd"}, {"reason", "strategy_failed"}}),
             1);
   EXPECT_EQ(e.value("memsnap_api_requests_total", {{"endpoint", "sandbox_pause"}, {"code", "200"}}),
             2);

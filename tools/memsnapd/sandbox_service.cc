@@ -785,8 +785,10 @@ Result<json> SandboxService::pause(const std::string& id, const json& body) {
   }
   const PauseReport& rep = *paused;
   if (!rep.fallback_reason.empty()) {
-    // The pipeline's own fallback (the strategy could not run this sandbox).
-    metrics_.record_fallback(rep.requested_strategy, rep.strategy, metrics::FallbackReason::kOther);
+    // The pipeline's own fallback: the strategy could not run this sandbox, or failed half way.
+    metrics_.record_fallback(rep.requested_strategy, rep.strategy,
+                             rep.fallback_after_failure ? metrics::FallbackReason::kStrategyFailed
+                                                        : metrics::FallbackReason::kOther);
   }
   metrics::PauseObservation obs;
   obs.strategy = rep.strategy;
@@ -830,10 +832,11 @@ Result<json> SandboxService::pause(const std::string& id, const json& body) {
                           {"reason", choice.fallback_code},
                           {"detail", choice.fallback_reason}};
   } else if (!rep.fallback_reason.empty()) {
-    answer["fallback"] = {{"from", rep.requested_strategy},
-                          {"to", rep.strategy},
-                          {"reason", "strategy_cannot_run"},
-                          {"detail", rep.fallback_reason}};
+    answer["fallback"] = {
+        {"from", rep.requested_strategy},
+        {"to", rep.strategy},
+        {"reason", rep.fallback_after_failure ? "strategy_failed" : "strategy_cannot_run"},
+        {"detail", rep.fallback_reason}};
   }
 
   {
