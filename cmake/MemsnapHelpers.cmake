@@ -46,14 +46,23 @@ function(memsnap_add_plugin)
   add_dependencies(memsnap_plugins memsnap_plugin_${ARG_NAME})
 endfunction()
 
-# memsnap_add_test(NAME <name> SOURCES ... [DEPS ...] [LABELS ...] [TIMEOUT s] [ARGS ...])
+# memsnap_add_test(NAME <name> SOURCES ... [DEPS ...] [LABELS ...] [TIMEOUT s] [ARGS ...]
+#                  [CONCURRENT_FILTER <gtest filter>])
 # A GoogleTest executable registered with CTest. Tests that load plugins depend on all plugins
-# being built and get their directory in MEMSNAP_PLUGIN_DIR.
+# being built and get their directory in MEMSNAP_PLUGIN_DIR. The label `concurrent` marks the
+# tests whose code runs on several threads at once; they are what the ThreadSanitizer stage of
+# tools/run-tests.sh builds (target memsnap_concurrent_tests) and runs (ctest -L concurrent).
+# CONCURRENT_FILTER: only these cases of a long test are concurrent enough to be worth their
+# time under TSan; they are registered a second time as <name>_threads, labelled `concurrent`
+# and `subset` (the other stages and presets skip `subset`: those cases already ran in <name>).
+if(NOT TARGET memsnap_concurrent_tests)
+  add_custom_target(memsnap_concurrent_tests)
+endif()
 function(memsnap_add_test)
   if(NOT MEMSNAP_BUILD_TESTS)
     return()
   endif()
-  cmake_parse_arguments(ARG "" "NAME;TIMEOUT" "SOURCES;DEPS;LABELS;ARGS" ${ARGN})
+  cmake_parse_arguments(ARG "" "NAME;TIMEOUT;CONCURRENT_FILTER" "SOURCES;DEPS;LABELS;ARGS" ${ARGN})
   add_executable(${ARG_NAME} ${ARG_SOURCES})
   target_link_libraries(${ARG_NAME} PRIVATE ${ARG_DEPS} GTest::gtest GTest::gtest_main
                                             Threads::Threads)
@@ -61,13 +70,22 @@ function(memsnap_add_test)
   set_target_properties(${ARG_NAME} PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/tests)
   memsnap_set_warnings(${ARG_NAME})
   add_dependencies(${ARG_NAME} memsnap_plugins)
+  if("concurrent" IN_LIST ARG_LABELS OR ARG_CONCURRENT_FILTER)
+    add_dependencies(memsnap_concurrent_tests ${ARG_NAME})
+  endif()
   add_test(NAME ${ARG_NAME} COMMAND ${ARG_NAME} ${ARG_ARGS})
   if(NOT ARG_TIMEOUT)
     set(ARG_TIMEOUT 300)
   endif()
+  set(environment "MEMSNAP_PLUGIN_DIR=${MEMSNAP_PLUGIN_OUTPUT_DIR};MEMSNAP_BIN_DIR=${CMAKE_BINARY_DIR}/bin;MEMSNAP_TEST_BIN_DIR=${CMAKE_BINARY_DIR}/tests")
   set_tests_properties(${ARG_NAME} PROPERTIES TIMEOUT ${ARG_TIMEOUT}
-    LABELS "${ARG_LABELS}"
-    ENVIRONMENT "MEMSNAP_PLUGIN_DIR=${MEMSNAP_PLUGIN_OUTPUT_DIR};MEMSNAP_BIN_DIR=${CMAKE_BINARY_DIR}/bin;MEMSNAP_TEST_BIN_DIR=${CMAKE_BINARY_DIR}/tests")
+    LABELS "${ARG_LABELS}" ENVIRONMENT "${environment}")
+  if(ARG_CONCURRENT_FILTER)
+    add_test(NAME ${ARG_NAME}_threads
+      COMMAND ${ARG_NAME} ${ARG_ARGS} --gtest_filter=${ARG_CONCURRENT_FILTER})
+    set_tests_properties(${ARG_NAME}_threads PROPERTIES TIMEOUT ${ARG_TIMEOUT}
+      LABELS "concurrent;subset" ENVIRONMENT "${environment}")
+  endif()
 endfunction()
 
 # ---- Fuzzing (docs/reliability.md) ----

@@ -107,6 +107,14 @@ class MiniHandler {
 
   std::uint64_t faults() const { return faults_.load(); }
   std::uint64_t removes() const { return removes_.load(); }
+  // The kernel lets the guest's madvise return once the handler has *read* the REMOVE event,
+  // which can be before this thread counted it: wait for the count (up to 10 s).
+  std::uint64_t wait_for_removes(std::uint64_t at_least) const {
+    for (int i = 0; i < 10000 && removes_.load() < at_least; ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    return removes_.load();
+  }
   std::uint64_t errors() const { return errors_.load(); }
 
  private:
@@ -340,7 +348,7 @@ TEST_P(GuestResumeShapeTest, ServedLazilyVerifiesTracksWritesAndDiscards) {
   auto discarded = guest->discard(first, 12);
   ASSERT_TRUE(discarded.ok()) << discarded.error().to_string();
   EXPECT_EQ(*discarded, 12U);
-  EXPECT_GE(handler.removes(), 1U);
+  EXPECT_GE(handler.wait_for_removes(1), 1U);
   for (std::uint64_t p = first; p < first + 12; ++p)
     EXPECT_EQ(guest->expected_generations()[p], 0U);
   const std::uint64_t before = handler.faults();
@@ -428,7 +436,7 @@ TEST_P(GuestResumeBackingTest, AcceptsMemfdFromMemsnap) {
   ASSERT_TRUE(bad.ok()) << bad.error().to_string();
   EXPECT_EQ(*bad, 0U);
   EXPECT_EQ(handler.faults(), 0U);
-  EXPECT_GE(handler.removes(), 1U);
+  EXPECT_GE(handler.wait_for_removes(1), 1U);
   EXPECT_EQ(handler.errors(), 0U);
 
   // The guest's memory is our memfd: its writes and its discards show here.
