@@ -161,7 +161,9 @@ TEST_F(ReloadTest, RenameStyleRewritesWhileFourThreadsEvaluate) {
   EXPECT_EQ(readers.torn.load(), 0);
   EXPECT_EQ(readers.errors.load(), 0);
   EXPECT_GT(readers.evaluations.load(), 1000);
-  EXPECT_GT(stats.reloads_ok, 1U);
+  // The watcher may coalesce the whole burst into one reload (a busy CI machine did): at least
+  // one must have landed; how many is timing, not correctness.
+  EXPECT_GE(stats.reloads_ok, 1U);
   std::printf("rename style: %ld evaluations, %llu reloads ok, %llu failed, %llu unchanged\n",
               readers.evaluations.load(), static_cast<unsigned long long>(stats.reloads_ok),
               static_cast<unsigned long long>(stats.reloads_failed),
@@ -204,7 +206,7 @@ TEST_F(ReloadTest, ConfigMapSymlinkSwapWhileFourThreadsEvaluate) {
   EXPECT_EQ(store->snapshot()->evaluate("gen", {}, FlagType::kInteger, -1).value, last_valid);
   EXPECT_EQ(readers.torn.load(), 0);
   EXPECT_EQ(readers.errors.load(), 0);
-  EXPECT_GT(stats.reloads_ok, 1U);
+  EXPECT_GE(stats.reloads_ok, 1U);  // a burst may land as one reload (timing)
   std::printf("symlink swap: %ld evaluations, %llu reloads ok, %llu failed, %llu unchanged\n",
               readers.evaluations.load(), static_cast<unsigned long long>(stats.reloads_ok),
               static_cast<unsigned long long>(stats.reloads_failed),
