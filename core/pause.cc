@@ -34,6 +34,21 @@ std::string missing_prerequisite(const PluginInfo& info, const PauseRequest& req
   return {};
 }
 
+// The fallback strategy, when it is loaded and can run this request; else kPluginNotLoaded or
+// kUnsupported saying why not. Used both when the strategy asked for cannot start and when it
+// failed half way.
+Result<const PluginInfo*> usable_fallback(const PluginRegistry& registry, const PauseRequest& req) {
+  const PluginInfo* fallback = registry.find(req.fallback_strategy);
+  if (fallback == nullptr) {
+    return make_error(Errc::kPluginNotLoaded,
+                      "the fallback strategy " + req.fallback_strategy + " is not loaded");
+  }
+  if (auto why = missing_prerequisite(*fallback, req); !why.empty()) {
+    return make_error(Errc::kUnsupported, "the fallback cannot run: " + why);
+  }
+  return fallback;
+}
+
 Errc errc_of(plugin::StatusCode code) {
   switch (code) {
     case plugin::StatusCode::kProcessGone:
@@ -225,18 +240,13 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
       return make_error(info == nullptr ? Errc::kPluginNotLoaded : Errc::kUnsupported,
                         problem + (req.allow_fallback ? "" : "; fallback is not allowed"));
     }
-    const PluginInfo* fallback = registry.find(req.fallback_strategy);
-    if (fallback == nullptr) {
-      return make_error(
-          Errc::kPluginNotLoaded,
-          problem + "; the fallback strategy " + req.fallback_strategy + " is not loaded either");
+    auto fallback = usable_fallback(registry, req);
+    if (!fallback.ok()) {
+      return make_error(fallback.error().code, problem + "; and " + fallback.error().message);
     }
-    if (auto why = missing_prerequisite(*fallback, req); !why.empty()) {
-      return make_error(Errc::kUnsupported, problem + "; and the fallback cannot run: " + why);
-    }
-    spdlog::warn("falling back from {} to {}: {}", req.strategy, fallback->name, problem);
+    spdlog::warn("falling back from {} to {}: {}", req.strategy, (*fallback)->name, problem);
     report.fallback_reason = problem;
-    info = fallback;
+    info = *fallback;
     options.clear();  // options were meant for the strategy asked for
   }
   report.strategy = info->name;
@@ -300,29 +310,19 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
     // released is back in the memfd (export_once made sure of both, or it would not blame the
     // strategy), so the source is whole again: the fallback exports the same dirty set from it.
     const Error first = std::move(writer).error();
-    const PluginInfo* fallback = registry.find(req.fallback_strategy);
-    std::string why_not;
-    if (fallback == nullptr) {
-      why_not = "the fallback strategy " + req.fallback_strategy + " is not loaded";
-    } else {
-      why_not = missing_prerequisite(*fallback, req);
-    }
-    if (!why_not.empty()) {
-      Error e = first;
-      e.message += "; no fallback: " + why_not;
-      return e;
-    }
-    auto second = registry.create(fallback->name, {});
+    auto fallback = usable_fallback(registry, req);
+    auto second = fallback.ok() ? registry.create((*fallback)->name, {})
+                                : Result<StrategyHandle>(fallback.error());
     if (!second.ok()) {
       Error e = first;
-      e.message += "; no fallback: " + second.error().to_string();
+      e.message += "; no fallback: " + second.error().message;
       return e;
     }
     spdlog::warn("strategy {} failed half way ({}); falling back to {}", report.strategy,
-                 first.to_string(), fallback->name);
+                 first.to_string(), (*fallback)->name);
     report.fallback_reason = "strategy " + report.strategy + " failed half way: " + first.message;
     report.fallback_after_failure = true;
-    report.strategy = fallback->name;
+    report.strategy = (*fallback)->name;
     report.export_stats = {};
     writer = export_once(**second, report.strategy, req, params, *dirty, report.export_stats,
                          &strategy_at_fault);
