@@ -34,11 +34,15 @@ TEST(ExperimentCli, RunThenReportEveryArm) {
   ASSERT_EQ(run.exit_code, 0) << run.out;
   const json r = json::parse(slurp(results));
   ASSERT_EQ(r["operations"].size(), 18u);
+  EXPECT_EQ(r["experiment"]["thp"], false);
+  EXPECT_TRUE(r["experiment"]["thp_shmem_enabled"].is_string());
   std::set<std::string> strategies;
   for (const auto& op : r["operations"]) {
     ASSERT_FALSE(op.contains("error")) << op.dump();
     EXPECT_EQ(op["mismatches"], 0) << op.dump();
     EXPECT_GT(op["peak_memory_bytes"].get<double>(), 0) << op.dump();
+    // Recorded for every operation (0 here: no THP asked, and pages are 4 KiB).
+    ASSERT_TRUE(op["guest_huge_bytes"].is_number_unsigned()) << op.dump();
     strategies.insert(op["strategy"].get<std::string>());
   }
   // sb ids exp-1-1..6 fall in all three arms of the even split (flagd bucketing is stable).
@@ -54,6 +58,9 @@ TEST(ExperimentCli, RunThenReportEveryArm) {
     EXPECT_NE(svg.find(s), std::string::npos) << s;
   }
   EXPECT_NE(md.find("## Verdicts"), std::string::npos);
+  // The title says what was run, from the results' settings.
+  EXPECT_NE(md.find("32 MiB memfd guests, 10% of pages dirtied (random)"), std::string::npos)
+      << md.substr(0, 400);
   EXPECT_NE(md.find("Sample ratio"), std::string::npos);
   EXPECT_EQ(svg.rfind("<?xml", 0), 0u);
   EXPECT_NE(svg.find("</svg>"), std::string::npos);

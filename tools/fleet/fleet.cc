@@ -214,6 +214,7 @@ Result<std::unique_ptr<Sandbox>> Sandbox::launch(Daemon& daemon, const SandboxSp
   go.backing = spec.backing;
   go.seed = spec.seed;
   go.zero_fraction = spec.zero_fraction;
+  go.thp = spec.thp;
   auto vmm = GuestProcess::spawn(go);
   if (!vmm.ok()) return std::move(vmm).error();
   sb->vmm_ = std::move(*vmm);
@@ -263,6 +264,7 @@ Result<json> Sandbox::resume(const json& extra) {
   go.size = spec_.size;
   go.backing = spec_.backing;
   go.seed = spec_.seed;
+  go.thp = spec_.thp;
   go.handshake_socket = socket;
   go.no_fill = true;
   go.expect = expected_;

@@ -95,6 +95,7 @@ struct SandboxSpec {
   nlohmann::json attributes = nlohmann::json::object();  // targeting attributes
   std::uint64_t seed = 1;
   double zero_fraction = 0.05;
+  bool thp = false;  // the VMM asks for 2 MiB transparent huge pages (MADV_HUGEPAGE)
 };
 
 // One sandbox: its current VMM stand-in and what the daemon said about it.

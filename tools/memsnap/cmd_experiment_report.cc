@@ -117,6 +117,31 @@ std::vector<ex::OperationRecord> records_from_prometheus(const std::string& url,
 }
 
 // "a=1,b=2"
+// ": 1 GiB memfd guests, 10% of pages dirtied at random, THP asked (shmem_enabled advise)" from
+// the run's settings; "" for results that do not carry them.
+std::string describe(const json& e) {
+  if (!e.is_object() || !e.contains("guest_bytes") || !e["guest_bytes"].is_number()) return "";
+  const double bytes = e["guest_bytes"].get<double>();
+  char size[32];
+  if (bytes >= double(1ULL << 30)) {
+    std::snprintf(size, sizeof size, "%g GiB", bytes / double(1ULL << 30));
+  } else {
+    std::snprintf(size, sizeof size, "%g MiB", bytes / double(1ULL << 20));
+  }
+  std::string out = std::string(": ") + size + " " + e.value("backing", "?") + " guests";
+  if (e.contains("dirty_fraction") && e["dirty_fraction"].is_number()) {
+    char dirty[64];
+    std::snprintf(dirty, sizeof dirty, ", %g%% of pages dirtied (%s)",
+                  e["dirty_fraction"].get<double>() * 100, e.value("pattern", "random").c_str());
+    out += dirty;
+  }
+  if (e.value("thp", false)) {
+    out += ", THP asked (enabled " + e.value("thp_enabled", std::string("?")) +
+           ", shmem_enabled " + e.value("thp_shmem_enabled", std::string("?")) + ")";
+  }
+  return out;
+}
+
 std::vector<ex::ArmWeight> parse_arms(const std::string& text) {
   std::vector<ex::ArmWeight> out;
   std::stringstream in(text);
@@ -176,7 +201,7 @@ int cmd_experiment_report(Args& args) {
       throw std::invalid_argument(files[0] + " is not the results of `memsnap experiment run`");
     }
     source = files[0];
-    spec.title = "memsnap strategy experiment (" + files[0] +
+    spec.title = "memsnap strategy experiment (" + files[0] + describe(results["experiment"]) +
                  (warmup > 0 ? ", cycles after the first " + std::to_string(warmup) : "") + ")";
     for (const auto& op : results["operations"]) {
       if (op.contains("error") || !op.contains("pause_seconds")) continue;

@@ -12,6 +12,7 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <map>
@@ -36,6 +37,32 @@ std::uint64_t rss_of(pid_t pid) {
     if (line.rfind("VmRSS:", 0) == 0) return std::stoull(line.substr(6)) * 1024;
   }
   return 0;
+}
+
+// Bytes of a process's memory mapped with 2 MiB pages (anonymous THP, shmem/memfd THP), from
+// /proc/PID/smaps_rollup; 0 if it is gone. Asking for THP is no promise of getting it (shmem THP
+// also needs /sys/kernel/mm/transparent_hugepage/shmem_enabled), so the experiment records this.
+std::uint64_t huge_bytes_of(pid_t pid) {
+  std::ifstream rollup("/proc/" + std::to_string(pid) + "/smaps_rollup");
+  std::string line;
+  std::uint64_t total = 0;
+  for (const char* key : {"AnonHugePages:", "ShmemPmdMapped:", "FilePmdMapped:"}) {
+    rollup.clear();
+    rollup.seekg(0);
+    while (std::getline(rollup, line)) {
+      if (line.rfind(key, 0) == 0) total += std::stoull(line.substr(std::strlen(key))) * 1024;
+    }
+  }
+  return total;
+}
+
+// The kernel's THP settings, e.g. "always [madvise] never" -> "madvise"; "" if unreadable.
+std::string thp_setting(const char* file) {
+  std::ifstream in(std::string("/sys/kernel/mm/transparent_hugepage/") + file);
+  std::string text;
+  std::getline(in, text);
+  const auto open = text.find('['), close = text.find(']');
+  return open != std::string::npos && close > open ? text.substr(open + 1, close - open - 1) : "";
 }
 
 // Samples host memory while a pause runs: memsnapd's RSS plus the sandbox VMM's (which counts its
@@ -116,6 +143,7 @@ int cmd_experiment_run(Args& args) {
   const std::string backing = args.value("--backing", "memfd");
   const double dirty = std::stod(args.value("--dirty", "0.1"));
   const bool sequential = args.value("--pattern", "random") == "sequential";
+  const bool thp = args.flag("--thp");
   const auto arms = parse_weights(
       args.value("--arms", "process_vm_readv=1,memfd=1,hole_punch=1"));
   const std::string out_path = args.value("--out", "experiment-results.json");
@@ -159,6 +187,7 @@ int cmd_experiment_run(Args& args) {
     spec.size = size;
     spec.backing = backing;
     spec.seed = seed * 1000 + static_cast<std::uint64_t>(i);
+    spec.thp = thp;
     auto sb = fleet::Sandbox::launch(d, spec);
     if (!sb.ok()) {
       std::fprintf(stderr, "memsnap experiment: %s\n", sb.error().to_string().c_str());
@@ -179,7 +208,9 @@ int cmd_experiment_run(Args& args) {
     std::shuffle(order.begin(), order.end(), rng);
     for (const std::size_t i : order) {
       fleet::Sandbox& sb = *fleet_[i];
-      json op = {{"cycle", cycle}, {"sandbox", sb.spec().id}};
+      json op = {{"cycle", cycle},
+                 {"sandbox", sb.spec().id},
+                 {"guest_huge_bytes", huge_bytes_of(sb.vmm()->pid())}};
       PeakSampler sampler(d.pid(), sb.vmm()->pid());
       auto paused = sb.pause();
       op["peak_memory_bytes"] = sampler.finish();
@@ -233,6 +264,9 @@ int cmd_experiment_run(Args& args) {
                     {"backing", backing},
                     {"dirty_fraction", dirty},
                     {"pattern", sequential ? "sequential" : "random"},
+                    {"thp", thp},
+                    {"thp_enabled", thp_setting("enabled")},
+                    {"thp_shmem_enabled", thp_setting("shmem_enabled")},
                     {"seed", seed},
                     {"weights", weights},
                     {"flag", "memory-export-strategy"},

@@ -24,7 +24,7 @@ void usage(std::FILE* out) {
       "            a flag with the arms' weights, K interleaved pause/resume cycles each\n"
       "            [--arms process_vm_readv=1,memfd=1,hole_punch=1] [--sandboxes 6] [--cycles 4]\n"
       "            [--size 64M] [--backing memfd|anon] [--dirty 0.1] [--pattern random|sequential]\n"
-      "            [--seed 1] [--out experiment-results.json] [--keep DIR] [--metrics-port P]\n"
+      "            [--thp] [--seed 1] [--out experiment-results.json] [--keep DIR] [--metrics-port P]\n"
       "  experiment report (RESULTS.json | --prometheus http://HOST:PORT [--window 1h])\n"
       "            [--baseline process_vm_readv] [--arms a=1,b=1] [--alpha 0.05]\n"
       "            [--warmup 1]  (cycles left out: the first pause is a full one)\n"
