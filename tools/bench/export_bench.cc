@@ -80,11 +80,18 @@ struct Source {
   }
 };
 
-std::vector<plugin::ByteRange> dirty_set(std::uint64_t size, int percent) {
+// percent of the guest's pages, chosen at random in runs of run_pages pages (1: single 4 KiB
+// pages, the worst case for a diff; 16: 64 KiB runs, closer to how a guest kernel dirties memory).
+std::vector<plugin::ByteRange> dirty_set(std::uint64_t size, int percent, std::uint64_t run_pages = 1) {
   if (percent == 100) return {{0, size}};
   std::vector<plugin::ByteRange> ranges;
-  for (std::uint64_t p : pattern::select_pages(size / kPage, percent / 100.0, 42, false)) {
-    ranges.push_back({p * kPage, kPage});
+  const std::uint64_t run = run_pages * kPage;
+  for (std::uint64_t p : pattern::select_pages(size / run, percent / 100.0, 42, false)) {
+    if (!ranges.empty() && ranges.back().offset + ranges.back().length == p * run) {
+      ranges.back().length += run;  // adjacent runs are one range, as a dirty tracker reports them
+    } else {
+      ranges.push_back({p * run, run});
+    }
   }
   return ranges;
 }
@@ -129,16 +136,19 @@ void BM_WriteReference(benchmark::State& state) {
 
 // One full pause through the pipeline: resolve, dirty set, export, commit.
 void run_pause(benchmark::State& state, const std::string& strategy,
-               std::vector<std::pair<std::string, std::string>> options = {}) {
+               std::vector<std::pair<std::string, std::string>> options = {},
+               bool clustered = false) {
   Source& src = Source::get();
   const int percent = static_cast<int>(state.range(0));
-  const bool sync = state.range(1) != 0;
+  // BM_Pause_*: (percent, fsync); BM_PauseClustered_*: (percent, pages per dirty run), no fsync.
+  const bool sync = !clustered && state.range(1) != 0;
+  const std::uint64_t run_pages = clustered ? static_cast<std::uint64_t>(state.range(1)) : 1;
   PauseRequest req;
   req.strategy = strategy;
   req.strategy_options = std::move(options);
   req.guest_size = src.size;
   req.sync = sync;
-  req.dirty = dirty_set(src.size, percent);
+  req.dirty = dirty_set(src.size, percent, run_pages);
   if (strategy == "process_vm_readv") {
     req.pid = getpid();
     req.regions = {{0, reinterpret_cast<std::uint64_t>(src.anon), src.size}};
@@ -164,13 +174,19 @@ void run_pause(benchmark::State& state, const std::string& strategy,
   }
   state.SetBytesProcessed(std::int64_t(state.iterations() * bytes));
   state.counters["cpu_s_per_pause"] = cpu / double(std::max<std::int64_t>(1, state.iterations()));
-  state.SetLabel(std::to_string(percent) + "% dirty" + (sync ? ", fsync" : ""));
+  state.SetLabel(std::to_string(percent) + "% dirty" + (sync ? ", fsync" : "") +
+                 (clustered ? ", " + std::to_string(run_pages * 4) + " KiB runs" : ""));
 }
 
 void BM_Pause_process_vm_readv(benchmark::State& s) { run_pause(s, "process_vm_readv"); }
 void BM_Pause_memfd(benchmark::State& s) { run_pause(s, "memfd"); }
 void BM_Pause_hole_punch(benchmark::State& s) { run_pause(s, "hole_punch"); }
 // The memfd strategy's other read method: pointers into a read-only mapping, no copy to a buffer.
+void BM_PauseClustered_process_vm_readv(benchmark::State& s) {
+  run_pause(s, "process_vm_readv", {}, true);
+}
+void BM_PauseClustered_memfd(benchmark::State& s) { run_pause(s, "memfd", {}, true); }
+void BM_PauseClustered_hole_punch(benchmark::State& s) { run_pause(s, "hole_punch", {}, true); }
 void BM_Pause_memfd_mmap(benchmark::State& s) { run_pause(s, "memfd", {{"read_method", "mmap"}}); }
 
 // Framework overhead: a pause whose diff is empty (resolve + dispatch + commit of a snapshot
@@ -314,6 +330,17 @@ BENCHMARK(BM_Pause_memfd_mmap)
     ->Iterations(5);
 BENCHMARK(BM_Pause_hole_punch)
     ->ArgsProduct({{100, 10}, {0, 1}})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->Iterations(5);
+BENCHMARK(BM_PauseClustered_process_vm_readv)
+    ->Args({10, 16})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->Iterations(5);
+BENCHMARK(BM_PauseClustered_memfd)->Args({10, 16})->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(5);
+BENCHMARK(BM_PauseClustered_hole_punch)
+    ->Args({10, 16})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime()
     ->Iterations(5);

@@ -80,6 +80,16 @@ def main(path):
             if ten and (strategy, sync) in full:
                 print(f"| {strategy} | {'yes' if sync else 'no'} | {ten / full[(strategy, sync)]:.3f} |")
     print()
+    print("| strategy | 10% dirty in 64 KiB runs, no fsync: ms | / full export time | "
+          "random 4 KiB pages / 64 KiB runs |")
+    print("|---|---|---|---|")
+    for strategy in ("process_vm_readv", "memfd", "hole_punch"):
+        runs = med.get(f"BM_PauseClustered_{strategy}/10/16/iterations:5/real_time")
+        ten = med.get(f"BM_Pause_{strategy}/10/0/iterations:5/real_time")
+        if runs and (strategy, 0) in full:
+            print(f"| {strategy} | {runs:.1f} | {runs / full[(strategy, 0)]:.3f} | "
+                  f"{fmt_x(ten, runs)} |")
+    print()
     print("| framework overhead | median |")
     print("|---|---|")
     for key, label in (("BM_EmptyDiffPause/0/iterations:200/real_time", "pause of an empty diff, no fsync"),
