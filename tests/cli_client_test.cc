@@ -295,6 +295,9 @@ TEST_F(CliClientTest, RegisterPauseResumeWaitAndUnregisterThroughTheCli) {
   EXPECT_EQ(described["snapshots"], json::array({snapshot}));
   EXPECT_EQ(described["strategy"], "memfd");
   EXPECT_EQ(described["warm_memory_kept"], true);
+  // The whole guest was written by the stand-in: the kept memfd holds (nearly) all of it.
+  EXPECT_GT(described["warm_memory_bytes"].get<std::uint64_t>(),
+            described["guest_size"].get<std::uint64_t>() / 2);
   EXPECT_EQ(described["last_pause"]["generation"], 1);
   get = cli({"sandbox", id});
   ASSERT_EQ(get.exit_code, 0) << get;

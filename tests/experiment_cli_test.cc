@@ -44,6 +44,13 @@ TEST(ExperimentCli, RunThenReportEveryArm) {
     // Recorded for every operation (0 here: no THP asked, and pages are 4 KiB).
     ASSERT_TRUE(op["guest_huge_bytes"].is_number_unsigned()) << op.dump();
     strategies.insert(op["strategy"].get<std::string>());
+    // Only memfd keeps the guest's memfd for a warm resume; the stand-in wrote all of it.
+    ASSERT_TRUE(op["held_memory_bytes"].is_number_unsigned()) << op.dump();
+    if (op["strategy"] == "memfd") {
+      EXPECT_GE(op["held_memory_bytes"].get<std::uint64_t>(), (32u << 20) * 9 / 10) << op.dump();
+    } else {
+      EXPECT_EQ(op["held_memory_bytes"], 0) << op.dump();
+    }
   }
   // sb ids exp-1-1..6 fall in all three arms of the even split (flagd bucketing is stable).
   EXPECT_EQ(strategies.size(), 3u);
@@ -67,6 +74,8 @@ TEST(ExperimentCli, RunThenReportEveryArm) {
   EXPECT_EQ(rj["baseline"], "process_vm_readv");
   // hole_punch releases memory and the others do not: the one verdict that must come out.
   EXPECT_NE(md.find("hole_punch releases"), std::string::npos) << md;
+  EXPECT_NE(md.find("### memory held while paused (`held_memory_bytes`)"), std::string::npos)
+      << md;
   fs::remove_all(dir);
 }
 

@@ -68,7 +68,7 @@ struct MetricSpec {
 };
 
 // The built-in metrics, in report order: pause_seconds, resume_seconds, cpu_seconds,
-// peak_memory_bytes, released_bytes, released_fraction.
+// peak_memory_bytes, held_memory_bytes, released_bytes, released_fraction.
 const std::vector<MetricSpec>& default_metric_specs();
 // The built-in spec of `name`, else a neutral one (unit guessed from the suffix: _seconds,
 // _bytes, _fraction).

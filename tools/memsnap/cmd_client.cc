@@ -281,8 +281,12 @@ void print_sandbox(const json& s) {
               yes(s, "memfd") ? "yes" : "no");
   std::printf("  strategy    %s\n", str(s, "strategy", "-").c_str());
   std::printf("  snapshots   %s\n", list_text(s.value("snapshots", json())).c_str());
-  std::printf("  warm memory %s\n",
-              yes(s, "warm_memory_kept") ? "kept (a warm resume is possible)" : "not kept");
+  if (yes(s, "warm_memory_kept")) {
+    std::printf("  warm memory kept, %s resident (a warm resume is possible)\n",
+                format_bytes(double(uint_of(s, "warm_memory_bytes"))).c_str());
+  } else {
+    std::printf("  warm memory not kept\n");
+  }
   const json last_pause = s.contains("last_pause") ? s["last_pause"] : json();
   if (last_pause.is_object()) {
     std::printf("  last pause  generation %llu with %s, %s exported in %s, fallback %s\n",

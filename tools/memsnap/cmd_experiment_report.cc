@@ -212,7 +212,8 @@ int cmd_experiment_report(Args& args) {
                                         : op.value("strategy", "");
       r.unit = op.value("sandbox", "");
       for (const char* m : {"pause_seconds", "resume_seconds", "cpu_seconds", "peak_memory_bytes",
-                            "released_bytes", "guest_memory_bytes"}) {
+                            "released_bytes", "held_memory_bytes",
+                            "guest_memory_bytes"}) {
         if (op.contains(m) && op[m].is_number()) r.metrics[m] = op[m].get<double>();
       }
       records.push_back(std::move(r));

@@ -229,6 +229,12 @@ int cmd_experiment_run(Args& args) {
         op["cpu_seconds"] = p["cpu_seconds"];
         op["released_bytes"] = p["memory_released"];
         op["guest_memory_bytes"] = size;
+        // What the host keeps holding for the paused sandbox (its VMM is gone by now): a memfd
+        // kept for a warm resume, or nothing.
+        if (auto state = d.call("GET", "/v1/sandboxes/" + sb.spec().id);
+            state.ok() && state->ok() && state->body.contains("warm_memory_bytes")) {
+          op["held_memory_bytes"] = state->body["warm_memory_bytes"];
+        }
         auto resumed = sb.resume();
         if (!resumed.ok()) {
           op["error"] = resumed.error().to_string();

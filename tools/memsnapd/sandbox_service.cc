@@ -338,6 +338,15 @@ void SandboxService::publish_states_locked() {
   metrics_.set_sandboxes_by_state(counts);
 }
 
+namespace {
+// Host memory a kept memfd holds (its allocated blocks; holes cost nothing), 0 without one.
+std::uint64_t resident_bytes(int fd) {
+  struct stat st {};
+  if (fd < 0 || ::fstat(fd, &st) != 0) return 0;
+  return static_cast<std::uint64_t>(st.st_blocks) * 512;
+}
+}  // namespace
+
 json SandboxService::describe_locked(const Sandbox& sb) const {
   json regions = json::array();
   for (const auto& r : sb.regions) {
@@ -354,6 +363,7 @@ json SandboxService::describe_locked(const Sandbox& sb) const {
           {"snapshots", sb.chain},
           {"strategy", sb.strategy},
           {"warm_memory_kept", sb.retained.memfd.get() >= 0},
+          {"warm_memory_bytes", resident_bytes(sb.retained.memfd.get())},
           {"last_pause", sb.last_pause},
           {"last_resume", sb.last_resume},
           {"last_error", sb.last_error.empty() ? json(nullptr) : json(sb.last_error)}};
