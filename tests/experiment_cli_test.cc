@@ -66,7 +66,7 @@ TEST(ExperimentCli, RunThenReportEveryArm) {
   }
   EXPECT_NE(md.find("## Verdicts"), std::string::npos);
   // The title says what was run, from the results' settings.
-  EXPECT_NE(md.find("32 MiB memfd guests, 10% of pages dirtied (random)"), std::string::npos)
+  EXPECT_NE(md.find("32.0 MiB memfd guests, 10% of pages dirtied (random)"), std::string::npos)
       << md.substr(0, 400);
   EXPECT_NE(md.find("Sample ratio"), std::string::npos);
   EXPECT_EQ(svg.rfind("<?xml", 0), 0u);

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every benchmark of the project once, in turn, and writes the raw JSON and the ratio tables
-# of docs/performance.md into one directory. About 30 minutes on a quiet 2-CPU machine (the QEMU
+# of docs/performance.md into one directory. About 15 minutes on a quiet 2-CPU machine (14 on 2026-12-03) (the QEMU
 # benchmark, ~12 minutes more, only with --qemu). Run it when nothing else runs: every figure is a
 # ratio to a reference measured in the same run, but a busy machine still widens the spread.
 #   bash tools/bench/run-all.sh [--out DIR] [--reps N] [--qemu]

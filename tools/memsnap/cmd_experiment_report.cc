@@ -117,18 +117,12 @@ std::vector<ex::OperationRecord> records_from_prometheus(const std::string& url,
 }
 
 // "a=1,b=2"
-// ": 1 GiB memfd guests, 10% of pages dirtied at random, THP asked (shmem_enabled advise)" from
-// the run's settings; "" for results that do not carry them.
+// ": 1.0 GiB memfd guests, 10% of pages dirtied (random), THP asked (enabled madvise,
+// shmem_enabled advise)" from the run's settings; "" for results that do not carry them.
 std::string describe(const json& e) {
   if (!e.is_object() || !e.contains("guest_bytes") || !e["guest_bytes"].is_number()) return "";
-  const double bytes = e["guest_bytes"].get<double>();
-  char size[32];
-  if (bytes >= double(1ULL << 30)) {
-    std::snprintf(size, sizeof size, "%g GiB", bytes / double(1ULL << 30));
-  } else {
-    std::snprintf(size, sizeof size, "%g MiB", bytes / double(1ULL << 20));
-  }
-  std::string out = std::string(": ") + size + " " + e.value("backing", "?") + " guests";
+  std::string out = ": " + format_bytes(e["guest_bytes"].get<double>()) + " " +
+                    e.value("backing", "?") + " guests";
   if (e.contains("dirty_fraction") && e["dirty_fraction"].is_number()) {
     char dirty[64];
     std::snprintf(dirty, sizeof dirty, ", %g%% of pages dirtied (%s)",

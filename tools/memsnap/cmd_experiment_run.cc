@@ -12,13 +12,14 @@
 #include <atomic>
 #include <chrono>
 #include <cstdio>
-#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <initializer_list>
 #include <map>
 #include <random>
 #include <sstream>
 #include <stdexcept>
+#include <string_view>
 #include <thread>
 
 #include "tools/fleet/fleet.h"
@@ -29,31 +30,30 @@ namespace {
 
 using nlohmann::json;
 
-// Resident memory (VmRSS) of a process in bytes, 0 if it is gone.
-std::uint64_t rss_of(pid_t pid) {
-  std::ifstream status("/proc/" + std::to_string(pid) + "/status");
-  std::string line;
-  while (std::getline(status, line)) {
-    if (line.rfind("VmRSS:", 0) == 0) return std::stoull(line.substr(6)) * 1024;
-  }
-  return 0;
-}
-
-// Bytes of a process's memory mapped with 2 MiB pages (anonymous THP, shmem/memfd THP), from
-// /proc/PID/smaps_rollup; 0 if it is gone. Asking for THP is no promise of getting it (shmem THP
-// also needs /sys/kernel/mm/transparent_hugepage/shmem_enabled), so the experiment records this.
-std::uint64_t huge_bytes_of(pid_t pid) {
-  std::ifstream rollup("/proc/" + std::to_string(pid) + "/smaps_rollup");
+// The sum of the "Key:   N kB" lines of /proc/PID/FILE named in keys, in bytes; 0 if it is gone.
+std::uint64_t proc_kb_fields(pid_t pid, const char* file, std::initializer_list<std::string_view> keys) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/" + file);
   std::string line;
   std::uint64_t total = 0;
-  for (const char* key : {"AnonHugePages:", "ShmemPmdMapped:", "FilePmdMapped:"}) {
-    rollup.clear();
-    rollup.seekg(0);
-    while (std::getline(rollup, line)) {
-      if (line.rfind(key, 0) == 0) total += std::stoull(line.substr(std::strlen(key))) * 1024;
+  while (std::getline(in, line)) {
+    for (const std::string_view key : keys) {
+      if (line.size() > key.size() && line.compare(0, key.size(), key) == 0 &&
+          line[key.size()] == ':') {
+        total += std::stoull(line.substr(key.size() + 1)) * 1024;
+      }
     }
   }
   return total;
+}
+
+// Resident memory (VmRSS) of a process.
+std::uint64_t rss_of(pid_t pid) { return proc_kb_fields(pid, "status", {"VmRSS"}); }
+
+// Bytes of a process's memory mapped with 2 MiB pages (anonymous THP, shmem/memfd THP). Asking
+// for THP is no promise of getting it (shmem THP also needs
+// /sys/kernel/mm/transparent_hugepage/shmem_enabled), so the experiment records this.
+std::uint64_t huge_bytes_of(pid_t pid) {
+  return proc_kb_fields(pid, "smaps_rollup", {"AnonHugePages", "ShmemPmdMapped", "FilePmdMapped"});
 }
 
 // The kernel's THP settings, e.g. "always [madvise] never" -> "madvise"; "" if unreadable.
