@@ -139,4 +139,24 @@ Result<std::vector<ProcessMemfd>> find_memfds_of_process(
   return found;
 }
 
+std::uint64_t proc_kb_fields(pid_t pid, const char* file,
+                             std::initializer_list<std::string_view> keys) {
+  std::ifstream in(proc_path(pid, file));
+  std::string line;
+  std::uint64_t total = 0;
+  while (std::getline(in, line)) {
+    for (const std::string_view key : keys) {
+      if (line.size() > key.size() && line.compare(0, key.size(), key) == 0 &&
+          line[key.size()] == ':') {
+        total += std::stoull(line.substr(key.size() + 1)) * 1024;
+      }
+    }
+  }
+  return total;
+}
+
+std::uint64_t huge_page_bytes(pid_t pid) {
+  return proc_kb_fields(pid, "smaps_rollup", {"AnonHugePages", "ShmemPmdMapped", "FilePmdMapped"});
+}
+
 }  // namespace memsnap

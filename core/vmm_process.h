@@ -6,8 +6,10 @@
 
 #include <chrono>
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "core/base/result.h"
@@ -51,5 +53,15 @@ struct ProcessMemfd {
 // set, keeps only memfds whose name contains it.
 Result<std::vector<ProcessMemfd>> find_memfds_of_process(
     pid_t pid, const std::optional<std::string>& name_filter);
+
+// The sum of the "Key:   N kB" lines of /proc/PID/FILE named in keys, in bytes; 0 if the process
+// is gone. One pass over the file.
+std::uint64_t proc_kb_fields(pid_t pid, const char* file,
+                             std::initializer_list<std::string_view> keys);
+
+// Bytes of a process's memory mapped with 2 MiB pages: anonymous THP and shmem/memfd THP
+// (smaps_rollup's AnonHugePages, ShmemPmdMapped, FilePmdMapped). Asking for THP is no promise of
+// getting it (memfd THP also needs /sys/kernel/mm/transparent_hugepage/shmem_enabled).
+std::uint64_t huge_page_bytes(pid_t pid);
 
 }  // namespace memsnap

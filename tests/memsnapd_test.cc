@@ -212,6 +212,17 @@ TEST_F(MemsnapdTest, FlagSplitPausesAndResumesEveryStrategyAndTheSplitFollowsThe
       sample(*text,
              R"(memsnap_page_fault_service_duration_seconds_count{strategy="process_vm_readv"})"),
       static_cast<double>(kGuest / 4096));
+  // Host memory held for warm resumes: only sb-a2's memfd is kept now (every other memfd sandbox
+  // was resumed, which hands it back; hole_punch and process_vm_readv never keep one). The gauge
+  // says what the API says of that sandbox.
+  const json a2_state = call("GET", "/v1/sandboxes/sb-a2").body;
+  ASSERT_TRUE(a2_state.contains("warm_memory_bytes")) << a2_state.dump();
+  const auto a2_held = a2_state["warm_memory_bytes"].get<std::uint64_t>();
+  EXPECT_GT(a2_held, kGuest / 2);
+  EXPECT_EQ(sample(*text, R"(memsnap_warm_memory_bytes{strategy="memfd"})"),
+            static_cast<double>(a2_held));
+  EXPECT_EQ(sample(*text, R"(memsnap_warm_memory_bytes{strategy="hole_punch"})"), 0);
+  EXPECT_EQ(sample(*text, R"(memsnap_warm_memory_bytes{strategy="process_vm_readv"})"), 0);
   EXPECT_EQ(text->find("sb-a"), std::string::npos) << "a sandbox id in the metrics";
 }
 

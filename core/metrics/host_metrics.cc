@@ -227,6 +227,14 @@ std::vector<MetricInfo> build_catalogue() {
        "",
        {"from", "to", "reason"},
        {}},
+      {"memsnap_warm_memory_bytes",
+       T::kGauge,
+       "Host memory memsnapd holds for warm resumes: the allocated bytes of the memfds kept from "
+       "pauses, by the strategy that paused them. A warm resume hands a memfd back; removing the "
+       "sandbox frees it.",
+       "bytes",
+       {"strategy"},
+       {}},
   };
 }
 
@@ -414,7 +422,8 @@ struct HostMetrics::Impl {
         resume_phase(histogram("memsnap_resume_phase_duration_seconds")),
         resume_modes(counter("memsnap_resumes_by_mode_total")),
         sandboxes(gauge("memsnap_sandboxes")),
-        fallbacks(counter("memsnap_strategy_fallbacks_total")) {}
+        fallbacks(counter("memsnap_strategy_fallbacks_total")),
+        warm_memory(gauge("memsnap_warm_memory_bytes")) {}
 
   Counters& counter(std::string_view name) {
     return family<prometheus::Counter>(*registry, name, MetricType::kCounter,
@@ -475,6 +484,7 @@ struct HostMetrics::Impl {
     pause_written.Add(s);
     pause_zero.Add(s);
     pause_released.Add(s);
+    warm_memory.Add(s);
     fault_series(strategy);
   }
 
@@ -502,6 +512,7 @@ struct HostMetrics::Impl {
   Counters& resume_modes;
   Gauges& sandboxes;
   Counters& fallbacks;
+  Gauges& warm_memory;
 
   std::mutex mutex;  // guards the members below
   std::set<std::string> strategies;
@@ -722,6 +733,25 @@ void HostMetrics::clear_plugins() noexcept {
     std::lock_guard lock(m.mutex);
     for (auto& [name, gauge] : m.plugin_info_by_name) m.plugin_info.Remove(gauge);
     m.plugin_info_by_name.clear();
+  } catch (...) {
+  }
+}
+
+void HostMetrics::set_warm_memory_bytes(
+    const std::map<std::string, std::uint64_t>& by_strategy) noexcept {
+  try {
+    Impl& m = *impl_;
+    std::map<std::string, double> held;
+    for (const auto& [strategy, bytes] : by_strategy) {
+      const std::string s = strategy_value(strategy);
+      m.declare(s);
+      held[s] += static_cast<double>(bytes);
+    }
+    std::lock_guard lock(m.mutex);
+    for (const std::string& s : m.strategies) {
+      const auto it = held.find(s);
+      m.warm_memory.Add({{"strategy", s}}).Set(it == held.end() ? 0 : it->second);
+    }
   } catch (...) {
   }
 }

@@ -204,6 +204,10 @@ class HostMetrics {
   // Drops every memsnap_plugin_info series (before loading plugins again).
   void clear_plugins() noexcept;
 
+  // Sets memsnap_warm_memory_bytes: every declared strategy to the bytes held for it (0 when
+  // absent); strategies not yet declared are declared first.
+  void set_warm_memory_bytes(const std::map<std::string, std::uint64_t>& by_strategy) noexcept;
+
   // Sets memsnap_sandboxes: every declared state to its count (0 when absent); states that
   // were not declared are added up under state="other".
   void set_sandboxes_by_state(const std::map<std::string, std::int64_t>& counts) noexcept;

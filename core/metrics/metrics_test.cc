@@ -391,6 +391,24 @@ TEST(HostMetricsTest, SandboxesByState) {
   EXPECT_EQ(e.value("memsnap_sandboxes", {{"state", "other"}}), 0);
 }
 
+TEST(HostMetricsTest, WarmMemoryIsSetPerStrategyAndZeroWhereNoneIsHeld) {
+  HostMetricsOptions o;
+  o.strategies = {"process_vm_readv", "memfd", "hole_punch"};
+  HostMetrics m(o);
+  Exposition e = parse_exposition(m.serialize());
+  EXPECT_EQ(e.value("memsnap_warm_memory_bytes", {{"strategy", "memfd"}}), 0);
+  m.set_warm_memory_bytes({{"memfd", 3ULL << 30}, {"new_strategy", 4096}});
+  e = parse_exposition(m.serialize());
+  EXPECT_EQ(e.value("memsnap_warm_memory_bytes", {{"strategy", "memfd"}}), 3.0 * (1ULL << 30));
+  EXPECT_EQ(e.value("memsnap_warm_memory_bytes", {{"strategy", "new_strategy"}}), 4096);
+  EXPECT_EQ(e.value("memsnap_warm_memory_bytes", {{"strategy", "hole_punch"}}), 0);
+  // Set, not added: the next call replaces every value, and a strategy no longer named is 0.
+  m.set_warm_memory_bytes({{"memfd", 1024}});
+  e = parse_exposition(m.serialize());
+  EXPECT_EQ(e.value("memsnap_warm_memory_bytes", {{"strategy", "memfd"}}), 1024);
+  EXPECT_EQ(e.value("memsnap_warm_memory_bytes", {{"strategy", "new_strategy"}}), 0);
+}
+
 TEST(HostMetricsTest, InFlightFollowsTheGuardsLifetime) {
   HostMetrics m;
   auto in_flight = [&](const char* kind) {

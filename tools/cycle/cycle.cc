@@ -17,19 +17,6 @@ namespace {
 
 constexpr std::chrono::milliseconds kReadyTimeout{60000};
 
-std::uint64_t anon_huge_kib(pid_t pid) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/smaps_rollup");
-  std::string key;
-  std::uint64_t kib = 0;
-  while (in >> key) {
-    if (key == "AnonHugePages:") {
-      in >> kib;
-      return kib;
-    }
-  }
-  return 0;
-}
-
 void say(const CycleOptions& o, const std::string& line) {
   if (o.progress) o.progress(line);
 }
@@ -67,7 +54,7 @@ Result<CycleReport> run_cycle(const PluginRegistry& registry, const CycleOptions
   auto first = GuestProcess::spawn(go);
   if (!first.ok()) return step_error("starting the first VMM", first.error());
   std::unique_ptr<GuestProcess> guest = std::move(*first);
-  if (o.thp) report.thp_used = anon_huge_kib(guest->pid()) > 0;
+  if (o.thp) report.thp_used = huge_page_bytes(guest->pid()) > 0;
   say(o, "started VMM pid " + std::to_string(guest->pid()) + " with " +
              std::to_string(o.size >> 20) + " MiB of " + report.backing + " memory, filled");
 
@@ -159,6 +146,7 @@ Result<CycleReport> run_cycle(const PluginRegistry& registry, const CycleOptions
     rgo.no_fill = true;
     rgo.expect = expected;
     rgo.accept_memfd = true;
+    rgo.thp = o.thp;  // a VMM asks for huge pages on every start, not only the first
     rgo.track_writes = o.vmm_supports_wp_async;
     auto resumed = GuestProcess::spawn(rgo);
     if (!resumed.ok()) return step_error("starting the resumed VMM", resumed.error());
@@ -198,6 +186,7 @@ Result<CycleReport> run_cycle(const PluginRegistry& registry, const CycleOptions
     }
     if (Status s = session->serve_error(); !s.ok()) return step_error("serving faults", s.error());
     gen.faults = session->fault_stats();
+    gen.huge_bytes = huge_page_bytes(guest->pid());
     say(o, "verified " + std::to_string(gen.pages) + " pages: " + std::to_string(gen.mismatches) +
                " mismatches (" + std::to_string(gen.faults.faults) + " faults served)");
     report.generations.push_back(std::move(gen));
@@ -222,6 +211,10 @@ Result<CycleReport> run_cycle(const PluginRegistry& registry, const CycleOptions
       }
     }
   }
+  // The VMM goes first: a session stopped under a running VMM ends it as a VMM that would hang.
+  guest->kill();
+  guest.reset();
+  session.reset();
   return report;
 }
 

@@ -57,13 +57,16 @@ struct CycleGeneration {
   std::uint64_t mismatches = 0;
   std::string first_mismatch;  // the guest's description of the first bad page
   double verify_seconds = 0;   // touching and checking every page (faults included)
+  // Guest memory the resumed VMM has mapped with 2 MiB pages after the verify touched every
+  // page (huge_page_bytes): which resume modes give THP guests their huge pages back.
+  std::uint64_t huge_bytes = 0;
 };
 
 struct CycleReport {
   std::string strategy;
   std::string backing;
   bool thp = false;
-  bool thp_used = false;  // the first VMM really got huge pages (AnonHugePages > 0)
+  bool thp_used = false;  // the first VMM really got huge pages (huge_page_bytes > 0)
   std::vector<std::string> chain;
   std::vector<CycleGeneration> generations;
   std::uint64_t total_mismatches() const;

@@ -21,6 +21,8 @@ int cmd_cycle(Args& args) {
   o.thp = args.flag("--thp");
   o.sync = !args.flag("--no-sync");
   o.verify_checksums = !args.flag("--no-verify");
+  // Neither side arms write protection: the next pause copies every populated page.
+  o.track_writes = o.vmm_supports_wp_async = !args.flag("--no-track-writes");
   std::string keep = args.value("--keep");
   const bool json = args.flag("--json");
   const std::string plugins = plugin_dir(args);
@@ -63,7 +65,8 @@ int cmd_cycle(Args& args) {
                       {"pages", g.pages},
                       {"mismatches", g.mismatches},
                       {"first_mismatch", g.first_mismatch},
-                      {"verify_seconds", g.verify_seconds}});
+                      {"verify_seconds", g.verify_seconds},
+                      {"huge_bytes", g.huge_bytes}});
     }
     std::printf("%s\n", nlohmann::json{{"strategy", r.strategy},
                                        {"backing", r.backing},
@@ -86,6 +89,10 @@ int cmd_cycle(Args& args) {
                   g.resume.ready_seconds * 1e3, static_cast<unsigned long long>(g.faults.faults),
                   g.faults.faults ? g.faults.service_seconds / double(g.faults.faults) * 1e6 : 0.0,
                   g.verify_seconds * 1e3, static_cast<unsigned long long>(g.mismatches));
+      if (r.thp) {
+        std::printf("     mapped with 2 MiB pages after the resume: %s\n",
+                    format_bytes(double(g.huge_bytes)).c_str());
+      }
       if (!g.first_mismatch.empty())
         std::printf("     first bad page: %s\n", g.first_mismatch.c_str());
     }

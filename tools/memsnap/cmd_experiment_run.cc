@@ -14,14 +14,13 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
-#include <initializer_list>
 #include <map>
 #include <random>
 #include <sstream>
 #include <stdexcept>
-#include <string_view>
 #include <thread>
 
+#include "core/vmm_process.h"
 #include "tools/fleet/fleet.h"
 #include "tools/memsnap/cli.h"
 
@@ -30,31 +29,8 @@ namespace {
 
 using nlohmann::json;
 
-// The sum of the "Key:   N kB" lines of /proc/PID/FILE named in keys, in bytes; 0 if it is gone.
-std::uint64_t proc_kb_fields(pid_t pid, const char* file, std::initializer_list<std::string_view> keys) {
-  std::ifstream in("/proc/" + std::to_string(pid) + "/" + file);
-  std::string line;
-  std::uint64_t total = 0;
-  while (std::getline(in, line)) {
-    for (const std::string_view key : keys) {
-      if (line.size() > key.size() && line.compare(0, key.size(), key) == 0 &&
-          line[key.size()] == ':') {
-        total += std::stoull(line.substr(key.size() + 1)) * 1024;
-      }
-    }
-  }
-  return total;
-}
-
 // Resident memory (VmRSS) of a process.
 std::uint64_t rss_of(pid_t pid) { return proc_kb_fields(pid, "status", {"VmRSS"}); }
-
-// Bytes of a process's memory mapped with 2 MiB pages (anonymous THP, shmem/memfd THP). Asking
-// for THP is no promise of getting it (shmem THP also needs
-// /sys/kernel/mm/transparent_hugepage/shmem_enabled), so the experiment records this.
-std::uint64_t huge_bytes_of(pid_t pid) {
-  return proc_kb_fields(pid, "smaps_rollup", {"AnonHugePages", "ShmemPmdMapped", "FilePmdMapped"});
-}
 
 // The kernel's THP settings, e.g. "always [madvise] never" -> "madvise"; "" if unreadable.
 std::string thp_setting(const char* file) {
@@ -210,7 +186,7 @@ int cmd_experiment_run(Args& args) {
       fleet::Sandbox& sb = *fleet_[i];
       json op = {{"cycle", cycle},
                  {"sandbox", sb.spec().id},
-                 {"guest_huge_bytes", huge_bytes_of(sb.vmm()->pid())}};
+                 {"guest_huge_bytes", huge_page_bytes(sb.vmm()->pid())}};
       PeakSampler sampler(d.pid(), sb.vmm()->pid());
       auto paused = sb.pause();
       op["peak_memory_bytes"] = sampler.finish();

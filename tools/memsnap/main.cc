@@ -49,7 +49,7 @@ void usage(std::FILE* out) {
       "            Firecracker UFFD handshake until the VMM exits\n"
       "  cycle     --strategy S [--mode M] [--size 256M] [--generations 2] [--dirty-fraction 0.1]\n"
       "            [--backing anon|memfd] [--thp] [--discard-pages N] [--keep DIR]\n"
-      "            [--no-sync] [--json]\n"
+      "            [--no-sync] [--no-track-writes] [--json]\n"
       "            one stand-in VMM round and round: pause, kill, resume, verify every page\n"
       "  qemu cycle (--strategy S | --flags FILE [--sandbox ID]) [--memory 256M]\n"
       "            [--ram memsnap|qemu] [--generations 2] [--guest-mib 64] [--dirty-pct 5]\n"

@@ -331,14 +331,13 @@ Result<std::string> SandboxService::confine(const std::string& path, bool must_e
   return (dir / p.filename()).string();
 }
 
-void SandboxService::publish_states_locked() {
-  std::map<std::string, std::int64_t> counts;
-  for (const auto& s : sandbox_states()) counts[s] = 0;
-  for (const auto& [id, sb] : sandboxes_) ++counts[sb->state];
-  metrics_.set_sandboxes_by_state(counts);
+namespace {
+// The memfd kept for a warm resume of sb, -1 if none. A resuming sandbox's memfd is being handed
+// back by its resume thread, without the lock: it counts as none (the VMM holds it now).
+int kept_memfd_locked(const Sandbox& sb) {
+  return sb.state == "resuming" ? -1 : sb.retained.memfd.get();
 }
 
-namespace {
 // Host memory a kept memfd holds (its allocated blocks; holes cost nothing), 0 without one.
 std::uint64_t resident_bytes(int fd) {
   struct stat st {};
@@ -346,6 +345,18 @@ std::uint64_t resident_bytes(int fd) {
   return static_cast<std::uint64_t>(st.st_blocks) * 512;
 }
 }  // namespace
+
+void SandboxService::publish_states_locked() {
+  std::map<std::string, std::int64_t> counts;
+  std::map<std::string, std::uint64_t> warm;
+  for (const auto& s : sandbox_states()) counts[s] = 0;
+  for (const auto& [id, sb] : sandboxes_) {
+    ++counts[sb->state];
+    if (const int fd = kept_memfd_locked(*sb); fd >= 0) warm[sb->strategy] += resident_bytes(fd);
+  }
+  metrics_.set_sandboxes_by_state(counts);
+  metrics_.set_warm_memory_bytes(warm);
+}
 
 json SandboxService::describe_locked(const Sandbox& sb) const {
   json regions = json::array();
@@ -362,8 +373,8 @@ json SandboxService::describe_locked(const Sandbox& sb) const {
           {"attributes", sandbox_context(sb.attributes)},
           {"snapshots", sb.chain},
           {"strategy", sb.strategy},
-          {"warm_memory_kept", sb.retained.memfd.get() >= 0},
-          {"warm_memory_bytes", resident_bytes(sb.retained.memfd.get())},
+          {"warm_memory_kept", kept_memfd_locked(sb) >= 0},
+          {"warm_memory_bytes", resident_bytes(kept_memfd_locked(sb))},
           {"last_pause", sb.last_pause},
           {"last_resume", sb.last_resume},
           {"last_error", sb.last_error.empty() ? json(nullptr) : json(sb.last_error)}};
