@@ -2,6 +2,7 @@
 
 #include <stdlib.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <filesystem>
@@ -117,6 +118,14 @@ void load_plugins(PluginRegistry& registry, const std::string& dir) {
     std::fprintf(stderr, "memsnap: cannot load plugins from %s: %s\n", dir.c_str(),
                  s.error().to_string().c_str());
     std::exit(1);
+  }
+  // A wrong directory is otherwise only noticed later, as "strategy 'x' is not loaded".
+  const auto& seen = registry.plugins();
+  if (std::none_of(seen.begin(), seen.end(), [](const PluginInfo& p) { return p.loaded(); })) {
+    std::fprintf(stderr,
+                 "memsnap: warning: no strategy plugin loaded from %s (%zu refused); set "
+                 "--plugin-dir or MEMSNAP_PLUGIN_DIR\n",
+                 dir.c_str(), seen.size());
   }
 }
 
