@@ -15,6 +15,7 @@
 #include <regex>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include <gtest/gtest.h>
 
@@ -293,6 +294,63 @@ TEST_F(MemsnapdTest, BadInputGetsAClearErrorAndChangesNothing) {
   ASSERT_TRUE(next.ok()) << next.error().to_string();
   EXPECT_NE((*next)["snapshot"], (*fresh)["snapshot"]);
   EXPECT_NE((*next)["snapshot"], (*paused)["snapshot"]);
+}
+
+// While a warm resume hands the kept memfd back (on the sandbox's resume thread, without the
+// service lock), state queries and scrapes go on: they must see the memory as handed back, never
+// read it half moved (the TSan stage runs this too).
+TEST_F(MemsnapdTest, QueriesDuringAWarmResumeSeeTheKeptMemoryHandedBack) {
+  Sandbox& sb = launch("sb-w", "b", "memfd");
+  auto paused = sb.pause();
+  ASSERT_TRUE(paused.ok()) << paused.error().to_string();
+  const json before = call("GET", "/v1/sandboxes/sb-w").body;
+  ASSERT_EQ(before["warm_memory_kept"], true) << before.dump();
+  EXPECT_GT(before["warm_memory_bytes"].get<std::uint64_t>(), kGuest / 2);
+
+  std::atomic<bool> done{false};
+  std::vector<json> seen;
+  std::vector<std::string> scrapes;
+  std::thread poller([&] {
+    while (!done) {
+      auto a = daemon_->call("GET", "/v1/sandboxes/sb-w");
+      if (a.ok() && a->ok()) seen.push_back(a->body);
+      auto m = daemon_->scrape();
+      if (m.ok()) scrapes.push_back(*m);
+    }
+  });
+  for (int round = 0; round < 3; ++round) {
+    auto resumed = sb.resume();
+    if (!resumed.ok()) {
+      ADD_FAILURE() << resumed.error().to_string();
+      break;
+    }
+    EXPECT_EQ((*resumed)["mode"], "warm") << resumed->dump();
+    if (round == 2) break;
+    if (auto again = sb.pause(); !again.ok()) {
+      ADD_FAILURE() << again.error().to_string();
+      break;
+    }
+  }
+  done = true;
+  poller.join();
+  if (HasFailure()) return;
+
+  std::size_t resuming = 0;
+  for (const json& s : seen) {
+    if (s["state"] != "resuming") continue;
+    ++resuming;
+    EXPECT_EQ(s["warm_memory_kept"], false) << s.dump();
+    EXPECT_EQ(s["warm_memory_bytes"], 0) << s.dump();
+  }
+  std::printf("note: %zu state answers, %zu while resuming; %zu scrapes\n", seen.size(),
+              resuming, scrapes.size());
+  EXPECT_FALSE(scrapes.empty());
+  const json after = call("GET", "/v1/sandboxes/sb-w").body;
+  EXPECT_EQ(after["state"], "running");
+  EXPECT_EQ(after["warm_memory_bytes"], 0) << "the memfd went back to the VMM";
+  auto text = daemon_->scrape();
+  ASSERT_TRUE(text.ok()) << text.error().to_string();
+  EXPECT_EQ(sample(*text, R"(memsnap_warm_memory_bytes{strategy="memfd"})"), 0);
 }
 
 TEST_F(MemsnapdTest, APauseOfASandboxAlreadyPausingIsRefused) {
