@@ -332,10 +332,22 @@ Result<std::string> SandboxService::confine(const std::string& path, bool must_e
 }
 
 namespace {
-// The memfd kept for a warm resume of sb, -1 if none. A resuming sandbox's memfd is being handed
-// back by its resume thread, without the lock: it counts as none (the VMM holds it now).
+// While a sandbox is resuming, its resume thread works on sb.session and sb.retained without the
+// lock (it hands the kept memfd back, takes the VMM's, starts the fault server): nobody else may
+// read them then, not even under the lock.
+bool resume_thread_owns(const Sandbox& sb) { return sb.state == "resuming"; }
+
+// The memfd kept for a warm resume of sb, -1 if none. A resuming sandbox's kept memfd counts as
+// handed back (the VMM holds it now).
 int kept_memfd_locked(const Sandbox& sb) {
-  return sb.state == "resuming" ? -1 : sb.retained.memfd.get();
+  return resume_thread_owns(sb) ? -1 : sb.retained.memfd.get();
+}
+
+// Whether memsnapd can reach the memfd backing sb's guest memory; false while resuming (it is
+// being handed over).
+bool has_memfd_locked(const Sandbox& sb) {
+  if (resume_thread_owns(sb)) return false;
+  return sb.session ? sb.session->memfd() >= 0 : sb.vmm_memfd_fd >= 0;
 }
 
 // Host memory a kept memfd holds (its allocated blocks; holes cost nothing), 0 without one.
@@ -369,7 +381,7 @@ json SandboxService::describe_locked(const Sandbox& sb) const {
           {"vmm_pid", sb.vmm_pid},
           {"guest_size", sb.guest_size},
           {"regions", regions},
-          {"memfd", sb.session ? sb.session->memfd() >= 0 : sb.vmm_memfd_fd >= 0},
+          {"memfd", has_memfd_locked(sb)},
           {"attributes", sandbox_context(sb.attributes)},
           {"snapshots", sb.chain},
           {"strategy", sb.strategy},
@@ -1042,7 +1054,9 @@ Result<json> SandboxService::get(const std::string& id, const std::string& wait_
     }
   }
   json out = describe_locked(*sb);
-  if (sb->session) out["faults"] = to_json(sb->session->fault_stats(/*settle=*/false));
+  if (sb->session && !resume_thread_owns(*sb)) {
+    out["faults"] = to_json(sb->session->fault_stats(/*settle=*/false));
+  }
   return out;
 }
 
