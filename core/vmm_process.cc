@@ -159,4 +159,12 @@ std::uint64_t huge_page_bytes(pid_t pid) {
   return proc_kb_fields(pid, "smaps_rollup", {"AnonHugePages", "ShmemPmdMapped", "FilePmdMapped"});
 }
 
+std::string thp_setting(const char* file) {
+  std::ifstream in(std::string("/sys/kernel/mm/transparent_hugepage/") + file);
+  std::string text;
+  std::getline(in, text);
+  const auto open = text.find('['), close = text.find(']');
+  return open != std::string::npos && close > open ? text.substr(open + 1, close - open - 1) : "";
+}
+
 }  // namespace memsnap

@@ -64,4 +64,9 @@ std::uint64_t proc_kb_fields(pid_t pid, const char* file,
 // getting it (memfd THP also needs /sys/kernel/mm/transparent_hugepage/shmem_enabled).
 std::uint64_t huge_page_bytes(pid_t pid);
 
+// The kernel's THP setting in /sys/kernel/mm/transparent_hugepage/FILE ("enabled" or
+// "shmem_enabled"): the bracketed choice, e.g. "always [madvise] never" -> "madvise"; "" if
+// unreadable.
+std::string thp_setting(const char* file);
+
 }  // namespace memsnap

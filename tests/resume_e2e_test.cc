@@ -9,13 +9,13 @@
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
-#include <iterator>
 #include <string>
 
 #include <gtest/gtest.h>
 
 #include "core/plugin_host/plugin_registry.h"
 #include "core/snapshot/snapshot_reader.h"
+#include "core/vmm_process.h"
 #include "tools/cycle/cycle.h"
 
 namespace memsnap {
@@ -97,9 +97,8 @@ TEST_F(ResumeE2E, ProcessVmReadvLazyAnonymousTransparentHugePages) {
   const CycleReport r = run(o);
   // The first VMM's memory is in 2 MiB pages when the kernel allows THP at all (madvise or
   // always); the resumed VMMs get 4 KiB pages from UFFDIO_COPY, which the verify covers.
-  std::ifstream thp("/sys/kernel/mm/transparent_hugepage/enabled");
-  std::string setting((std::istreambuf_iterator<char>(thp)), std::istreambuf_iterator<char>());
-  if (setting.find("[never]") == std::string::npos && !setting.empty()) {
+  const std::string setting = thp_setting("enabled");
+  if (setting != "never" && !setting.empty()) {
     EXPECT_TRUE(r.thp_used) << "THP is " << setting << " but the stand-in got no huge pages";
   } else {
     std::printf("note: THP is off on this machine; the THP variant ran on 4 KiB pages\n");
@@ -113,18 +112,19 @@ TEST_F(ResumeE2E, ProcessVmReadvLazyAnonymousTransparentHugePages) {
 class ShmemThpAllowed {
  public:
   ShmemThpAllowed() {
-    const std::string now = current();
+    const std::string now = thp_setting("shmem_enabled");
     for (const char* allowed : {"always", "within_size", "advise", "force"}) {
       if (now == allowed) {
         usable_ = true;
         return;
       }
     }
-    if (write("advise") && current() == "advise") {
+    if (write("advise") && thp_setting("shmem_enabled") == "advise") {
       restore_ = now;
       usable_ = true;
+    } else {
+      why_not_ = "shmem THP is '" + now + "' and cannot be set to 'advise' (not root?)";
     }
-    why_not_ = "shmem THP is '" + now + "' and cannot be set to 'advise' (not root?)";
   }
   ~ShmemThpAllowed() {
     if (!restore_.empty()) write(restore_);
@@ -134,14 +134,6 @@ class ShmemThpAllowed {
 
  private:
   static constexpr const char* kPath = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
-  // The bracketed choice of "always within_size advise [never] deny force".
-  static std::string current() {
-    std::ifstream in(kPath);
-    std::string all((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-    const auto open = all.find('['), close = all.find(']');
-    if (open == std::string::npos || close == std::string::npos || close < open) return "";
-    return all.substr(open + 1, close - open - 1);
-  }
   static bool write(const std::string& value) {
     std::ofstream out(kPath);
     out << value;

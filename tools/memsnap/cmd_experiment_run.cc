@@ -32,15 +32,6 @@ using nlohmann::json;
 // Resident memory (VmRSS) of a process.
 std::uint64_t rss_of(pid_t pid) { return proc_kb_fields(pid, "status", {"VmRSS"}); }
 
-// The kernel's THP settings, e.g. "always [madvise] never" -> "madvise"; "" if unreadable.
-std::string thp_setting(const char* file) {
-  std::ifstream in(std::string("/sys/kernel/mm/transparent_hugepage/") + file);
-  std::string text;
-  std::getline(in, text);
-  const auto open = text.find('['), close = text.find(']');
-  return open != std::string::npos && close > open ? text.substr(open + 1, close - open - 1) : "";
-}
-
 // Samples host memory while a pause runs: memsnapd's RSS plus the sandbox VMM's (which counts its
 // guest memory, shmem included, as long as it is mapped and not released). Keeps the peak.
 class PeakSampler {
