@@ -34,6 +34,20 @@ std::string missing_prerequisite(const PluginInfo& info, const PauseRequest& req
   return {};
 }
 
+// True when a VMM process runs on this pause's memory afterwards: there is one (pid), and the
+// pipeline will continue it (freeze without stay_frozen), or nobody stopped it at all.
+bool vmm_runs_after(const PauseRequest& req) { return req.pid > 0 && !req.stay_frozen; }
+
+// Why info's strategy must not run on this request although it could: it releases the guest's
+// memory as it exports it, and the VMM would run on (on holes that read as zeros). Empty if fine.
+std::string unsafe_for(const PluginInfo& info, const PauseRequest& req) {
+  if (!info.releases_memory() || !vmm_runs_after(req)) return {};
+  return "strategy " + info.name +
+         " releases the guest's memory as it exports it, so the VMM must stay stopped after the "
+         "pause (freeze with stay_frozen, API after \"stop\", CLI --stop), and this pause would " +
+         (req.freeze ? "continue it" : "leave it running");
+}
+
 // The fallback strategy, when it is loaded and can run this request; else kPluginNotLoaded or
 // kUnsupported saying why not. Used both when the strategy asked for cannot start and when it
 // failed half way.
@@ -45,6 +59,9 @@ Result<const PluginInfo*> usable_fallback(const PluginRegistry& registry, const 
   }
   if (auto why = missing_prerequisite(*fallback, req); !why.empty()) {
     return make_error(Errc::kUnsupported, "the fallback cannot run: " + why);
+  }
+  if (auto why = unsafe_for(*fallback, req); !why.empty()) {
+    return make_error(Errc::kInvalidArgument, "the fallback cannot run: " + why);
   }
   return fallback;
 }
@@ -102,6 +119,7 @@ Error fail_pause(SnapshotWriter& writer, const PauseRequest& req, Error error,
     writer.abort();
   } else {
     if (at_risk != nullptr) *at_risk = true;
+    error.code = Errc::kDataAtRisk;
     const std::string kept = writer.keep_temp_file();
     spdlog::critical(
         "pause failed and released memory could not be restored: {}; its only copy "
@@ -109,6 +127,17 @@ Error fail_pause(SnapshotWriter& writer, const PauseRequest& req, Error error,
         restored.error().to_string(), kept);
     error.message += "; DATA AT RISK: released memory could not be written back (" +
                      restored.error().to_string() + "); its only copy is kept in " + kept;
+  }
+  return error;
+}
+
+// A failed pause continues a VMM it froze (~Freezer) -- unless the error says guest memory was
+// released and could not be put back: a guest running on those holes would read zeros where its
+// data was, and write over what could still be recovered. Such a VMM stays stopped.
+Error keep_stopped_if_at_risk(std::optional<Freezer>& frozen, Error error) {
+  if (error.code == Errc::kDataAtRisk && frozen) {
+    frozen->keep_stopped();
+    error.message += "; the VMM is left stopped";
   }
   return error;
 }
@@ -249,6 +278,11 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
     info = *fallback;
     options.clear();  // options were meant for the strategy asked for
   }
+  if (auto why = unsafe_for(*info, req); !why.empty()) {
+    // Never a silent downgrade: the caller asked for the VMM to run on, and this strategy would
+    // take its memory away. Refused before anything is touched.
+    return make_error(Errc::kInvalidArgument, why);
+  }
   report.strategy = info->name;
   auto strategy = registry.create(info->name, options);
   if (!strategy.ok()) return std::move(strategy).error();
@@ -258,6 +292,10 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
   params.guest_size = req.guest_size;
   params.generation = 1;
   params.sync_on_commit = req.sync;
+  // sync_on_make_durable stays off: before a release, the bytes need to survive this process,
+  // not the host. Released memory was RAM, as volatile as the page cache that then holds its
+  // copy, so an fdatasync per released chunk (hole_punch: every 2 MiB) would add a disk flush to
+  // every chunk and protect nothing more; the snapshot is synced once, at commit.
   if (!req.parent_path.empty()) {
     auto parent = SnapshotReader::open(req.parent_path, Verify::kHeaderAndMap);
     if (!parent.ok()) return std::move(parent).error();
@@ -330,13 +368,15 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
       Error e = std::move(writer).error();
       e.message += " (after strategy " + report.requested_strategy +
                    " had failed half way: " + first.message + ")";
-      return e;
+      return keep_stopped_if_at_risk(frozen, std::move(e));
     }
   }
-  if (!writer.ok()) return std::move(writer).error();
+  if (!writer.ok()) return keep_stopped_if_at_risk(frozen, std::move(writer).error());
 
   clock.start("commit");
-  if (auto s = (*writer)->commit(); !s.ok()) return fail_pause(**writer, req, std::move(s).error());
+  if (auto s = (*writer)->commit(); !s.ok()) {
+    return keep_stopped_if_at_risk(frozen, fail_pause(**writer, req, std::move(s).error()));
+  }
 
   if (frozen && req.stay_frozen) {
     frozen->keep_stopped();

@@ -53,10 +53,15 @@ struct PauseRequest {
 
   std::string out_path;
   std::string parent_path;  // empty: a base snapshot; else the diff's parent
-  bool freeze = false;      // SIGSTOP the pid for the export, SIGCONT after
+  bool freeze = false;      // SIGSTOP every thread of the pid for the export, SIGCONT after
   // With freeze: after a successful pause, leave the VMM stopped (a paused sandbox does not run;
   // the caller kills it). Its memory then still equals the snapshot, so a memfd kept from it
-  // can serve a warm resume. A failed pause always continues the VMM.
+  // can serve a warm resume. Without freeze: the caller's word that it stopped the VMM itself
+  // and keeps it stopped. A failed pause continues a VMM it froze, except when released memory
+  // could not be put back (Errc::kDataAtRisk): then the VMM stays stopped.
+  // A strategy that releases memory (hole_punch) runs only when no VMM runs on afterwards: with
+  // a pid, stay_frozen must be set, else the pause is refused before anything is touched (also
+  // when a flag or a fallback picked that strategy).
   bool stay_frozen = false;
   bool sync = true;  // fsync the snapshot and its directory at commit
 };

@@ -133,6 +133,9 @@ Result<VmmPauseReport> pause_vmm(const PluginRegistry& registry, VmmAdapter& vmm
   p.out_path = request.out_path;
   p.sync = request.sync;
   p.freeze = false;  // the adapter stopped the guest
+  // ...and keeps it stopped unless it is to run after the pause (a memory-releasing strategy with
+  // run_after was refused above; the pipeline refuses it too).
+  p.stay_frozen = !request.run_after;
   if (parent) {
     p.parent_path = request.parent_chain.back();
     const GuestMemoryAccess access = *memory;

@@ -29,6 +29,27 @@ char process_state(pid_t pid) {
   return line[close_paren + 2];
 }
 
+// The first task (thread) of pid that is not stopped, with its state in *state; 0 if every task
+// is stopped, or has exited meanwhile.
+pid_t first_task_not_stopped(pid_t pid, char* state) {
+  std::error_code ec;
+  std::filesystem::directory_iterator it(proc_path(pid, "task"), ec);
+  if (ec) return 0;  // the process is gone: the caller sees it in the leader's state
+  for (const auto& entry : it) {
+    const std::string name = entry.path().filename().string();
+    std::ifstream in(entry.path() / "stat");
+    std::string line;
+    if (!std::getline(in, line)) continue;  // the thread exited
+    const auto close_paren = line.rfind(')');
+    if (close_paren == std::string::npos || close_paren + 2 >= line.size()) continue;
+    const char s = line[close_paren + 2];
+    if (s == 't' || s == 'T' || s == 'Z' || s == 'X') continue;
+    *state = s;
+    return static_cast<pid_t>(std::stol(name));
+  }
+  return 0;
+}
+
 }  // namespace
 
 Result<Freezer> Freezer::freeze(pid_t pid, std::chrono::milliseconds timeout) {
@@ -39,18 +60,32 @@ Result<Freezer> Freezer::freeze(pid_t pid, std::chrono::milliseconds timeout) {
                       err);
   }
   Freezer f(pid);
+  // SIGSTOP stops the whole thread group, but each thread only when it next leaves the kernel:
+  // a vCPU thread in the middle of a syscall (a read() into guest memory, KVM_RUN) can still
+  // write after the leader stopped. Frozen means every task of the process is stopped.
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   for (;;) {
-    const char state = process_state(pid);
-    if (state == 't' || state == 'T') return f;
-    if (state == 0 || state == 'Z' || state == 'X') {
+    const char leader = process_state(pid);
+    if (leader == 0 || leader == 'Z' || leader == 'X') {
       f.pid_ = -1;
       return make_error(Errc::kProcessGone,
                         "process " + std::to_string(pid) + " exited while being stopped");
     }
+    pid_t running_task = 0;
+    char running_state = 0;
+    if (leader != 't' && leader != 'T') {
+      running_task = pid;
+      running_state = leader;
+    } else {
+      running_task = first_task_not_stopped(pid, &running_state);
+    }
+    if (running_task == 0) return f;
     if (std::chrono::steady_clock::now() > deadline) {
-      return make_error(Errc::kIoError, "process " + std::to_string(pid) + " did not stop within " +
-                                            std::to_string(timeout.count()) + " ms");
+      return make_error(Errc::kIoError,
+                        "process " + std::to_string(pid) + " did not stop within " +
+                            std::to_string(timeout.count()) + " ms (task " +
+                            std::to_string(running_task) + " is in state '" +
+                            std::string(1, running_state) + "')");
     }
     std::this_thread::sleep_for(std::chrono::microseconds(50));
   }

@@ -17,8 +17,10 @@
 
 namespace memsnap {
 
-// Stops a process with SIGSTOP, waits until the kernel reports it stopped, and sends SIGCONT when
-// destroyed (or on thaw()). Move-only.
+// Stops a process with SIGSTOP, waits until the kernel reports every one of its threads stopped
+// (not only the leader: a vCPU thread inside a syscall may still write guest memory after the
+// leader stopped), and sends SIGCONT when destroyed (or on thaw()), unless keep_stopped() was
+// called. Move-only.
 class Freezer {
  public:
   static Result<Freezer> freeze(pid_t pid,

@@ -107,6 +107,38 @@ TEST_F(CliTest, PauseByMemfdOfPidThenInspectThenCorruptionIsCaught) {
   EXPECT_NE(corrupted.out.find("snapshot_checksum_mismatch"), std::string::npos) << corrupted.out;
 }
 
+// Issue 16 item 4, as reproduced by hand: `pause --strategy hole_punch --freeze` returned 0 and
+// left the stand-in running on punched memory (its verify then saw every page as generation 0).
+// Now it is refused with nothing released; --stop pauses it and leaves it stopped.
+TEST_F(CliTest, HolePunchPauseNeverLeavesTheVmmRunningOnReleasedMemory) {
+  GuestOptions o;
+  o.size = 16 << 20;
+  o.backing = "memfd";
+  auto g = GuestProcess::spawn(o);
+  ASSERT_TRUE(g.ok()) << g.error().to_string();
+  const std::string pid = std::to_string((*g)->pid());
+  const std::string snap = dir_ + "/punched.snap";
+  const CommandResult refused =
+      memsnap("pause --memfd-of-pid " + pid + " --strategy hole_punch --freeze --out " + snap);
+  EXPECT_EQ(refused.exit_code, 1) << refused.out;
+  EXPECT_NE(refused.out.find("must stay stopped"), std::string::npos) << refused.out;
+  EXPECT_FALSE(std::filesystem::exists(snap));
+  auto intact = (*g)->verify();
+  ASSERT_TRUE(intact.ok()) << intact.error().to_string();
+  EXPECT_EQ(*intact, 0u) << "pages lost although the pause was refused";
+
+  const CommandResult stopped =
+      memsnap("pause --memfd-of-pid " + pid + " --strategy hole_punch --stop --out " + snap);
+  ASSERT_EQ(stopped.exit_code, 0) << stopped.out;
+  std::ifstream stat("/proc/" + pid + "/stat");
+  std::string line;
+  ASSERT_TRUE(std::getline(stat, line));
+  EXPECT_EQ(line[line.rfind(')') + 2], 'T') << "the VMM runs on released memory: " << line;
+  const CommandResult inspected = memsnap("inspect " + snap + " --json");
+  EXPECT_EQ(inspected.exit_code, 0) << inspected.out;
+  (*g)->kill();
+}
+
 TEST_F(CliTest, PauseByRegionsWithADiffOnTop) {
   GuestOptions o;
   o.size = 8 << 20;

@@ -21,6 +21,7 @@
 
 #include "core/pattern.h"
 #include "core/snapshot/snapshot_chain.h"
+#include "tests/memsnap_cli.h"
 #include "tools/fleet/fleet.h"
 
 namespace memsnap::fleet {
@@ -225,6 +226,57 @@ TEST_F(MemsnapdTest, FlagSplitPausesAndResumesEveryStrategyAndTheSplitFollowsThe
   EXPECT_EQ(sample(*text, R"(memsnap_warm_memory_bytes{strategy="hole_punch"})"), 0);
   EXPECT_EQ(sample(*text, R"(memsnap_warm_memory_bytes{strategy="process_vm_readv"})"), 0);
   EXPECT_EQ(text->find("sb-a"), std::string::npos) << "a sandbox id in the metrics";
+}
+
+// Issue 16 item 1: a diff against an older parent than the newest snapshot. The session tracks
+// writes since the newest snapshot only; what changed between the named parent and the newest
+// (here the first dirtying) must be in the diff too, or the resumed guest gets it reverted.
+TEST_F(MemsnapdTest, ADiffAgainstAnOlderParentKeepsWhatChangedSinceThatParent) {
+  for (const std::string backing : {"anon", "memfd"}) {
+    SCOPED_TRACE(backing);
+    // team a: process_vm_readv, resumed lazily from the chain (not from a kept memfd).
+    Sandbox& sb = launch("sb-older-" + backing, "a", backing);
+    auto base = sb.pause();
+    ASSERT_TRUE(base.ok()) << base.error().to_string();
+    ASSERT_TRUE(sb.resume().ok());
+    ASSERT_TRUE(sb.dirty(0.10, 1).ok());
+    auto second = sb.pause();
+    ASSERT_TRUE(second.ok()) << second.error().to_string();
+    ASSERT_TRUE(sb.resume().ok());
+    ASSERT_TRUE(sb.dirty(0.10, 2).ok());
+    auto third = sb.pause({{"parent", (*base)["snapshot"]}});
+    ASSERT_TRUE(third.ok()) << third.error().to_string();
+    EXPECT_EQ((*third)["generation"], 2);
+    EXPECT_NE((*third)["dirty_set_source"].get<std::string>().find("after the parent"),
+              std::string::npos)
+        << (*third)["dirty_set_source"];
+    ASSERT_TRUE(sb.resume().ok());
+    auto bad = sb.verify();
+    ASSERT_TRUE(bad.ok()) << bad.error().to_string();
+    EXPECT_EQ(*bad, 0u) << "pages of the cut-off generation were reverted";
+  }
+}
+
+// Issue 16 item 2: a new base (parent "none") of a resumed VMM whose memory is not all resident
+// yet. The pages the guest has not touched since a lazy resume exist only in the chain: they
+// must be in the new base, not recorded as zeros.
+TEST_F(MemsnapdTest, ANewBaseOfALazilyResumedVmmHoldsTheWholeGuest) {
+  for (const auto& [team, backing] : std::vector<std::pair<std::string, std::string>>{
+           {"a", "anon"}, {"a", "memfd"}, {"b", "memfd"}}) {
+    SCOPED_TRACE(team + " " + backing);
+    Sandbox& sb = launch("sb-base-" + team + "-" + backing, team, backing);
+    ASSERT_TRUE(sb.pause().ok());
+    ASSERT_TRUE(sb.resume({{"mode", "lazy"}}).ok());
+    ASSERT_TRUE(sb.dirty(0.05, 3).ok());  // touches a few pages; most stay unserved
+    auto rebased = sb.pause({{"parent", "none"}});
+    ASSERT_TRUE(rebased.ok()) << rebased.error().to_string();
+    EXPECT_EQ((*rebased)["generation"], 1);
+    EXPECT_TRUE((*rebased)["parent"].is_null());
+    ASSERT_TRUE(sb.resume().ok());
+    auto bad = sb.verify();
+    ASSERT_TRUE(bad.ok()) << bad.error().to_string();
+    EXPECT_EQ(*bad, 0u) << "pages never served before the new base were lost";
+  }
 }
 
 TEST_F(MemsnapdTest, BadInputGetsAClearErrorAndChangesNothing) {
@@ -587,6 +639,80 @@ TEST_F(MemsnapdTest, KillNineInTheMiddleOfAPauseLeavesThePreviousGenerationWhole
   daemon_ = std::move(*restarted);
   EXPECT_TRUE(temporaries().empty()) << "the restarted memsnapd left " << temporaries().front();
   EXPECT_TRUE(fs::exists(gen1));
+}
+
+// Issue 16 item 5: kill -9 of memsnapd while a hole-punching pause has already released part of
+// the guest's memory. The temporary snapshot file is then the only copy of those bytes: a
+// restarted memsnapd keeps it (it used to remove it), its recovery journal says where each run
+// belongs, and `memsnap recover` writes them back into the still-stopped VMM's memfd.
+TEST_F(MemsnapdTest, KillNineInTheMiddleOfAHolePunchPauseLeavesTheMemoryRecoverable) {
+  SandboxSpec spec;
+  spec.id = "sb-punch";
+  spec.size = 512ULL << 20;
+  spec.backing = "memfd";
+  spec.attributes = {{"team", "c"}};  // hole_punch
+  spec.seed = 78;
+  auto launched = Sandbox::launch(*daemon_, spec);
+  ASSERT_TRUE(launched.ok()) << launched.error().to_string();
+  std::unique_ptr<Sandbox> sb = std::move(*launched);
+  const pid_t vmm = sb->vmm()->pid();
+  const std::string memfd_link =
+      "/proc/" + std::to_string(vmm) + "/fd/" + std::to_string(sb->vmm()->memfd_number());
+  auto allocated = [&] {
+    struct stat st {};
+    return ::stat(memfd_link.c_str(), &st) == 0 ? std::uint64_t(st.st_blocks) * 512 : 0;
+  };
+  const std::uint64_t before = allocated();
+  ASSERT_GT(before, spec.size / 2);
+  Result<json> paused = json();
+  std::thread t([&] { paused = sb->pause({{"sync", true}}); });
+  bool released = false;
+  for (int i = 0; i < 50000 && !released; ++i) {
+    released = allocated() < before;
+    if (!released) std::this_thread::sleep_for(std::chrono::microseconds(100));
+  }
+  const bool killed = released && ::kill(daemon_->pid(), SIGKILL) == 0;
+  t.join();
+  ASSERT_EQ(killed, released);
+  if (!released) GTEST_SKIP() << "the pause finished before it could be seen releasing memory";
+  EXPECT_FALSE(paused.ok()) << "a pause answered although memsnapd was killed in its middle";
+  ASSERT_LT(allocated(), before);
+
+  const fs::path sb_dir = fs::path(daemon_->snapshot_dir()) / "sb-punch";
+  auto files = [&] {
+    std::vector<std::string> out;
+    std::error_code ec;
+    for (fs::directory_iterator it(sb_dir, ec), end; !ec && it != end; it.increment(ec)) {
+      out.push_back(it->path().string());
+    }
+    std::sort(out.begin(), out.end());
+    return out;
+  };
+  daemon_.reset();
+  DaemonOptions o;
+  o.dir = dir_;
+  o.flags_file = flags_;
+  auto restarted = Daemon::start(o);
+  ASSERT_TRUE(restarted.ok()) << restarted.error().to_string();
+  daemon_ = std::move(*restarted);
+  const std::vector<std::string> left = files();
+  ASSERT_EQ(left.size(), 2u) << "the temporary file and its journal must survive the restart";
+  EXPECT_NE(left[1].find(".recovery"), std::string::npos) << left[1];
+  {
+    std::ifstream log(daemon_->log_path());
+    const std::string text((std::istreambuf_iterator<char>(log)), std::istreambuf_iterator<char>());
+    EXPECT_NE(text.find("memsnap recover"), std::string::npos) << text;
+  }
+
+  const auto recovered = testing::run_memsnap(
+      "recover " + left[0] + " --memfd-of-pid " + std::to_string(vmm) + " --remove", true);
+  ASSERT_EQ(recovered.exit_code, 0) << recovered.out;
+  EXPECT_NE(recovered.out.find("restored"), std::string::npos) << recovered.out;
+  EXPECT_TRUE(files().empty());
+  ASSERT_EQ(::kill(vmm, SIGCONT), 0);
+  auto bad = sb->verify();
+  ASSERT_TRUE(bad.ok()) << bad.error().to_string();
+  EXPECT_EQ(*bad, 0u) << "guest memory lost although the released bytes were recoverable";
 }
 
 TEST(MemsnapdConfigTest, ABadConfigFileIsRefusedWithFileLineAndColumn) {

@@ -3,6 +3,7 @@
 // 10% of its pages, the strategy pauses a diff on top, and the chain is read back and every page
 // compared with what the child wrote.
 #include <fcntl.h>
+#include <signal.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -11,7 +12,9 @@
 
 #include <cstdlib>
 #include <filesystem>
+#include <fstream>
 #include <string>
+#include <vector>
 
 #include "core/pattern.h"
 #include "core/pause.h"
@@ -23,6 +26,21 @@ namespace memsnap {
 namespace {
 
 constexpr std::uint64_t kGuest = 64ULL << 20;
+
+// Every task of pid that is not stopped, as "tid:state"; empty when the process is frozen.
+std::vector<std::string> tasks_not_stopped(pid_t pid) {
+  std::vector<std::string> out;
+  std::error_code ec;
+  for (const auto& e : std::filesystem::directory_iterator(
+           "/proc/" + std::to_string(pid) + "/task", ec)) {
+    std::ifstream in(e.path() / "stat");
+    std::string line;
+    if (!std::getline(in, line)) continue;
+    const char state = line[line.rfind(')') + 2];
+    if (state != 'T' && state != 't') out.push_back(e.path().filename().string() + ":" + state);
+  }
+  return out;
+}
 
 // ctest sets MEMSNAP_PLUGIN_DIR; run by hand, the test finds the build's plugins itself.
 std::string plugin_dir() {
@@ -73,8 +91,13 @@ class PauseE2ETest : public ::testing::Test {
     req.memfd = memfd_;
     req.strategy = strategy;
     req.freeze = true;
+    // A strategy that releases memory needs the VMM to stay stopped after the pause; the tests
+    // continue the stand-in themselves where they go on using it (continue_guest).
+    const PluginInfo* info = registry_.find(strategy);
+    req.stay_frozen = info != nullptr && info->releases_memory();
     return req;
   }
+  static void continue_guest(const GuestProcess& g) { ASSERT_EQ(kill(g.pid(), SIGCONT), 0); }
 
   // Base, 10% random diff, chain check. Returns the two reports.
   void base_diff_and_check(GuestProcess& g, const std::string& strategy) {
@@ -86,6 +109,7 @@ class PauseE2ETest : public ::testing::Test {
     EXPECT_TRUE(base->fallback_reason.empty());
     EXPECT_GT(base->zero_blocks + base->data_blocks, 0u);
 
+    continue_guest(g);
     auto dirty = g.dirty(0.10, false, 99);
     ASSERT_TRUE(dirty.ok()) << dirty.error().to_string();
     req.dirty = *dirty;
@@ -246,9 +270,79 @@ TEST_F(PauseE2ETest, PluginFailingHalfWayCommitsNothingAndTheFallbackCompletesTh
     ASSERT_EQ(fstat(memfd_, &after), 0);
     EXPECT_EQ(after.st_blocks, before.st_blocks);
   }
+  continue_guest(*g);  // the fallbacks' successful pauses left it stopped
   auto still_intact = g->verify();
   ASSERT_TRUE(still_intact.ok());
   EXPECT_EQ(*still_intact, 0u);
+}
+
+// Issue 16 item 4: a strategy that releases the guest's memory as it exports it must never leave
+// the VMM running on the holes, whoever calls the pipeline: a pause that would continue the VMM
+// (freeze without stay_frozen) or never stopped it is refused before anything is touched.
+TEST_F(PauseE2ETest, ReleasingStrategyIsRefusedWhenTheVmmWouldRunOn) {
+  auto g = start_guest("memfd", 1);
+  ASSERT_NE(g, nullptr);
+  struct stat before {};
+  ASSERT_EQ(fstat(memfd_, &before), 0);
+  for (const bool freeze : {true, false}) {
+    SCOPED_TRACE(freeze ? "freeze, then continue" : "no freeze");
+    PauseRequest req = request_for(*g, "hole_punch");
+    req.freeze = freeze;
+    req.stay_frozen = false;
+    req.out_path = dir_ + "/refused.snap";
+    auto r = pause(registry_, req);
+    ASSERT_FALSE(r.ok()) << "the pause released memory of a VMM that runs on";
+    EXPECT_EQ(r.error().code, Errc::kInvalidArgument) << r.error().to_string();
+    EXPECT_NE(r.error().message.find("must stay stopped"), std::string::npos)
+        << r.error().to_string();
+    EXPECT_FALSE(std::filesystem::exists(req.out_path));
+    struct stat after {};
+    ASSERT_EQ(fstat(memfd_, &after), 0);
+    EXPECT_EQ(after.st_blocks, before.st_blocks) << "memory was released";
+    EXPECT_FALSE(tasks_not_stopped(g->pid()).empty()) << "the guest was left stopped";
+  }
+  // A releasing fallback is not used either when the VMM would run on.
+  PauseRequest req = request_for(*g, "memfd");
+  req.memfd = -1;  // memfd cannot run: it falls back
+  req.stay_frozen = false;
+  req.allow_fallback = true;
+  req.fallback_strategy = "hole_punch";
+  req.out_path = dir_ + "/fallback.snap";
+  auto r = pause(registry_, req);
+  ASSERT_FALSE(r.ok());
+  EXPECT_FALSE(std::filesystem::exists(req.out_path));
+  auto intact = g->verify();
+  ASSERT_TRUE(intact.ok()) << intact.error().to_string();
+  EXPECT_EQ(*intact, 0u);
+}
+
+// Issue 16 item 3: a pause that released memory and cannot write it back leaves the VMM stopped
+// (a guest running on those holes would read zeros where its data was), says so with its own
+// code, and keeps the unfinished snapshot, the only copy, where the message says.
+TEST_F(PauseE2ETest, UnrestorableReleasedMemoryLeavesTheVmmStoppedAndTheDataKept) {
+  auto loaded = registry_.load_file(MEMSNAP_FAULT_PLUGIN);
+  ASSERT_TRUE(loaded.ok()) << loaded.error().to_string();
+  auto g = start_guest("memfd");
+  ASSERT_NE(g, nullptr);
+  // Frozen for the export and meant to stay stopped after a successful pause: a failed pause
+  // continues the VMM -- except when the data is at risk.
+  PauseRequest req = request_for(*g, "fails_half_way");
+  ASSERT_TRUE(req.freeze && req.stay_frozen);
+  req.strategy_options = {{"fail_after_percent", "50"}, {"punch", "true"}, {"seal", "true"}};
+  req.out_path = dir_ + "/at-risk.snap";
+  auto failed = pause(registry_, req);
+  ASSERT_FALSE(failed.ok());
+  EXPECT_EQ(failed.error().code, Errc::kDataAtRisk) << failed.error().to_string();
+  EXPECT_TRUE(tasks_not_stopped(g->pid()).empty())
+      << "the VMM runs on released memory: " << tasks_not_stopped(g->pid()).front();
+  std::string kept;
+  for (const auto& e : std::filesystem::directory_iterator(dir_)) {
+    if (e.path().extension() != ".recovery") kept = e.path().string();
+  }
+  ASSERT_FALSE(kept.empty()) << "the only copy of the released memory is gone";
+  EXPECT_TRUE(std::filesystem::exists(kept + ".recovery")) << "no recovery journal beside it";
+  EXPECT_NE(failed.error().message.find(kept), std::string::npos) << failed.error().to_string();
+  g->kill();
 }
 
 // A disk that fills up in the middle of a hole-punching pause: the pause fails, nothing is

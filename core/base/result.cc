@@ -82,6 +82,8 @@ std::string_view errc_name(Errc code) noexcept {
       return "timeout";
     case Errc::kSandboxNotFound:
       return "sandbox_not_found";
+    case Errc::kDataAtRisk:
+      return "data_at_risk";
   }
   return "unknown";
 }

@@ -58,6 +58,9 @@ enum class Errc {
   kShuttingDown,    // the daemon is draining: no new pauses or resumes
   kTimeout,         // waited for a state that did not come in time
   kSandboxNotFound, // no sandbox with that id is registered
+  // data safety
+  kDataAtRisk,  // a pause failed after releasing guest memory it could not put back: the VMM is
+                // left stopped and the only copy of those bytes is the kept file the message names
 };
 
 // The stable snake_case name of a code, e.g. "plugin_abi_mismatch".

@@ -21,7 +21,7 @@ TEST(ResultTest, HoldsValueOrError) {
 
 TEST(ResultTest, EveryCodeHasADistinctStableName) {
   std::set<std::string_view> names;
-  for (int c = static_cast<int>(Errc::kOk); c <= static_cast<int>(Errc::kBadAddress); ++c) {
+  for (int c = static_cast<int>(Errc::kOk); c <= static_cast<int>(Errc::kDataAtRisk); ++c) {
     auto name = errc_name(static_cast<Errc>(c));
     EXPECT_NE(name, "unknown") << c;
     EXPECT_TRUE(names.insert(name).second) << "duplicate name " << name;

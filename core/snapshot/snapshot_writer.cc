@@ -21,6 +21,7 @@
 #include <thread>
 
 #include "core/base/file_io.h"
+#include "core/snapshot/recovery_journal.h"
 
 namespace memsnap {
 namespace {
@@ -339,6 +340,7 @@ SnapshotWriter::~SnapshotWriter() {
   worker_.reset();
   if (state_ != State::kCommitted) remove_temp_file();
   if (fd_ >= 0) ::close(fd_);
+  if (journal_fd_ >= 0) ::close(journal_fd_);
 }
 
 plugin::Status SnapshotWriter::sink_error() const noexcept {
@@ -614,10 +616,52 @@ plugin::Status SnapshotWriter::make_durable() noexcept {
       const int err = errno;
       return poison(make_error(Errc::kIoError, errno_message("fdatasync " + temp_path_, err), err));
     }
+    if (auto s = append_recovery_journal(); !s.ok()) return poison(std::move(s).error());
     return plugin::Status::Ok();
   } catch (const std::bad_alloc&) {
     return poison(make_error(Errc::kInternal, "snapshot writer: out of memory", ENOMEM));
   }
+}
+
+Status SnapshotWriter::append_recovery_journal() {
+  const std::string journal_path = temp_path_ + kRecoveryJournalSuffix;
+  std::string text;
+  if (journal_fd_ < 0) {
+    journal_fd_ = ::open(journal_path.c_str(),
+                         O_WRONLY | O_CREAT | O_EXCL | O_APPEND | O_CLOEXEC | O_NOFOLLOW, 0640);
+    if (journal_fd_ < 0) {
+      const int err = errno;
+      return make_error(Errc::kIoError, errno_message("creating " + journal_path, err), err);
+    }
+    text = "memsnap-recovery 1\nsnapshot " + final_path_ + "\nblock_size " +
+           std::to_string(params_.block_size) + " guest_size " +
+           std::to_string(params_.guest_size) + " generation " +
+           std::to_string(params_.generation) + " data_offset " +
+           std::to_string(kSnapshotDataOffset) + "\n";
+  }
+  // The last run recorded may have grown since: record it again (a later line supersedes).
+  const std::size_t from = journaled_runs_ > 0 ? journaled_runs_ - 1 : 0;
+  for (std::size_t i = from; i < written_.size(); ++i) {
+    const MapRun& r = written_[i];
+    text += "run " + std::to_string(r.first_block) + " " + std::to_string(r.block_count) +
+            (r.kind == RunKind::kZero ? " zero " : " data ") + std::to_string(r.data_offset) +
+            "\n";
+  }
+  journaled_runs_ = written_.size();
+  for (std::size_t done = 0; done < text.size();) {
+    const ssize_t n = ::write(journal_fd_, text.data() + done, text.size() - done);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) {
+      const int err = n < 0 ? errno : EIO;
+      return make_error(Errc::kIoError, errno_message("writing " + journal_path, err), err);
+    }
+    done += static_cast<std::size_t>(n);
+  }
+  if (params_.sync_on_make_durable && ::fdatasync(journal_fd_) != 0) {
+    const int err = errno;
+    return make_error(Errc::kIoError, errno_message("fdatasync " + journal_path, err), err);
+  }
+  return {};
 }
 
 void SnapshotWriter::released(std::uint64_t guest_offset, std::uint64_t length) noexcept {
@@ -688,7 +732,13 @@ Status SnapshotWriter::commit() {
                                         "is at guest offset " +
                                         std::to_string(*missing)));
     }
-    return finish_commit();
+    Status committed = finish_commit();
+    // Committed (the file is in place, even if only its directory's fsync failed): the journal
+    // of the temporary file has nothing left to recover.
+    if (state_ == State::kCommitted && journal_fd_ >= 0) {
+      ::unlink((temp_path_ + kRecoveryJournalSuffix).c_str());
+    }
+    return committed;
   } catch (const std::bad_alloc&) {
     return fail_commit(make_error(Errc::kInternal, "snapshot writer: out of memory", ENOMEM));
   }
@@ -779,7 +829,10 @@ Status SnapshotWriter::fail_commit(Error error) {
 }
 
 void SnapshotWriter::remove_temp_file() noexcept {
-  if (temp_exists_ && !keep_temp_) ::unlink(temp_path_.c_str());
+  if (temp_exists_ && !keep_temp_) {
+    ::unlink(temp_path_.c_str());
+    if (journal_fd_ >= 0) ::unlink((temp_path_ + kRecoveryJournalSuffix).c_str());
+  }
   if (!keep_temp_) temp_exists_ = false;
 }
 

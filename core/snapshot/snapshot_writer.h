@@ -76,7 +76,10 @@ class SnapshotWriter final : public plugin::BlockSink {
   SnapshotWriter& operator=(const SnapshotWriter&) = delete;
 
   // BlockSink. write() returns once the chunks' bytes are in the file (kSinkError otherwise,
-  // with errno for failed system calls). make_durable() adds fdatasync if sync_on_make_durable.
+  // with errno for failed system calls). make_durable() records what was written so far in the
+  // recovery journal beside the temporary file (recovery_journal.h), so that memory released
+  // after it can be found again even if this process dies, and adds fdatasync of both if
+  // sync_on_make_durable.
   // released() only records the range (touching ones merged); it cannot report failure, so
   // running out of memory there terminates rather than forget memory that must be restored.
   plugin::Status write(const plugin::Chunk* chunks, std::size_t count) noexcept override;
@@ -163,6 +166,9 @@ class SnapshotWriter final : public plugin::BlockSink {
   Status finish_commit();
   Status fail_commit(Error error);
   void remove_temp_file() noexcept;
+  // Appends the runs written since the last call to the recovery journal (creating it first):
+  // see core/snapshot/recovery_journal.h. Called by make_durable(), before any memory is released.
+  Status append_recovery_journal();
 
   const std::string final_path_;
   SnapshotParams params_;
@@ -172,6 +178,8 @@ class SnapshotWriter final : public plugin::BlockSink {
   const std::string temp_path_;
   bool temp_exists_ = true;
   bool keep_temp_ = false;
+  int journal_fd_ = -1;              // the recovery journal, once make_durable() started it
+  std::size_t journaled_runs_ = 0;   // written_ entries recorded in it (the last may have grown)
   State state_ = State::kOpen;
   std::optional<Error> poison_;
 

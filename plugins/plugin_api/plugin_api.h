@@ -126,9 +126,12 @@ class BlockSink {
   // The data need only stay valid until the call returns.
   virtual Status write(const Chunk* chunks, std::size_t count) noexcept = 0;
 
-  // Makes everything written so far as durable as the snapshot is configured to be (in the
-  // snapshot file and, where sync is on, on disk). A plugin that releases source memory calls it
-  // first, and releases nothing that was not written before the call.
+  // Makes everything written so far safe to release from the source: in the snapshot's file and
+  // recorded where it can be found again if the host process dies before the commit (memsnap's
+  // recovery journal). Not a disk flush: the released memory was RAM, no more durable than the
+  // page cache holding its copy; the snapshot reaches the disk at commit, where sync is on.
+  // A plugin that releases source memory calls it first, and releases nothing that was not
+  // written before the call.
   virtual Status make_durable() noexcept = 0;
 
   // Tells the host that the source memory for [guest_offset, guest_offset+length) was released.

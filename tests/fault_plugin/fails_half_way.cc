@@ -4,7 +4,10 @@
 // it is built into its own directory, which no daemon or CLI loads.
 //
 // Options: fail_after_percent (0..100, default 50) of the dirty bytes before failing;
-//          punch (true|false, default true): release what was written before failing.
+//          punch (true|false, default true): release what was written before failing;
+//          seal (true|false, default false): after punching, seal the memfd against writes
+//            (F_SEAL_FUTURE_WRITE; the memfd must allow sealing), so that the pipeline cannot
+//            write the released memory back -- the case where a pause leaves data at risk.
 #include <fcntl.h>
 #include <unistd.h>
 
@@ -21,8 +24,8 @@ using namespace memsnap::plugin;
 
 class FailsHalfWay final : public Strategy {
  public:
-  FailsHalfWay(std::uint64_t fail_after_percent, bool punch)
-      : fail_after_percent_(fail_after_percent), punch_(punch) {}
+  FailsHalfWay(std::uint64_t fail_after_percent, bool punch, bool seal)
+      : fail_after_percent_(fail_after_percent), punch_(punch), seal_(seal) {}
 
   Status export_ranges(const ExportRequest& request, BlockSink& sink,
                        ExportStats& stats) noexcept override {
@@ -65,6 +68,9 @@ class FailsHalfWay final : public Strategy {
         sink.released(w.offset, w.length);
         stats.bytes_released += w.length;
       }
+      if (seal_ && fcntl(request.memfd, F_ADD_SEALS, F_SEAL_FUTURE_WRITE) != 0) {
+        return Status::Error(StatusCode::kIoError, errno, "fixture: sealing the memfd failed");
+      }
     }
     return Status::Error(
         StatusCode::kIoError, EIO, "injected failure after %llu of %llu bytes (%llu released)",
@@ -75,11 +81,13 @@ class FailsHalfWay final : public Strategy {
  private:
   std::uint64_t fail_after_percent_;
   bool punch_;
+  bool seal_;
 };
 
 Status create(Strategy** out, const Option* options, std::size_t count) noexcept {
   std::uint64_t percent = 50;
   bool punch = true;
+  bool seal = false;
   for (std::size_t i = 0; i < count; ++i) {
     const char* key = options[i].key;
     const char* value = options[i].value;
@@ -92,9 +100,14 @@ Status create(Strategy** out, const Option* options, std::size_t count) noexcept
       punch = std::strcmp(value, "true") == 0;
       continue;
     }
+    if (std::strcmp(key, "seal") == 0 &&
+        (std::strcmp(value, "true") == 0 || std::strcmp(value, "false") == 0)) {
+      seal = std::strcmp(value, "true") == 0;
+      continue;
+    }
     return Status::Error(StatusCode::kInvalidArgument, 0, "bad option '%s'='%s'", key, value);
   }
-  *out = new (std::nothrow) FailsHalfWay(percent, punch);
+  *out = new (std::nothrow) FailsHalfWay(percent, punch, seal);
   return *out != nullptr ? Status::Ok()
                          : Status::Error(StatusCode::kNoMemory, ENOMEM, "out of memory");
 }

@@ -51,6 +51,7 @@ std::string capabilities_text(std::uint32_t caps);
 int cmd_plugins(Args& args);
 int cmd_pause(Args& args);
 int cmd_inspect(Args& args);
+int cmd_recover(Args& args);
 int cmd_compare(Args& args);
 int cmd_resume(Args& args);
 int cmd_cycle(Args& args);

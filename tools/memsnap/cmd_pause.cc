@@ -130,7 +130,11 @@ int cmd_pause(Args& args) {
     req.strategy_options.emplace_back(opt.substr(0, eq), opt.substr(eq + 1));
   }
   req.allow_fallback = args.flag("--allow-fallback");
-  req.freeze = args.flag("--freeze");
+  // --freeze: stop the VMM for the export and continue it after; --stop: stop it and leave it
+  // stopped (a paused sandbox; strategies that release memory refuse anything else).
+  const bool stop = args.flag("--stop");
+  req.freeze = args.flag("--freeze") || stop;
+  req.stay_frozen = stop;
   req.sync = !args.flag("--no-sync");
   req.block_size = static_cast<std::uint32_t>(parse_size(args.value("--block-size", "4096")));
   const bool json = args.flag("--json");

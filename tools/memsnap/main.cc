@@ -39,9 +39,14 @@ void usage(std::FILE* out) {
       "  pause     (--strategy S | --flags FILE --sandbox ID [--attr KEY=VALUE]...) --out FILE\n"
       "            (--pid P --regions ADDR:SIZE[,...] | --memfd-of-pid P [--memfd-fd N])\n"
       "            [--parent FILE] [--dirty OFF:LEN[,...]] [--option KEY=VALUE]...\n"
-      "            [--allow-fallback] [--freeze] [--no-sync] [--block-size 4K|2M] [--json]\n"
+      "            [--allow-fallback] [--freeze | --stop] [--no-sync] [--block-size 4K|2M]\n"
+      "            [--json]   (--freeze: stopped for the export, continued after; --stop:\n"
+      "            stopped and left stopped, as strategies that release memory need)\n"
       "  inspect   FILE [--no-verify] [--json]\n"
       "            header, block map summary, and a check of every checksum\n"
+      "  recover   TEMPORARY-FILE --memfd-of-pid PID [--memfd-fd N] [--remove]\n"
+      "            writes guest memory a failed or killed pause released back into the VMM's\n"
+      "            memfd, from the temporary file and its recovery journal\n"
       "  resume    --snapshot FILE [--parent FILE]... --listen SOCKET --strategy S\n"
       "            [--mode lazy|background|eager] [--no-verify] [--no-track-writes]\n"
       "            [--timeout SECONDS] [--json]\n"
@@ -142,6 +147,7 @@ int main(int argc, char** argv) {
     if (command == "plugins") return memsnap::cli::cmd_plugins(args);
     if (command == "pause") return memsnap::cli::cmd_pause(args);
     if (command == "inspect") return memsnap::cli::cmd_inspect(args);
+    if (command == "recover") return memsnap::cli::cmd_recover(args);
     if (command == "resume") return memsnap::cli::cmd_resume(args);
     if (command == "cycle") return memsnap::cli::cmd_cycle(args);
     if (command == "flags") return memsnap::cli::cmd_flags(args);

@@ -31,6 +31,7 @@
 #include "core/metrics/host_metrics.h"
 #include "core/metrics/metrics_endpoint.h"
 #include "core/plugin_host/plugin_registry.h"
+#include "core/snapshot/recovery_journal.h"
 #include "flags/flag_store.h"
 #include "tools/control_api/http_server.h"
 #include "tools/memsnapd/control_routes.h"
@@ -83,7 +84,9 @@ std::string default_plugin_dir() {
 }
 
 // Temporary snapshot files left by a memsnapd that died mid-pause (.<name>.tmp.<pid>.<rand>):
-// never visible as snapshots, removed here when their writer is gone.
+// never visible as snapshots, removed here when their writer is gone -- unless a recovery journal
+// (<temp>.recovery, core/snapshot/recovery_journal.h) lies beside one: its pause released guest
+// memory, and the file may be the only copy of it. Those are kept, loudly, for `memsnap recover`.
 void remove_stale_temporaries(const std::string& dir) {
   std::error_code ec;
   for (auto it = fs::recursive_directory_iterator(dir, ec);
@@ -93,6 +96,18 @@ void remove_stale_temporaries(const std::string& dir) {
     if (name.empty() || name[0] != '.' || tmp == std::string::npos) continue;
     const pid_t pid = static_cast<pid_t>(std::atoi(name.c_str() + tmp + 5));
     if (pid > 0 && (::kill(pid, 0) == 0 || errno == EPERM)) continue;
+    const std::string suffix = kRecoveryJournalSuffix;
+    const bool is_journal = name.size() > suffix.size() &&
+                            name.compare(name.size() - suffix.size(), suffix.size(), suffix) == 0;
+    if (is_journal) continue;  // kept with its temporary file
+    std::error_code exists_ec;
+    if (fs::exists(it->path().string() + suffix, exists_ec)) {
+      spdlog::critical(
+          "kept {}: a dead memsnapd's pause released guest memory into it and it may be the only "
+          "copy; write it back into the VMM's memfd with `memsnap recover {} --memfd-of-pid PID`",
+          it->path().string(), it->path().string());
+      continue;
+    }
     std::error_code rm;
     if (fs::remove(it->path(), rm)) {
       spdlog::warn("removed a temporary snapshot file left by a dead memsnapd: {}",

@@ -13,6 +13,7 @@
 #include <spdlog/spdlog.h>
 
 #include "core/base/file_io.h"
+#include "core/chain_ranges.h"
 #include "core/dirty_set.h"
 #include "core/pause.h"
 #include "core/report_json.h"
@@ -693,8 +694,19 @@ Result<json> SandboxService::pause(const std::string& id, const json& body) {
                               "a diff needs a dirty set: give \"dirty\", or resume the sandbox "
                               "through memsnapd (which tracks writes), or use parent \"none\""));
   }
+  // A diff against an older parent than the newest snapshot: what the snapshots after that parent
+  // recorded may differ from the parent too (their own writes since), and the dirty set of the
+  // session or the caller only covers writes since the newest. Their recorded blocks join the
+  // dirty set, or what changed in between would silently revert to the parent's content.
+  std::vector<plugin::ByteRange> cut_off_ranges;
+  std::size_t cut_off_count = 0;
   if (!parent_path.empty() && parent_path != chain_before.back()) {
     const auto it = std::find(chain_before.begin(), chain_before.end(), parent_path);
+    const std::vector<std::string> cut_off(it + 1, chain_before.end());
+    auto recorded = ranges_recorded_in(cut_off);
+    if (!recorded.ok()) return unclaim(recorded.error());
+    cut_off_ranges = std::move(*recorded);
+    cut_off_count = cut_off.size();
     chain_before.erase(it + 1, chain_before.end());
   } else if (parent_path.empty()) {
     chain_before.clear();
@@ -768,6 +780,18 @@ Result<json> SandboxService::pause(const std::string& id, const json& body) {
       spdlog::warn("pause {}: cannot take the VMM's memfd: {}", id, taken.error().to_string());
     }
   }
+  // A base snapshot must hold the whole guest. A resumed VMM whose memory is not all resident yet
+  // (served lazily, or a background fill still running) has pages only the chain holds: the
+  // memfd's holes (SEEK_DATA) and the process's non-present pages (PAGEMAP_SCAN) would become
+  // zero blocks. Such a base is read through the VMM's own mappings instead (process_vm_readv,
+  // the fallback when the chosen strategy reads the memfd), where every page not served yet is
+  // faulted in from the chain by the session, and the dirty set is the whole guest.
+  const bool base_of_partial_memory =
+      parent_path.empty() && !dirty && sb->session && !sb->session->memfd_complete();
+  if (base_of_partial_memory) {
+    memfd = -1;
+    own_memfd.reset();
+  }
   {
     std::lock_guard lock(mu_);
     flush_fault_stats_locked(*sb);
@@ -788,9 +812,23 @@ Result<json> SandboxService::pause(const std::string& id, const json& body) {
   req.sync = *sync;
   if (dirty) {
     req.dirty = dirty;
+    req.dirty->insert(req.dirty->end(), cut_off_ranges.begin(), cut_off_ranges.end());
+  } else if (base_of_partial_memory) {
+    req.dirty_source = [size = sb->guest_size](std::string* how) {
+      *how =
+          "the whole guest (a new base of a resumed VMM whose memory is not all resident: what "
+          "was not served yet is faulted in from the chain)";
+      return Result<std::vector<plugin::ByteRange>>(std::vector<plugin::ByteRange>{{0, size}});
+    };
   } else if (sb->session && !parent_path.empty()) {
-    req.dirty_source = [s = sb->session.get()](std::string* how) {
-      return s->dirty_since_resume(how);
+    req.dirty_source = [s = sb->session.get(), &cut_off_ranges,
+                        cut_off_count](std::string* how) -> Result<std::vector<plugin::ByteRange>> {
+      auto written = s->dirty_since_resume(how);
+      if (!written.ok() || cut_off_count == 0) return written;
+      written->insert(written->end(), cut_off_ranges.begin(), cut_off_ranges.end());
+      *how += ", plus every block recorded by the " + std::to_string(cut_off_count) +
+              " snapshot(s) after the parent";
+      return written;
     };
   }
   spdlog::info("pause {}: strategy {} ({}{}) -> {}", id, choice.strategy, choice.reason,
@@ -809,7 +847,10 @@ Result<json> SandboxService::pause(const std::string& id, const json& body) {
     spdlog::error("pause {} failed: {}", id, paused.error().to_string());
     {
       std::lock_guard lock(mu_);
-      sb->state = process_alive(sb->vmm_pid) ? "running" : "failed";
+      // Data at risk: the pipeline left the VMM stopped, and the only copy of memory it released
+      // is the kept file the error names. The sandbox must not look runnable.
+      const bool at_risk = paused.error().code == Errc::kDataAtRisk;
+      sb->state = !at_risk && process_alive(sb->vmm_pid) ? "running" : "failed";
       sb->last_error = paused.error().to_string();
       publish_states_locked();
     }
@@ -1129,6 +1170,15 @@ Result<json> SandboxService::remove(const std::string& id, bool force) {
                             std::to_string(it->second->vmm_pid) +
                             "): removing it would end the VMM. Pause it first, or remove it "
                             "with force=true");
+    }
+    // A pause left this sandbox's released memory at risk: its VMM (stopped) and the memory
+    // memsnapd holds for it are half of what `memsnap recover` needs. Only on request.
+    if (!force && it->second->state == "failed" &&
+        it->second->last_error.rfind(std::string(errc_name(Errc::kDataAtRisk)), 0) == 0) {
+      return make_error(Errc::kInvalidState,
+                        "sandbox " + id + " failed with its memory at risk (" +
+                            it->second->last_error +
+                            "): recover it first (memsnap recover), or remove it with force=true");
     }
     sb = it->second;
     flush_fault_stats_locked(*sb);

@@ -228,7 +228,8 @@ class Guest {
  public:
   explicit Guest(const Options& o) : o_(o), backing_(o.backing), expected_(o.size / kPage, 0) {
     if (o.backing == "memfd") {
-      memfd_ = memfd_create(o.memfd_name.c_str(), MFD_CLOEXEC);
+      // Sealing allowed so that the fault tests' fixture plugin can seal it against writes.
+      memfd_ = memfd_create(o.memfd_name.c_str(), MFD_CLOEXEC | MFD_ALLOW_SEALING);
       if (memfd_ < 0 || ftruncate(memfd_, static_cast<off_t>(o.size)) != 0) die_errno("memfd");
     }
     const std::uint64_t pages = o.size / kPage;
