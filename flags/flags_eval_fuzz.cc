@@ -18,7 +18,6 @@
 #include <string>
 #include <string_view>
 
-#include "flags/budgets.h"
 #include "flags/flag_set.h"
 
 namespace {
