@@ -140,6 +140,34 @@ TEST(Budgets, ReduceMergeDoublingStopsAtTheValueBudget) {
       "bomb");
 }
 
+TEST(Budgets, ABigResultWithinTheBudgetsGetsAShortErrorMessage) {
+  struct Case {
+    const char* step;
+    const char* initial;
+    int doublings;
+  };
+  // 2^17 bytes of "é" (2 bytes each); an array of 2^12 of them: both within the budgets.
+  for (const Case& c :
+       {Case{R"({"cat": [{"var": "accumulator"}, {"var": "accumulator"}]})", R"("\u00e9")", 16},
+        Case{R"({"merge": [{"var": "accumulator"}, {"var": "accumulator"}]})", R"(["\u00e9"])",
+             12}}) {
+    std::string list = "[";
+    for (int i = 0; i < c.doublings; ++i) list += (i == 0 ? "" : ",") + std::to_string(i);
+    list += "]";
+    const LoadResult r = load_flag_text(
+        R"({"flags": {"f": {"state": "ENABLED", "variants": {"a": "a"}, "defaultVariant": "a",
+            "targeting": {"reduce": [)" +
+            list + ", " + c.step + ", " + c.initial + "]}}}}",
+        "big.json", {.strict = true});
+    ASSERT_TRUE(r.ok()) << r.error_text();
+    const Resolution res = r.flags->evaluate("f", {}, {}, "d");
+    EXPECT_EQ(res.error_code, ErrorCode::kGeneral);
+    EXPECT_EQ(res.error_message.find("budget"), std::string::npos) << res.error_message;
+    EXPECT_LT(res.error_message.size(), 400U);
+    EXPECT_NO_THROW((void)Json(res.error_message).dump());  // still valid UTF-8
+  }
+}
+
 TEST(Budgets, ABigLiteralListIsNotRefused) {
   std::string list = "[";
   for (int i = 0; i < 50000; ++i) list += (i == 0 ? "\"" : ",\"") + std::to_string(i) + "@x\"";

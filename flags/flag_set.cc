@@ -92,6 +92,17 @@ std::string variant_name_of(const Json& result) {
   return {};
 }
 
+// At most 200 bytes of text for an error message (a result may be megabytes), cut between UTF-8
+// code points so the message stays valid JSON text.
+std::string excerpt(std::string text) {
+  constexpr std::size_t kMax = 200;
+  if (text.size() <= kMax) return text;
+  std::size_t cut = kMax;
+  while (cut > 0 && (static_cast<unsigned char>(text[cut]) & 0xC0) == 0x80) --cut;
+  text.resize(cut);
+  return text + "...";
+}
+
 std::uint64_t fnv1a(std::uint64_t h, std::string_view data) {
   for (unsigned char c : data) {
     h ^= c;
@@ -408,14 +419,14 @@ Resolution FlagSet::evaluate_unguarded(std::string_view key, const Json& context
         converted = variant_name_of(result);
         if (converted.empty()) {
           return fail(ErrorCode::kGeneral, "targeting returned " + describe(result) +
-                                               ", not a variant name: " + result.dump());
+                                               ", not a variant name: " + excerpt(result.dump()));
         }
       }
       const std::string& name =
           result.is_string() ? result.get_ref<const std::string&>() : converted;
       if (flag->variant(name) == nullptr) {
         return fail(ErrorCode::kGeneral,
-                    "targeting returned \"" + name + "\", which is not a variant of the flag");
+                    "targeting returned \"" + excerpt(name) + "\", which is not a variant of the flag");
       }
       variant = name;
       reason = Reason::kTargetingMatch;
