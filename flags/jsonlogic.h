@@ -23,8 +23,8 @@
 
 namespace memsnap::flags {
 
-// Expressions nested deeper than this (operators and array literals, $refs inlined) are refused
-// at compile time, so evaluation recursion is bounded.
+// Expressions nested deeper than this (operators and array literals, a $ref counting as its
+// evaluator inlined) are refused at compile time, so evaluation recursion is bounded.
 inline constexpr int kMaxExpressionDepth = 128;
 
 struct LogicNode;
