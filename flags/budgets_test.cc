@@ -87,6 +87,17 @@ TEST(Budgets, YamlAliasBombIsRefusedWhereItCrossesTheBudget) {
       << r.error_text();
 }
 
+TEST(Budgets, JsonDocumentsHaveTheSameValueBudget) {
+  std::string text = "{\"flags\": {},\n \"data\": [0";
+  for (std::size_t i = 0; i < kMaxDocumentNodes; ++i) text += ",0";
+  text += "]}";
+  const LoadResult r = load_flag_text(text, "big.json", {.strict = true});
+  ASSERT_FALSE(r.ok());
+  EXPECT_TRUE(has(r, "big.json:2:")) << r.error_text();
+  EXPECT_TRUE(has(r, "more than " + std::to_string(kMaxDocumentNodes) + " values"))
+      << r.error_text();
+}
+
 TEST(Budgets, AliasesWithinTheBudgetStillLoad) {
   const LoadResult r = load_flag_text(
       "base: &on {state: ENABLED, variants: {on: true, off: false}, defaultVariant: on}\n"
