@@ -345,7 +345,7 @@ class Compiler {
       throw LogicError{
           ptr, "expression nested deeper than " + std::to_string(kMaxExpressionDepth) + " levels"};
     }
-    if (!j.is_array() && j.is_object() && j.size() == 1 && j.begin().key() == "$ref") {
+    if (j.is_object() && j.size() == 1 && j.begin().key() == "$ref") {
       return compile_ref(j.begin().value(), ptr, depth);
     }
     count(ptr);
