@@ -10,11 +10,16 @@
 
 #include <yaml-cpp/yaml.h>
 
+#include "flags/budgets.h"
 #include "flags/utf8.h"
 
 namespace memsnap::flags {
 namespace {
 
+std::string too_many_values_message() {
+  return "more than " + std::to_string(kMaxDocumentNodes) +
+         " values (YAML aliases count at every use; flags/budgets.h)";
+}
 
 // Maps byte offsets to 1-based line and column.
 class LineIndex {
@@ -172,6 +177,7 @@ class PositionSax {
   // Array elements may still move (the vector grows), so their positions are recorded when the
   // array closes; object members and the root are recorded now.
   Json* place(Json value, std::size_t offset) {
+    ++nodes_;
     const Position pos = lines_.at(offset);
     if (stack_.empty()) {
       doc_.root = std::move(value);
@@ -193,8 +199,17 @@ class PositionSax {
     return out;
   }
 
+  // A JSON text holds fewer values than bytes, but a file has no size limit of its own.
+  bool over_budget() {
+    if (nodes_ < kMaxDocumentNodes) return false;
+    error_offset_ = current_offset();
+    error_ = too_many_values_message();
+    return true;
+  }
+
   template <typename T>
   bool scalar(T&& v, ScalarKind kind, std::size_t literal_len) {
+    if (over_budget()) return false;
     place(Json(std::forward<T>(v)), scalar_start(kind, literal_len));
     return true;
   }
@@ -205,6 +220,7 @@ class PositionSax {
       error_ = "nesting deeper than " + std::to_string(kMaxDocumentDepth) + " levels";
       return false;
     }
+    if (over_budget()) return false;
     Json* out = place(std::move(container), current_offset());
     stack_.push_back({out, {}});
     return true;
@@ -231,6 +247,7 @@ class PositionSax {
   bool has_key_ = false;
   std::string error_;
   std::size_t error_offset_ = 0;
+  std::size_t nodes_ = 0;
 };
 
 bool parse_json(const std::string& text, Document& doc, Diagnostic* error) {
@@ -285,6 +302,7 @@ Json resolve_plain_scalar(const std::string& s) {
 struct YamlConverter {
   Document& doc;
   Diagnostic* error;
+  std::size_t nodes = 0;  // converted so far: an alias is converted again at every use
 
   Diagnostic at(const YAML::Mark& m, std::string message) const {
     return {Diagnostic::Severity::kError, doc.file, m.line + 1, m.column + 1, std::move(message)};
@@ -301,6 +319,10 @@ struct YamlConverter {
     }
     if (depth > kMaxDocumentDepth) {
       *error = at(mark, "nesting deeper than " + std::to_string(kMaxDocumentDepth) + " levels");
+      return false;
+    }
+    if (++nodes > kMaxDocumentNodes) {
+      *error = at(mark, too_many_values_message());
       return false;
     }
     switch (node.Type()) {

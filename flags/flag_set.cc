@@ -92,6 +92,17 @@ std::string variant_name_of(const Json& result) {
   return {};
 }
 
+// At most 200 bytes of text for an error message (a result may be megabytes), cut between UTF-8
+// code points so the message stays valid JSON text.
+std::string excerpt(std::string text) {
+  constexpr std::size_t kMax = 200;
+  if (text.size() <= kMax) return text;
+  std::size_t cut = kMax;
+  while (cut > 0 && (static_cast<unsigned char>(text[cut]) & 0xC0) == 0x80) --cut;
+  text.resize(cut);
+  return text + "...";
+}
+
 std::uint64_t fnv1a(std::uint64_t h, std::string_view data) {
   for (unsigned char c : data) {
     h ^= c;
@@ -188,6 +199,8 @@ class FlagSetBuilder {
             "\"flags\" must be a map of flag keys to flags, not " + describe(*flags));
       return;
     }
+    // Every flag of the file shares its compiled evaluators and one compiled-node budget.
+    LogicCompileSession rules(evaluators);
     for (const auto& [key, def] : flags->items()) {
       const std::string ptr = pointer_append("/flags", key);
       if (const auto it = seen.find(key); it != seen.end()) {
@@ -198,13 +211,13 @@ class FlagSetBuilder {
         continue;
       }
       seen.emplace(key, &doc);
-      std::optional<Flag> flag = build_flag(doc, key, def, ptr, evaluators, set_meta);
+      std::optional<Flag> flag = build_flag(doc, key, def, ptr, rules, set_meta);
       if (flag) set.flags_.emplace(key, std::move(*flag));
     }
   }
 
   std::optional<Flag> build_flag(const Document& doc, const std::string& key, const Json& def,
-                                 const std::string& ptr, const Json* evaluators,
+                                 const std::string& ptr, LogicCompileSession& rules,
                                  const Json& set_meta) {
     if (!def.is_object()) {
       error(doc, ptr, "flag \"" + key + "\" must be a map, not " + describe(def));
@@ -318,8 +331,9 @@ class FlagSetBuilder {
         t != def.end() && !t->is_null() && !(t->is_object() && t->empty())) {
       LogicError err;
       std::vector<LogicError> warnings;
-      flag.targeting = Logic::compile(*t, evaluators, &err, &warnings);
+      flag.targeting = Logic::compile(*t, rules, &err, &warnings);
       const std::string tptr = ptr + "/targeting";
+      flag.targeting_position = doc.position(tptr);
       if (!flag.targeting) flag_error(tptr + err.pointer, "targeting: " + err.message);
       for (const auto& w : warnings) {
         error(doc, tptr + w.pointer, "flag \"" + key + "\": targeting: " + w.message,
@@ -336,6 +350,23 @@ class FlagSetBuilder {
 Resolution FlagSet::evaluate(std::string_view key, const Json& context,
                              std::optional<FlagType> type, const Json& default_value,
                              const EvalOptions& options) const {
+  // Nothing escapes an evaluation: whatever fails is an ERROR with the caller's default.
+  try {
+    return evaluate_unguarded(key, context, type, default_value, options);
+  } catch (const std::exception& e) {
+    Resolution r;
+    r.flag = std::string(key);
+    r.value = default_value;
+    r.reason = Reason::kError;
+    r.error_code = ErrorCode::kGeneral;
+    r.error_message = std::string("evaluation failed: ") + e.what();
+    return r;
+  }
+}
+
+Resolution FlagSet::evaluate_unguarded(std::string_view key, const Json& context,
+                                       std::optional<FlagType> type, const Json& default_value,
+                                       const EvalOptions& options) const {
   Resolution r;
   r.flag = std::string(key);
   if (options.explain) r.trace = Json::array();
@@ -378,7 +409,7 @@ Resolution FlagSet::evaluate(std::string_view key, const Json& context,
     std::string err;
     const LogicValue value = flag->targeting->evaluate(env, &err);
     const Json& result = value.get();
-    if (!err.empty()) return fail(ErrorCode::kParseError, err);
+    if (!err.empty()) return fail(ErrorCode::kGeneral, err);
     if (result.is_null()) {
       variant = flag->default_variant;
       reason = Reason::kDefault;
@@ -388,14 +419,14 @@ Resolution FlagSet::evaluate(std::string_view key, const Json& context,
         converted = variant_name_of(result);
         if (converted.empty()) {
           return fail(ErrorCode::kGeneral, "targeting returned " + describe(result) +
-                                               ", not a variant name: " + result.dump());
+                                               ", not a variant name: " + excerpt(result.dump()));
         }
       }
       const std::string& name =
           result.is_string() ? result.get_ref<const std::string&>() : converted;
       if (flag->variant(name) == nullptr) {
         return fail(ErrorCode::kGeneral,
-                    "targeting returned \"" + name + "\", which is not a variant of the flag");
+                    "targeting returned \"" + excerpt(name) + "\", which is not a variant of the flag");
       }
       variant = name;
       reason = Reason::kTargetingMatch;
@@ -430,6 +461,25 @@ Resolution FlagSet::evaluate(std::string_view key, const Json& context,
                        {"reason", reason_name(r.reason)}});
   }
   return r;
+}
+
+std::vector<Diagnostic> check_evaluation_budgets(const FlagSet& set) {
+  std::vector<Diagnostic> found;
+  EvalOptions options;
+  options.timestamp = 0;
+  for (const std::string& key : set.keys()) {
+    const Flag* flag = set.find(key);
+    if (flag == nullptr || !flag->targeting || flag->error) continue;
+    const Resolution r = set.evaluate(key, Json::object(), std::nullopt, nullptr, options);
+    if (r.error_code != ErrorCode::kGeneral ||
+        r.error_message.find("evaluation budget") == std::string::npos) {
+      continue;
+    }
+    found.push_back({Severity::kFlagError, flag->file, flag->targeting_position.line,
+                     flag->targeting_position.col,
+                     "flag \"" + key + "\": targeting: " + r.error_message});
+  }
+  return found;
 }
 
 std::string LoadResult::error_text() const {

@@ -33,6 +33,7 @@ struct Flag {
   std::vector<std::pair<std::string, Json>> variants;  // in file order
   std::optional<std::string> default_variant;
   std::optional<Logic> targeting;        // absent: no targeting (or an empty {} rule)
+  Position targeting_position;           // where the targeting starts in file
   std::shared_ptr<const Json> metadata;  // set metadata overlaid with the flag's own
   FlagType type = FlagType::kString;     // the variants' type (kInteger only if all are integers)
   std::optional<Diagnostic> error;       // set: the flag is unusable, evaluates to PARSE_ERROR
@@ -64,6 +65,10 @@ class FlagSet {
 
  private:
   friend class FlagSetBuilder;
+  [[nodiscard]] Resolution evaluate_unguarded(std::string_view key, const Json& context,
+                                              std::optional<FlagType> type,
+                                              const Json& default_value,
+                                              const EvalOptions& options) const;
   struct Hash {
     using is_transparent = void;
     std::size_t operator()(std::string_view s) const noexcept {
@@ -89,6 +94,12 @@ struct LoadResult {
   // The diagnostics that caused the rejection (or, when ok(), the flag errors), one per line.
   [[nodiscard]] std::string error_text() const;
 };
+
+// Evaluates every flag that has targeting once, against an empty context, and returns a flag error
+// (at the targeting's file:line:col) for each one that runs past an evaluation budget
+// (flags/budgets.h) even so. `memsnap flags check` reports them; a rule whose cost depends on the
+// context can still meet its budget later, at evaluation, and resolves to an ERROR then.
+std::vector<Diagnostic> check_evaluation_budgets(const FlagSet& set);
 
 // Builds a set from already-parsed documents (flag keys must be unique across them).
 LoadResult build_flag_set(const std::vector<Document>& documents, const LoadOptions& options = {});

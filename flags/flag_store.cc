@@ -34,7 +34,13 @@ FlagStore::~FlagStore() { stop_watching(); }
 std::unique_ptr<FlagStore> FlagStore::open(const std::string& path, const Options& options,
                                            std::string* error) {
   std::unique_ptr<FlagStore> store(new FlagStore(path, options));
-  LoadResult r = load_flag_source(path, options.load);
+  LoadResult r;
+  try {
+    r = load_flag_source(path, options.load);
+  } catch (const std::exception& e) {
+    if (error != nullptr) *error = path + ": cannot load: " + e.what();
+    return nullptr;
+  }
   if (!r.ok()) {
     if (error != nullptr) *error = r.error_text();
     return nullptr;
@@ -48,7 +54,16 @@ std::unique_ptr<FlagStore> FlagStore::open(const std::string& path, const Option
 bool FlagStore::reload() {
   if (path_.empty()) return true;
   std::lock_guard<std::mutex> one_at_a_time(reload_mu_);
-  LoadResult r = load_flag_source(path_, options_.load);
+  // Nothing escapes a reload (the watcher thread would terminate the process): a source that
+  // cannot even be loaded is a failed reload like any other, and the last good set stays.
+  LoadResult r;
+  try {
+    r = load_flag_source(path_, options_.load);
+  } catch (const std::exception& e) {
+    r = LoadResult{};
+    r.diagnostics.push_back(
+        {Diagnostic::Severity::kError, path_, 0, 0, std::string("cannot load: ") + e.what()});
+  }
   if (!r.ok()) {
     const std::string text = r.error_text();
     std::uint64_t generation = 0;

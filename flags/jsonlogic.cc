@@ -2,6 +2,7 @@
 
 #include "flags/document.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -57,16 +58,40 @@ enum class Op : std::uint8_t {
   kSemVer,
   kStartsWith,
   kEndsWith,
+  kRef,  // {"$ref": name}: the shared, compiled evaluator in ref
 };
 
 struct LogicNode {
   Op op = Op::kLiteral;
-  Json literal;                   // kLiteral
+  Json literal;                   // kLiteral; kArray when constant (a copy of the whole array)
   std::vector<LogicNode> args;    // operator arguments, or the elements of an array literal
   std::vector<std::string> path;  // kVar with a literal path, split at '.'
   bool literal_path = false;
-  std::string pointer;  // where in the rule, for traces
+  bool constant = false;  // kArray whose elements are all literals: evaluates to literal, uncopied
+  int height = 0;         // levels of nodes below this one (through $refs)
+  std::shared_ptr<const LogicNode> ref;  // kRef
+  std::string pointer;  // where in the rule (in a shared evaluator: /$evaluators/name/...)
 };
+
+struct LogicCompileSession::State {
+  struct Compiled {
+    std::shared_ptr<const LogicNode> node;
+    std::optional<LogicError> error;  // pointer relative to the evaluator
+  };
+  const Json* evaluators = nullptr;
+  std::size_t max_nodes = 0;
+  std::size_t nodes = 0;
+  std::unordered_map<std::string, Compiled> compiled;  // by evaluator name
+  std::vector<std::string> active;                     // evaluators being compiled (cycles)
+};
+
+LogicCompileSession::LogicCompileSession(const Json* evaluators, std::size_t max_nodes)
+    : state_(std::make_unique<State>()) {
+  state_->evaluators = evaluators;
+  state_->max_nodes = max_nodes;
+}
+LogicCompileSession::~LogicCompileSession() = default;
+std::size_t LogicCompileSession::nodes() const noexcept { return state_->nodes; }
 
 namespace {
 
@@ -312,22 +337,32 @@ struct Scope {
 
 class Compiler {
  public:
-  Compiler(const Json* evaluators, std::vector<LogicError>* warnings)
-      : evaluators_(evaluators), warnings_(warnings) {}
+  Compiler(LogicCompileSession::State& session, std::vector<LogicError>* warnings)
+      : session_(session), warnings_(warnings) {}
 
   LogicNode compile(const Json& j, const std::string& ptr, int depth) {
     if (depth > kMaxExpressionDepth) {
       throw LogicError{
           ptr, "expression nested deeper than " + std::to_string(kMaxExpressionDepth) + " levels"};
     }
+    if (j.is_object() && j.size() == 1 && j.begin().key() == "$ref") {
+      return compile_ref(j.begin().value(), ptr, depth);
+    }
+    count(ptr);
     LogicNode node;
     node.pointer = ptr;
     if (j.is_array()) {
       node.op = Op::kArray;
       node.args.reserve(j.size());
+      node.constant = true;
       for (std::size_t i = 0; i < j.size(); ++i) {
         node.args.push_back(compile(j[i], ptr + "/" + std::to_string(i), depth + 1));
+        node.constant = node.constant && node.args.back().op == Op::kLiteral;
       }
+      // A list of literals (say, emails to match with "in") is looked at, never copied, when
+      // evaluated. Arrays of arrays are not folded, so no literal is stored more than twice.
+      if (node.constant) node.literal = j;
+      finish(node);
       return node;
     }
     if (!j.is_object() || j.size() != 1) {
@@ -338,7 +373,6 @@ class Compiler {
     const std::string& name = first.key();
     const Json& value = first.value();
     const std::string op_ptr = pointer_append(ptr, name);
-    if (name == "$ref") return compile_ref(value, ptr, depth);
     const auto it = operators().find(name);
     if (it == operators().end()) throw LogicError{ptr, "unknown operator \"" + name + "\""};
     node.op = it->second;
@@ -351,22 +385,71 @@ class Compiler {
       node.args.push_back(compile(value, op_ptr, depth + 1));
     }
     check(node, name);
+    finish(node);
     return node;
   }
 
  private:
+  void count(const std::string& ptr) {
+    if (++session_.nodes > session_.max_nodes) {
+      throw LogicError{ptr, "rules too large: more than " + std::to_string(session_.max_nodes) +
+                                " compiled nodes (flags/budgets.h)"};
+    }
+  }
+
+  static void finish(LogicNode& node) {
+    for (const auto& a : node.args) node.height = std::max(node.height, a.height + 1);
+  }
+
+  // A $ref compiles its evaluator once (relative to "/$evaluators/name", where its nodes then
+  // point) and shares it; errors and warnings inside it are reported at the $ref, as if inlined.
   LogicNode compile_ref(const Json& value, const std::string& ptr, int depth) {
     if (!value.is_string()) throw LogicError{ptr, "$ref must name an evaluator (a string)"};
     const std::string& ref = value.get_ref<const std::string&>();
-    if (evaluators_ == nullptr || !evaluators_->is_object() || !evaluators_->contains(ref)) {
+    const Json* evaluators = session_.evaluators;
+    if (evaluators == nullptr || !evaluators->is_object() || !evaluators->contains(ref)) {
       throw LogicError{ptr, "$ref to missing evaluator \"" + ref + "\""};
     }
-    for (const auto& active : stack_) {
+    for (const auto& active : session_.active) {
       if (active == ref) throw LogicError{ptr, "$ref cycle through evaluator \"" + ref + "\""};
     }
-    stack_.push_back(ref);
-    LogicNode node = compile((*evaluators_)[ref], ptr, depth + 1);
-    stack_.pop_back();
+    auto it = session_.compiled.find(ref);
+    if (it == session_.compiled.end()) {
+      const std::string base = pointer_append("/$evaluators", ref);
+      const std::size_t first_warning = warnings_ != nullptr ? warnings_->size() : 0;
+      LogicCompileSession::State::Compiled compiled;
+      session_.active.push_back(ref);
+      try {
+        compiled.node = std::make_shared<const LogicNode>(compile((*evaluators)[ref], base, 0));
+      } catch (LogicError& e) {
+        // Every error inside points under base. One that a cycle caused stays true at any
+        // later $ref too: the evaluator is on the cycle.
+        e.pointer.erase(0, std::min(base.size(), e.pointer.size()));
+        compiled.error = std::move(e);
+      }
+      session_.active.pop_back();
+      if (warnings_ != nullptr) {
+        for (std::size_t i = first_warning; i < warnings_->size(); ++i) {
+          std::string& wp = (*warnings_)[i].pointer;
+          wp = ptr + wp.substr(std::min(base.size(), wp.size()));
+        }
+      }
+      it = session_.compiled.emplace(ref, std::move(compiled)).first;
+    }
+    const auto& compiled = it->second;
+    if (compiled.error) throw LogicError{ptr + compiled.error->pointer, compiled.error->message};
+    // Inlined, the evaluator would start one level below the $ref.
+    if (depth + 1 + compiled.node->height > kMaxExpressionDepth) {
+      throw LogicError{ptr, "expression nested deeper than " +
+                                std::to_string(kMaxExpressionDepth) + " levels (through $ref \"" +
+                                ref + "\")"};
+    }
+    count(ptr);
+    LogicNode node;
+    node.op = Op::kRef;
+    node.pointer = ptr;
+    node.ref = compiled.node;
+    node.height = compiled.node->height + 1;
     return node;
   }
 
@@ -438,22 +521,55 @@ class Compiler {
     }
   }
 
-  const Json* evaluators_;
+  LogicCompileSession::State& session_;
   std::vector<LogicError>* warnings_;
-  std::vector<std::string> stack_;
 };
+
+// Thrown when an evaluation runs past a budget; Logic::evaluate turns it into an error.
+struct OverBudget {
+  std::string message;
+};
+
+// The values in v, strings counting one more per 64 bytes; counts no further than limit + 1, so
+// measuring costs no more than the budget it is measured against.
+std::uint64_t size_of(const Json& v, std::uint64_t limit) {
+  std::uint64_t n = 0;
+  std::vector<const Json*> todo{&v};
+  while (!todo.empty() && n <= limit) {
+    const Json* j = todo.back();
+    todo.pop_back();
+    ++n;
+    if (j->is_string()) {
+      n += j->get_ref<const std::string&>().size() / 64;
+    } else if (j->is_structured()) {
+      for (const auto& c : *j) {
+        if (n + todo.size() > limit) break;
+        todo.push_back(&c);
+      }
+    }
+  }
+  return n;
+}
 
 class Evaluator {
  public:
   explicit Evaluator(const LogicEnv& env) : env_(env) {}
 
   Val eval(const LogicNode& n, const Scope& s) {
+    step(n, 1);
     switch (n.op) {
       case Op::kLiteral:
         return Val::ref(n.literal);
+      case Op::kRef:
+        return eval(*n.ref, s);
       case Op::kArray: {
+        if (n.constant) return Val::ref(n.literal);
         Json out = Json::array();
-        for (const auto& a : n.args) out.push_back(std::move(eval(a, s)).take());
+        for (const auto& a : n.args) {
+          Json v = own(eval(a, s), a);
+          build(n, 1);
+          out.push_back(std::move(v));
+        }
         return out;
       }
       case Op::kVar:
@@ -497,38 +613,48 @@ class Evaluator {
         return in(n, s);
       case Op::kCat: {
         std::string out;
-        for (const auto& a : n.args) out += to_js_string(eval(a, s).get());
+        for (const auto& a : n.args) {
+          const Val v = eval(a, s);
+          scan(a, v.get());
+          const std::string piece = to_js_string(v.get());
+          build(n, 1 + piece.size() / 64);
+          out += piece;
+        }
         return Json(std::move(out));
       }
       case Op::kSubstr:
         return substr(n, s);
       case Op::kAdd: {
         double sum = 0;
-        for (const auto& a : n.args) sum += parse_float(eval(a, s).get());
+        for (const auto& a : n.args) sum += parse_float(scanned(a, eval(a, s)).get());
         return number_json(sum);
       }
       case Op::kMul: {
         if (n.args.empty()) return Json(nullptr);
         double product = 1;
-        for (const auto& a : n.args) product *= parse_float(eval(a, s).get());
+        for (const auto& a : n.args) product *= parse_float(scanned(a, eval(a, s)).get());
         return number_json(product);
       }
       case Op::kSub: {
-        const double a = to_number(arg(n, 0, s).get());
+        const double a = to_number(scanned_arg(n, 0, s).get());
         if (n.args.size() < 2) return number_json(-a);
-        return number_json(a - to_number(arg(n, 1, s).get()));
+        return number_json(a - to_number(scanned_arg(n, 1, s).get()));
       }
-      case Op::kDiv:
-        return number_json(to_number(arg(n, 0, s).get()) / to_number(arg(n, 1, s).get()));
-      case Op::kMod:
-        return number_json(std::fmod(to_number(arg(n, 0, s).get()), to_number(arg(n, 1, s).get())));
+      case Op::kDiv: {
+        const double a = to_number(scanned_arg(n, 0, s).get());
+        return number_json(a / to_number(scanned_arg(n, 1, s).get()));
+      }
+      case Op::kMod: {
+        const double a = to_number(scanned_arg(n, 0, s).get());
+        return number_json(std::fmod(a, to_number(scanned_arg(n, 1, s).get())));
+      }
       case Op::kMin:
       case Op::kMax: {
         if (n.args.empty()) return Json(nullptr);
         double best = n.op == Op::kMin ? std::numeric_limits<double>::infinity()
                                        : -std::numeric_limits<double>::infinity();
         for (const auto& a : n.args) {
-          const double v = to_number(eval(a, s).get());
+          const double v = to_number(scanned(a, eval(a, s)).get());
           if (std::isnan(v)) return Json(nullptr);
           best = n.op == Op::kMin ? std::min(best, v) : std::max(best, v);
         }
@@ -537,10 +663,14 @@ class Evaluator {
       case Op::kMerge: {
         Json out = Json::array();
         for (const auto& a : n.args) {
-          Json v = std::move(eval(a, s)).take();
+          Json v = own(eval(a, s), a);
           if (v.is_array()) {
-            for (auto& e : v) out.push_back(std::move(e));
+            for (auto& e : v) {
+              build(n, 1);
+              out.push_back(std::move(e));
+            }
           } else {
+            build(n, 1);
             out.push_back(std::move(v));
           }
         }
@@ -566,6 +696,53 @@ class Evaluator {
   }
 
  private:
+  // ---- budgets (flags/budgets.h) ----
+  [[noreturn]] static void over_budget(const LogicNode& at, const std::string& what) {
+    throw OverBudget{"targeting exceeded its evaluation budget (" + what + ") at " +
+                     (at.pointer.empty() ? std::string("/") : at.pointer)};
+  }
+  // Work: one unit per operation, plus what an operation scans.
+  void step(const LogicNode& at, std::uint64_t units) {
+    steps_ += units;
+    if (steps_ > kMaxEvaluationSteps) {
+      over_budget(at, "more than " + std::to_string(kMaxEvaluationSteps) + " steps");
+    }
+  }
+  // Memory: each value built or copied.
+  void build(const LogicNode& at, std::uint64_t values) {
+    values_ += values;
+    if (values_ > kMaxEvaluationValues) {
+      over_budget(at, "more than " + std::to_string(kMaxEvaluationValues) + " values built");
+    }
+  }
+  // Charges the work of reading all of v (turning an array into text, comparing strings).
+  void scan(const LogicNode& at, const Json& v) {
+    if (v.is_string()) {
+      step(at, v.get_ref<const std::string&>().size() / 64);
+    } else if (v.is_structured()) {
+      step(at, size_of(v, kMaxEvaluationSteps - steps_));
+    }
+  }
+  Val scanned(const LogicNode& at, Val v) {
+    scan(at, v.get());
+    return v;
+  }
+  Val scanned_arg(const LogicNode& n, std::size_t i, const Scope& s) {
+    if (i >= n.args.size()) return Val();
+    return scanned(n.args[i], eval(n.args[i], s));
+  }
+  // A copy of v, charged before it is made.
+  Json copy(const LogicNode& at, const Json& v) {
+    build(at, size_of(v, kMaxEvaluationValues - values_));
+    return v;
+  }
+  // v as an owned value: borrowed ones are copied (and charged), owned ones were charged when
+  // they were built.
+  Json own(Val v, const LogicNode& at) {
+    if (v.borrowed()) return copy(at, v.get());
+    return std::move(v).take();
+  }
+
   Val arg(const LogicNode& n, std::size_t i, const Scope& s) {
     if (i >= n.args.size()) return Val();
     return eval(n.args[i], s);
@@ -573,23 +750,26 @@ class Evaluator {
 
   template <typename F>
   Val binary(const LogicNode& n, const Scope& s, F f) {
-    const Val a = arg(n, 0, s);
-    const Val b = arg(n, 1, s);
+    const Val a = scanned_arg(n, 0, s);
+    const Val b = scanned_arg(n, 1, s);
     return Json(f(a.get(), b.get()));
   }
 
   Val compare(const LogicNode& n, const Scope& s, bool or_equal) {
-    const Val a = arg(n, 0, s);
-    const Val b = arg(n, 1, s);
+    const Val a = scanned_arg(n, 0, s);
+    const Val b = scanned_arg(n, 1, s);
     if (n.args.size() >= 3) {  // between: a < b < c
-      const Val c = arg(n, 2, s);
+      const Val c = scanned_arg(n, 2, s);
       return Json(js_less(a.get(), b.get(), or_equal) && js_less(b.get(), c.get(), or_equal));
     }
     return Json(js_less(a.get(), b.get(), or_equal));
   }
 
-  void trace(Json step) {
-    if (env_.trace != nullptr) env_.trace->push_back(std::move(step));
+  // Trace steps copy values (sem_ver's arguments, fractional's result): they count as built.
+  void trace(const LogicNode& at, Json entry) {
+    if (env_.trace == nullptr) return;
+    build(at, size_of(entry, kMaxEvaluationValues - values_));
+    env_.trace->push_back(std::move(entry));
   }
 
   const Json& flagd_properties() {
@@ -655,7 +835,7 @@ class Evaluator {
       via_flagd_ = false;
       found = n.path.empty() ? s.data : lookup(s, n.path);
     } else {
-      const Val key = eval(n.args[0], s);
+      const Val key = scanned(n.args[0], eval(n.args[0], s));
       via_flagd_ = false;
       found = lookup_key(s, key.get());
     }
@@ -665,13 +845,15 @@ class Evaluator {
     return Val();
   }
 
-  Json missing_keys(const Json& keys, const Scope& s) {
+  Json missing_keys(const LogicNode& n, const Json& keys, const Scope& s) {
     Json out = Json::array();
     for (const auto& k : keys) {
+      step(n, 1);
+      scan(n, k);
       const Json* v = lookup_key(s, k);
       if (v == nullptr || v->is_null() ||
           (v->is_string() && v->get_ref<const std::string&>().empty())) {
-        out.push_back(k);
+        out.push_back(copy(n, k));
       }
     }
     return out;
@@ -680,21 +862,22 @@ class Evaluator {
   Val missing(const LogicNode& n, const Scope& s) {
     Json keys = Json::array();
     for (std::size_t i = 0; i < n.args.size(); ++i) {
-      Json v = std::move(eval(n.args[i], s)).take();
+      Json v = own(eval(n.args[i], s), n.args[i]);
       if (i == 0 && v.is_array()) {
         keys = std::move(v);
         break;
       }
+      build(n, 1);
       keys.push_back(std::move(v));
     }
-    return missing_keys(keys, s);
+    return missing_keys(n, keys, s);
   }
 
   Val missing_some(const LogicNode& n, const Scope& s) {
     const double need = to_number(arg(n, 0, s).get());
     const Val options = arg(n, 1, s);
     if (!options.get().is_array()) return Json::array();
-    Json absent = missing_keys(options.get(), s);
+    Json absent = missing_keys(n, options.get(), s);
     if (static_cast<double>(options.get().size() - absent.size()) >= need) return Json::array();
     return absent;
   }
@@ -704,16 +887,16 @@ class Evaluator {
     for (; i + 1 < n.args.size(); i += 2) {
       if (truthy(eval(n.args[i], s).get())) {
         if (env_.trace != nullptr) {
-          trace({{"op", "if"}, {"at", n.pointer}, {"matched", n.args[i].pointer}});
+          trace(n, {{"op", "if"}, {"at", n.pointer}, {"matched", n.args[i].pointer}});
         }
         return eval(n.args[i + 1], s);
       }
     }
     if (i < n.args.size()) {
-      if (env_.trace != nullptr) trace({{"op", "if"}, {"at", n.pointer}, {"matched", "else"}});
+      if (env_.trace != nullptr) trace(n, {{"op", "if"}, {"at", n.pointer}, {"matched", "else"}});
       return eval(n.args[i], s);
     }
-    if (env_.trace != nullptr) trace({{"op", "if"}, {"at", n.pointer}, {"matched", nullptr}});
+    if (env_.trace != nullptr) trace(n, {{"op", "if"}, {"at", n.pointer}, {"matched", nullptr}});
     return Val();
   }
 
@@ -722,10 +905,19 @@ class Evaluator {
     const Val hay = arg(n, 1, s);
     const Json& h = hay.get();
     if (h.is_string()) {
+      scan(n, needle.get());
+      // Naive substring search: up to (haystack x needle) byte comparisons.
+      const std::uint64_t hs = h.get_ref<const std::string&>().size();
+      const std::uint64_t ns = needle.get().is_string()
+                                   ? needle.get().get_ref<const std::string&>().size()
+                                   : size_of(needle.get(), kMaxEvaluationSteps);
+      step(n, 1 + hs / 64 + hs * std::min(hs, ns) / 4096);
       return Json(h.get_ref<const std::string&>().find(to_js_string(needle.get())) !=
                   std::string::npos);
     }
     if (h.is_array()) {
+      const Json& x = needle.get();
+      step(n, h.size() * (1 + (x.is_string() ? x.get_ref<const std::string&>().size() / 64 : 0)));
       for (const auto& e : h) {
         if (strict_eq(e, needle.get())) return Json(true);
       }
@@ -734,7 +926,9 @@ class Evaluator {
   }
 
   Val substr(const LogicNode& n, const Scope& s) {
-    const std::string str = to_js_string(arg(n, 0, s).get());
+    const std::string str = to_js_string(scanned_arg(n, 0, s).get());
+    step(n, str.size() / 64);
+    build(n, 1 + str.size() / 64);
     const auto cps = code_points(str);
     const auto len = static_cast<long long>(cps.size() - 1);
     const double start_d = n.args.size() > 1 ? to_number(arg(n, 1, s).get()) : 0;
@@ -781,15 +975,18 @@ class Evaluator {
         Json out = Json::array();
         if (!is_list || n.args.size() < 2) return out;
         for (const auto& e : list) {
-          if (truthy(eval(n.args[1], Scope{&e, false}).get())) out.push_back(e);
+          if (truthy(eval(n.args[1], Scope{&e, false}).get())) out.push_back(copy(n, e));
         }
         return out;
       }
       default: {  // map
         Json out = Json::array();
         if (!is_list || n.args.size() < 2) return out;
-        for (const auto& e : list)
-          out.push_back(std::move(eval(n.args[1], Scope{&e, false})).take());
+        for (const auto& e : list) {
+          Json v = own(eval(n.args[1], Scope{&e, false}), n.args[1]);
+          build(n, 1);
+          out.push_back(std::move(v));
+        }
         return out;
       }
     }
@@ -797,11 +994,12 @@ class Evaluator {
 
   Val reduce(const LogicNode& n, const Scope& s) {
     const Val items = arg(n, 0, s);
-    Json acc = std::move(arg(n, 2, s)).take();
+    Json acc = n.args.size() > 2 ? own(eval(n.args[2], s), n.args[2]) : Json();
     if (!items.get().is_array() || n.args.size() < 2) return acc;
     for (const auto& e : items.get()) {
-      const Json data = {{"current", e}, {"accumulator", std::move(acc)}};
-      acc = std::move(eval(n.args[1], Scope{&data, false})).take();
+      build(n, 1);
+      const Json data = {{"current", copy(n, e)}, {"accumulator", std::move(acc)}};
+      acc = own(eval(n.args[1], Scope{&data, false}), n.args[1]);
     }
     return acc;
   }
@@ -817,7 +1015,7 @@ class Evaluator {
       const Val& v = explicit_value;
       if (!v.get().is_string()) {
         if (env_.trace != nullptr) {
-          trace({{"op", "fractional"},
+          trace(n, {{"op", "fractional"},
                  {"at", n.pointer},
                  {"result", nullptr},
                  {"why", "the bucketing value is not a string"}});
@@ -831,7 +1029,7 @@ class Evaluator {
       const auto tk = ctx.is_object() ? ctx.find("targetingKey") : ctx.end();
       if (tk == ctx.end() || !tk->is_string() || tk->get_ref<const std::string&>().empty()) {
         if (env_.trace != nullptr) {
-          trace({{"op", "fractional"},
+          trace(n, {{"op", "fractional"},
                  {"at", n.pointer},
                  {"result", nullptr},
                  {"why", "no targetingKey (string) in the context"}});
@@ -874,7 +1072,7 @@ class Evaluator {
     }
     if (total == 0) {
       if (env_.trace != nullptr) {
-        trace({{"op", "fractional"},
+        trace(n, {{"op", "fractional"},
                {"at", n.pointer},
                {"bucketingValue", bucketing},
                {"result", nullptr},
@@ -882,6 +1080,7 @@ class Evaluator {
       }
       return Val();
     }
+    step(n, bucketing.size() / 64);
     const std::uint32_t hash = murmur3_x86_32(bucketing);
     const std::uint64_t bucket = bucket_of(hash, total);
     std::uint64_t running = 0;
@@ -890,7 +1089,7 @@ class Evaluator {
       if (running > bucket) {
         Val chosen = eval(n.args[first + i].args[0], s);
         if (env_.trace != nullptr) {
-          trace({{"op", "fractional"},
+          trace(n, {{"op", "fractional"},
                  {"at", n.pointer},
                  {"bucketingValue", bucketing},
                  {"hash", hash},
@@ -914,9 +1113,9 @@ class Evaluator {
 
   Val sem_ver(const LogicNode& n, const Scope& s) {
     if (n.args.size() != 3) return Val();
-    const Val a = arg(n, 0, s);
-    const Val op = arg(n, 1, s);
-    const Val b = arg(n, 2, s);
+    const Val a = scanned_arg(n, 0, s);
+    const Val op = scanned_arg(n, 1, s);
+    const Val b = scanned_arg(n, 2, s);
     const auto left = version_text(a.get());
     const auto right = version_text(b.get());
     std::optional<bool> r;
@@ -924,7 +1123,7 @@ class Evaluator {
       r = semver_matches(*left, op.get().get_ref<const std::string&>(), *right);
     }
     if (env_.trace != nullptr) {
-      trace({{"op", "sem_ver"},
+      trace(n, {{"op", "sem_ver"},
              {"at", n.pointer},
              {"args", Json::array({a.get(), op.get(), b.get()})},
              {"result", r ? Json(*r) : Json(nullptr)}});
@@ -938,6 +1137,7 @@ class Evaluator {
     const Val a = arg(n, 0, s);
     const Val b = arg(n, 1, s);
     if (!a.get().is_string() || !b.get().is_string()) return Val();
+    scan(n, b.get());
     const std::string_view str = a.get().get_ref<const std::string&>();
     const std::string_view fix = b.get().get_ref<const std::string&>();
     if (fix.size() > str.size()) return Json(false);
@@ -946,6 +1146,8 @@ class Evaluator {
   }
 
   const LogicEnv& env_;
+  std::uint64_t steps_ = 0;   // <= kMaxEvaluationSteps
+  std::uint64_t values_ = 0;  // <= kMaxEvaluationValues
   Json flagd_;
   bool flagd_built_ = false;
   bool via_flagd_ = false;  // the last lookup went through $flagd
@@ -978,7 +1180,13 @@ bool truthy(const Json& v) {
 
 std::optional<Logic> Logic::compile(const Json& rule, const Json* evaluators, LogicError* error,
                                     std::vector<LogicError>* warnings) {
-  Compiler compiler(evaluators, warnings);
+  LogicCompileSession session(evaluators);
+  return compile(rule, session, error, warnings);
+}
+
+std::optional<Logic> Logic::compile(const Json& rule, LogicCompileSession& session,
+                                    LogicError* error, std::vector<LogicError>* warnings) {
+  Compiler compiler(*session.state_, warnings);
   try {
     Logic logic;
     logic.root_ = std::make_shared<const LogicNode>(compiler.compile(rule, "", 0));
@@ -993,8 +1201,14 @@ LogicValue Logic::evaluate(const LogicEnv& env, std::string* error) const {
   try {
     Evaluator ev(env);
     return ev.eval(*root_, Scope{env.context, true});
+  } catch (const OverBudget& e) {
+    if (error != nullptr) *error = e.message + " (flags/budgets.h)";
+    return LogicValue();
   } catch (const std::exception& e) {
     if (error != nullptr) *error = std::string("targeting evaluation failed: ") + e.what();
+    return LogicValue();
+  } catch (...) {
+    if (error != nullptr) *error = "targeting evaluation failed";
     return LogicValue();
   }
 }

@@ -182,6 +182,40 @@ TEST_F(FlagsCliTest, CheckReportsFileLineColumn) {
   EXPECT_NE(r.out.find("invalid YAML"), std::string::npos) << r.out;
 }
 
+// Budgets (flags/budgets.h, issue 26 item 6): a rule that runs past an evaluation budget even
+// with an empty context, and a YAML alias bomb, are errors with their file:line:col.
+TEST_F(FlagsCliTest, CheckRefusesBudgetBombsWithTheirLocation) {
+  std::string list = "[";
+  for (int i = 0; i < 64; ++i) list += (i == 0 ? "" : ",") + std::to_string(i);
+  list += "]";
+  const std::string doubling = dir_ + "/doubling.json";
+  std::ofstream(doubling) << "{\"flags\": {\"bomb\": {\"state\": \"ENABLED\",\n"
+                             "  \"variants\": {\"a\": \"a\"}, \"defaultVariant\": \"a\",\n"
+                             "  \"targeting\": {\"reduce\": [" +
+                                 list +
+                                 ", {\"merge\": [{\"var\": \"accumulator\"}, "
+                                 "{\"var\": \"accumulator\"}]}, [1]]}}}}\n";
+  CommandResult r = memsnap("flags check " + doubling, true);
+  ASSERT_EQ(r.exit_code, 1) << r.out;
+  EXPECT_NE(r.out.find(doubling + ":3:16: flag \"bomb\": targeting: targeting exceeded its "
+                                  "evaluation budget"),
+            std::string::npos)
+      << r.out;
+
+  const std::string aliases = dir_ + "/aliases.yaml";
+  std::string text = "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n";
+  for (int i = 1; i < 9; ++i) {
+    text += "a" + std::to_string(i) + ": &a" + std::to_string(i) + " [";
+    for (int k = 0; k < 10; ++k) text += std::string(k == 0 ? "" : ", ") + "*a" + std::to_string(i - 1);
+    text += "]\n";
+  }
+  std::ofstream(aliases) << text << "flags: {}\n";
+  r = memsnap("flags check " + aliases, true);
+  EXPECT_EQ(r.exit_code, 1) << r.out;
+  EXPECT_NE(r.out.find(aliases + ":1:"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("more than 1000000 values"), std::string::npos) << r.out;
+}
+
 TEST_F(FlagsCliTest, UnloadableFileAndBadUsage) {
   EXPECT_EQ(memsnap("flags eval --flags " + dir_ + "/absent.yaml --flag a").exit_code, 1);
   EXPECT_EQ(memsnap("flags eval --flags " + flags_).exit_code, 2);

@@ -167,7 +167,16 @@ int cmd_flags_check(Args& args) {
   if (files.empty()) throw std::invalid_argument("usage: memsnap flags check FILE...");
   int bad = 0;
   for (const auto& f : files) {
-    const flags::LoadResult r = flags::load_flag_source(f, {.strict = true});
+    flags::LoadResult r = flags::load_flag_source(f, {.strict = true});
+    // The budgets of loading apply as they do to a reload; those of evaluation to each flag
+    // evaluated once with an empty context (a rule that explodes whatever the context is).
+    if (r.ok()) {
+      auto over = flags::check_evaluation_budgets(*r.flags);
+      if (!over.empty()) {
+        r.flags.reset();
+        r.diagnostics.insert(r.diagnostics.end(), over.begin(), over.end());
+      }
+    }
     for (const auto& d : r.diagnostics) std::fprintf(stderr, "%s\n", d.to_string().c_str());
     if (r.ok()) {
       std::printf("%s: ok, %zu flags\n", f.c_str(), r.flags->size());
