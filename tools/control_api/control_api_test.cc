@@ -630,6 +630,46 @@ TEST_F(ControlApiTest, MaxConnectionsIsEnforcedWith503) {
   EXPECT_EQ(r->status, 200);
 }
 
+// A handler that waits long can tell that its client closed the connection (and a request made
+// without a socket has no client_gone to ask).
+TEST_F(ControlApiTest, HandlerSeesItsClientCloseTheConnection) {
+  HttpServer server(options());
+  std::atomic<bool> entered{false};
+  std::atomic<int> gone_seen{-1};  // -1: still waiting, 0: gave up (bounded), 1: saw it
+  server.route("GET", "/v1/wait", [&](const Request& r) {
+    if (!r.client_gone) return text("no socket");
+    EXPECT_FALSE(r.client_gone());
+    entered = true;
+    const auto until = Clock::now() + 10s;
+    while (!r.client_gone() && Clock::now() < until) std::this_thread::sleep_for(5ms);
+    gone_seen = r.client_gone() ? 1 : 0;
+    return text("nobody reads this");
+  });
+  ASSERT_TRUE(server.start().ok());
+  Request direct;
+  direct.method = "GET";
+  direct.path = "/v1/wait";
+  EXPECT_EQ(server.handle(direct).body, "no socket");
+
+  const int fd = raw_connect(path_);
+  ASSERT_GE(fd, 0);
+  ASSERT_TRUE(send_all(fd, "GET /v1/wait HTTP/1.1\r\nHost: x\r\n\r\n"));
+  for (const auto until = Clock::now() + 5s; !entered && Clock::now() < until;) {
+    std::this_thread::sleep_for(5ms);
+  }
+  ASSERT_TRUE(entered);
+  ::close(fd);
+  for (const auto until = Clock::now() + 10s; gone_seen == -1 && Clock::now() < until;) {
+    std::this_thread::sleep_for(5ms);
+  }
+  EXPECT_EQ(gone_seen.load(), 1) << "the handler did not see its client leave";
+  for (const auto until = Clock::now() + 5s;
+       server.stats().active_connections > 0 && Clock::now() < until;) {
+    std::this_thread::sleep_for(5ms);
+  }
+  EXPECT_EQ(server.stats().active_connections, 0u);
+}
+
 // ---- peer credentials ----
 
 TEST_F(ControlApiTest, OwnUidIsAllowedAndSeenInTheRequest) {
