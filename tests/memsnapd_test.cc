@@ -2,12 +2,16 @@
 // test), real stand-in VMMs registered with it, pauses and resumes through the control API whose
 // strategies are split by a flag file, the flag file changed while it runs, /metrics checked,
 // and bad input refused without changing anything.
+#include <poll.h>
 #include <signal.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -780,6 +784,116 @@ TEST_F(MemsnapdTest, SighupAppliesWhatItCanAndKeepsTheRest) {
   ASSERT_TRUE(second.ok()) << second.error().to_string();
   EXPECT_EQ((*second)["reason"], "DEFAULT");
   EXPECT_EQ((*second)["variant"], "process_vm_readv");
+}
+
+// ---- long polls (GET ?wait_while=) ----
+
+// Opens a connection to the control socket and sends a 10-minute wait for sb's state to leave
+// `state`, without reading the answer; -1 on failure.
+int open_long_poll(const std::string& socket, const std::string& id, const std::string& state) {
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0) return -1;
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, socket.c_str(), sizeof(addr.sun_path) - 1);
+  const std::string request = "GET /v1/sandboxes/" + id + "?wait_while=" + state +
+                              "&timeout_ms=600000 HTTP/1.1\r\nHost: x\r\n\r\n";
+  if (::connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) != 0 ||
+      ::send(fd, request.data(), request.size(), MSG_NOSIGNAL) !=
+          static_cast<ssize_t>(request.size())) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+// Everything the server sends on fd until it closes (or `limit` passes).
+std::string read_until_closed(int fd, std::chrono::milliseconds limit) {
+  std::string out;
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  char buf[4096];
+  for (;;) {
+    const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(
+        deadline - std::chrono::steady_clock::now());
+    if (left.count() <= 0) break;
+    pollfd p{fd, POLLIN, 0};
+    if (::poll(&p, 1, static_cast<int>(left.count())) <= 0) break;
+    const ssize_t n = ::recv(fd, buf, sizeof(buf), 0);
+    if (n <= 0) break;
+    out.append(buf, static_cast<std::size_t>(n));
+  }
+  return out;
+}
+
+// 64 long polls (memsnapd serves 64 connections at once) from a client that then goes away
+// must give their slots back at once, not after their 10 minutes: the waits notice that their
+// connection was closed.
+TEST_F(MemsnapdTest, LongPollsOfAClientThatLeftGiveTheirConnectionSlotsBack) {
+  launch("sb-1", "a", "anon");
+  std::vector<int> polls;
+  for (int i = 0; i < 64; ++i) {
+    const int fd = open_long_poll(daemon_->socket(), "sb-1", "running");
+    ASSERT_GE(fd, 0) << std::strerror(errno);
+    polls.push_back(fd);
+  }
+  // Every slot is taken once a new request is refused with 503.
+  bool full = false;
+  for (const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+       !full && std::chrono::steady_clock::now() < until;) {
+    auto a = daemon_->call("GET", "/v1/health", nullptr, std::chrono::seconds(5));
+    full = a.ok() && a->status == 503;
+    if (!full) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  ASSERT_TRUE(full) << "64 long polls did not fill memsnapd's connection slots";
+
+  for (const int fd : polls) ::close(fd);  // the client goes away
+  const auto left = std::chrono::steady_clock::now();
+  // 10 s is a correctness bound (the polls would hold their slots for 600 s), not a speed target.
+  int status = 0;
+  for (const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(10);
+       status != 200 && std::chrono::steady_clock::now() < until;) {
+    auto a = daemon_->call("GET", "/v1/health", nullptr, std::chrono::seconds(5));
+    status = a.ok() ? a->status : -1;
+    if (status != 200) std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  EXPECT_EQ(status, 200) << "the slots of the closed long polls were not given back";
+  std::printf("note: a slot was free %lld ms after the client left\n",
+              static_cast<long long>(std::chrono::duration_cast<std::chrono::milliseconds>(
+                                         std::chrono::steady_clock::now() - left)
+                                         .count()));
+  // The sandbox is untouched and still answers.
+  EXPECT_EQ(call("GET", "/v1/sandboxes/sb-1").body.value("state", ""), "running");
+}
+
+// SIGTERM ends the waits at once (503 shutting_down) and memsnapd exits promptly, rather than
+// after the longest poll's 10 minutes.
+TEST_F(MemsnapdTest, SigtermEndsLongPollsAndExitsPromptly) {
+  launch("sb-1", "a", "anon");
+  std::vector<int> polls;
+  for (int i = 0; i < 8; ++i) {
+    const int fd = open_long_poll(daemon_->socket(), "sb-1", "running");
+    ASSERT_GE(fd, 0) << std::strerror(errno);
+    polls.push_back(fd);
+  }
+  auto health = daemon_->call("GET", "/v1/health", nullptr, std::chrono::seconds(5));
+  ASSERT_TRUE(health.ok() && health->status == 200);
+  // 10 s: a correctness bound against the polls' 600 s, not a speed target.
+  const int exit_status = daemon_->stop(SIGTERM, std::chrono::seconds(10));
+  EXPECT_EQ(exit_status, 0) << "memsnapd did not exit within 10 s of SIGTERM with long polls open";
+  if (exit_status != 0) {
+    for (const int fd : polls) ::close(fd);
+    return;
+  }
+  for (const int fd : polls) {
+    // Answered 503 shutting_down, or (a request the server had not read yet when it stopped)
+    // closed without an answer; never a hang or another answer.
+    const std::string answer = read_until_closed(fd, std::chrono::seconds(5));
+    if (!answer.empty()) {
+      EXPECT_EQ(answer.rfind("HTTP/1.1 503 ", 0), 0u) << answer;
+      EXPECT_NE(answer.find("\"shutting_down\""), std::string::npos) << answer;
+    }
+    ::close(fd);
+  }
 }
 
 }  // namespace

@@ -3,7 +3,10 @@
 #include <prometheus/exposer.h>
 #include <prometheus/registry.h>
 
+#include <algorithm>
 #include <exception>
+#include <string>
+#include <vector>
 
 #include "core/metrics/host_metrics.h"
 
@@ -48,8 +51,12 @@ std::unique_ptr<MetricsEndpoint> MetricsEndpoint::start(const HostMetrics& metri
     endpoint->path_ = options.path;
     try {
       // Throws (CivetException, a std::runtime_error) when the port cannot be bound.
-      endpoint->exposer_ = std::make_unique<prometheus::Exposer>(
-          where, options.threads == 0 ? std::size_t{1} : options.threads);
+      const std::size_t threads = options.threads == 0 ? std::size_t{1} : options.threads;
+      const auto timeout_ms = std::max<std::chrono::milliseconds::rep>(
+          1, options.request_timeout.count());
+      endpoint->exposer_ = std::make_unique<prometheus::Exposer>(std::vector<std::string>{
+          "listening_ports", where, "num_threads", std::to_string(threads),
+          "request_timeout_ms", std::to_string(timeout_ms)});
     } catch (const std::exception& e) {
       // Debian 12's civetweb is built without IPv6: say so rather than blame the port.
       const bool v6 = options.address.find(':') != std::string::npos;

@@ -3,6 +3,7 @@
 // host and how the rollout goes, which is nobody's business off the host unless configured so.
 #pragma once
 
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -23,7 +24,12 @@ struct EndpointOptions {
   std::string address = "127.0.0.1";
   std::uint16_t port = 9464;  // 0: any free port (see MetricsEndpoint::port())
   std::string path = "/metrics";
-  std::size_t threads = 2;  // civetweb worker threads; scrapes are rare and short
+  // civetweb worker threads. Each serves one connection at a time, so a client that starts a
+  // request and stalls holds one for up to request_timeout: a few of those must not hold up
+  // Prometheus (civetweb's own default through prometheus-cpp was 2 workers and 30 s).
+  std::size_t threads = 8;
+  // How long civetweb waits for a request to arrive, and for each read or write of it.
+  std::chrono::milliseconds request_timeout{5000};
 };
 
 class MetricsEndpoint {

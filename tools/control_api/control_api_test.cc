@@ -461,6 +461,35 @@ TEST_F(ControlApiTest, BodyOverTheLimitIs413) {
   expect_json_error(body_of(raw), "body_too_large");
 }
 
+// Beast bounds the header but not chunk extensions or trailers: the connection's buffer is
+// bounded instead, so an endless chunk extension or trailer is a 400, not memory without end.
+TEST_F(ControlApiTest, EndlessChunkExtensionOrTrailerIs400NotUnboundedMemory) {
+  HttpServer server(options());
+  add_basic_routes(server);
+  ASSERT_TRUE(server.start().ok());
+  const std::string head = "POST /v1/echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n";
+  for (const std::string& start : {head + "1;x=", head + "1\r\na\r\n0\r\nX-Trailer: "}) {
+    SCOPED_TRACE(start);
+    const int fd = raw_connect(path_);
+    ASSERT_GE(fd, 0);
+    ASSERT_TRUE(send_all(fd, start));
+    // 4 MiB of the same extension or trailer value, never ended. The server answers and closes
+    // long before the end (sending then fails, which is fine).
+    const std::string more(64 * 1024, 'a');
+    for (int i = 0; i < 64 && send_all(fd, more); ++i) {
+    }
+    const std::string raw = read_until_closed(fd);
+    ::close(fd);
+    EXPECT_EQ(raw.rfind("HTTP/1.1 400 ", 0), 0u) << raw.substr(0, 300);
+    expect_json_error(body_of(raw), "bad_request");
+  }
+  // The server still serves.
+  UnixHttpClient client(path_, 5000ms);
+  auto r = client.call("GET", "/v1/health");
+  ASSERT_TRUE(r.ok()) << r.error().to_string();
+  EXPECT_EQ(r->status, 200);
+}
+
 TEST_F(ControlApiTest, MalformedRequestsAre400AndClosed) {
   HttpServer server(options());
   add_basic_routes(server);
@@ -601,6 +630,46 @@ TEST_F(ControlApiTest, MaxConnectionsIsEnforcedWith503) {
   EXPECT_EQ(r->status, 200);
 }
 
+// A handler that waits long can tell that its client closed the connection (and a request made
+// without a socket has no client_gone to ask).
+TEST_F(ControlApiTest, HandlerSeesItsClientCloseTheConnection) {
+  HttpServer server(options());
+  std::atomic<bool> entered{false};
+  std::atomic<int> gone_seen{-1};  // -1: still waiting, 0: gave up (bounded), 1: saw it
+  server.route("GET", "/v1/wait", [&](const Request& r) {
+    if (!r.client_gone) return text("no socket");
+    EXPECT_FALSE(r.client_gone());
+    entered = true;
+    const auto until = Clock::now() + 10s;
+    while (!r.client_gone() && Clock::now() < until) std::this_thread::sleep_for(5ms);
+    gone_seen = r.client_gone() ? 1 : 0;
+    return text("nobody reads this");
+  });
+  ASSERT_TRUE(server.start().ok());
+  Request direct;
+  direct.method = "GET";
+  direct.path = "/v1/wait";
+  EXPECT_EQ(server.handle(direct).body, "no socket");
+
+  const int fd = raw_connect(path_);
+  ASSERT_GE(fd, 0);
+  ASSERT_TRUE(send_all(fd, "GET /v1/wait HTTP/1.1\r\nHost: x\r\n\r\n"));
+  for (const auto until = Clock::now() + 5s; !entered && Clock::now() < until;) {
+    std::this_thread::sleep_for(5ms);
+  }
+  ASSERT_TRUE(entered);
+  ::close(fd);
+  for (const auto until = Clock::now() + 10s; gone_seen == -1 && Clock::now() < until;) {
+    std::this_thread::sleep_for(5ms);
+  }
+  EXPECT_EQ(gone_seen.load(), 1) << "the handler did not see its client leave";
+  for (const auto until = Clock::now() + 5s;
+       server.stats().active_connections > 0 && Clock::now() < until;) {
+    std::this_thread::sleep_for(5ms);
+  }
+  EXPECT_EQ(server.stats().active_connections, 0u);
+}
+
 // ---- peer credentials ----
 
 TEST_F(ControlApiTest, OwnUidIsAllowedAndSeenInTheRequest) {
@@ -617,15 +686,21 @@ TEST_F(ControlApiTest, OwnUidIsAllowedAndSeenInTheRequest) {
   EXPECT_EQ(j["gid"], ::getegid());
 }
 
-// Forks a child that becomes uid/gid 65534 and sends one request; the child exits 0 when the
-// answer starts with `expected_status_line` and contains `expected_text`.
+// Forks a child that becomes uid 65534 with primary group `gid` and the supplementary groups
+// `groups` and sends one request; the child exits 0 when the answer starts with
+// `expected_status_line` and contains `expected_text`.
 int run_as_nobody(const std::string& path, const char* expected_status_line,
-                  const char* expected_text) {
+                  const char* expected_text, gid_t gid = 65534,
+                  const std::vector<gid_t>& groups = {}) {
+  const gid_t* group_list = groups.empty() ? nullptr : groups.data();
+  const std::size_t group_count = groups.size();
   const pid_t child = ::fork();
   if (child < 0) return -1;
   if (child == 0) {
     // Only system calls from here on (the parent has threads).
-    if (::setgroups(0, nullptr) != 0 || ::setgid(65534) != 0 || ::setuid(65534) != 0) _exit(10);
+    if (::setgroups(group_count, group_list) != 0 || ::setgid(gid) != 0 || ::setuid(65534) != 0) {
+      _exit(10);
+    }
     const int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
     sockaddr_un addr{};
     addr.sun_family = AF_UNIX;
@@ -673,6 +748,29 @@ TEST_F(ControlApiTest, ForeignUidGets403) {
   ASSERT_TRUE(server.start().ok());
   EXPECT_EQ(run_as_nobody(path_, "HTTP/1.1 200 ", "ok"), 0);
   EXPECT_EQ(server.stats().refused_forbidden, 0u);
+}
+
+// control.group: a peer whose primary group or any supplementary group (SO_PEERGROUPS) is an
+// allowed gid may connect; membership of other groups does not help.
+TEST_F(ControlApiTest, AllowedGroupAdmitsPrimaryAndSupplementaryMembersOnly) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root (to setuid a child to 65534)";
+  ASSERT_EQ(::chmod(dir_.c_str(), 0711), 0);  // the child must reach the socket
+  constexpr gid_t kGroup = 4711;              // need not exist in /etc/group
+  ServerOptions o = options();
+  o.mode = 0666;  // so the peer check, not the file mode, is what decides
+  o.allowed_gids = {kGroup};
+  HttpServer server(o);
+  add_basic_routes(server);
+  ASSERT_TRUE(server.start().ok());
+  EXPECT_EQ(run_as_nobody(path_, "HTTP/1.1 200 ", "ok", 65534, {4700, kGroup}), 0)
+      << "a supplementary member of the group was refused";
+  EXPECT_EQ(run_as_nobody(path_, "HTTP/1.1 200 ", "ok", kGroup), 0)
+      << "a primary member of the group was refused";
+  EXPECT_EQ(run_as_nobody(path_, "HTTP/1.1 403 ", "\"code\":\"forbidden\"", 65534, {4700, 4712}),
+            0)
+      << "a peer in neither group was let in";
+  EXPECT_EQ(server.stats().accepted, 2u);
+  EXPECT_EQ(server.stats().refused_forbidden, 1u);
 }
 
 // ---- stopping and keep-alive ----

@@ -46,6 +46,10 @@ using detail::Clock;
 
 constexpr int kBacklog = 128;
 constexpr std::uint32_t kHeaderLimit = 8 * 1024;
+// The most unparsed input a connection may hold. Beast consumes bodies as they arrive and
+// bounds the header with kHeaderLimit, but not chunk extensions and trailers: without this a
+// client sending "1;x=aaaa..." makes the buffer grow without end.
+constexpr std::size_t kBufferLimit = 64 * 1024;
 
 Error io_error(const std::string& what, int err) {
   return make_error(Errc::kIoError, io::errno_message(what, err), err);
@@ -102,6 +106,13 @@ void signal_eventfd(int fd) {
   if (fd >= 0) (void)::eventfd_write(fd, 1);
 }
 
+// The peer closed the connection (or stop() shut it down): POLLHUP on a Unix stream socket
+// means both directions are shut. Never blocks.
+bool hung_up(int fd) {
+  pollfd p{fd, 0, 0};
+  return ::poll(&p, 1, 0) > 0 && (p.revents & (POLLHUP | POLLERR)) != 0;
+}
+
 }  // namespace
 
 class HttpServer::Impl {
@@ -135,7 +146,7 @@ class HttpServer::Impl {
   void on_accept(int fd);
   void serve(Connection& conn, PeerCredentials peer);
   void serve_requests(detail::FdStream& stream, const PeerCredentials& peer);
-  bool allowed(const PeerCredentials& peer) const;
+  bool allowed(int fd, const PeerCredentials& peer) const;
   void reap(bool all);
   void remove_socket_file();
 
@@ -188,12 +199,33 @@ Status HttpServer::Impl::start() {
   return {};
 }
 
-bool HttpServer::Impl::allowed(const PeerCredentials& peer) const {
+bool HttpServer::Impl::allowed(int fd, const PeerCredentials& peer) const {
   if (peer.uid == 0 || peer.uid == ::geteuid()) return true;
-  return std::find(options.allowed_uids.begin(), options.allowed_uids.end(), peer.uid) !=
-             options.allowed_uids.end() ||
-         std::find(options.allowed_gids.begin(), options.allowed_gids.end(), peer.gid) !=
-             options.allowed_gids.end();
+  if (std::find(options.allowed_uids.begin(), options.allowed_uids.end(), peer.uid) !=
+      options.allowed_uids.end()) {
+    return true;
+  }
+  if (options.allowed_gids.empty()) return false;
+  const auto allowed_gid = [&](gid_t gid) {
+    return std::find(options.allowed_gids.begin(), options.allowed_gids.end(), gid) !=
+           options.allowed_gids.end();
+  };
+  if (allowed_gid(peer.gid)) return true;
+  // The supplementary groups the peer had at connect(), as the kernel recorded them.
+  std::vector<gid_t> groups(64);
+  for (;;) {
+    socklen_t len = static_cast<socklen_t>(groups.size() * sizeof(gid_t));
+    if (::getsockopt(fd, SOL_SOCKET, SO_PEERGROUPS, groups.data(), &len) == 0) {
+      groups.resize(len / sizeof(gid_t));
+      break;
+    }
+    if (errno != ERANGE || len / sizeof(gid_t) <= groups.size()) {
+      spdlog::warn("control api: SO_PEERGROUPS: {}", std::strerror(errno));
+      return false;  // refused rather than judged on half the facts
+    }
+    groups.resize(len / sizeof(gid_t));  // ERANGE: len is the size needed
+  }
+  return std::any_of(groups.begin(), groups.end(), allowed_gid);
 }
 
 void HttpServer::Impl::accept_loop() {
@@ -239,7 +271,7 @@ void HttpServer::Impl::on_accept(int fd) {
     return;
   }
   const PeerCredentials peer{cred.pid, cred.uid, cred.gid};
-  if (!allowed(peer)) {
+  if (!allowed(fd, peer)) {
     ++refused_forbidden;
     spdlog::warn("control api: refused a connection from pid {} uid {} gid {}", peer.pid, peer.uid,
                  peer.gid);
@@ -299,7 +331,7 @@ void HttpServer::Impl::serve(Connection& conn, PeerCredentials peer) {
 }
 
 void HttpServer::Impl::serve_requests(detail::FdStream& stream, const PeerCredentials& peer) {
-  boost::beast::flat_buffer buffer;
+  boost::beast::flat_buffer buffer(kBufferLimit);
   const auto write = [&](http::response<http::string_body>& res, bool header_only) {
     error_code ec;
     stream.set_deadline(Clock::now() + options.write_timeout);
@@ -363,6 +395,12 @@ void HttpServer::Impl::serve_requests(detail::FdStream& stream, const PeerCreden
              "the request line and headers exceed " + std::to_string(kHeaderLimit) + " bytes");
         return;
       }
+      if (ec == http::error::buffer_overflow) {
+        fail(400, codes::kBadRequest,
+             "malformed HTTP request: chunk extensions or trailers exceed " +
+                 std::to_string(kBufferLimit) + " bytes");
+        return;
+      }
       if (ec.category() == http::make_error_code(http::error::bad_method).category()) {
         fail(400, codes::kBadRequest, "malformed HTTP request: " + ec.message());
         return;
@@ -389,6 +427,7 @@ void HttpServer::Impl::serve_requests(detail::FdStream& stream, const PeerCreden
     }
     request.body = std::move(msg.body());
     request.peer = peer;
+    request.client_gone = [fd = stream.fd()] { return hung_up(fd); };
     const bool head = msg.method() == http::verb::head;
     const unsigned version = msg.version();
     const bool keep_alive = msg.keep_alive();

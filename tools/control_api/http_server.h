@@ -13,9 +13,11 @@
 // The codes are stable snake_case words; clients match on `code`, never on `message`:
 //   code                   status  when
 //   bad_request            400     malformed HTTP (request line, headers, chunking, target),
-//                                  or a bad percent-escape in the path or query; connection
-//                                  closed afterwards
-//   forbidden              403     the peer's uid (SO_PEERCRED) is not allowed; closed
+//                                  chunk extensions or trailers over 64 KiB, or a bad
+//                                  percent-escape in the path or query; connection closed
+//                                  afterwards
+//   forbidden              403     the peer (SO_PEERCRED uid and gid, SO_PEERGROUPS) is not
+//                                  allowed; closed
 //   not_found              404     no route has this path
 //   method_not_allowed     405     a route has this path but not this method; the answer has
 //                                  an Allow header listing the methods that exist
@@ -78,6 +80,11 @@ struct Request {
   std::map<std::string, std::string> headers;      // names lower-cased; repeats joined with ", "
   std::string body;
   PeerCredentials peer;
+  // True once the client has closed its connection (set by the server, valid while the handler
+  // runs; empty for a request without a socket, such as HttpServer::handle's). A handler that
+  // waits long (a long poll) asks it now and then and gives up when nobody is left to answer.
+  // A client that only shut down its sending side (half-close) is still there.
+  std::function<bool()> client_gone;
 };
 
 struct Response {
@@ -100,7 +107,9 @@ struct ServerOptions {
   // Peers allowed besides root and the server's own effective uid (checked with SO_PEERCRED on
   // every connection; the file mode is the first layer, this is the second).
   std::vector<uid_t> allowed_uids;
-  std::vector<gid_t> allowed_gids;  // peers whose (effective, at connect) gid is one of these
+  // Peers whose effective gid or any supplementary group (SO_PEERCRED and SO_PEERGROUPS, both
+  // as they were at connect()) is one of these.
+  std::vector<gid_t> allowed_gids;
   std::size_t max_body_bytes = 1 << 20;
   // A request must arrive completely within read_timeout of the server starting to wait for it
   // (that includes the idle time of a keep-alive connection before its next request).

@@ -128,7 +128,9 @@ void add_routes(control_api::HttpServer& server, SandboxService& service,
           timeout = std::chrono::milliseconds(std::stoul(text));
           if (timeout > std::chrono::minutes(10)) timeout = std::chrono::minutes(10);
         }
-        return respond(service.get(request.path_params.at("id"), wait, timeout));
+        return respond(service.get(request.path_params.at("id"), wait, timeout, [&request] {
+          return request.client_gone && request.client_gone();
+        }));
       }));
   server.route(
       "DELETE", "/v1/sandboxes/{id}", counted("sandbox_remove", [&service](const Request& request) {

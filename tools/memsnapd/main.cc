@@ -278,7 +278,8 @@ int run(int argc, char** argv) {
       return 1;
     }
     sopt.group = g->gr_gid;
-    // The group owns the socket so that its members may connect: let them past the peer check.
+    // The group owns the socket so that its members may connect: let them past the peer check
+    // (primary or supplementary members: SO_PEERGROUPS).
     sopt.allowed_gids.push_back(g->gr_gid);
   }
   for (auto uid : cfg.control.allowed_uids) sopt.allowed_uids.push_back(static_cast<uid_t>(uid));

@@ -1083,15 +1083,35 @@ void SandboxService::finish_resume(const std::shared_ptr<Sandbox>& sb) {
 }
 
 Result<json> SandboxService::get(const std::string& id, const std::string& wait_while_state,
-                                 std::chrono::milliseconds timeout) {
+                                 std::chrono::milliseconds timeout,
+                                 const std::function<bool()>& client_gone) {
   std::unique_lock lock(mu_);
   const auto it = sandboxes_.find(id);
   if (it == sandboxes_.end()) return make_error(Errc::kSandboxNotFound, "no sandbox " + id);
   const std::shared_ptr<Sandbox> sb = it->second;
   if (!wait_while_state.empty()) {
-    if (!changed_.wait_for(lock, timeout, [&] { return sb->state != wait_while_state; })) {
-      return make_error(Errc::kTimeout, "sandbox " + id + " is still " + wait_while_state +
-                                            " after " + std::to_string(timeout.count()) + " ms");
+    // In slices: a wait holds a connection slot, so it must notice soon that its client left.
+    // A drain wakes it at once (drain() notifies changed_).
+    constexpr std::chrono::milliseconds kSlice{200};
+    const auto deadline = std::chrono::steady_clock::now() + timeout;
+    for (;;) {
+      const auto until = std::min(deadline, std::chrono::steady_clock::now() + kSlice);
+      if (changed_.wait_until(lock, until,
+                              [&] { return sb->state != wait_while_state || draining_; })) {
+        break;
+      }
+      if (std::chrono::steady_clock::now() >= deadline) {
+        return make_error(Errc::kTimeout, "sandbox " + id + " is still " + wait_while_state +
+                                              " after " + std::to_string(timeout.count()) + " ms");
+      }
+      if (client_gone && client_gone()) {
+        return make_error(Errc::kTimeout, "the client of the wait for sandbox " + id +
+                                              " closed its connection");
+      }
+    }
+    if (sb->state == wait_while_state) {
+      return make_error(Errc::kShuttingDown, "memsnapd is shutting down: sandbox " + id +
+                                                 " is still " + wait_while_state);
     }
   }
   json out = describe_locked(*sb);

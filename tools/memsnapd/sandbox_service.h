@@ -25,6 +25,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -91,8 +92,11 @@ class SandboxService {
   Result<nlohmann::json> pause(const std::string& id, const nlohmann::json& body);
   Result<nlohmann::json> resume(const std::string& id, const nlohmann::json& body);
   // wait_while_state: when set, waits (up to timeout) until the state is no longer that one.
+  // The wait ends early with kShuttingDown when memsnapd drains, and with kTimeout soon after
+  // client_gone() says nobody waits for the answer any more (asked a few times a second).
   Result<nlohmann::json> get(const std::string& id, const std::string& wait_while_state,
-                             std::chrono::milliseconds timeout);
+                             std::chrono::milliseconds timeout,
+                             const std::function<bool()>& client_gone = nullptr);
   nlohmann::json list() const;
   Result<nlohmann::json> explain(const std::string& id) const;
   // Refuses (invalid_state) a running sandbox whose memory memsnapd serves unless force: its VMM
