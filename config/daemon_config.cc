@@ -601,6 +601,8 @@ const std::vector<Field>& schema() {
             &LimitsConfig::max_concurrent_resumes, IntCodec<int>{1, 1024}),
       field("limits", "handshake_timeout_ms", true, &DC::limits, &LimitsConfig::handshake_timeout,
             MillisCodec{1, 3'600'000}),
+      field("limits", "max_guest_size", true, &DC::limits, &LimitsConfig::max_guest_size,
+            IntCodec<std::uint64_t>{4096, std::int64_t{1} << 50}),
       field("strategy", "fallback", true, &DC::strategy, &StrategyConfig::fallback,
             StringCodec{check_plugin_name}),
       field("strategy", "allow_fallback", true, &DC::strategy, &StrategyConfig::allow_fallback,

@@ -20,6 +20,7 @@
 //   limits.max_concurrent_pauses   integer   4
 //   limits.max_concurrent_resumes  integer   4
 //   limits.handshake_timeout_ms    integer   10000
+//   limits.max_guest_size          integer   1099511627776 (bytes, 1 TiB)
 //   strategy.fallback          plugin name   process_vm_readv
 //   strategy.allow_fallback    bool          true
 //   logging.level              trace|debug|info|warn|error|critical|off   info
@@ -103,6 +104,10 @@ struct LimitsConfig {
   int max_concurrent_pauses = 4;                       // per host, 1..1024
   int max_concurrent_resumes = 4;                      // per host, 1..1024
   std::chrono::milliseconds handshake_timeout{10000};  // key handshake_timeout_ms, 1 ms .. 1 h
+  // The largest guest a snapshot (or a registration) may describe, bytes, 4 KiB .. 1 PiB:
+  // snapshot files are hostile input, and a header is checked against this before anything is
+  // sized by it.
+  std::uint64_t max_guest_size = std::uint64_t{1} << 40;
   bool operator==(const LimitsConfig&) const = default;
 };
 

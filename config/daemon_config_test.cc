@@ -34,6 +34,7 @@ DaemonConfig everything_changed() {
   c.limits.max_concurrent_pauses = 8;
   c.limits.max_concurrent_resumes = 2;
   c.limits.handshake_timeout = 2500ms;
+  c.limits.max_guest_size = std::uint64_t{2} << 40;
   c.strategy.fallback = "memfd";
   c.strategy.allow_fallback = false;
   c.logging.level = LogLevel::kDebug;
@@ -62,6 +63,7 @@ limits:
   max_concurrent_pauses: 8
   max_concurrent_resumes: 2
   handshake_timeout_ms: 2500
+  max_guest_size: 2199023255552
 strategy:
   fallback: memfd
   allow_fallback: false
@@ -129,6 +131,7 @@ TEST(Defaults, HaveTheDocumentedValues) {
   EXPECT_EQ(c.limits.max_concurrent_pauses, 4);
   EXPECT_EQ(c.limits.max_concurrent_resumes, 4);
   EXPECT_EQ(c.limits.handshake_timeout, 10000ms);
+  EXPECT_EQ(c.limits.max_guest_size, std::uint64_t{1} << 40);
   EXPECT_EQ(c.strategy.fallback, "process_vm_readv");
   EXPECT_TRUE(c.strategy.allow_fallback);
   EXPECT_EQ(c.logging.level, LogLevel::kInfo);
@@ -210,7 +213,7 @@ TEST(RoundTrip, FullFileWithEveryKeyChanged) {
   ASSERT_TRUE(r.ok()) << r.error_text();
   EXPECT_EQ(*r.config, everything_changed());
   // Every key really differs from its default, so nothing below passes by accident.
-  EXPECT_EQ(changed_keys(DaemonConfig{}, *r.config).size(), 19U);
+  EXPECT_EQ(changed_keys(DaemonConfig{}, *r.config).size(), 20U);
 
   const std::string dumped = to_yaml(*r.config);
   const LoadResult again = load_string(dumped, "dump.yaml");
@@ -688,11 +691,12 @@ TEST(Reload, ReloadableChangesNeedNoRestart) {
   reloaded.limits.max_concurrent_pauses = 1;
   reloaded.limits.max_concurrent_resumes = 9;
   reloaded.limits.handshake_timeout = 1ms;
+  reloaded.limits.max_guest_size = 1 << 20;
   reloaded.strategy.fallback = "memfd";
   reloaded.strategy.allow_fallback = false;
   reloaded.drain.timeout = 1ms;
   EXPECT_TRUE(restart_required_changes(running, reloaded).empty());
-  EXPECT_EQ(changed_keys(running, reloaded).size(), 10U);
+  EXPECT_EQ(changed_keys(running, reloaded).size(), 11U);
 
   reloaded.control.socket = "/run/y.sock";
   EXPECT_EQ(restart_required_changes(running, reloaded),

@@ -305,7 +305,13 @@ Status validate_regions(std::vector<Region>& regions, std::uint64_t guest_size) 
       return make_error(Errc::kInvalidArgument,
                         "regions overlap at guest offset " + std::to_string(r.guest_offset));
     }
-    if (r.guest_offset + r.size > guest_size) {
+    if (r.host_addr > ~std::uint64_t{0} - r.size) {
+      return make_error(Errc::kInvalidArgument, "region at guest offset " +
+                                                    std::to_string(r.guest_offset) +
+                                                    " ends past the end of the address space");
+    }
+    // Written so that nothing wraps: guest_offset + size can pass 2^64.
+    if (r.size > guest_size || r.guest_offset > guest_size - r.size) {
       return make_error(
           Errc::kInvalidArgument,
           "region at guest offset " + std::to_string(r.guest_offset) + " ends past the guest size");

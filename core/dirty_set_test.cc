@@ -170,5 +170,20 @@ TEST(ValidateRegionsTest, RejectsOverlapAndMisalignment) {
   EXPECT_EQ(good[0].guest_offset, 0u);
 }
 
+// A region whose guest_offset + size (or host_addr + size) wraps past 2^64 used to pass the
+// "ends past the guest size" check with the wrapped sum.
+TEST(ValidateRegionsTest, RejectsRegionsWhoseEndWrapsAround) {
+  const std::uint64_t top = ~std::uint64_t{0} - kPage + 1;  // the last page-aligned offset
+  std::vector<Region> guest_wraps = {{top, 0x10000, 2 * kPage}};
+  const Status s = validate_regions(guest_wraps, 16 * kPage);
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.error().code, Errc::kInvalidArgument);
+  std::vector<Region> host_wraps = {{0, top, 2 * kPage}};
+  EXPECT_FALSE(validate_regions(host_wraps, 16 * kPage).ok());
+  // Two regions where the second wraps: the overlap check must not be fooled either.
+  std::vector<Region> second_wraps = {{0, 0x10000, kPage}, {top, 0x20000, 2 * kPage}};
+  EXPECT_FALSE(validate_regions(second_wraps, 16 * kPage).ok());
+}
+
 }  // namespace
 }  // namespace memsnap

@@ -228,6 +228,12 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
 
   clock.start("resolve");
   if (req.out_path.empty()) return make_error(Errc::kInvalidArgument, "no output path given");
+  // Refused before anything is frozen or exported; the commit refuses again (RENAME_NOREPLACE)
+  // if the name is taken meanwhile.
+  if (struct stat st {}; ::lstat(req.out_path.c_str(), &st) == 0) {
+    return make_error(Errc::kAlreadyExists,
+                      "\"" + req.out_path + "\" exists: snapshots are never overwritten");
+  }
   if (req.block_size != 4096 && req.block_size != (2u << 20)) {
     return make_error(Errc::kInvalidArgument,
                       "block size must be 4096 or 2097152, not " + std::to_string(req.block_size));
@@ -297,7 +303,7 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
   // copy, so an fdatasync per released chunk (hole_punch: every 2 MiB) would add a disk flush to
   // every chunk and protect nothing more; the snapshot is synced once, at commit.
   if (!req.parent_path.empty()) {
-    auto parent = SnapshotReader::open(req.parent_path, Verify::kHeaderAndMap);
+    auto parent = SnapshotReader::open(req.parent_path, Verify::kHeaderAndMap, req.reader_limits);
     if (!parent.ok()) return std::move(parent).error();
     const auto& h = (*parent)->header();
     if (h.block_size != req.block_size || h.guest_size != req.guest_size) {

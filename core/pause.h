@@ -20,6 +20,7 @@
 
 #include "core/base/result.h"
 #include "core/plugin_host/plugin_registry.h"
+#include "core/snapshot/snapshot_reader.h"
 #include "plugins/plugin_api/plugin_api.h"
 
 namespace memsnap {
@@ -32,6 +33,8 @@ struct PauseRequest {
   int memfd = -1;
   std::uint64_t guest_size = 0;  // 0: the memfd's size, or the end of the last region
   std::uint32_t block_size = 4096;
+  // What the parent snapshot's header may claim (its guest size is checked before it is used).
+  ReaderLimits reader_limits;
 
   // What to export; nullopt means everything populated (SEEK_DATA on the memfd, else
   // PAGEMAP_SCAN on the process).

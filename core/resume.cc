@@ -79,7 +79,8 @@ Result<std::unique_ptr<ResumeSession>> ResumeSession::prepare(const PluginRegist
 
   clock.start("open");
   auto chain = SnapshotChain::open(
-      s->request_.chain, s->request_.verify_checksums ? Verify::kFull : Verify::kHeaderAndMap);
+      s->request_.chain, s->request_.verify_checksums ? Verify::kFull : Verify::kHeaderAndMap,
+      s->request_.reader_limits);
   if (!chain.ok()) return std::move(chain).error();
   s->chain_ = std::make_shared<const SnapshotChain>(std::move(*chain));
   const SnapshotReader& newest = s->chain_->newest();

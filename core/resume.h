@@ -64,6 +64,8 @@ struct ResumeRequest {
   RetainedMemory* retained = nullptr;
   std::chrono::milliseconds handshake_timeout{30000};
   bool verify_checksums = true;  // hash every DATA run of the chain before serving
+  // What the chain's headers may claim: the guest size is checked before anything is sized by it.
+  ReaderLimits reader_limits;
   bool track_writes = true;      // install pages write-protected for WP_ASYNC tracking
   // Warm/eager with tracking: who arms write tracking on the handed-over memfd, and when.
   // false (default): memsnap, after the VMM is ready, while the guest runs (~7 ms per GiB off the

@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <iterator>
 #include <set>
 #include <sstream>
 #include <string>
@@ -162,6 +163,32 @@ TEST_F(CliTest, PauseByRegionsWithADiffOnTop) {
   EXPECT_EQ(j["generation"], 2u);
   EXPECT_EQ(j["dirty_bytes"], 12288u);
   EXPECT_EQ(j["parent_blocks"], 2048u - 3u);
+}
+
+// A local pause naming an existing snapshot (say the base of a chain) must not replace it: the
+// chain would only fail at its next resume. Refused before the guest is touched.
+TEST_F(CliTest, PauseNeverOverwritesAnExistingSnapshot) {
+  GuestOptions o;
+  o.size = 4 << 20;
+  o.backing = "memfd";
+  auto g = GuestProcess::spawn(o);
+  ASSERT_TRUE(g.ok()) << g.error().to_string();
+  const std::string snap = dir_ + "/base.snap";
+  const std::string by_pid = "pause --memfd-of-pid " + std::to_string((*g)->pid());
+  ASSERT_EQ(memsnap(by_pid + " --strategy memfd --out " + snap).exit_code, 0);
+  std::ifstream before_in(snap, std::ios::binary);
+  const std::string before((std::istreambuf_iterator<char>(before_in)),
+                           std::istreambuf_iterator<char>());
+  const CommandResult again = memsnap(by_pid + " --strategy memfd --out " + snap);
+  EXPECT_NE(again.exit_code, 0) << again.out;
+  EXPECT_NE(again.out.find("already_exists"), std::string::npos) << again.out;
+  std::ifstream after_in(snap, std::ios::binary);
+  const std::string after((std::istreambuf_iterator<char>(after_in)),
+                          std::istreambuf_iterator<char>());
+  EXPECT_EQ(after, before);
+  std::size_t files = 0;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator(dir_)) ++files;
+  EXPECT_EQ(files, 1u);  // no temporary file left
 }
 
 TEST_F(CliTest, BadInputIsAClearErrorAndNothingIsWritten) {

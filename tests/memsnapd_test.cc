@@ -448,6 +448,70 @@ TEST_F(MemsnapdTest, APauseOfASandboxAlreadyPausingIsRefused) {
   EXPECT_TRUE(refused) << "never saw the pause in progress";
 }
 
+// Two sandboxes pausing to the same output at the same time: both pass the "output exists"
+// check before either commits; the later commit must be refused (409 already_exists) instead of
+// replacing the first one's snapshot, which would leave sandbox A with B's memory.
+TEST_F(MemsnapdTest, TwoPausesToTheSameOutputNeverOverwriteEachOther) {
+  SandboxSpec spec;
+  spec.id = "sb-slow";
+  spec.size = 256ULL << 20;  // with fsync: long enough to be seen pausing
+  spec.attributes = {{"team", "a"}};
+  auto launched = Sandbox::launch(*daemon_, spec);
+  ASSERT_TRUE(launched.ok()) << launched.error().to_string();
+  std::unique_ptr<Sandbox> slow = std::move(*launched);
+  launch("sb-fast", "b", "memfd");
+
+  bool raced = false;
+  for (int attempt = 0; attempt < 5 && !raced; ++attempt) {
+    const std::string out = "shared-" + std::to_string(attempt) + ".snap";
+    std::atomic<bool> done{false};
+    Answer first;
+    std::thread t([&] {
+      first = call("POST", "/v1/sandboxes/sb-slow/pause", {{"output", out}, {"sync", true}});
+      done = true;
+    });
+    Answer second;
+    while (!done) {
+      if (call("GET", "/v1/sandboxes/sb-slow").body.value("state", "") == "pausing") {
+        second = call("POST", "/v1/sandboxes/sb-fast/pause", {{"output", out}});
+        raced = true;
+        break;
+      }
+    }
+    t.join();
+    if (!raced) {
+      ASSERT_EQ(first.status, 200) << first.body.dump();
+      auto resumed = slow->resume();
+      ASSERT_TRUE(resumed.ok()) << resumed.error().to_string();
+      continue;
+    }
+    // Exactly one of them owns the file; the other was refused and changed nothing.
+    ASSERT_TRUE(first.status == 200 || second.status == 200)
+        << first.body.dump() << "\n" << second.body.dump();
+    const bool second_won = second.status == 200;
+    const Answer& winner = second_won ? second : first;
+    const Answer& loser = second_won ? first : second;
+    EXPECT_EQ(loser.status, 409) << loser.body.dump();
+    ASSERT_TRUE(loser.body.contains("error")) << loser.body.dump();
+    EXPECT_EQ(loser.body["error"]["code"], "already_exists") << loser.body.dump();
+    const std::string file = daemon_->snapshot_dir() + "/" + out;
+    auto chain = SnapshotChain::open({file}, Verify::kFull);
+    ASSERT_TRUE(chain.ok()) << chain.error().to_string();
+    EXPECT_EQ(to_hex(chain->newest().header().snapshot_id), winner.body["snapshot_id"]);
+    // No temporary file is left next to it.
+    for (const auto& e : fs::directory_iterator(daemon_->snapshot_dir())) {
+      EXPECT_EQ(e.path().filename().string().find(".tmp."), std::string::npos) << e.path();
+    }
+    // The refused sandbox is not paused and can pause again, to a name of its own.
+    const std::string loser_id = second_won ? "sb-slow" : "sb-fast";
+    const Answer state = call("GET", "/v1/sandboxes/" + loser_id);
+    EXPECT_EQ(state.body.value("state", ""), "running") << state.body.dump();
+    EXPECT_EQ(call("POST", "/v1/sandboxes/" + loser_id + "/pause", {{"output", "own.snap"}}).status,
+              200);
+  }
+  EXPECT_TRUE(raced) << "never saw the first pause in progress";
+}
+
 TEST_F(MemsnapdTest, SigtermLetsAPauseInFlightFinishAndRefusesNewOnes) {
   SandboxSpec spec;
   spec.id = "sb-big";

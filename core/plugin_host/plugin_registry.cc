@@ -13,6 +13,7 @@
 #include <optional>
 #include <system_error>
 #include <type_traits>
+#include <utility>
 
 namespace memsnap {
 
@@ -55,6 +56,24 @@ std::optional<std::string> unsafe_because(const struct stat& st) {
   return std::nullopt;
 }
 
+// The first directory above `dir` (its parent, up to /) that someone other than root and the
+// current user could use to swap `dir` for their own: owned by another user, or writable by
+// others without the sticky bit (with it, as on /tmp, no one else may rename or remove what is
+// inside). Returns that directory and why, or nullopt if every ancestor is safe.
+std::optional<std::pair<fs::path, std::string>> unsafe_ancestor(const fs::path& dir) {
+  for (fs::path p = dir.parent_path(); !p.empty(); p = p.parent_path()) {
+    struct stat st {};
+    if (::stat(p.c_str(), &st) != 0) {
+      return std::make_pair(p, std::string("cannot be checked: ") + std::strerror(errno));
+    }
+    struct stat checked = st;
+    if ((st.st_mode & S_ISVTX) != 0) checked.st_mode &= ~static_cast<mode_t>(S_IWOTH | S_IWGRP);
+    if (auto why = unsafe_because(checked)) return std::make_pair(p, *why);
+    if (p == p.root_path()) break;
+  }
+  return std::nullopt;
+}
+
 Error unsafe_error(const std::string& path, const std::string& what, const std::string& why) {
   return make_error(Errc::kPluginUnsafeFile,
                     "refusing to load plugin " + quote_path(path) + ": " + what + " " + why +
@@ -86,6 +105,10 @@ std::optional<Error> check_safe(const std::string& path, const fs::path& real) {
   }
   if (auto why = unsafe_because(st)) {
     return unsafe_error(path, "its directory " + quote_path(dir.string()), *why);
+  }
+  if (auto bad = unsafe_ancestor(dir)) {
+    return unsafe_error(path, "its ancestor directory " + quote_path(bad->first.string()),
+                        bad->second);
   }
   return std::nullopt;
 }
@@ -278,6 +301,14 @@ Status PluginRegistry::load_directory(const std::string& dir) {
                             "; loading a library runs its code with memsnap's privileges, so the "
                             "directory must be owned by root or the current user and writable by "
                             "no one else");
+    }
+    if (auto bad = unsafe_ancestor(real)) {
+      return make_error(Errc::kPluginUnsafeFile,
+                        "refusing to load plugins from " + quote_path(dir) +
+                            ": its ancestor directory " + quote_path(bad->first.string()) + " " +
+                            bad->second +
+                            "; whoever can write a directory above the plugin directory can put "
+                            "their own in its place");
     }
   }
 

@@ -297,6 +297,52 @@ TEST(PluginRegistryUnsafeTest, DirectoryOwnedByAnotherUser) {
   expect_unsafe(registry, path, "its directory");
 }
 
+// Whoever can write any directory above the plugin directory can rename it away and put their
+// own in its place between the check and dlopen: every ancestor is checked as well.
+TEST(PluginRegistryUnsafeTest, WritableAncestorDirectory) {
+  TempDir dir;
+  const fs::path open_dir = dir.path() / "open";
+  const fs::path inner = open_dir / "plugins";
+  fs::create_directories(inner);
+  fs::permissions(inner, fs::perms(0755));
+  fs::copy_file(fs::path(MEMSNAP_FIXTURE_DIR) / "fixture_good.so", inner / "good.so");
+  fs::permissions(inner / "good.so", fs::perms(0644));
+  fs::permissions(open_dir, fs::perms(0757));
+  const std::string path = (inner / "good.so").string();
+  PluginRegistry registry;
+  expect_unsafe(registry, path,
+                "its ancestor directory '" + open_dir.string() + "' is writable by other users");
+
+  PluginRegistry for_dir;
+  const Status status = for_dir.load_directory(inner.string());
+  ASSERT_FALSE(status.ok());
+  EXPECT_EQ(status.error().code, Errc::kPluginUnsafeFile);
+  EXPECT_NE(status.error().message.find(open_dir.string()), std::string::npos)
+      << status.error().message;
+  EXPECT_TRUE(for_dir.plugins().empty());
+
+  // With the sticky bit (as /tmp has) no one else may rename or remove what is inside: accepted.
+  fs::permissions(open_dir, fs::perms(01777));
+  PluginRegistry sticky;
+  EXPECT_TRUE(sticky.load_file(path).ok());
+}
+
+TEST(PluginRegistryUnsafeTest, AncestorDirectoryOwnedByAnotherUser) {
+  if (!is_root()) GTEST_SKIP() << "needs root to chown to another user";
+  TempDir dir;
+  const fs::path theirs = dir.path() / "theirs";
+  const fs::path inner = theirs / "plugins";
+  fs::create_directories(inner);
+  fs::copy_file(fs::path(MEMSNAP_FIXTURE_DIR) / "fixture_good.so", inner / "good.so");
+  fs::permissions(inner / "good.so", fs::perms(0644));
+  fs::permissions(theirs, fs::perms(0755));
+  fs::permissions(inner, fs::perms(0755));
+  ASSERT_EQ(::chown(theirs.c_str(), kNobody, static_cast<gid_t>(-1)), 0);
+  PluginRegistry registry;
+  expect_unsafe(registry, (inner / "good.so").string(),
+                "its ancestor directory '" + theirs.string() + "' is owned by uid 65534");
+}
+
 TEST(PluginRegistryUnsafeTest, SymlinkIsResolvedBeforeTheCheck) {
   TempDir safe;
   TempDir unsafe;

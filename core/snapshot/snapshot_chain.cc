@@ -12,14 +12,14 @@ Error mismatch(const std::string& message) {
 }  // namespace
 
 Result<SnapshotChain> SnapshotChain::open(std::vector<std::string> paths_base_to_newest,
-                                          Verify verify) {
+                                          Verify verify, const ReaderLimits& limits) {
   if (paths_base_to_newest.empty()) {
     return make_error(Errc::kInvalidArgument, "snapshot chain: no snapshot files given");
   }
   std::vector<std::unique_ptr<SnapshotReader>> layers;
   layers.reserve(paths_base_to_newest.size());
   for (const std::string& path : paths_base_to_newest) {
-    auto reader = SnapshotReader::open(path, verify);
+    auto reader = SnapshotReader::open(path, verify, limits);
     if (!reader.ok()) return std::move(reader).error();
     const FileHeader& h = (*reader)->header();
     if (layers.empty()) {

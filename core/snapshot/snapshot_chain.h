@@ -39,7 +39,8 @@ class SnapshotChain {
   // kInvalidArgument for an empty list; kSnapshotChainMismatch when the files do not form a
   // chain; any SnapshotReader::open() error of a layer.
   static Result<SnapshotChain> open(std::vector<std::string> paths_base_to_newest,
-                                    Verify verify = Verify::kFull);
+                                    Verify verify = Verify::kFull,
+                                    const ReaderLimits& limits = {});
 
   std::size_t size() const { return layers_.size(); }
   const SnapshotReader& layer(std::size_t index) const { return *layers_[index]; }

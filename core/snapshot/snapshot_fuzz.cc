@@ -12,8 +12,9 @@
 //   bit 3  raw: the file is exactly the bytes. Otherwise compact: the first 128 bytes are the
 //          header, the writer's zero padding up to 4096 is inserted, then the rest follows (the
 //          data area and the map), so inputs stay small.
-// Files are memfds opened through /proc/self/fd: nothing is written to disk.
-#include <sys/mman.h>
+// Files live in a directory on tmpfs (/dev/shm when it exists): nothing is written to disk. (Not
+// memfds through /proc/self/fd: the reader never follows a symlink, and those are magic links.)
+#include <fcntl.h>
 #include <unistd.h>
 #include <xxhash.h>
 
@@ -77,12 +78,25 @@ void fix_checksums(Bytes& file) {
   std::memcpy(file.data(), &h, sizeof(h));
 }
 
-// A memfd holding bytes, and the path that opens it.
+// This process's directory for the files, made once and removed at exit (kept alive for that).
+const std::string& file_dir() {
+  static const std::string* dir = [] {
+    auto* d = new std::string(std::string(::access("/dev/shm", W_OK) == 0 ? "/dev/shm" : "/tmp") +
+                              "/snapshot-fuzz-XXXXXX");
+    check(::mkdtemp(d->data()) != nullptr);
+    std::atexit([] { ::rmdir(file_dir().c_str()); });
+    return d;
+  }();
+  return *dir;
+}
+
+// A file holding bytes, removed with the object.
 struct MemFile {
-  int fd = -1;
   std::string path;
   explicit MemFile(const Bytes& bytes) {
-    fd = ::memfd_create("snapshot-fuzz", MFD_CLOEXEC);
+    static std::uint64_t counter = 0;
+    path = file_dir() + "/" + std::to_string(counter++) + ".snap";
+    const int fd = ::open(path.c_str(), O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0600);
     check(fd >= 0);
     std::size_t done = 0;
     while (done < bytes.size()) {
@@ -90,9 +104,9 @@ struct MemFile {
       check(n > 0);
       done += static_cast<std::size_t>(n);
     }
-    path = "/proc/self/fd/" + std::to_string(fd);
+    ::close(fd);
   }
-  ~MemFile() { ::close(fd); }
+  ~MemFile() { ::unlink(path.c_str()); }
   MemFile(const MemFile&) = delete;
   MemFile& operator=(const MemFile&) = delete;
 };

@@ -18,6 +18,15 @@ enum class Verify {
   kFull,          // also hash every DATA run at open
 };
 
+// The largest guest a snapshot may describe unless the caller allows more (1 TiB).
+inline constexpr std::uint64_t kDefaultMaxGuestSize = std::uint64_t{1} << 40;
+
+// What a snapshot file may make its reader do. A header is checked against these before anything
+// is sized by it (memsnapd sets them from its config: limits.max_guest_size).
+struct ReaderLimits {
+  std::uint64_t max_guest_size = kDefaultMaxGuestSize;
+};
+
 struct SnapshotSummary {
   std::uint64_t data_blocks = 0;
   std::uint64_t zero_blocks = 0;
@@ -31,10 +40,15 @@ struct SnapshotSummary {
 // use pread on the one descriptor the reader owns). Errors name the file.
 class SnapshotReader {
  public:
-  // Errors, each checked in this order:
-  //   kSnapshotTruncated  the file is shorter than its header, data area or map say
+  // The file is opened with O_NOFOLLOW | O_NONBLOCK and must be a regular file: treat every
+  // byte of it as hostile. Errors, each checked in this order:
+  //   kPathNotAllowed     the path names a symbolic link (it is not followed)
+  //   kInvalidArgument    not a regular file (a FIFO or device: refused, never waited on)
+  //   kSnapshotTruncated  the file is shorter than its header, data area or map say, or they
+  //                       lie over a hole (a sparse file does not store what its header claims)
   //   kSnapshotBadMagic, kSnapshotBadVersion
-  //   kSnapshotBadHeader  header checksum, header_size, block size, guest size, flags,
+  //   kSnapshotBadHeader  header checksum, header_size, block size, guest size (also above
+  //                       limits.max_guest_size), flags,
   //                       generation, ids, offsets inconsistent, or bytes after the map
   //   kSnapshotBadMap     map checksum; runs unsorted, with gaps or overlaps, not covering the
   //                       guest, of an unknown kind, PARENT in a base snapshot, DATA too long or
@@ -42,7 +56,8 @@ class SnapshotReader {
   //   kSnapshotChecksumMismatch  (kFull) a DATA run's bytes; the message names its guest offset
   //   kIoError, kNotFound  the file cannot be opened or read
   static Result<std::unique_ptr<SnapshotReader>> open(const std::string& path,
-                                                      Verify verify = Verify::kFull);
+                                                      Verify verify = Verify::kFull,
+                                                      const ReaderLimits& limits = {});
 
   ~SnapshotReader();
   SnapshotReader(const SnapshotReader&) = delete;
@@ -75,8 +90,9 @@ class SnapshotReader {
 
  private:
   SnapshotReader(std::string path, int fd) : path_(std::move(path)), fd_(fd) {}
-  Status load(Verify verify);
-  Status load_header(std::uint64_t file_size);
+  Status load(Verify verify, const ReaderLimits& limits);
+  Status load_header(std::uint64_t file_size, const ReaderLimits& limits);
+  Status check_stored() const;
   Status load_map();
   Status verify_run_with(std::size_t index, std::vector<std::uint8_t>& buffer) const;
   Error error(Errc code, const std::string& message) const;

@@ -1,14 +1,18 @@
 #include <gtest/gtest.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <future>
 #include <random>
 #include <string>
 #include <vector>
@@ -591,6 +595,116 @@ TEST_F(ChainMismatchTest, EmptyListAndBrokenLayer) {
   EXPECT_EQ(chain_error({"a.snap", "a1.snap"}), Errc::kSnapshotBadMagic);
 }
 
+// Snapshot files are hostile input: what the reader opens and how much a header may make it do.
+
+class HostileFileTest : public SnapshotTest {};
+
+TEST_F(HostileFileTest, AFifoIsRefusedAtOnceInsteadOfHanging) {
+  const std::string fifo = path("fifo.snap");
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0) << std::strerror(errno);
+  auto opening = std::async(std::launch::async, [&] { return SnapshotReader::open(fifo); });
+  if (opening.wait_for(std::chrono::seconds(20)) != std::future_status::ready) {
+    // Today's open() blocks until a writer comes: be that writer so the test can end.
+    const int unblock = ::open(fifo.c_str(), O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+    opening.wait();
+    if (unblock >= 0) ::close(unblock);
+    FAIL() << "opening a FIFO as a snapshot blocked";
+  }
+  auto r = opening.get();
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, Errc::kInvalidArgument) << r.error().to_string();
+  EXPECT_NE(r.error().message.find("not a regular file"), std::string::npos) << r.error().message;
+}
+
+TEST_F(HostileFileTest, ADeviceIsRefused) {
+  auto r = SnapshotReader::open("/dev/zero", Verify::kHeaderAndMap);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.error().code, Errc::kInvalidArgument) << r.error().to_string();
+  EXPECT_NE(r.error().message.find("not a regular file"), std::string::npos) << r.error().message;
+}
+
+TEST_F(HostileFileTest, ASymlinkIsNotFollowed) {
+  const Bytes image = random_image(4, k4K, 3, 0);
+  write_snapshot(path("real.snap"), params_for(k4K, image.size()), image, {{0, image.size()}});
+  fs::create_symlink(path("real.snap"), path("link.snap"));
+  auto r = SnapshotReader::open(path("link.snap"));
+  ASSERT_FALSE(r.ok()) << "a symlink was followed";
+  EXPECT_EQ(r.error().code, Errc::kPathNotAllowed) << r.error().to_string();
+  EXPECT_TRUE(open_ok(path("real.snap")));
+}
+
+// A 4,136-byte file (header, one ZERO run) that claims a 64 TiB guest: everything sized by the
+// guest (a fault server's per-block state, a resume's memfd) would follow that claim.
+TEST_F(HostileFileTest, AGuestBeyondTheLimitIsRefusedBeforeAnythingIsSizedByIt) {
+  const Bytes zeros(8 * k4K, 0);
+  write_snapshot(path("small.snap"), params_for(k4K, zeros.size()), zeros, {{0, zeros.size()}});
+  Bytes file = read_file(path("small.snap"));
+  std::vector<MapRun> runs = map_of(file);
+  ASSERT_EQ(runs.size(), 1u);
+  ASSERT_EQ(runs[0].kind, RunKind::kZero);
+  constexpr std::uint64_t k64T = std::uint64_t{64} << 40;
+  runs[0].block_count = k64T / k4K;
+  FileHeader h = header_of(file);
+  h.guest_size = k64T;
+  put_header(file, h);
+  put_map(file, runs);
+  ASSERT_EQ(file.size(), 4136u);
+  write_file(path("huge.snap"), file);
+
+  auto r = SnapshotReader::open(path("huge.snap"));
+  ASSERT_FALSE(r.ok()) << "a 4,136-byte file opened as a 64 TiB guest";
+  EXPECT_EQ(r.error().code, Errc::kSnapshotBadHeader) << r.error().to_string();
+  EXPECT_NE(r.error().message.find("limit"), std::string::npos) << r.error().message;
+  EXPECT_EQ(code_of(SnapshotChain::open({path("huge.snap")})), Errc::kSnapshotBadHeader);
+  EXPECT_EQ(ReaderLimits{}.max_guest_size, kDefaultMaxGuestSize);
+
+  // A caller that allows it (memsnapd's limits.max_guest_size) can open it.
+  const ReaderLimits roomy{.max_guest_size = k64T};
+  auto allowed = SnapshotReader::open(path("huge.snap"), Verify::kFull, roomy);
+  ASSERT_TRUE(allowed.ok()) << allowed.error().to_string();
+  EXPECT_EQ((*allowed)->guest_size(), k64T);
+  EXPECT_TRUE(SnapshotChain::open({path("huge.snap")}, Verify::kFull, roomy).ok());
+  const ReaderLimits tight{.max_guest_size = 4 * k4K};
+  EXPECT_EQ(code_of(SnapshotReader::open(path("small.snap"), Verify::kFull, tight)),
+            Errc::kSnapshotBadHeader);
+}
+
+// A sparse file holds a data area it does not really store: a header and map that claim
+// gigabytes of DATA over a hole cost the attacker nothing and a full verify reads all of it.
+// A data area (or map) with a hole is refused from the header alone, before any data is read.
+TEST_F(HostileFileTest, AHoleInTheDataAreaIsRefusedFromTheHeader) {
+  const Bytes image = random_image(64, k4K, 11, 0);
+  write_snapshot(path("full.snap"), params_for(k4K, image.size()), image, {{0, image.size()}});
+  const Bytes file = read_file(path("full.snap"));
+  const FileHeader h = header_of(file);
+  ASSERT_EQ(h.data_bytes, image.size());
+
+  // The same bytes, but the data area written only in its first and last block: a hole between.
+  const std::string sparse = path("sparse.snap");
+  const int fd = ::open(sparse.c_str(), O_CREAT | O_WRONLY | O_CLOEXEC, 0600);
+  ASSERT_GE(fd, 0);
+  auto put = [&](std::uint64_t from, std::uint64_t to) {
+    ASSERT_EQ(::pwrite(fd, file.data() + from, to - from, static_cast<off_t>(from)),
+              static_cast<ssize_t>(to - from));
+  };
+  put(0, h.data_offset + k4K);
+  put(h.map_offset - k4K, file.size());
+  ::close(fd);
+  struct stat st {};
+  ASSERT_EQ(::stat(sparse.c_str(), &st), 0);
+  ASSERT_EQ(static_cast<std::uint64_t>(st.st_size), file.size());
+  if (static_cast<std::uint64_t>(st.st_blocks) * 512 >= file.size()) {
+    GTEST_SKIP() << "this file system stores no holes";
+  }
+  for (Verify v : {Verify::kHeaderAndMap, Verify::kFull}) {
+    auto r = SnapshotReader::open(sparse, v);
+    ASSERT_FALSE(r.ok()) << "a data area with a hole opened";
+    EXPECT_EQ(r.error().code, Errc::kSnapshotTruncated) << r.error().to_string();
+    EXPECT_NE(r.error().message.find("hole"), std::string::npos) << r.error().message;
+  }
+  EXPECT_TRUE(open_ok(path("full.snap")));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Reader errors: each corruption has its own code.
 
@@ -930,12 +1044,38 @@ TEST_F(SnapshotTest, FailedCommitLeavesAnExistingFinalFileAlone) {
   EXPECT_EQ(read_file(path("f.snap")), (Bytes{'o', 'l', 'd'}));
   EXPECT_EQ(files(), std::vector<std::string>{"f.snap"});
 
-  // A successful commit does replace it.
+}
+
+// Two pauses naming the same file (or a local pause over an old base) must not replace a
+// snapshot: the commit refuses with kAlreadyExists, the old file keeps its bytes and the
+// temporary file is gone. This holds even when the file appears after create().
+TEST_F(SnapshotTest, CommitNeverReplacesAnExistingSnapshot) {
+  const Bytes data(4 * k4K, 3);
+  const Bytes image = random_image(8, k4K, 5, 0);
+  const std::vector<plugin::ByteRange> all = {{0, 8 * k4K}};
+  write_snapshot(path("f.snap"), params_for(k4K, 8 * k4K), image, all);
+  const Bytes before = read_file(path("f.snap"));
+
   auto w = SnapshotWriter::create(path("f.snap"), params_for(k4K, 8 * k4K), {{0, 4 * k4K}});
   ASSERT_TRUE(w.ok());
   ASSERT_TRUE(write_one(**w, 0, data.data(), 4 * k4K).ok());
-  ASSERT_TRUE((*w)->commit().ok());
-  EXPECT_TRUE(open_ok(path("f.snap")));
+  const Status s = (*w)->commit();
+  ASSERT_FALSE(s.ok()) << "the commit replaced an existing snapshot";
+  EXPECT_EQ(s.error().code, Errc::kAlreadyExists) << s.error().to_string();
+  EXPECT_NE(s.error().message.find(path("f.snap")), std::string::npos) << s.error().message;
+  EXPECT_FALSE((*w)->committed());
+  EXPECT_EQ(read_file(path("f.snap")), before);
+  EXPECT_EQ(files(), std::vector<std::string>{"f.snap"});  // the temporary file is removed
+
+  // The race itself: the name is free at create() and taken before commit().
+  auto late = SnapshotWriter::create(path("g.snap"), params_for(k4K, 8 * k4K), {{0, 4 * k4K}});
+  ASSERT_TRUE(late.ok());
+  ASSERT_TRUE(write_one(**late, 0, data.data(), 4 * k4K).ok());
+  write_snapshot(path("g.snap"), params_for(k4K, 8 * k4K), image, all);
+  const Bytes other = read_file(path("g.snap"));
+  EXPECT_EQ(code_of((*late)->commit()), Errc::kAlreadyExists);
+  EXPECT_EQ(read_file(path("g.snap")), other);
+  EXPECT_EQ(files(), (std::vector<std::string>{"f.snap", "g.snap"}));
 }
 
 TEST_F(SnapshotTest, ReadBackReturnsWrittenBytes) {

@@ -3,6 +3,7 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <pthread.h>
+#include <stdio.h>
 #include <sched.h>
 #include <sys/random.h>
 #include <sys/stat.h>
@@ -785,11 +786,7 @@ Status SnapshotWriter::finish_commit() {
     const int err = errno;
     return fail_commit(make_error(Errc::kIoError, errno_message("fsync " + temp_path_, err), err));
   }
-  if (::rename(temp_path_.c_str(), final_path_.c_str()) != 0) {
-    const int err = errno;
-    return fail_commit(make_error(
-        Errc::kIoError, errno_message("renaming " + temp_path_ + " to " + final_path_, err), err));
-  }
+  if (auto s = rename_into_place(); !s.ok()) return fail_commit(std::move(s).error());
   temp_exists_ = false;
   state_ = State::kCommitted;
   worker_.reset();
@@ -819,6 +816,28 @@ Status SnapshotWriter::finish_commit() {
     ::close(dfd);
   }
   return {};
+}
+
+// Never replaces a file: two pauses naming the same output (or a local pause over an old base)
+// would otherwise leave one sandbox with another's memory, or break a chain that builds on it.
+Status SnapshotWriter::rename_into_place() {
+  int rc = ::renameat2(AT_FDCWD, temp_path_.c_str(), AT_FDCWD, final_path_.c_str(),
+                       RENAME_NOREPLACE);
+  if (rc != 0 && errno == EINVAL) {
+    // The file system cannot rename without replacing: link() refuses an existing name too.
+    rc = ::link(temp_path_.c_str(), final_path_.c_str());
+    if (rc == 0) ::unlink(temp_path_.c_str());
+  }
+  if (rc == 0) return {};
+  const int err = errno;
+  if (err == EEXIST) {
+    return make_error(Errc::kAlreadyExists,
+                      "snapshot " + final_path_ +
+                          " already exists: snapshots are never overwritten (nothing was changed)",
+                      err);
+  }
+  return make_error(Errc::kIoError,
+                    errno_message("renaming " + temp_path_ + " to " + final_path_, err), err);
 }
 
 Status SnapshotWriter::fail_commit(Error error) {

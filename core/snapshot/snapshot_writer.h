@@ -87,7 +87,8 @@ class SnapshotWriter final : public plugin::BlockSink {
   void released(std::uint64_t guest_offset, std::uint64_t length) noexcept override;
 
   // Writes the map and header, fsyncs (if sync_on_commit) and renames the file to final_path,
-  // then fsyncs the directory. kSnapshotIncomplete if a dirty byte was never written; the
+  // then fsyncs the directory. Never replaces a file: kAlreadyExists if final_path exists at
+  // the rename (RENAME_NOREPLACE). kSnapshotIncomplete if a dirty byte was never written; the
   // writer's poison error; kIoError for a failed system call (if only the directory fsync
   // failed, the file is already in place). On failure final_path is untouched and the temporary
   // file is removed, except when released() was called: then it stays (it may hold the only
@@ -165,6 +166,7 @@ class SnapshotWriter final : public plugin::BlockSink {
   std::vector<MapRun> build_map() const;
   Status finish_commit();
   Status fail_commit(Error error);
+  Status rename_into_place();
   void remove_temp_file() noexcept;
   // Appends the runs written since the last call to the recovery journal (creating it first):
   // see core/snapshot/recovery_journal.h. Called by make_durable(), before any memory is released.

@@ -121,6 +121,7 @@ ServiceSettings settings_of(const config::DaemonConfig& c) {
   s.max_concurrent_pauses = c.limits.max_concurrent_pauses;
   s.max_concurrent_resumes = c.limits.max_concurrent_resumes;
   s.handshake_timeout = c.limits.handshake_timeout;
+  s.reader_limits.max_guest_size = c.limits.max_guest_size;
   s.fallback_strategy = c.strategy.fallback;
   s.allow_fallback = c.strategy.allow_fallback;
   s.strategy_flag = c.flags.strategy_flag;

@@ -494,6 +494,11 @@ Result<json> SandboxService::register_sandbox(const json& body) {
     auto guest_size = field<std::uint64_t>(body, "guest_size", end);
     if (!guest_size.ok()) return std::move(guest_size).error();
     if (Status s = validate_regions(regions, *guest_size); !s.ok()) return std::move(s).error();
+    if (const std::uint64_t max = settings().reader_limits.max_guest_size; *guest_size > max) {
+      return make_error(Errc::kInvalidArgument, "guest_size " + std::to_string(*guest_size) +
+                                                    " is above limits.max_guest_size (" +
+                                                    std::to_string(max) + ")");
+    }
     sb->regions = std::move(regions);
     sb->guest_size = *guest_size;
     auto memfd_fd = field<std::uint64_t>(body, "memfd_fd", ~0ULL);
@@ -531,7 +536,8 @@ Result<json> SandboxService::register_sandbox(const json& body) {
       if (!confined.ok()) return std::move(confined).error();
       sb->chain.push_back(*confined);
     }
-    auto chain_open = SnapshotChain::open(sb->chain, Verify::kHeaderAndMap);
+    auto chain_open =
+        SnapshotChain::open(sb->chain, Verify::kHeaderAndMap, settings().reader_limits);
     if (!chain_open.ok()) return std::move(chain_open).error();
     sb->guest_size = chain_open->guest_size();
     auto strategy = field<std::string>(body, "strategy", "");
@@ -802,6 +808,7 @@ Result<json> SandboxService::pause(const std::string& id, const json& body) {
   req.regions = sb->regions;
   req.memfd = memfd;
   req.guest_size = sb->guest_size;
+  req.reader_limits = settings.reader_limits;
   req.strategy = choice.strategy;
   req.allow_fallback = settings.allow_fallback;
   req.fallback_strategy = settings.fallback_strategy;
@@ -990,6 +997,7 @@ Result<json> SandboxService::resume(const std::string& id, const json& body) {
   rr.mode = mode;
   rr.retained = &sb->retained;
   rr.handshake_timeout = settings().handshake_timeout;
+  rr.reader_limits = settings().reader_limits;
   rr.verify_checksums = true;
   rr.track_writes = *track;
   rr.guard = options_.guard;

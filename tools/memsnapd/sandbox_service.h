@@ -38,6 +38,7 @@
 #include "core/base/result.h"
 #include "core/metrics/host_metrics.h"
 #include "core/plugin_host/plugin_registry.h"
+#include "core/snapshot/snapshot_reader.h"
 #include "core/strategy_selection/strategy_selection.h"
 #include "core/vmm_guard.h"
 #include "flags/flag_store.h"
@@ -55,6 +56,8 @@ struct ServiceSettings {
   // false: a sandbox whose flagged strategy cannot serve it is refused instead of falling back.
   bool allow_fallback = true;
   std::string strategy_flag = "memory-export-strategy";
+  // limits.max_guest_size: the largest guest a snapshot or a registration may describe.
+  ReaderLimits reader_limits;
 };
 
 struct ServiceOptions {
