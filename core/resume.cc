@@ -21,8 +21,6 @@
 namespace memsnap {
 namespace {
 
-constexpr std::chrono::milliseconds kAckTimeout{30000};
-
 // Appends b's ranges to a and returns them sorted and merged.
 std::vector<plugin::ByteRange> merged(std::vector<plugin::ByteRange> a,
                                       const std::vector<plugin::ByteRange>& b) {
@@ -192,7 +190,7 @@ Status ResumeSession::hand_over_memfd(int memfd, std::uint64_t generation) {
       !s.ok()) {
     return s;
   }
-  return handshake::wait_mapped_ack(handshake_.connection.get(), kAckTimeout);
+  return handshake::wait_mapped_ack(handshake_.connection.get(), request_.ack_timeout);
 }
 
 Status ResumeSession::accept_and_serve() {

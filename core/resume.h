@@ -63,6 +63,8 @@ struct ResumeRequest {
   // Memory kept from the pause (warm candidate). Consumed only by a warm resume.
   RetainedMemory* retained = nullptr;
   std::chrono::milliseconds handshake_timeout{30000};
+  // Eager and warm: how long the VMM has to ack the memfd handed to it ({"memsnap_mapped":true}).
+  std::chrono::milliseconds ack_timeout{30000};
   bool verify_checksums = true;  // hash every DATA run of the chain before serving
   bool track_writes = true;      // install pages write-protected for WP_ASYNC tracking
   // Warm/eager with tracking: who arms write tracking on the handed-over memfd, and when.
