@@ -566,10 +566,9 @@ TEST_F(MemsnapdTest, ARefusedWarmResumeLeavesTheStoppedVmmAndTheSandboxAsTheyWer
 
 // Resumes sandbox `sb` (paused, its VMM gone) into a misbehaving stand-in: the resume request,
 // then a memsnap-guest with `ack` / `stray_page` that connects to the handshake socket.
-std::unique_ptr<GuestProcess> resume_into_misbehaving_vmm(Daemon& daemon, Sandbox& sb,
-                                                          const std::vector<std::uint32_t>& expected,
-                                                          const std::string& ack, bool stray_page,
-                                                          const json& extra = json::object()) {
+std::unique_ptr<GuestProcess> resume_into_misbehaving_vmm(
+    Daemon& daemon, Sandbox& sb, const std::vector<std::uint32_t>& expected, const std::string& ack,
+    bool stray_page, const json& extra = json::object()) {
   const std::string socket = daemon.dir() + "/" + sb.spec().id + "-misbehaving.uffd";
   json body = extra;
   body["handshake_socket"] = socket;
@@ -604,8 +603,7 @@ TEST_F(MemsnapdTest, AWarmResumeWhoseVmmFailsTheHandOverEndsItAndKeepsNoWarmMemo
   Answer state = call("GET", "/v1/sandboxes/sb-w?wait_while=resuming&timeout_ms=60000");
   ASSERT_TRUE(state.ok()) << state.body.dump();
   EXPECT_EQ(state.body["state"], "paused") << state.body.dump();
-  EXPECT_NE(state.body["last_error"].dump().find("ended"), std::string::npos)
-      << state.body.dump();
+  EXPECT_NE(state.body["last_error"].dump().find("ended"), std::string::npos) << state.body.dump();
   EXPECT_EQ(state.body["warm_memory_kept"], false) << state.body.dump();
   EXPECT_TRUE(ends_within(bad->pid(), std::chrono::seconds(5)))
       << "the VMM whose hand-over failed still runs";

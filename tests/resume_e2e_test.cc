@@ -367,7 +367,6 @@ TEST_F(ResumeE2E, CorruptedBlockIsCaughtByTheGuestWithoutChecksums) {
   }
 }
 
-
 // ---- A VMM that misbehaves after its handshake (memsnap-guest --ack, --stray-page) ----
 
 // Whether process pid has ended (gone, or a zombie nobody reaped yet).
@@ -468,7 +467,8 @@ class MisbehavingVmm : public ResumeE2E {
     std::unique_ptr<GuestProcess> vmm;
     auto session = ResumeSession::prepare(registry_, cold);
     ASSERT_TRUE(session.ok()) << session.error().to_string();
-    EXPECT_EQ((*session)->report().mode, ResumeMode::kBackground) << (*session)->report().mode_reason;
+    EXPECT_EQ((*session)->report().mode, ResumeMode::kBackground)
+        << (*session)->report().mode_reason;
     auto spawned = GuestProcess::spawn(resumed_vmm(cold, "memfd"));
     ASSERT_TRUE(spawned.ok()) << spawned.error().to_string();
     vmm = std::move(*spawned);
