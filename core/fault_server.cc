@@ -505,11 +505,14 @@ void FaultServer::run() {
       }
     }
   }
+  Status failed;
   {
     std::lock_guard<std::mutex> lock(mu_);
     publish_locked();
+    failed = error_;
   }
   filled_cv_.notify_all();
+  if (!failed.ok() && options_.on_error) options_.on_error(failed.error());
 }
 
 }  // namespace memsnap

@@ -31,6 +31,7 @@
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <thread>
@@ -47,6 +48,10 @@ struct FaultServerOptions {
   bool write_protect = false;  // install pages write-protected (WP_ASYNC write tracking)
   int fill_memfd = -1;         // cold memfd: fill this (borrowed) memfd in the background
   std::uint64_t fill_chunk_bytes = 2 * 1024 * 1024;  // background fill step between fault batches
+  // Called once, on the serving thread, when serving stops on an error (the one error() then
+  // returns): the VMM's next fault would block forever, so the owner must end it. Not called
+  // after stop() or when the VMM went away.
+  std::function<void(const Error&)> on_error;
 };
 
 struct FaultStats {
@@ -95,6 +100,7 @@ class FaultServer {
   // so every fault whose VMM thread has already been woken is counted.
   FaultStats stats(bool settle = false) const;
   // The first error that stopped serving (an unexpected ioctl failure); ok while all is well.
+  // FaultServerOptions::on_error is told of it as soon as it happens.
   Status error() const;
   // Blocks until the background fill has finished (or serving stopped), at most timeout.
   Status wait_filled(std::chrono::milliseconds timeout) const;

@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <string_view>
 #include <utility>
 
 #include <spdlog/spdlog.h>
@@ -20,8 +21,6 @@
 
 namespace memsnap {
 namespace {
-
-constexpr std::chrono::milliseconds kAckTimeout{30000};
 
 // Appends b's ranges to a and returns them sorted and merged.
 std::vector<plugin::ByteRange> merged(std::vector<plugin::ByteRange> a,
@@ -145,7 +144,7 @@ ResumeSession::~ResumeSession() { stop(); }
 void ResumeSession::stop() {
   if (arming_.valid()) arming_.wait();
   if (server_) server_->stop();
-  end_vmm_if_running();
+  end_vmm_if_running("memsnap stopped serving its memory while it still ran");
   if (guard_token_ != 0) {
     request_.guard->release(guard_token_);
     guard_token_ = 0;
@@ -158,20 +157,20 @@ bool ResumeSession::vmm_running() const {
   return ::poll(&p, 1, 0) == 0;
 }
 
-bool ResumeSession::end_vmm_if_running() {
-  if (!server_ || !vmm_running()) {
+bool ResumeSession::end_vmm_if_running(std::string_view why) {
+  if (!vmm_running()) {
     vmm_pidfd_.reset();
     return false;
   }
-  // Its memory is no longer served: its next fault would block forever. Firecracker's
+  // Its memory is not served (any more): its next fault would block forever. Firecracker's
   // documentation asks the handler to end the VMM then; the pidfd is the process that connected.
   spdlog::warn(
-      "resume: memsnap stopped serving the memory of VMM pid {} while it still ran: "
-      "ending it (SIGKILL) so that it cannot hang on its next page fault",
-      report_.vmm_pid);
+      "resume: VMM pid {}: {}; ending it (SIGKILL) so that it cannot hang on its next "
+      "page fault",
+      report_.vmm_pid, why);
   const bool sent = ::syscall(SYS_pidfd_send_signal, vmm_pidfd_.get(), SIGKILL, nullptr, 0) == 0;
   vmm_pidfd_.reset();
-  vmm_ended_ = sent;
+  if (sent) vmm_ended_ = true;
   return sent;
 }
 
@@ -193,7 +192,7 @@ Status ResumeSession::hand_over_memfd(int memfd, std::uint64_t generation) {
       !s.ok()) {
     return s;
   }
-  return handshake::wait_mapped_ack(handshake_.connection.get(), kAckTimeout);
+  return handshake::wait_mapped_ack(handshake_.connection.get(), request_.ack_timeout);
 }
 
 Status ResumeSession::accept_and_serve() {
@@ -237,6 +236,24 @@ Status ResumeSession::accept_and_serve() {
     regions_.push_back(region);
   }
 
+  // From here on the VMM has registered its memory with the userfaultfd it sent: if memsnap does
+  // not serve it, whatever went wrong, its first fault blocks forever. End it then, and say so.
+  Status served = hand_over_and_serve(clock, handshake_done);
+  if (served.ok()) return served;
+  Error e = std::move(served).error();
+  const bool had_pidfd = vmm_pidfd_.get() >= 0;
+  const bool ended =
+      end_vmm_if_running("the resume failed after its handshake (" + e.message + ")");
+  e.message += "; VMM pid " + std::to_string(rep.vmm_pid) +
+               (ended       ? " was ended (SIGKILL)"
+                : had_pidfd ? " had exited already"
+                            : " could not be ended (no pidfd)");
+  return e;
+}
+
+Status ResumeSession::hand_over_and_serve(PhaseClock& clock,
+                                          std::chrono::steady_clock::time_point handshake_done) {
+  ResumeReport& rep = report_;
   ResumeMode mode = rep.mode;
   // Background fills the VMM's own memfd; eager and warm hand one over, so only it needs one.
   if (mode == ResumeMode::kBackground && !rep.vmm_memfd) {
@@ -275,7 +292,12 @@ Status ResumeSession::accept_and_serve() {
   } else if (mode == ResumeMode::kWarm) {
     clock.start("hand_over");
     RetainedMemory& kept = *request_.retained;
-    if (Status s = hand_over_memfd(kept.memfd.get(), kept.generation); !s.ok()) return s;
+    if (Status s = hand_over_memfd(kept.memfd.get(), kept.generation); !s.ok()) {
+      // The VMM may hold the memfd now and may have written to it before it failed: it is no
+      // longer any snapshot's image, so it must never be handed to another VMM as one.
+      kept = RetainedMemory{};
+      return s;
+    }
     memfd_ = std::move(kept.memfd);
     kept.snapshot_id.clear();
   } else {
@@ -285,6 +307,17 @@ Status ResumeSession::accept_and_serve() {
     }
   }
 
+  // Serving stops on an error while the VMM runs: its next fault would hang, so end it at once
+  // (on the fault thread; vmm_pidfd_ stays open until stop() has joined that thread).
+  options.on_error = [this, pid = rep.vmm_pid, pidfd = vmm_pidfd_.get()](const Error& e) {
+    spdlog::error(
+        "resume: serving the memory of VMM pid {} failed ({}): ending it (SIGKILL) so "
+        "that it cannot hang on its next page fault",
+        pid, e.to_string());
+    if (pidfd >= 0 && ::syscall(SYS_pidfd_send_signal, pidfd, SIGKILL, nullptr, 0) == 0) {
+      vmm_ended_ = true;
+    }
+  };
   clock.start("serve");
   auto server = FaultServer::start(handshake_.uffd.get(), regions_, chain_, options);
   if (!server.ok()) return std::move(server).error();

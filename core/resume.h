@@ -23,6 +23,7 @@
 
 #include <sys/types.h>
 
+#include <atomic>
 #include <chrono>
 #include <cstdint>
 #include <future>
@@ -42,6 +43,8 @@
 #include "core/vmm_guard.h"
 
 namespace memsnap {
+
+class PhaseClock;
 
 enum class ResumeMode { kLazy, kBackground, kEager, kWarm };
 std::string_view resume_mode_name(ResumeMode mode) noexcept;
@@ -63,6 +66,8 @@ struct ResumeRequest {
   // Memory kept from the pause (warm candidate). Consumed only by a warm resume.
   RetainedMemory* retained = nullptr;
   std::chrono::milliseconds handshake_timeout{30000};
+  // Eager and warm: how long the VMM has to ack the memfd handed to it ({"memsnap_mapped":true}).
+  std::chrono::milliseconds ack_timeout{30000};
   bool verify_checksums = true;  // hash every DATA run of the chain before serving
   // What the chain's headers may claim: the guest size is checked before anything is sized by it.
   ReaderLimits reader_limits;
@@ -156,16 +161,23 @@ class ResumeSession {
   // Stops serving faults. A VMM that still runs then would hang on its next page fault, so it
   // is ended (SIGKILL through a pidfd taken at the handshake, i.e. the process SO_PEERCRED
   // named): stop only after the VMM exited, or when it must end. Idempotent.
+  // The same end comes without stop() when serving cannot go on: accept_and_serve() failing
+  // after the handshake (a wrong or missing ack, a fault server that cannot start; its error
+  // says so), or the fault server stopping on an error while the VMM runs (serve_error()).
   void stop();
   // Whether the VMM that connected still runs.
   bool vmm_running() const;
-  // Whether stop() had to end the VMM.
+  // Whether memsnap ended the VMM (stop(), a failed accept_and_serve(), a fault-server error).
   bool vmm_ended() const { return vmm_ended_; }
 
  private:
   ResumeSession() = default;
   Status hand_over_memfd(int memfd, std::uint64_t generation);
-  bool end_vmm_if_running();
+  // accept_and_serve() once the handshake is in: picks the final mode, fills / hands over the
+  // memory, starts the fault server, probes write tracking.
+  Status hand_over_and_serve(PhaseClock& clock,
+                             std::chrono::steady_clock::time_point handshake_done);
+  bool end_vmm_if_running(std::string_view why);
 
   const PluginRegistry* registry_ = nullptr;
   ResumeRequest request_;
@@ -176,7 +188,8 @@ class ResumeSession {
   std::vector<plugin::Region> regions_;
   io::UniqueFd memfd_;
   io::UniqueFd vmm_pidfd_;
-  bool vmm_ended_ = false;
+  // Also set by the fault thread (FaultServerOptions::on_error).
+  std::atomic<bool> vmm_ended_{false};
   std::uint64_t guard_token_ = 0;  // non-zero while request_.guard holds the VMM
   std::unique_ptr<FaultServer> server_;
   std::vector<plugin::ByteRange> uncommitted_;  // taken by a pause that has not committed yet

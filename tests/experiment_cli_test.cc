@@ -2,6 +2,7 @@
 // flag, interleaved cycles, then the analysis with its Markdown, JSON and SVG.
 #include <unistd.h>
 
+#include <chrono>
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -76,6 +77,47 @@ TEST(ExperimentCli, RunThenReportEveryArm) {
   EXPECT_NE(md.find("hole_punch releases"), std::string::npos) << md;
   EXPECT_NE(md.find("### memory held while paused (`held_memory_bytes`)"), std::string::npos)
       << md;
+  fs::remove_all(dir);
+}
+
+// Output paths are checked before the run starts: an --out that cannot be written fails at
+// once, names the path, and no run happens (it used to run for minutes, say "written to" and
+// exit 0 with no file).
+TEST(ExperimentCli, UnwritableOutputFailsBeforeTheRun) {
+  char templ[] = "/var/tmp/memsnap-experiment-test-XXXXXX";
+  ASSERT_NE(::mkdtemp(templ), nullptr);
+  const std::string dir = templ;
+  const std::string bad = dir + "/no-such-dir/x.json";
+  const auto start = std::chrono::steady_clock::now();
+  const auto run =
+      testing::run_memsnap("experiment run --sandboxes 1 --cycles 1 --size 16M --out " + bad, true);
+  EXPECT_NE(run.exit_code, 0) << run.out;
+  EXPECT_NE(run.out.find(bad), std::string::npos) << run.out;
+  EXPECT_EQ(run.out.find("written to"), std::string::npos) << run.out;
+  EXPECT_EQ(run.out.find("memsnapd pid"), std::string::npos) << "the run started: " << run.out;
+  EXPECT_FALSE(fs::exists(bad));
+  EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(20));
+
+  // A directory given as the output file is refused the same way.
+  const auto to_dir =
+      testing::run_memsnap("experiment run --sandboxes 1 --cycles 1 --size 16M --out " + dir, true);
+  EXPECT_NE(to_dir.exit_code, 0) << to_dir.out;
+  EXPECT_NE(to_dir.out.find(dir), std::string::npos) << to_dir.out;
+  EXPECT_EQ(to_dir.out.find("memsnapd pid"), std::string::npos) << to_dir.out;
+
+  // experiment report: its --out prefix is checked before anything is written, and nothing
+  // claims to be written.
+  const std::string results = dir + "/results.json";
+  std::ofstream(results)
+      << R"({"experiment": {"weights": {"a": 1, "b": 1}}, "operations": [)"
+      << R"({"cycle": 2, "sandbox": "s1", "variant": "a", "pause_seconds": 0.1},)"
+      << R"({"cycle": 2, "sandbox": "s2", "variant": "b", "pause_seconds": 0.2}]})";
+  const std::string bad_prefix = dir + "/no-such-dir/report";
+  const auto report = testing::run_memsnap(
+      "experiment report " + results + " --baseline a --out " + bad_prefix, true);
+  EXPECT_NE(report.exit_code, 0) << report.out;
+  EXPECT_NE(report.out.find(bad_prefix), std::string::npos) << report.out;
+  EXPECT_FALSE(fs::exists(dir + "/no-such-dir"));
   fs::remove_all(dir);
 }
 

@@ -638,6 +638,136 @@ TEST_F(MemsnapdTest, RemovingARunningLazilyServedSandboxNeedsForceAndThenEndsIts
   EXPECT_TRUE(ends_within(vmm, std::chrono::seconds(5)));
 }
 
+// The state letter of process pid in /proc (R, S, T, Z, ...), or 0 when it is gone.
+char process_state(pid_t pid) {
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string text;
+  if (!std::getline(stat, text)) return 0;
+  const auto close = text.rfind(')');
+  return close == std::string::npos || close + 2 >= text.size() ? 0 : text[close + 2];
+}
+
+// A refused request changes nothing: a warm resume of a sandbox that kept no memfd is refused
+// (409 generation_mismatch) before memsnapd touches anything, so the old VMM, stopped by the
+// pause and still served by memsnapd's session, is not ended, and the sandbox stays as it was.
+TEST_F(MemsnapdTest, ARefusedWarmResumeLeavesTheStoppedVmmAndTheSandboxAsTheyWere) {
+  Sandbox& sb = launch("sb-1", "a", "anon");  // process_vm_readv: never keeps a memfd
+  ASSERT_TRUE(sb.pause().ok());
+  ASSERT_TRUE(sb.resume().ok());  // its VMM now runs on memory memsnapd serves
+  const pid_t vmm = sb.vmm()->pid();
+  Answer paused = call("POST", "/v1/sandboxes/sb-1/pause", json::object());  // after: stop
+  ASSERT_TRUE(paused.ok()) << paused.body.dump();
+  ASSERT_EQ(process_state(vmm), 'T');
+  const json before = call("GET", "/v1/sandboxes/sb-1").body;
+  ASSERT_EQ(before["state"], "paused") << before.dump();
+  ASSERT_EQ(before["warm_memory_kept"], false) << before.dump();
+
+  const std::string socket = dir_ + "/refused.sock";
+  Answer refused =
+      call("POST", "/v1/sandboxes/sb-1/resume", {{"handshake_socket", socket}, {"mode", "warm"}});
+  EXPECT_EQ(refused.status, 409) << refused.body.dump();
+  EXPECT_EQ(refused.body["error"]["code"], "generation_mismatch") << refused.body.dump();
+  EXPECT_EQ(process_state(vmm), 'T') << "the refused resume ended the old VMM";
+  const json after = call("GET", "/v1/sandboxes/sb-1").body;
+  for (const char* key : {"state", "vmm_pid", "snapshots", "strategy", "warm_memory_kept",
+                          "last_pause", "last_resume"}) {
+    EXPECT_EQ(after[key], before[key]) << key;
+  }
+  EXPECT_FALSE(fs::exists(socket)) << "the refused resume left its handshake socket";
+
+  // The orchestrator ends the stopped VMM; a resume in the strategy's own mode then works.
+  sb.vmm()->kill();
+  auto resumed = sb.resume();
+  ASSERT_TRUE(resumed.ok()) << resumed.error().to_string();
+  auto bad = sb.verify();
+  ASSERT_TRUE(bad.ok()) << bad.error().to_string();
+  EXPECT_EQ(*bad, 0u);
+}
+
+// Resumes sandbox `sb` (paused, its VMM gone) into a misbehaving stand-in: the resume request,
+// then a memsnap-guest with `ack` / `stray_page` that connects to the handshake socket.
+std::unique_ptr<GuestProcess> resume_into_misbehaving_vmm(
+    Daemon& daemon, Sandbox& sb, const std::vector<std::uint32_t>& expected, const std::string& ack,
+    bool stray_page, const json& extra = json::object()) {
+  const std::string socket = daemon.dir() + "/" + sb.spec().id + "-misbehaving.uffd";
+  json body = extra;
+  body["handshake_socket"] = socket;
+  auto answer = daemon.call("POST", "/v1/sandboxes/" + sb.spec().id + "/resume", body);
+  EXPECT_TRUE(answer.ok() && answer->ok()) << (answer.ok() ? answer->body.dump() : "");
+  GuestOptions go;
+  go.size = sb.spec().size;
+  go.backing = sb.spec().backing;
+  go.seed = sb.spec().seed;
+  go.handshake_socket = socket;
+  go.no_fill = true;
+  go.expect = expected;
+  go.accept_memfd = true;
+  go.ack = ack;
+  go.stray_page = stray_page;
+  auto vmm = GuestProcess::spawn(go);
+  EXPECT_TRUE(vmm.ok()) << vmm.error().to_string();
+  return vmm.ok() ? std::move(*vmm) : nullptr;
+}
+
+// A warm resume whose VMM sends a wrong ack for the memfd handed to it: the resume fails, the
+// sandbox is paused again, that VMM is ended (nothing will serve it), and the memfd it was handed
+// (and may have written) is no longer kept as the snapshot: a warm resume is refused and the
+// next resume is cold, from the chain, and whole.
+TEST_F(MemsnapdTest, AWarmResumeWhoseVmmFailsTheHandOverEndsItAndKeepsNoWarmMemory) {
+  Sandbox& sb = launch("sb-w", "b", "memfd");
+  const std::vector<std::uint32_t> expected = sb.vmm()->expected_generations();
+  ASSERT_TRUE(sb.pause().ok());
+  ASSERT_EQ(call("GET", "/v1/sandboxes/sb-w").body["warm_memory_kept"], true);
+  auto bad = resume_into_misbehaving_vmm(*daemon_, sb, expected, "bad", false);
+  ASSERT_NE(bad, nullptr);
+  Answer state = call("GET", "/v1/sandboxes/sb-w?wait_while=resuming&timeout_ms=60000");
+  ASSERT_TRUE(state.ok()) << state.body.dump();
+  EXPECT_EQ(state.body["state"], "paused") << state.body.dump();
+  EXPECT_NE(state.body["last_error"].dump().find("ended"), std::string::npos) << state.body.dump();
+  EXPECT_EQ(state.body["warm_memory_kept"], false) << state.body.dump();
+  EXPECT_TRUE(ends_within(bad->pid(), std::chrono::seconds(5)))
+      << "the VMM whose hand-over failed still runs";
+
+  Answer warm = call("POST", "/v1/sandboxes/sb-w/resume",
+                     {{"handshake_socket", dir_ + "/warm.sock"}, {"mode", "warm"}});
+  EXPECT_EQ(warm.status, 409) << warm.body.dump();
+  EXPECT_EQ(warm.body["error"]["code"], "generation_mismatch") << warm.body.dump();
+  auto resumed = sb.resume();
+  ASSERT_TRUE(resumed.ok()) << resumed.error().to_string();
+  EXPECT_EQ((*resumed)["mode"], "background") << resumed->dump();
+  auto mismatches = sb.verify();
+  ASSERT_TRUE(mismatches.ok()) << mismatches.error().to_string();
+  EXPECT_EQ(*mismatches, 0u);
+}
+
+// The fault server stops on an error while the sandbox runs (a fault outside every region its
+// VMM announced): the VMM, which could only hang, is ended, and the sandbox leaves `running` for
+// `failed`, saying why, instead of staying `running` on a hung VMM.
+TEST_F(MemsnapdTest, AFaultServerErrorEndsTheVmmAndTheSandboxBecomesFailed) {
+  Sandbox& sb = launch("sb-s", "a", "anon");  // process_vm_readv: resumed lazily
+  const std::vector<std::uint32_t> expected = sb.vmm()->expected_generations();
+  ASSERT_TRUE(sb.pause().ok());
+  auto vmm = resume_into_misbehaving_vmm(*daemon_, sb, expected, "ok", true);
+  ASSERT_NE(vmm, nullptr);
+  Answer state = call("GET", "/v1/sandboxes/sb-s?wait_while=resuming&timeout_ms=60000");
+  ASSERT_EQ(state.body["state"], "running") << state.body.dump();
+  ASSERT_TRUE(vmm->wait_ready(std::chrono::seconds(30)).ok());
+  auto touching = vmm->command("touch-stray");
+  ASSERT_TRUE(touching.ok()) << touching.error().to_string();
+  const bool gone = ends_within(vmm->pid(), std::chrono::seconds(10));
+  EXPECT_TRUE(gone) << "the VMM hangs on a fault nobody serves";
+  if (!gone) vmm->kill();  // else it would never read the exit command
+  state = call("GET", "/v1/sandboxes/sb-s?wait_while=running&timeout_ms=10000");
+  EXPECT_EQ(state.status, 200) << state.body.dump();
+  EXPECT_EQ(state.body["state"], "failed") << state.body.dump();
+  EXPECT_NE(state.body["last_error"].dump().find("outside every guest region"), std::string::npos)
+      << state.body.dump();
+  auto text = daemon_->scrape();
+  ASSERT_TRUE(text.ok()) << text.error().to_string();
+  EXPECT_EQ(sample(*text, R"(memsnap_sandboxes{state="failed"})"), 1);
+  EXPECT_EQ(sample(*text, R"(memsnap_sandboxes{state="running"})"), 0);
+}
+
 // kill -9 of memsnapd in the middle of a diff pause: nothing of that pause becomes visible, the
 // previous generation still restores every page, and a restarted memsnapd removes the
 // temporary file the dead one left.

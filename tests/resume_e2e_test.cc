@@ -10,13 +10,17 @@
 #include <filesystem>
 #include <fstream>
 #include <string>
+#include <thread>
 
 #include <gtest/gtest.h>
 
+#include "core/pause.h"
 #include "core/plugin_host/plugin_registry.h"
+#include "core/resume.h"
 #include "core/snapshot/snapshot_reader.h"
 #include "core/vmm_process.h"
 #include "tools/cycle/cycle.h"
+#include "tools/guest_client/guest_client.h"
 
 namespace memsnap {
 namespace {
@@ -361,6 +365,198 @@ TEST_F(ResumeE2E, CorruptedBlockIsCaughtByTheGuestWithoutChecksums) {
     std::filesystem::remove_all(dir_);
     std::filesystem::create_directories(dir_);
   }
+}
+
+// ---- A VMM that misbehaves after its handshake (memsnap-guest --ack, --stray-page) ----
+
+// Whether process pid has ended (gone, or a zombie nobody reaped yet).
+bool ended(pid_t pid) {
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string text;
+  if (!std::getline(stat, text)) return true;
+  const auto close = text.rfind(')');
+  return close == std::string::npos || close + 2 >= text.size() || text[close + 2] == 'Z' ||
+         text[close + 2] == 'X';
+}
+
+bool ends_within(pid_t pid, std::chrono::milliseconds timeout) {
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (!ended(pid)) {
+    if (std::chrono::steady_clock::now() > deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  return true;
+}
+
+constexpr std::uint64_t kSmallGuest = 16ULL << 20;
+
+class MisbehavingVmm : public ResumeE2E {
+ protected:
+  // A guest paused into one snapshot by `strategy`, its VMM gone; for memfd, the memfd kept for a
+  // warm resume, as memsnapd keeps it.
+  void pause_one(const std::string& strategy, const std::string& backing) {
+    GuestOptions go;
+    go.size = kSmallGuest;
+    go.backing = backing;
+    go.seed = 5;
+    auto guest = GuestProcess::spawn(go);
+    ASSERT_TRUE(guest.ok()) << guest.error().to_string();
+    io::UniqueFd memfd;
+    if (backing == "memfd") {
+      auto taken = take_fd_of_process((*guest)->pid(), (*guest)->memfd_number());
+      ASSERT_TRUE(taken.ok()) << taken.error().to_string();
+      memfd.reset(*taken);
+    }
+    PauseRequest req;
+    req.pid = (*guest)->pid();
+    req.regions = (*guest)->regions();
+    req.memfd = memfd.get();
+    req.guest_size = kSmallGuest;
+    req.strategy = strategy;
+    req.freeze = true;
+    req.stay_frozen = true;
+    req.sync = false;
+    req.out_path = dir_ + "/generation-1.snap";
+    auto paused = pause(registry_, req);
+    ASSERT_TRUE(paused.ok()) << paused.error().to_string();
+    snapshot_ = req.out_path;
+    if (memfd.get() >= 0) {
+      retained_.memfd.reset(::dup(memfd.get()));
+      retained_.snapshot_id = paused->snapshot_id;
+      retained_.generation = paused->generation;
+      retained_.guest_size = kSmallGuest;
+    }
+    expected_ = (*guest)->expected_generations();
+    (*guest)->kill();
+  }
+
+  ResumeRequest request(const std::string& strategy, const std::string& socket_name) {
+    ResumeRequest rr;
+    rr.chain = {snapshot_};
+    rr.socket_path = dir_ + "/" + socket_name;
+    rr.strategy = strategy;
+    rr.retained = &retained_;
+    rr.verify_checksums = false;
+    return rr;
+  }
+
+  GuestOptions resumed_vmm(const ResumeRequest& rr, const std::string& backing) const {
+    GuestOptions go;
+    go.size = kSmallGuest;
+    go.backing = backing;
+    go.seed = 5;
+    go.handshake_socket = rr.socket_path;
+    go.no_fill = true;
+    go.expect = expected_;
+    go.accept_memfd = true;
+    return go;
+  }
+
+  // After a failed hand-over: the kept memfd no longer counts as the snapshot, a warm resume is
+  // refused, and the strategy's own choice (cold, from the chain) restores every page.
+  void expect_next_resume_is_cold_and_whole() {
+    EXPECT_LT(retained_.memfd.get(), 0) << "the memfd a failed VMM was handed is still kept";
+    EXPECT_TRUE(retained_.snapshot_id.empty()) << retained_.snapshot_id;
+    ResumeRequest warm = request("memfd", "warm-again.sock");
+    warm.mode = ResumeMode::kWarm;
+    auto refused = ResumeSession::prepare(registry_, std::move(warm));
+    ASSERT_FALSE(refused.ok()) << "a warm resume from memory a failed VMM held was accepted";
+    EXPECT_EQ(refused.error().code, Errc::kGenerationMismatch) << refused.error().to_string();
+
+    ResumeRequest cold = request("memfd", "cold.sock");
+    std::unique_ptr<GuestProcess> vmm;
+    auto session = ResumeSession::prepare(registry_, cold);
+    ASSERT_TRUE(session.ok()) << session.error().to_string();
+    EXPECT_EQ((*session)->report().mode, ResumeMode::kBackground)
+        << (*session)->report().mode_reason;
+    auto spawned = GuestProcess::spawn(resumed_vmm(cold, "memfd"));
+    ASSERT_TRUE(spawned.ok()) << spawned.error().to_string();
+    vmm = std::move(*spawned);
+    ASSERT_TRUE((*session)->accept_and_serve().ok());
+    ASSERT_TRUE(vmm->wait_ready(std::chrono::seconds(30)).ok());
+    auto bad = vmm->verify();
+    ASSERT_TRUE(bad.ok()) << bad.error().to_string();
+    EXPECT_EQ(*bad, 0u);
+    vmm.reset();
+  }
+
+  std::string snapshot_;
+  RetainedMemory retained_;
+  std::vector<std::uint32_t> expected_;
+};
+
+// A VMM handed the kept memfd answers with a wrong ack: the resume fails, and that VMM, which
+// maps the memfd and whose memory nobody will serve, is ended at once (it used to keep running,
+// and the kept memfd it may have written stayed marked as the snapshot for the next warm resume).
+TEST_F(MisbehavingVmm, AWrongAckEndsTheVmmAndTheKeptMemfdIsNoLongerTheSnapshot) {
+  ASSERT_NO_FATAL_FAILURE(pause_one("memfd", "memfd"));
+  ASSERT_GE(retained_.memfd.get(), 0);
+  std::unique_ptr<GuestProcess> vmm;  // destroyed after the session
+  ResumeRequest rr = request("memfd", "bad-ack.sock");
+  auto session = ResumeSession::prepare(registry_, rr);
+  ASSERT_TRUE(session.ok()) << session.error().to_string();
+  ASSERT_EQ((*session)->report().mode, ResumeMode::kWarm) << (*session)->report().mode_reason;
+  GuestOptions go = resumed_vmm(rr, "memfd");
+  go.ack = "bad";
+  auto spawned = GuestProcess::spawn(go);
+  ASSERT_TRUE(spawned.ok()) << spawned.error().to_string();
+  vmm = std::move(*spawned);
+  const Status served = (*session)->accept_and_serve();
+  ASSERT_FALSE(served.ok());
+  EXPECT_NE(served.error().message.find("ended"), std::string::npos) << served.error().to_string();
+  EXPECT_TRUE(ends_within(vmm->pid(), std::chrono::seconds(5)))
+      << "the VMM whose hand-over failed still runs";
+  EXPECT_TRUE((*session)->vmm_ended());
+  expect_next_resume_is_cold_and_whole();
+}
+
+// The same when the ack never comes (within ResumeRequest::ack_timeout).
+TEST_F(MisbehavingVmm, ALateAckEndsTheVmmAndTheKeptMemfdIsNoLongerTheSnapshot) {
+  ASSERT_NO_FATAL_FAILURE(pause_one("memfd", "memfd"));
+  std::unique_ptr<GuestProcess> vmm;
+  ResumeRequest rr = request("memfd", "late-ack.sock");
+  rr.ack_timeout = std::chrono::milliseconds(300);
+  auto session = ResumeSession::prepare(registry_, rr);
+  ASSERT_TRUE(session.ok()) << session.error().to_string();
+  ASSERT_EQ((*session)->report().mode, ResumeMode::kWarm);
+  GuestOptions go = resumed_vmm(rr, "memfd");
+  go.ack = "none";
+  auto spawned = GuestProcess::spawn(go);
+  ASSERT_TRUE(spawned.ok()) << spawned.error().to_string();
+  vmm = std::move(*spawned);
+  const Status served = (*session)->accept_and_serve();
+  ASSERT_FALSE(served.ok());
+  EXPECT_EQ(served.error().code, Errc::kHandshakeTimeout) << served.error().to_string();
+  EXPECT_TRUE(ends_within(vmm->pid(), std::chrono::seconds(5)))
+      << "the VMM that never acked still runs";
+  expect_next_resume_is_cold_and_whole();
+}
+
+// The fault server stops on an error while the VMM runs (here: a fault outside every region the
+// VMM announced). The VMM could only hang on its next fault: it is ended, and the session says
+// why.
+TEST_F(MisbehavingVmm, AFaultServerErrorEndsTheVmmInsteadOfLeavingItHanging) {
+  ASSERT_NO_FATAL_FAILURE(pause_one("process_vm_readv", "anon"));
+  std::unique_ptr<GuestProcess> vmm;
+  ResumeRequest rr = request("process_vm_readv", "stray.sock");
+  auto session = ResumeSession::prepare(registry_, rr);
+  ASSERT_TRUE(session.ok()) << session.error().to_string();
+  GuestOptions go = resumed_vmm(rr, "anon");
+  go.stray_page = true;
+  auto spawned = GuestProcess::spawn(go);
+  ASSERT_TRUE(spawned.ok()) << spawned.error().to_string();
+  vmm = std::move(*spawned);
+  ASSERT_TRUE((*session)->accept_and_serve().ok());
+  ASSERT_TRUE(vmm->wait_ready(std::chrono::seconds(30)).ok());
+  ASSERT_EQ((*session)->report().mode, ResumeMode::kLazy);
+  auto touching = vmm->command("touch-stray");
+  ASSERT_TRUE(touching.ok()) << touching.error().to_string();
+  ASSERT_EQ((*touching).value("touching", false), true) << touching->dump();
+  EXPECT_TRUE(ends_within(vmm->pid(), std::chrono::seconds(5)))
+      << "the VMM hangs on a fault nobody serves";
+  EXPECT_FALSE((*session)->serve_error().ok());
+  EXPECT_TRUE((*session)->vmm_ended());
+  EXPECT_FALSE((*session)->vmm_running());
 }
 
 }  // namespace

@@ -117,6 +117,11 @@ Result<std::unique_ptr<GuestProcess>> GuestProcess::spawn(const GuestOptions& o)
     args.push_back(o.handshake_socket);
     if (o.accept_memfd) args.push_back("--accept-memfd");
     if (!o.track_writes) args.push_back("--no-track-writes");
+    if (o.ack != "ok") {
+      args.push_back("--ack");
+      args.push_back(o.ack);
+    }
+    if (o.stray_page) args.push_back("--stray-page");
   }
   std::vector<char*> argv;
   for (auto& a : args) argv.push_back(a.data());

@@ -43,6 +43,12 @@ struct GuestOptions {
   bool accept_memfd = false;
   // Register for asynchronous write-protect tracking (UFFD_FEATURE_WP_ASYNC) if the kernel can.
   bool track_writes = true;
+  // A misbehaving VMM (memsnap-guest --ack, --stray-page): how it answers a handed memfd ("ok",
+  // "bad": a wrong ack, "none": never), and one registered page outside every region, read by
+  // the command `touch-stray` (answers {"touching":true} first, then blocks on a fault nobody
+  // can serve).
+  std::string ack = "ok";
+  bool stray_page = false;
 };
 
 // memsnap-guest next to the running executable, else in $MEMSNAP_BIN_DIR.

@@ -1,11 +1,15 @@
 #include "tools/memsnap/cli.h"
 
 #include <stdlib.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <cerrno>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <filesystem>
+#include <fstream>
 #include <stdexcept>
 
 namespace memsnap::cli {
@@ -101,6 +105,36 @@ std::string work_dir(const std::string& keep, const std::string& prefix) {
     return {};
   }
   return templ;
+}
+
+std::string output_path_problem(const std::string& path) {
+  namespace fs = std::filesystem;
+  if (path.empty()) return "an empty output path";
+  std::error_code ec;
+  if (fs::is_directory(path, ec)) return "cannot write " + path + ": it is a directory";
+  const fs::path dir = fs::path(path).has_parent_path() ? fs::path(path).parent_path() : ".";
+  if (!fs::is_directory(dir, ec)) {
+    return "cannot write " + path + ": " + dir.string() + " is not an existing directory";
+  }
+  if (::access(dir.c_str(), W_OK | X_OK) != 0) {
+    return "cannot write " + path + ": " + dir.string() + ": " + std::strerror(errno);
+  }
+  if (fs::exists(path, ec) && ::access(path.c_str(), W_OK) != 0) {
+    return "cannot write " + path + ": " + std::strerror(errno);
+  }
+  return {};
+}
+
+bool write_output_file(const std::string& path, const std::string& text) {
+  errno = 0;
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  if (out) out.write(text.data(), static_cast<std::streamsize>(text.size()));
+  if (out) out.close();
+  if (out) return true;
+  const int err = errno;
+  std::fprintf(stderr, "memsnap: cannot write %s%s%s\n", path.c_str(), err != 0 ? ": " : "",
+               err != 0 ? std::strerror(err) : "");
+  return false;
 }
 
 std::string plugin_dir(Args& args) {

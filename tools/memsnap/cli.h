@@ -41,6 +41,14 @@ std::string format_bytes(double bytes);
 // /var/tmp/<prefix>-XXXXXX the caller removes. Empty (after printing why) on failure.
 std::string work_dir(const std::string& keep, const std::string& prefix);
 
+// A file a command will write (--out and the like), checked before the command does any work:
+// its directory must exist and be writable, and the path must not be a directory. Empty when it
+// can be written, else why not (naming the path).
+std::string output_path_problem(const std::string& path);
+// Writes text to path, replacing it, and checks every step; false after printing
+// "memsnap: cannot write PATH: why" (never a "written to" for a file that is not there).
+bool write_output_file(const std::string& path, const std::string& text);
+
 // The plugin directory: --plugin-dir, else $MEMSNAP_PLUGIN_DIR, else <exe>/../lib/memsnap/plugins.
 std::string plugin_dir(Args& args);
 // Loads it; exits with a message if the directory itself is unusable.

@@ -70,7 +70,7 @@ int cmd_demo(Args& args) {
   std::string flags_file = flags_given;
   if (flags_file.empty()) {
     flags_file = dir + "/flags.yaml";
-    std::ofstream(flags_file) << kSplitFlag;
+    if (!write_output_file(flags_file, kSplitFlag)) return 1;
   }
   fleet::DaemonOptions dopt;
   dopt.dir = dir;

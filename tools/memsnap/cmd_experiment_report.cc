@@ -216,11 +216,6 @@ int cmd_experiment_report(Args& args) {
     for (const auto& [name, w] : weights.items()) spec.arms.push_back({name, w.get<double>()});
     if (!arms_text.empty()) spec.arms = parse_arms(arms_text);
   }
-  auto report = ex::build_report(records, spec);
-  if (!report.ok()) {
-    std::fprintf(stderr, "memsnap experiment report: %s\n", report.error().to_string().c_str());
-    return 1;
-  }
   const std::string prefix =
       !out_prefix.empty() ? out_prefix
       : prometheus.empty()
@@ -228,10 +223,22 @@ int cmd_experiment_report(Args& args) {
              std::filesystem::path(files[0]).stem())
                     .string() + "-report"
           : std::string("experiment-prometheus-report");
+  for (const char* ext : {".json", ".md", ".svg"}) {
+    if (const std::string why = output_path_problem(prefix + ext); !why.empty()) {
+      throw std::invalid_argument("--out: " + why);
+    }
+  }
+  auto report = ex::build_report(records, spec);
+  if (!report.ok()) {
+    std::fprintf(stderr, "memsnap experiment report: %s\n", report.error().to_string().c_str());
+    return 1;
+  }
   const json j = ex::to_json(*report);
-  std::ofstream(prefix + ".json") << j.dump(2) << "\n";
-  std::ofstream(prefix + ".md") << ex::to_markdown(*report);
-  std::ofstream(prefix + ".svg") << ex::render_svg(*report);
+  if (!write_output_file(prefix + ".json", j.dump(2) + "\n") ||
+      !write_output_file(prefix + ".md", ex::to_markdown(*report)) ||
+      !write_output_file(prefix + ".svg", ex::render_svg(*report))) {
+    return 1;
+  }
   if (json_out) {
     std::printf("%s\n", j.dump(2).c_str());
   } else {

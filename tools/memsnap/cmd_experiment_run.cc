@@ -122,11 +122,15 @@ int cmd_experiment_run(Args& args) {
   if (metrics_port < 0 || metrics_port > 65535) throw std::invalid_argument("--metrics-port");
   if (sandboxes < 1 || cycles < 1) throw std::invalid_argument("--sandboxes and --cycles >= 1");
   if (backing != "memfd" && backing != "anon") throw std::invalid_argument("--backing memfd|anon");
+  // Before the run, not after minutes of it.
+  if (const std::string why = output_path_problem(out_path); !why.empty()) {
+    throw std::invalid_argument("--out: " + why + " (nothing was run)");
+  }
 
   const std::string dir = work_dir(keep, "memsnap-experiment");
   if (dir.empty()) return 1;
   const std::string flags_file = dir + "/flags.yaml";
-  std::ofstream(flags_file) << split_flag(arms);
+  if (!write_output_file(flags_file, split_flag(arms))) return 1;
   fleet::DaemonOptions dopt;
   dopt.dir = dir;
   dopt.flags_file = flags_file;
@@ -248,9 +252,11 @@ int cmd_experiment_run(Args& args) {
                                     .count()}}},
                   {"operations", operations},
                   {"failures", failures}};
-  std::ofstream(out_path) << results.dump(1) << "\n";
-  std::fprintf(stderr, "%zu operations (%d failed) written to %s\n", operations.size(), failures,
-               out_path.c_str());
+  const bool written = write_output_file(out_path, results.dump(1) + "\n");
+  if (written) {
+    std::fprintf(stderr, "%zu operations (%d failed) written to %s\n", operations.size(), failures,
+                 out_path.c_str());
+  }
   if (metrics_port != 0) {
     // A scraper set up for this port takes its last samples before memsnapd goes.
     std::this_thread::sleep_for(std::chrono::seconds(5));
@@ -258,7 +264,7 @@ int cmd_experiment_run(Args& args) {
   fleet_.clear();
   d.stop(SIGTERM, std::chrono::seconds(30));
   if (keep.empty()) std::filesystem::remove_all(dir);
-  return failures ? 1 : 0;
+  return failures > 0 || !written ? 1 : 0;
 }
 
 }  // namespace memsnap::cli

@@ -118,6 +118,22 @@ Result<std::vector<plugin::ByteRange>> ranges_of(const json& v, const char* name
 
 bool process_alive(pid_t pid) { return pid > 0 && (::kill(pid, 0) == 0 || errno == EPERM); }
 
+// A running sandbox whose fault server stopped on an error: its session ended the VMM (whose
+// next fault could only hang, ResumeSession), so the sandbox is failed, saying why, instead of
+// staying running on a VMM that is gone. Its chain is untouched. True if it failed now.
+bool fail_if_serving_failed_locked(Sandbox& sb) {
+  if (!sb.session) return false;
+  const Status serving = sb.session->serve_error();
+  if (serving.ok()) return false;
+  sb.session->stop();  // releases the guard; ends the VMM if it still runs
+  sb.state = "failed";
+  sb.last_error = "serving the guest memory stopped on an error (" + serving.error().to_string() +
+                  "); VMM pid " + std::to_string(sb.vmm_pid) +
+                  (sb.session->vmm_ended() ? " was ended" : " had exited");
+  spdlog::error("sandbox {} failed: {}", sb.id, sb.last_error);
+  return true;
+}
+
 json phases_json(const std::vector<PhaseTiming>& phases) {
   json out = json::object();
   for (const auto& p : phases) out[p.name] = p.wall_seconds;
@@ -231,14 +247,19 @@ ServiceSettings SandboxService::settings() const {
 
 void SandboxService::poll() {
   std::shared_ptr<flags::FlagStore> store;
+  bool failed = false;
   {
     std::lock_guard lock(mu_);
     store = flags_;
     // Only running sandboxes: a pause or resume in flight owns its sandbox's session.
     for (auto& [id, sb] : sandboxes_) {
-      if (sb->state == "running") flush_fault_stats_locked(*sb);
+      if (sb->state != "running") continue;
+      flush_fault_stats_locked(*sb);
+      failed = fail_if_serving_failed_locked(*sb) || failed;
     }
+    if (failed) publish_states_locked();
   }
+  if (failed) changed_.notify_all();
   if (!store) return;
   const auto stats = store->stats();
   std::lock_guard lock(mu_);
@@ -980,16 +1001,6 @@ Result<json> SandboxService::resume(const std::string& id, const json& body) {
                             "no free resume slot: the concurrency limit was reached and "
                             "stayed so for the queue timeout");
   }
-  // The old VMM is gone (or frozen for good): its session has nothing left to serve.
-  std::unique_ptr<ResumeSession> old;
-  {
-    std::lock_guard lock(mu_);
-    flush_fault_stats_locked(*sb);
-    old = std::move(sb->session);
-  }
-  if (old) old->stop();
-  old.reset();
-
   ResumeRequest rr;
   rr.chain = sb->chain;
   rr.socket_path = *socket;
@@ -1017,6 +1028,19 @@ Result<json> SandboxService::resume(const std::string& id, const json& body) {
     changed_.notify_all();
     return std::move(prepared).error();
   }
+  // Everything is checked (prepare refuses a warm resume without the kept memfd, a chain that
+  // fails verification, a socket it cannot listen on): only now is the old session let go. Its
+  // VMM is gone or stopped for good, and it has nothing left to serve; a VMM that still runs is
+  // ended by stop(). A refused resume never gets here, so it ends nothing.
+  std::unique_ptr<ResumeSession> old;
+  {
+    std::lock_guard lock(mu_);
+    flush_fault_stats_locked(*sb);
+    old = std::move(sb->session);
+  }
+  if (old) old->stop();
+  old.reset();
+
   const std::string mode_chosen(resume_mode_name((*prepared)->report().mode));
   {
     std::lock_guard lock(mu_);

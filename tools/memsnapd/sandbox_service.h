@@ -13,6 +13,9 @@
 //                                                          failed (the VMM is gone)
 //   paused   --resume--> resuming --VMM handshake ok-->    running (the new VMM)
 //                                 --error / timeout-->     paused (the chain is untouched)
+//   running  --serving its memory stopped on an error (poll())-->  failed (the VMM was ended)
+// A refused pause or resume changes nothing: every precondition is checked before anything is
+// done (a resume lets go of the old VMM's session only once it has been accepted).
 // Registering a running VMM gives running; registering a snapshot chain gives paused.
 // A sandbox is operated on by one pause or resume at a time (a second one gets kBusy); every
 // snapshot path is confined to the snapshot directory; nothing is committed unless the whole

@@ -28,6 +28,14 @@
 //                       mapped MAP_FIXED over the regions, registered for write tracking, becomes
 //                       the guest's memfd (same fd number when there was one), and is acked
 //   --no-track-writes   no UFFD_FEATURE_WP_ASYNC / UFFDIO_REGISTER_MODE_WP
+// A misbehaving VMM, for the tests of what memsnap does then:
+//   --ack ok|bad|none   with --accept-memfd: after mapping a handed memfd, ack it (ok, the
+//                       default), send a wrong ack (bad), or never ack (none); the guest runs on
+//                       either way
+//   --stray-page        also register one page outside every region it announces; the command
+//                       `touch-stray` answers {"touching":true}, then reads that page (a fault
+//                       nobody can serve: memsnap's fault server stops on it) and answers
+//                       {"touched":true} if the read ever returns
 #include <fcntl.h>
 #include <linux/userfaultfd.h>
 #include <signal.h>
@@ -82,6 +90,8 @@ struct Options {
   std::string expect_file;
   bool accept_memfd = false;
   bool track_writes = true;
+  std::string ack = "ok";
+  bool stray_page = false;
 };
 
 [[noreturn]] void usage(const std::string& why) {
@@ -159,6 +169,10 @@ Options parse_args(int argc, char** argv) {
       o.accept_memfd = true;
     else if (a == "--no-track-writes")
       o.track_writes = false;
+    else if (a == "--ack")
+      o.ack = next();
+    else if (a == "--stray-page")
+      o.stray_page = true;
     else
       usage("unknown argument " + a);
   }
@@ -168,6 +182,8 @@ Options parse_args(int argc, char** argv) {
     usage("bad --regions");
   if (!o.expect_file.empty() && !o.no_fill) usage("--expect needs --no-fill");
   if (o.accept_memfd && o.handshake.empty()) usage("--accept-memfd needs --handshake");
+  if (o.ack != "ok" && o.ack != "bad" && o.ack != "none") usage("--ack is ok, bad or none");
+  if (o.stray_page && o.handshake.empty()) usage("--stray-page needs --handshake");
   return o;
 }
 
@@ -368,6 +384,13 @@ class Guest {
     return {{"discarded", count}};
   }
 
+  // --stray-page: reads the page no region holds (blocks until someone serves it, if ever).
+  bool has_stray() const { return stray_ != nullptr; }
+  void touch_stray() const {
+    const volatile char* p = stray_;
+    [[maybe_unused]] const char c = *p;
+  }
+
  private:
   void setup_userfaultfd() {
     // Shared-memory features whenever the guest is or may become (--accept-memfd) memfd-backed:
@@ -397,6 +420,12 @@ class Guest {
                                (memfd_ >= 0 ? UFFDIO_REGISTER_MODE_MINOR : 0) |
                                (wp_async_ ? UFFDIO_REGISTER_MODE_WP : 0);
     for (const auto& r : regions_) register_range(r, mode);
+    if (o_.stray_page) {
+      void* p = mmap(nullptr, kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+      if (p == MAP_FAILED) die_errno("mmap of the stray page");
+      stray_ = static_cast<char*>(p);
+      register_range({0, stray_, kPage}, UFFDIO_REGISTER_MODE_MISSING);
+    }
   }
 
   void register_range(const Region& r, std::uint64_t mode) const {
@@ -450,6 +479,12 @@ class Guest {
     }
     backing_ = "memfd";
     memfd_from_memsnap_ = true;
+    if (o_.ack == "none") return;
+    if (o_.ack == "bad") {
+      const char bad[] = "{\"memsnap_mapped\":false}";
+      if (write(connection_.get(), bad, sizeof(bad) - 1) < 0) die_errno("bad ack");
+      return;
+    }
     if (auto s = memsnap::handshake::send_mapped_ack(connection_.get()); !s.ok()) {
       die("memsnap mapped ack: " + s.error().to_string());
     }
@@ -470,6 +505,7 @@ class Guest {
   std::vector<Region> regions_;
   std::vector<std::uint32_t> expected_;
   std::uint64_t generation_ = 0;
+  char* stray_ = nullptr;  // --stray-page
   int uffd_ = -1;  // kept open for the life of the process, like Firecracker; never read here
   std::uint64_t features_ = 0;
   bool wp_async_ = false;
@@ -510,6 +546,14 @@ int main(int argc, char** argv) {
         continue;
       }
       std::cout << guest.discard(first, count).dump() << std::endl;
+    } else if (cmd == "touch-stray") {
+      if (!guest.has_stray()) {
+        std::cout << json{{"error", "touch-stray needs --stray-page"}}.dump() << std::endl;
+        continue;
+      }
+      std::cout << json{{"touching", true}}.dump() << std::endl;
+      guest.touch_stray();
+      std::cout << json{{"touched", true}}.dump() << std::endl;
     } else if (cmd == "ping") {
       std::cout << guest.ping().dump() << std::endl;
     } else if (cmd == "exit") {
