@@ -584,6 +584,10 @@ const std::vector<Field>& schema() {
       // sun_path holds 108 bytes with the terminating NUL.
       field("control", "socket", false, &DC::control, &ControlConfig::socket,
             PathCodec{.absolute_required = true, .not_root = true, .max_length = 107}),
+      // Handshake sockets are <directory>/<name> (sun_path: 107 bytes for the whole path).
+      field("control", "handshake_directory", false, &DC::control,
+            &ControlConfig::handshake_directory,
+            PathCodec{.absolute_required = true, .not_root = true, .max_length = 80}),
       field("control", "mode", false, &DC::control, &ControlConfig::mode, ModeCodec{}),
       field("control", "group", false, &DC::control, &ControlConfig::group,
             StringCodec{check_group}),
@@ -601,6 +605,8 @@ const std::vector<Field>& schema() {
             &LimitsConfig::max_concurrent_resumes, IntCodec<int>{1, 1024}),
       field("limits", "handshake_timeout_ms", true, &DC::limits, &LimitsConfig::handshake_timeout,
             MillisCodec{1, 3'600'000}),
+      field("limits", "max_sandboxes", true, &DC::limits, &LimitsConfig::max_sandboxes,
+            IntCodec<int>{1, 1'000'000}),
       field("strategy", "fallback", true, &DC::strategy, &StrategyConfig::fallback,
             StringCodec{check_plugin_name}),
       field("strategy", "allow_fallback", true, &DC::strategy, &StrategyConfig::allow_fallback,

@@ -82,6 +82,10 @@ std::string_view errc_name(Errc code) noexcept {
       return "timeout";
     case Errc::kSandboxNotFound:
       return "sandbox_not_found";
+    case Errc::kForbidden:
+      return "forbidden";
+    case Errc::kLimitReached:
+      return "limit_reached";
   }
   return "unknown";
 }

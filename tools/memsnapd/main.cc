@@ -106,6 +106,7 @@ ServiceSettings settings_of(const config::DaemonConfig& c) {
   s.max_concurrent_pauses = c.limits.max_concurrent_pauses;
   s.max_concurrent_resumes = c.limits.max_concurrent_resumes;
   s.handshake_timeout = c.limits.handshake_timeout;
+  s.max_sandboxes = static_cast<std::size_t>(c.limits.max_sandboxes);
   s.fallback_strategy = c.strategy.fallback;
   s.allow_fallback = c.strategy.allow_fallback;
   s.strategy_flag = c.flags.strategy_flag;
@@ -217,6 +218,7 @@ int run(int argc, char** argv) {
 
   ServiceOptions so;
   so.snapshot_dir = cfg.snapshots.directory;
+  so.handshake_dir = cfg.control.handshake_directory;
   so.settings = settings_of(cfg);
   so.guard = guard->get();
   auto created = SandboxService::create(registry, metrics, so);
