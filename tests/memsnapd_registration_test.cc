@@ -486,6 +486,15 @@ TEST_F(RegistrationTest, AHandshakeDirectoryOthersMayWriteIsRefusedAtStart) {
   std::ifstream log(dir_ + "/memsnapd.log");
   const std::string text((std::istreambuf_iterator<char>(log)), std::istreambuf_iterator<char>());
   EXPECT_NE(text.find("writable by nobody else"), std::string::npos) << text;
+  // A directory of its own, but inside one others may write to (and rename it in).
+  const std::string inner = open_dir + "/inner";
+  ASSERT_EQ(::mkdir(inner.c_str(), 0755), 0);
+  o.overrides = {"control.handshake_directory=" + inner};
+  auto d2 = Daemon::start(o);
+  EXPECT_FALSE(d2.ok());
+  std::ifstream log2(dir_ + "/memsnapd.log");
+  const std::string text2((std::istreambuf_iterator<char>(log2)), std::istreambuf_iterator<char>());
+  EXPECT_NE(text2.find("which others may change"), std::string::npos) << text2;
 }
 
 }  // namespace

@@ -186,6 +186,57 @@ metrics::FallbackReason fallback_reason_of(const std::string& code) {
   return metrics::FallbackReason::kOther;
 }
 
+// The handshake directory, created if missing, canonical; refused unless nobody but memsnapd's
+// uid may change it or a directory on the way to it.
+Result<std::string> prepare_handshake_dir(const std::string& handshake) {
+  // The handshake directory: sockets are created, replaced and removed in it by name, as root,
+  // so nobody else may write to it (nor to a directory it resolves through: it is resolved once,
+  // here, and must be ours).
+  if (handshake.empty() || handshake.front() != '/') {
+    return make_error(Errc::kInvalidArgument,
+                      "the handshake directory must be absolute: \"" + handshake + "\"");
+  }
+  if (::mkdir(handshake.c_str(), 0755) != 0 && errno != EEXIST) {
+    return make_error(Errc::kIoError, io::errno_message("cannot create the handshake directory " +
+                                                        handshake, errno));
+  }
+  std::error_code ec;
+  const fs::path handshake_canonical = fs::canonical(handshake, ec);
+  struct stat hst {};
+  if (ec || ::lstat(handshake_canonical.c_str(), &hst) != 0 || !S_ISDIR(hst.st_mode)) {
+    return make_error(Errc::kIoError, "cannot resolve the handshake directory " + handshake);
+  }
+  if (hst.st_uid != ::geteuid() || (hst.st_mode & 022) != 0) {
+    return make_error(Errc::kInvalidArgument,
+                      "the handshake directory " + handshake_canonical.string() +
+                          " must belong to memsnapd's uid and be writable by nobody else (it is "
+                          "uid " + std::to_string(hst.st_uid) + ", mode " +
+                          [&] {
+                            char m[8];
+                            std::snprintf(m, sizeof(m), "%04o", hst.st_mode & 07777);
+                            return std::string(m);
+                          }() +
+                          ")");
+  }
+  // Nor may anyone else rename or replace a directory on the way to it (a sticky, world-writable
+  // /tmp is fine: only its owner may rename an entry there).
+  for (fs::path up = handshake_canonical.parent_path();; up = up.parent_path()) {
+    struct stat ust {};
+    if (::lstat(up.c_str(), &ust) != 0) {
+      return make_error(Errc::kIoError, io::errno_message("lstat " + up.string(), errno));
+    }
+    const bool others_write = (ust.st_mode & 022) != 0 && (ust.st_mode & S_ISVTX) == 0;
+    if (others_write || (ust.st_uid != 0 && ust.st_uid != ::geteuid())) {
+      return make_error(Errc::kInvalidArgument,
+                        "the handshake directory " + handshake_canonical.string() +
+                            " lies in " + up.string() +
+                            ", which others may change: it must be writable by nobody else");
+    }
+    if (up == up.parent_path()) break;
+  }
+  return handshake_canonical.string();
+}
+
 }  // namespace
 
 const std::vector<std::string>& sandbox_states() {
@@ -230,41 +281,14 @@ Result<std::unique_ptr<SandboxService>> SandboxService::create(const PluginRegis
     return make_error(Errc::kIoError, "cannot resolve the snapshot directory " +
                                           options.snapshot_dir + ": " + ec.message());
   }
-  // The handshake directory: sockets are created, replaced and removed in it by name, as root,
-  // so nobody else may write to it (nor to a directory it resolves through: it is resolved once,
-  // here, and must be ours).
-  const std::string handshake = options.handshake_dir.empty()
-                                    ? (canonical.parent_path() / "handshake").string()
-                                    : options.handshake_dir;
-  if (handshake.empty() || handshake.front() != '/') {
-    return make_error(Errc::kInvalidArgument,
-                      "the handshake directory must be absolute: \"" + handshake + "\"");
-  }
-  if (::mkdir(handshake.c_str(), 0755) != 0 && errno != EEXIST) {
-    return make_error(Errc::kIoError, io::errno_message("cannot create the handshake directory " +
-                                                        handshake, errno));
-  }
-  const fs::path handshake_canonical = fs::canonical(handshake, ec);
-  struct stat hst {};
-  if (ec || ::lstat(handshake_canonical.c_str(), &hst) != 0 || !S_ISDIR(hst.st_mode)) {
-    return make_error(Errc::kIoError, "cannot resolve the handshake directory " + handshake);
-  }
-  if (hst.st_uid != ::geteuid() || (hst.st_mode & 022) != 0) {
-    return make_error(Errc::kInvalidArgument,
-                      "the handshake directory " + handshake_canonical.string() +
-                          " must belong to memsnapd's uid and be writable by nobody else (it is "
-                          "uid " + std::to_string(hst.st_uid) + ", mode " +
-                          [&] {
-                            char m[8];
-                            std::snprintf(m, sizeof(m), "%04o", hst.st_mode & 07777);
-                            return std::string(m);
-                          }() +
-                          ")");
-  }
+  auto handshake_canonical = prepare_handshake_dir(
+      options.handshake_dir.empty() ? (canonical.parent_path() / "handshake").string()
+                                    : options.handshake_dir);
+  if (!handshake_canonical.ok()) return std::move(handshake_canonical).error();
   std::unique_ptr<SandboxService> service(
       new SandboxService(registry, metrics, std::move(options)));
   service->snapshot_dir_ = canonical.string();
-  service->handshake_dir_ = handshake_canonical.string();
+  service->handshake_dir_ = *handshake_canonical;
   {
     std::lock_guard lock(service->mu_);
     service->publish_states_locked();
