@@ -584,6 +584,10 @@ const std::vector<Field>& schema() {
       // sun_path holds 108 bytes with the terminating NUL.
       field("control", "socket", false, &DC::control, &ControlConfig::socket,
             PathCodec{.absolute_required = true, .not_root = true, .max_length = 107}),
+      // Handshake sockets are <directory>/<name> (sun_path: 107 bytes for the whole path).
+      field("control", "handshake_directory", false, &DC::control,
+            &ControlConfig::handshake_directory,
+            PathCodec{.absolute_required = true, .not_root = true, .max_length = 80}),
       field("control", "mode", false, &DC::control, &ControlConfig::mode, ModeCodec{}),
       field("control", "group", false, &DC::control, &ControlConfig::group,
             StringCodec{check_group}),
@@ -603,6 +607,8 @@ const std::vector<Field>& schema() {
             MillisCodec{1, 3'600'000}),
       field("limits", "max_guest_size", true, &DC::limits, &LimitsConfig::max_guest_size,
             IntCodec<std::uint64_t>{4096, std::int64_t{1} << 50}),
+      field("limits", "max_sandboxes", true, &DC::limits, &LimitsConfig::max_sandboxes,
+            IntCodec<int>{1, 1'000'000}),
       field("strategy", "fallback", true, &DC::strategy, &StrategyConfig::fallback,
             StringCodec{check_plugin_name}),
       field("strategy", "allow_fallback", true, &DC::strategy, &StrategyConfig::allow_fallback,

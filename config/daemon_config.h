@@ -11,6 +11,7 @@
 //   flags.strategy_flag        string        memory-export-strategy
 //   snapshots.directory        absolute path /var/lib/memsnap/snapshots
 //   control.socket             absolute path /run/memsnap/memsnapd.sock
+//   control.handshake_directory absolute path /run/memsnap/handshake (resume sockets go here)
 //   control.mode               octal text    "0600"
 //   control.group              group name    ""  = the daemon's group
 //   control.allowed_uids       [uid, ...]    []  (root and the daemon's own uid always allowed)
@@ -21,6 +22,7 @@
 //   limits.max_concurrent_resumes  integer   4
 //   limits.handshake_timeout_ms    integer   10000
 //   limits.max_guest_size          integer   1099511627776 (bytes, 1 TiB)
+//   limits.max_sandboxes           integer   4096
 //   strategy.fallback          plugin name   process_vm_readv
 //   strategy.allow_fallback    bool          true
 //   logging.level              trace|debug|info|warn|error|critical|off   info
@@ -85,6 +87,8 @@ struct SnapshotsConfig {
 
 struct ControlConfig {
   std::string socket = "/run/memsnap/memsnapd.sock";  // at most 107 bytes (sun_path)
+  // Resumes' handshake sockets are names in it; memsnapd's uid's, writable by nobody else.
+  std::string handshake_directory = "/run/memsnap/handshake";  // at most 80 bytes
   std::uint32_t mode = 0600;                          // permission bits, 0..0777
   std::string group;                                  // "" = leave the socket's group alone
   std::vector<std::uint32_t> allowed_uids;            // besides root and the daemon's own uid
@@ -108,6 +112,7 @@ struct LimitsConfig {
   // snapshot files are hostile input, and a header is checked against this before anything is
   // sized by it.
   std::uint64_t max_guest_size = std::uint64_t{1} << 40;
+  int max_sandboxes = 4096;                            // registered at once, 1..1000000
   bool operator==(const LimitsConfig&) const = default;
 };
 

@@ -10,6 +10,7 @@
 #include <string>
 
 #include "core/base/file_io.h"
+#include "core/vmm_identity.h"
 
 namespace memsnap {
 namespace {
@@ -216,6 +217,11 @@ Result<std::vector<ByteRange>> populated_ranges_of_process(pid_t pid,
                                                            std::uint64_t block_size,
                                                            ScanStats* stats_out,
                                                            ScanMethod method) {
+  // The pagemap reports nothing for an unmapped range, which would read as "nothing populated"
+  // and export as zeros: a range the process does not map is an error.
+  if (Status mapped = check_regions_mapped(pid, regions); !mapped.ok()) {
+    return std::move(mapped).error();
+  }
   auto opened = open_pagemap(pid);
   if (!opened.ok()) return std::move(opened).error();
   const io::UniqueFd fd = std::move(*opened);

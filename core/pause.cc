@@ -144,10 +144,17 @@ Error keep_stopped_if_at_risk(std::optional<Freezer>& frozen, Error error) {
 
 // A new open file description of the same memfd. Strategies and the dirty-set scan move the file
 // position with lseek(SEEK_DATA/SEEK_HOLE); on the caller's descriptor, which may share its
-// description with the VMM's own (pidfd_getfd), that would move the VMM's position too.
+// description with the VMM's own (pidfd_getfd), that would move the VMM's position too. It has
+// the access mode fd has, never more: a read-only fd stays read-only (a strategy that writes or
+// punches then fails with EBADF instead of writing to a file the VMM could only read).
 Result<int> reopen_privately(int fd) {
   const std::string path = "/proc/self/fd/" + std::to_string(fd);
-  const int copy = ::open(path.c_str(), O_RDWR | O_CLOEXEC);
+  const int flags = ::fcntl(fd, F_GETFL);
+  if (flags < 0) {
+    return make_error(Errc::kIoError, "F_GETFL on the memfd: " + std::string(std::strerror(errno)),
+                      errno);
+  }
+  const int copy = ::open(path.c_str(), (flags & O_ACCMODE) | O_CLOEXEC);
   if (copy < 0) {
     return make_error(Errc::kIoError,
                       "reopening the memfd through " + path + ": " + std::strerror(errno), errno);

@@ -176,6 +176,42 @@ TEST_F(PauseE2ETest, HolePunchReleasesTheMemfdsMemory) {
   EXPECT_EQ(diff_.export_stats.bytes_released, diff_.dirty_bytes);
 }
 
+// Issue 26 item 1: the pipeline's private reopen of the memfd keeps the caller's access mode. A
+// read-only fd is never reopened read-write, so hole_punch cannot punch through it.
+TEST_F(PauseE2ETest, AReadOnlyMemfdIsNeverReopenedWiderSoHolePunchPunchesNothing) {
+  auto g = start_guest("memfd", 1);
+  ASSERT_NE(g, nullptr);
+  const std::string self = "/proc/self/fd/" + std::to_string(memfd_);
+  const int ro = ::open(self.c_str(), O_RDONLY | O_CLOEXEC);
+  ASSERT_GE(ro, 0);
+  struct stat before {};
+  ASSERT_EQ(fstat(memfd_, &before), 0);
+  PauseRequest req = request_for(*g, "hole_punch");
+  req.memfd = ro;
+  req.out_path = dir_ + "/ro.snap";
+  auto r = pause(registry_, req);
+  ::close(ro);
+  EXPECT_FALSE(r.ok()) << "a read-only memfd was punched";
+  struct stat after {};
+  ASSERT_EQ(fstat(memfd_, &after), 0);
+  EXPECT_EQ(after.st_blocks, before.st_blocks) << "memory was released through a read-only fd";
+  EXPECT_FALSE(std::filesystem::exists(req.out_path));
+}
+
+// Issue 16 item 11: a region that is not mapped in the VMM is an error, not a snapshot of zeros.
+TEST_F(PauseE2ETest, ARegionNotMappedInTheVmmIsAnErrorNotZeros) {
+  auto g = start_guest("anon", 1);
+  ASSERT_NE(g, nullptr);
+  PauseRequest req = request_for(*g, "process_vm_readv");
+  req.regions = {{0, 0x100000000000ULL, kGuest}};
+  req.out_path = dir_ + "/unmapped.snap";
+  auto r = pause(registry_, req);
+  ASSERT_FALSE(r.ok()) << "exported " << r->data_bytes << " bytes, " << r->zero_blocks
+                       << " zero blocks of an unmapped range";
+  EXPECT_NE(r.error().message.find("not mapped"), std::string::npos) << r.error().to_string();
+  EXPECT_FALSE(std::filesystem::exists(req.out_path));
+}
+
 TEST_F(PauseE2ETest, MissingMemfdFallsBackOnlyWhenAllowedAndSaysSo) {
   auto g = start_guest("anon");
   ASSERT_NE(g, nullptr);

@@ -84,6 +84,10 @@ std::string_view errc_name(Errc code) noexcept {
       return "sandbox_not_found";
     case Errc::kDataAtRisk:
       return "data_at_risk";
+    case Errc::kForbidden:
+      return "forbidden";
+    case Errc::kLimitReached:
+      return "limit_reached";
   }
   return "unknown";
 }

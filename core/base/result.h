@@ -58,6 +58,8 @@ enum class Errc {
   kShuttingDown,    // the daemon is draining: no new pauses or resumes
   kTimeout,         // waited for a state that did not come in time
   kSandboxNotFound, // no sandbox with that id is registered
+  kForbidden,       // the caller may not do this (not the owner of the process or sandbox)
+  kLimitReached,    // a configured limit (e.g. limits.max_sandboxes) is reached
   // data safety
   kDataAtRisk,  // a pause failed after releasing guest memory it could not put back: the VMM is
                 // left stopped and the only copy of those bytes is the kept file the message names

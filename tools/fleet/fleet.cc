@@ -113,7 +113,8 @@ Result<std::unique_ptr<Daemon>> Daemon::start(const DaemonOptions& o) {
   std::vector<std::string> args = {o.binary.empty() ? find_binary("memsnapd") : o.binary};
   if (!o.config_file.empty()) args.insert(args.end(), {"--config", o.config_file});
   args.insert(args.end(), {"--set", "snapshots.directory=" + d->snapshot_dir_, "--set",
-                           "control.socket=" + d->socket_});
+                           "control.socket=" + d->socket_, "--set",
+                           "control.handshake_directory=" + o.dir});
   if (o.metrics) {
     auto port = o.metrics_port ? Result<std::uint16_t>(o.metrics_port) : free_loopback_port();
     if (!port.ok()) return std::move(port).error();

@@ -134,7 +134,7 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
   }
   if (response.status == 201) {
     check(answer.contains("id") && answer["id"].is_string());
-    check(w.service->remove(answer["id"].get<std::string>()).ok());
+    check(w.service->remove(memsnap::daemon::Caller{}, answer["id"].get<std::string>()).ok());
   }
   return 0;
 }

@@ -28,6 +28,8 @@ int errc_status(Errc code) noexcept {
     case Errc::kUnsupported:
     case Errc::kPluginNotLoaded:
       return 400;
+    case Errc::kForbidden:
+      return 403;
     case Errc::kNotFound:
     case Errc::kSandboxNotFound:
       return 404;
@@ -38,6 +40,8 @@ int errc_status(Errc code) noexcept {
       return 409;
     case Errc::kProcessGone:
       return 410;
+    case Errc::kLimitReached:
+      return 429;
     case Errc::kShuttingDown:
       return 503;
     case Errc::kTimeout:
@@ -71,6 +75,11 @@ Result<json> body_of(const Request& request) {
   return parsed;
 }
 
+// Who is asking: what the kernel said of the connection (SO_PEERCRED).
+Caller caller_of(const Request& request) {
+  return Caller{request.peer.uid, request.peer.gid, request.peer.pid};
+}
+
 Response respond(const Result<json>& result, int ok_status = 200) {
   if (!result.ok()) return error_response(result.error());
   return ok(result.value(), ok_status);
@@ -101,12 +110,14 @@ void add_routes(control_api::HttpServer& server, SandboxService& service,
                  return ok(hooks.config ? hooks.config() : json::object());
                }));
   server.route("GET", "/v1/sandboxes",
-               counted("sandbox_list", [&service](const Request&) { return ok(service.list()); }));
+               counted("sandbox_list", [&service](const Request& request) {
+                 return ok(service.list(caller_of(request)));
+               }));
   server.route("POST", "/v1/sandboxes",
                counted("sandbox_register", [&service](const Request& request) {
                  auto body = body_of(request);
                  if (!body.ok()) return error_response(body.error());
-                 return respond(service.register_sandbox(*body), 201);
+                 return respond(service.register_sandbox(caller_of(request), *body), 201);
                }));
   server.route(
       "GET", "/v1/sandboxes/{id}", counted("sandbox_get", [&service](const Request& request) {
@@ -128,9 +139,10 @@ void add_routes(control_api::HttpServer& server, SandboxService& service,
           timeout = std::chrono::milliseconds(std::stoul(text));
           if (timeout > std::chrono::minutes(10)) timeout = std::chrono::minutes(10);
         }
-        return respond(service.get(request.path_params.at("id"), wait, timeout, [&request] {
-          return request.client_gone && request.client_gone();
-        }));
+        return respond(service.get(caller_of(request), request.path_params.at("id"), wait, timeout,
+                                   [&request] {
+                                     return request.client_gone && request.client_gone();
+                                   }));
       }));
   server.route(
       "DELETE", "/v1/sandboxes/{id}", counted("sandbox_remove", [&service](const Request& request) {
@@ -141,23 +153,23 @@ void add_routes(control_api::HttpServer& server, SandboxService& service,
           }
           force = it->second == "true";
         }
-        return respond(service.remove(request.path_params.at("id"), force));
+        return respond(service.remove(caller_of(request), request.path_params.at("id"), force));
       }));
   server.route("POST", "/v1/sandboxes/{id}/pause",
                counted("sandbox_pause", [&service](const Request& request) {
                  auto body = body_of(request);
                  if (!body.ok()) return error_response(body.error());
-                 return respond(service.pause(request.path_params.at("id"), *body));
+                 return respond(service.pause(caller_of(request), request.path_params.at("id"), *body));
                }));
   server.route("POST", "/v1/sandboxes/{id}/resume",
                counted("sandbox_resume", [&service](const Request& request) {
                  auto body = body_of(request);
                  if (!body.ok()) return error_response(body.error());
-                 return respond(service.resume(request.path_params.at("id"), *body), 202);
+                 return respond(service.resume(caller_of(request), request.path_params.at("id"), *body), 202);
                }));
   server.route("GET", "/v1/sandboxes/{id}/strategy",
                counted("sandbox_strategy", [&service](const Request& request) {
-                 return respond(service.explain(request.path_params.at("id")));
+                 return respond(service.explain(caller_of(request), request.path_params.at("id")));
                }));
 }
 

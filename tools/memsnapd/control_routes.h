@@ -12,8 +12,9 @@
 
 namespace memsnap::daemon {
 
-// The HTTP status of an error code (400 bad input, 404 unknown sandbox, 409 conflict with the
-// sandbox's state, 503 shutting down, 504 timed out waiting, 500 the rest).
+// The HTTP status of an error code (400 bad input, 403 not the caller's process or sandbox, 404
+// unknown sandbox, 409 conflict with the sandbox's state, 429 a configured limit reached, 503
+// shutting down, 504 timed out waiting, 500 the rest).
 int errc_status(Errc code) noexcept;
 
 struct RouteHooks {

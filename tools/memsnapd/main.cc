@@ -122,6 +122,7 @@ ServiceSettings settings_of(const config::DaemonConfig& c) {
   s.max_concurrent_resumes = c.limits.max_concurrent_resumes;
   s.handshake_timeout = c.limits.handshake_timeout;
   s.reader_limits.max_guest_size = c.limits.max_guest_size;
+  s.max_sandboxes = static_cast<std::size_t>(c.limits.max_sandboxes);
   s.fallback_strategy = c.strategy.fallback;
   s.allow_fallback = c.strategy.allow_fallback;
   s.strategy_flag = c.flags.strategy_flag;
@@ -233,6 +234,7 @@ int run(int argc, char** argv) {
 
   ServiceOptions so;
   so.snapshot_dir = cfg.snapshots.directory;
+  so.handshake_dir = cfg.control.handshake_directory;
   so.settings = settings_of(cfg);
   so.guard = guard->get();
   auto created = SandboxService::create(registry, metrics, so);

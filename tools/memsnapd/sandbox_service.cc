@@ -4,6 +4,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <climits>
+
 #include <algorithm>
 #include <cerrno>
 #include <filesystem>
@@ -19,6 +21,7 @@
 #include "core/report_json.h"
 #include "core/resume.h"
 #include "core/strategy_selection/strategy_selection.h"
+#include "core/vmm_identity.h"
 #include "core/vmm_process.h"
 
 namespace memsnap::daemon {
@@ -26,16 +29,61 @@ namespace memsnap::daemon {
 namespace fs = std::filesystem;
 using nlohmann::json;
 
+bool Caller::privileged() const { return uid == 0 || uid == ::geteuid(); }
+
+// How many sandboxes are in each state, kept as they change. Guarded by SandboxService::mu_.
+struct StateCounts {
+  std::map<std::string, std::int64_t> by_state;
+};
+
+// A sandbox's state ("running", ...). Once counted (at registration) it keeps StateCounts up to
+// date on every change, so publishing the by-state gauge does not walk every sandbox. Reads and
+// writes under SandboxService::mu_, as before.
+class SandboxState {
+ public:
+  SandboxState& operator=(std::string next) {
+    if (counts_) {
+      --counts_->by_state[value_];
+      ++counts_->by_state[next];
+    }
+    value_ = std::move(next);
+    return *this;
+  }
+  SandboxState& operator=(const char* next) { return *this = std::string(next); }
+  // Counted in counts from now on (registration); null: no longer (removal).
+  void count_in(std::shared_ptr<StateCounts> counts) {
+    if (counts_) --counts_->by_state[value_];
+    counts_ = std::move(counts);
+    if (counts_) ++counts_->by_state[value_];
+  }
+  const std::string& name() const { return value_; }
+  operator const std::string&() const { return value_; }  // NOLINT: reads as the string it is
+  bool operator==(const char* other) const { return value_ == other; }
+  bool operator==(const std::string& other) const { return value_ == other; }
+
+ private:
+  std::string value_;
+  std::shared_ptr<StateCounts> counts_;
+};
+std::string operator+(const std::string& a, const SandboxState& b) { return a + b.name(); }
+std::string operator+(const char* a, const SandboxState& b) { return a + b.name(); }
+std::string operator+(const SandboxState& a, const char* b) { return a.name() + b; }
+void to_json(json& j, const SandboxState& s) { j = s.name(); }
+
 // One sandbox. Fields are read and written under SandboxService::mu_, except by the one pause or
 // resume that owns the sandbox (state pausing/resuming): it works on the session and memfd
 // without the lock, and nobody else touches them meanwhile.
 struct Sandbox {
   std::string id;
   SandboxAttributes attributes;
-  std::string state;  // running, pausing, paused, resuming, failed
+  SandboxState state;  // running, pausing, paused, resuming, failed
+  uid_t owner_uid = 0;  // who registered it: only it and root may act on it
   pid_t vmm_pid = -1;
+  io::UniqueFd vmm_pidfd;  // the VMM, pinned (from registration, or the resumed one)
   std::vector<plugin::Region> regions;
-  int vmm_memfd_fd = -1;  // fd number in the VMM of the memfd backing guest memory
+  // The memfd backing a registered VMM's guest memory, taken once at registration (checked to be
+  // a read-write memfd); dropped when the sandbox is paused with after=stop.
+  io::UniqueFd vmm_memfd;
   std::uint64_t guest_size = 0;
   std::vector<std::string> chain;  // committed snapshots, base first
   std::string strategy;            // of the newest snapshot
@@ -155,6 +203,57 @@ metrics::FallbackReason fallback_reason_of(const std::string& code) {
   return metrics::FallbackReason::kOther;
 }
 
+// The handshake directory, created if missing, canonical; refused unless nobody but memsnapd's
+// uid may change it or a directory on the way to it.
+Result<std::string> prepare_handshake_dir(const std::string& handshake) {
+  // The handshake directory: sockets are created, replaced and removed in it by name, as root,
+  // so nobody else may write to it (nor to a directory it resolves through: it is resolved once,
+  // here, and must be ours).
+  if (handshake.empty() || handshake.front() != '/') {
+    return make_error(Errc::kInvalidArgument,
+                      "the handshake directory must be absolute: \"" + handshake + "\"");
+  }
+  if (::mkdir(handshake.c_str(), 0755) != 0 && errno != EEXIST) {
+    return make_error(Errc::kIoError, io::errno_message("cannot create the handshake directory " +
+                                                        handshake, errno));
+  }
+  std::error_code ec;
+  const fs::path handshake_canonical = fs::canonical(handshake, ec);
+  struct stat hst {};
+  if (ec || ::lstat(handshake_canonical.c_str(), &hst) != 0 || !S_ISDIR(hst.st_mode)) {
+    return make_error(Errc::kIoError, "cannot resolve the handshake directory " + handshake);
+  }
+  if (hst.st_uid != ::geteuid() || (hst.st_mode & 022) != 0) {
+    return make_error(Errc::kInvalidArgument,
+                      "the handshake directory " + handshake_canonical.string() +
+                          " must belong to memsnapd's uid and be writable by nobody else (it is "
+                          "uid " + std::to_string(hst.st_uid) + ", mode " +
+                          [&] {
+                            char m[8];
+                            std::snprintf(m, sizeof(m), "%04o", hst.st_mode & 07777);
+                            return std::string(m);
+                          }() +
+                          ")");
+  }
+  // Nor may anyone else rename or replace a directory on the way to it (a sticky, world-writable
+  // /tmp is fine: only its owner may rename an entry there).
+  for (fs::path up = handshake_canonical.parent_path();; up = up.parent_path()) {
+    struct stat ust {};
+    if (::lstat(up.c_str(), &ust) != 0) {
+      return make_error(Errc::kIoError, io::errno_message("lstat " + up.string(), errno));
+    }
+    const bool others_write = (ust.st_mode & 022) != 0 && (ust.st_mode & S_ISVTX) == 0;
+    if (others_write || (ust.st_uid != 0 && ust.st_uid != ::geteuid())) {
+      return make_error(Errc::kInvalidArgument,
+                        "the handshake directory " + handshake_canonical.string() +
+                            " lies in " + up.string() +
+                            ", which others may change: it must be writable by nobody else");
+    }
+    if (up == up.parent_path()) break;
+  }
+  return handshake_canonical.string();
+}
+
 }  // namespace
 
 const std::vector<std::string>& sandbox_states() {
@@ -180,7 +279,10 @@ SandboxService::SandboxService(const PluginRegistry& registry, metrics::HostMetr
     : registry_(registry),
       metrics_(metrics),
       options_(std::move(options)),
-      settings_(options_.settings) {}
+      state_counts_(std::make_shared<StateCounts>()),
+      settings_(options_.settings) {
+  for (const auto& s : sandbox_states()) state_counts_->by_state[s] = 0;
+}
 
 Result<std::unique_ptr<SandboxService>> SandboxService::create(const PluginRegistry& registry,
                                                                metrics::HostMetrics& metrics,
@@ -196,9 +298,14 @@ Result<std::unique_ptr<SandboxService>> SandboxService::create(const PluginRegis
     return make_error(Errc::kIoError, "cannot resolve the snapshot directory " +
                                           options.snapshot_dir + ": " + ec.message());
   }
+  auto handshake_canonical = prepare_handshake_dir(
+      options.handshake_dir.empty() ? (canonical.parent_path() / "handshake").string()
+                                    : options.handshake_dir);
+  if (!handshake_canonical.ok()) return std::move(handshake_canonical).error();
   std::unique_ptr<SandboxService> service(
       new SandboxService(registry, metrics, std::move(options)));
   service->snapshot_dir_ = canonical.string();
+  service->handshake_dir_ = *handshake_canonical;
   {
     std::lock_guard lock(service->mu_);
     service->publish_states_locked();
@@ -353,6 +460,39 @@ Result<std::string> SandboxService::confine(const std::string& path, bool must_e
   return (dir / p.filename()).string();
 }
 
+Result<std::string> SandboxService::handshake_path(const std::string& requested) const {
+  // A bare name, or an absolute path whose directory is the handshake directory itself: never a
+  // subdirectory (nothing below it is memsnapd's own), never "." or ".." or a hidden name.
+  std::string name = requested;
+  if (!requested.empty() && requested.front() == '/') {
+    const fs::path p(requested);
+    if (p.parent_path() != fs::path(handshake_dir_)) {
+      return make_error(Errc::kPathNotAllowed,
+                        "handshake_socket \"" + requested +
+                            "\" is not in the handshake directory " + handshake_dir_ +
+                            " (give a name, or a path directly in that directory)");
+    }
+    name = p.filename().string();
+  }
+  const bool plain = !name.empty() && name.size() <= 64 && name.front() != '.' &&
+                     std::all_of(name.begin(), name.end(), [](char c) {
+                       return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+                              (c >= '0' && c <= '9') || c == '-' || c == '_' || c == '.';
+                     });
+  if (!plain) {
+    return make_error(Errc::kPathNotAllowed,
+                      "handshake_socket \"" + requested +
+                          "\" must be a name of 1-64 characters of [A-Za-z0-9._-], not starting "
+                          "with '.', in the handshake directory " + handshake_dir_);
+  }
+  const std::string path = handshake_dir_ + "/" + name;
+  if (path.size() >= 108) {
+    return make_error(Errc::kInvalidArgument, "handshake_socket \"" + path +
+                                                  "\" is too long for a Unix socket path");
+  }
+  return path;
+}
+
 namespace {
 // While a sandbox is resuming, its resume thread works on sb.session and sb.retained without the
 // lock (it hands the kept memfd back, takes the VMM's, starts the fault server): nobody else may
@@ -369,7 +509,7 @@ int kept_memfd_locked(const Sandbox& sb) {
 // being handed over).
 bool has_memfd_locked(const Sandbox& sb) {
   if (resume_thread_owns(sb)) return false;
-  return sb.session ? sb.session->memfd() >= 0 : sb.vmm_memfd_fd >= 0;
+  return sb.session ? sb.session->memfd() >= 0 : sb.vmm_memfd.get() >= 0;
 }
 
 // Host memory a kept memfd holds (its allocated blocks; holes cost nothing), 0 without one.
@@ -381,14 +521,20 @@ std::uint64_t resident_bytes(int fd) {
 }  // namespace
 
 void SandboxService::publish_states_locked() {
-  std::map<std::string, std::int64_t> counts;
+  // The counts are kept as states change; only sandboxes that may keep a memfd are visited.
   std::map<std::string, std::uint64_t> warm;
-  for (const auto& s : sandbox_states()) counts[s] = 0;
-  for (const auto& [id, sb] : sandboxes_) {
-    ++counts[sb->state];
+  for (auto it = warm_candidates_.begin(); it != warm_candidates_.end();) {
+    const std::shared_ptr<Sandbox> sb = it->second.lock();
+    const auto registered = sb ? sandboxes_.find(it->first) : sandboxes_.end();
+    if (!sb || registered == sandboxes_.end() || registered->second != sb ||
+        (!resume_thread_owns(*sb) && sb->retained.memfd.get() < 0)) {
+      it = warm_candidates_.erase(it);
+      continue;
+    }
     if (const int fd = kept_memfd_locked(*sb); fd >= 0) warm[sb->strategy] += resident_bytes(fd);
+    ++it;
   }
-  metrics_.set_sandboxes_by_state(counts);
+  metrics_.set_sandboxes_by_state(state_counts_->by_state);
   metrics_.set_warm_memory_bytes(warm);
 }
 
@@ -401,6 +547,7 @@ json SandboxService::describe_locked(const Sandbox& sb) const {
   return {{"id", sb.id},
           {"state", sb.state},
           {"vmm_pid", sb.vmm_pid},
+          {"owner_uid", sb.owner_uid},
           {"guest_size", sb.guest_size},
           {"regions", regions},
           {"memfd", has_memfd_locked(sb)},
@@ -414,7 +561,48 @@ json SandboxService::describe_locked(const Sandbox& sb) const {
           {"last_error", sb.last_error.empty() ? json(nullptr) : json(sb.last_error)}};
 }
 
-Result<json> SandboxService::register_sandbox(const json& body) {
+Status SandboxService::pin_vmm(const Caller& caller, const json& body, Sandbox& sb) const {
+  // The pidfd first: every check below is then about this process, which the pidfd names for
+  // good, and it is checked to be alive after them (a pid reused meanwhile fails that check).
+  auto pidfd = open_pidfd(sb.vmm_pid);
+  if (!pidfd.ok()) return std::move(pidfd).error();
+  if (!caller.privileged()) {
+    if (Status s = check_process_owner(sb.vmm_pid, caller.uid); !s.ok()) {
+      return make_error(s.error().code, "uid " + std::to_string(caller.uid) +
+                                            " may register only its own processes: " +
+                                            s.error().message);
+    }
+  }
+  if (Status s = check_regions_mapped(sb.vmm_pid, sb.regions); !s.ok()) return s;
+  auto memfd_fd = field<std::uint64_t>(body, "memfd_fd", ~0ULL);
+  if (!memfd_fd.ok()) return std::move(memfd_fd).error();
+  if (*memfd_fd != ~0ULL) {
+    if (*memfd_fd > static_cast<std::uint64_t>(INT_MAX)) {
+      return make_error(Errc::kInvalidArgument,
+                        "memfd_fd " + std::to_string(*memfd_fd) + " is not an fd number");
+    }
+    const int number = static_cast<int>(*memfd_fd);
+    // Taken now and kept: a wrong number is an error at registration, and whatever the VMM
+    // later puts at that number is never taken for its guest memory.
+    auto taken = take_fd_of_pidfd(pidfd->get(), number);
+    if (!taken.ok()) return std::move(taken).error();
+    if (Status s = check_guest_memfd(taken->get(), sb.guest_size); !s.ok()) {
+      return make_error(s.error().code, "fd " + std::to_string(number) + " of process " +
+                                            std::to_string(sb.vmm_pid) + ": " +
+                                            s.error().message);
+    }
+    sb.vmm_memfd = std::move(*taken);
+  }
+  if (!pidfd_alive(pidfd->get())) {
+    return make_error(Errc::kProcessGone, "process " + std::to_string(sb.vmm_pid) +
+                                              " exited while being registered");
+  }
+  sb.vmm_pidfd = std::move(*pidfd);
+  sb.owner_uid = caller.uid;
+  return {};
+}
+
+Result<json> SandboxService::register_sandbox(const Caller& caller, const json& body) {
   if (Status s = only_keys(body,
                            {"id", "vmm_pid", "regions", "memfd_fd", "guest_size", "attributes",
                             "snapshots", "strategy"},
@@ -480,9 +668,6 @@ Result<json> SandboxService::register_sandbox(const json& body) {
     if (*pid == 0 || *pid > 4194304)
       return make_error(Errc::kInvalidArgument, "vmm_pid is not a pid");
     sb->vmm_pid = static_cast<pid_t>(*pid);
-    if (!process_alive(sb->vmm_pid)) {
-      return make_error(Errc::kProcessGone, "no process " + std::to_string(sb->vmm_pid));
-    }
     if (!body.contains("regions")) {
       return make_error(Errc::kInvalidArgument, "a running VMM needs regions");
     }
@@ -522,26 +707,17 @@ Result<json> SandboxService::register_sandbox(const json& body) {
     }
     sb->regions = std::move(regions);
     sb->guest_size = *guest_size;
-    auto memfd_fd = field<std::uint64_t>(body, "memfd_fd", ~0ULL);
-    if (!memfd_fd.ok()) return std::move(memfd_fd).error();
-    if (*memfd_fd != ~0ULL) {
-      // Take it now: a wrong number is an error at registration, not at the first pause.
-      auto taken = take_fd_of_process(sb->vmm_pid, static_cast<int>(*memfd_fd));
-      if (!taken.ok()) return std::move(taken).error();
-      io::UniqueFd check(*taken);
-      struct stat st {};
-      if (::fstat(check.get(), &st) != 0 || !S_ISREG(st.st_mode) ||
-          static_cast<std::uint64_t>(st.st_size) < sb->guest_size) {
-        return make_error(Errc::kInvalidArgument, "fd " + std::to_string(*memfd_fd) +
-                                                      " of process " + std::to_string(sb->vmm_pid) +
-                                                      " is not a memfd holding the whole guest");
-      }
-      sb->vmm_memfd_fd = static_cast<int>(*memfd_fd);
-    }
-    sb->attributes.has_memfd = sb->vmm_memfd_fd >= 0;
+    if (Status s = pin_vmm(caller, body, *sb); !s.ok()) return std::move(s).error();
+    sb->attributes.has_memfd = sb->vmm_memfd.get() >= 0;
     if (sb->attributes.memory_mib == 0) sb->attributes.memory_mib = sb->guest_size >> 20;
     sb->state = "running";
   } else {
+    if (!caller.privileged()) {
+      return make_error(Errc::kForbidden,
+                        "only root may register a snapshot chain (uid " +
+                            std::to_string(caller.uid) + " may register its own running VMMs)");
+    }
+    sb->owner_uid = caller.uid;
     if (body.contains("regions") || body.contains("memfd_fd") || body.contains("guest_size")) {
       return make_error(Errc::kInvalidArgument,
                         "a paused sandbox has no regions, memfd_fd or guest_size (the snapshots "
@@ -575,13 +751,46 @@ Result<json> SandboxService::register_sandbox(const json& body) {
   if (sandboxes_.count(sb->id)) {
     return make_error(Errc::kAlreadyExists, "sandbox " + sb->id + " is already registered");
   }
+  if (sb->vmm_pidfd.get() >= 0) {
+    // One registration per VMM: another sandbox whose VMM is this live process.
+    if (const auto it = vmm_sandbox_.find(sb->vmm_pid); it != vmm_sandbox_.end()) {
+      const auto other = sandboxes_.find(it->second);
+      if (other != sandboxes_.end() && other->second->vmm_pid == sb->vmm_pid &&
+          pidfd_alive(other->second->vmm_pidfd.get())) {
+        return make_error(Errc::kAlreadyExists, "process " + std::to_string(sb->vmm_pid) +
+                                                    " is registered already, as sandbox " +
+                                                    other->first);
+      }
+    }
+  }
+  if (sandboxes_.size() >= settings_.max_sandboxes) {
+    return make_error(Errc::kLimitReached,
+                      "memsnapd has " + std::to_string(sandboxes_.size()) +
+                          " sandboxes, its limit (limits.max_sandboxes): remove one first");
+  }
   sandboxes_[sb->id] = sb;
+  if (sb->vmm_pidfd.get() >= 0) vmm_sandbox_[sb->vmm_pid] = sb->id;
+  sb->state.count_in(state_counts_);
   publish_states_locked();
-  spdlog::info("sandbox {} registered ({}, {} MiB)", sb->id, sb->state, sb->guest_size >> 20);
+  spdlog::info("sandbox {} registered ({}, {} MiB, owner uid {})", sb->id, sb->state.name(),
+               sb->guest_size >> 20, sb->owner_uid);
   return describe_locked(*sb);
 }
 
-Result<std::shared_ptr<Sandbox>> SandboxService::claim(const std::string& id, const char* op,
+Result<std::shared_ptr<Sandbox>> SandboxService::find_locked(const Caller& caller,
+                                                             const std::string& id) const {
+  const auto it = sandboxes_.find(id);
+  if (it == sandboxes_.end()) return make_error(Errc::kSandboxNotFound, "no sandbox " + id);
+  if (!caller.privileged() && caller.uid != it->second->owner_uid) {
+    return make_error(Errc::kForbidden, "sandbox " + id + " is not uid " +
+                                            std::to_string(caller.uid) +
+                                            "'s: only its owner and root may act on it");
+  }
+  return it->second;
+}
+
+Result<std::shared_ptr<Sandbox>> SandboxService::claim(const Caller& caller, const std::string& id,
+                                                       const char* op,
                                                        const std::string& required_state,
                                                        const std::string& busy_state) {
   std::lock_guard lock(mu_);
@@ -589,9 +798,10 @@ Result<std::shared_ptr<Sandbox>> SandboxService::claim(const std::string& id, co
     return make_error(Errc::kShuttingDown,
                       "memsnapd is shutting down: no new " + std::string(op) + "s");
   }
-  const auto it = sandboxes_.find(id);
-  if (it == sandboxes_.end()) return make_error(Errc::kSandboxNotFound, "no sandbox " + id);
-  Sandbox& sb = *it->second;
+  auto found = find_locked(caller, id);
+  if (!found.ok()) return std::move(found).error();
+  const std::shared_ptr<Sandbox> claimed = *found;
+  Sandbox& sb = *claimed;
   if (sb.state == "pausing" || sb.state == "resuming") {
     return make_error(Errc::kBusy, "sandbox " + id + " is " + sb.state + " already");
   }
@@ -601,7 +811,7 @@ Result<std::shared_ptr<Sandbox>> SandboxService::claim(const std::string& id, co
   }
   sb.state = busy_state;
   publish_states_locked();
-  return it->second;
+  return claimed;
 }
 
 Errc SandboxService::acquire_slot(bool pause_slot) {
@@ -652,7 +862,7 @@ void SandboxService::flush_fault_stats_locked(Sandbox& sb) {
   sb.faults_recorded = now;
 }
 
-Result<json> SandboxService::pause(const std::string& id, const json& body) {
+Result<json> SandboxService::pause(const Caller& caller, const std::string& id, const json& body) {
   if (Status s =
           only_keys(body, {"output", "parent", "dirty", "strategy", "after", "sync"}, "pause");
       !s.ok()) {
@@ -681,7 +891,7 @@ Result<json> SandboxService::pause(const std::string& id, const json& body) {
     dirty = std::move(*ranges);
   }
 
-  auto claimed = claim(id, "pause", "running", "pausing");
+  auto claimed = claim(caller, id, "pause", "running", "pausing");
   if (!claimed.ok()) return std::move(claimed).error();
   const std::shared_ptr<Sandbox> sb = *claimed;
   // Puts the sandbox back when the pause does not get to run.
@@ -792,20 +1002,20 @@ Result<json> SandboxService::pause(const std::string& id, const json& body) {
                                                "after \"stop\" or another strategy"));
   }
 
+  // The VMM must still be the process registered (or resumed): its pid may name another
+  // process once it is gone, the pidfd never does.
+  if (sb->vmm_pidfd.get() >= 0 && !pidfd_alive(sb->vmm_pidfd.get())) {
+    return refuse(make_error(Errc::kProcessGone, "the VMM of sandbox " + id + " (pid " +
+                                                     std::to_string(sb->vmm_pid) +
+                                                     ") has exited"));
+  }
   // The memfd: the one a resume handed over (or the VMM's own, kept by the session), else the
-  // registered VMM's.
-  io::UniqueFd own_memfd;
+  // one taken from the registered VMM at registration (never re-taken by fd number).
   int memfd = -1;
   if (sb->session && sb->session->memfd() >= 0) {
     memfd = sb->session->memfd();
-  } else if (sb->vmm_memfd_fd >= 0) {
-    auto taken = take_fd_of_process(sb->vmm_pid, sb->vmm_memfd_fd);
-    if (taken.ok()) {
-      own_memfd.reset(*taken);
-      memfd = own_memfd.get();
-    } else {
-      spdlog::warn("pause {}: cannot take the VMM's memfd: {}", id, taken.error().to_string());
-    }
+  } else if (sb->vmm_memfd.get() >= 0) {
+    memfd = sb->vmm_memfd.get();
   }
   // A base snapshot must hold the whole guest. A resumed VMM whose memory is not all resident yet
   // (served lazily, or a background fill still running) has pages only the chain holds: the
@@ -954,6 +1164,10 @@ Result<json> SandboxService::pause(const std::string& id, const json& body) {
       sb->retained.generation = rep.generation;
       sb->retained.guest_size = sb->guest_size;
     }
+    if (sb->retained.memfd.get() >= 0) warm_candidates_[sb->id] = sb;
+    // A paused sandbox's VMM is done with: memsnapd keeps no reference to its memory (a kept
+    // memfd for a warm resume is the dup above).
+    if (*after == "stop") sb->vmm_memfd.reset();
     sb->last_pause = answer;
     sb->last_error.clear();
     sb->state = *after == "stop" ? "paused" : "running";
@@ -963,7 +1177,8 @@ Result<json> SandboxService::pause(const std::string& id, const json& body) {
   return answer;
 }
 
-Result<json> SandboxService::resume(const std::string& id, const json& body) {
+Result<json> SandboxService::resume(const Caller& caller, const std::string& id,
+                                    const json& body) {
   if (Status s = only_keys(body, {"handshake_socket", "mode", "track_writes"}, "resume"); !s.ok()) {
     return std::move(s).error();
   }
@@ -973,9 +1188,9 @@ Result<json> SandboxService::resume(const std::string& id, const json& body) {
   if (!socket.ok()) return std::move(socket).error();
   if (!mode_name.ok()) return std::move(mode_name).error();
   if (!track.ok()) return std::move(track).error();
-  if (socket->empty() || socket->front() != '/') {
-    return make_error(Errc::kInvalidArgument, "handshake_socket must be an absolute path");
-  }
+  if (socket->empty()) return make_error(Errc::kInvalidArgument, "handshake_socket is required");
+  auto socket_path = handshake_path(*socket);
+  if (!socket_path.ok()) return std::move(socket_path).error();
   std::optional<ResumeMode> mode;
   if (!mode_name->empty()) {
     auto parsed = parse_resume_mode(*mode_name);
@@ -983,7 +1198,7 @@ Result<json> SandboxService::resume(const std::string& id, const json& body) {
     mode = *parsed;
   }
 
-  auto claimed = claim(id, "resume", "paused", "resuming");
+  auto claimed = claim(caller, id, "resume", "paused", "resuming");
   if (!claimed.ok()) return std::move(claimed).error();
   const std::shared_ptr<Sandbox> sb = *claimed;
   if (sb->resume_thread.joinable()) sb->resume_thread.join();  // the previous one, long done
@@ -1003,7 +1218,7 @@ Result<json> SandboxService::resume(const std::string& id, const json& body) {
   }
   ResumeRequest rr;
   rr.chain = sb->chain;
-  rr.socket_path = *socket;
+  rr.socket_path = *socket_path;
   rr.strategy = sb->strategy;
   rr.mode = mode;
   rr.retained = &sb->retained;
@@ -1053,7 +1268,7 @@ Result<json> SandboxService::resume(const std::string& id, const json& body) {
   sb->resume_thread = std::thread([this, sb] { finish_resume(sb); });
   return json{{"id", id},
               {"state", "resuming"},
-              {"handshake_socket", *socket},
+              {"handshake_socket", *socket_path},
               {"strategy", sb->strategy},
               {"mode", mode_chosen},
               {"snapshots", sb->chain}};
@@ -1103,7 +1318,13 @@ void SandboxService::finish_resume(const std::shared_ptr<Sandbox>& sb) {
     std::lock_guard lock(mu_);
     sb->vmm_pid = rep.vmm_pid;
     sb->regions = session.regions();
-    sb->vmm_memfd_fd = -1;  // the session holds the memfd now, if there is one
+    sb->vmm_memfd.reset();  // the session holds the memfd now, if there is one
+    if (auto pidfd = open_pidfd(rep.vmm_pid); pidfd.ok()) {
+      sb->vmm_pidfd = std::move(*pidfd);
+      vmm_sandbox_[rep.vmm_pid] = sb->id;
+    } else {
+      sb->vmm_pidfd.reset();
+    }
     sb->guest_size = rep.guest_size;
     sb->attributes.has_memfd = session.memfd() >= 0;
     sb->last_resume = answer;
@@ -1114,13 +1335,14 @@ void SandboxService::finish_resume(const std::shared_ptr<Sandbox>& sb) {
   changed_.notify_all();
 }
 
-Result<json> SandboxService::get(const std::string& id, const std::string& wait_while_state,
+Result<json> SandboxService::get(const Caller& caller, const std::string& id,
+                                 const std::string& wait_while_state,
                                  std::chrono::milliseconds timeout,
                                  const std::function<bool()>& client_gone) {
   std::unique_lock lock(mu_);
-  const auto it = sandboxes_.find(id);
-  if (it == sandboxes_.end()) return make_error(Errc::kSandboxNotFound, "no sandbox " + id);
-  const std::shared_ptr<Sandbox> sb = it->second;
+  auto found = find_locked(caller, id);
+  if (!found.ok()) return std::move(found).error();
+  const std::shared_ptr<Sandbox> sb = *found;
   if (!wait_while_state.empty()) {
     // In slices: a wait holds a connection slot, so it must notice soon that its client left.
     // A drain wakes it at once (drain() notifies changed_).
@@ -1153,10 +1375,11 @@ Result<json> SandboxService::get(const std::string& id, const std::string& wait_
   return out;
 }
 
-json SandboxService::list() const {
+json SandboxService::list(const Caller& caller) const {
   std::lock_guard lock(mu_);
   json out = json::array();
   for (const auto& [id, sb] : sandboxes_) {
+    if (!caller.privileged() && sb->owner_uid != caller.uid) continue;
     out.push_back({{"id", id},
                    {"state", sb->state},
                    {"strategy", sb->strategy},
@@ -1166,13 +1389,13 @@ json SandboxService::list() const {
   return {{"sandboxes", out}};
 }
 
-Result<json> SandboxService::explain(const std::string& id) const {
+Result<json> SandboxService::explain(const Caller& caller, const std::string& id) const {
   SandboxAttributes attributes;
   {
     std::lock_guard lock(mu_);
-    const auto it = sandboxes_.find(id);
-    if (it == sandboxes_.end()) return make_error(Errc::kSandboxNotFound, "no sandbox " + id);
-    attributes = it->second->attributes;
+    auto found = find_locked(caller, id);
+    if (!found.ok()) return std::move(found).error();
+    attributes = (*found)->attributes;
   }
   const Choice c = choose(attributes, "", /*record=*/false);
   json out = {{"id", id},
@@ -1204,12 +1427,12 @@ Result<json> SandboxService::explain(const std::string& id) const {
   return out;
 }
 
-Result<json> SandboxService::remove(const std::string& id, bool force) {
+Result<json> SandboxService::remove(const Caller& caller, const std::string& id, bool force) {
   std::shared_ptr<Sandbox> sb;
   {
     std::lock_guard lock(mu_);
+    if (auto found = find_locked(caller, id); !found.ok()) return std::move(found).error();
     const auto it = sandboxes_.find(id);
-    if (it == sandboxes_.end()) return make_error(Errc::kSandboxNotFound, "no sandbox " + id);
     if (it->second->state == "pausing" || it->second->state == "resuming") {
       return make_error(Errc::kBusy, "sandbox " + id + " is " + it->second->state);
     }
@@ -1235,6 +1458,11 @@ Result<json> SandboxService::remove(const std::string& id, bool force) {
     sb = it->second;
     flush_fault_stats_locked(*sb);
     sandboxes_.erase(it);
+    sb->state.count_in(nullptr);
+    warm_candidates_.erase(id);
+    if (const auto v = vmm_sandbox_.find(sb->vmm_pid); v != vmm_sandbox_.end() && v->second == id) {
+      vmm_sandbox_.erase(v);
+    }
     publish_states_locked();
   }
   if (sb->resume_thread.joinable()) sb->resume_thread.join();
@@ -1267,6 +1495,7 @@ json SandboxService::health() const {
           {"pauses_in_flight", pauses_in_flight_},
           {"resumes_in_flight", resumes_in_flight_},
           {"snapshot_dir", snapshot_dir_},
+          {"handshake_dir", handshake_dir_},
           {"plugins", plugins},
           {"flags", flags}};
 }

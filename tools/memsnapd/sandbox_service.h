@@ -21,6 +21,14 @@
 // snapshot path is confined to the snapshot directory; nothing is committed unless the whole
 // pause succeeded (the pipeline's temporary file is renamed into place last).
 //
+// Who may do what (docs/api.md "Who may do what"): every endpoint gets the Caller (the kernel's
+// SO_PEERCRED of the connection). A caller may register only a VMM process it owns (real,
+// effective and saved uid its own, dumpable); the sandbox records its owner. Only the owner and
+// root (or memsnapd's own uid) may see or act on a sandbox; registering a snapshot chain is
+// root's. Others get kForbidden. A registered VMM is pinned: memsnapd keeps a pidfd of it and the
+// memfd it named (checked to be a read-write memfd) from registration on, never re-taking either
+// by number.
+//
 // Thread-safety: every method may be called from any thread (the control API serves each
 // connection on its own thread).
 #pragma once
@@ -35,6 +43,8 @@
 #include <optional>
 #include <string>
 #include <vector>
+
+#include <sys/types.h>
 
 #include <nlohmann/json.hpp>
 
@@ -61,10 +71,25 @@ struct ServiceSettings {
   std::string strategy_flag = "memory-export-strategy";
   // limits.max_guest_size: the largest guest a snapshot or a registration may describe.
   ReaderLimits reader_limits;
+  // Registrations beyond this many sandboxes are refused (kLimitReached).
+  std::size_t max_sandboxes = 4096;
+};
+
+// Who made a request, as the kernel saw it at connect (SO_PEERCRED).
+struct Caller {
+  uid_t uid = 0;
+  gid_t gid = 0;
+  pid_t pid = 0;
+  // root and memsnapd's own uid may act on every sandbox and register any process.
+  bool privileged() const;
 };
 
 struct ServiceOptions {
   std::string snapshot_dir;  // absolute; created if missing
+  // Where resumes' handshake sockets go (a request names a socket in it); absolute. Created if
+  // missing (mode 0755); it must be a directory of memsnapd's uid that nobody else may write.
+  // Empty: <snapshot_dir>/../handshake.
+  std::string handshake_dir;
   bool sync = true;          // fsync snapshots at commit
   ServiceSettings settings;
   // Ends the VMMs memsnapd serves if memsnapd dies (core/vmm_guard.h); null: none.
@@ -72,6 +97,7 @@ struct ServiceOptions {
 };
 
 struct Sandbox;
+struct StateCounts;
 
 // Every state a sandbox can be in, for the metrics' sandboxes-by-state gauge.
 const std::vector<std::string>& sandbox_states();
@@ -94,20 +120,24 @@ class SandboxService {
 
   // The endpoints. Bodies are the parsed JSON requests (docs/api.md); results are the JSON
   // answers. Errors carry the code the API maps to a status.
-  Result<nlohmann::json> register_sandbox(const nlohmann::json& body);
-  Result<nlohmann::json> pause(const std::string& id, const nlohmann::json& body);
-  Result<nlohmann::json> resume(const std::string& id, const nlohmann::json& body);
+  Result<nlohmann::json> register_sandbox(const Caller& caller, const nlohmann::json& body);
+  Result<nlohmann::json> pause(const Caller& caller, const std::string& id,
+                               const nlohmann::json& body);
+  Result<nlohmann::json> resume(const Caller& caller, const std::string& id,
+                                const nlohmann::json& body);
   // wait_while_state: when set, waits (up to timeout) until the state is no longer that one.
   // The wait ends early with kShuttingDown when memsnapd drains, and with kTimeout soon after
   // client_gone() says nobody waits for the answer any more (asked a few times a second).
-  Result<nlohmann::json> get(const std::string& id, const std::string& wait_while_state,
+  Result<nlohmann::json> get(const Caller& caller, const std::string& id,
+                             const std::string& wait_while_state,
                              std::chrono::milliseconds timeout,
                              const std::function<bool()>& client_gone = nullptr);
-  nlohmann::json list() const;
-  Result<nlohmann::json> explain(const std::string& id) const;
+  // The caller's sandboxes (every one for a privileged caller).
+  nlohmann::json list(const Caller& caller) const;
+  Result<nlohmann::json> explain(const Caller& caller, const std::string& id) const;
   // Refuses (invalid_state) a running sandbox whose memory memsnapd serves unless force: its VMM
   // would be ended.
-  Result<nlohmann::json> remove(const std::string& id, bool force = false);
+  Result<nlohmann::json> remove(const Caller& caller, const std::string& id, bool force = false);
   nlohmann::json health() const;
 
   // SIGTERM: refuses new pauses and resumes (kShuttingDown), then waits up to timeout for the
@@ -124,7 +154,10 @@ class SandboxService {
 
   struct Choice;
   Choice choose(const SandboxAttributes& sandbox, const std::string& forced, bool record) const;
-  Result<std::shared_ptr<Sandbox>> claim(const std::string& id, const char* op,
+  // The sandbox id if it exists and caller may act on it (kSandboxNotFound, kForbidden).
+  Result<std::shared_ptr<Sandbox>> find_locked(const Caller& caller, const std::string& id) const;
+  Result<std::shared_ptr<Sandbox>> claim(const Caller& caller, const std::string& id,
+                                         const char* op,
                                          const std::string& required_state,
                                          const std::string& busy_state);
   // kOk, kShuttingDown (draining), or kBusy (no slot within the queue timeout).
@@ -133,6 +166,11 @@ class SandboxService {
   void publish_states_locked();
   nlohmann::json describe_locked(const Sandbox& sandbox) const;
   Result<std::string> confine(const std::string& path, bool must_exist) const;
+  // A resume's handshake_socket as a path in the handshake directory (kPathNotAllowed).
+  Result<std::string> handshake_path(const std::string& requested) const;
+  // Registration of a running VMM: pins it (pidfd, memfd) into sb after the ownership and
+  // mapping checks.
+  Status pin_vmm(const Caller& caller, const nlohmann::json& body, Sandbox& sb) const;
   void flush_fault_stats_locked(Sandbox& sandbox);
   void finish_resume(const std::shared_ptr<Sandbox>& sandbox);
 
@@ -140,10 +178,17 @@ class SandboxService {
   metrics::HostMetrics& metrics_;
   const ServiceOptions options_;
   std::string snapshot_dir_;  // canonical
+  std::string handshake_dir_;  // canonical
 
   mutable std::mutex mu_;
   std::condition_variable changed_;  // any state change, slot release, drain
   std::map<std::string, std::shared_ptr<Sandbox>> sandboxes_;
+  // Sandboxes by state, kept as states change (SandboxState), so publishing is not a walk.
+  std::shared_ptr<StateCounts> state_counts_;
+  // Sandboxes that may hold a kept memfd (for the warm-memory gauge); pruned when publishing.
+  std::map<std::string, std::weak_ptr<Sandbox>> warm_candidates_;
+  // The sandbox last registered or resumed with each VMM pid (one registration per live VMM).
+  std::map<pid_t, std::string> vmm_sandbox_;
   ServiceSettings settings_;
   std::shared_ptr<flags::FlagStore> flags_;
   int pauses_in_flight_ = 0;

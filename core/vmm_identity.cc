@@ -1,0 +1,183 @@
+#include "core/vmm_identity.h"
+
+#include <fcntl.h>
+#include <linux/magic.h>
+#include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cinttypes>
+#include <csignal>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <sstream>
+#include <string>
+
+namespace memsnap {
+namespace {
+
+using io::errno_message;
+
+std::string hex(std::uint64_t v) {
+  char buf[32];
+  std::snprintf(buf, sizeof(buf), "0x%" PRIx64, v);
+  return buf;
+}
+
+// The four ids of a "Uid:" (or "Gid:") line of /proc/PID/status.
+bool status_ids(pid_t pid, const char* key, std::uint64_t ids[4]) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  const std::size_t key_len = std::strlen(key);
+  while (std::getline(in, line)) {
+    if (line.compare(0, key_len, key) != 0) continue;
+    std::istringstream fields(line.substr(key_len));
+    for (int i = 0; i < 4; ++i) {
+      if (!(fields >> ids[i])) return false;
+    }
+    return true;
+  }
+  return false;
+}
+
+}  // namespace
+
+Result<io::UniqueFd> open_pidfd(pid_t pid) {
+  if (pid <= 0) return make_error(Errc::kInvalidArgument, "not a pid: " + std::to_string(pid));
+  const int fd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
+  if (fd < 0) {
+    const int err = errno;
+    return make_error(err == ESRCH ? Errc::kProcessGone : Errc::kIoError,
+                      err == ESRCH ? "no process " + std::to_string(pid)
+                                   : errno_message("pidfd_open(" + std::to_string(pid) + ")", err),
+                      err);
+  }
+  return io::UniqueFd(fd);
+}
+
+bool pidfd_alive(int pidfd) {
+  return pidfd >= 0 && ::syscall(SYS_pidfd_send_signal, pidfd, 0, nullptr, 0) == 0;
+}
+
+Status pidfd_signal(int pidfd, int sig) {
+  if (::syscall(SYS_pidfd_send_signal, pidfd, sig, nullptr, 0) == 0) return {};
+  const int err = errno;
+  return make_error(err == ESRCH ? Errc::kProcessGone : Errc::kIoError,
+                    errno_message("pidfd_send_signal(" + std::to_string(sig) + ")", err), err);
+}
+
+Status check_process_owner(pid_t pid, uid_t uid) {
+  std::uint64_t ids[4] = {};
+  if (!status_ids(pid, "Uid:", ids)) {
+    return make_error(Errc::kProcessGone, "no process " + std::to_string(pid));
+  }
+  // Real, effective, saved (the fourth is the filesystem uid).
+  for (int i = 0; i < 3; ++i) {
+    if (ids[i] != uid) {
+      return make_error(Errc::kForbidden, "process " + std::to_string(pid) + " belongs to uid " +
+                                              std::to_string(ids[i]) + ", not to uid " +
+                                              std::to_string(uid));
+    }
+  }
+  // /proc/PID belongs to root while the process is not dumpable.
+  struct stat st {};
+  if (::stat(("/proc/" + std::to_string(pid)).c_str(), &st) != 0) {
+    return make_error(Errc::kProcessGone, "no process " + std::to_string(pid));
+  }
+  if (st.st_uid != uid) {
+    return make_error(Errc::kForbidden, "process " + std::to_string(pid) +
+                                            " is not dumpable (it changed credentials or asked "
+                                            "not to be read): only root may register it");
+  }
+  return {};
+}
+
+Status check_regions_mapped(pid_t pid, const std::vector<plugin::Region>& regions) {
+  struct Range {
+    std::uint64_t start, end;
+  };
+  std::vector<Range> maps;
+  {
+    std::ifstream in("/proc/" + std::to_string(pid) + "/maps");
+    if (!in) return make_error(Errc::kProcessGone, "no process " + std::to_string(pid));
+    std::string line;
+    while (std::getline(in, line)) {
+      std::uint64_t start = 0, end = 0;
+      if (std::sscanf(line.c_str(), "%" SCNx64 "-%" SCNx64, &start, &end) == 2 && end > start) {
+        maps.push_back({start, end});
+      }
+    }
+  }
+  std::sort(maps.begin(), maps.end(), [](const Range& a, const Range& b) { return a.start < b.start; });
+  for (const auto& r : regions) {
+    const std::uint64_t end = r.host_addr + r.size;
+    if (end < r.host_addr) {
+      return make_error(Errc::kInvalidArgument,
+                        "region at " + hex(r.host_addr) + " wraps around the address space");
+    }
+    std::uint64_t at = r.host_addr;
+    for (const auto& m : maps) {
+      if (at >= end) break;
+      if (m.end <= at) continue;
+      if (m.start > at) break;  // a gap
+      at = m.end;
+    }
+    if (at < end) {
+      return make_error(Errc::kInvalidArgument,
+                        "region " + hex(r.host_addr) + "+" + hex(r.size) + " (guest offset " +
+                            hex(r.guest_offset) + ") is not mapped in process " +
+                            std::to_string(pid) + " from " + hex(at) +
+                            " on: it would be exported as zeros");
+    }
+  }
+  return {};
+}
+
+Result<io::UniqueFd> take_fd_of_pidfd(int pidfd, int target_fd) {
+  const int fd = static_cast<int>(::syscall(SYS_pidfd_getfd, pidfd, target_fd, 0));
+  if (fd < 0) {
+    const int err = errno;
+    return make_error(err == ESRCH ? Errc::kProcessGone
+                      : err == EBADF ? Errc::kInvalidArgument
+                                     : Errc::kIoError,
+                      errno_message("pidfd_getfd(fd " + std::to_string(target_fd) + ")", err),
+                      err);
+  }
+  return io::UniqueFd(fd);
+}
+
+Status check_guest_memfd(int fd, std::uint64_t guest_size) {
+  struct stat st {};
+  struct statfs fs {};
+  if (::fstat(fd, &st) != 0 || ::fstatfs(fd, &fs) != 0) {
+    return make_error(Errc::kIoError, errno_message("fstat of the memfd", errno), errno);
+  }
+  char link[256] = {};
+  const std::string self = "/proc/self/fd/" + std::to_string(fd);
+  const ssize_t n = ::readlink(self.c_str(), link, sizeof(link) - 1);
+  const std::string name = n > 0 ? std::string(link, static_cast<std::size_t>(n)) : "";
+  const bool shmem = static_cast<unsigned long>(fs.f_type) == TMPFS_MAGIC ||
+                     static_cast<unsigned long>(fs.f_type) == HUGETLBFS_MAGIC;
+  if (!S_ISREG(st.st_mode) || !shmem || name.rfind("/memfd:", 0) != 0) {
+    return make_error(Errc::kInvalidArgument,
+                      "it is not a memfd (it is \"" + name + "\"): guest memory must be a memfd");
+  }
+  if (static_cast<std::uint64_t>(st.st_size) < guest_size) {
+    return make_error(Errc::kInvalidArgument, "the memfd holds " + std::to_string(st.st_size) +
+                                                  " bytes, less than the guest's " +
+                                                  std::to_string(guest_size));
+  }
+  const int flags = ::fcntl(fd, F_GETFL);
+  if (flags < 0 || (flags & O_ACCMODE) != O_RDWR) {
+    return make_error(Errc::kInvalidArgument,
+                      "the memfd is open read-only in the VMM: guest memory is open read-write, "
+                      "and memsnapd never opens it wider than the VMM did");
+  }
+  return {};
+}
+
+}  // namespace memsnap
