@@ -1025,10 +1025,7 @@ Result<json> SandboxService::pause(const Caller& caller, const std::string& id, 
   // faulted in from the chain by the session, and the dirty set is the whole guest.
   const bool base_of_partial_memory =
       parent_path.empty() && !dirty && sb->session && !sb->session->memfd_complete();
-  if (base_of_partial_memory) {
-    memfd = -1;
-    own_memfd.reset();
-  }
+  if (base_of_partial_memory) memfd = -1;
   {
     std::lock_guard lock(mu_);
     flush_fault_stats_locked(*sb);
