@@ -1017,15 +1017,16 @@ Result<json> SandboxService::pause(const Caller& caller, const std::string& id, 
   } else if (sb->vmm_memfd.get() >= 0) {
     memfd = sb->vmm_memfd.get();
   }
-  // A base snapshot must hold the whole guest. A resumed VMM whose memory is not all resident yet
-  // (served lazily, or a background fill still running) has pages only the chain holds: the
-  // memfd's holes (SEEK_DATA) and the process's non-present pages (PAGEMAP_SCAN) would become
-  // zero blocks. Such a base is read through the VMM's own mappings instead (process_vm_readv,
-  // the fallback when the chosen strategy reads the memfd), where every page not served yet is
-  // faulted in from the chain by the session, and the dirty set is the whole guest.
-  const bool base_of_partial_memory =
-      parent_path.empty() && !dirty && sb->session && !sb->session->memfd_complete();
-  if (base_of_partial_memory) memfd = -1;
+  // A resumed VMM whose memory is not all resident yet (served lazily, or a background fill still
+  // running) has pages only the chain holds: read from the memfd, its holes are zeros. A pause
+  // whose dirty set may reach such pages -- a new base (every page), or a diff against an older
+  // parent (the blocks of the cut-off snapshots) -- reads through the VMM's own mappings instead
+  // (process_vm_readv, the fallback when the chosen strategy reads the memfd), where every page
+  // not served yet is faulted in from the chain by the session. A base's dirty set is then the
+  // whole guest (SEEK_DATA / PAGEMAP_SCAN would see only what is resident).
+  const bool partial_memory = sb->session && !sb->session->memfd_complete();
+  const bool base_of_partial_memory = partial_memory && parent_path.empty() && !dirty;
+  if (base_of_partial_memory || (partial_memory && cut_off_count > 0)) memfd = -1;
   {
     std::lock_guard lock(mu_);
     flush_fault_stats_locked(*sb);
