@@ -29,6 +29,7 @@
 
 #include <gtest/gtest.h>
 
+#include "tests/unmapped_address.h"
 #include "tools/control_api/http_client.h"
 #include "tools/fleet/fleet.h"
 
@@ -409,7 +410,9 @@ TEST_F(RegistrationTest, RegionsNotMappedInTheVmmAreRefused) {
   Holder vmm(Holding::kMemfd, 0);
   ASSERT_TRUE(vmm.ok());
   json unmapped = vmm.body("unmapped", false);
-  unmapped["regions"][0]["host_addr"] = 0x100000000000ULL;
+  const std::uint64_t nowhere = memsnap::testing::unmapped_address(vmm.pid(), kSize);
+  ASSERT_NE(nowhere, 0u);
+  unmapped["regions"][0]["host_addr"] = nowhere;
   json overhanging = vmm.body("overhanging", false);
   overhanging["regions"][0]["size"] = kSize * 64;
   for (const json& body : {unmapped, overhanging}) {

@@ -20,6 +20,7 @@
 #include "core/pause.h"
 #include "core/snapshot/snapshot_chain.h"
 #include "core/vmm_process.h"
+#include "tests/unmapped_address.h"
 #include "tools/guest_client/guest_client.h"
 
 namespace memsnap {
@@ -203,7 +204,9 @@ TEST_F(PauseE2ETest, ARegionNotMappedInTheVmmIsAnErrorNotZeros) {
   auto g = start_guest("anon", 1);
   ASSERT_NE(g, nullptr);
   PauseRequest req = request_for(*g, "process_vm_readv");
-  req.regions = {{0, 0x100000000000ULL, kGuest}};
+  const std::uint64_t nowhere = testing::unmapped_address(g->pid(), kGuest);
+  ASSERT_NE(nowhere, 0u);
+  req.regions = {{0, nowhere, kGuest}};
   req.out_path = dir_ + "/unmapped.snap";
   auto r = pause(registry_, req);
   ASSERT_FALSE(r.ok()) << "exported " << r->data_bytes << " bytes, " << r->zero_blocks
