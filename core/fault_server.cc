@@ -141,15 +141,22 @@ void FaultServer::stop() {
   filled_cv_.notify_all();
 }
 
+bool FaultServer::settle_locked(std::unique_lock<std::mutex>& lock,
+                                std::chrono::milliseconds timeout) const {
+  // The serving loop counts an iteration before it polls, reads and handles a batch: once the
+  // count has moved past what it was here, every message read before now has been handled.
+  auto settled_or_over = [&] { return stopped_ || exited_ || !error_.ok(); };
+  if (settled_or_over() || !thread_.joinable()) return true;
+  const std::uint64_t seen = loops_;
+  const std::uint64_t one = 1;
+  [[maybe_unused]] const ssize_t n = ::write(settle_fd_.get(), &one, sizeof(one));
+  return filled_cv_.wait_for(lock, timeout,
+                             [&] { return loops_ > seen || settled_or_over(); });
+}
+
 FaultStats FaultServer::stats(bool settle) const {
   std::unique_lock<std::mutex> lock(mu_);
-  if (settle && !stopped_ && thread_.joinable()) {
-    const std::uint64_t seen = loops_;
-    const std::uint64_t one = 1;
-    [[maybe_unused]] const ssize_t n = ::write(settle_fd_.get(), &one, sizeof(one));
-    filled_cv_.wait_for(lock, std::chrono::seconds(1),
-                        [&] { return loops_ > seen || stopped_ || !error_.ok(); });
-  }
+  if (settle) settle_locked(lock, std::chrono::seconds(1));
   return stats_;
 }
 
@@ -172,8 +179,18 @@ Status FaultServer::wait_filled(std::chrono::milliseconds timeout) const {
   return {};
 }
 
-std::vector<plugin::ByteRange> FaultServer::discarded(bool clear) {
-  std::lock_guard<std::mutex> lock(mu_);
+Result<std::vector<plugin::ByteRange>> FaultServer::discarded(bool clear,
+                                                              std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lock(mu_);
+  // A discard returns to the VMM once its event is read, which may be before it is handled: a
+  // pause that froze the VMM after the discard must see it, or it would inherit the parent's
+  // bytes where the guest has zeros.
+  if (!settle_locked(lock, timeout)) {
+    return make_error(Errc::kResumeFailed,
+                      "the fault-serving thread did not come round within " +
+                          std::to_string(timeout.count()) +
+                          " ms: which ranges the VMM discarded is not known");
+  }
   std::vector<plugin::ByteRange> out = discarded_;
   if (clear) discarded_.clear();
   return out;
@@ -469,6 +486,7 @@ void FaultServer::run() {
         fail(make_error(Errc::kResumeFailed, io::errno_message("read(uffd)", errno), errno));
         break;
       }
+      if (got > 0 && options_.after_read_for_testing) options_.after_read_for_testing();
       for (ssize_t i = 0; got > 0 && i < got / static_cast<ssize_t>(sizeof(uffd_msg)); ++i) {
         handle_message(&msgs[static_cast<std::size_t>(i)]);
       }
@@ -510,6 +528,7 @@ void FaultServer::run() {
     std::lock_guard<std::mutex> lock(mu_);
     publish_locked();
     failed = error_;
+    exited_ = true;
   }
   filled_cv_.notify_all();
   if (!failed.ok() && options_.on_error) options_.on_error(failed.error());

@@ -52,6 +52,9 @@ struct FaultServerOptions {
   // returns): the VMM's next fault would block forever, so the owner must end it. Not called
   // after stop() or when the VMM went away.
   std::function<void(const Error&)> on_error;
+  // Tests only: called on the serving thread after each read() of messages, before they are
+  // handled (to hold the thread there, as a loaded host may).
+  std::function<void()> after_read_for_testing;
 };
 
 struct FaultStats {
@@ -104,8 +107,13 @@ class FaultServer {
   Status error() const;
   // Blocks until the background fill has finished (or serving stopped), at most timeout.
   Status wait_filled(std::chrono::milliseconds timeout) const;
-  // Guest ranges the VMM discarded (UFFD_EVENT_REMOVE) since the last call with clear.
-  std::vector<plugin::ByteRange> discarded(bool clear);
+  // Guest ranges the VMM discarded (UFFD_EVENT_REMOVE) since the last call with clear, including
+  // every discard whose event the serving thread has read: it first waits (at most timeout)
+  // until the thread has handled what it read. A discard returns to the VMM once its event is
+  // read, so with the VMM frozen, nothing it discarded is missing. Fails (kResumeFailed) if the
+  // thread does not come round in time: then nothing is known, and nothing is cleared.
+  Result<std::vector<plugin::ByteRange>> discarded(
+      bool clear, std::chrono::milliseconds timeout = std::chrono::seconds(10));
 
   // Where a stretch of guest blocks gets its bytes, flattened from the chain.
   struct Extent {
@@ -125,6 +133,9 @@ class FaultServer {
   bool fill_step();
   void prepare_serving();  // serving thread, before the first message: extents_ and state_
   void publish_locked();   // adds pending_ to stats_ (mu_ held)
+  // Waits (mu_ held through lock) until the serving thread has handled every message it read
+  // before this call, or serving is over; false when timeout passed first.
+  bool settle_locked(std::unique_lock<std::mutex>& lock, std::chrono::milliseconds timeout) const;
   const Extent* extent_of(std::uint64_t block) const;
   const plugin::Region* region_of(std::uint64_t host_addr) const;
   void fail(Error e);
@@ -158,6 +169,7 @@ class FaultServer {
   Status error_;                              // guarded by mu_
   std::vector<plugin::ByteRange> discarded_;  // guarded by mu_
   bool stopped_ = false;                      // guarded by mu_
+  bool exited_ = false;                       // guarded by mu_: the serving thread has ended
   std::uint64_t loops_ = 0;                   // guarded by mu_: serving-loop iterations
   std::thread thread_;
 };

@@ -16,6 +16,9 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
+#include <thread>
+
 #include "core/snapshot/snapshot_writer.h"
 
 namespace memsnap {
@@ -78,6 +81,32 @@ class FaultServerTest : public ::testing::Test {
     return 0;                                                   // never written
   }
 
+  // A userfaultfd (with UFFD_EVENT_REMOVE) over kBlocks fresh anonymous pages of this process.
+  static void register_memory(int* uffd_out, void** mem_out) {
+    int uffd = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
+    if (uffd < 0) {
+      const int dev = ::open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+      ASSERT_GE(dev, 0) << "no userfaultfd on this machine";
+      uffd = ::ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
+      ::close(dev);
+    }
+    ASSERT_GE(uffd, 0);
+    uffdio_api api{};
+    api.api = UFFD_API;
+    api.features = UFFD_FEATURE_EVENT_REMOVE;
+    ASSERT_EQ(::ioctl(uffd, UFFDIO_API, &api), 0);
+    void* mem = ::mmap(nullptr, kBlocks * kBlock, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    ASSERT_NE(mem, MAP_FAILED);
+    uffdio_register reg{};
+    reg.range.start = reinterpret_cast<std::uint64_t>(mem);
+    reg.range.len = kBlocks * kBlock;
+    reg.mode = UFFDIO_REGISTER_MODE_MISSING;
+    ASSERT_EQ(::ioctl(uffd, UFFDIO_REGISTER, &reg), 0);
+    *uffd_out = uffd;
+    *mem_out = mem;
+  }
+
   std::string dir_;
   std::shared_ptr<const SnapshotChain> chain_;
 };
@@ -109,27 +138,9 @@ TEST_F(FaultServerTest, FlattenResolvesEachBlockToTheNewestLayer) {
 }
 
 TEST_F(FaultServerTest, ServesEveryFaultFromTheChainAndZerosAfterARemove) {
-  int uffd = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
-  if (uffd < 0) {
-    const int dev = ::open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
-    ASSERT_GE(dev, 0) << "no userfaultfd on this machine";
-    uffd = ::ioctl(dev, USERFAULTFD_IOC_NEW, O_CLOEXEC | O_NONBLOCK);
-    ::close(dev);
-  }
-  ASSERT_GE(uffd, 0);
-  uffdio_api api{};
-  api.api = UFFD_API;
-  api.features = UFFD_FEATURE_EVENT_REMOVE;
-  ASSERT_EQ(::ioctl(uffd, UFFDIO_API, &api), 0);
-  void* mem =
-      ::mmap(nullptr, kBlocks * kBlock, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  ASSERT_NE(mem, MAP_FAILED);
-  uffdio_register reg{};
-  reg.range.start = reinterpret_cast<std::uint64_t>(mem);
-  reg.range.len = kBlocks * kBlock;
-  reg.mode = UFFDIO_REGISTER_MODE_MISSING;
-  ASSERT_EQ(::ioctl(uffd, UFFDIO_REGISTER, &reg), 0);
-
+  int uffd = -1;
+  void* mem = nullptr;
+  ASSERT_NO_FATAL_FAILURE(register_memory(&uffd, &mem));
   plugin::Region region{};
   region.guest_offset = 0;
   region.host_addr = reinterpret_cast<std::uint64_t>(mem);
@@ -150,11 +161,47 @@ TEST_F(FaultServerTest, ServesEveryFaultFromTheChainAndZerosAfterARemove) {
   EXPECT_EQ(s.copies, 5u);     // blocks 0-3, and 5 from the diff
   EXPECT_EQ(s.zeropages, 4u);  // 4, 6, 7, and block 2 after its removal
   EXPECT_EQ(s.remove_events, 1u);
-  const auto discarded = (*server)->discarded(true);
-  ASSERT_EQ(discarded.size(), 1u);
-  EXPECT_EQ(discarded[0].offset, 2 * kBlock);
-  EXPECT_EQ(discarded[0].length, kBlock);
+  auto discarded = (*server)->discarded(true);
+  ASSERT_TRUE(discarded.ok()) << discarded.error().to_string();
+  ASSERT_EQ(discarded->size(), 1u);
+  EXPECT_EQ((*discarded)[0].offset, 2 * kBlock);
+  EXPECT_EQ((*discarded)[0].length, kBlock);
   EXPECT_TRUE((*server)->error().ok());
+  (*server)->stop();
+  ::munmap(mem, kBlocks * kBlock);
+  ::close(uffd);
+}
+
+// Issue 16 (the property test's seed 127): a VMM's discard returns as soon as the serving thread
+// has *read* its UFFD_EVENT_REMOVE, not once it has handled it. A pause that froze the VMM right
+// after such a discard must still see the range: discarded() waits until the serving thread has
+// handled every message it read. Here the thread is held between its read and its handling,
+// the way a loaded host may deschedule it.
+TEST_F(FaultServerTest, ADiscardThatReturnedIsReportedEvenIfItsEventIsNotHandledYet) {
+  int uffd = -1;
+  void* mem = nullptr;
+  ASSERT_NO_FATAL_FAILURE(register_memory(&uffd, &mem));
+  plugin::Region region{};
+  region.guest_offset = 0;
+  region.host_addr = reinterpret_cast<std::uint64_t>(mem);
+  region.size = kBlocks * kBlock;
+  FaultServerOptions options;
+  std::atomic<bool> hold{false};
+  options.after_read_for_testing = [&hold] {
+    if (hold.exchange(false)) std::this_thread::sleep_for(std::chrono::milliseconds(300));
+  };
+  auto server = FaultServer::start(uffd, {region}, chain_, options);
+  ASSERT_TRUE(server.ok()) << server.error().to_string();
+  const auto* bytes = static_cast<const volatile std::uint8_t*>(mem);
+  EXPECT_EQ(bytes[3 * kBlock], expected_byte(3));
+
+  hold = true;
+  ASSERT_EQ(::madvise(static_cast<char*>(mem) + 3 * kBlock, kBlock, MADV_DONTNEED), 0);
+  auto discarded = (*server)->discarded(true);
+  ASSERT_TRUE(discarded.ok()) << discarded.error().to_string();
+  ASSERT_EQ(discarded->size(), 1u) << "a discard that had returned was not reported";
+  EXPECT_EQ((*discarded)[0].offset, 3 * kBlock);
+  EXPECT_EQ((*discarded)[0].length, kBlock);
   (*server)->stop();
   ::munmap(mem, kBlocks * kBlock);
   ::close(uffd);

@@ -327,7 +327,7 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
   std::optional<Freezer> frozen;
   if (req.freeze && req.pid > 0) {
     clock.start("freeze");
-    auto f = Freezer::freeze(req.pid);
+    auto f = Freezer::freeze(req.pid, req.pidfd);
     if (!f.ok()) return std::move(f).error();
     frozen.emplace(std::move(*f));
   }

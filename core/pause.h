@@ -29,6 +29,10 @@ struct PauseRequest {
   // The source: a VMM pid with its guest regions, and/or the memfd that backs guest memory (not
   // owned; guest offset == memfd offset).
   pid_t pid = -1;
+  // A pidfd of that process (not owned), when the caller pinned it earlier (memsnapd does at
+  // registration): the freeze signals it, so a pid reused since can never be stopped or continued
+  // in its place. -1: the freeze opens one itself.
+  int pidfd = -1;
   std::vector<plugin::Region> regions;
   int memfd = -1;
   std::uint64_t guest_size = 0;  // 0: the memfd's size, or the end of the last region

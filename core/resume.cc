@@ -382,6 +382,16 @@ Result<std::vector<plugin::ByteRange>> ResumeSession::dirty_since_resume(std::st
   if (Status s = wait_tracking_armed(); !s.ok()) {
     spdlog::warn("resume: {}", report_.write_tracking_reason);
   }
+  // Discards first: taking them can fail (the serving thread did not come round), and it must
+  // fail before the scan below re-protects the written pages, which would lose them. Once taken
+  // they are kept in uncommitted_ until a pause commits them, whatever fails next.
+  bool any_discarded = false;
+  if (server_) {
+    auto taken = server_->discarded(true);
+    if (!taken.ok()) return std::move(taken).error();
+    any_discarded = !taken->empty();
+    uncommitted_ = merged(std::move(uncommitted_), std::move(*taken));
+  }
   if (report_.write_tracking) {
     auto written = written_ranges_of_process(report_.vmm_pid, regions_, report_.block_size, true);
     if (!written.ok()) return std::move(written).error();
@@ -399,11 +409,7 @@ Result<std::vector<plugin::ByteRange>> ResumeSession::dirty_since_resume(std::st
     ranges = std::move(*populated);
     source = "every populated page of the process (" + report_.write_tracking_reason + ")";
   }
-  if (server_) {
-    const auto discarded = server_->discarded(true);
-    if (!discarded.empty()) source += ", plus ranges the VMM discarded";
-    uncommitted_ = merged(std::move(uncommitted_), discarded);
-  }
+  if (any_discarded) source += ", plus ranges the VMM discarded";
   // A pause that took ranges but did not commit them must not lose them: they stay in every
   // dirty set until pause_committed().
   uncommitted_ = merged(std::move(ranges), uncommitted_);

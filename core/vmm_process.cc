@@ -1,5 +1,7 @@
 #include "core/vmm_process.h"
 
+#include <fcntl.h>
+#include <poll.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -19,79 +21,107 @@ std::string proc_path(pid_t pid, const std::string& rest) {
   return "/proc/" + std::to_string(pid) + "/" + rest;
 }
 
-// State letter from /proc/PID/stat ('T' stopped, 'Z' zombie...), or 0 if the process is gone.
-char process_state(pid_t pid) {
-  std::ifstream in(proc_path(pid, "stat"));
-  std::string line;
-  if (!std::getline(in, line)) return 0;
-  const auto close_paren = line.rfind(')');
-  if (close_paren == std::string::npos || close_paren + 2 >= line.size()) return 0;
-  return line[close_paren + 2];
+bool stopped_state(char s) { return s == 't' || s == 'T' || s == 'Z' || s == 'X'; }
+
+Status signal_pidfd(int pidfd, pid_t pid, int sig) {
+  if (::syscall(SYS_pidfd_send_signal, pidfd, sig, nullptr, 0) == 0) return {};
+  const int err = errno;
+  return make_error(err == ESRCH ? Errc::kProcessGone : Errc::kIoError,
+                    std::string("cannot ") + (sig == SIGCONT ? "continue" : "stop") +
+                        " process " + std::to_string(pid) + ": " + std::strerror(err),
+                    err);
 }
 
-// The first task (thread) of pid that is not stopped, with its state in *state; 0 if every task
-// is stopped, or has exited meanwhile.
-pid_t first_task_not_stopped(pid_t pid, char* state) {
+}  // namespace
+
+std::vector<std::string> tasks_not_stopped(pid_t pid) {
+  std::vector<std::string> running;
   std::error_code ec;
   std::filesystem::directory_iterator it(proc_path(pid, "task"), ec);
-  if (ec) return 0;  // the process is gone: the caller sees it in the leader's state
+  if (ec) return running;  // the process is gone
   for (const auto& entry : it) {
-    const std::string name = entry.path().filename().string();
     std::ifstream in(entry.path() / "stat");
     std::string line;
     if (!std::getline(in, line)) continue;  // the thread exited
     const auto close_paren = line.rfind(')');
     if (close_paren == std::string::npos || close_paren + 2 >= line.size()) continue;
     const char s = line[close_paren + 2];
-    if (s == 't' || s == 'T' || s == 'Z' || s == 'X') continue;
-    *state = s;
-    return static_cast<pid_t>(std::stol(name));
+    if (stopped_state(s)) continue;
+    running.push_back(entry.path().filename().string() + ":" + std::string(1, s));
   }
-  return 0;
+  return running;
 }
 
-}  // namespace
+std::optional<pid_t> pid_of_pidfd(int pidfd) {
+  std::ifstream in("/proc/self/fdinfo/" + std::to_string(pidfd));
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("Pid:", 0) == 0) return static_cast<pid_t>(std::stol(line.substr(4)));
+  }
+  return std::nullopt;
+}
 
-Result<Freezer> Freezer::freeze(pid_t pid, std::chrono::milliseconds timeout) {
-  if (::kill(pid, SIGSTOP) != 0) {
+Result<Freezer> Freezer::freeze(pid_t pid, int pidfd, std::chrono::milliseconds timeout) {
+  // The process to stop, pinned: the caller's pidfd (duplicated), else one opened now.
+  io::UniqueFd pinned(pidfd >= 0 ? ::fcntl(pidfd, F_DUPFD_CLOEXEC, 0)
+                                 : static_cast<int>(::syscall(SYS_pidfd_open, pid, 0)));
+  if (pinned.get() < 0) {
     const int err = errno;
     return make_error(err == ESRCH ? Errc::kProcessGone : Errc::kIoError,
-                      "cannot stop process " + std::to_string(pid) + ": " + std::strerror(err),
+                      "cannot pin process " + std::to_string(pid) + " (pidfd): " +
+                          std::strerror(err),
                       err);
   }
-  Freezer f(pid);
+  if (pidfd >= 0) {
+    const std::optional<pid_t> of_fd = pid_of_pidfd(pinned.get());
+    if (of_fd == -1) {
+      return make_error(Errc::kProcessGone, "process " + std::to_string(pid) + " has exited");
+    }
+    if (of_fd != pid) {
+      return make_error(Errc::kInvalidArgument,
+                        "the pidfd given to stop process " + std::to_string(pid) + " is " +
+                            (!of_fd ? std::string("not a pidfd")
+                                    : "of process " + std::to_string(*of_fd)));
+    }
+  }
+  if (Status s = signal_pidfd(pinned.get(), pid, SIGSTOP); !s.ok()) return std::move(s).error();
+  Freezer f(pid, std::move(pinned));
   // SIGSTOP stops the whole thread group, but each thread only when it next leaves the kernel:
   // a vCPU thread in the middle of a syscall (a read() into guest memory, KVM_RUN) can still
-  // write after the leader stopped. Frozen means every task of the process is stopped.
+  // write after the leader stopped. Frozen means every task of the process is stopped. The
+  // tasks are read by pid from /proc: the pidfd tells whether that is still our process (it
+  // polls readable once the process has exited, before its pid can be reused).
   const auto deadline = std::chrono::steady_clock::now() + timeout;
   for (;;) {
-    const char leader = process_state(pid);
-    if (leader == 0 || leader == 'Z' || leader == 'X') {
-      f.pid_ = -1;
+    pollfd exited{f.pidfd_.get(), POLLIN, 0};
+    if (::poll(&exited, 1, 0) > 0) {
+      f.keep_stopped();
       return make_error(Errc::kProcessGone,
                         "process " + std::to_string(pid) + " exited while being stopped");
     }
-    pid_t running_task = 0;
-    char running_state = 0;
-    if (leader != 't' && leader != 'T') {
-      running_task = pid;
-      running_state = leader;
-    } else {
-      running_task = first_task_not_stopped(pid, &running_state);
+    const std::vector<std::string> running = tasks_not_stopped(pid);
+    if (running.empty()) {
+      // Stopped -- or gone since the poll, which the pidfd tells apart.
+      if (::poll(&exited, 1, 0) > 0) continue;
+      return f;
     }
-    if (running_task == 0) return f;
     if (std::chrono::steady_clock::now() > deadline) {
-      return make_error(Errc::kIoError,
-                        "process " + std::to_string(pid) + " did not stop within " +
-                            std::to_string(timeout.count()) + " ms (task " +
-                            std::to_string(running_task) + " is in state '" +
-                            std::string(1, running_state) + "')");
+      const std::string& task = running.front();
+      const auto colon = task.find(':');
+      return make_error(Errc::kIoError, "process " + std::to_string(pid) +
+                                            " did not stop within " +
+                                            std::to_string(timeout.count()) + " ms (task " +
+                                            task.substr(0, colon) + " is in state '" +
+                                            task.substr(colon + 1) + "')");
     }
     std::this_thread::sleep_for(std::chrono::microseconds(50));
   }
 }
 
-Freezer::Freezer(Freezer&& other) noexcept : pid_(other.pid_) { other.pid_ = -1; }
+Freezer::Freezer(Freezer&& other) noexcept
+    : pid_(other.pid_), pidfd_(std::move(other.pidfd_)) {
+  other.pid_ = -1;
+}
 
 Freezer::~Freezer() { (void)thaw(); }
 
@@ -99,12 +129,10 @@ Status Freezer::thaw() {
   if (pid_ < 0) return {};
   const pid_t pid = pid_;
   pid_ = -1;
-  if (::kill(pid, SIGCONT) != 0 && errno != ESRCH) {
-    return make_error(
-        Errc::kIoError,
-        "cannot continue process " + std::to_string(pid) + ": " + std::strerror(errno), errno);
-  }
-  return {};
+  io::UniqueFd pidfd = std::move(pidfd_);
+  Status s = signal_pidfd(pidfd.get(), pid, SIGCONT);
+  if (!s.ok() && s.error().code == Errc::kProcessGone) return {};
+  return s;
 }
 
 Result<int> take_fd_of_process(pid_t pid, int target_fd) {

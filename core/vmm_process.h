@@ -12,18 +12,29 @@
 #include <string_view>
 #include <vector>
 
+#include "core/base/file_io.h"
 #include "core/base/result.h"
 #include "plugins/plugin_api/plugin_api.h"
 
 namespace memsnap {
 
+// Every task (thread) of process pid that is not stopped, as "tid:state" (state as in
+// /proc/PID/task/TID/stat: 'R', 'S', 'D'...); empty when every task is stopped or the process is
+// gone. Exited and zombie tasks count as stopped: they write nothing.
+std::vector<std::string> tasks_not_stopped(pid_t pid);
+
 // Stops a process with SIGSTOP, waits until the kernel reports every one of its threads stopped
 // (not only the leader: a vCPU thread inside a syscall may still write guest memory after the
 // leader stopped), and sends SIGCONT when destroyed (or on thaw()), unless keep_stopped() was
 // called. Move-only.
+//
+// Signals go through a pidfd, never the bare pid: a pid names whatever process holds it now, a
+// pidfd only the process it was opened for. The caller that pinned the VMM (memsnapd, at
+// registration) passes its pidfd; which must be the process `pid` names (checked), and is
+// duplicated, not taken. Without one, freeze() opens its own at once.
 class Freezer {
  public:
-  static Result<Freezer> freeze(pid_t pid,
+  static Result<Freezer> freeze(pid_t pid, int pidfd = -1,
                                 std::chrono::milliseconds timeout = std::chrono::seconds(5));
   Freezer(Freezer&& other) noexcept;
   Freezer& operator=(Freezer&&) = delete;
@@ -32,12 +43,21 @@ class Freezer {
   // Continues the process; idempotent.
   Status thaw();
   // Leaves the process stopped for good (the caller kills it or continues it itself).
-  void keep_stopped() noexcept { pid_ = -1; }
+  void keep_stopped() noexcept {
+    pid_ = -1;
+    pidfd_.reset();
+  }
 
  private:
-  explicit Freezer(pid_t pid) : pid_(pid) {}
+  Freezer(pid_t pid, io::UniqueFd pidfd) : pid_(pid), pidfd_(std::move(pidfd)) {}
   pid_t pid_;
+  io::UniqueFd pidfd_;
 };
+
+// The pid the kernel shows for a pidfd (the "Pid:" line of /proc/self/fdinfo/FD): -1 once the
+// process has exited, 0 if it lives in a pid namespace we cannot see; nullopt if fd is not a
+// pidfd (or its fdinfo cannot be read).
+std::optional<pid_t> pid_of_pidfd(int pidfd);
 
 // A copy of file descriptor target_fd of process pid (pidfd_open + pidfd_getfd; needs
 // PTRACE_MODE_ATTACH_REALCREDS over it, e.g. root). The caller owns the returned fd.

@@ -5,6 +5,7 @@
 #include <pthread.h>
 #include <signal.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -33,19 +34,6 @@ void* writer_thread(void*) {
   return nullptr;
 }
 
-// Every task of pid that is not stopped, as "tid:state".
-std::vector<std::string> tasks_not_stopped(pid_t pid) {
-  std::vector<std::string> out;
-  for (const auto& e :
-       std::filesystem::directory_iterator("/proc/" + std::to_string(pid) + "/task")) {
-    std::ifstream in(e.path() / "stat");
-    std::string line;
-    if (!std::getline(in, line)) continue;
-    const char s = line[line.rfind(')') + 2];
-    if (s != 'T' && s != 't') out.push_back(e.path().filename().string() + ":" + s);
-  }
-  return out;
-}
 
 TEST(FreezerTest, EveryThreadIsStoppedWhenFreezeReturns) {
   int ready[2];
@@ -109,6 +97,80 @@ TEST(FreezerTest, KeepStoppedLeavesTheProcessStopped) {
   kill(child, SIGKILL);
   int status = 0;
   waitpid(child, &status, 0);
+}
+
+pid_t sleeper() {
+  const pid_t child = fork();
+  if (child == 0) {
+    for (;;) pause();
+  }
+  return child;
+}
+
+void end(pid_t child) {
+  kill(child, SIGKILL);
+  int status = 0;
+  waitpid(child, &status, 0);
+}
+
+// Ends (and reaps) a child when the test ends, also when an assertion returns early.
+struct Reaper {
+  pid_t child;
+  ~Reaper() {
+    if (child > 0) end(child);
+  }
+};
+
+// Issue 16 item 10: a pid names whatever process holds it now. The freezer signals the process
+// its pidfd pins: once that one is gone, whatever holds (or reuses) the pid is never stopped.
+TEST(FreezerTest, SignalsOnlyThePinnedProcessNeverWhateverHoldsThePidNow) {
+  const pid_t gone = sleeper();
+  ASSERT_GT(gone, 0);
+  const int pinned = static_cast<int>(syscall(SYS_pidfd_open, gone, 0));
+  ASSERT_GE(pinned, 0);
+  end(gone);
+  // Another process stands where the pinned one was (a reused pid is the same to the kernel).
+  const pid_t other = sleeper();
+  ASSERT_GT(other, 0);
+  Reaper reap_other{other};
+  auto frozen = Freezer::freeze(other, pinned);
+  ASSERT_FALSE(frozen.ok()) << "a process the pidfd does not pin was stopped";
+  EXPECT_EQ(frozen.error().code, Errc::kProcessGone) << frozen.error().to_string();
+  EXPECT_FALSE(tasks_not_stopped(other).empty()) << "the other process was stopped";
+  close(pinned);
+}
+
+// A live pidfd of another process than the pid is a caller's mistake: refused, nothing stopped.
+TEST(FreezerTest, APidfdOfAnotherProcessIsRefused) {
+  const pid_t a = sleeper();
+  const pid_t b = sleeper();
+  Reaper reap_a{a}, reap_b{b};
+  ASSERT_GT(a, 0);
+  ASSERT_GT(b, 0);
+  const int pidfd_a = static_cast<int>(syscall(SYS_pidfd_open, a, 0));
+  ASSERT_GE(pidfd_a, 0);
+  auto frozen = Freezer::freeze(b, pidfd_a);
+  ASSERT_FALSE(frozen.ok());
+  EXPECT_EQ(frozen.error().code, Errc::kInvalidArgument) << frozen.error().to_string();
+  EXPECT_FALSE(tasks_not_stopped(a).empty());
+  EXPECT_FALSE(tasks_not_stopped(b).empty());
+  // Its own pidfd stops it, and the freezer keeps its own copy: closing ours changes nothing.
+  const int pidfd_b = static_cast<int>(syscall(SYS_pidfd_open, b, 0));
+  ASSERT_GE(pidfd_b, 0);
+  {
+    auto f = Freezer::freeze(b, pidfd_b);
+    ASSERT_TRUE(f.ok()) << f.error().to_string();
+    close(pidfd_b);
+    EXPECT_TRUE(tasks_not_stopped(b).empty());
+    ASSERT_TRUE(f->thaw().ok());
+  }
+  bool continued = false;
+  for (int i = 0; i < 20000 && !continued; ++i) {
+    continued = !tasks_not_stopped(b).empty();
+    if (!continued) usleep(100);
+  }
+  EXPECT_TRUE(continued);
+  close(pidfd_a);
 }
 
 }  // namespace

@@ -28,20 +28,6 @@ namespace {
 
 constexpr std::uint64_t kGuest = 64ULL << 20;
 
-// Every task of pid that is not stopped, as "tid:state"; empty when the process is frozen.
-std::vector<std::string> tasks_not_stopped(pid_t pid) {
-  std::vector<std::string> out;
-  std::error_code ec;
-  for (const auto& e : std::filesystem::directory_iterator(
-           "/proc/" + std::to_string(pid) + "/task", ec)) {
-    std::ifstream in(e.path() / "stat");
-    std::string line;
-    if (!std::getline(in, line)) continue;
-    const char state = line[line.rfind(')') + 2];
-    if (state != 'T' && state != 't') out.push_back(e.path().filename().string() + ":" + state);
-  }
-  return out;
-}
 
 // ctest sets MEMSNAP_PLUGIN_DIR; run by hand, the test finds the build's plugins itself.
 std::string plugin_dir() {

@@ -1034,6 +1034,7 @@ Result<json> SandboxService::pause(const Caller& caller, const std::string& id, 
 
   PauseRequest req;
   req.pid = sb->vmm_pid;
+  req.pidfd = sb->vmm_pidfd.get();
   req.regions = sb->regions;
   req.memfd = memfd;
   req.guest_size = sb->guest_size;
