@@ -81,8 +81,9 @@ class FaultServerTest : public ::testing::Test {
     return 0;                                                   // never written
   }
 
-  // A userfaultfd (with UFFD_EVENT_REMOVE) over kBlocks fresh anonymous pages of this process.
-  static void register_memory(int* uffd_out, void** mem_out) {
+  // A userfaultfd (with UFFD_EVENT_REMOVE) over kBlocks fresh anonymous pages of this process,
+  // and the guest region they are (guest offset 0).
+  static void register_memory(int* uffd_out, void** mem_out, plugin::Region* region) {
     int uffd = static_cast<int>(::syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK));
     if (uffd < 0) {
       const int dev = ::open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
@@ -105,6 +106,9 @@ class FaultServerTest : public ::testing::Test {
     ASSERT_EQ(::ioctl(uffd, UFFDIO_REGISTER, &reg), 0);
     *uffd_out = uffd;
     *mem_out = mem;
+    region->guest_offset = 0;
+    region->host_addr = reinterpret_cast<std::uint64_t>(mem);
+    region->size = kBlocks * kBlock;
   }
 
   std::string dir_;
@@ -140,11 +144,8 @@ TEST_F(FaultServerTest, FlattenResolvesEachBlockToTheNewestLayer) {
 TEST_F(FaultServerTest, ServesEveryFaultFromTheChainAndZerosAfterARemove) {
   int uffd = -1;
   void* mem = nullptr;
-  ASSERT_NO_FATAL_FAILURE(register_memory(&uffd, &mem));
   plugin::Region region{};
-  region.guest_offset = 0;
-  region.host_addr = reinterpret_cast<std::uint64_t>(mem);
-  region.size = kBlocks * kBlock;
+  ASSERT_NO_FATAL_FAILURE(register_memory(&uffd, &mem, &region));
   auto server = FaultServer::start(uffd, {region}, chain_, {});
   ASSERT_TRUE(server.ok()) << server.error().to_string();
 
@@ -180,11 +181,8 @@ TEST_F(FaultServerTest, ServesEveryFaultFromTheChainAndZerosAfterARemove) {
 TEST_F(FaultServerTest, ADiscardThatReturnedIsReportedEvenIfItsEventIsNotHandledYet) {
   int uffd = -1;
   void* mem = nullptr;
-  ASSERT_NO_FATAL_FAILURE(register_memory(&uffd, &mem));
   plugin::Region region{};
-  region.guest_offset = 0;
-  region.host_addr = reinterpret_cast<std::uint64_t>(mem);
-  region.size = kBlocks * kBlock;
+  ASSERT_NO_FATAL_FAILURE(register_memory(&uffd, &mem, &region));
   FaultServerOptions options;
   std::atomic<bool> hold{false};
   options.after_read_for_testing = [&hold] {

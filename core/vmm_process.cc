@@ -34,8 +34,8 @@ Status signal_pidfd(int pidfd, pid_t pid, int sig) {
 
 }  // namespace
 
-std::vector<std::string> tasks_not_stopped(pid_t pid) {
-  std::vector<std::string> running;
+std::vector<RunningTask> tasks_not_stopped(pid_t pid) {
+  std::vector<RunningTask> running;
   std::error_code ec;
   std::filesystem::directory_iterator it(proc_path(pid, "task"), ec);
   if (ec) return running;  // the process is gone
@@ -47,7 +47,7 @@ std::vector<std::string> tasks_not_stopped(pid_t pid) {
     if (close_paren == std::string::npos || close_paren + 2 >= line.size()) continue;
     const char s = line[close_paren + 2];
     if (stopped_state(s)) continue;
-    running.push_back(entry.path().filename().string() + ":" + std::string(1, s));
+    running.push_back({static_cast<pid_t>(std::stol(entry.path().filename().string())), s});
   }
   return running;
 }
@@ -99,20 +99,18 @@ Result<Freezer> Freezer::freeze(pid_t pid, int pidfd, std::chrono::milliseconds 
       return make_error(Errc::kProcessGone,
                         "process " + std::to_string(pid) + " exited while being stopped");
     }
-    const std::vector<std::string> running = tasks_not_stopped(pid);
+    const std::vector<RunningTask> running = tasks_not_stopped(pid);
     if (running.empty()) {
       // Stopped -- or gone since the poll, which the pidfd tells apart.
       if (::poll(&exited, 1, 0) > 0) continue;
       return f;
     }
     if (std::chrono::steady_clock::now() > deadline) {
-      const std::string& task = running.front();
-      const auto colon = task.find(':');
-      return make_error(Errc::kIoError, "process " + std::to_string(pid) +
-                                            " did not stop within " +
-                                            std::to_string(timeout.count()) + " ms (task " +
-                                            task.substr(0, colon) + " is in state '" +
-                                            task.substr(colon + 1) + "')");
+      return make_error(Errc::kIoError,
+                        "process " + std::to_string(pid) + " did not stop within " +
+                            std::to_string(timeout.count()) + " ms (task " +
+                            std::to_string(running.front().tid) + " is in state '" +
+                            std::string(1, running.front().state) + "')");
     }
     std::this_thread::sleep_for(std::chrono::microseconds(50));
   }

@@ -18,10 +18,16 @@
 
 namespace memsnap {
 
-// Every task (thread) of process pid that is not stopped, as "tid:state" (state as in
-// /proc/PID/task/TID/stat: 'R', 'S', 'D'...); empty when every task is stopped or the process is
-// gone. Exited and zombie tasks count as stopped: they write nothing.
-std::vector<std::string> tasks_not_stopped(pid_t pid);
+// A task (thread) that still runs, with its state as in /proc/PID/task/TID/stat ('R', 'S', 'D'...).
+struct RunningTask {
+  pid_t tid = 0;
+  char state = 0;
+  std::string to_string() const { return std::to_string(tid) + ":" + std::string(1, state); }
+};
+
+// Every task of process pid that is not stopped; empty when every task is stopped or the process
+// is gone. Exited and zombie tasks count as stopped: they write nothing.
+std::vector<RunningTask> tasks_not_stopped(pid_t pid);
 
 // Stops a process with SIGSTOP, waits until the kernel reports every one of its threads stopped
 // (not only the leader: a vCPU thread inside a syscall may still write guest memory after the

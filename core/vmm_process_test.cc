@@ -24,6 +24,15 @@ constexpr std::size_t kWriteSize = 64u << 20;
 int g_memfd = -1;
 char* g_buf = nullptr;
 
+// SIGCONT is asynchronous: true once some task of pid runs again (polled for up to 2 s).
+bool runs_again_within_2s(pid_t pid) {
+  for (int i = 0; i < 20000; ++i) {
+    if (!tasks_not_stopped(pid).empty()) return true;
+    usleep(100);
+  }
+  return false;
+}
+
 // A "vCPU" thread that spends nearly all its time inside one long write() into a memfd: a
 // syscall that SIGSTOP does not interrupt, so the thread stops only when it returns.
 void* writer_thread(void*) {
@@ -63,8 +72,8 @@ TEST(FreezerTest, EveryThreadIsStoppedWhenFreezeReturns) {
     auto frozen = Freezer::freeze(child);
     ASSERT_TRUE(frozen.ok()) << frozen.error().to_string();
     const auto running = tasks_not_stopped(child);
-    EXPECT_TRUE(running.empty()) << "freeze returned while task " << running.front()
-                                 << " still ran";
+    EXPECT_TRUE(running.empty()) << "freeze returned while task "
+                                 << running.front().to_string() << " still ran";
     ASSERT_TRUE(frozen->thaw().ok());
   }
   kill(child, SIGKILL);
@@ -88,12 +97,7 @@ TEST(FreezerTest, KeepStoppedLeavesTheProcessStopped) {
     auto frozen = Freezer::freeze(child);
     ASSERT_TRUE(frozen.ok());
   }  // destroyed without keep_stopped: continued
-  bool continued = false;
-  for (int i = 0; i < 20000 && !continued; ++i) {
-    continued = !tasks_not_stopped(child).empty();
-    if (!continued) usleep(100);
-  }
-  EXPECT_TRUE(continued);
+  EXPECT_TRUE(runs_again_within_2s(child));
   kill(child, SIGKILL);
   int status = 0;
   waitpid(child, &status, 0);
@@ -164,12 +168,7 @@ TEST(FreezerTest, APidfdOfAnotherProcessIsRefused) {
     EXPECT_TRUE(tasks_not_stopped(b).empty());
     ASSERT_TRUE(f->thaw().ok());
   }
-  bool continued = false;
-  for (int i = 0; i < 20000 && !continued; ++i) {
-    continued = !tasks_not_stopped(b).empty();
-    if (!continued) usleep(100);
-  }
-  EXPECT_TRUE(continued);
+  EXPECT_TRUE(runs_again_within_2s(b));
   close(pidfd_a);
 }
 

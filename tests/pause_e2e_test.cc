@@ -359,7 +359,7 @@ TEST_F(PauseE2ETest, UnrestorableReleasedMemoryLeavesTheVmmStoppedAndTheDataKept
   ASSERT_FALSE(failed.ok());
   EXPECT_EQ(failed.error().code, Errc::kDataAtRisk) << failed.error().to_string();
   EXPECT_TRUE(tasks_not_stopped(g->pid()).empty())
-      << "the VMM runs on released memory: " << tasks_not_stopped(g->pid()).front();
+      << "the VMM runs on released memory: " << tasks_not_stopped(g->pid()).front().to_string();
   std::string kept;
   for (const auto& e : std::filesystem::directory_iterator(dir_)) {
     if (e.path().extension() != ".recovery") kept = e.path().string();
