@@ -44,6 +44,7 @@ function(memsnap_add_plugin)
   target_link_options(memsnap_plugin_${ARG_NAME} PRIVATE -Wl,--no-undefined)
   memsnap_set_warnings(memsnap_plugin_${ARG_NAME})
   add_dependencies(memsnap_plugins memsnap_plugin_${ARG_NAME})
+  install(TARGETS memsnap_plugin_${ARG_NAME} LIBRARY DESTINATION lib/memsnap/plugins)
 endfunction()
 
 # memsnap_add_test(NAME <name> SOURCES ... [DEPS ...] [LABELS ...] [TIMEOUT s] [ARGS ...]

@@ -20,6 +20,8 @@ packages=(
   cpio                                   # packs the guest initramfs
   xz-utils zstd                          # decompressors the vmlinux extractor may need
   clang libclang-rt-14-dev               # tools/fuzz.sh: clang and libFuzzer's runtime
+  man-db groff-base                      # man: the tests render the generated manual pages
+  ccache                                 # developers: -DCMAKE_CXX_COMPILER_LAUNCHER=ccache
 )
 
 missing=()

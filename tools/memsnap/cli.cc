@@ -12,6 +12,8 @@
 #include <fstream>
 #include <stdexcept>
 
+#include "tools/cli_spec/command_table.h"
+
 namespace memsnap::cli {
 
 Args::Args(int argc, char** argv, int first) {
@@ -62,19 +64,9 @@ void Args::expect_done() {
 }
 
 std::uint64_t parse_size(const std::string& text) {
-  std::size_t end = 0;
-  std::uint64_t v = 0;
-  try {
-    v = std::stoull(text, &end, 0);
-  } catch (const std::exception&) {
-    throw std::invalid_argument("'" + text + "' is not a size");
-  }
-  const std::string suffix = text.substr(end);
-  if (suffix.empty()) return v;
-  if (suffix == "K" || suffix == "k" || suffix == "KiB") return v << 10;
-  if (suffix == "M" || suffix == "MiB") return v << 20;
-  if (suffix == "G" || suffix == "GiB") return v << 30;
-  throw std::invalid_argument("'" + text + "' is not a size (suffixes: K, M, G)");
+  const auto v = cli_spec::parse_size(text);
+  if (!v) throw std::invalid_argument("'" + text + "' is not a size (like 4096, 64K, 2M, 1G)");
+  return *v;
 }
 
 std::string format_bytes(double bytes) {

@@ -130,10 +130,17 @@ int cmd_pause(Args& args) {
     req.strategy_options.emplace_back(opt.substr(0, eq), opt.substr(eq + 1));
   }
   req.allow_fallback = args.flag("--allow-fallback");
-  // --freeze: stop the VMM for the export and continue it after; --stop: stop it and leave it
-  // stopped (a paused sandbox; strategies that release memory refuse anything else).
+  // The VMM is stopped for the export and continued after it (--freeze, the default: a copy of
+  // one moment, never torn); --stop leaves it stopped (a paused sandbox; strategies that release
+  // memory refuse anything else); --no-freeze copies while it runs.
   const bool stop = args.flag("--stop");
-  req.freeze = args.flag("--freeze") || stop;
+  const bool freeze = args.flag("--freeze");
+  const bool no_freeze = args.flag("--no-freeze");
+  if (no_freeze && (stop || freeze)) {
+    throw std::invalid_argument("--no-freeze contradicts " +
+                                std::string(stop ? "--stop" : "--freeze"));
+  }
+  req.freeze = !no_freeze;
   req.stay_frozen = stop;
   req.sync = !args.flag("--no-sync");
   req.block_size = static_cast<std::uint32_t>(parse_size(args.value("--block-size", "4096")));

@@ -33,6 +33,7 @@
 #include "core/plugin_host/plugin_registry.h"
 #include "core/snapshot/recovery_journal.h"
 #include "flags/flag_store.h"
+#include "tools/cli_spec/command_table.h"
 #include "tools/control_api/http_server.h"
 #include "tools/memsnapd/control_routes.h"
 #include "tools/memsnapd/sandbox_service.h"
@@ -42,13 +43,46 @@ namespace {
 
 namespace fs = std::filesystem;
 
-void usage(FILE* out) {
-  std::fprintf(out,
-               "usage: memsnapd [--config FILE] [--set section.key=value]... [--print-config]\n"
-               "  --config FILE    YAML configuration (default: built-in defaults, see\n"
-               "                   config/memsnapd.yaml)\n"
-               "  --set K=V        override one key, e.g. --set limits.max_concurrent_pauses=2\n"
-               "  --print-config   print the effective configuration and exit\n");
+// memsnapd's command line as a table (tools/cli_spec): its checks, --help and man page.
+const cli_spec::Program& program() {
+  static const cli_spec::Program p = [] {
+    using cli_spec::Option;
+    using cli_spec::ValueKind;
+    cli_spec::Program prog;
+    prog.name = "memsnapd";
+    prog.man_section = 8;
+    prog.summary = "the memsnap host daemon: pauses and resumes sandboxes for an orchestrator";
+    prog.synopsis = "[--config FILE] [--set SECTION.KEY=VALUE]... [--print-config]";
+    prog.description =
+        "One memsnapd per host. It loads the strategy plugins, watches the flag file that "
+        "chooses a strategy for each sandbox, serves the control API (HTTP/JSON on a Unix "
+        "socket, docs/api.md) and Prometheus metrics on loopback. With no --config it runs on "
+        "built-in defaults (config/memsnapd.yaml lists them).";
+    prog.options = {
+        Option{.name = "--config", .kind = ValueKind::kPath, .placeholder = "FILE",
+               .help = "the YAML configuration", .default_text = "built-in defaults"},
+        Option{.name = "--set", .kind = ValueKind::kKeyValue, .placeholder = "SECTION.KEY=VALUE",
+               .help = "override one key, e.g. --set limits.max_concurrent_pauses=2",
+               .repeatable = true},
+        Option{.name = "--print-config", .help = "print the effective configuration and exit"},
+        Option{.name = "--version", .help = "print the version and the plugin ABI, and exit"},
+        Option{.name = "--man", .help = "print this manual page (troff) and exit"},
+    };
+    prog.sections = {
+        {"signals",
+         "SIGHUP re-reads the config file (and --set): applies logging, flags, limits and the "
+         "fallback strategy; keys that need a restart are logged and left as they were.\n\n"
+         "SIGTERM and SIGINT drain: no new pause or resume is accepted, in-flight ones finish "
+         "(up to drain.timeout_ms), then the socket is removed and memsnapd exits (1 if "
+         "something was still running)."},
+        {"exit status",
+         "0: stopped cleanly. 1: work was still running at the end of the drain, or memsnapd "
+         "could not start. 2: a usage or configuration error, nothing was started."},
+        {"see also", "memsnap(1); docs/api.md, docs/metrics.md, config/memsnapd.yaml."},
+    };
+    return prog;
+  }();
+  return p;
 }
 
 // %* : the message as a JSON string (escaped), for JSON-lines logs.
@@ -157,19 +191,36 @@ int run(int argc, char** argv) {
   std::string config_path;
   std::vector<std::string> overrides;
   bool print_config = false;
-  for (int i = 1; i < argc; ++i) {
-    const std::string a = argv[i];
-    if ((a == "--config" || a == "--set") && i + 1 < argc) {
-      (a == "--config" ? config_path : overrides.emplace_back()) = argv[++i];
-    } else if (a == "--print-config") {
+  const std::vector<std::string> words(argv + 1, argv + argc);
+  const cli_spec::Command whole{.name = "", .options = program().options};
+  const auto checked = cli_spec::check(whole, words);
+  if (checked.help) {
+    std::fputs(cli_spec::overview(program()).c_str(), stdout);
+    return 0;
+  }
+  if (!checked.error.empty()) {
+    std::fprintf(stderr, "memsnapd: %s (memsnapd --help)\n", checked.error.c_str());
+    return 2;
+  }
+  for (std::size_t i = 0; i < words.size(); ++i) {
+    const std::string& a = words[i];
+    const auto eq = a.find('=');
+    const std::string name = a.substr(0, a.rfind("--", 0) == 0 ? eq : std::string::npos);
+    const bool inline_value = name.size() != a.size();
+    auto value = [&] { return inline_value ? a.substr(eq + 1) : words[++i]; };
+    if (name == "--config") {
+      config_path = value();
+    } else if (name == "--set") {
+      overrides.push_back(value());
+    } else if (name == "--print-config") {
       print_config = true;
-    } else if (a == "--help" || a == "-h") {
-      usage(stdout);
+    } else if (name == "--version") {
+      std::printf("memsnapd %s (plugin ABI %u)\n", MEMSNAP_VERSION,
+                  static_cast<unsigned>(plugin::kAbiVersion));
       return 0;
-    } else {
-      std::fprintf(stderr, "memsnapd: unknown argument %s\n", a.c_str());
-      usage(stderr);
-      return 2;
+    } else if (name == "--man") {
+      std::fputs(cli_spec::man_page(program(), MEMSNAP_VERSION).c_str(), stdout);
+      return 0;
     }
   }
   config::LoadResult loaded = load(config_path, overrides);
