@@ -1,9 +1,7 @@
 // Every command explains itself and refuses what it cannot do before doing anything: the real
 // memsnap and memsnapd binaries, their --help, --version, argument checks and manual pages.
-#include <sys/wait.h>
 #include <unistd.h>
 
-#include <cstdio>
 #include <filesystem>
 #include <fstream>
 #include <sstream>
@@ -25,18 +23,11 @@ std::string bin_dir() {
   return std::filesystem::path(testing::memsnap_binary()).parent_path().string();
 }
 
-// `program args` in a shell; stdout, and stderr folded in when with_stderr.
+// `program args` (a binary of the build) in a shell; stdout, and stderr folded in when
+// with_stderr.
 CommandResult run(const std::string& program, const std::string& args, bool with_stderr = true) {
-  CommandResult r;
-  const std::string cmd = bin_dir() + "/" + program + " " + args +
-                          (with_stderr ? " 2>&1" : " 2>/dev/null") + " </dev/null";
-  std::FILE* p = popen(cmd.c_str(), "r");
-  if (p == nullptr) return r;
-  char buf[4096];
-  while (std::fgets(buf, sizeof(buf), p) != nullptr) r.out += buf;
-  const int status = pclose(p);
-  r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  return r;
+  return testing::run_shell(bin_dir() + "/" + program + " " + args +
+                            (with_stderr ? " 2>&1" : " 2>/dev/null") + " </dev/null");
 }
 
 CommandResult memsnap(const std::string& args) { return run("memsnap", args); }
@@ -188,16 +179,9 @@ TEST(CliHelpTest, TheBuildGeneratesManualPagesThatManRenders) {
     std::ifstream in(page.file);
     const std::string built((std::istreambuf_iterator<char>(in)), {});
     EXPECT_EQ(built, run(page.program, "--man", false).out) << "the build's page is stale";
-    CommandResult rendered;
-    {
-      const std::string cmd = "MANWIDTH=100 man --warnings -E UTF-8 -l " + page.file.string() +
-                              " 2>&1 >/dev/null";
-      std::FILE* p = popen(cmd.c_str(), "r");
-      ASSERT_NE(p, nullptr);
-      char buf[4096];
-      while (std::fgets(buf, sizeof(buf), p) != nullptr) rendered.out += buf;
-      rendered.exit_code = WEXITSTATUS(pclose(p));
-    }
+    // man's warnings go to stderr: keep them, drop the page.
+    const CommandResult rendered = testing::run_shell(
+        "MANWIDTH=100 man --warnings -E UTF-8 -l " + page.file.string() + " 2>&1 >/dev/null");
     EXPECT_EQ(rendered.exit_code, 0) << rendered.out;
     EXPECT_EQ(rendered.out, "") << "man warned about " << page.file;
   }

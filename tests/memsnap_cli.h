@@ -23,18 +23,22 @@ inline std::string memsnap_binary() {
       .string();
 }
 
-// Runs `memsnap args` in a shell (so tests can pipe stdin); its stdout, plus stderr when
-// with_stderr (folded in), else stderr is discarded.
-inline CommandResult run_memsnap(const std::string& args, bool with_stderr) {
+// Runs a shell command line; its stdout (the command line decides where stderr goes).
+inline CommandResult run_shell(const std::string& command_line) {
   CommandResult r;
-  const std::string cmd = memsnap_binary() + " " + args + (with_stderr ? " 2>&1" : " 2>/dev/null");
-  std::FILE* p = popen(cmd.c_str(), "r");
+  std::FILE* p = popen(command_line.c_str(), "r");
   if (p == nullptr) return r;
   char buf[4096];
   while (std::fgets(buf, sizeof(buf), p) != nullptr) r.out += buf;
   const int status = pclose(p);
   r.exit_code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   return r;
+}
+
+// Runs `memsnap args` in a shell (so tests can pipe stdin); its stdout, plus stderr when
+// with_stderr (folded in), else stderr is discarded.
+inline CommandResult run_memsnap(const std::string& args, bool with_stderr) {
+  return run_shell(memsnap_binary() + " " + args + (with_stderr ? " 2>&1" : " 2>/dev/null"));
 }
 
 }  // namespace memsnap::testing
