@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <cstdint>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -26,6 +27,8 @@ using nlohmann::json;
 
 constexpr const char* kRamName = "memsnap-guest";
 constexpr const char* kStateFdName = "memsnap-state";
+// The largest max-bandwidth (bytes/s) QEMU accepts on every host: no throttle at all.
+constexpr std::int64_t kUnthrottledBytesPerSecond = (INT64_MAX >> 20) << 20;
 constexpr int kRamFdInQemu = 3;
 
 Error errno_error(const std::string& what) {
@@ -276,6 +279,13 @@ Status QemuVm::migrate_file(const std::string& path, bool incoming, bool ignore_
   const json caps = {
       {"capabilities", {{{"capability", "x-ignore-shared"}, {"state", ignore_shared}}}}};
   if (auto r = qmp("migrate-set-capabilities", caps); !r.ok()) return r.error();
+  if (!incoming) {
+    // max-bandwidth defaults to a throttle for live migration over a network (128 MiB/s in
+    // QEMU 7.2); a save to a local file lifts it, as libvirt's `virsh save` does. Both the
+    // reference (the whole guest) and memsnap's device state are saved so.
+    const json params = {{"max-bandwidth", kUnthrottledBytesPerSecond}};
+    if (auto r = qmp("migrate-set-parameters", params); !r.ok()) return r.error();
+  }
   const std::string uri = std::string("fd:") + kStateFdName;
   if (auto r = incoming ? qmp("migrate-incoming", {{"uri", uri}}) : qmp("migrate", {{"uri", uri}});
       !r.ok()) {
