@@ -328,7 +328,6 @@ TEST_F(CliTest, PauseTakesItsStrategyFromTheFlagAndFallsBackExplicitly) {
   EXPECT_FALSE(std::filesystem::exists(dir_ + "/c.snap"));
 }
 
-
 // A base snapshot of a small memfd stand-in, paused with the CLI into dir/name.
 std::string pause_small_guest(const std::string& dir, const std::string& name) {
   GuestOptions o;
@@ -469,7 +468,8 @@ TEST_F(CliTest, QemuCycleRefusesBeforeStartingQemu) {
   refused(guest + "--strategy memfd --memory 128M --guest-mib 64", "--guest-mib is at most 48");
   refused(guest + "--strategy memfd --guest-mib 0", "--guest-mib");
   refused(guest + "--strategy memfd --dirty-pct 101", "--dirty-pct");
-  refused("--initrd " + dir_ + "/initrd --strategy memfd --kernel " + dir_ + "/no-vmlinux", "no-vmlinux");
+  refused("--initrd " + dir_ + "/initrd --strategy memfd --kernel " + dir_ + "/no-vmlinux",
+          "no-vmlinux");
 
   // Nothing to refuse: the stand-in QEMU is started (and fails, saying what QEMU said).
   const CommandResult started = memsnap(base + guest + "--strategy memfd");

@@ -34,8 +34,8 @@ inline std::string plugin_directory() {
   if (const char* dir = std::getenv("MEMSNAP_PLUGIN_DIR"); dir != nullptr && *dir != '\0') {
     return dir;
   }
-  return (std::filesystem::path(memsnap_binary()).parent_path().parent_path() / "lib" /
-          "memsnap" / "plugins")
+  return (std::filesystem::path(memsnap_binary()).parent_path().parent_path() / "lib" / "memsnap" /
+          "plugins")
       .string();
 }
 

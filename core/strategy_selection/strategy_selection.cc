@@ -37,8 +37,8 @@ std::vector<StrategyVariantProblem> check_strategy_variants(
     std::string why = "names no loaded strategy plugin";
     for (const PluginInfo& p : registry.plugins()) {
       if (p.name == strategy && !p.loaded()) {
-        why = "names a plugin the plugin host refused (" + std::string(errc_name(p.error)) +
-              ": " + p.reason + ")";
+        why = "names a plugin the plugin host refused (" + std::string(errc_name(p.error)) + ": " +
+              p.reason + ")";
       }
     }
     problems.push_back({name, value.dump(), why});

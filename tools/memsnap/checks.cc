@@ -41,9 +41,8 @@ void require_loaded_strategies(const PluginRegistry& registry, const std::string
     if (registry.find(name) == nullptr) unknown += (unknown.empty() ? "'" : ", '") + name + "'";
   }
   if (unknown.empty()) return;
-  throw std::invalid_argument(option + ": no loaded strategy plugin " + unknown +
-                              " (loaded from " + dir + ": " + loaded_strategy_names(registry) +
-                              ")");
+  throw std::invalid_argument(option + ": no loaded strategy plugin " + unknown + " (loaded from " +
+                              dir + ": " + loaded_strategy_names(registry) + ")");
 }
 
 std::vector<std::string> split_names(const std::string& option, const std::string& text) {

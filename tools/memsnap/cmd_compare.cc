@@ -92,7 +92,8 @@ std::vector<const PluginInfo*> pick_strategies(const PluginRegistry& registry,
   std::vector<const PluginInfo*> strategies;
   for (const auto& p : registry.plugins()) {
     if (p.state != PluginState::kLoaded) continue;
-    if (!wanted.empty() && std::find(wanted.begin(), wanted.end(), p.name) == wanted.end()) continue;
+    if (!wanted.empty() && std::find(wanted.begin(), wanted.end(), p.name) == wanted.end())
+      continue;
     strategies.push_back(&p);
   }
   std::stable_sort(strategies.begin(), strategies.end(),
@@ -107,9 +108,9 @@ struct CompareRun {
   double reference_seconds = 0;  // median of the write() references
 };
 
-CompareRun run_all(const PluginRegistry& registry,
-                   const std::vector<const PluginInfo*>& strategies, const std::string& dir,
-                   std::uint64_t size, double fraction, bool sync, bool json) {
+CompareRun run_all(const PluginRegistry& registry, const std::vector<const PluginInfo*>& strategies,
+                   const std::string& dir, std::uint64_t size, double fraction, bool sync,
+                   bool json) {
   // The reference runs next to every strategy and the median is used, so a noisy moment on a
   // shared machine skews it less than one measurement at the start would.
   std::vector<double> refs;
@@ -184,9 +185,8 @@ void print_row(const Row& row, std::uint64_t size, double ref) {
   std::printf(
       "%-18s %9.1f %7.2f %8s %9.1f %9.3f | %-10s %8.2f %9.1f %9.1f | %9s %s\n",
       row.strategy.c_str(), base_s * 1e3, double(base.dirty_bytes) / base_s / double(1 << 30),
-      ratio, diff_s * 1e3, diff_s / base_s,
-      std::string(resume_mode_name(last.resume.mode)).c_str(), last.resume.ready_seconds * 1e3,
-      last.verify_seconds * 1e3, us_per_fault,
+      ratio, diff_s * 1e3, diff_s / base_s, std::string(resume_mode_name(last.resume.mode)).c_str(),
+      last.resume.ready_seconds * 1e3, last.verify_seconds * 1e3, us_per_fault,
       format_bytes(double(base.export_stats.bytes_released + diff.export_stats.bytes_released))
           .c_str(),
       check);

@@ -114,10 +114,15 @@ void demo_operation(fleet::Sandbox& sb, int round, int rounds, double dirty, boo
   s.mismatches += mismatches;
   if (mismatches) ++t.failures;
   if (Status st = sb.dirty(dirty, static_cast<std::uint64_t>(round)); !st.ok()) ++t.failures;
-  t.operations.push_back({{"round", round}, {"sandbox", id}, {"strategy", strategy},
-                          {"variant", (*paused)["variant"]}, {"pause_ms", pause_ms},
-                          {"bytes", (*paused)["bytes"]}, {"resume_ms", resume_ms},
-                          {"mode", (*resumed)["mode"]}, {"mismatches", mismatches}});
+  t.operations.push_back({{"round", round},
+                          {"sandbox", id},
+                          {"strategy", strategy},
+                          {"variant", (*paused)["variant"]},
+                          {"pause_ms", pause_ms},
+                          {"bytes", (*paused)["bytes"]},
+                          {"resume_ms", resume_ms},
+                          {"mode", (*resumed)["mode"]},
+                          {"mismatches", mismatches}});
   if (!json_out) {
     std::printf("  round %d/%d %-6s %-17s pause %8.1f ms (%s)  resume %6.2f ms (%s)  %s\n", round,
                 rounds, id.c_str(), strategy.c_str(), pause_ms,
@@ -129,18 +134,18 @@ void demo_operation(fleet::Sandbox& sb, int round, int rounds, double dirty, boo
 }
 
 void print_summary(const DemoTotals& t, fleet::Daemon& d) {
-  std::printf("\nper strategy (medians; pause = freeze + export + commit with fsync; resume = "
-              "handshake to VMM runnable):\n");
+  std::printf(
+      "\nper strategy (medians; pause = freeze + export + commit with fsync; resume = "
+      "handshake to VMM runnable):\n");
   std::printf("%-17s %9s %14s %14s %10s %-11s %12s %12s %9s %5s\n", "strategy", "sandboxes",
-              "base pause ms", "diff pause ms", "resume ms", "resume mode", "exported",
-              "released", "fallbacks", "lost");
+              "base pause ms", "diff pause ms", "resume ms", "resume mode", "exported", "released",
+              "fallbacks", "lost");
   for (const auto& [name, s] : t.by) {
     std::string modes;
     for (const auto& [m, n] : s.modes) modes += (modes.empty() ? "" : ",") + m;
     std::printf("%-17s %9d %14.1f %14.1f %10.2f %-11s %12s %12s %9llu %5llu\n", name.c_str(),
-                s.sandboxes, median(s.base_pause_ms), median(s.diff_pause_ms),
-                median(s.resume_ms), modes.c_str(),
-                format_bytes(static_cast<double>(s.bytes)).c_str(),
+                s.sandboxes, median(s.base_pause_ms), median(s.diff_pause_ms), median(s.resume_ms),
+                modes.c_str(), format_bytes(static_cast<double>(s.bytes)).c_str(),
                 format_bytes(static_cast<double>(s.released)).c_str(),
                 static_cast<unsigned long long>(s.fallbacks),
                 static_cast<unsigned long long>(s.mismatches));
@@ -161,7 +166,7 @@ void print_summary(const DemoTotals& t, fleet::Daemon& d) {
     }
   }
   std::printf("\n%s\n", t.failures ? "SOME OPERATIONS FAILED (see above and the log)"
-                                    : "every resumed sandbox held exactly what it had when paused");
+                                   : "every resumed sandbox held exactly what it had when paused");
 }
 
 // memsnapd is stopped: says what remains. A temporary directory is removed, unless something

@@ -94,8 +94,7 @@ std::string split_flag(const std::vector<std::pair<std::string, int>>& arms) {
 std::string operation_text(const std::string& sandbox, int cycle, int cycles, std::size_t done,
                            std::size_t total, double elapsed) {
   std::string text = sandbox + ", cycle " + std::to_string(cycle) + " of " +
-                     std::to_string(cycles) + ", " + std::to_string(done * 100 / total) +
-                     "% done";
+                     std::to_string(cycles) + ", " + std::to_string(done * 100 / total) + "% done";
   if (done > 0) {
     const double eta = elapsed / static_cast<double>(done) * static_cast<double>(total - done);
     text += ", eta " + std::to_string(static_cast<long>(eta)) + " s";
@@ -181,11 +180,11 @@ int cmd_experiment_run(Args& args) {
     std::shuffle(order.begin(), order.end(), rng);
     for (const std::size_t i : order) {
       fleet::Sandbox& sb = *fleet_[i];
-      status->update("experiment run", done + 1, total,
-                     operation_text(sb.spec().id, cycle, cycles, done, total,
-                                    std::chrono::duration<double>(
-                                        std::chrono::steady_clock::now() - started)
-                                        .count()));
+      status->update(
+          "experiment run", done + 1, total,
+          operation_text(
+              sb.spec().id, cycle, cycles, done, total,
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count()));
       json op = {{"cycle", cycle},
                  {"sandbox", sb.spec().id},
                  {"guest_huge_bytes", huge_page_bytes(sb.vmm()->pid())}};

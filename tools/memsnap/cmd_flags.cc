@@ -183,9 +183,8 @@ void load_strategy_check(StrategyCheck& check) {
     return;
   }
   const auto& seen = check.registry.plugins();
-  const bool any = std::any_of(seen.begin(), seen.end(), [](const PluginInfo& p) {
-    return p.loaded();
-  });
+  const bool any =
+      std::any_of(seen.begin(), seen.end(), [](const PluginInfo& p) { return p.loaded(); });
   if (!any && !check.strict) {
     std::fprintf(stderr,
                  "memsnap flags check: warning: no strategy plugin loaded from %s (strategy "
@@ -219,8 +218,9 @@ int cmd_flags_check(Args& args) {
   check.strict = !check.dir.empty();
   const std::string plugin_dir_given = args.value("--plugin-dir");
   if (check.strict && !plugin_dir_given.empty()) {
-    throw std::invalid_argument("give --plugins DIR (variants must name its plugins) or "
-                                "--plugin-dir DIR (a warning when they do not), not both");
+    throw std::invalid_argument(
+        "give --plugins DIR (variants must name its plugins) or "
+        "--plugin-dir DIR (a warning when they do not), not both");
   }
   if (!check.strict) check.dir = plugin_dir_given.empty() ? plugin_dir(args) : plugin_dir_given;
   auto files = args.positional();  // "check" FILE...

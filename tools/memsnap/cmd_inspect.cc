@@ -54,7 +54,9 @@ nlohmann::json checksums_json(const ChecksumResult& c, std::uint64_t block_size)
                       {"code", std::string(errc_name(f.error.code))},
                       {"message", f.error.message}});
   }
-  return {{"status", !c.checked ? "not checked" : c.ok() ? "ok" : "mismatch"},
+  return {{"status", !c.checked ? "not checked"
+                     : c.ok()   ? "ok"
+                                : "mismatch"},
           {"runs_checked", c.runs_checked},
           {"failed", failed}};
 }

@@ -54,11 +54,11 @@ void check_guest_fits(std::uint64_t memory_mib, std::uint64_t guest_mib) {
                       " MiB at all (it needs " + std::to_string(qemu::kSmallestGuestMemoryMib) +
                       " MiB or more)"
                 : "beside the checked memory the test guest's kernel needs about 72 MiB plus "
-                  "1/16 of the memory, so --guest-mib is at most " + std::to_string(most) +
-                      " here";
+                  "1/16 of the memory, so --guest-mib is at most " +
+                      std::to_string(most) + " here";
   throw std::invalid_argument("--guest-mib " + std::to_string(guest_mib) +
-                              " does not fit in --memory " + std::to_string(memory_mib) + "M: " +
-                              fits + "; --guest-mib " + std::to_string(guest_mib) +
+                              " does not fit in --memory " + std::to_string(memory_mib) +
+                              "M: " + fits + "; --guest-mib " + std::to_string(guest_mib) +
                               " needs --memory " + std::to_string(needed) + "M or more");
 }
 
@@ -86,8 +86,8 @@ QemuArgs parse_qemu_args(Args& args) {
   const std::string ram = args.value("--ram", "memsnap");
   const long guest_mib = parse_integer("--guest-mib", args.value("--guest-mib", "64"), 1, 1 << 20);
   const long dirty_pct = parse_integer("--dirty-pct", args.value("--dirty-pct", "5"), 0, 100);
-  o.generations = static_cast<int>(
-      parse_integer("--generations", args.value("--generations", "2"), 1, 1000));
+  o.generations =
+      static_cast<int>(parse_integer("--generations", args.value("--generations", "2"), 1, 1000));
   o.allow_fallback = args.flag("--allow-fallback");
   o.sync = !args.flag("--no-sync");
   o.reference = args.flag("--reference");
@@ -101,8 +101,8 @@ QemuArgs parse_qemu_args(Args& args) {
   if (ram != "memsnap" && ram != "qemu") throw std::invalid_argument("--ram is memsnap or qemu");
   o.machine.memsnap_owns_ram = ram == "memsnap";
   check_guest_fits(o.machine.memory_bytes >> 20, static_cast<std::uint64_t>(guest_mib));
-  for (const auto& [option, path] : {std::pair{"--kernel", o.machine.kernel},
-                                     std::pair{"--initrd", o.machine.initrd}}) {
+  for (const auto& [option, path] :
+       {std::pair{"--kernel", o.machine.kernel}, std::pair{"--initrd", o.machine.initrd}}) {
     if (!std::filesystem::is_regular_file(path, ec)) {
       throw std::invalid_argument(std::string(option) + ": no file " + path +
                                   " (the test guest is built by: cmake --build build/release "

@@ -77,8 +77,8 @@ int cmd_resume(Args& args) {
   ::sigaction(SIGTERM, &sa, nullptr);
   const ResumeReport& r = (*session)->report();
   std::fprintf(stderr, "memsnap resume: listening on %s for a VMM (%s, %zu snapshot(s), mode %s)\n",
-               listen.c_str(), format_bytes(double(r.guest_size)).c_str(),
-               r.chain_length, std::string(resume_mode_name(r.mode)).c_str());
+               listen.c_str(), format_bytes(double(r.guest_size)).c_str(), r.chain_length,
+               std::string(resume_mode_name(r.mode)).c_str());
   if (Status s = (*session)->accept_and_serve(); !s.ok()) {
     std::fprintf(stderr, "memsnap resume: %s\n", s.error().to_string().c_str());
     return 1;

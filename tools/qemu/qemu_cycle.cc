@@ -110,8 +110,9 @@ std::string check_failure_text(const std::vector<std::string>& console,
                                const std::string& qemu_state, const std::string& qemu_output) {
   std::string out;
   if (console.empty()) {
-    out = "the guest printed nothing on its console (its kernel did not get as far as the "
-          "checker: too little memory for it, or a kernel that does not boot on this machine)";
+    out =
+        "the guest printed nothing on its console (its kernel did not get as far as the "
+        "checker: too little memory for it, or a kernel that does not boot on this machine)";
   } else {
     out = "its console ends with \"" + console.back() + "\"";
     for (const std::string& line : console) {
@@ -147,17 +148,17 @@ Result<CheckLine> wait_for_ok_rounds(QemuVm& vm, std::size_t skip, int count,
       if (c.kind == CheckLine::Kind::kOk && ++seen == count) return c;
     }
     if (!vm.alive()) {
-      return make_error(Errc::kProcessGone,
-                        "QEMU ended before the guest reported " + std::to_string(count) +
-                            " intact round(s): " +
-                            check_failure_text(lines, vm.state_text(), vm.log_tail()));
+      return make_error(
+          Errc::kProcessGone,
+          "QEMU ended before the guest reported " + std::to_string(count) +
+              " intact round(s): " + check_failure_text(lines, vm.state_text(), vm.log_tail()));
     }
     if (Clock::now() >= deadline) {
       return make_error(Errc::kTimeout,
                         "the guest reported " + std::to_string(seen) + " of " +
                             std::to_string(count) + " intact round(s) in " +
-                            std::to_string(timeout.count()) + " ms: " +
-                            check_failure_text(lines, vm.state_text(), vm.log_tail()));
+                            std::to_string(timeout.count()) +
+                            " ms: " + check_failure_text(lines, vm.state_text(), vm.log_tail()));
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
