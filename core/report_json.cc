@@ -2,6 +2,10 @@
 
 namespace memsnap {
 
+nlohmann::json to_json(const Error& error) {
+  return {{"code", std::string(errc_name(error.code))}, {"message", error.message}};
+}
+
 nlohmann::json to_json(const PluginInfo& info) {
   const bool loaded = info.state == PluginState::kLoaded;
   nlohmann::json caps = nlohmann::json::array();

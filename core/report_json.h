@@ -15,5 +15,7 @@ nlohmann::json to_json(const PauseReport& report);
 nlohmann::json to_json(const PluginInfo& info);
 nlohmann::json to_json(const ResumeReport& report);
 nlohmann::json to_json(const FaultStats& stats);
+// {"code": "<errc_name>", "message": ...}: the error object of --json output and the control API.
+nlohmann::json to_json(const Error& error);
 
 }  // namespace memsnap

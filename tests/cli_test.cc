@@ -4,6 +4,7 @@
 
 #include <gtest/gtest.h>
 
+#include <chrono>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -93,7 +94,7 @@ TEST_F(CliTest, PauseByMemfdOfPidThenInspectThenCorruptionIsCaught) {
   const CommandResult inspected = memsnap("inspect " + snap + " --json");
   ASSERT_EQ(inspected.exit_code, 0) << inspected.out;
   const auto info = nlohmann::json::parse(inspected.out);
-  EXPECT_EQ(info["checksums"], "ok");
+  EXPECT_EQ(info["checksums"]["status"], "ok");
   EXPECT_EQ(info["data_blocks"], 3072u);
   EXPECT_EQ(info["generation"], 1u);
 
@@ -274,6 +275,8 @@ TEST_F(CliTest, ResumeServesAVmmThatConnectsThroughTheHandshake) {
   while (std::fgets(buf, sizeof(buf), server) != nullptr) out += buf;
   const int status = pclose(server);
   ASSERT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << out;
+  // It says where it listens (it printed "listening on  for a VMM": --listen read twice).
+  EXPECT_NE(out.find("listening on " + sock + " for a VMM"), std::string::npos) << out;
   const auto j = nlohmann::json::parse(out.substr(out.find("{\"")), nullptr, false);
   ASSERT_TRUE(j.is_object()) << out;
   EXPECT_EQ(j["mode"], "lazy");
@@ -326,6 +329,194 @@ TEST_F(CliTest, PauseTakesItsStrategyFromTheFlagAndFallsBackExplicitly) {
   r = memsnap("pause --pid 1 --regions 0x1000:4096 --out " + dir_ + "/c.snap");
   EXPECT_EQ(r.exit_code, 2) << r.out;
   EXPECT_FALSE(std::filesystem::exists(dir_ + "/c.snap"));
+}
+
+// A base snapshot of a small memfd stand-in, paused with the CLI into dir/name.
+std::string pause_small_guest(const std::string& dir, const std::string& name) {
+  GuestOptions o;
+  o.size = 4 << 20;
+  o.backing = "memfd";
+  o.zero_fraction = 0.25;
+  auto g = GuestProcess::spawn(o);
+  if (!g.ok()) return {};
+  const std::string snap = dir + "/" + name;
+  const CommandResult r = memsnap("pause --memfd-of-pid " + std::to_string((*g)->pid()) +
+                                  " --strategy memfd --freeze --no-sync --out " + snap);
+  (*g)->kill();
+  return r.exit_code == 0 ? snap : std::string();
+}
+
+// stdout only (stderr discarded): what a script piping --json into a parser gets.
+CommandResult memsnap_stdout(const std::string& args) { return testing::run_memsnap(args, false); }
+
+// `inspect --json` prints one JSON document whatever happens: a file it cannot open is an "error"
+// object (a truncated file printed nothing at all), damaged data a structured "checksums" result
+// naming the run (it was the error text), with the exit codes of the text form.
+TEST_F(CliTest, InspectJsonIsAlwaysOneJsonDocument) {
+  const std::string snap = pause_small_guest(dir_, "base.snap");
+  ASSERT_FALSE(snap.empty());
+  CommandResult r = memsnap_stdout("inspect " + snap + " --json");
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  auto j = nlohmann::json::parse(r.out, nullptr, false);
+  ASSERT_TRUE(j.is_object()) << r.out;
+  EXPECT_EQ(j["checksums"]["status"], "ok") << r.out;
+  EXPECT_TRUE(j["checksums"]["failed"].empty()) << r.out;
+  EXPECT_TRUE(j["error"].is_null()) << r.out;
+
+  const std::string cut = dir_ + "/cut.snap";
+  std::filesystem::copy_file(snap, cut);
+  std::filesystem::resize_file(cut, std::filesystem::file_size(snap) / 2);
+  r = memsnap_stdout("inspect " + cut + " --json");
+  EXPECT_EQ(r.exit_code, 1) << r.out;
+  j = nlohmann::json::parse(r.out, nullptr, false);
+  ASSERT_TRUE(j.is_object()) << "not one JSON document: '" << r.out << "'";
+  EXPECT_EQ(j["path"], cut);
+  EXPECT_EQ(j["error"]["code"], "snapshot_truncated") << r.out;
+  EXPECT_FALSE(j["error"]["message"].get<std::string>().empty()) << r.out;
+
+  r = memsnap_stdout("inspect " + dir_ + "/missing.snap --json");
+  EXPECT_EQ(r.exit_code, 1) << r.out;
+  j = nlohmann::json::parse(r.out, nullptr, false);
+  ASSERT_TRUE(j.is_object()) << r.out;
+  EXPECT_TRUE(j["error"]["code"].is_string()) << r.out;
+
+  {
+    std::fstream f(snap, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekp(4096 + 5 * 4096 + 100);
+    f.put('\x5a');
+  }
+  r = memsnap_stdout("inspect " + snap + " --json");
+  EXPECT_EQ(r.exit_code, 1) << r.out;
+  j = nlohmann::json::parse(r.out, nullptr, false);
+  ASSERT_TRUE(j.is_object()) << r.out;
+  const auto& sums = j["checksums"];
+  ASSERT_TRUE(sums.is_object()) << r.out;
+  EXPECT_EQ(sums["status"], "mismatch") << r.out;
+  ASSERT_EQ(sums["failed"].size(), 1u) << r.out;
+  const auto& bad = sums["failed"][0];
+  EXPECT_EQ(bad["code"], "snapshot_checksum_mismatch") << r.out;
+  EXPECT_TRUE(bad["guest_offset"].is_number_unsigned()) << r.out;
+  EXPECT_GT(bad["blocks"].get<std::uint64_t>(), 0u) << r.out;
+  EXPECT_GT(sums["runs_checked"].get<std::uint64_t>(), 0u) << r.out;
+  EXPECT_EQ(j["error"]["code"], "snapshot_checksum_mismatch") << r.out;
+
+  // A usage error with --json: still JSON on stdout, still exit 2.
+  r = memsnap_stdout("inspect --json");
+  EXPECT_EQ(r.exit_code, 2) << r.out;
+  j = nlohmann::json::parse(r.out, nullptr, false);
+  ASSERT_TRUE(j.is_object()) << r.out;
+  EXPECT_EQ(j["error"]["code"], "invalid_argument") << r.out;
+}
+
+// compare ran memfd alone for `--strategies memfd,bogus`, told --size 0 to be "a multiple of
+// 4 KiB" and took --dirty-fraction 2; each is refused now, before anything starts (no work
+// directory is created).
+TEST_F(CliTest, CompareAndCycleRefuseWhatTheyCannotDoBeforeAnyWork) {
+  const std::string work = dir_ + "/work";
+  CommandResult r = memsnap("compare --size 4M --strategies memfd,bogus --keep " + work);
+  EXPECT_EQ(r.exit_code, 2) << r.out;
+  EXPECT_NE(r.out.find("'bogus'"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("hole_punch, memfd, process_vm_readv"), std::string::npos) << r.out;
+  EXPECT_FALSE(std::filesystem::exists(work)) << r.out;
+
+  r = memsnap("compare --size 0 --keep " + work);
+  EXPECT_EQ(r.exit_code, 2) << r.out;
+  EXPECT_NE(r.out.find("positive"), std::string::npos) << r.out;
+  for (const std::string bad : {"2", "-0.1", "nan", "lots"}) {
+    r = memsnap("compare --size 4M --dirty-fraction " + bad + " --keep " + work);
+    EXPECT_EQ(r.exit_code, 2) << bad << ": " << r.out;
+    EXPECT_NE(r.out.find("--dirty-fraction"), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("between 0 and 1"), std::string::npos) << r.out;
+    r = memsnap("cycle --strategy memfd --size 4M --dirty-fraction " + bad + " --keep " + work);
+    EXPECT_EQ(r.exit_code, 2) << bad << ": " << r.out;
+    EXPECT_NE(r.out.find("between 0 and 1"), std::string::npos) << r.out;
+  }
+  EXPECT_FALSE(std::filesystem::exists(work));
+  // The same fraction under its other name in demo and experiment run: refused before memsnapd.
+  r = memsnap("demo --sandboxes 1 --size 4M --dirty 2 --keep " + work);
+  EXPECT_EQ(r.exit_code, 2) << r.out;
+  EXPECT_NE(r.out.find("between 0 and 1"), std::string::npos) << r.out;
+  r = memsnap("experiment run --sandboxes 1 --size 4M --dirty 2 --out " + dir_ + "/r.json");
+  EXPECT_EQ(r.exit_code, 2) << r.out;
+  EXPECT_NE(r.out.find("between 0 and 1"), std::string::npos) << r.out;
+  EXPECT_FALSE(std::filesystem::exists(work));
+}
+
+// `qemu cycle --strategy bogus` booted a VM before failing, and `--memory 64M --guest-mib 64`
+// ran for 90 s before failing. Both are refused up front now. A stand-in QEMU that only leaves a
+// mark shows that none started (and, last, that it does start when nothing is refused).
+TEST_F(CliTest, QemuCycleRefusesBeforeStartingQemu) {
+  const std::string mark = dir_ + "/qemu-was-started";
+  const std::string fake = dir_ + "/fake-qemu";
+  std::ofstream(fake) << "#!/bin/sh\ntouch " << mark << "\nexit 3\n";
+  std::filesystem::permissions(fake, std::filesystem::perms::owner_all);
+  std::ofstream(dir_ + "/vmlinux") << "kernel";
+  std::ofstream(dir_ + "/initrd") << "initrd";
+  const std::string base = "qemu cycle --qemu " + fake + " --keep " + dir_ + "/work ";
+  const std::string guest = "--kernel " + dir_ + "/vmlinux --initrd " + dir_ + "/initrd ";
+  auto refused = [&](const std::string& args, const std::string& says) {
+    const auto start = std::chrono::steady_clock::now();
+    const CommandResult r = memsnap(base + args);
+    EXPECT_NE(r.exit_code, 0) << args << ": " << r.out;
+    EXPECT_NE(r.out.find(says), std::string::npos) << args << ": " << r.out;
+    EXPECT_FALSE(std::filesystem::exists(mark)) << args << " started QEMU: " << r.out;
+    EXPECT_FALSE(std::filesystem::exists(dir_ + "/work")) << args << ": " << r.out;
+    EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5)) << args;
+    return r;
+  };
+  refused(guest + "--strategy bogus", "hole_punch, memfd, process_vm_readv");
+  refused(guest + "--flags " + dir_ + "/no-such-flags.yaml", "no-such-flags.yaml");
+  // The relation is checked up front, with what would fit.
+  refused(guest + "--strategy memfd --memory 64M --guest-mib 64", "--guest-mib 64 needs --memory");
+  refused(guest + "--strategy memfd --memory 128M --guest-mib 64", "--guest-mib is at most 48");
+  refused(guest + "--strategy memfd --guest-mib 0", "--guest-mib");
+  refused(guest + "--strategy memfd --dirty-pct 101", "--dirty-pct");
+  refused("--initrd " + dir_ + "/initrd --strategy memfd --kernel " + dir_ + "/no-vmlinux",
+          "no-vmlinux");
+
+  // Nothing to refuse: the stand-in QEMU is started (and fails, saying what QEMU said).
+  const CommandResult started = memsnap(base + guest + "--strategy memfd");
+  EXPECT_EQ(started.exit_code, 1) << started.out;
+  EXPECT_TRUE(std::filesystem::exists(mark)) << started.out;
+}
+
+// Progress is a '\r'-rewritten status line on a terminal only: never in a pipe.
+TEST_F(CliTest, CompareShowsNoProgressInAPipe) {
+  const CommandResult r = memsnap("compare --size 4M --strategies memfd --no-sync");
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  EXPECT_EQ(r.out.find('\r'), std::string::npos) << r.out;
+}
+
+// ... and it is there when stderr is a terminal (and gone with --json).
+TEST_F(CliTest, CompareShowsProgressOnATerminal) {
+  for (const bool json : {false, true}) {
+    const std::string out = testing::run_memsnap_on_a_terminal(
+        "compare --size 4M --strategies memfd --no-sync" + std::string(json ? " --json" : ""));
+    if (json) {
+      EXPECT_EQ(out.find('\r'), std::string::npos) << out;
+    } else {
+      EXPECT_NE(out.find("\rcompare: memfd [1/1]"), std::string::npos) << out;
+    }
+  }
+}
+
+// What the demo prints must stay true: the daemon's curl commands work while the demo runs,
+// and a directory it deletes at the end is said to be deleted.
+TEST_F(CliTest, DemoSaysWhatLastsOnlyWhileItRuns) {
+  CommandResult r = memsnap("demo --sandboxes 1 --rounds 1 --size 4M");
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  EXPECT_NE(r.out.find("until the demo ends"), std::string::npos) << r.out;
+  const auto at = r.out.find("/var/tmp/memsnap-demo-");
+  ASSERT_NE(at, std::string::npos) << r.out;
+  const std::string dir = r.out.substr(at, r.out.find_first_of("/ \n", at + 9) - at);
+  EXPECT_FALSE(std::filesystem::exists(dir));
+  EXPECT_NE(r.out.find("removed " + dir), std::string::npos) << r.out;
+
+  const std::string keep = dir_ + "/demo";
+  r = memsnap("demo --sandboxes 1 --rounds 1 --size 4M --keep " + keep);
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  EXPECT_NE(r.out.find("kept in " + keep), std::string::npos) << r.out;
+  EXPECT_TRUE(std::filesystem::exists(keep + "/flags.yaml"));
 }
 
 }  // namespace

@@ -225,6 +225,38 @@ TEST_F(FlagsCliTest, UnloadableFileAndBadUsage) {
   EXPECT_EQ(memsnap("flags").exit_code, 2);
 }
 
+// A variant of the strategy flag (memory-export-strategy) whose value names no loaded strategy
+// plugin, a typo such as "memfdd", was accepted as "ok": every sandbox it picks would fall back
+// at its pause. `flags check` warns and lists the loaded plugins; with --plugins DIR (the
+// plugins the file is meant for) it is an error.
+TEST_F(FlagsCliTest, CheckSaysWhenAStrategyVariantNamesNoLoadedPlugin) {
+  const std::string typo = dir_ + "/typo.yaml";
+  std::ofstream(typo) << "flags:\n  memory-export-strategy:\n    state: ENABLED\n"
+                         "    variants: {process_vm_readv: process_vm_readv, memfd: memfdd}\n"
+                         "    defaultVariant: process_vm_readv\n";
+  CommandResult r = memsnap("flags check " + typo, true);
+  EXPECT_EQ(r.exit_code, 0) << r.out;
+  EXPECT_NE(r.out.find("warning"), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("\"memfdd\""), std::string::npos) << r.out;
+  EXPECT_NE(r.out.find("hole_punch, memfd, process_vm_readv"), std::string::npos) << r.out;
+
+  const std::string plugins = testing::plugin_directory();
+  r = memsnap("flags check --plugins " + plugins + " " + typo, true);
+  EXPECT_EQ(r.exit_code, 1) << r.out;
+  EXPECT_NE(r.out.find("\"memfdd\""), std::string::npos) << r.out;
+  EXPECT_EQ(r.out.find(": ok,"), std::string::npos) << r.out;
+
+  // Spelled right, or not the strategy flag (flags_ has a "strategy" flag): nothing to say.
+  const std::string src = MEMSNAP_SOURCE_DIR;
+  r = memsnap("flags check --plugins " + plugins + " " + src + "/config/flags.yaml " + flags_,
+              true);
+  EXPECT_EQ(r.exit_code, 0) << r.out;
+  EXPECT_EQ(r.out.find("warning"), std::string::npos) << r.out;
+  // --plugins naming a directory without plugins cannot vouch for anything.
+  r = memsnap("flags check --plugins " + dir_ + " " + typo, true);
+  EXPECT_EQ(r.exit_code, 1) << r.out;
+}
+
 TEST_F(FlagsCliTest, ShippedFlagsFilesAreValid) {
   const std::string src = MEMSNAP_SOURCE_DIR;
   const CommandResult r = memsnap("flags check " + src + "/config/flags.yaml " + src +

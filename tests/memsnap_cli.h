@@ -1,7 +1,13 @@
 // Runs the memsnap binary the way an operator's script does, for the end-to-end CLI tests.
 #pragma once
 
+#include <fcntl.h>
+#include <pty.h>
 #include <sys/wait.h>
+#include <termios.h>
+#include <unistd.h>
+
+#include <cerrno>
 
 #include <cstdio>
 #include <cstdlib>
@@ -23,6 +29,16 @@ inline std::string memsnap_binary() {
       .string();
 }
 
+// The plugin directory memsnap loads by default: $MEMSNAP_PLUGIN_DIR, else the build's.
+inline std::string plugin_directory() {
+  if (const char* dir = std::getenv("MEMSNAP_PLUGIN_DIR"); dir != nullptr && *dir != '\0') {
+    return dir;
+  }
+  return (std::filesystem::path(memsnap_binary()).parent_path().parent_path() / "lib" / "memsnap" /
+          "plugins")
+      .string();
+}
+
 // Runs a shell command line; its stdout (the command line decides where stderr goes).
 inline CommandResult run_shell(const std::string& command_line) {
   CommandResult r;
@@ -39,6 +55,38 @@ inline CommandResult run_shell(const std::string& command_line) {
 // with_stderr (folded in), else stderr is discarded.
 inline CommandResult run_memsnap(const std::string& args, bool with_stderr) {
   return run_shell(memsnap_binary() + " " + args + (with_stderr ? " 2>&1" : " 2>/dev/null"));
+}
+
+// Runs `memsnap args` with its stderr on a pseudo-terminal (raw: no "\n" -> "\r\n") and its
+// stdout discarded; returns what it wrote to the terminal, '\r' included.
+inline std::string run_memsnap_on_a_terminal(const std::string& args) {
+  const std::string cmd = memsnap_binary() + " " + args;
+  termios raw{};
+  cfmakeraw(&raw);
+  int terminal = -1;
+  const pid_t pid = forkpty(&terminal, nullptr, &raw, nullptr);
+  if (pid < 0) return {};
+  if (pid == 0) {
+    const int null = ::open("/dev/null", O_WRONLY);
+    if (null >= 0) ::dup2(null, STDOUT_FILENO);
+    ::execl("/bin/sh", "sh", "-c", cmd.c_str(), static_cast<char*>(nullptr));
+    ::_exit(127);
+  }
+  std::string out;
+  char buf[4096];
+  for (;;) {
+    const ssize_t n = ::read(terminal, buf, sizeof(buf));
+    if (n > 0) {
+      out.append(buf, static_cast<std::size_t>(n));
+    } else if (n < 0 && errno == EINTR) {
+      continue;
+    } else {
+      break;  // EIO once the child and everything it started have closed the terminal
+    }
+  }
+  ::close(terminal);
+  ::waitpid(pid, nullptr, 0);
+  return out;
 }
 
 }  // namespace memsnap::testing

@@ -1,5 +1,7 @@
 #include "core/strategy_selection/strategy_selection.h"
 
+#include <algorithm>
+
 #include <spdlog/spdlog.h>
 
 #include "flags/semver.h"
@@ -17,6 +19,42 @@ nlohmann::json sandbox_context(const SandboxAttributes& s) {
           {"hugepages", s.hugepages},
           {"host", s.host},
           {"has_memfd", s.has_memfd}};
+}
+
+std::vector<StrategyVariantProblem> check_strategy_variants(
+    const flags::FlagSet& set, const PluginRegistry& registry,
+    const StrategySelectionOptions& options) {
+  std::vector<StrategyVariantProblem> problems;
+  const flags::Flag* flag = set.find(options.flag_key);
+  if (flag == nullptr) return problems;
+  for (const auto& [name, value] : flag->variants) {
+    if (!value.is_string()) {
+      problems.push_back({name, value.dump(), "is not a strategy name (a string)"});
+      continue;
+    }
+    const std::string strategy = value.get<std::string>();
+    if (registry.find(strategy) != nullptr) continue;
+    std::string why = "names no loaded strategy plugin";
+    for (const PluginInfo& p : registry.plugins()) {
+      if (p.name == strategy && !p.loaded()) {
+        why = "names a plugin the plugin host refused (" + std::string(errc_name(p.error)) + ": " +
+              p.reason + ")";
+      }
+    }
+    problems.push_back({name, value.dump(), why});
+  }
+  return problems;
+}
+
+std::string loaded_strategy_names(const PluginRegistry& registry) {
+  std::vector<std::string> names;
+  for (const PluginInfo& p : registry.plugins()) {
+    if (p.loaded()) names.push_back(p.name);
+  }
+  std::sort(names.begin(), names.end());
+  std::string out;
+  for (const std::string& n : names) out += (out.empty() ? "" : ", ") + n;
+  return out.empty() ? "(none)" : out;
 }
 
 StrategySelector::StrategySelector(const flags::FlagStore& flags, const PluginRegistry& plugins,

@@ -18,10 +18,12 @@
 #include <cstdint>
 #include <map>
 #include <string>
+#include <vector>
 
 #include <nlohmann/json.hpp>
 
 #include "core/plugin_host/plugin_registry.h"
+#include "flags/flag_set.h"
 #include "flags/flag_store.h"
 
 namespace memsnap {
@@ -61,6 +63,23 @@ struct StrategyChoice {
   std::string fallback_code;
   flags::Resolution resolution;  // the flag evaluation: variant, reason, error code, metadata
 };
+
+// A variant of the strategy flag that can never be used as it says: its value is not a string,
+// or names no loaded strategy plugin (every sandbox it picks would fall back).
+struct StrategyVariantProblem {
+  std::string variant;  // the variant's name
+  std::string value;    // its value as JSON text, e.g. "\"memfdd\"" or "true"
+  std::string why;      // "names no loaded strategy plugin", or why the plugin was refused
+};
+
+// Checks every variant of options.flag_key in set against the loaded plugins of registry. Empty
+// when the set has no such flag or every variant names a loaded plugin.
+std::vector<StrategyVariantProblem> check_strategy_variants(
+    const flags::FlagSet& set, const PluginRegistry& registry,
+    const StrategySelectionOptions& options = {});
+
+// The names of the loaded plugins, sorted and joined with ", " ("(none)" when there are none).
+std::string loaded_strategy_names(const PluginRegistry& registry);
 
 class StrategySelector {
  public:

@@ -203,5 +203,32 @@ TEST_F(StrategySelectionTest, ExperimentFlagSplitsEvenlyAcrossThreeStrategies) {
   for (const auto& [name, n] : counts) EXPECT_NEAR(n, kSandboxes / 3, 200) << name;
 }
 
+// What `memsnap flags check` reports: variants of the strategy flag that name no loaded plugin.
+TEST_F(StrategySelectionTest, VariantsNamingNoLoadedPluginAreFound) {
+  const char* yaml = R"(
+flags:
+  memory-export-strategy:
+    state: ENABLED
+    variants: {process_vm_readv: process_vm_readv, memfd: memfdd}
+    defaultVariant: process_vm_readv
+  other:
+    state: ENABLED
+    variants: {a: nosuch}
+    defaultVariant: a
+)";
+  const auto set = flags::load_flag_text(yaml, "test.yaml", {.strict = true});
+  ASSERT_TRUE(set.ok()) << set.error_text();
+  const auto problems = check_strategy_variants(*set.flags, registry_);
+  ASSERT_EQ(problems.size(), 1u);  // "other" is not the strategy flag
+  EXPECT_EQ(problems[0].variant, "memfd");
+  EXPECT_EQ(problems[0].value, "\"memfdd\"");
+  EXPECT_NE(problems[0].why.find("no loaded strategy plugin"), std::string::npos);
+  EXPECT_EQ(loaded_strategy_names(registry_), "hole_punch, memfd, process_vm_readv");
+  const auto shipped =
+      flags::load_flag_source(std::string(MEMSNAP_SOURCE_DIR) + "/config/flags.yaml");
+  ASSERT_TRUE(shipped.ok());
+  EXPECT_TRUE(check_strategy_variants(*shipped.flags, registry_).empty());
+}
+
 }  // namespace
 }  // namespace memsnap

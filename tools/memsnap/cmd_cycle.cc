@@ -5,6 +5,7 @@
 #include <stdexcept>
 
 #include "tools/cycle/cycle.h"
+#include "tools/memsnap/checks.h"
 #include "tools/memsnap/cli.h"
 
 namespace memsnap::cli {
@@ -15,7 +16,7 @@ int cmd_cycle(Args& args) {
   const std::string mode = args.value("--mode");
   o.size = parse_size(args.value("--size", "256M"));
   o.generations = std::stoi(args.value("--generations", "2"));
-  o.dirty_fraction = std::stod(args.value("--dirty-fraction", "0.1"));
+  o.dirty_fraction = parse_fraction("--dirty-fraction", args.value("--dirty-fraction", "0.1"));
   o.backing = args.value("--backing");
   o.discard_pages = parse_size(args.value("--discard-pages", "0"));
   o.thp = args.flag("--thp");

@@ -13,9 +13,11 @@
 #include <filesystem>
 #include <fstream>
 #include <map>
+#include <sstream>
 #include <stdexcept>
 
 #include "tools/fleet/fleet.h"
+#include "tools/memsnap/checks.h"
 #include "tools/memsnap/cli.h"
 
 namespace memsnap::cli {
@@ -52,13 +54,142 @@ struct PerStrategy {
   std::map<std::string, int> modes;
 };
 
+struct DemoTotals {
+  std::map<std::string, PerStrategy> by;
+  nlohmann::json operations = nlohmann::json::array();
+  int failures = 0;
+};
+
+// Where the running memsnapd can be reached, said to hold only while the demo runs (it stops
+// memsnapd at the end, and removes the directory unless --keep): on stdout, or on stderr when
+// stdout carries the JSON.
+void print_banner(fleet::Daemon& d, const std::string& dir, bool temporary,
+                  const std::string& flags_file, bool flags_given, bool json_out) {
+  std::FILE* out = json_out ? stderr : stdout;
+  std::fprintf(out,
+               "memsnapd (pid %d) runs on built-in defaults until the demo ends (then the demo "
+               "stops it); while it runs:\n",
+               d.pid());
+  std::fprintf(out, "  control API  curl --unix-socket %s http://memsnapd/v1/sandboxes\n",
+               d.socket().c_str());
+  std::fprintf(out, "  metrics      curl %s\n", d.metrics_url().c_str());
+  std::fprintf(out, "  flags        %s%s\n", flags_file.c_str(),
+               flags_given ? "" : " (an even split across the strategies)");
+  std::fprintf(out, "  log          %s\n", d.log_path().c_str());
+  std::fprintf(out, "  files in     %s (%s)\n\n", dir.c_str(),
+               temporary ? "removed when the demo ends; --keep DIR keeps them" : "kept");
+  std::fflush(out);
+}
+
+// One pause, resume, verify and dirty of sb in round `round`, added to totals.
+void demo_operation(fleet::Sandbox& sb, int round, int rounds, double dirty, bool json_out,
+                    DemoTotals& t) {
+  const std::string& id = sb.spec().id;
+  auto paused = sb.pause();
+  if (!paused.ok()) {
+    std::fprintf(stderr, "  %s: %s\n", id.c_str(), paused.error().to_string().c_str());
+    ++t.failures;
+    return;
+  }
+  const std::string strategy = (*paused)["strategy"];
+  PerStrategy& s = t.by[strategy];
+  if (round == 1) ++s.sandboxes;
+  const double pause_ms = (*paused)["seconds"].get<double>() * 1e3;
+  s.pause_ms.push_back(pause_ms);
+  (round == 1 ? s.base_pause_ms : s.diff_pause_ms).push_back(pause_ms);
+  s.bytes += (*paused)["bytes"].get<std::uint64_t>();
+  s.released += (*paused)["memory_released"].get<std::uint64_t>();
+  if (!(*paused)["fallback"].is_null()) ++s.fallbacks;
+  auto resumed = sb.resume();
+  if (!resumed.ok()) {
+    std::fprintf(stderr, "  %s: %s\n", id.c_str(), resumed.error().to_string().c_str());
+    ++t.failures;
+    return;
+  }
+  const double resume_ms = (*resumed)["ready_seconds"].get<double>() * 1e3;
+  s.resume_ms.push_back(resume_ms);
+  ++s.modes[(*resumed)["mode"].get<std::string>()];
+  auto bad = sb.verify();
+  const std::uint64_t mismatches = bad.ok() ? *bad : 1;
+  s.mismatches += mismatches;
+  if (mismatches) ++t.failures;
+  if (Status st = sb.dirty(dirty, static_cast<std::uint64_t>(round)); !st.ok()) ++t.failures;
+  t.operations.push_back({{"round", round},
+                          {"sandbox", id},
+                          {"strategy", strategy},
+                          {"variant", (*paused)["variant"]},
+                          {"pause_ms", pause_ms},
+                          {"bytes", (*paused)["bytes"]},
+                          {"resume_ms", resume_ms},
+                          {"mode", (*resumed)["mode"]},
+                          {"mismatches", mismatches}});
+  if (!json_out) {
+    std::printf("  round %d/%d %-6s %-17s pause %8.1f ms (%s)  resume %6.2f ms (%s)  %s\n", round,
+                rounds, id.c_str(), strategy.c_str(), pause_ms,
+                format_bytes(static_cast<double>((*paused)["bytes"].get<std::uint64_t>())).c_str(),
+                resume_ms, (*resumed)["mode"].get<std::string>().c_str(),
+                mismatches ? "PAGES LOST" : "verified");
+    std::fflush(stdout);
+  }
+}
+
+void print_summary(const DemoTotals& t, fleet::Daemon& d) {
+  std::printf(
+      "\nper strategy (medians; pause = freeze + export + commit with fsync; resume = "
+      "handshake to VMM runnable):\n");
+  std::printf("%-17s %9s %14s %14s %10s %-11s %12s %12s %9s %5s\n", "strategy", "sandboxes",
+              "base pause ms", "diff pause ms", "resume ms", "resume mode", "exported", "released",
+              "fallbacks", "lost");
+  for (const auto& [name, s] : t.by) {
+    std::string modes;
+    for (const auto& [m, n] : s.modes) modes += (modes.empty() ? "" : ",") + m;
+    std::printf("%-17s %9d %14.1f %14.1f %10.2f %-11s %12s %12s %9llu %5llu\n", name.c_str(),
+                s.sandboxes, median(s.base_pause_ms), median(s.diff_pause_ms), median(s.resume_ms),
+                modes.c_str(), format_bytes(static_cast<double>(s.bytes)).c_str(),
+                format_bytes(static_cast<double>(s.released)).c_str(),
+                static_cast<unsigned long long>(s.fallbacks),
+                static_cast<unsigned long long>(s.mismatches));
+  }
+  std::printf("\nthe same numbers from memsnapd's metrics (%s, read before it stops):\n",
+              d.metrics_url().c_str());
+  if (auto scraped = d.scrape(); scraped.ok()) {
+    std::istringstream in(*scraped);
+    std::string line;
+    while (std::getline(in, line)) {
+      const bool wanted = line.rfind("memsnap_pause_duration_seconds_count", 0) == 0 ||
+                          line.rfind("memsnap_resume_duration_seconds_count", 0) == 0 ||
+                          line.rfind("memsnap_pause_released_bytes_total", 0) == 0;
+      if (wanted && line.find("outcome=\"aborted\"") == std::string::npos &&
+          line.find("outcome=\"error\"") == std::string::npos) {
+        std::printf("  %s\n", line.c_str());
+      }
+    }
+  }
+  std::printf("\n%s\n", t.failures ? "SOME OPERATIONS FAILED (see above and the log)"
+                                   : "every resumed sandbox held exactly what it had when paused");
+}
+
+// memsnapd is stopped: says what remains. A temporary directory is removed, unless something
+// failed (its log is then the only account of what happened, so it is kept and named).
+int finish_demo(const std::string& dir, bool temporary, bool failed, bool json_out) {
+  std::FILE* out = json_out ? stderr : stdout;
+  if (temporary && !failed) {
+    std::filesystem::remove_all(dir);
+    std::fprintf(out, "memsnapd stopped; removed %s\n", dir.c_str());
+  } else {
+    std::fprintf(out, "memsnapd stopped; its log, flag file and snapshots are kept in %s%s\n",
+                 dir.c_str(), temporary ? " (because something failed)" : "");
+  }
+  return failed ? 1 : 0;
+}
+
 }  // namespace
 
 int cmd_demo(Args& args) {
   const int count = std::stoi(args.value("--sandboxes", "6"));
   const int rounds = std::stoi(args.value("--rounds", "3"));
   const std::uint64_t size = parse_size(args.value("--size", "64M"));
-  const double dirty = std::stod(args.value("--dirty", "0.1"));
+  const double dirty = parse_fraction("--dirty", args.value("--dirty", "0.1"));
   const std::string flags_given = args.value("--flags");
   const std::string keep = args.value("--keep");
   const bool json_out = args.flag("--json");
@@ -81,15 +212,11 @@ int cmd_demo(Args& args) {
     return 1;
   }
   fleet::Daemon& d = **daemon;
-  std::printf("memsnapd (pid %d) is running on built-in defaults:\n", d.pid());
-  std::printf("  control API  curl --unix-socket %s http://memsnapd/v1/sandboxes\n",
-              d.socket().c_str());
-  std::printf("  metrics      curl %s\n", d.metrics_url().c_str());
-  std::printf("  flags        %s (an even split across the strategies)\n", flags_file.c_str());
-  std::printf("  log          %s\n\n", d.log_path().c_str());
+  print_banner(d, dir, keep.empty(), flags_file, !flags_given.empty(), json_out);
 
+  DemoTotals totals;
   std::vector<std::unique_ptr<fleet::Sandbox>> fleet_;
-  for (int i = 1; i <= count; ++i) {
+  for (int i = 1; i <= count && totals.failures == 0; ++i) {
     fleet::SandboxSpec spec;
     spec.id = "sb-" + std::to_string(i);
     spec.size = size;
@@ -99,109 +226,33 @@ int cmd_demo(Args& args) {
     auto sb = fleet::Sandbox::launch(d, spec);
     if (!sb.ok()) {
       std::fprintf(stderr, "memsnap demo: %s\n", sb.error().to_string().c_str());
-      return 1;
+      ++totals.failures;
+      continue;
     }
     fleet_.push_back(std::move(*sb));
   }
-  std::printf("launched %d stand-in VMMs of %s each and registered them\n", count,
-              format_bytes(static_cast<double>(size)).c_str());
-
-  std::map<std::string, PerStrategy> by;
-  nlohmann::json operations = nlohmann::json::array();
-  int failures = 0;
-  for (int round = 1; round <= rounds; ++round) {
-    for (auto& sb : fleet_) {
-      const std::string& id = sb->spec().id;
-      auto paused = sb->pause();
-      if (!paused.ok()) {
-        std::fprintf(stderr, "  %s: %s\n", id.c_str(), paused.error().to_string().c_str());
-        ++failures;
-        continue;
-      }
-      const std::string strategy = (*paused)["strategy"];
-      PerStrategy& s = by[strategy];
-      if (round == 1) ++s.sandboxes;
-      const double pause_ms = (*paused)["seconds"].get<double>() * 1e3;
-      s.pause_ms.push_back(pause_ms);
-      (round == 1 ? s.base_pause_ms : s.diff_pause_ms).push_back(pause_ms);
-      s.bytes += (*paused)["bytes"].get<std::uint64_t>();
-      s.released += (*paused)["memory_released"].get<std::uint64_t>();
-      if (!(*paused)["fallback"].is_null()) ++s.fallbacks;
-      auto resumed = sb->resume();
-      if (!resumed.ok()) {
-        std::fprintf(stderr, "  %s: %s\n", id.c_str(), resumed.error().to_string().c_str());
-        ++failures;
-        continue;
-      }
-      const double resume_ms = (*resumed)["ready_seconds"].get<double>() * 1e3;
-      s.resume_ms.push_back(resume_ms);
-      ++s.modes[(*resumed)["mode"].get<std::string>()];
-      auto bad = sb->verify();
-      const std::uint64_t mismatches = bad.ok() ? *bad : 1;
-      s.mismatches += mismatches;
-      if (mismatches) ++failures;
-      if (Status st = sb->dirty(dirty, static_cast<std::uint64_t>(round)); !st.ok()) ++failures;
-      operations.push_back({{"round", round}, {"sandbox", id}, {"strategy", strategy},
-                            {"variant", (*paused)["variant"]}, {"pause_ms", pause_ms},
-                            {"bytes", (*paused)["bytes"]}, {"resume_ms", resume_ms},
-                            {"mode", (*resumed)["mode"]}, {"mismatches", mismatches}});
-      if (!json_out) {
-        std::printf("  round %d/%d %-6s %-17s pause %8.1f ms (%s)  resume %6.2f ms (%s)  %s\n",
-                    round, rounds, id.c_str(), strategy.c_str(), pause_ms,
-                    format_bytes(static_cast<double>((*paused)["bytes"].get<std::uint64_t>()))
-                        .c_str(),
-                    resume_ms, (*resumed)["mode"].get<std::string>().c_str(),
-                    mismatches ? "PAGES LOST" : "verified");
-        std::fflush(stdout);
-      }
+  if (totals.failures == 0) {
+    if (!json_out) {
+      std::printf("launched %d stand-in VMMs of %s each and registered them\n", count,
+                  format_bytes(static_cast<double>(size)).c_str());
+    }
+    for (int round = 1; round <= rounds; ++round) {
+      for (auto& sb : fleet_) demo_operation(*sb, round, rounds, dirty, json_out, totals);
     }
   }
-
-  auto scraped = d.scrape();
   if (json_out) {
-    nlohmann::json out = {{"metrics_url", d.metrics_url()}, {"operations", operations},
-                          {"failures", failures}};
-    std::printf("%s\n", out.dump(2).c_str());
-  } else {
-    std::printf("\nper strategy (medians; pause = freeze + export + commit with fsync; resume = "
-                "handshake to VMM runnable):\n");
-    std::printf("%-17s %9s %14s %14s %10s %-11s %12s %12s %9s %5s\n", "strategy", "sandboxes",
-                "base pause ms", "diff pause ms", "resume ms", "resume mode", "exported",
-                "released", "fallbacks", "lost");
-    for (const auto& [name, s] : by) {
-      std::string modes;
-      for (const auto& [m, n] : s.modes) modes += (modes.empty() ? "" : ",") + m;
-      std::printf("%-17s %9d %14.1f %14.1f %10.2f %-11s %12s %12s %9llu %5llu\n", name.c_str(),
-                  s.sandboxes, median(s.base_pause_ms), median(s.diff_pause_ms),
-                  median(s.resume_ms), modes.c_str(),
-                  format_bytes(static_cast<double>(s.bytes)).c_str(),
-                  format_bytes(static_cast<double>(s.released)).c_str(),
-                  static_cast<unsigned long long>(s.fallbacks),
-                  static_cast<unsigned long long>(s.mismatches));
-    }
-    std::printf("\nthe same numbers from memsnapd's metrics (%s):\n", d.metrics_url().c_str());
-    if (scraped.ok()) {
-      std::istringstream in(*scraped);
-      std::string line;
-      while (std::getline(in, line)) {
-        if (line.rfind("memsnap_pause_duration_seconds_count", 0) == 0 ||
-            line.rfind("memsnap_resume_duration_seconds_count", 0) == 0 ||
-            line.rfind("memsnap_pause_released_bytes_total", 0) == 0) {
-          if (line.find("outcome=\"aborted\"") == std::string::npos &&
-              line.find("outcome=\"error\"") == std::string::npos) {
-            std::printf("  %s\n", line.c_str());
-          }
-        }
-      }
-    }
-    std::printf("\n%s\n", failures ? "SOME OPERATIONS FAILED (see above and the log)"
-                                    : "every resumed sandbox held exactly what it had when paused");
+    std::printf("%s\n", nlohmann::json{{"metrics_url", d.metrics_url()},
+                                       {"operations", totals.operations},
+                                       {"failures", totals.failures}}
+                            .dump(2)
+                            .c_str());
+  } else if (!fleet_.empty()) {
+    print_summary(totals, d);
   }
   fleet_.clear();
   const int stopped = d.stop(SIGTERM, std::chrono::seconds(30));
   if (stopped != 0) std::fprintf(stderr, "memsnap demo: memsnapd exited with %d\n", stopped);
-  if (keep.empty()) std::filesystem::remove_all(dir);
-  return failures || stopped != 0 ? 1 : 0;
+  return finish_demo(dir, keep.empty(), totals.failures > 0 || stopped != 0, json_out);
 }
 
 }  // namespace memsnap::cli

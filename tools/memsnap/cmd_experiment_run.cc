@@ -22,7 +22,9 @@
 
 #include "core/vmm_process.h"
 #include "tools/fleet/fleet.h"
+#include "tools/memsnap/checks.h"
 #include "tools/memsnap/cli.h"
+#include "tools/memsnap/progress.h"
 
 namespace memsnap::cli {
 namespace {
@@ -88,17 +90,16 @@ std::string split_flag(const std::vector<std::pair<std::string, int>>& arms) {
          "\n    targeting:\n      fractional:\n" + fractional;
 }
 
-void progress(std::size_t done, std::size_t total, double elapsed, bool tty) {
-  if (!tty) return;
-  const int width = 30;
-  const int filled = total ? static_cast<int>(width * done / total) : width;
-  const double eta = done ? elapsed / static_cast<double>(done) * static_cast<double>(total - done) : 0;
-  std::fprintf(stderr, "\r[%s%s] %zu/%zu operations  %.0fs elapsed  eta %.0fs ",
-               std::string(static_cast<std::size_t>(filled), '#').c_str(),
-               std::string(static_cast<std::size_t>(width - filled), '.').c_str(), done, total,
-               elapsed, eta);
-  if (done == total) std::fputc('\n', stderr);
-  std::fflush(stderr);
+// "exp-1-3, cycle 2 of 4, 22% done, eta 40 s" for the status line.
+std::string operation_text(const std::string& sandbox, int cycle, int cycles, std::size_t done,
+                           std::size_t total, double elapsed) {
+  std::string text = sandbox + ", cycle " + std::to_string(cycle) + " of " +
+                     std::to_string(cycles) + ", " + std::to_string(done * 100 / total) + "% done";
+  if (done > 0) {
+    const double eta = elapsed / static_cast<double>(done) * static_cast<double>(total - done);
+    text += ", eta " + std::to_string(static_cast<long>(eta)) + " s";
+  }
+  return text;
 }
 
 }  // namespace
@@ -108,7 +109,7 @@ int cmd_experiment_run(Args& args) {
   const int cycles = std::stoi(args.value("--cycles", "4"));
   const std::uint64_t size = parse_size(args.value("--size", "64M"));
   const std::string backing = args.value("--backing", "memfd");
-  const double dirty = std::stod(args.value("--dirty", "0.1"));
+  const double dirty = parse_fraction("--dirty", args.value("--dirty", "0.1"));
   const bool sequential = args.value("--pattern", "random") == "sequential";
   const bool thp = args.flag("--thp");
   const auto arms = parse_weights(
@@ -146,7 +147,6 @@ int cmd_experiment_run(Args& args) {
     // rate() and increase() over the run count all of it.
     std::this_thread::sleep_for(std::chrono::seconds(5));
   }
-  const bool tty = ::isatty(2) != 0;
   std::fprintf(stderr, "memsnapd pid %d, metrics at %s; %d sandboxes x %d cycles, %s %s each\n",
                d.pid(), d.metrics_url().c_str(), sandboxes, cycles,
                format_bytes(static_cast<double>(size)).c_str(), backing.c_str());
@@ -172,6 +172,7 @@ int cmd_experiment_run(Args& args) {
   const auto started = std::chrono::steady_clock::now();
   const std::size_t total = static_cast<std::size_t>(sandboxes) * static_cast<std::size_t>(cycles);
   std::size_t done = 0;
+  const auto status = StatusLine::on_stderr(false);
   int failures = 0;
   std::vector<std::size_t> order(fleet_.size());
   for (std::size_t i = 0; i < order.size(); ++i) order[i] = i;
@@ -179,6 +180,11 @@ int cmd_experiment_run(Args& args) {
     std::shuffle(order.begin(), order.end(), rng);
     for (const std::size_t i : order) {
       fleet::Sandbox& sb = *fleet_[i];
+      status->update(
+          "experiment run", done + 1, total,
+          operation_text(
+              sb.spec().id, cycle, cycles, done, total,
+              std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count()));
       json op = {{"cycle", cycle},
                  {"sandbox", sb.spec().id},
                  {"guest_huge_bytes", huge_page_bytes(sb.vmm()->pid())}};
@@ -227,11 +233,9 @@ int cmd_experiment_run(Args& args) {
       }
       operations.push_back(op);
       ++done;
-      progress(done, total,
-               std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count(),
-               tty);
     }
   }
+  status->finish();
   json weights = json::object();
   for (const auto& [name, w] : arms) weights[name] = w;
   json results = {{"experiment",

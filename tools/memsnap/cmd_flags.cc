@@ -3,12 +3,16 @@
 //   memsnap flags eval --flags FILE|DIR --flag KEY [--type T] [--default JSON] [--context JSON]
 //                      [--explain]
 //   memsnap flags eval --flags FILE|DIR --batch [--explain]     (JSON lines on stdin)
-//   memsnap flags check FILE...
+//   memsnap flags check [--plugins DIR] FILE...
+//
+// check also holds the variants of the strategy flag (memory-export-strategy) against the loaded
+// strategy plugins: a variant naming none is a warning, an error with --plugins DIR.
 //
 // eval prints one JSON object per result: {"flag", "value", "variant", "reason", "errorCode",
 // "errorMessage", "metadata"} (+ "explain" with --explain); variant, errorCode and errorMessage
 // are null when absent. It exits 0 whenever it produced results, ERROR results included; 1 when
 // the flags file cannot be loaded; 2 on bad usage.
+#include <algorithm>
 #include <cstdio>
 #include <iostream>
 #include <optional>
@@ -17,6 +21,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "core/strategy_selection/strategy_selection.h"
 #include "flags/flag_set.h"
 #include "tools/memsnap/cli.h"
 
@@ -160,11 +165,72 @@ int cmd_flags_eval(Args& args) {
   return 0;
 }
 
+// The plugins `flags check` holds the strategy flag's variants against: with --plugins DIR a
+// variant naming none of them is an error, else (the plugin directory memsnap would use) a
+// warning, and a directory that cannot be read only means the variants go unchecked.
+struct StrategyCheck {
+  PluginRegistry registry;
+  std::string dir;
+  bool strict = false;
+  bool usable = false;
+};
+
+void load_strategy_check(StrategyCheck& check) {
+  if (auto s = check.registry.load_directory(check.dir); !s.ok()) {
+    std::fprintf(stderr, "memsnap flags check: %s: cannot load plugins from %s: %s\n",
+                 check.strict ? "error" : "warning (strategy variants not checked)",
+                 check.dir.c_str(), s.error().to_string().c_str());
+    return;
+  }
+  const auto& seen = check.registry.plugins();
+  const bool any =
+      std::any_of(seen.begin(), seen.end(), [](const PluginInfo& p) { return p.loaded(); });
+  if (!any && !check.strict) {
+    std::fprintf(stderr,
+                 "memsnap flags check: warning: no strategy plugin loaded from %s (strategy "
+                 "variants not checked; set --plugin-dir, MEMSNAP_PLUGIN_DIR or --plugins)\n",
+                 check.dir.c_str());
+    return;
+  }
+  check.usable = true;
+}
+
+// Says what is wrong with the strategy flag's variants in file; false when that is an error.
+bool report_strategy_variants(const std::string& file, const flags::FlagSet& set,
+                              const StrategyCheck& check) {
+  if (!check.usable) return !check.strict;
+  const StrategySelectionOptions options;
+  const auto problems = check_strategy_variants(set, check.registry, options);
+  for (const auto& p : problems) {
+    std::fprintf(stderr,
+                 "%s: %sflag \"%s\": variant \"%s\" = %s %s (loaded from %s: %s); a sandbox "
+                 "it picks falls back to %s\n",
+                 file.c_str(), check.strict ? "" : "warning: ", options.flag_key.c_str(),
+                 p.variant.c_str(), p.value.c_str(), p.why.c_str(), check.dir.c_str(),
+                 loaded_strategy_names(check.registry).c_str(), options.safe_strategy.c_str());
+  }
+  return problems.empty() || !check.strict;
+}
+
 int cmd_flags_check(Args& args) {
+  StrategyCheck check;
+  check.dir = args.value("--plugins");
+  check.strict = !check.dir.empty();
+  const std::string plugin_dir_given = args.value("--plugin-dir");
+  if (check.strict && !plugin_dir_given.empty()) {
+    throw std::invalid_argument(
+        "give --plugins DIR (variants must name its plugins) or "
+        "--plugin-dir DIR (a warning when they do not), not both");
+  }
+  if (!check.strict) check.dir = plugin_dir_given.empty() ? plugin_dir(args) : plugin_dir_given;
   auto files = args.positional();  // "check" FILE...
   args.expect_done();
   files.erase(files.begin());
-  if (files.empty()) throw std::invalid_argument("usage: memsnap flags check FILE...");
+  if (files.empty()) {
+    throw std::invalid_argument("usage: memsnap flags check [--plugins DIR] FILE...");
+  }
+  load_strategy_check(check);
+  if (check.strict && !check.usable) return 1;
   int bad = 0;
   for (const auto& f : files) {
     flags::LoadResult r = flags::load_flag_source(f, {.strict = true});
@@ -178,7 +244,7 @@ int cmd_flags_check(Args& args) {
       }
     }
     for (const auto& d : r.diagnostics) std::fprintf(stderr, "%s\n", d.to_string().c_str());
-    if (r.ok()) {
+    if (r.ok() && report_strategy_variants(f, *r.flags, check)) {
       std::printf("%s: ok, %zu flags\n", f.c_str(), r.flags->size());
     } else {
       ++bad;
@@ -197,6 +263,8 @@ int cmd_flags(Args& args) {
   probe.values("--type");
   probe.values("--default");
   probe.values("--context");
+  probe.values("--plugins");
+  probe.values("--plugin-dir");
   const auto words = probe.positional();
   const std::string sub = words.empty() ? "" : words.front();
   if (sub == "eval") return cmd_flags_eval(args);

@@ -1,3 +1,11 @@
+// memsnap inspect FILE [--no-verify] [--json]: a snapshot's header, block map summary and a check
+// of every DATA run's checksum.
+//
+// --json prints exactly one JSON document whatever happens: the fields below, "checksums" as
+// {"status": "ok" | "mismatch" | "not checked", "runs_checked", "failed": [{"run",
+// "guest_offset", "blocks", "bytes", "code", "message"}]}, and "error": null or {"code",
+// "message"} (a file that cannot be opened has only "path" and "error"; a usage error only
+// "error"). Exit codes as in text form: 0 intact, 1 unreadable or damaged, 2 usage.
 #include <cstdio>
 #include <ctime>
 #include <stdexcept>
@@ -6,54 +14,95 @@
 #include "tools/memsnap/cli.h"
 
 namespace memsnap::cli {
+namespace {
 
-int cmd_inspect(Args& args) {
-  const bool json = args.flag("--json");
-  const bool verify = !args.flag("--no-verify");
-  const auto files = args.positional();
-  args.expect_done();
-  if (files.size() != 1)
-    throw std::invalid_argument("usage: memsnap inspect FILE [--no-verify] [--json]");
+struct RunFailure {
+  std::size_t run = 0;
+  std::uint64_t first_block = 0, blocks = 0;
+  Error error;
+};
 
-  auto reader = SnapshotReader::open(files[0], Verify::kHeaderAndMap);
-  if (!reader.ok()) {
-    std::fprintf(stderr, "memsnap inspect: %s\n", reader.error().to_string().c_str());
-    return 1;
+struct ChecksumResult {
+  bool checked = false;
+  std::uint64_t runs_checked = 0;  // DATA runs hashed
+  std::vector<RunFailure> failed;
+  bool ok() const { return failed.empty(); }
+};
+
+// Hashes every DATA run (not stopping at the first bad one).
+ChecksumResult check_runs(const SnapshotReader& r) {
+  ChecksumResult out;
+  out.checked = true;
+  const auto runs = r.runs();
+  for (std::size_t i = 0; i < runs.size(); ++i) {
+    if (runs[i].kind != RunKind::kData) continue;
+    ++out.runs_checked;
+    if (Status s = r.verify_run(i); !s.ok()) {
+      out.failed.push_back({i, runs[i].first_block, runs[i].block_count, s.error()});
+    }
   }
-  const auto& r = **reader;
+  return out;
+}
+
+nlohmann::json checksums_json(const ChecksumResult& c, std::uint64_t block_size) {
+  nlohmann::json failed = nlohmann::json::array();
+  for (const RunFailure& f : c.failed) {
+    failed.push_back({{"run", f.run},
+                      {"guest_offset", f.first_block * block_size},
+                      {"blocks", f.blocks},
+                      {"bytes", f.blocks * block_size},
+                      {"code", std::string(errc_name(f.error.code))},
+                      {"message", f.error.message}});
+  }
+  return {{"status", !c.checked ? "not checked"
+                     : c.ok()   ? "ok"
+                                : "mismatch"},
+          {"runs_checked", c.runs_checked},
+          {"failed", failed}};
+}
+
+void print_json(const nlohmann::json& j) { std::printf("%s\n", j.dump(2).c_str()); }
+
+nlohmann::json report_json(const std::string& path, const SnapshotReader& r,
+                           const ChecksumResult& sums) {
   const auto& h = r.header();
   const auto& s = r.summary();
-  Status checked;
-  if (verify) checked = r.verify_data();
-  const std::string verdict = !verify        ? "not checked"
-                              : checked.ok() ? "ok"
-                                             : checked.error().to_string();
+  return {{"path", path},
+          {"version", h.version},
+          {"block_size", h.block_size},
+          {"guest_size", h.guest_size},
+          {"generation", h.generation},
+          {"snapshot_id", to_hex(h.snapshot_id)},
+          {"parent_id", r.is_base() ? "" : to_hex(h.parent_id)},
+          {"created_unix_ns", h.created_unix_ns},
+          {"data_bytes", h.data_bytes},
+          {"runs", h.run_count},
+          {"data_blocks", s.data_blocks},
+          {"zero_blocks", s.zero_blocks},
+          {"parent_blocks", s.parent_blocks},
+          {"data_runs", s.data_runs},
+          {"zero_runs", s.zero_runs},
+          {"parent_runs", s.parent_runs},
+          {"checksums", checksums_json(sums, r.block_size())},
+          {"error", sums.ok() ? nlohmann::json(nullptr) : to_json(sums.failed.front().error)}};
+}
 
-  if (json) {
-    nlohmann::json j = {{"path", files[0]},
-                        {"version", h.version},
-                        {"block_size", h.block_size},
-                        {"guest_size", h.guest_size},
-                        {"generation", h.generation},
-                        {"snapshot_id", to_hex(h.snapshot_id)},
-                        {"parent_id", r.is_base() ? "" : to_hex(h.parent_id)},
-                        {"created_unix_ns", h.created_unix_ns},
-                        {"data_bytes", h.data_bytes},
-                        {"runs", h.run_count},
-                        {"data_blocks", s.data_blocks},
-                        {"zero_blocks", s.zero_blocks},
-                        {"parent_blocks", s.parent_blocks},
-                        {"data_runs", s.data_runs},
-                        {"zero_runs", s.zero_runs},
-                        {"parent_runs", s.parent_runs},
-                        {"checksums", verdict}};
-    std::printf("%s\n", j.dump(2).c_str());
-    return checked.ok() ? 0 : 1;
-  }
+std::string checksums_text(const ChecksumResult& c) {
+  if (!c.checked) return "not checked";
+  if (c.ok()) return "ok (" + std::to_string(c.runs_checked) + " data runs)";
+  std::string out = "FAILED in " + std::to_string(c.failed.size()) + " of " +
+                    std::to_string(c.runs_checked) + " data runs:";
+  for (const RunFailure& f : c.failed) out += "\n             " + f.error.to_string();
+  return out;
+}
+
+void print_text(const std::string& path, const SnapshotReader& r, const ChecksumResult& sums) {
+  const auto& h = r.header();
+  const auto& s = r.summary();
   const std::time_t created = static_cast<std::time_t>(h.created_unix_ns / 1000000000ULL);
   char when[64];
   std::strftime(when, sizeof(when), "%Y-%m-%d %H:%M:%S UTC", std::gmtime(&created));
-  std::printf("snapshot     %s\n", files[0].c_str());
+  std::printf("snapshot     %s\n", path.c_str());
   std::printf("format       memsnap v%u, %u-byte blocks\n", h.version, h.block_size);
   std::printf("guest        %s (%llu blocks)\n", format_bytes(double(h.guest_size)).c_str(),
               static_cast<unsigned long long>(r.block_count()));
@@ -71,8 +120,44 @@ int cmd_inspect(Args& args) {
       static_cast<unsigned long long>(s.parent_blocks),
       static_cast<unsigned long long>(s.parent_runs));
   std::printf("data         %s stored\n", format_bytes(double(h.data_bytes)).c_str());
-  std::printf("checksums    %s\n", verdict.c_str());
-  return checked.ok() ? 0 : 1;
+  std::printf("checksums    %s\n", checksums_text(sums).c_str());
+}
+
+int inspect(const std::string& path, bool verify, bool json) {
+  auto reader = SnapshotReader::open(path, Verify::kHeaderAndMap);
+  if (!reader.ok()) {
+    if (json) print_json({{"path", path}, {"error", to_json(reader.error())}});
+    std::fprintf(stderr, "memsnap inspect: %s\n", reader.error().to_string().c_str());
+    return 1;
+  }
+  const SnapshotReader& r = **reader;
+  const ChecksumResult sums = verify ? check_runs(r) : ChecksumResult{};
+  if (json) {
+    print_json(report_json(path, r, sums));
+  } else {
+    print_text(path, r, sums);
+  }
+  return sums.ok() ? 0 : 1;
+}
+
+}  // namespace
+
+int cmd_inspect(Args& args) {
+  const bool json = args.flag("--json");
+  std::vector<std::string> files;
+  try {
+    const bool verify = !args.flag("--no-verify");
+    files = args.positional();
+    args.expect_done();
+    if (files.size() != 1) {
+      throw std::invalid_argument("usage: memsnap inspect FILE [--no-verify] [--json]");
+    }
+    return inspect(files[0], verify, json);
+  } catch (const std::invalid_argument& e) {
+    // Usage errors too are one JSON document on stdout (and the usual line on stderr, exit 2).
+    if (json) print_json({{"error", {{"code", "invalid_argument"}, {"message", e.what()}}}});
+    throw;
+  }
 }
 
 }  // namespace memsnap::cli

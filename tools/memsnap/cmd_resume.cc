@@ -39,6 +39,7 @@ int cmd_resume(Args& args) {
   req.chain = args.values("--parent");
   const std::string newest = args.value("--snapshot");
   req.socket_path = args.value("--listen");
+  const std::string listen = req.socket_path;  // req is moved into the session
   req.strategy = args.value("--strategy");
   const std::string mode = args.value("--mode");
   req.verify_checksums = !args.flag("--no-verify");
@@ -76,8 +77,8 @@ int cmd_resume(Args& args) {
   ::sigaction(SIGTERM, &sa, nullptr);
   const ResumeReport& r = (*session)->report();
   std::fprintf(stderr, "memsnap resume: listening on %s for a VMM (%s, %zu snapshot(s), mode %s)\n",
-               args.value("--listen", "").c_str(), format_bytes(double(r.guest_size)).c_str(),
-               r.chain_length, std::string(resume_mode_name(r.mode)).c_str());
+               listen.c_str(), format_bytes(double(r.guest_size)).c_str(), r.chain_length,
+               std::string(resume_mode_name(r.mode)).c_str());
   if (Status s = (*session)->accept_and_serve(); !s.ok()) {
     std::fprintf(stderr, "memsnap resume: %s\n", s.error().to_string().c_str());
     return 1;

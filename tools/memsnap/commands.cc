@@ -312,6 +312,13 @@ std::vector<Command> round_commands() {
       false));
   out.push_back(local({.name = "flags check",
                        .summary = "validate flagd-format flag files",
+                       .description =
+                           "The strategy flag's variants are held against the strategy plugins: "
+                           "a variant naming none of them is a warning (listing the loaded "
+                           "ones), an error with --plugins.",
+                       .options = {path("--plugins", "DIR",
+                                        "the plugins the variants must name; a variant naming "
+                                        "none is an error (exit 1)")},
                        .positional = {.name = "FILE", .min = 1, .max = -1,
                                       .help = "flag files"}},
                       true));

@@ -95,6 +95,36 @@ CheckLine parse_check_line(const std::string& line) {
   return c;
 }
 
+int progress_steps(const CycleOptions& o) {
+  // run_cycle's say(): booting, booted, [reference], then per generation paused, resumed, checked.
+  return 2 + (o.reference ? 1 : 0) + 3 * o.generations;
+}
+
+std::uint64_t largest_guest_mib(std::uint64_t memory_mib) {
+  if (memory_mib < kSmallestGuestMemoryMib) return 0;
+  const std::uint64_t overhead = 72 + memory_mib / 16;
+  return memory_mib > overhead ? memory_mib - overhead : 0;
+}
+
+std::string check_failure_text(const std::vector<std::string>& console,
+                               const std::string& qemu_state, const std::string& qemu_output) {
+  std::string out;
+  if (console.empty()) {
+    out =
+        "the guest printed nothing on its console (its kernel did not get as far as the "
+        "checker: too little memory for it, or a kernel that does not boot on this machine)";
+  } else {
+    out = "its console ends with \"" + console.back() + "\"";
+    for (const std::string& line : console) {
+      if (line.find("Kernel panic") != std::string::npos) {
+        out += "; the guest kernel panicked: \"" + line + "\"";
+        break;
+      }
+    }
+  }
+  return out + "; QEMU " + qemu_state + ", its output: " + qemu_output;
+}
+
 bool CycleReport::intact() const {
   for (const GenerationReport& g : generations) {
     if (!g.bad_lines.empty() || g.round_after <= g.round_before) return false;
@@ -118,18 +148,17 @@ Result<CheckLine> wait_for_ok_rounds(QemuVm& vm, std::size_t skip, int count,
       if (c.kind == CheckLine::Kind::kOk && ++seen == count) return c;
     }
     if (!vm.alive()) {
-      return make_error(Errc::kProcessGone, "QEMU exited before the guest reported " +
-                                                std::to_string(count) +
-                                                " intact round(s); its console ends with \"" +
-                                                (lines.empty() ? std::string() : lines.back()) +
-                                                "\"; QEMU said: " + vm.log_tail());
+      return make_error(
+          Errc::kProcessGone,
+          "QEMU ended before the guest reported " + std::to_string(count) +
+              " intact round(s): " + check_failure_text(lines, vm.state_text(), vm.log_tail()));
     }
     if (Clock::now() >= deadline) {
-      return make_error(Errc::kTimeout, "the guest reported " + std::to_string(seen) + " of " +
-                                            std::to_string(count) + " intact round(s) in " +
-                                            std::to_string(timeout.count()) +
-                                            " ms; its console ends with \"" +
-                                            (lines.empty() ? std::string() : lines.back()) + "\"");
+      return make_error(Errc::kTimeout,
+                        "the guest reported " + std::to_string(seen) + " of " +
+                            std::to_string(count) + " intact round(s) in " +
+                            std::to_string(timeout.count()) +
+                            " ms: " + check_failure_text(lines, vm.state_text(), vm.log_tail()));
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }

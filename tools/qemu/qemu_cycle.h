@@ -77,6 +77,22 @@ struct CycleReport {
   bool intact() const;
 };
 
+// How many progress lines run_cycle gives for a complete run of o (for "step i of n").
+int progress_steps(const CycleOptions& o);
+
+// The largest memsnap.mib the test guest (tools/qemu-guest: Debian 12's kernel and the
+// initramfs) can check in a VM of memory_mib MiB, 0 when the VM is too small to boot at all.
+// Measured under TCG: beside its test memory the guest needs about 72 MiB plus 1/16 of its RAM
+// (128 MiB: 48 works, 52 is killed by the guest's OOM killer; 256 MiB: 168 works, 176 does not),
+// and below 86 MiB the kernel panics before the checker starts (at 64 MiB it hangs silently).
+std::uint64_t largest_guest_mib(std::uint64_t memory_mib);
+inline constexpr std::uint64_t kSmallestGuestMemoryMib = 88;
+
+// Why a wait for the guest's check ended without it: the console's last line (or that the guest
+// printed nothing at all), QEMU's state ("exited with status 0") and what QEMU itself printed.
+std::string check_failure_text(const std::vector<std::string>& console,
+                               const std::string& qemu_state, const std::string& qemu_output);
+
 // kProcessGone / kTimeout when the guest stops reporting; pause and resume errors as they are.
 // A guest that reports BAD is not an error: see CycleReport::intact().
 Result<CycleReport> run_cycle(const PluginRegistry& registry, const CycleOptions& options);

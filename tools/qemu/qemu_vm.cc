@@ -184,6 +184,7 @@ bool QemuVm::alive() {
   int status = 0;
   const pid_t r = ::waitpid(pid_, &status, WNOHANG);
   if (r == pid_) {
+    wait_status_ = status;
     pid_ = -pid_;  // reaped: keep the number (negated) for messages
     return false;
   }
@@ -206,6 +207,18 @@ std::string QemuVm::log_tail() const {
   if (text.size() > 2000) text = "..." + text.substr(text.size() - 2000);
   while (!text.empty() && (text.back() == '\n' || text.back() == '\r')) text.pop_back();
   return text.empty() ? "(nothing)" : text;
+}
+
+std::string QemuVm::state_text() {
+  if (alive()) return "running (pid " + std::to_string(pid_) + ")";
+  if (wait_status_ < 0) return "ended by memsnap";
+  if (WIFEXITED(wait_status_)) {
+    return "exited with status " + std::to_string(WEXITSTATUS(wait_status_));
+  }
+  if (WIFSIGNALED(wait_status_)) {
+    return "killed by signal " + std::to_string(WTERMSIG(wait_status_));
+  }
+  return "gone";
 }
 
 std::vector<std::string> QemuVm::console_lines() const {

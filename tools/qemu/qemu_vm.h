@@ -68,6 +68,8 @@ class QemuVm final : public VmmAdapter {
   Status load_from_file(const std::string& path);
   // The last lines QEMU printed on stdout/stderr (for error messages).
   std::string log_tail() const;
+  // "running (pid N)", "exited with status N", "killed by signal N" (for error messages).
+  std::string state_text();
 
  private:
   QemuVm() = default;
@@ -76,6 +78,7 @@ class QemuVm final : public VmmAdapter {
 
   Machine machine_;
   pid_t pid_ = -1;
+  int wait_status_ = -1;  // from waitpid, once reaped by alive()
   io::UniqueFd ram_;    // memsnap's memfd, when memsnap owns RAM
   io::UniqueFd taken_;  // QEMU's own memfd, taken with pidfd_getfd when asked for
   std::optional<QmpClient> qmp_;
