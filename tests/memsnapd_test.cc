@@ -14,6 +14,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iterator>
 #include <map>
 #include <regex>
@@ -68,6 +69,17 @@ double sample(const std::string& text, const std::string& name_and_labels) {
     }
   }
   return -1;
+}
+
+// Polls cond every 25 ms until it holds or `limit` passes; whether it held.
+bool eventually(const std::function<bool()>& cond,
+                std::chrono::milliseconds limit = std::chrono::seconds(10)) {
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  for (;;) {
+    if (cond()) return true;
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(25));
+  }
 }
 
 class MemsnapdTest : public ::testing::Test {
@@ -978,6 +990,61 @@ TEST_F(MemsnapdTest, SighupAppliesWhatItCanAndKeepsTheRest) {
   ASSERT_TRUE(second.ok()) << second.error().to_string();
   EXPECT_EQ((*second)["reason"], "DEFAULT");
   EXPECT_EQ((*second)["variant"], "process_vm_readv");
+}
+
+// Health after a bad flag file and then a good one: the good file is in force, so the health
+// shows no error; and a re-read of content already loaded is no reload (neither in the health nor
+// in memsnap_flag_reloads_total{result="success"}).
+TEST_F(MemsnapdTest, FlagHealthIsCleanAfterABadThenAGoodFileAndUnchangedReReadsAreNoReloads) {
+  auto flags = [&] { return call("GET", "/v1/health").body["flags"]; };
+  const json before = flags();
+  ASSERT_TRUE(before.is_object()) << before.dump();
+  EXPECT_EQ(before["last_error"], "");
+  const auto generation0 = before["generation"].get<std::uint64_t>();
+  const auto failed0 = before["reloads_failed"].get<std::uint64_t>();
+  auto text = daemon_->scrape();
+  ASSERT_TRUE(text.ok()) << text.error().to_string();
+  const double success0 = std::max(0.0, sample(*text, R"(memsnap_flag_reloads_total{result="success"})"));
+  const double failure0 = std::max(0.0, sample(*text, R"(memsnap_flag_reloads_total{result="failure"})"));
+
+  // Bad, then the same good content back.
+  write_file(flags_, "{\"flags\": {");
+  ASSERT_TRUE(eventually([&] { return flags()["reloads_failed"] > failed0; })) << flags().dump();
+  EXPECT_NE(flags()["last_error"], "");
+  // (A save is a write and a rename: the watcher may re-read in between, too. Every re-read
+  // after the rename sees the final content, so waiting for one more of its kind is enough.)
+  const auto unchanged0 = flags().value("reloads_unchanged", 0);
+  write_file(flags_, flag_file("process_vm_readv"));
+  ASSERT_TRUE(eventually([&] { return flags().value("reloads_unchanged", 0) > unchanged0; }))
+      << flags().dump();
+  json now = flags();
+  EXPECT_EQ(now["last_error"], "") << now.dump();
+  EXPECT_EQ(now["generation"], generation0) << now.dump();
+  EXPECT_EQ(now["reloads"], 0) << now.dump();
+
+  // Bad, then new good content: one reload, and healthy again.
+  write_file(flags_, "{\"flags\": {");
+  const auto failed1 = now["reloads_failed"].get<std::uint64_t>();
+  ASSERT_TRUE(eventually([&] { return flags()["reloads_failed"] > failed1; })) << flags().dump();
+  write_file(flags_, flag_file("memfd"));
+  ASSERT_TRUE(eventually([&] { return flags()["generation"] == generation0 + 1; }))
+      << flags().dump();
+  now = flags();
+  EXPECT_EQ(now["last_error"], "") << now.dump();
+  EXPECT_EQ(now["reloads"], 1) << now.dump();
+
+  // The metrics: once memsnapd has counted every failure so far (its poll records failures and
+  // successes from one reading of the counters), successes are the reloads, nothing more.
+  const auto failed = now["reloads_failed"].get<std::uint64_t>();
+  double success = -1;
+  ASSERT_TRUE(eventually([&] {
+    auto t = daemon_->scrape();
+    if (!t.ok()) return false;
+    success = sample(*t, R"(memsnap_flag_reloads_total{result="success"})");
+    return sample(*t, R"(memsnap_flag_reloads_total{result="failure"})") - failure0 ==
+           static_cast<double>(failed - failed0);
+  }));
+  EXPECT_EQ(success - success0, 1) << "a re-read of unchanged content counted as a reload";
 }
 
 // ---- long polls (GET ?wait_while=) ----

@@ -334,7 +334,7 @@ void SandboxService::set_flags(std::shared_ptr<flags::FlagStore> store) {
   reload_failures_seen_ = 0;
   if (flags_) {
     const auto stats = flags_->stats();
-    reloads_seen_ = stats.reloads_ok + stats.reloads_unchanged;
+    reloads_seen_ = stats.reloads_ok;
     reload_failures_seen_ = stats.reloads_failed;
   }
 }
@@ -371,8 +371,8 @@ void SandboxService::poll() {
   const auto stats = store->stats();
   std::lock_guard lock(mu_);
   if (store != flags_) return;
-  const std::uint64_t ok = stats.reloads_ok + stats.reloads_unchanged;
-  for (; reloads_seen_ < ok; ++reloads_seen_) metrics_.record_flag_reload(true);
+  // A re-read of unchanged content is no reload: only new flags in force count as a success.
+  for (; reloads_seen_ < stats.reloads_ok; ++reloads_seen_) metrics_.record_flag_reload(true);
   for (; reload_failures_seen_ < stats.reloads_failed; ++reload_failures_seen_) {
     metrics_.record_flag_reload(false);
   }
@@ -1486,6 +1486,8 @@ json SandboxService::health() const {
     const auto stats = flags_->stats();
     flags = {{"path", flags_->path()},
              {"generation", stats.generation},
+             {"reloads", stats.reloads_ok},
+             {"reloads_unchanged", stats.reloads_unchanged},
              {"reloads_failed", stats.reloads_failed},
              {"last_error", stats.last_error}};
   }
