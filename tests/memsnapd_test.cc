@@ -1047,6 +1047,49 @@ TEST_F(MemsnapdTest, FlagHealthIsCleanAfterABadThenAGoodFileAndUnchangedReReadsA
   EXPECT_EQ(success - success0, 1) << "a re-read of unchanged content counted as a reload";
 }
 
+// A query parameter a route does not know is refused, as an unknown body field is: a typo
+// (wait_for for wait_while) must not silently turn a wait into an immediate answer.
+TEST_F(MemsnapdTest, UnknownQueryParametersAreRefusedOnEveryRoute) {
+  launch("sb-1", "b", "memfd");
+  struct Case {
+    std::string method, target;
+    json body;
+    std::string parameter, known;  // known: what the message lists ("" = the route takes none)
+  };
+  const std::vector<Case> cases = {
+      {"GET", "/v1/health?verbose=1", nullptr, "verbose", ""},
+      {"GET", "/v1/config?format=json", nullptr, "format", ""},
+      {"GET", "/v1/sandboxes?state=running", nullptr, "state", ""},
+      {"POST", "/v1/sandboxes?dry_run=true", json::object(), "dry_run", ""},
+      {"GET", "/v1/sandboxes/sb-1?wait_for=running", nullptr, "wait_for", "wait_while, timeout_ms"},
+      {"GET", "/v1/sandboxes/sb-1?wait_while=paused&timeout=5", nullptr, "timeout",
+       "wait_while, timeout_ms"},
+      {"DELETE", "/v1/sandboxes/sb-1?forced=true", nullptr, "forced", "force"},
+      {"POST", "/v1/sandboxes/sb-1/pause?parent=none", json::object(), "parent", ""},
+      {"POST", "/v1/sandboxes/sb-1/resume?mode=warm", json{{"handshake_socket", "x.uffd"}},
+       "mode", ""},
+      {"GET", "/v1/sandboxes/sb-1/strategy?explain=1", nullptr, "explain", ""},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.method + " " + c.target);
+    const Answer a = call(c.method, c.target, c.body);
+    EXPECT_EQ(a.status, 400) << a.body.dump();
+    ASSERT_TRUE(a.body.contains("error")) << a.body.dump();
+    EXPECT_EQ(a.body["error"]["code"], "invalid_argument") << a.body.dump();
+    const std::string message = a.body["error"]["message"];
+    EXPECT_NE(message.find("\"" + c.parameter + "\""), std::string::npos) << message;
+    EXPECT_NE(message.find(c.known.empty() ? "takes none" : "known: " + c.known),
+              std::string::npos)
+        << message;
+  }
+  // Nothing happened: still registered, running, no snapshot.
+  const json sb = call("GET", "/v1/sandboxes/sb-1").body;
+  EXPECT_EQ(sb["state"], "running") << sb.dump();
+  EXPECT_TRUE(sb["snapshots"].empty()) << sb.dump();
+  // The known ones still work.
+  EXPECT_EQ(call("GET", "/v1/sandboxes/sb-1?wait_while=paused&timeout_ms=10").status, 200);
+}
+
 // ---- long polls (GET ?wait_while=) ----
 
 // Opens a connection to the control socket and sends a 10-minute wait for sb's state to leave
