@@ -1090,6 +1090,31 @@ TEST_F(MemsnapdTest, UnknownQueryParametersAreRefusedOnEveryRoute) {
   EXPECT_EQ(call("GET", "/v1/sandboxes/sb-1?wait_while=paused&timeout_ms=10").status, 200);
 }
 
+// The handshake directory removed while memsnapd runs (a /run cleanup): a resume cannot listen
+// there. That is the request's environment, not a memsnapd failure: 400, naming the directory,
+// and the sandbox stays paused.
+TEST_F(MemsnapdTest, AResumeIntoAMissingHandshakeDirectoryIsRefusedNamingIt) {
+  daemon_.reset();
+  const std::string handshake = dir_ + "/handshake";
+  DaemonOptions o;
+  o.dir = dir_;
+  o.flags_file = flags_;
+  o.overrides = {"control.handshake_directory=" + handshake};
+  auto d = Daemon::start(o);
+  ASSERT_TRUE(d.ok()) << d.error().to_string();
+  daemon_ = std::move(*d);
+  Sandbox& sb = launch("sb-1", "b", "memfd");
+  ASSERT_TRUE(sb.pause().ok());
+  ASSERT_TRUE(fs::remove(handshake));
+  const Answer a = call("POST", "/v1/sandboxes/sb-1/resume", {{"handshake_socket", "sb-1.uffd"}});
+  EXPECT_EQ(a.status, 400) << a.body.dump();
+  EXPECT_EQ(a.body["error"]["code"], "invalid_argument") << a.body.dump();
+  EXPECT_NE(a.body.dump().find(handshake), std::string::npos) << a.body.dump();
+  EXPECT_NE(a.body.dump().find("does not exist"), std::string::npos) << a.body.dump();
+  const json after = call("GET", "/v1/sandboxes/sb-1").body;
+  EXPECT_EQ(after["state"], "paused") << after.dump();
+}
+
 // ---- long polls (GET ?wait_while=) ----
 
 // Opens a connection to the control socket and sends a 10-minute wait for sb's state to leave

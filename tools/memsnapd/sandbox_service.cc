@@ -490,6 +490,21 @@ Result<std::string> SandboxService::handshake_path(const std::string& requested)
     return make_error(Errc::kInvalidArgument, "handshake_socket \"" + path +
                                                   "\" is too long for a Unix socket path");
   }
+  // memsnapd made the directory at start; something may have removed it since (a cleanup of
+  // /run). Nothing can listen there then: say so, rather than fail at bind() as an I/O error.
+  struct stat st {};
+  const bool found = ::lstat(handshake_dir_.c_str(), &st) == 0;
+  const int err = found ? 0 : errno;
+  if (!found || !S_ISDIR(st.st_mode)) {
+    std::string what = " is not a directory any more";
+    if (err == ENOENT || err == ENOTDIR) what = " does not exist (any more)";
+    if (err != 0 && err != ENOENT && err != ENOTDIR) what = io::errno_message(": lstat", err);
+    return make_error(Errc::kInvalidArgument,
+                      "the handshake directory " + handshake_dir_ + what +
+                          ": handshake_socket \"" + requested +
+                          "\" cannot be created there. Create it again (owned by memsnapd's "
+                          "uid, writable by nobody else), or restart memsnapd, which creates it");
+  }
   return path;
 }
 
