@@ -363,6 +363,8 @@ TEST_F(CliClientTest, RegisterPauseResumeWaitAndUnregisterThroughTheCli) {
   CliRun refused = cli({"unregister", id});
   EXPECT_EQ(refused.exit_code, 1) << refused;
   EXPECT_NE(refused.err.find("memsnap: invalid_state: "), std::string::npos) << refused;
+  EXPECT_NE(refused.err.find("--force"), std::string::npos)
+      << "the refusal does not tell a CLI user how to force it\n" << refused;
   CliRun gone = cli({"unregister", id, "--force"});
   ASSERT_EQ(gone.exit_code, 0) << gone;
   EXPECT_NE(gone.out.find("unregistered " + id), std::string::npos) << gone;

@@ -640,6 +640,10 @@ TEST_F(MemsnapdTest, RemovingARunningLazilyServedSandboxNeedsForceAndThenEndsIts
   Answer refused = call("DELETE", "/v1/sandboxes/sb-1");
   EXPECT_EQ(refused.status, 409) << refused.body.dump();
   EXPECT_EQ(refused.body["error"]["code"], "invalid_state") << refused.body.dump();
+  // The way to force it, for API users and for CLI users.
+  const std::string message = refused.body["error"].value("message", "");
+  EXPECT_NE(message.find("force=true"), std::string::npos) << message;
+  EXPECT_NE(message.find("memsnap unregister --force"), std::string::npos) << message;
   EXPECT_FALSE(ended(vmm));
   auto still = sb.verify();  // it still runs, served
   ASSERT_TRUE(still.ok()) << still.error().to_string();

@@ -1458,7 +1458,7 @@ Result<json> SandboxService::remove(const Caller& caller, const std::string& id,
                         "sandbox " + id + " runs on memory memsnapd serves (VMM pid " +
                             std::to_string(it->second->vmm_pid) +
                             "): removing it would end the VMM. Pause it first, or remove it "
-                            "with force=true");
+                            "with force=true (memsnap unregister --force)");
     }
     // A pause left this sandbox's released memory at risk: its VMM (stopped) and the memory
     // memsnapd holds for it are half of what `memsnap recover` needs. Only on request.
@@ -1467,7 +1467,8 @@ Result<json> SandboxService::remove(const Caller& caller, const std::string& id,
       return make_error(Errc::kInvalidState,
                         "sandbox " + id + " failed with its memory at risk (" +
                             it->second->last_error +
-                            "): recover it first (memsnap recover), or remove it with force=true");
+                            "): recover it first (memsnap recover), or remove it with force=true "
+                            "(memsnap unregister --force)");
     }
     sb = it->second;
     flush_fault_stats_locked(*sb);
