@@ -26,6 +26,7 @@
 
 #include "core/pattern.h"
 #include "core/snapshot/snapshot_chain.h"
+#include "core/snapshot/snapshot_reader.h"
 #include "tests/memsnap_cli.h"
 #include "tools/fleet/fleet.h"
 
@@ -80,6 +81,15 @@ bool eventually(const std::function<bool()>& cond,
     if (std::chrono::steady_clock::now() >= deadline) return false;
     std::this_thread::sleep_for(std::chrono::milliseconds(25));
   }
+}
+
+// The generation a default snapshot name claims ("generation-<n>.snap" or
+// "generation-<n>.<k>.snap"), 0 if the name is not one of those.
+std::uint64_t generation_in_name(const std::string& path) {
+  std::smatch m;
+  const std::string name = fs::path(path).filename().string();
+  if (!std::regex_match(name, m, std::regex(R"(generation-([0-9]+)(\.[0-9]+)?\.snap)"))) return 0;
+  return std::stoull(m[1].str());
 }
 
 class MemsnapdTest : public ::testing::Test {
@@ -1117,6 +1127,51 @@ TEST_F(MemsnapdTest, AResumeIntoAMissingHandshakeDirectoryIsRefusedNamingIt) {
   EXPECT_NE(a.body.dump().find("does not exist"), std::string::npos) << a.body.dump();
   const json after = call("GET", "/v1/sandboxes/sb-1").body;
   EXPECT_EQ(after["state"], "paused") << after.dump();
+}
+
+// Default snapshot names say the generation their header has, and never reuse a file: a new base
+// (parent "none") after generation 1 is a generation 1 again, and a diff against an older parent
+// a generation 2 again, beside the files they do not replace.
+TEST_F(MemsnapdTest, DefaultSnapshotNamesSayTheGenerationInTheirHeader) {
+  Sandbox& sb = launch("sb-1", "a", "anon");
+  std::map<std::string, std::string> ids;  // every snapshot written: path -> snapshot_id
+  auto pause = [&](const json& body) {
+    auto paused = sb.pause(body);
+    EXPECT_TRUE(paused.ok()) << paused.error().to_string();
+    if (!paused.ok()) return json();
+    const std::string path = (*paused)["snapshot"];
+    EXPECT_EQ(ids.count(path), 0u) << path << " written twice";
+    ids[path] = (*paused)["snapshot_id"];
+    auto reader = SnapshotReader::open(path, Verify::kHeaderAndMap);
+    EXPECT_TRUE(reader.ok()) << reader.error().to_string();
+    if (reader.ok()) {
+      EXPECT_EQ((*reader)->header().generation, (*paused)["generation"].get<std::uint64_t>());
+    }
+    EXPECT_EQ(generation_in_name(path), (*paused)["generation"].get<std::uint64_t>()) << path;
+    return *paused;
+  };
+  const json base = pause(json::object());
+  ASSERT_FALSE(base.is_null());
+  ASSERT_TRUE(sb.resume().ok());
+  ASSERT_TRUE(sb.dirty(0.05, 1).ok());
+  ASSERT_FALSE(pause(json::object()).is_null());  // generation 2
+  ASSERT_TRUE(sb.resume().ok());
+  const json fresh = pause({{"parent", "none"}});  // a new base: generation 1
+  ASSERT_FALSE(fresh.is_null());
+  EXPECT_EQ(fresh["generation"], 1);
+  ASSERT_TRUE(sb.resume().ok());
+  ASSERT_TRUE(sb.dirty(0.05, 2).ok());
+  ASSERT_FALSE(pause(json::object()).is_null());  // generation 2 of the new chain
+  ASSERT_TRUE(sb.resume().ok());
+  const json older = pause({{"parent", fresh["snapshot"]}});  // generation 2 once more
+  ASSERT_FALSE(older.is_null());
+  EXPECT_EQ(older["generation"], 2);
+  // Every file is still there, as it was written.
+  for (const auto& [path, id] : ids) {
+    auto reader = SnapshotReader::open(path, Verify::kFull);
+    ASSERT_TRUE(reader.ok()) << path << ": " << reader.error().to_string();
+    EXPECT_EQ(to_hex((*reader)->header().snapshot_id), id) << path;
+  }
 }
 
 // ---- long polls (GET ?wait_while=) ----

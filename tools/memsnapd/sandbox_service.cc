@@ -20,6 +20,7 @@
 #include "core/pause.h"
 #include "core/report_json.h"
 #include "core/resume.h"
+#include "core/snapshot/snapshot_reader.h"
 #include "core/strategy_selection/strategy_selection.h"
 #include "core/vmm_identity.h"
 #include "core/vmm_process.h"
@@ -252,6 +253,28 @@ Result<std::string> prepare_handshake_dir(const std::string& handshake) {
     if (up == up.parent_path()) break;
   }
   return handshake_canonical.string();
+}
+
+// The default output of a pause, relative to the snapshot directory: "<id>/generation-<n>.snap",
+// n being the generation the snapshot will have (1 for a base, its parent's + 1 for a diff, as
+// the pipeline writes it in the header). A new base, or a diff against an older parent, repeats
+// a generation the sandbox has a file of already: then "<id>/generation-<n>.<k>.snap" with the
+// first k from 2 that is free. Never an existing file: the chain it branches from stays whole.
+Result<std::string> default_output(const std::string& snapshot_dir, const std::string& id,
+                                   const std::string& parent_path, const ReaderLimits& limits) {
+  std::uint64_t generation = 1;
+  if (!parent_path.empty()) {
+    auto parent = SnapshotReader::open(parent_path, Verify::kHeaderAndMap, limits);
+    if (!parent.ok()) return std::move(parent).error();
+    generation = (*parent)->header().generation + 1;
+  }
+  const std::string stem = id + "/generation-" + std::to_string(generation);
+  std::string name = stem + ".snap";
+  std::error_code ec;
+  for (int k = 2; fs::exists(fs::symlink_status(fs::path(snapshot_dir) / name, ec)); ++k) {
+    name = stem + "." + std::to_string(k) + ".snap";
+  }
+  return name;
 }
 
 }  // namespace
@@ -965,13 +988,9 @@ Result<json> SandboxService::pause(const Caller& caller, const std::string& id, 
   }
   std::string out_name = *output;
   if (out_name.empty()) {
-    // generation-<n>.snap with the first n that is free (a pause with parent "none" starts a
-    // new chain, but never overwrites the old one's files).
-    std::error_code exists_ec;
-    for (std::size_t n = chain_before.size() + 1;; ++n) {
-      out_name = sb->id + "/generation-" + std::to_string(n) + ".snap";
-      if (!fs::exists(fs::path(snapshot_dir_) / out_name, exists_ec)) break;
-    }
+    auto named = default_output(snapshot_dir_, sb->id, parent_path, settings().reader_limits);
+    if (!named.ok()) return unclaim(named.error());
+    out_name = *named;
   }
   auto out_path = confine(out_name, false);
   if (!out_path.ok()) return unclaim(out_path.error());
