@@ -130,8 +130,9 @@ struct LoggingConfig {
 };
 
 struct DrainConfig {
-  // Key timeout_ms, 0 .. 1 day: on SIGTERM, how long in-flight operations may run before being
-  // aborted (0: abort at once).
+  // Key timeout_ms, 0 .. 1 day: on SIGTERM/SIGINT, how long memsnapd waits for the pauses and
+  // resumes in flight before it removes its socket. Nothing is aborted: those still running are
+  // waited for all the same, and memsnapd then exits 1 instead of 0.
   std::chrono::milliseconds timeout{30000};
   bool operator==(const DrainConfig&) const = default;
 };

@@ -82,6 +82,7 @@ bool FlagStore::reload() {
     const auto current = snapshot();
     if (current != nullptr && current->content_hash() == hash) {
       ++stats_.reloads_unchanged;
+      stats_.last_error.clear();  // the source is good again (e.g. a bad edit reverted)
       last_attempt_hash_ = hash;
       return true;
     }
@@ -92,6 +93,7 @@ bool FlagStore::reload() {
   {
     std::lock_guard<std::mutex> lock(stats_mu_);
     ++stats_.reloads_ok;
+    stats_.last_error.clear();
     generation = ++stats_.generation;
     last_attempt_hash_ = hash;
   }

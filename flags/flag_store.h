@@ -32,10 +32,13 @@ namespace memsnap::flags {
 
 struct ReloadStats {
   std::uint64_t generation = 0;  // bumped on every snapshot swapped in (the first load is 1)
-  std::uint64_t reloads_ok = 0;
+  std::uint64_t reloads_ok = 0;         // re-reads that swapped in a new snapshot
   std::uint64_t reloads_failed = 0;
-  std::uint64_t reloads_unchanged = 0;  // an event, but the content was what was already loaded
-  std::string last_error;               // file:line:col: message of the last failure
+  std::uint64_t reloads_unchanged = 0;  // re-reads of what was already loaded: no reload
+  // Why the source as it is on disk now is not in force ("file:line:col: message" of the last
+  // re-read, when it failed); empty when it is (the first load, or any re-read that succeeded,
+  // changed or not, clears it). reloads_failed keeps the count of past failures.
+  std::string last_error;
 };
 
 class FlagStore {

@@ -245,5 +245,49 @@ TEST_F(ReloadTest, BadFileAtStartIsAnErrorAndBadReloadKeepsLastGood) {
   EXPECT_EQ(first->evaluate("a", {}, {}, 0).value, 1);
 }
 
+// A good load after a failed one is the state an operator must see: the flag file on disk is in
+// force again, so last_error is cleared (reloads_failed still counts what happened). A re-read
+// whose content is what is already loaded is not a reload: it is counted apart and leaves the
+// generation alone.
+TEST_F(ReloadTest, AGoodLoadAfterABadOneClearsTheErrorAndAnUnchangedReReadIsNoReload) {
+  const fs::path file = dir_ / "flags.json";
+  const std::string a =
+      R"({"flags": {"a": {"state": "ENABLED", "variants": {"v": 1}, "defaultVariant": "v"}}})";
+  const std::string b =
+      R"({"flags": {"a": {"state": "ENABLED", "variants": {"v": 2}, "defaultVariant": "v"}}})";
+  const std::string bad = R"({"flags": {"a": {"state": "MAYBE"}}})";
+  write_file(file, a);
+  std::string err;
+  auto store = FlagStore::open(file.string(), {}, &err);
+  ASSERT_NE(store, nullptr) << err;
+
+  // Bad, then the same good content back: unchanged, but healthy again.
+  write_file(file, bad);
+  EXPECT_FALSE(store->reload());
+  EXPECT_FALSE(store->stats().last_error.empty());
+  write_file(file, a);
+  EXPECT_TRUE(store->reload());
+  ReloadStats s = store->stats();
+  EXPECT_EQ(s.last_error, "") << "the file in force is good, yet an old error is shown";
+  EXPECT_EQ(s.reloads_failed, 1U);
+  EXPECT_EQ(s.reloads_unchanged, 1U);
+  EXPECT_EQ(s.reloads_ok, 0U) << "a re-read of unchanged content counted as a reload";
+  EXPECT_EQ(s.generation, 1U);
+
+  // Bad, then new good content: a reload, and healthy again.
+  write_file(file, bad);
+  EXPECT_FALSE(store->reload());
+  EXPECT_FALSE(store->stats().last_error.empty());
+  write_file(file, b);
+  EXPECT_TRUE(store->reload());
+  s = store->stats();
+  EXPECT_EQ(s.last_error, "");
+  EXPECT_EQ(s.reloads_failed, 2U);
+  EXPECT_EQ(s.reloads_ok, 1U);
+  EXPECT_EQ(s.reloads_unchanged, 1U);
+  EXPECT_EQ(s.generation, 2U);
+  EXPECT_EQ(store->snapshot()->evaluate("a", {}, {}, 0).value, 2);
+}
+
 }  // namespace
 }  // namespace memsnap::flags

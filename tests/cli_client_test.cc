@@ -10,10 +10,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <cctype>
 #include <chrono>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <map>
 #include <regex>
 #include <set>
 #include <sstream>
@@ -363,6 +365,8 @@ TEST_F(CliClientTest, RegisterPauseResumeWaitAndUnregisterThroughTheCli) {
   CliRun refused = cli({"unregister", id});
   EXPECT_EQ(refused.exit_code, 1) << refused;
   EXPECT_NE(refused.err.find("memsnap: invalid_state: "), std::string::npos) << refused;
+  EXPECT_NE(refused.err.find("--force"), std::string::npos)
+      << "the refusal does not tell a CLI user how to force it\n" << refused;
   CliRun gone = cli({"unregister", id, "--force"});
   ASSERT_EQ(gone.exit_code, 0) << gone;
   EXPECT_NE(gone.out.find("unregistered " + id), std::string::npos) << gone;
@@ -504,6 +508,132 @@ TEST(CliClientDocs, OpenApiAndApiMdCoverEveryRoute) {
   std::string line;
   while (std::getline(lines, line)) documented.insert(line);
   EXPECT_EQ(documented, routes);
+}
+
+std::string read_text(const fs::path& path) {
+  std::ifstream in(path);
+  std::stringstream text;
+  text << in.rdbuf();
+  return text.str();
+}
+
+// The status of every error code of the control API, read from the code: errc_status()'s switch
+// in control_routes.cc (its default is 500) over every name errc_name() gives (result.cc), and
+// the transport's codes (http_server.h).
+std::map<std::string, int> error_statuses(const fs::path& src) {
+  std::map<std::string, int> out;
+  const std::string names = read_text(src / "core/base/result.cc");
+  const std::regex name_re(R"re(return "([a-z_]+)";)re");
+  for (auto it = std::sregex_iterator(names.begin(), names.end(), name_re);
+       it != std::sregex_iterator(); ++it) {
+    out[(*it)[1]] = 500;
+  }
+  const std::string routes = read_text(src / "tools/memsnapd/control_routes.cc");
+  const auto begin = routes.find("int errc_status(");
+  const auto end = routes.find("default:", begin);
+  std::istringstream lines(routes.substr(begin, end - begin));
+  std::vector<std::string> pending;
+  std::smatch m;
+  for (std::string line; std::getline(lines, line);) {
+    if (std::regex_search(line, m, std::regex(R"(case Errc::k([A-Za-z]+):)"))) {
+      std::string snake;  // kSnapshotBadMap -> snapshot_bad_map
+      for (const char ch : m[1].str()) {
+        if (std::isupper(static_cast<unsigned char>(ch)) && !snake.empty()) snake += '_';
+        snake += static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+      }
+      pending.push_back(snake);
+    } else if (std::regex_search(line, m, std::regex(R"(return ([0-9]{3});)"))) {
+      for (const auto& code : pending) out[code] = std::stoi(m[1]);
+      pending.clear();
+    }
+  }
+  for (const auto& [code, status] :
+       std::map<std::string, int>{{"bad_request", 400}, {"method_not_allowed", 405},
+                                  {"request_timeout", 408}, {"body_too_large", 413},
+                                  {"headers_too_large", 431}, {"too_many_connections", 503}}) {
+    out[code] = status;
+  }
+  return out;
+}
+
+// Every status the docs give an error code is the one memsnapd answers with: "409 busy" in prose
+// and tables of every doc, docs/api.md's status table (complete: every code that is not 500 is in
+// its row), and the summary in docs/openapi.yaml.
+TEST(CliClientDocs, DocumentedErrorStatusesAreTheOnesMemsnapdAnswers) {
+  const fs::path src(MEMSNAP_SOURCE_DIR);
+  const std::map<std::string, int> status = error_statuses(src);
+  ASSERT_GT(status.size(), 40u);
+  ASSERT_EQ(status.at("generation_mismatch"), 409);
+  auto check = [&](const std::string& where, const std::string& code, int documented) {
+    const auto it = status.find(code);
+    if (it == status.end()) return;  // a word, not a code
+    EXPECT_EQ(documented, it->second) << where << " documents " << code << " as " << documented;
+  };
+  std::vector<fs::path> docs = {src / "docs/openapi.yaml", src / "config/memsnapd.yaml"};
+  for (const auto& e : fs::directory_iterator(src / "docs")) {
+    if (e.path().extension() == ".md") docs.push_back(e.path());
+  }
+  for (const auto& path : docs) {
+    const std::string text = read_text(path);
+    // "409 busy", "`409 generation_mismatch`", "| `busy` | 409 |".
+    const std::regex inline_re(R"(\b([1-5][0-9][0-9])\s+([a-z]+(?:_[a-z]+)*)\b)");
+    for (auto it = std::sregex_iterator(text.begin(), text.end(), inline_re);
+         it != std::sregex_iterator(); ++it) {
+      check(path.filename().string(), (*it)[2], std::stoi((*it)[1]));
+    }
+    const std::regex row_re(R"(\| `([a-z_]+)` \| ([1-5][0-9][0-9]) \|)");
+    for (auto it = std::sregex_iterator(text.begin(), text.end(), row_re);
+         it != std::sregex_iterator(); ++it) {
+      check(path.filename().string() + " (table)", (*it)[1], std::stoi((*it)[2]));
+    }
+  }
+
+  // docs/api.md's table of statuses: "| 409 | `already_exists`, `invalid_state`, ... |".
+  const std::string md = read_text(src / "docs/api.md");
+  std::map<std::string, int> tabled;
+  const std::regex status_row_re(R"(\n\| ([1-5][0-9][0-9]) \| ([^\n]*) \|)");
+  for (auto it = std::sregex_iterator(md.begin(), md.end(), status_row_re);
+       it != std::sregex_iterator(); ++it) {
+    const std::string row = (*it)[2];
+    const std::regex code_re("`([a-z_]+)`");
+    for (auto c = std::sregex_iterator(row.begin(), row.end(), code_re);
+         c != std::sregex_iterator(); ++c) {
+      check("api.md status table", (*c)[1], std::stoi((*it)[1]));
+      tabled[(*c)[1]] = std::stoi((*it)[1]);
+    }
+  }
+  // openapi.yaml: "... invalid_argument, path_not_allowed, ... and snapshot_* 400; ...; ... 500."
+  std::string yaml = read_text(src / "docs/openapi.yaml");
+  const auto from = yaml.find("Error codes of the endpoints and their statuses:");
+  ASSERT_NE(from, std::string::npos);
+  yaml = yaml.substr(from, yaml.find("servers:", from) - from);
+  std::map<std::string, int> summarised;
+  std::istringstream parts(yaml);
+  for (std::string part; std::getline(parts, part, ';');) {
+    std::smatch m;
+    std::string last;
+    for (auto s = part; std::regex_search(s, m, std::regex(R"(\b([1-5][0-9][0-9])\b)"));
+         s = m.suffix()) {
+      last = m[1];
+    }
+    if (last.empty()) continue;
+    const std::regex word_re(R"(\b([a-z]+(?:_[a-z]+)+|[a-z]+)\b)");
+    for (auto w = std::sregex_iterator(part.begin(), part.end(), word_re);
+         w != std::sregex_iterator(); ++w) {
+      if (!status.count((*w)[1])) continue;
+      check("openapi.yaml summary", (*w)[1], std::stoi(last));
+      summarised[(*w)[1]] = std::stoi(last);
+    }
+  }
+  for (const auto& [code, s] : status) {
+    if (s == 500 || code.rfind("snapshot_", 0) == 0) continue;
+    if (code == "bad_request" || code == "method_not_allowed" || code == "request_timeout" ||
+        code == "body_too_large" || code == "headers_too_large" || code == "too_many_connections") {
+      continue;  // the transport's: their own tables
+    }
+    EXPECT_EQ(tabled.count(code), 1u) << code << " (" << s << ") is not in api.md's status table";
+    EXPECT_EQ(summarised.count(code), 1u) << code << " (" << s << ") is not in openapi.yaml's summary";
+  }
 }
 
 }  // namespace

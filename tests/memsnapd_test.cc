@@ -14,6 +14,7 @@
 #include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <functional>
 #include <iterator>
 #include <map>
 #include <regex>
@@ -25,6 +26,7 @@
 
 #include "core/pattern.h"
 #include "core/snapshot/snapshot_chain.h"
+#include "core/snapshot/snapshot_reader.h"
 #include "tests/memsnap_cli.h"
 #include "tools/fleet/fleet.h"
 
@@ -68,6 +70,26 @@ double sample(const std::string& text, const std::string& name_and_labels) {
     }
   }
   return -1;
+}
+
+// Polls cond every 25 ms until it holds or `limit` passes; whether it held.
+bool eventually(const std::function<bool()>& cond,
+                std::chrono::milliseconds limit = std::chrono::seconds(10)) {
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  for (;;) {
+    if (cond()) return true;
+    if (std::chrono::steady_clock::now() >= deadline) return false;
+    std::this_thread::sleep_for(std::chrono::milliseconds(25));
+  }
+}
+
+// The generation a default snapshot name claims ("generation-<n>.snap" or
+// "generation-<n>.<k>.snap"), 0 if the name is not one of those.
+std::uint64_t generation_in_name(const std::string& path) {
+  std::smatch m;
+  const std::string name = fs::path(path).filename().string();
+  if (!std::regex_match(name, m, std::regex(R"(generation-([0-9]+)(\.[0-9]+)?\.snap)"))) return 0;
+  return std::stoull(m[1].str());
 }
 
 class MemsnapdTest : public ::testing::Test {
@@ -208,7 +230,11 @@ TEST_F(MemsnapdTest, FlagSplitPausesAndResumesEveryStrategyAndTheSplitFollowsThe
           *text,
           R"(memsnap_strategy_fallbacks_total{from="memfd",reason="missing_memfd",to="process_vm_readv"})"),
       1);
-  EXPECT_GE(sample(*text, R"(memsnap_flag_reloads_total{result="success"})"), 1);
+  // memsnapd counts reloads in its once-a-second poll: the one above may not be counted yet.
+  EXPECT_TRUE(eventually([&] {
+    auto now = daemon_->scrape();
+    return now.ok() && sample(*now, R"(memsnap_flag_reloads_total{result="success"})") >= 1;
+  })) << "the flag reload was never counted";
   EXPECT_EQ(sample(*text, R"(memsnap_sandboxes{state="paused"})"), 2);
   EXPECT_EQ(sample(*text, R"(memsnap_sandboxes{state="running"})"), 2);
   EXPECT_GT(sample(*text, R"(memsnap_pause_released_bytes_total{strategy="hole_punch"})"), 0);
@@ -628,6 +654,10 @@ TEST_F(MemsnapdTest, RemovingARunningLazilyServedSandboxNeedsForceAndThenEndsIts
   Answer refused = call("DELETE", "/v1/sandboxes/sb-1");
   EXPECT_EQ(refused.status, 409) << refused.body.dump();
   EXPECT_EQ(refused.body["error"]["code"], "invalid_state") << refused.body.dump();
+  // The way to force it, for API users and for CLI users.
+  const std::string message = refused.body["error"].value("message", "");
+  EXPECT_NE(message.find("force=true"), std::string::npos) << message;
+  EXPECT_NE(message.find("memsnap unregister --force"), std::string::npos) << message;
   EXPECT_FALSE(ended(vmm));
   auto still = sb.verify();  // it still runs, served
   ASSERT_TRUE(still.ok()) << still.error().to_string();
@@ -978,6 +1008,174 @@ TEST_F(MemsnapdTest, SighupAppliesWhatItCanAndKeepsTheRest) {
   ASSERT_TRUE(second.ok()) << second.error().to_string();
   EXPECT_EQ((*second)["reason"], "DEFAULT");
   EXPECT_EQ((*second)["variant"], "process_vm_readv");
+}
+
+// Health after a bad flag file and then a good one: the good file is in force, so the health
+// shows no error; and a re-read of content already loaded is no reload (neither in the health nor
+// in memsnap_flag_reloads_total{result="success"}).
+TEST_F(MemsnapdTest, FlagHealthIsCleanAfterABadThenAGoodFileAndUnchangedReReadsAreNoReloads) {
+  auto flags = [&] { return call("GET", "/v1/health").body["flags"]; };
+  const json before = flags();
+  ASSERT_TRUE(before.is_object()) << before.dump();
+  EXPECT_EQ(before["last_error"], "");
+  const auto generation0 = before["generation"].get<std::uint64_t>();
+  const auto failed0 = before["reloads_failed"].get<std::uint64_t>();
+  auto text = daemon_->scrape();
+  ASSERT_TRUE(text.ok()) << text.error().to_string();
+  const double success0 = std::max(0.0, sample(*text, R"(memsnap_flag_reloads_total{result="success"})"));
+  const double failure0 = std::max(0.0, sample(*text, R"(memsnap_flag_reloads_total{result="failure"})"));
+
+  // Bad, then the same good content back.
+  write_file(flags_, "{\"flags\": {");
+  ASSERT_TRUE(eventually([&] { return flags()["reloads_failed"] > failed0; })) << flags().dump();
+  EXPECT_NE(flags()["last_error"], "");
+  // (A save is a write and a rename: the watcher may re-read in between, too. Every re-read
+  // after the rename sees the final content, so waiting for one more of its kind is enough.)
+  const auto unchanged0 = flags().value("reloads_unchanged", 0);
+  write_file(flags_, flag_file("process_vm_readv"));
+  ASSERT_TRUE(eventually([&] { return flags().value("reloads_unchanged", 0) > unchanged0; }))
+      << flags().dump();
+  json now = flags();
+  EXPECT_EQ(now["last_error"], "") << now.dump();
+  EXPECT_EQ(now["generation"], generation0) << now.dump();
+  EXPECT_EQ(now["reloads"], 0) << now.dump();
+
+  // Bad, then new good content: one reload, and healthy again.
+  write_file(flags_, "{\"flags\": {");
+  const auto failed1 = now["reloads_failed"].get<std::uint64_t>();
+  ASSERT_TRUE(eventually([&] { return flags()["reloads_failed"] > failed1; })) << flags().dump();
+  write_file(flags_, flag_file("memfd"));
+  ASSERT_TRUE(eventually([&] { return flags()["generation"] == generation0 + 1; }))
+      << flags().dump();
+  now = flags();
+  EXPECT_EQ(now["last_error"], "") << now.dump();
+  EXPECT_EQ(now["reloads"], 1) << now.dump();
+
+  // The metrics: once memsnapd has counted every failure so far (its poll records failures and
+  // successes from one reading of the counters), successes are the reloads, nothing more.
+  const auto failed = now["reloads_failed"].get<std::uint64_t>();
+  double success = -1;
+  ASSERT_TRUE(eventually([&] {
+    auto t = daemon_->scrape();
+    if (!t.ok()) return false;
+    success = sample(*t, R"(memsnap_flag_reloads_total{result="success"})");
+    return sample(*t, R"(memsnap_flag_reloads_total{result="failure"})") - failure0 ==
+           static_cast<double>(failed - failed0);
+  }));
+  EXPECT_EQ(success - success0, 1) << "a re-read of unchanged content counted as a reload";
+}
+
+// A query parameter a route does not know is refused, as an unknown body field is: a typo
+// (wait_for for wait_while) must not silently turn a wait into an immediate answer.
+TEST_F(MemsnapdTest, UnknownQueryParametersAreRefusedOnEveryRoute) {
+  launch("sb-1", "b", "memfd");
+  struct Case {
+    std::string method, target;
+    json body;
+    std::string parameter, known;  // known: what the message lists ("" = the route takes none)
+  };
+  const std::vector<Case> cases = {
+      {"GET", "/v1/health?verbose=1", nullptr, "verbose", ""},
+      {"GET", "/v1/config?format=json", nullptr, "format", ""},
+      {"GET", "/v1/sandboxes?state=running", nullptr, "state", ""},
+      {"POST", "/v1/sandboxes?dry_run=true", json::object(), "dry_run", ""},
+      {"GET", "/v1/sandboxes/sb-1?wait_for=running", nullptr, "wait_for", "wait_while, timeout_ms"},
+      {"GET", "/v1/sandboxes/sb-1?wait_while=paused&timeout=5", nullptr, "timeout",
+       "wait_while, timeout_ms"},
+      {"DELETE", "/v1/sandboxes/sb-1?forced=true", nullptr, "forced", "force"},
+      {"POST", "/v1/sandboxes/sb-1/pause?parent=none", json::object(), "parent", ""},
+      {"POST", "/v1/sandboxes/sb-1/resume?mode=warm", json{{"handshake_socket", "x.uffd"}},
+       "mode", ""},
+      {"GET", "/v1/sandboxes/sb-1/strategy?explain=1", nullptr, "explain", ""},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.method + " " + c.target);
+    const Answer a = call(c.method, c.target, c.body);
+    EXPECT_EQ(a.status, 400) << a.body.dump();
+    ASSERT_TRUE(a.body.contains("error")) << a.body.dump();
+    EXPECT_EQ(a.body["error"]["code"], "invalid_argument") << a.body.dump();
+    const std::string message = a.body["error"]["message"];
+    EXPECT_NE(message.find("\"" + c.parameter + "\""), std::string::npos) << message;
+    EXPECT_NE(message.find(c.known.empty() ? "takes none" : "known: " + c.known),
+              std::string::npos)
+        << message;
+  }
+  // Nothing happened: still registered, running, no snapshot.
+  const json sb = call("GET", "/v1/sandboxes/sb-1").body;
+  EXPECT_EQ(sb["state"], "running") << sb.dump();
+  EXPECT_TRUE(sb["snapshots"].empty()) << sb.dump();
+  // The known ones still work.
+  EXPECT_EQ(call("GET", "/v1/sandboxes/sb-1?wait_while=paused&timeout_ms=10").status, 200);
+}
+
+// The handshake directory removed while memsnapd runs (a /run cleanup): a resume cannot listen
+// there. That is the request's environment, not a memsnapd failure: 400, naming the directory,
+// and the sandbox stays paused.
+TEST_F(MemsnapdTest, AResumeIntoAMissingHandshakeDirectoryIsRefusedNamingIt) {
+  daemon_.reset();
+  const std::string handshake = dir_ + "/handshake";
+  DaemonOptions o;
+  o.dir = dir_;
+  o.flags_file = flags_;
+  o.overrides = {"control.handshake_directory=" + handshake};
+  auto d = Daemon::start(o);
+  ASSERT_TRUE(d.ok()) << d.error().to_string();
+  daemon_ = std::move(*d);
+  Sandbox& sb = launch("sb-1", "b", "memfd");
+  ASSERT_TRUE(sb.pause().ok());
+  ASSERT_TRUE(fs::remove(handshake));
+  const Answer a = call("POST", "/v1/sandboxes/sb-1/resume", {{"handshake_socket", "sb-1.uffd"}});
+  EXPECT_EQ(a.status, 400) << a.body.dump();
+  EXPECT_EQ(a.body["error"]["code"], "invalid_argument") << a.body.dump();
+  EXPECT_NE(a.body.dump().find(handshake), std::string::npos) << a.body.dump();
+  EXPECT_NE(a.body.dump().find("does not exist"), std::string::npos) << a.body.dump();
+  const json after = call("GET", "/v1/sandboxes/sb-1").body;
+  EXPECT_EQ(after["state"], "paused") << after.dump();
+}
+
+// Default snapshot names say the generation their header has, and never reuse a file: a new base
+// (parent "none") after generation 1 is a generation 1 again, and a diff against an older parent
+// a generation 2 again, beside the files they do not replace.
+TEST_F(MemsnapdTest, DefaultSnapshotNamesSayTheGenerationInTheirHeader) {
+  Sandbox& sb = launch("sb-1", "a", "anon");
+  std::map<std::string, std::string> ids;  // every snapshot written: path -> snapshot_id
+  auto pause = [&](const json& body) {
+    auto paused = sb.pause(body);
+    EXPECT_TRUE(paused.ok()) << paused.error().to_string();
+    if (!paused.ok()) return json();
+    const std::string path = (*paused)["snapshot"];
+    EXPECT_EQ(ids.count(path), 0u) << path << " written twice";
+    ids[path] = (*paused)["snapshot_id"];
+    auto reader = SnapshotReader::open(path, Verify::kHeaderAndMap);
+    EXPECT_TRUE(reader.ok()) << reader.error().to_string();
+    if (reader.ok()) {
+      EXPECT_EQ((*reader)->header().generation, (*paused)["generation"].get<std::uint64_t>());
+    }
+    EXPECT_EQ(generation_in_name(path), (*paused)["generation"].get<std::uint64_t>()) << path;
+    return *paused;
+  };
+  const json base = pause(json::object());
+  ASSERT_FALSE(base.is_null());
+  ASSERT_TRUE(sb.resume().ok());
+  ASSERT_TRUE(sb.dirty(0.05, 1).ok());
+  ASSERT_FALSE(pause(json::object()).is_null());  // generation 2
+  ASSERT_TRUE(sb.resume().ok());
+  const json fresh = pause({{"parent", "none"}});  // a new base: generation 1
+  ASSERT_FALSE(fresh.is_null());
+  EXPECT_EQ(fresh["generation"], 1);
+  ASSERT_TRUE(sb.resume().ok());
+  ASSERT_TRUE(sb.dirty(0.05, 2).ok());
+  ASSERT_FALSE(pause(json::object()).is_null());  // generation 2 of the new chain
+  ASSERT_TRUE(sb.resume().ok());
+  const json older = pause({{"parent", fresh["snapshot"]}});  // generation 2 once more
+  ASSERT_FALSE(older.is_null());
+  EXPECT_EQ(older["generation"], 2);
+  // Every file is still there, as it was written.
+  for (const auto& [path, id] : ids) {
+    auto reader = SnapshotReader::open(path, Verify::kFull);
+    ASSERT_TRUE(reader.ok()) << path << ": " << reader.error().to_string();
+    EXPECT_EQ(to_hex((*reader)->header().snapshot_id), id) << path;
+  }
 }
 
 // ---- long polls (GET ?wait_while=) ----

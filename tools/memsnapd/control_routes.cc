@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <chrono>
+#include <optional>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include <spdlog/spdlog.h>
 
@@ -85,15 +87,36 @@ Response respond(const Result<json>& result, int ok_status = 200) {
   return ok(result.value(), ok_status);
 }
 
+// The query parameters a route takes, in the order its documentation lists them.
+using QueryParams = std::vector<std::string>;
+
+// Refuses a query parameter the route does not take, as an unknown body field is refused: a typo
+// (wait_for for wait_while) must not silently change what the request does.
+std::optional<Response> unknown_query(const Request& request, const QueryParams& known) {
+  for (const auto& [name, value] : request.query) {
+    if (std::find(known.begin(), known.end(), name) != known.end()) continue;
+    std::string list;
+    for (const auto& k : known) list += (list.empty() ? "" : ", ") + k;
+    return control_api::json_error(
+        400, errc_name(Errc::kInvalidArgument),
+        request.method + " " + request.path + ": unknown query parameter \"" + name + "\" (" +
+            (known.empty() ? std::string("this endpoint takes none") : "known: " + list) + ")");
+  }
+  return std::nullopt;
+}
+
 }  // namespace
 
 void add_routes(control_api::HttpServer& server, SandboxService& service,
                 metrics::HostMetrics& metrics, RouteHooks hooks) {
   // Every route is counted in memsnap_api_requests_total under a fixed name (never the path:
   // paths hold sandbox ids).
-  auto counted = [&metrics](const char* endpoint, auto handler) {
-    return [&metrics, endpoint, handler = std::move(handler)](const Request& request) {
-      Response r = handler(request);
+  // Every route also refuses query parameters it does not take (`query`: those it does).
+  auto counted = [&metrics](const char* endpoint, auto handler, QueryParams query = {}) {
+    return [&metrics, endpoint, handler = std::move(handler),
+            query = std::move(query)](const Request& request) {
+      std::optional<Response> refused = unknown_query(request, query);
+      Response r = refused ? std::move(*refused) : handler(request);
       metrics.record_api_request(endpoint, r.status);
       if (r.status >= 500) {
         spdlog::error("api {} {}: {} {}", request.method, request.path, r.status, r.body);
@@ -143,7 +166,7 @@ void add_routes(control_api::HttpServer& server, SandboxService& service,
                                    [&request] {
                                      return request.client_gone && request.client_gone();
                                    }));
-      }));
+      }, {"wait_while", "timeout_ms"}));
   server.route(
       "DELETE", "/v1/sandboxes/{id}", counted("sandbox_remove", [&service](const Request& request) {
         bool force = false;
@@ -154,7 +177,7 @@ void add_routes(control_api::HttpServer& server, SandboxService& service,
           force = it->second == "true";
         }
         return respond(service.remove(caller_of(request), request.path_params.at("id"), force));
-      }));
+      }, {"force"}));
   server.route("POST", "/v1/sandboxes/{id}/pause",
                counted("sandbox_pause", [&service](const Request& request) {
                  auto body = body_of(request);

@@ -6,8 +6,9 @@
 // With no file it runs on built-in defaults (config/memsnapd.yaml lists them). Signals:
 //   SIGHUP   re-reads the config file (and --set): applies logging, flags, limits and the
 //            fallback strategy; keys that need a restart are logged and left as they were
-//   SIGTERM  drains: no new pause or resume; in-flight ones finish (up to drain.timeout_ms);
-//   SIGINT   then the socket is removed and memsnapd exits (1 if something was still running)
+//   SIGTERM  drain: no new pause or resume; memsnapd waits up to drain.timeout_ms for those in
+//   SIGINT   flight, then removes the socket and exits once they have ended (nothing is ever
+//            aborted): 0, or 1 if they outlasted drain.timeout_ms
 #include <grp.h>
 #include <signal.h>
 #include <sys/stat.h>

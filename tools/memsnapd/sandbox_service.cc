@@ -20,6 +20,7 @@
 #include "core/pause.h"
 #include "core/report_json.h"
 #include "core/resume.h"
+#include "core/snapshot/snapshot_reader.h"
 #include "core/strategy_selection/strategy_selection.h"
 #include "core/vmm_identity.h"
 #include "core/vmm_process.h"
@@ -254,6 +255,28 @@ Result<std::string> prepare_handshake_dir(const std::string& handshake) {
   return handshake_canonical.string();
 }
 
+// The default output of a pause, relative to the snapshot directory: "<id>/generation-<n>.snap",
+// n being the generation the snapshot will have (1 for a base, its parent's + 1 for a diff, as
+// the pipeline writes it in the header). A new base, or a diff against an older parent, repeats
+// a generation the sandbox has a file of already: then "<id>/generation-<n>.<k>.snap" with the
+// first k from 2 that is free. Never an existing file: the chain it branches from stays whole.
+Result<std::string> default_output(const std::string& snapshot_dir, const std::string& id,
+                                   const std::string& parent_path, const ReaderLimits& limits) {
+  std::uint64_t generation = 1;
+  if (!parent_path.empty()) {
+    auto parent = SnapshotReader::open(parent_path, Verify::kHeaderAndMap, limits);
+    if (!parent.ok()) return std::move(parent).error();
+    generation = (*parent)->header().generation + 1;
+  }
+  const std::string stem = id + "/generation-" + std::to_string(generation);
+  std::string name = stem + ".snap";
+  std::error_code ec;
+  for (int k = 2; fs::exists(fs::symlink_status(fs::path(snapshot_dir) / name, ec)); ++k) {
+    name = stem + "." + std::to_string(k) + ".snap";
+  }
+  return name;
+}
+
 }  // namespace
 
 const std::vector<std::string>& sandbox_states() {
@@ -334,7 +357,7 @@ void SandboxService::set_flags(std::shared_ptr<flags::FlagStore> store) {
   reload_failures_seen_ = 0;
   if (flags_) {
     const auto stats = flags_->stats();
-    reloads_seen_ = stats.reloads_ok + stats.reloads_unchanged;
+    reloads_seen_ = stats.reloads_ok;
     reload_failures_seen_ = stats.reloads_failed;
   }
 }
@@ -371,8 +394,8 @@ void SandboxService::poll() {
   const auto stats = store->stats();
   std::lock_guard lock(mu_);
   if (store != flags_) return;
-  const std::uint64_t ok = stats.reloads_ok + stats.reloads_unchanged;
-  for (; reloads_seen_ < ok; ++reloads_seen_) metrics_.record_flag_reload(true);
+  // A re-read of unchanged content is no reload: only new flags in force count as a success.
+  for (; reloads_seen_ < stats.reloads_ok; ++reloads_seen_) metrics_.record_flag_reload(true);
   for (; reload_failures_seen_ < stats.reloads_failed; ++reload_failures_seen_) {
     metrics_.record_flag_reload(false);
   }
@@ -489,6 +512,21 @@ Result<std::string> SandboxService::handshake_path(const std::string& requested)
   if (path.size() >= 108) {
     return make_error(Errc::kInvalidArgument, "handshake_socket \"" + path +
                                                   "\" is too long for a Unix socket path");
+  }
+  // memsnapd made the directory at start; something may have removed it since (a cleanup of
+  // /run). Nothing can listen there then: say so, rather than fail at bind() as an I/O error.
+  struct stat st {};
+  const bool found = ::lstat(handshake_dir_.c_str(), &st) == 0;
+  const int err = found ? 0 : errno;
+  if (!found || !S_ISDIR(st.st_mode)) {
+    std::string what = " is not a directory any more";
+    if (err == ENOENT || err == ENOTDIR) what = " does not exist (any more)";
+    if (err != 0 && err != ENOENT && err != ENOTDIR) what = io::errno_message(": lstat", err);
+    return make_error(Errc::kInvalidArgument,
+                      "the handshake directory " + handshake_dir_ + what +
+                          ": handshake_socket \"" + requested +
+                          "\" cannot be created there. Create it again (owned by memsnapd's "
+                          "uid, writable by nobody else), or restart memsnapd, which creates it");
   }
   return path;
 }
@@ -950,13 +988,9 @@ Result<json> SandboxService::pause(const Caller& caller, const std::string& id, 
   }
   std::string out_name = *output;
   if (out_name.empty()) {
-    // generation-<n>.snap with the first n that is free (a pause with parent "none" starts a
-    // new chain, but never overwrites the old one's files).
-    std::error_code exists_ec;
-    for (std::size_t n = chain_before.size() + 1;; ++n) {
-      out_name = sb->id + "/generation-" + std::to_string(n) + ".snap";
-      if (!fs::exists(fs::path(snapshot_dir_) / out_name, exists_ec)) break;
-    }
+    auto named = default_output(snapshot_dir_, sb->id, parent_path, settings().reader_limits);
+    if (!named.ok()) return unclaim(named.error());
+    out_name = *named;
   }
   auto out_path = confine(out_name, false);
   if (!out_path.ok()) return unclaim(out_path.error());
@@ -1443,7 +1477,7 @@ Result<json> SandboxService::remove(const Caller& caller, const std::string& id,
                         "sandbox " + id + " runs on memory memsnapd serves (VMM pid " +
                             std::to_string(it->second->vmm_pid) +
                             "): removing it would end the VMM. Pause it first, or remove it "
-                            "with force=true");
+                            "with force=true (memsnap unregister --force)");
     }
     // A pause left this sandbox's released memory at risk: its VMM (stopped) and the memory
     // memsnapd holds for it are half of what `memsnap recover` needs. Only on request.
@@ -1452,7 +1486,8 @@ Result<json> SandboxService::remove(const Caller& caller, const std::string& id,
       return make_error(Errc::kInvalidState,
                         "sandbox " + id + " failed with its memory at risk (" +
                             it->second->last_error +
-                            "): recover it first (memsnap recover), or remove it with force=true");
+                            "): recover it first (memsnap recover), or remove it with force=true "
+                            "(memsnap unregister --force)");
     }
     sb = it->second;
     flush_fault_stats_locked(*sb);
@@ -1486,6 +1521,8 @@ json SandboxService::health() const {
     const auto stats = flags_->stats();
     flags = {{"path", flags_->path()},
              {"generation", stats.generation},
+             {"reloads", stats.reloads_ok},
+             {"reloads_unchanged", stats.reloads_unchanged},
              {"reloads_failed", stats.reloads_failed},
              {"last_error", stats.last_error}};
   }
