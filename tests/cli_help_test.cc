@@ -134,7 +134,8 @@ TEST(CliHelpTest, BadArgumentsAreRefusedBeforeAnyWork) {
       {"--socket /nonexistent/s pause sb-42 --aftr continue",
        "unknown option '--aftr' (did you mean --after?)"},
       {"--socket /nonexistent/s sandbox sb-42 --wait-while resumin",
-       "--wait-while takes pausing, resuming, not 'resumin' (did you mean resuming?)"},
+       "--wait-while takes running, pausing, paused, resuming, failed, not 'resumin' (did you "
+       "mean resuming?)"},
       {"--socket /nonexistent/s pause sb-42 sb-43", "takes 1 ID (got 2: sb-42, sb-43)"},
       {"health", "talks to memsnapd: give its socket with --socket PATH"},
       {"--socket /nonexistent/s demo", "has no client mode"},

@@ -1067,6 +1067,20 @@ TEST_F(MemsnapdTest, FlagHealthIsCleanAfterABadThenAGoodFileAndUnchangedReReadsA
 
 // A query parameter a route does not know is refused, as an unknown body field is: a typo
 // (wait_for for wait_while) must not silently turn a wait into an immediate answer.
+// `wait_while=resumin` returned at once (the sandbox is never in a state of that name), as if
+// the wait were over: a typo looked like success.
+TEST_F(MemsnapdTest, WaitingWhileAStateThatDoesNotExistIsRefused) {
+  launch("sb-1", "b", "memfd");
+  const Answer a = call("GET", "/v1/sandboxes/sb-1?wait_while=resumin&timeout_ms=10");
+  EXPECT_EQ(a.status, 400) << a.body.dump();
+  ASSERT_TRUE(a.body.contains("error")) << a.body.dump();
+  EXPECT_EQ(a.body["error"]["code"], "invalid_argument") << a.body.dump();
+  EXPECT_NE(a.body["error"]["message"].get<std::string>().find(
+                "wait_while takes running, pausing, paused, resuming, failed, not 'resumin'"),
+            std::string::npos)
+      << a.body.dump();
+}
+
 TEST_F(MemsnapdTest, UnknownQueryParametersAreRefusedOnEveryRoute) {
   launch("sb-1", "b", "memfd");
   struct Case {

@@ -333,7 +333,7 @@ std::vector<Command> client_commands() {
   out.push_back(client(
       {.name = "sandbox",
        .summary = "one sandbox's state, snapshots and last operation",
-       .options = {choice("--wait-while", {"pausing", "resuming"},
+       .options = {choice("--wait-while", {"running", "pausing", "paused", "resuming", "failed"},
                           "wait until the sandbox leaves this state"),
                    integer("--timeout-ms", "how long --wait-while waits", "30000", 0, 600000)},
        .positional = one_id()}));

@@ -3,7 +3,8 @@
 //
 //   memsnapd [--config FILE] [--set section.key=value]... [--print-config]
 //
-// With no file it runs on built-in defaults (config/memsnapd.yaml lists them). Signals:
+// With no file it runs on built-in defaults (config/memsnapd.yaml lists them). Its options,
+// signals and exit codes are the table in program() (--help, the man page). Signals:
 //   SIGHUP   re-reads the config file (and --set): applies logging, flags, limits and the
 //            fallback strategy; keys that need a restart are logged and left as they were
 //   SIGTERM  drain: no new pause or resume; memsnapd waits up to drain.timeout_ms for those in
@@ -73,12 +74,12 @@ const cli_spec::Program& program() {
         {"signals",
          "SIGHUP re-reads the config file (and --set): applies logging, flags, limits and the "
          "fallback strategy; keys that need a restart are logged and left as they were.\n\n"
-         "SIGTERM and SIGINT drain: no new pause or resume is accepted, in-flight ones finish "
-         "(up to drain.timeout_ms), then the socket is removed and memsnapd exits (1 if "
-         "something was still running)."},
+         "SIGTERM and SIGINT drain: no new pause or resume is accepted; memsnapd waits up to "
+         "drain.timeout_ms for those in flight, then removes the socket and exits once they "
+         "have ended. Nothing is ever aborted."},
         {"exit status",
-         "0: stopped cleanly. 1: work was still running at the end of the drain, or memsnapd "
-         "could not start. 2: a usage or configuration error, nothing was started."},
+         "0: stopped cleanly. 1: work in flight outlasted drain.timeout_ms, or memsnapd could "
+         "not start. 2: a usage or configuration error, nothing was started."},
         {"see also", "memsnap(1); docs/api.md, docs/metrics.md, config/memsnapd.yaml."},
     };
     return prog;

@@ -1372,6 +1372,16 @@ Result<json> SandboxService::get(const Caller& caller, const std::string& id,
                                  const std::string& wait_while_state,
                                  std::chrono::milliseconds timeout,
                                  const std::function<bool()>& client_gone) {
+  if (!wait_while_state.empty()) {
+    const auto& states = sandbox_states();
+    if (std::find(states.begin(), states.end(), wait_while_state) == states.end()) {
+      std::string names;
+      for (const auto& s : states) names += (names.empty() ? "" : ", ") + s;
+      // A state no sandbox is ever in would end the wait at once, as if it were over.
+      return make_error(Errc::kInvalidArgument,
+                        "wait_while takes " + names + ", not '" + wait_while_state + "'");
+    }
+  }
   std::unique_lock lock(mu_);
   auto found = find_locked(caller, id);
   if (!found.ok()) return std::move(found).error();
