@@ -122,9 +122,9 @@ TEST(CliHelpTest, BadArgumentsAreRefusedBeforeAnyWork) {
     std::string says;
   };
   const std::vector<Case> cases = {
-      {"compare --dirty-fraction 2", "--dirty-fraction takes a fraction from 0 to 1"},
-      {"compare --size 0", "--size must be at least 4 KiB, not '0'"},
-      {"cycle --strategy memfd --dirty-fraction 1.5", "--dirty-fraction takes a fraction"},
+      {"compare --dirty-fraction 2", "--dirty-fraction must be a fraction between 0 and 1"},
+      {"compare --size 0", "--size must be positive (at least 4 KiB), not '0'"},
+      {"cycle --strategy memfd --dirty-fraction 1.5", "--dirty-fraction must be a fraction"},
       {"cycle --strategy memfd --mode lazzy", "(did you mean lazy?)"},
       {"cycle --mode lazy", "needs --strategy S"},
       {"qemu cycle --strategy memfd --accel kvn", "(did you mean kvm?)"},

@@ -4,7 +4,10 @@ same guest to a file and back (the reference a user would otherwise pick), measu
 run; writes the raw results as JSON and prints the table of docs/performance.md.
 
 usage: tools/bench/qemu_bench.py [--memsnap build/release/bin/memsnap] [--reps 3]
-                                 [--sizes 256M:64,1G:256] [--out results.json]
+                                 [--sizes 256M:64,1G:256] [--sync] [--out results.json]
+
+Like with like: QEMU saves to its file without fsync and unthrottled (max-bandwidth raised, as
+`virsh save` does), so memsnap pauses without fsync too unless --sync is given.
 
 Each size is MEMORY:GUEST_MIB (the guest's checked memory). Each repetition runs
 `memsnap qemu cycle --reference --json` once per strategy (two generations: a full pause, then a
@@ -30,6 +33,7 @@ def main():
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--sizes", default="256M:64,1G:256")
     ap.add_argument("--out", default="")
+    ap.add_argument("--sync", action="store_true", help="memsnap fsyncs its snapshots")
     a = ap.parse_args()
 
     runs = []
@@ -39,7 +43,7 @@ def main():
             for strategy, ram in STRATEGIES:
                 cmd = [a.memsnap, "qemu", "cycle", "--strategy", strategy, "--ram", ram,
                        "--memory", memory, "--guest-mib", guest_mib, "--generations", "2",
-                       "--reference", "--json"]
+                       "--reference", "--json"] + ([] if a.sync else ["--no-sync"])
                 print(f"{memory} rep {rep + 1}/{a.reps} {strategy}", file=sys.stderr, flush=True)
                 p = subprocess.run(cmd, capture_output=True, text=True)
                 if p.returncode != 0:

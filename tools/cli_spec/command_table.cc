@@ -179,6 +179,11 @@ std::string check_value(const Option& o, const std::string& value) {
       const auto v = parse_size(value);
       if (!v) return o.name + " takes a size like 4096, 64K, 2M or 1G, not " + quoted;
       const double bytes = static_cast<double>(*v);
+      if (bytes == 0 && o.min > 0) {
+        return o.name + " must be positive" +
+               (o.min > 1 ? " (at least " + format_size(o.min) + ")" : std::string()) +
+               ", not " + quoted;
+      }
       if (bytes < o.min) {
         return o.name + " must be at least " + format_size(o.min) +
                (o.min == 1 ? " (a positive size)" : "") + ", not " + quoted;
@@ -207,7 +212,7 @@ std::string check_value(const Option& o, const std::string& value) {
     case ValueKind::kFraction: {
       const auto v = parse_number(value);
       if (!v || *v < 0 || *v > 1) {
-        return o.name + " takes a fraction from 0 to 1 (0.1 is 10%), not " + quoted;
+        return o.name + " must be a fraction between 0 and 1 (0.1 = 10%), not " + quoted;
       }
       return {};
     }

@@ -49,11 +49,11 @@ TEST(CommandTableTest, AnUnknownOptionIsRefusedWithTheClosestName) {
 
 TEST(CommandTableTest, ValuesOfTheWrongKindAreRefusedNamingTheOption) {
   EXPECT_EQ(error_of({"--strategy", "m", "--size", "0"}),
-            "--size must be at least 4 KiB, not '0'");
+            "--size must be positive (at least 4 KiB), not '0'");
   EXPECT_EQ(error_of({"--strategy", "m", "--size", "lots"}),
             "--size takes a size like 4096, 64K, 2M or 1G, not 'lots'");
   EXPECT_EQ(error_of({"--strategy", "m", "--dirty-fraction", "2"}),
-            "--dirty-fraction takes a fraction from 0 to 1 (0.1 is 10%), not '2'");
+            "--dirty-fraction must be a fraction between 0 and 1 (0.1 = 10%), not '2'");
   EXPECT_EQ(error_of({"--strategy", "m", "--mode", "lazzy"}),
             "--mode takes lazy, background, eager, not 'lazzy' (did you mean lazy?)");
   EXPECT_EQ(error_of({"--strategy", "m", "--generations", "0"}),

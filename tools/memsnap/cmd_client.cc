@@ -335,10 +335,12 @@ int client_health(Client& c, Args& args) {
   std::printf("  plugins    %s\n", plugins.empty() ? "none" : plugins.c_str());
   const json flags = a->value("flags", json());
   if (flags.is_object()) {
-    std::printf(
-        "  flags      %s (generation %s, %s failed reload(s)%s%s)\n", str(flags, "path").c_str(),
-        str(flags, "generation").c_str(), str(flags, "reloads_failed", "0").c_str(),
-        str(flags, "last_error").empty() ? "" : "; last error: ", str(flags, "last_error").c_str());
+    std::printf("  flags      %s (generation %s; reloads: %s, %s unchanged, %s failed%s%s)\n",
+                str(flags, "path").c_str(), str(flags, "generation").c_str(),
+                str(flags, "reloads", "0").c_str(), str(flags, "reloads_unchanged", "0").c_str(),
+                str(flags, "reloads_failed", "0").c_str(),
+                str(flags, "last_error").empty() ? "" : "; not in force: ",
+                str(flags, "last_error").c_str());
   } else {
     std::printf("  flags      none (every sandbox gets the fallback strategy)\n");
   }

@@ -1,4 +1,5 @@
 // memsnap: the command-line face of the framework.
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
@@ -6,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include <nlohmann/json.hpp>
 #include <spdlog/spdlog.h>
 
 #include "tools/memsnap/cli.h"
@@ -114,6 +116,12 @@ int resolve(const std::vector<std::string>& words, bool client, bool socket_give
   if (!checked.error.empty()) {
     std::fprintf(stderr, "memsnap %s: %s (memsnap %s --help)\n", (*command)->name.c_str(),
                  checked.error.c_str(), (*command)->name.c_str());
+    // Asked for JSON: the refusal is a JSON document on stdout as well, as every other answer.
+    if (std::find(rest.begin(), rest.end(), "--json") != rest.end()) {
+      const nlohmann::json error = {
+          {"error", {{"code", "invalid_argument"}, {"message", checked.error}}}};
+      std::printf("%s\n", error.dump().c_str());
+    }
     return 2;
   }
   return 0;
