@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 #include <nlohmann/json.hpp>
 
+#include "plugins/plugin_api/plugin_api.h"
 #include "tests/memsnap_cli.h"
 #include "tools/guest_client/guest_client.h"
 
@@ -26,7 +27,8 @@ std::string bin_dir() {
 // `program args` (a binary of the build) in a shell; stdout, and stderr folded in when
 // with_stderr.
 CommandResult run(const std::string& program, const std::string& args, bool with_stderr = true) {
-  return testing::run_shell(bin_dir() + "/" + program + " " + args +
+  // Without the caller's $MEMSNAP_SOCKET: a command meant to be local must stay local.
+  return testing::run_shell("env -u MEMSNAP_SOCKET " + bin_dir() + "/" + program + " " + args +
                             (with_stderr ? " 2>&1" : " 2>/dev/null") + " </dev/null");
 }
 
@@ -84,10 +86,11 @@ TEST(CliHelpTest, EveryCommandHasHelpFromTheTable) {
 TEST(CliHelpTest, VersionNamesThePluginAbi) {
   const CommandResult v = memsnap("--version");
   EXPECT_EQ(v.exit_code, 0);
-  EXPECT_EQ(v.out, "memsnap " MEMSNAP_VERSION " (plugin ABI 1)\n");
+  const std::string abi = " (plugin ABI " + std::to_string(plugin::kAbiVersion) + ")\n";
+  EXPECT_EQ(v.out, "memsnap " MEMSNAP_VERSION + abi);
   const CommandResult d = run("memsnapd", "--version");
   EXPECT_EQ(d.exit_code, 0);
-  EXPECT_EQ(d.out, "memsnapd " MEMSNAP_VERSION " (plugin ABI 1)\n");
+  EXPECT_EQ(d.out, "memsnapd " MEMSNAP_VERSION + abi);
 }
 
 TEST(CliHelpTest, AnUnknownCommandIsOneLineWithTheClosestName) {
@@ -144,6 +147,37 @@ TEST(CliHelpTest, BadArgumentsAreRefusedBeforeAnyWork) {
     const CommandResult r = memsnap(c.args);
     EXPECT_EQ(r.exit_code, 2) << c.args << ": " << r.out;
     EXPECT_NE(r.out.find(c.says), std::string::npos) << c.args << ": " << r.out;
+  }
+}
+
+// Asked for JSON, a refusal is JSON on stdout too, whether the table or the command refused.
+TEST(CliHelpTest, RefusalsAreJsonWhenJsonWasAskedFor) {
+  for (const std::string args : {"compare --json --size 0", "compare --json --strategies memfd,bogus",
+                                  "inspect --json", "cycle --strategy memfd --json --sise 4M"}) {
+    const CommandResult r = run("memsnap", args, false);
+    EXPECT_EQ(r.exit_code, 2) << args << ": " << r.out;
+    const auto j = nlohmann::json::parse(r.out, nullptr, false);
+    ASSERT_TRUE(j.is_object()) << args << ": " << r.out;
+    EXPECT_EQ(j["error"]["code"], "invalid_argument") << args << ": " << r.out;
+  }
+}
+
+// Options that mean something only beside another were accepted alone and ignored.
+TEST(CliHelpTest, OptionsThatNeedAnotherAreRefusedAlone) {
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {"pause --strategy memfd --sandbox sb-1 --memfd-of-pid 1 --out x.snap",
+       "--sandbox and --attr go with --flags"},
+      {"pause --strategy memfd --memfd-fd 3 --pid 1 --regions 0x1000:4K --out x.snap",
+       "--memfd-fd goes with --memfd-of-pid"},
+      {"qemu cycle --strategy memfd --sandbox sb-1", "--sandbox goes with --flags"},
+      {"cycle --strategy memfd --generations 0x10", "--generations takes a whole number"},
+      {"recover x.tmp --memfd-of-pid 4294967297", "--memfd-of-pid must be at most 4194304"},
+      {"experiment run --size 5000", "--size must be a multiple of 4 KiB"},
+  };
+  for (const auto& [args, says] : cases) {
+    const CommandResult r = memsnap(args);
+    EXPECT_EQ(r.exit_code, 2) << args << ": " << r.out;
+    EXPECT_NE(r.out.find(says), std::string::npos) << args << ": " << r.out;
   }
 }
 

@@ -455,13 +455,11 @@ TEST_F(CliTest, QemuCycleRefusesBeforeStartingQemu) {
   const std::string base = "qemu cycle --qemu " + fake + " --keep " + dir_ + "/work ";
   const std::string guest = "--kernel " + dir_ + "/vmlinux --initrd " + dir_ + "/initrd ";
   auto refused = [&](const std::string& args, const std::string& says) {
-    const auto start = std::chrono::steady_clock::now();
     const CommandResult r = memsnap(base + args);
     EXPECT_NE(r.exit_code, 0) << args << ": " << r.out;
     EXPECT_NE(r.out.find(says), std::string::npos) << args << ": " << r.out;
     EXPECT_FALSE(std::filesystem::exists(mark)) << args << " started QEMU: " << r.out;
     EXPECT_FALSE(std::filesystem::exists(dir_ + "/work")) << args << ": " << r.out;
-    EXPECT_LT(std::chrono::steady_clock::now() - start, std::chrono::seconds(5)) << args;
     return r;
   };
   refused(guest + "--strategy bogus", "hole_punch, memfd, process_vm_readv");

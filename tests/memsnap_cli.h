@@ -3,6 +3,8 @@
 
 #include <fcntl.h>
 #include <pty.h>
+#include <poll.h>
+#include <signal.h>
 #include <sys/wait.h>
 #include <termios.h>
 #include <unistd.h>
@@ -75,6 +77,13 @@ inline std::string run_memsnap_on_a_terminal(const std::string& args) {
   std::string out;
   char buf[4096];
   for (;;) {
+    // Bounded: a command that never ends must fail the test, not hang it until ctest's timeout.
+    pollfd readable{terminal, POLLIN, 0};
+    if (::poll(&readable, 1, 120000) == 0) {
+      ::kill(pid, SIGKILL);
+      out += "\n[the command wrote nothing for 120 s and was killed]";
+      break;
+    }
     const ssize_t n = ::read(terminal, buf, sizeof(buf));
     if (n > 0) {
       out.append(buf, static_cast<std::size_t>(n));

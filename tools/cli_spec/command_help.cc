@@ -10,17 +10,6 @@ namespace {
 constexpr std::size_t kWidth = 80;
 constexpr std::size_t kOptionColumn = 28;
 
-std::string value_name(const Option& o) {
-  if (o.kind == ValueKind::kFlag) return {};
-  if (!o.placeholder.empty()) return o.placeholder;
-  if (o.kind == ValueKind::kChoice) {
-    std::string out;
-    for (const auto& c : o.choices) out += (out.empty() ? "" : "|") + c;
-    return out;
-  }
-  return "VALUE";
-}
-
 std::string option_words(const Option& o) {
   const std::string v = value_name(o);
   return v.empty() ? o.name : o.name + " " + v;
@@ -145,6 +134,9 @@ void man_command(std::ostringstream& out, const Program& program, const Command&
   out << ".SS \"" << roff(c.name) << "\"\n" << roff_line(c.summary) << "\n.PP\n.nf\n"
       << roff_line(wrap(synopsis(program, c), 0, 4)) << "\n.fi\n";
   for (const auto& p : paragraphs(c.description)) out << ".PP\n" << roff_line(p) << "\n";
+  if (!c.positional.help.empty()) {
+    out << ".PP\n" << roff_line(c.positional.name + ": " + c.positional.help) << "\n";
+  }
   man_options(out, c.options);
 }
 

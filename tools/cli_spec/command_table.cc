@@ -1,6 +1,7 @@
 #include "tools/cli_spec/command_table.h"
 
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <cstdlib>
 #include <map>
@@ -41,6 +42,7 @@ std::string format_size(double bytes) {
 }
 
 std::string format_number(double v) {
+  if (std::floor(v) == v && std::fabs(v) < 1e15) return std::to_string(static_cast<long long>(v));
   std::ostringstream out;
   out << v;
   return out.str();
@@ -59,12 +61,6 @@ const Option* find_option(const Command& command, const std::string& name) {
   return nullptr;
 }
 
-std::string value_name(const Option& o) {
-  if (!o.placeholder.empty()) return o.placeholder;
-  if (o.kind == ValueKind::kChoice) return joined(o.choices, "|");
-  return "VALUE";
-}
-
 std::optional<double> parse_number(const std::string& text) {
   if (text.empty()) return std::nullopt;
   char* end = nullptr;
@@ -73,10 +69,21 @@ std::optional<double> parse_number(const std::string& text) {
   return v;
 }
 
-std::string range_problem(const Option& o, double v, const std::string& shown) {
-  if (v < o.min) return o.name + " must be at least " + shown;
-  if (o.max > 0 && v > o.max) return o.name + " must be at most " + shown;
+// Whether v is out of [o.min, max] (max: o.max, else `unbounded`): why, naming the bound.
+std::string range_problem(const Option& o, double v, double unbounded) {
+  const double max = o.max > 0 ? o.max : unbounded;
+  if (v < o.min) return o.name + " must be at least " + format_number(o.min);
+  if (v > max) return o.name + " must be at most " + format_number(max);
   return {};
+}
+
+// A decimal whole number, sign allowed, nothing else (no 0x, no exponent, no fraction).
+std::optional<double> parse_integer(const std::string& text) {
+  long long v = 0;
+  const char* end = text.data() + text.size();
+  const auto [ptr, ec] = std::from_chars(text.data() + (text.rfind('+', 0) == 0 ? 1 : 0), end, v);
+  if (text.empty() || ec != std::errc() || ptr != end) return std::nullopt;
+  return static_cast<double>(v);
 }
 
 std::string check_positionals(const Command& command, const std::vector<std::string>& words) {
@@ -92,6 +99,13 @@ std::string check_positionals(const Command& command, const std::vector<std::str
 }
 
 }  // namespace
+
+std::string value_name(const Option& o) {
+  if (o.kind == ValueKind::kFlag) return {};
+  if (!o.placeholder.empty()) return o.placeholder;
+  if (o.kind == ValueKind::kChoice) return joined(o.choices, "|");
+  return "VALUE";
+}
 
 std::optional<std::uint64_t> parse_size(const std::string& text) {
   if (text.empty() || text[0] == '-' || text[0] == '+') return std::nullopt;
@@ -191,22 +205,21 @@ std::string check_value(const Option& o, const std::string& value) {
       if (o.max > 0 && bytes > o.max) {
         return o.name + " must be at most " + format_size(o.max) + ", not " + quoted;
       }
+      if (o.multiple_of > 0 && std::fmod(bytes, o.multiple_of) != 0) {
+        return o.name + " must be a multiple of " + format_size(o.multiple_of) + ", not " + quoted;
+      }
       return {};
     }
     case ValueKind::kInteger: {
-      const auto v = parse_number(value);
-      if (!v || std::floor(*v) != *v || value.find_first_of(".eE") != std::string::npos) {
-        return o.name + " takes a whole number, not " + quoted;
-      }
-      const std::string shown = *v < o.min ? format_number(o.min) : format_number(o.max);
-      const std::string p = range_problem(o, *v, shown);
+      const auto v = parse_integer(value);
+      if (!v) return o.name + " takes a whole number, not " + quoted;
+      const std::string p = range_problem(o, *v, kIntegerMax);
       return p.empty() ? p : p + ", not " + quoted;
     }
     case ValueKind::kNumber: {
       const auto v = parse_number(value);
       if (!v) return o.name + " takes a number, not " + quoted;
-      const std::string shown = *v < o.min ? format_number(o.min) : format_number(o.max);
-      const std::string p = range_problem(o, *v, shown);
+      const std::string p = range_problem(o, *v, kNumberMax);
       return p.empty() ? p : p + ", not " + quoted;
     }
     case ValueKind::kFraction: {
@@ -241,12 +254,15 @@ CheckResult check(const Command& command, const std::vector<std::string>& words)
   std::map<std::string, int> seen;
   std::vector<std::string> names;
   for (const auto& o : command.options) names.push_back(o.name);
+  // --help anywhere wins: asking how to use a command is never a usage error.
+  if (std::find_if(words.begin(), words.end(), [](const std::string& w) {
+        return w == "--help" || w == "-h";
+      }) != words.end()) {
+    result.help = true;
+    return result;
+  }
   for (std::size_t i = 0; i < words.size(); ++i) {
     const std::string& w = words[i];
-    if (w == "--help" || w == "-h") {
-      result.help = true;
-      return result;
-    }
     const bool looks_like_option = w.size() > 1 && w[0] == '-' && !parse_number(w).has_value();
     if (!looks_like_option) {
       positional.push_back(w);

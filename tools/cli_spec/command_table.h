@@ -21,9 +21,10 @@ enum class ValueKind {
   kFlag,      // no value
   kText,      // any non-empty word
   kPath,      // a file or directory name (non-empty)
-  kSize,      // bytes: 4096, 64K, 2M, 1G, 0x1000; at least `min`, at most `max` (0: no limit)
-  kInteger,   // a whole number in [min, max] (max 0: no limit)
-  kNumber,    // a decimal number in [min, max] (max 0: no limit)
+  kSize,      // bytes: 4096, 64K, 2M, 1G, 0x1000; at least `min`, at most `max` (0: no limit),
+              // a multiple of `multiple_of` (0: any)
+  kInteger,   // a decimal whole number in [min, max] (max 0: kIntegerMax)
+  kNumber,    // a decimal number in [min, max] (max 0: kNumberMax)
   kFraction,  // a decimal number in [0, 1]
   kChoice,    // one of `choices`
   kJson,      // a JSON document
@@ -41,7 +42,16 @@ struct Option {
   double max = 0;
   bool repeatable = false;
   bool required = false;
+  double multiple_of = 0;
 };
+
+// The bound of an integer or number with no max of its own: every command reads its value into
+// an int, long or double without overflow (a pid is bounded lower, by its table).
+inline constexpr double kIntegerMax = 2147483647;
+inline constexpr double kNumberMax = 1e9;
+
+// The value's name in help and messages: its placeholder, a kChoice's choices, else VALUE.
+std::string value_name(const Option& option);
 
 struct Positional {
   std::string name;  // "FILE", "ID"; empty: the command takes none

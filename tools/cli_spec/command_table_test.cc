@@ -76,10 +76,33 @@ TEST(CommandTableTest, MissingRepeatedAndSurplusWordsAreRefused) {
 }
 
 TEST(CommandTableTest, HelpWinsOverEverythingElse) {
-  const auto r = check(sample(), {"--bogus", "--help"});
-  EXPECT_FALSE(r.help);  // the first problem stops the check: the bogus option is reported
+  EXPECT_TRUE(check(sample(), {"--bogus", "--help"}).help);
   EXPECT_TRUE(check(sample(), {"--help", "--bogus"}).help);
-  EXPECT_TRUE(check(sample(), {"-h"}).help);
+  EXPECT_TRUE(check(sample(), {"--strategy", "-h"}).help);
+}
+
+// strtod read 0x10 as 16 and the commands' stoi then read it as 0; a number past what the
+// command's int holds threw out_of_range (an abort) or wrapped (a pid of 4294967297 is 1).
+TEST(CommandTableTest, IntegersAreDecimalAndBounded) {
+  EXPECT_EQ(error_of({"--strategy", "m", "--generations", "0x10"}),
+            "--generations takes a whole number, not '0x10'");
+  EXPECT_EQ(error_of({"--strategy", "m", "--generations", "1e2"}),
+            "--generations takes a whole number, not '1e2'");
+  Command c = sample();
+  c.options.push_back({.name = "--seed", .kind = ValueKind::kInteger, .placeholder = "N"});
+  EXPECT_EQ(check(c, {"--strategy", "m", "--seed", "99999999999"}).error,
+            "--seed must be at most 2147483647, not '99999999999'");
+  EXPECT_EQ(check(c, {"--strategy", "m", "--seed", "99999999999999999999999"}).error,
+            "--seed takes a whole number, not '99999999999999999999999'");
+  EXPECT_EQ(check(c, {"--strategy", "m", "--seed", "+7"}).error, "");
+}
+
+TEST(CommandTableTest, SizesCanBeRequiredToBeAMultiple) {
+  Command c = sample();
+  c.options[1].multiple_of = 4096;
+  EXPECT_EQ(check(c, {"--strategy", "m", "--size", "5000"}).error,
+            "--size must be a multiple of 4 KiB, not '5000'");
+  EXPECT_EQ(check(c, {"--strategy", "m", "--size", "8K"}).error, "");
 }
 
 TEST(CommandTableTest, ClosestOnlySuggestsPlausibleMisspellings) {

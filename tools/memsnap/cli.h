@@ -71,7 +71,6 @@ int cmd_qemu(const std::string& sub, Args& args);  // a real QEMU microVM round 
 
 // Client mode (cmd_client.cc): the command done by memsnapd through its control API at socket.
 // Exit codes: 0 done, 1 memsnapd answered with an error, 2 usage, 3 memsnapd unreachable.
-bool is_client_command(const std::string& command);
 int cmd_client(const std::string& command, const std::string& socket, Args& args);
 
 }  // namespace memsnap::cli

@@ -609,14 +609,6 @@ int client_unregister(Client& c, Args& args) {
 
 }  // namespace
 
-bool is_client_command(const std::string& command) {
-  for (const char* c : {"health", "config", "sandboxes", "sandbox", "register", "pause", "resume",
-                        "strategy", "unregister"}) {
-    if (command == c) return true;
-  }
-  return false;
-}
-
 int cmd_client(const std::string& command, const std::string& socket, Args& args) {
   Client client(socket, args.flag("--json"));
   try {

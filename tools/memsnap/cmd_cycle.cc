@@ -18,7 +18,7 @@ int cmd_cycle(Args& args) {
   o.generations = std::stoi(args.value("--generations", "2"));
   o.dirty_fraction = parse_fraction("--dirty-fraction", args.value("--dirty-fraction", "0.1"));
   o.backing = args.value("--backing");
-  o.discard_pages = parse_size(args.value("--discard-pages", "0"));
+  o.discard_pages = std::stoull(args.value("--discard-pages", "0"));  // checked by the table
   o.thp = args.flag("--thp");
   o.sync = !args.flag("--no-sync");
   o.verify_checksums = !args.flag("--no-verify");

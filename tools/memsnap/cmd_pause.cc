@@ -124,6 +124,16 @@ int cmd_pause(Args& args) {
   const std::string memfd_pid_text = args.value("--memfd-of-pid");
   const std::string memfd_fd_text = args.value("--memfd-fd");
   const std::string dirty_text = args.value("--dirty");
+  // Options that mean something only beside another are refused alone, never ignored.
+  if (flags_path.empty() && (!sandbox_id.empty() || !attrs.empty())) {
+    throw std::invalid_argument("--sandbox and --attr go with --flags (the flag evaluation)");
+  }
+  if (!flags_path.empty() && !req.strategy.empty()) {
+    throw std::invalid_argument("give one of --strategy and --flags");
+  }
+  if (!memfd_fd_text.empty() && memfd_pid_text.empty()) {
+    throw std::invalid_argument("--memfd-fd goes with --memfd-of-pid");
+  }
   for (const auto& opt : args.values("--option")) {
     const auto eq = opt.find('=');
     if (eq == std::string::npos) throw std::invalid_argument("--option takes KEY=VALUE");

@@ -77,7 +77,8 @@ QemuArgs parse_qemu_args(Args& args) {
   qemu::CycleOptions& o = a.cycle;
   o.strategy = args.value("--strategy");
   a.flags_path = args.value("--flags");
-  a.sandbox_id = args.value("--sandbox", "qemu-1");
+  const std::string sandbox_given = args.value("--sandbox");
+  a.sandbox_id = sandbox_given.empty() ? "qemu-1" : sandbox_given;
   o.machine.kernel = args.value("--kernel", guest_dir + "/vmlinux");
   o.machine.initrd = args.value("--initrd", guest_dir + "/initramfs.cpio.gz");
   o.machine.memory_bytes = parse_size(args.value("--memory", "256M"));
@@ -97,6 +98,9 @@ QemuArgs parse_qemu_args(Args& args) {
   args.expect_done();
   if (o.strategy.empty() == a.flags_path.empty()) {
     throw std::invalid_argument("give one of --strategy S or --flags FILE");
+  }
+  if (!sandbox_given.empty() && a.flags_path.empty()) {
+    throw std::invalid_argument("--sandbox goes with --flags (the flag evaluation's key)");
   }
   if (ram != "memsnap" && ram != "qemu") throw std::invalid_argument("--ram is memsnap or qemu");
   o.machine.memsnap_owns_ram = ram == "memsnap";
@@ -135,9 +139,11 @@ bool choose_strategy(QemuArgs& a, const PluginRegistry& registry) {
   sandbox.has_memfd = true;  // memsnap's memfd, or QEMU's taken with pidfd_getfd
   const StrategyChoice choice = StrategySelector(*store, registry).select(sandbox);
   o.strategy = choice.strategy;
-  std::fprintf(stderr, "flag %s for sandbox %s: %s%s%s\n", choice.resolution.flag.c_str(),
-               a.sandbox_id.c_str(), choice.strategy.c_str(),
-               choice.fell_back ? "; fallback: " : "", choice.fallback_reason.c_str());
+  if (!a.json) {  // with --json, stderr has errors only (docs/qemu.md); the JSON names it
+    std::fprintf(stderr, "flag %s for sandbox %s: %s%s%s\n", choice.resolution.flag.c_str(),
+                 a.sandbox_id.c_str(), choice.strategy.c_str(),
+                 choice.fell_back ? "; fallback: " : "", choice.fallback_reason.c_str());
+  }
   if (registry.find(o.strategy) == nullptr) {
     std::fprintf(stderr, "memsnap qemu: the flag picks %s, which is not loaded from %s\n",
                  o.strategy.c_str(), a.plugins.c_str());
@@ -206,7 +212,7 @@ void print_text_report(const qemu::CycleReport& r) {
 }  // namespace
 
 int cmd_qemu(const std::string& sub, Args& args) {
-  if (sub != "cycle") throw std::invalid_argument("qemu cycle [options] (see --help)");
+  if (sub != "cycle") throw std::invalid_argument("qemu cycle [options] (memsnap qemu cycle --help)");
   QemuArgs a = parse_qemu_args(args);
   PluginRegistry registry;
   load_plugins(registry, a.plugins);

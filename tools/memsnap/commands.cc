@@ -26,9 +26,19 @@ Option size(std::string name, std::string help, std::string def, double min = 1)
   return {.name = std::move(name), .kind = ValueKind::kSize, .placeholder = "BYTES",
           .help = std::move(help), .default_text = std::move(def), .min = min};
 }
+// A guest's memory size: whole pages.
+Option guest_size(std::string name, std::string help, std::string def, double min = 4096) {
+  Option o = size(std::move(name), std::move(help), std::move(def), min);
+  o.multiple_of = 4096;
+  return o;
+}
 Option integer(std::string name, std::string help, std::string def, double min, double max = 0) {
   return {.name = std::move(name), .kind = ValueKind::kInteger, .placeholder = "N",
           .help = std::move(help), .default_text = std::move(def), .min = min, .max = max};
+}
+// A process id: positive, at most the kernel's pid_max limit (2^22).
+Option pid(std::string name, std::string help) {
+  return integer(std::move(name), std::move(help), "", 1, 4194304);
 }
 Option number(std::string name, std::string placeholder, std::string help, std::string def,
               double min, double max = 0) {
@@ -99,7 +109,7 @@ std::vector<Command> main_commands() {
            "comparison. memsnapd and its socket live until the demo ends.",
        .options = {integer("--sandboxes", "stand-in sandboxes", "6", 1, 1000),
                    integer("--rounds", "pause/resume rounds of each", "3", 1, 10000),
-                   size("--size", "guest memory of each stand-in", "64M", 4096),
+                   guest_size("--size", "guest memory of each stand-in", "64M"),
                    fraction("--dirty", "the fraction of pages each round writes", "0.1"),
                    path("--flags", "FILE", "the flag file that splits the sandboxes",
                         "an even A/B/C split"),
@@ -113,7 +123,7 @@ std::vector<Command> main_commands() {
                         "process_vm_readv=1,memfd=1,hole_punch=1"),
                    integer("--sandboxes", "stand-in sandboxes", "6", 1, 10000),
                    integer("--cycles", "pause/resume cycles of each", "4", 1, 100000),
-                   size("--size", "guest memory of each stand-in", "64M", 4096),
+                   guest_size("--size", "guest memory of each stand-in", "64M"),
                    choice("--backing", {"memfd", "anon"}, "what backs guest memory", "memfd"),
                    fraction("--dirty", "the fraction of pages each cycle writes", "0.1"),
                    choice("--pattern", {"random", "sequential"}, "which pages are written",
@@ -147,7 +157,7 @@ std::vector<Command> main_commands() {
   out.push_back(local(
       {.name = "compare",
        .summary = "pause a stand-in VMM with every strategy and compare them, in this process",
-       .options = {size("--size", "guest memory of the stand-in", "256M", 4096),
+       .options = {guest_size("--size", "guest memory of the stand-in", "256M"),
                    fraction("--dirty-fraction", "the fraction of pages written before the diff",
                             "0.1"),
                    text("--strategies", "A,B,...", "the strategies to compare",
@@ -182,10 +192,9 @@ Command pause_command() {
                                                .help = "a context attribute of the flag "
                                                        "evaluation"}),
                    required(path("--out", "FILE", "the snapshot")),
-                   integer("--pid", "the VMM, read through its address space", "", 1),
+                   pid("--pid", "the VMM, read through its address space"),
                    text("--regions", "ADDR:SIZE[,...]", "its guest memory, in guest order"),
-                   integer("--memfd-of-pid", "the VMM, read through the memfd behind its memory",
-                           "", 1),
+                   pid("--memfd-of-pid", "the VMM, read through the memfd behind its memory"),
                    integer("--memfd-fd", "the memfd's fd number in the VMM", "the only memfd",
                            0),
                    path("--parent", "FILE", "write a diff against this snapshot"),
@@ -221,7 +230,7 @@ std::vector<Command> file_commands() {
       {.name = "recover",
        .summary = "write guest memory a failed or killed pause released back into the VMM's "
                   "memfd, from the temporary file and its recovery journal",
-       .options = {required(integer("--memfd-of-pid", "the VMM", "", 1)),
+       .options = {required(pid("--memfd-of-pid", "the VMM")),
                    integer("--memfd-fd", "the memfd's fd number in the VMM", "the only memfd",
                            0),
                    flag("--remove", "remove the temporary file and journal once written back")},
@@ -237,11 +246,12 @@ std::vector<Command> file_commands() {
                    required(path("--listen", "SOCKET", "the handshake socket the VMM connects "
                                                        "to")),
                    required(text("--strategy", "S", "the strategy that wrote the chain")),
-                   choice("--mode", {"lazy", "background", "eager"}, "how memory comes back",
+                   choice("--mode", {"lazy", "background", "eager", "warm"},
+                          "how memory comes back (warm needs memsnapd: it keeps the memfd)",
                           "lazy"),
                    flag("--no-verify", "do not check checksums"),
                    flag("--no-track-writes", "do not track writes for the next diff"),
-                   number("--timeout", "SECONDS", "how long to wait for the VMM", "60", 0),
+                   number("--timeout", "SECONDS", "how long to wait for the VMM", "60", 0, 86400),
                    json()}},
       true));
   return out;
@@ -254,16 +264,16 @@ std::vector<Command> round_commands() {
        .summary = "one stand-in VMM round and round: pause, kill, resume, verify every page",
        .options = {required(text("--strategy", "S", "the strategy")),
                    choice("--mode", {"lazy", "background", "eager", "warm"},
-                          "how memory comes back", "lazy"),
-                   size("--size", "guest memory", "256M", 4096),
+                          "how memory comes back", "what the strategy calls for"),
+                   guest_size("--size", "guest memory", "256M"),
                    integer("--generations", "pauses: the base, then diffs", "2", 1, 1000),
                    fraction("--dirty-fraction", "the fraction of pages written between pauses",
                             "0.1"),
                    choice("--backing", {"anon", "memfd"}, "what backs guest memory",
                           "what the strategy needs"),
                    flag("--thp", "back guest memory with transparent huge pages"),
-                   size("--discard-pages", "pages the guest discards (MADV_REMOVE) each round",
-                        "0", 0),
+                   integer("--discard-pages", "pages the guest discards (MADV_REMOVE) each round",
+                           "0", 0),
                    flag("--no-sync", "do not fsync the snapshots"),
                    flag("--no-verify", "do not check checksums on resume"),
                    flag("--no-track-writes", "do not track writes (every diff is full)"), keep(),
@@ -280,9 +290,9 @@ std::vector<Command> round_commands() {
                    size("--memory", "guest RAM", "256M", 16 << 20),
                    choice("--ram", {"memsnap", "qemu"}, "who maps guest RAM", "memsnap"),
                    integer("--generations", "pauses: the base, then diffs", "2", 1, 1000),
-                   integer("--guest-mib", "MiB the guest fills and checks", "64", 1),
-                   number("--dirty-pct", "PERCENT", "the share of it rewritten between pauses",
-                          "5", 0, 100),
+                   integer("--guest-mib", "MiB the guest fills and checks", "64", 1, 1 << 20),
+                   integer("--dirty-pct", "the percentage of it rewritten between pauses", "5", 0,
+                           100),
                    choice("--accel", {"tcg", "kvm"}, "QEMU's accelerator", "tcg"),
                    path("--kernel", "FILE", "the guest kernel", "the build's"),
                    path("--initrd", "FILE", "the guest initramfs", "the build's"),
@@ -343,7 +353,7 @@ std::vector<Command> client_commands() {
        .synopsis = "--id ID (--pid PID --region OFF:ADDR:SIZE... [--memfd-fd N] [--guest-size "
                    "S] | --snapshot PATH... --strategy NAME) [--attr KEY=VALUE]...",
        .options = {required(text("--id", "ID", "the sandbox's name")),
-                   integer("--pid", "the VMM", "", 1),
+                   pid("--pid", "the VMM"),
                    repeatable(text("--region", "OFF:ADDR:SIZE", "a guest memory region")),
                    integer("--memfd-fd", "the memfd behind guest memory, in the VMM", "", 0),
                    size("--guest-size", "the guest's memory size", "the regions' sum"),
@@ -356,7 +366,8 @@ std::vector<Command> client_commands() {
       {.name = "pause",
        .summary = "memsnapd pauses the sandbox (the strategy from the flag)",
        .options = {path("--output", "PATH", "the snapshot", "memsnapd's name for it"),
-                   text("--parent", "latest|none|PATH", "the parent of the diff", "latest"),
+                   text("--parent", "latest|none|PATH", "the parent of the diff (none: a new base)",
+                        "a diff of the latest when writes are tracked, else a base"),
                    text("--strategy", "NAME", "force a strategy"),
                    choice("--after", {"stop", "continue"}, "the VMM after the pause", "stop"),
                    text("--dirty", "OFF:LEN[,...]", "the ranges written since the parent"),
@@ -370,7 +381,7 @@ std::vector<Command> client_commands() {
                           "how memory comes back", "memsnapd's"),
                    flag("--no-track-writes", "do not track writes for the next diff"),
                    flag("--wait", "wait until the VMM runs"),
-                   integer("--timeout-ms", "how long --wait waits", "30000", 0, 600000)},
+                   integer("--timeout-ms", "how long --wait waits", "60000", 0, 600000)},
        .positional = one_id()}));
   out.push_back(client({.name = "strategy",
                         .summary = "which strategy the next pause would use, and why",

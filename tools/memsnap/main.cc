@@ -17,9 +17,25 @@ namespace {
 
 namespace spec = memsnap::cli_spec;
 
-constexpr const char* kNoClientMode =
-    "has no client mode (--socket goes with health, config, sandboxes, sandbox, register, pause, "
-    "resume, strategy, unregister)";
+// "has no client mode (--socket goes with health, config, ...)": the client commands of the table.
+std::string no_client_mode() {
+  std::string names;
+  for (const auto& c : memsnap::cli::program().commands) {
+    if (c.mode == spec::Mode::kClient) names += (names.empty() ? "" : ", ") + c.name;
+  }
+  return "has no client mode (--socket goes with " + names + ")";
+}
+
+// A refusal, on stderr; with --json among the words also as a JSON document on stdout, as every
+// other answer of a command asked for JSON.
+void refuse(const std::string& command, const std::string& why,
+            const std::vector<std::string>& words, const std::string& hint = "") {
+  std::fprintf(stderr, "memsnap %s: %s%s\n", command.c_str(), why.c_str(), hint.c_str());
+  if (std::find(words.begin(), words.end(), "--json") != words.end()) {
+    const nlohmann::json error = {{"error", {{"code", "invalid_argument"}, {"message", why}}}};
+    std::printf("%s\n", error.dump().c_str());
+  }
+}
 
 // `memsnap experiment` and the like: a group named without (or with an unknown) subcommand. The
 // exit code after printing the problem, or -1 after printing the group's help.
@@ -92,7 +108,7 @@ int resolve(const std::vector<std::string>& words, bool client, bool socket_give
     int other_used = 0;
     if (const auto* c = spec::find_command(prog, words, other, &other_used)) {
       std::fprintf(stderr, "memsnap %s: %s\n", c->name.c_str(),
-                   client ? kNoClientMode
+                   client ? no_client_mode().c_str()
                           : "talks to memsnapd: give its socket with --socket PATH (before the "
                             "command) or $MEMSNAP_SOCKET");
       return 2;
@@ -104,7 +120,7 @@ int resolve(const std::vector<std::string>& words, bool client, bool socket_give
     return unknown_command(words[0]);
   }
   if (socket_given && !client) {
-    std::fprintf(stderr, "memsnap %s: %s\n", (*command)->name.c_str(), kNoClientMode);
+    std::fprintf(stderr, "memsnap %s: %s\n", (*command)->name.c_str(), no_client_mode().c_str());
     return 2;
   }
   const std::vector<std::string> rest(words.begin() + *used, words.end());
@@ -114,14 +130,7 @@ int resolve(const std::vector<std::string>& words, bool client, bool socket_give
     return -1;
   }
   if (!checked.error.empty()) {
-    std::fprintf(stderr, "memsnap %s: %s (memsnap %s --help)\n", (*command)->name.c_str(),
-                 checked.error.c_str(), (*command)->name.c_str());
-    // Asked for JSON: the refusal is a JSON document on stdout as well, as every other answer.
-    if (std::find(rest.begin(), rest.end(), "--json") != rest.end()) {
-      const nlohmann::json error = {
-          {"error", {{"code", "invalid_argument"}, {"message", checked.error}}}};
-      std::printf("%s\n", error.dump().c_str());
-    }
+    refuse((*command)->name, checked.error, rest, " (memsnap " + (*command)->name + " --help)");
     return 2;
   }
   return 0;
@@ -134,7 +143,8 @@ int main(int argc, char** argv) {
   int first = 1;
   std::string socket;
   bool socket_given = false;
-  while (first < argc && std::strncmp(argv[first], "--socket", 8) == 0) {
+  while (first < argc && (std::strcmp(argv[first], "--socket") == 0 ||
+                          std::strncmp(argv[first], "--socket=", 9) == 0)) {
     const std::string a = argv[first];
     if (a == "--socket" && first + 1 < argc) {
       socket = argv[first + 1];
@@ -171,7 +181,10 @@ int main(int argc, char** argv) {
     return 0;
   }
   const std::vector<std::string> words = split_assignments({argv + first, argv + argc});
-  const bool client = !socket.empty() && memsnap::cli::is_client_command(head);
+  int client_used = 0;
+  const bool client =
+      !socket.empty() &&
+      spec::find_command(prog, words, spec::Mode::kClient, &client_used) != nullptr;
   const spec::Command* command = nullptr;
   int used = 0;
   const bool explicit_socket = socket_given && !socket.empty();
@@ -202,7 +215,10 @@ int main(int argc, char** argv) {
     if (command->name == "experiment report") return memsnap::cli::cmd_experiment_report(args);
     if (command->name == "qemu cycle") return memsnap::cli::cmd_qemu("cycle", args);
   } catch (const std::invalid_argument& e) {
-    std::fprintf(stderr, "memsnap %s: %s\n", command->name.c_str(), e.what());
+    refuse(command->name, e.what(), words);
+    return 2;
+  } catch (const std::out_of_range& e) {  // a number the table let through and stoi did not
+    refuse(command->name, std::string("a number out of range (") + e.what() + ")", words);
     return 2;
   }
   std::fprintf(stderr, "memsnap: %s has no implementation (a table entry without a command)\n",

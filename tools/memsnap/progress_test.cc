@@ -61,8 +61,10 @@ TEST(StatusLine, RewritesOneLineOnATerminalAndClearsIt) {
   }  // the destructor clears the line
   const std::string out = contents(f);
   EXPECT_EQ(out.find('\n'), std::string::npos) << out;
-  EXPECT_EQ(out.rfind("\rcompare: memfd [1/2] started (0 s)\033[K", 0), 0u) << out;
-  EXPECT_NE(out.find("\rcompare: memfd [1/2] paused (0 s)\033[K"), std::string::npos) << out;
+  // The elapsed seconds depend on the machine's load: only the text around them is checked.
+  EXPECT_EQ(out.rfind("\rcompare: memfd [1/2] started (", 0), 0u) << out;
+  EXPECT_NE(out.find("\rcompare: memfd [1/2] paused ("), std::string::npos) << out;
+  EXPECT_NE(out.find(" s)\033[K"), std::string::npos) << out;
   EXPECT_EQ(out.substr(out.size() - 4), "\r\033[K") << out;
   std::fclose(f);
 }

@@ -22,6 +22,7 @@
 #include <filesystem>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -69,6 +70,7 @@ const cli_spec::Program& program() {
         Option{.name = "--print-config", .help = "print the effective configuration and exit"},
         Option{.name = "--version", .help = "print the version and the plugin ABI, and exit"},
         Option{.name = "--man", .help = "print this manual page (troff) and exit"},
+        Option{.name = "--help", .help = "this help (also -h)"},
     };
     prog.sections = {
         {"signals",
@@ -189,20 +191,29 @@ config::LoadResult load(const std::string& path, const std::vector<std::string>&
   return config::apply_overrides(*base.config, overrides);
 }
 
-int run(int argc, char** argv) {
+// The command line, checked against program(): what to run with, or the exit code of a
+// command line that ends here (--help, --version, --man: 0; a usage error: 2).
+struct CommandLine {
   std::string config_path;
   std::vector<std::string> overrides;
   bool print_config = false;
+  std::optional<int> exit_code;
+};
+
+CommandLine parse_args(int argc, char** argv) {
+  CommandLine out;
   const std::vector<std::string> words(argv + 1, argv + argc);
   const cli_spec::Command whole{.name = "", .options = program().options};
   const auto checked = cli_spec::check(whole, words);
   if (checked.help) {
     std::fputs(cli_spec::overview(program()).c_str(), stdout);
-    return 0;
+    out.exit_code = 0;
+    return out;
   }
   if (!checked.error.empty()) {
     std::fprintf(stderr, "memsnapd: %s (memsnapd --help)\n", checked.error.c_str());
-    return 2;
+    out.exit_code = 2;
+    return out;
   }
   for (std::size_t i = 0; i < words.size(); ++i) {
     const std::string& a = words[i];
@@ -211,20 +222,30 @@ int run(int argc, char** argv) {
     const bool inline_value = name.size() != a.size();
     auto value = [&] { return inline_value ? a.substr(eq + 1) : words[++i]; };
     if (name == "--config") {
-      config_path = value();
+      out.config_path = value();
     } else if (name == "--set") {
-      overrides.push_back(value());
+      out.overrides.push_back(value());
     } else if (name == "--print-config") {
-      print_config = true;
+      out.print_config = true;
     } else if (name == "--version") {
       std::printf("memsnapd %s (plugin ABI %u)\n", MEMSNAP_VERSION,
                   static_cast<unsigned>(plugin::kAbiVersion));
-      return 0;
+      out.exit_code = 0;
     } else if (name == "--man") {
       std::fputs(cli_spec::man_page(program(), MEMSNAP_VERSION).c_str(), stdout);
-      return 0;
+      out.exit_code = 0;
     }
+    if (out.exit_code) return out;
   }
+  return out;
+}
+
+int run(int argc, char** argv) {
+  const CommandLine command_line = parse_args(argc, argv);
+  if (command_line.exit_code) return *command_line.exit_code;
+  const std::string& config_path = command_line.config_path;
+  const std::vector<std::string>& overrides = command_line.overrides;
+  const bool print_config = command_line.print_config;
   config::LoadResult loaded = load(config_path, overrides);
   if (!loaded.ok()) {
     std::fprintf(stderr, "memsnapd: configuration refused:\n%s\n", loaded.error_text().c_str());
