@@ -173,6 +173,8 @@ TEST(CliHelpTest, OptionsThatNeedAnotherAreRefusedAlone) {
       {"cycle --strategy memfd --generations 0x10", "--generations takes a whole number"},
       {"recover x.tmp --memfd-of-pid 4294967297", "--memfd-of-pid must be at most 4194304"},
       {"experiment run --size 5000", "--size must be a multiple of 4 KiB"},
+      {"experiment run --arms memfd=x", "--arms weight of memfd must be a whole number"},
+      {"cycle --strategy memfdd --keep /nonexistent-dir/x", "no loaded strategy plugin 'memfdd'"},
   };
   for (const auto& [args, says] : cases) {
     const CommandResult r = memsnap(args);

@@ -40,14 +40,16 @@ int cmd_cycle(Args& args) {
     if (!m.ok()) throw std::invalid_argument(m.error().message);
     o.mode = *m;
   }
+  // The strategy is checked before anything is created (a --keep directory included).
+  PluginRegistry registry;
+  load_plugins(registry, plugins);
+  require_loaded_strategies(registry, plugins, "--strategy", {o.strategy});
   const bool temporary = keep.empty();
   keep = work_dir(keep, "memsnap-cycle");
   if (keep.empty()) return 1;
   o.dir = keep;
   o.progress = [](const std::string& line) { std::fprintf(stderr, "  %s\n", line.c_str()); };
 
-  PluginRegistry registry;
-  load_plugins(registry, plugins);
   auto result = run_cycle(registry, o);
   if (temporary) std::filesystem::remove_all(keep);
   if (!result.ok()) {

@@ -70,8 +70,8 @@ std::vector<std::pair<std::string, int>> parse_weights(const std::string& text) 
   while (std::getline(in, item, ',')) {
     const auto eq = item.find('=');
     if (eq == std::string::npos) throw std::invalid_argument("--arms: NAME=WEIGHT, got " + item);
-    const int w = std::stoi(item.substr(eq + 1));
-    if (w < 0) throw std::invalid_argument("--arms: weights are >= 0");
+    const int w = static_cast<int>(parse_integer("--arms weight of " + item.substr(0, eq),
+                                                 item.substr(eq + 1), 0, 1000000));
     out.emplace_back(item.substr(0, eq), w);
   }
   if (out.empty()) throw std::invalid_argument("--arms is empty");
