@@ -257,6 +257,22 @@ TEST_F(FlagsCliTest, CheckSaysWhenAStrategyVariantNamesNoLoadedPlugin) {
   EXPECT_EQ(r.exit_code, 1) << r.out;
 }
 
+// memsnapd's strategy flag is configurable (flags.strategy_flag): a file keyed otherwise went
+// unchecked, whatever its variants named.
+TEST_F(FlagsCliTest, CheckHoldsTheConfiguredStrategyFlagAgainstThePlugins) {
+  const std::string typo = dir_ + "/custom-key.yaml";
+  std::ofstream(typo) << "flags:\n  export-strategy:\n    state: ENABLED\n"
+                         "    variants: {a: process_vm_readv, b: memfdd}\n"
+                         "    defaultVariant: a\n";
+  const std::string plugins = testing::plugin_directory();
+  CommandResult r = memsnap("flags check --plugins " + plugins + " " + typo, true);
+  EXPECT_EQ(r.exit_code, 0) << r.out;  // not the default key: nothing to hold against
+  r = memsnap("flags check --strategy-flag export-strategy --plugins " + plugins + " " + typo,
+              true);
+  EXPECT_EQ(r.exit_code, 1) << r.out;
+  EXPECT_NE(r.out.find("flag \"export-strategy\": variant \"b\""), std::string::npos) << r.out;
+}
+
 TEST_F(FlagsCliTest, ShippedFlagsFilesAreValid) {
   const std::string src = MEMSNAP_SOURCE_DIR;
   const CommandResult r = memsnap("flags check " + src + "/config/flags.yaml " + src +

@@ -3,7 +3,7 @@
 //   memsnap flags eval --flags FILE|DIR --flag KEY [--type T] [--default JSON] [--context JSON]
 //                      [--explain]
 //   memsnap flags eval --flags FILE|DIR --batch [--explain]     (JSON lines on stdin)
-//   memsnap flags check [--plugins DIR] FILE...
+//   memsnap flags check [--plugins DIR] [--strategy-flag KEY] FILE...
 //
 // check also holds the variants of the strategy flag (memory-export-strategy) against the loaded
 // strategy plugins: a variant naming none is a warning, an error with --plugins DIR.
@@ -171,6 +171,7 @@ int cmd_flags_eval(Args& args) {
 struct StrategyCheck {
   PluginRegistry registry;
   std::string dir;
+  std::string flag_key = StrategySelectionOptions{}.flag_key;  // memsnapd's flags.strategy_flag
   bool strict = false;
   bool usable = false;
 };
@@ -199,7 +200,8 @@ void load_strategy_check(StrategyCheck& check) {
 bool report_strategy_variants(const std::string& file, const flags::FlagSet& set,
                               const StrategyCheck& check) {
   if (!check.usable) return !check.strict;
-  const StrategySelectionOptions options;
+  StrategySelectionOptions options;
+  options.flag_key = check.flag_key;
   const auto problems = check_strategy_variants(set, check.registry, options);
   for (const auto& p : problems) {
     std::fprintf(stderr,
@@ -216,6 +218,7 @@ int cmd_flags_check(Args& args) {
   StrategyCheck check;
   check.dir = args.value("--plugins");
   check.strict = !check.dir.empty();
+  if (const std::string key = args.value("--strategy-flag"); !key.empty()) check.flag_key = key;
   const std::string plugin_dir_given = args.value("--plugin-dir");
   if (check.strict && !plugin_dir_given.empty()) {
     throw std::invalid_argument(
@@ -264,6 +267,7 @@ int cmd_flags(Args& args) {
   probe.values("--default");
   probe.values("--context");
   probe.values("--plugins");
+  probe.values("--strategy-flag");
   probe.values("--plugin-dir");
   const auto words = probe.positional();
   const std::string sub = words.empty() ? "" : words.front();

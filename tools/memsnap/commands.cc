@@ -328,7 +328,11 @@ std::vector<Command> round_commands() {
                            "ones), an error with --plugins.",
                        .options = {path("--plugins", "DIR",
                                         "the plugins the variants must name; a variant naming "
-                                        "none is an error (exit 1)")},
+                                        "none is an error (exit 1)"),
+                                   text("--strategy-flag", "KEY",
+                                        "the flag that picks strategies (memsnapd's "
+                                        "flags.strategy_flag)",
+                                        "memory-export-strategy")},
                        .positional = {.name = "FILE", .min = 1, .max = -1,
                                       .help = "flag files"}},
                       true));
