@@ -37,6 +37,11 @@ constexpr std::size_t kMaxChunksPerWrite = 1024;
 // the pause.
 constexpr std::uint64_t kShortRangeBytes = 256u << 10;
 constexpr std::uint64_t kMaxSize = 1u << 30;
+#ifdef MADV_POPULATE_READ
+constexpr int kMadvPopulateRead = MADV_POPULATE_READ;
+#else
+constexpr int kMadvPopulateRead = 22;  // Linux 5.14; older headers lack the name
+#endif
 
 using plugin::is_power_of_two;
 std::uint64_t round_down(std::uint64_t v, std::uint64_t to) { return v / to * to; }
@@ -265,10 +270,43 @@ class Run {
         ++stats_.read_calls;
       }
       const std::uint64_t n = std::min(length, window_offset_ + window_length_ - offset);
+      if (Status s = populate(offset, n); !s.ok()) return s;
       if (Status s = add_chunk(offset, window_ + (offset - window_offset_), n); !s.ok()) return s;
       stats_.bytes_read += n;
       offset += n;
       length -= n;
+    }
+    return Status::Ok();
+  }
+
+  // Fills the window's page tables for the data extent [offset, offset+length) in one call,
+  // before the sink reads it (zero scan, checksums, write). Without it every page of a fresh
+  // mapping costs a fault, ~12 us here: a 1 GiB export ran at 0.1x of pread+write. In bulk the
+  // same entries cost ~0.2 us a page. Only data extents come here (holes of long ranges are
+  // never mapped, mixed blocks are bounced): populating a shmem hole would allocate it.
+  Status populate(std::uint64_t offset, std::uint64_t length) {
+    if (!options_.populate || populate_unsupported_) return Status::Ok();
+    unsigned char* from = window_ + (offset - window_offset_);
+    for (;;) {
+      if (madvise(from, length, kMadvPopulateRead) == 0) break;
+      if (errno == EINTR || errno == EAGAIN) {
+        ++stats_.retries;
+        continue;
+      }
+      if (errno == EINVAL) {  // a kernel before 5.14: pages are faulted in as they are read
+        populate_unsupported_ = true;
+        break;
+      }
+      if (errno == EFAULT) {
+        // A page of the range is past the end of the file: the memfd shrank under the export.
+        return Status::Error(StatusCode::kShortRead, EFAULT,
+                             "the memfd shrank under the export: [0x%" PRIx64 ", 0x%" PRIx64
+                             ") is no longer inside it",
+                             offset, offset + length);
+      }
+      return Status::Error(errno == ENOMEM ? StatusCode::kNoMemory : StatusCode::kIoError, errno,
+                           "populating the mapping of [0x%" PRIx64 ", 0x%" PRIx64 "): %s", offset,
+                           offset + length, std::strerror(errno));
     }
     return Status::Ok();
   }
@@ -385,6 +423,7 @@ class Run {
   std::uint64_t fill_ = 0;
 
   unsigned char* window_ = nullptr;
+  bool populate_unsupported_ = false;
   std::uint64_t window_offset_ = 0;
   std::uint64_t window_length_ = 0;
 
@@ -415,6 +454,9 @@ plugin::Status apply_memfd_option(const plugin::Option& option, MemfdOptions* op
     } else {
       valid = false;
     }
+  } else if (std::strcmp(key, "populate") == 0) {
+    valid = std::strcmp(value, "true") == 0 || std::strcmp(value, "false") == 0;
+    if (valid) options->populate = std::strcmp(value, "true") == 0;
   } else if (std::strcmp(key, "window_bytes") == 0) {
     valid = plugin::parse_u64(option.value, &n) && n >= kZeroBytes && n <= kMaxSize &&
             n % kZeroBytes == 0;

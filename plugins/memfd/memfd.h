@@ -42,6 +42,7 @@ struct MemfdOptions {
   MemfdReadMethod read_method = MemfdReadMethod::kPread;
   std::uint64_t window_bytes = 64u << 20;
   std::uint64_t buffer_bytes = 4u << 20;
+  bool populate = true;
 };
 
 // Applies one option to *options. Returns kOk if the key is a memfd option with a good value,

@@ -79,6 +79,7 @@ INSTANTIATE_TEST_SUITE_P(
     Methods, MemfdMethodTest,
     ::testing::Values(std::vector<Option>{}, std::vector<Option>{{"read_method", "mmap"}},
                       std::vector<Option>{{"read_method", "mmap"}, {"window_bytes", "2097152"}},
+                      std::vector<Option>{{"read_method", "mmap"}, {"populate", "false"}},
                       std::vector<Option>{{"read_method", "pread"}},
                       std::vector<Option>{{"read_method", "pread"}, {"buffer_bytes", "65536"}}),
     options_name);
@@ -350,6 +351,8 @@ TEST(MemfdTest, Options) {
   EXPECT_EQ(strategy->options().read_method, MemfdReadMethod::kPread);
   EXPECT_EQ(strategy->options().window_bytes, 4 * kMiB);
   EXPECT_EQ(strategy->options().buffer_bytes, 64 * 1024u);
+  EXPECT_TRUE(strategy->options().populate);
+  EXPECT_FALSE(make_strategy({{"populate", "false"}})->options().populate);
 
   const std::vector<Option> bad = {
       {"read_method", "splice"},
@@ -362,6 +365,8 @@ TEST(MemfdTest, Options) {
       {"buffer_bytes", "100"},
       {"buffer_bytes", "0"},
       {"buffer_bytes", "8MiB"},
+      {"populate", "yes"},
+      {"populate", ""},
       {"chunk_bytes", "2097152"},
       {"no_such_option", "1"},
       {nullptr, nullptr},

@@ -153,7 +153,8 @@ void BM_WriteReference(benchmark::State& state) {
 // strategy reads today, without the snapshot format: arg 0 = write() straight from a mapping of
 // the memfd whose page tables are filled (the fill was paid before, as a long-lived mapping would
 // have it), 1 = sendfile(), 2 = splice() through a pipe, 3 = pread() into a 4 MiB buffer, then
-// write() (two copies). 1 MiB per call.
+// write() (two copies), 4 = write() from a mapping made and populated (MADV_POPULATE_READ) in the
+// timed loop, as an export that maps the memfd afresh has it. 1 MiB per call.
 void BM_MemfdToFile(benchmark::State& state) {
   Source& src = Source::get();
   src.refill_memfd_if_punched();
@@ -168,7 +169,13 @@ void BM_MemfdToFile(benchmark::State& state) {
     const int fd = ::open(path.c_str(), O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC, 0600);
     bool ok = true;
     if (method == 0) ok = write_all(fd, src.memfd_map, src.size, kCall);
-    for (std::uint64_t done = 0; ok && method != 0 && done < src.size;) {
+    if (method == 4) {
+      void* fresh = ::mmap(nullptr, src.size, PROT_READ, MAP_SHARED, src.memfd, 0);
+      ok = fresh != MAP_FAILED && ::madvise(fresh, src.size, MADV_POPULATE_READ) == 0 &&
+           write_all(fd, static_cast<const char*>(fresh), src.size, kCall);
+      if (fresh != MAP_FAILED) ::munmap(fresh, src.size);
+    }
+    for (std::uint64_t done = 0; ok && method != 0 && method != 4 && done < src.size;) {
       const std::uint64_t want = std::min<std::uint64_t>(method == 3 ? buffer.size() : kCall,
                                                          src.size - done);
       off_t in = static_cast<off_t>(done);
@@ -202,18 +209,20 @@ void BM_MemfdToFile(benchmark::State& state) {
   }
   state.SetBytesProcessed(std::int64_t(state.iterations() * src.size));
   static const char* const kNames[] = {"write() from a filled mapping", "sendfile()",
-                                       "splice() through a pipe", "pread() + write()"};
+                                       "splice() through a pipe", "pread() + write()",
+                                       "write() from a fresh populated mapping"};
   state.SetLabel(kNames[method]);
 }
 
 // One full pause through the pipeline: resolve, dirty set, export, commit.
 void run_pause(benchmark::State& state, const std::string& strategy,
                std::vector<std::pair<std::string, std::string>> options = {},
-               bool clustered = false) {
+               bool clustered = false, bool full_no_sync = false) {
   Source& src = Source::get();
-  const int percent = static_cast<int>(state.range(0));
-  // BM_Pause_*: (percent, fsync); BM_PauseClustered_*: (percent, pages per dirty run), no fsync.
-  const bool sync = !clustered && state.range(1) != 0;
+  // BM_Pause_*: (percent, fsync); BM_PauseClustered_*: (percent, pages per dirty run), no fsync;
+  // full_no_sync: the arguments are the caller's own, the pause is of 100% without fsync.
+  const int percent = full_no_sync ? 100 : static_cast<int>(state.range(0));
+  const bool sync = !clustered && !full_no_sync && state.range(1) != 0;
   const std::uint64_t run_pages = clustered ? static_cast<std::uint64_t>(state.range(1)) : 1;
   PauseRequest req;
   req.strategy = strategy;
@@ -260,6 +269,44 @@ void BM_PauseClustered_process_vm_readv(benchmark::State& s) {
 void BM_PauseClustered_memfd(benchmark::State& s) { run_pause(s, "memfd", {}, true); }
 void BM_PauseClustered_hole_punch(benchmark::State& s) { run_pause(s, "hole_punch", {}, true); }
 void BM_Pause_memfd_mmap(benchmark::State& s) { run_pause(s, "memfd", {{"read_method", "mmap"}}); }
+// The mmap method as it was before the windows were populated in bulk: each page of a fresh
+// window costs a page fault when the sink first reads it.
+void BM_Pause_memfd_mmap_unpopulated(benchmark::State& s) {
+  run_pause(s, "memfd", {{"read_method", "mmap"}, {"populate", "false"}});
+}
+// hole_punch with arg 0 MiB of data per make_durable + punch (its chunk_bytes), read_method arg 1
+// (0 pread, 1 mmap): what punching in larger runs saves. 100% dirty, no fsync.
+void BM_Pause_hole_punch_chunk(benchmark::State& s) {
+  const std::string chunk = std::to_string(std::uint64_t(s.range(0)) << 20);
+  run_pause(s, "hole_punch",
+            {{"chunk_bytes", chunk}, {"read_method", s.range(1) == 1 ? "mmap" : "pread"}},
+            false, /*full_no_sync=*/true);
+}
+
+// What filling a mapping's page tables costs here, next to what the copy out of it costs: mmap of
+// the whole memfd read-only, arg 0 = 1: MADV_POPULATE_READ in one call, 0: touching one byte a
+// page (a fault each, as a fresh mapping is read), then munmap. Counter us_per_page.
+void BM_PopulateMapping(benchmark::State& state) {
+  Source& src = Source::get();
+  src.refill_memfd_if_punched();
+  const bool bulk = state.range(0) == 1;
+  for (auto _ : state) {
+    auto* map = static_cast<volatile char*>(
+        mmap(nullptr, src.size, PROT_READ, MAP_SHARED, src.memfd, 0));
+    if (map == MAP_FAILED) std::abort();
+    if (bulk) {
+      if (madvise(const_cast<char*>(map), src.size, MADV_POPULATE_READ) != 0) std::abort();
+    } else {
+      for (std::uint64_t p = 0; p < src.size; p += kPage) (void)map[p];
+    }
+    munmap(const_cast<char*>(map), src.size);
+  }
+  const double pages = double(src.size / kPage) * double(state.iterations());
+  // A rate inverted: elapsed seconds / (pages / 1e6).
+  state.counters["us_per_page"] =
+      benchmark::Counter(pages / 1e6, benchmark::Counter::kIsRate | benchmark::Counter::kInvert);
+  state.SetLabel(bulk ? "mmap + MADV_POPULATE_READ + munmap" : "mmap + a fault a page + munmap");
+}
 
 // Framework overhead: a pause whose diff is empty (resolve + dispatch + commit of a snapshot
 // that is only a header and one inherited run).
@@ -383,7 +430,7 @@ BENCHMARK(BM_WriteReference)
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime()
     ->Iterations(5);
-BENCHMARK(BM_MemfdToFile)->DenseRange(0, 3)->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(5);
+BENCHMARK(BM_MemfdToFile)->DenseRange(0, 4)->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(5);
 BENCHMARK(BM_Pause_process_vm_readv)
     ->ArgsProduct({{100, 10}, {0, 1}})
     ->Unit(benchmark::kMillisecond)
@@ -404,6 +451,17 @@ BENCHMARK(BM_Pause_hole_punch)
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime()
     ->Iterations(5);
+BENCHMARK(BM_Pause_memfd_mmap_unpopulated)
+    ->Args({100, 0})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->Iterations(2);
+BENCHMARK(BM_Pause_hole_punch_chunk)
+    ->ArgsProduct({{2, 16, 64}, {0, 1}})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->Iterations(5);
+BENCHMARK(BM_PopulateMapping)->DenseRange(0, 1)->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(3);
 BENCHMARK(BM_PauseClustered_process_vm_readv)
     ->Args({10, 16})
     ->Unit(benchmark::kMillisecond)

@@ -22,11 +22,16 @@ def main(path):
         data = json.load(f)
     times = defaultdict(list)  # run_name -> [real_time in ms]
     cpu = defaultdict(list)
+    thread_cpu = defaultdict(list)  # run_name -> [cpu_time of the benchmark's thread in ms]
+    counters = defaultdict(list)  # (run_name, counter) -> [value]
     for b in data["benchmarks"]:
         if b.get("run_type") == "aggregate" or b.get("error_occurred"):
             continue
         unit = {"ms": 1.0, "us": 1e-3, "ns": 1e-6}[b["time_unit"]]
         times[b["run_name"]].append(b["real_time"] * unit)
+        thread_cpu[b["run_name"]].append(b["cpu_time"] * unit)
+        if "us_per_page" in b:
+            counters[(b["run_name"], "us_per_page")].append(b["us_per_page"])
         if "cpu_s_per_pause" in b:
             cpu[b["run_name"]].append(b["cpu_s_per_pause"] * 1e3)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -60,20 +65,39 @@ def main(path):
         best = " (**best: the reference**)" if t == ref(mode == 1) else ""
         print(f"| write() in {chunk} KiB calls, {labels[mode]}{best} | {'yes' if mode == 1 else 'no'} | "
               f"{t:.1f} | {1000 / t:.2f} |")
-    names = ["write() from a filled mapping of the memfd", "sendfile() from the memfd",
-             "splice() from the memfd through a pipe", "pread() of the memfd + write() (two copies)"]
+    names = ["write() from a long-lived filled mapping of the memfd", "sendfile() from the memfd",
+             "splice() from the memfd through a pipe", "pread() of the memfd + write() (two copies)",
+             "write() from a fresh mapping of the memfd, populated in bulk"]
     for method, name in enumerate(names):
         t = med.get(f"BM_MemfdToFile/{method}/iterations:5/real_time")
         if t:
             print(f"| {name}, 1 MiB calls, new file | no | {t:.1f} | {1000 / t:.2f} |")
     print()
+    print("| single copy out of a memfd (1 MiB calls, new file, no fsync) | median ms | "
+          "vs pread + write | CPU ms of the thread |")
+    print("|---|---|---|---|")
+    two_copy = med.get("BM_MemfdToFile/3/iterations:5/real_time")
+    for method, name in enumerate(names):
+        key = f"BM_MemfdToFile/{method}/iterations:5/real_time"
+        if key in med:
+            print(f"| {name} | {med[key]:.1f} | {fmt_x(two_copy, med[key])} | "
+                  f"{statistics.median(thread_cpu[key]):.1f} |")
+    for bulk, label in ((0, "a fault a page"), (1, "MADV_POPULATE_READ")):
+        v = counters.get((f"BM_PopulateMapping/{bulk}/iterations:3/real_time", "us_per_page"))
+        if v:
+            print(f"| filling a fresh mapping's page tables, {label}: "
+                  f"{statistics.median(v):.2f} us a page | | | |")
+    print()
     print("| benchmark | dirty | fsync | median ms | GiB/s | vs best write() | vs memcpy | CPU ms/pause |")
     print("|---|---|---|---|---|---|---|---|")
     full = {}
-    for strategy in ("process_vm_readv", "memfd", "memfd_mmap", "hole_punch"):
+    for strategy in ("process_vm_readv", "memfd", "memfd_mmap", "memfd_mmap_unpopulated",
+                     "hole_punch"):
         for sync in (0, 1):
             for pct in (100, 10):
                 key = f"BM_Pause_{strategy}/{pct}/{sync}/iterations:5/real_time"
+                if key not in med:
+                    key = key.replace("iterations:5", "iterations:2")
                 if key not in med:
                     continue
                 t = med[key]
@@ -104,6 +128,23 @@ def main(path):
         if runs and (strategy, 0) in full:
             print(f"| {strategy} | {runs:.1f} | {runs / full[(strategy, 0)]:.3f} | "
                   f"{fmt_x(ten, runs)} |")
+    print()
+    print("| hole_punch, 100% dirty, no fsync: data per make_durable + punch | read method | "
+          "median ms | vs best write() | punch cost a page (vs memfd pread, same run) |")
+    print("|---|---|---|---|---|")
+    memfd_full = med.get("BM_Pause_memfd/100/0/iterations:5/real_time")
+    pages = (1 << 30) / 4096
+    for mib in (2, 16, 64):
+        for method, label in ((0, "pread"), (1, "mmap")):
+            t = med.get(f"BM_Pause_hole_punch_chunk/{mib}/{method}/iterations:5/real_time")
+            if t:
+                per_page = (t - memfd_full) * 1000 / pages if memfd_full else float("nan")
+                print(f"| {mib} MiB | {label} | {t:.1f} | {fmt_x(ref(0), t)} | {per_page:.2f} us |")
+    ten_hp = med.get("BM_Pause_hole_punch/10/0/iterations:5/real_time")
+    ten_memfd = med.get("BM_Pause_memfd/10/0/iterations:5/real_time")
+    if ten_hp and ten_memfd:
+        print(f"| 10% scattered 4 KiB pages (26,214 punches) | pread | {ten_hp:.1f} | - | "
+              f"{(ten_hp - ten_memfd) * 1000 / (pages / 10):.2f} us |")
     print()
     print("| framework overhead | median |")
     print("|---|---|")
