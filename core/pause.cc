@@ -22,12 +22,18 @@
 namespace memsnap {
 namespace {
 
-// Why info's strategy cannot run on this request, or empty if it can.
-std::string missing_prerequisite(const PluginInfo& info, const PauseRequest& req) {
+// Why info's strategy cannot run on this request, or empty if it can; *cause says which
+// prerequisite is missing.
+std::string missing_prerequisite(const PluginInfo& info, const PauseRequest& req,
+                                 PauseFallback* cause = nullptr) {
+  PauseFallback ignored;
+  PauseFallback& why = cause != nullptr ? *cause : ignored;
   if ((info.capabilities & plugin::kCapNeedsMemfd) && req.memfd < 0) {
+    why = PauseFallback::kMissingMemfd;
     return "strategy " + info.name + " needs the memfd that backs guest memory, and none was given";
   }
   if ((info.capabilities & plugin::kCapNeedsPid) && (req.pid <= 0 || req.regions.empty())) {
+    why = PauseFallback::kMissingPid;
     return "strategy " + info.name +
            " needs the VMM pid and its guest regions, and they were not given";
   }
@@ -267,6 +273,7 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
 
   // Strategy, with an explicit fallback only where allowed.
   std::string problem;
+  PauseFallback cause = PauseFallback::kNotLoaded;
   const PluginInfo* info = registry.find(req.strategy);
   if (info == nullptr) {
     problem = "strategy " + req.strategy + " is not loaded";
@@ -274,7 +281,7 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
       if (p.name == req.strategy) problem += " (" + p.reason + ")";
     }
   } else {
-    problem = missing_prerequisite(*info, req);
+    problem = missing_prerequisite(*info, req, &cause);
   }
   auto options = req.strategy_options;
   if (!problem.empty()) {
@@ -288,6 +295,7 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
     }
     spdlog::warn("falling back from {} to {}: {}", req.strategy, (*fallback)->name, problem);
     report.fallback_reason = problem;
+    report.fallback = cause;
     info = *fallback;
     options.clear();  // options were meant for the strategy asked for
   }
@@ -373,6 +381,7 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
                  first.to_string(), (*fallback)->name);
     report.fallback_reason = "strategy " + report.strategy + " failed half way: " + first.message;
     report.fallback_after_failure = true;
+    report.fallback = PauseFallback::kStrategyFailed;
     report.strategy = (*fallback)->name;
     report.export_stats = {};
     writer = export_once(**second, report.strategy, req, params, *dirty, report.export_stats,

@@ -80,11 +80,21 @@ struct PhaseTiming {
                            // writer's hashing helper thread in "export"
 };
 
+// Why the pipeline ran its fallback strategy instead of the one asked for.
+enum class PauseFallback {
+  kNone,
+  kNotLoaded,       // no loaded plugin has that name
+  kMissingMemfd,    // it reads the memfd, and the request has none
+  kMissingPid,      // it reads the VMM's memory, and the request has no pid or regions
+  kStrategyFailed,  // it ran, failed half way, and the fallback exported the same dirty set
+};
+
 struct PauseReport {
   std::string requested_strategy;
   std::string strategy;         // the one that ran
   std::string fallback_reason;  // empty when no fallback happened
-  bool fallback_after_failure = false;  // the requested strategy ran and failed half way
+  PauseFallback fallback = PauseFallback::kNone;
+  bool fallback_after_failure = false;  // fallback == kStrategyFailed
   std::string snapshot_path;
   std::string snapshot_id;  // 32 hex digits
   std::string parent_id;    // empty for a base snapshot

@@ -291,6 +291,7 @@ TEST_F(MemsnapdTest, ADiffAgainstAnOlderParentKeepsWhatChangedSinceThatParent) {
 // yet. The pages the guest has not touched since a lazy resume exist only in the chain: they
 // must be in the new base, not recorded as zeros.
 TEST_F(MemsnapdTest, ANewBaseOfALazilyResumedVmmHoldsTheWholeGuest) {
+  int pipeline_fallbacks = 0;
   for (const auto& [team, backing] : std::vector<std::pair<std::string, std::string>>{
            {"a", "anon"}, {"a", "memfd"}, {"b", "memfd"}}) {
     SCOPED_TRACE(team + " " + backing);
@@ -306,7 +307,27 @@ TEST_F(MemsnapdTest, ANewBaseOfALazilyResumedVmmHoldsTheWholeGuest) {
     auto bad = sb.verify();
     ASSERT_TRUE(bad.ok()) << bad.error().to_string();
     EXPECT_EQ(*bad, 0u) << "pages never served before the new base were lost";
+    if (!(*rebased)["fallback"].is_null()) {
+      // The memfd was set aside (it lacks what was never served): the pipeline fell back.
+      EXPECT_EQ((*rebased)["fallback"]["reason"], "strategy_cannot_run") << rebased->dump();
+      ++pipeline_fallbacks;
+    }
   }
+  // Each is counted under its cause, the memfd the strategy needed and could not have, never as
+  // "other" (issue 25: the pipeline's fallbacks were all counted as other).
+  EXPECT_GT(pipeline_fallbacks, 0);
+  auto text = daemon_->scrape();
+  ASSERT_TRUE(text.ok());
+  std::istringstream in(*text);
+  double missing_memfd = 0;
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("memsnap_strategy_fallbacks_total{", 0) != 0) continue;
+    EXPECT_EQ(line.find("reason=\"other\""), std::string::npos) << line;
+    if (line.find("reason=\"missing_memfd\"") != std::string::npos) {
+      missing_memfd += std::stod(line.substr(line.rfind(' ') + 1));
+    }
+  }
+  EXPECT_EQ(missing_memfd, pipeline_fallbacks);
 }
 
 TEST_F(MemsnapdTest, BadInputGetsAClearErrorAndChangesNothing) {

@@ -218,6 +218,7 @@ TEST_F(PauseE2ETest, MissingMemfdFallsBackOnlyWhenAllowedAndSaysSo) {
   EXPECT_EQ(fell_back->requested_strategy, "memfd");
   EXPECT_EQ(fell_back->strategy, "process_vm_readv");
   EXPECT_NE(fell_back->fallback_reason.find("needs the memfd"), std::string::npos);
+  EXPECT_EQ(fell_back->fallback, PauseFallback::kMissingMemfd);
   auto chain = SnapshotChain::open({req.out_path}, Verify::kFull);
   ASSERT_TRUE(chain.ok());
   auto check = check_chain_against_pattern(*chain, g->seed(), g->expected_generations());
@@ -283,6 +284,7 @@ TEST_F(PauseE2ETest, PluginFailingHalfWayCommitsNothingAndTheFallbackCompletesTh
     EXPECT_EQ(done->requested_strategy, "fails_half_way");
     EXPECT_EQ(done->strategy, fallback);
     EXPECT_TRUE(done->fallback_after_failure);
+    EXPECT_EQ(done->fallback, PauseFallback::kStrategyFailed);
     EXPECT_NE(done->fallback_reason.find("failed half way"), std::string::npos)
         << done->fallback_reason;
     EXPECT_EQ(done->export_stats.bytes_released, 0u);  // the fallback's own figures

@@ -127,8 +127,9 @@ struct HostMetricsOptions {
   // Strategies whose series are created at 0 up front, so that rate() and the dashboards see
   // every strategy before its first pause. record_plugin_load() adds loaded plugins too.
   std::vector<std::string> strategies;
-  // The states memsnap_sandboxes reports (each always present, 0 when empty).
-  std::vector<std::string> sandbox_states = {"running", "pausing", "paused", "resuming", "failed"};
+  // The states memsnap_sandboxes reports (each always present, 0 when empty). memsnapd gives its
+  // lifecycle's (tools/memsnapd/sandbox_lifecycle.h); with none, no state is reported.
+  std::vector<std::string> sandbox_states;
 };
 
 class HostMetrics;

@@ -156,6 +156,7 @@ TEST(HostMetricsTest, DeclaredStrategiesAndKnownLabelsStartAtZero) {
   HostMetricsOptions o;
   o.strategies = {"memfd", "process_vm_readv"};
   o.version = "1.2.3";
+  o.sandbox_states = {"running", "paused"};
   HostMetrics m(o);
   const Exposition e = parse_exposition(m.serialize());
   for (const char* s : {"memfd", "process_vm_readv"}) {

@@ -280,7 +280,7 @@ int run(int argc, char** argv) {
     return 1;
   }
   metrics::HostMetricsOptions mo;
-  mo.sandbox_states = sandbox_states();
+  mo.sandbox_states = sandbox_state_names();
   for (const auto& p : registry.plugins()) {
     if (p.loaded()) mo.strategies.push_back(p.name);
   }

@@ -32,44 +32,6 @@ using nlohmann::json;
 
 bool Caller::privileged() const { return uid == 0 || uid == ::geteuid(); }
 
-// How many sandboxes are in each state, kept as they change. Guarded by SandboxService::mu_.
-struct StateCounts {
-  std::map<std::string, std::int64_t> by_state;
-};
-
-// A sandbox's state ("running", ...). Once counted (at registration) it keeps StateCounts up to
-// date on every change, so publishing the by-state gauge does not walk every sandbox. Reads and
-// writes under SandboxService::mu_, as before.
-class SandboxState {
- public:
-  SandboxState& operator=(std::string next) {
-    if (counts_) {
-      --counts_->by_state[value_];
-      ++counts_->by_state[next];
-    }
-    value_ = std::move(next);
-    return *this;
-  }
-  SandboxState& operator=(const char* next) { return *this = std::string(next); }
-  // Counted in counts from now on (registration); null: no longer (removal).
-  void count_in(std::shared_ptr<StateCounts> counts) {
-    if (counts_) --counts_->by_state[value_];
-    counts_ = std::move(counts);
-    if (counts_) ++counts_->by_state[value_];
-  }
-  const std::string& name() const { return value_; }
-  operator const std::string&() const { return value_; }  // NOLINT: reads as the string it is
-  bool operator==(const char* other) const { return value_ == other; }
-  bool operator==(const std::string& other) const { return value_ == other; }
-
- private:
-  std::string value_;
-  std::shared_ptr<StateCounts> counts_;
-};
-std::string operator+(const std::string& a, const SandboxState& b) { return a + b.name(); }
-std::string operator+(const char* a, const SandboxState& b) { return a + b.name(); }
-std::string operator+(const SandboxState& a, const char* b) { return a.name() + b; }
-void to_json(json& j, const SandboxState& s) { j = s.name(); }
 
 // One sandbox. Fields are read and written under SandboxService::mu_, except by the one pause or
 // resume that owns the sandbox (state pausing/resuming): it works on the session and memfd
@@ -77,7 +39,8 @@ void to_json(json& j, const SandboxState& s) { j = s.name(); }
 struct Sandbox {
   std::string id;
   SandboxAttributes attributes;
-  SandboxState state;  // running, pausing, paused, resuming, failed
+  SandboxState state = SandboxState::kRunning;  // moved only by SandboxService::move_locked
+  bool counted = false;  // registered: in the by-state counts, moved by the lifecycle's table
   uid_t owner_uid = 0;  // who registered it: only it and root may act on it
   pid_t vmm_pid = -1;
   io::UniqueFd vmm_pidfd;  // the VMM, pinned (from registration, or the resumed one)
@@ -169,13 +132,13 @@ bool process_alive(pid_t pid) { return pid > 0 && (::kill(pid, 0) == 0 || errno 
 
 // A running sandbox whose fault server stopped on an error: its session ended the VMM (whose
 // next fault could only hang, ResumeSession), so the sandbox is failed, saying why, instead of
-// staying running on a VMM that is gone. Its chain is untouched. True if it failed now.
-bool fail_if_serving_failed_locked(Sandbox& sb) {
+// staying running on a VMM that is gone. Its chain is untouched. True if it failed now (the
+// caller moves it to failed).
+bool serving_failed_locked(Sandbox& sb) {
   if (!sb.session) return false;
   const Status serving = sb.session->serve_error();
   if (serving.ok()) return false;
   sb.session->stop();  // releases the guard; ends the VMM if it still runs
-  sb.state = "failed";
   sb.last_error = "serving the guest memory stopped on an error (" + serving.error().to_string() +
                   "); VMM pid " + std::to_string(sb.vmm_pid) +
                   (sb.session->vmm_ended() ? " was ended" : " had exited");
@@ -279,11 +242,6 @@ Result<std::string> default_output(const std::string& snapshot_dir, const std::s
 
 }  // namespace
 
-const std::vector<std::string>& sandbox_states() {
-  static const std::vector<std::string> states = {"running", "pausing", "paused", "resuming",
-                                                  "failed"};
-  return states;
-}
 
 // The strategy a pause will use and why.
 struct SandboxService::Choice {
@@ -302,10 +260,7 @@ SandboxService::SandboxService(const PluginRegistry& registry, metrics::HostMetr
     : registry_(registry),
       metrics_(metrics),
       options_(std::move(options)),
-      state_counts_(std::make_shared<StateCounts>()),
-      settings_(options_.settings) {
-  for (const auto& s : sandbox_states()) state_counts_->by_state[s] = 0;
-}
+      settings_(options_.settings) {}
 
 Result<std::unique_ptr<SandboxService>> SandboxService::create(const PluginRegistry& registry,
                                                                metrics::HostMetrics& metrics,
@@ -383,11 +338,13 @@ void SandboxService::poll() {
     store = flags_;
     // Only running sandboxes: a pause or resume in flight owns its sandbox's session.
     for (auto& [id, sb] : sandboxes_) {
-      if (sb->state != "running") continue;
+      if (sb->state != SandboxState::kRunning) continue;
       flush_fault_stats_locked(*sb);
-      failed = fail_if_serving_failed_locked(*sb) || failed;
+      if (serving_failed_locked(*sb)) {
+        move_locked(*sb, SandboxState::kFailed);
+        failed = true;
+      }
     }
-    if (failed) publish_states_locked();
   }
   if (failed) changed_.notify_all();
   if (!store) return;
@@ -535,7 +492,7 @@ namespace {
 // While a sandbox is resuming, its resume thread works on sb.session and sb.retained without the
 // lock (it hands the kept memfd back, takes the VMM's, starts the fault server): nobody else may
 // read them then, not even under the lock.
-bool resume_thread_owns(const Sandbox& sb) { return sb.state == "resuming"; }
+bool resume_thread_owns(const Sandbox& sb) { return sb.state == SandboxState::kResuming; }
 
 // The memfd kept for a warm resume of sb, -1 if none. A resuming sandbox's kept memfd counts as
 // handed back (the VMM holds it now).
@@ -572,7 +529,7 @@ void SandboxService::publish_states_locked() {
     if (const int fd = kept_memfd_locked(*sb); fd >= 0) warm[sb->strategy] += resident_bytes(fd);
     ++it;
   }
-  metrics_.set_sandboxes_by_state(state_counts_->by_state);
+  metrics_.set_sandboxes_by_state(state_counts_.by_name());
   metrics_.set_warm_memory_bytes(warm);
 }
 
@@ -583,7 +540,7 @@ json SandboxService::describe_locked(const Sandbox& sb) const {
         {{"guest_offset", r.guest_offset}, {"host_addr", r.host_addr}, {"size", r.size}});
   }
   return {{"id", sb.id},
-          {"state", sb.state},
+          {"state", std::string(state_name(sb.state))},
           {"vmm_pid", sb.vmm_pid},
           {"owner_uid", sb.owner_uid},
           {"guest_size", sb.guest_size},
@@ -748,7 +705,7 @@ Result<json> SandboxService::register_sandbox(const Caller& caller, const json& 
     if (Status s = pin_vmm(caller, body, *sb); !s.ok()) return std::move(s).error();
     sb->attributes.has_memfd = sb->vmm_memfd.get() >= 0;
     if (sb->attributes.memory_mib == 0) sb->attributes.memory_mib = sb->guest_size >> 20;
-    sb->state = "running";
+    sb->state = SandboxState::kRunning;
   } else {
     if (!caller.privileged()) {
       return make_error(Errc::kForbidden,
@@ -782,7 +739,7 @@ Result<json> SandboxService::register_sandbox(const Caller& caller, const json& 
       return make_error(Errc::kInvalidArgument,
                         "a paused sandbox needs the strategy (a loaded plugin) that wrote it");
     }
-    sb->state = "paused";
+    sb->state = SandboxState::kPaused;
   }
 
   std::lock_guard lock(mu_);
@@ -808,9 +765,10 @@ Result<json> SandboxService::register_sandbox(const Caller& caller, const json& 
   }
   sandboxes_[sb->id] = sb;
   if (sb->vmm_pidfd.get() >= 0) vmm_sandbox_[sb->vmm_pid] = sb->id;
-  sb->state.count_in(state_counts_);
+  sb->counted = true;
+  state_counts_.enter(sb->state);
   publish_states_locked();
-  spdlog::info("sandbox {} registered ({}, {} MiB, owner uid {})", sb->id, sb->state.name(),
+  spdlog::info("sandbox {} registered ({}, {} MiB, owner uid {})", sb->id, state_name(sb->state),
                sb->guest_size >> 20, sb->owner_uid);
   return describe_locked(*sb);
 }
@@ -827,10 +785,77 @@ Result<std::shared_ptr<Sandbox>> SandboxService::find_locked(const Caller& calle
   return it->second;
 }
 
-Result<std::shared_ptr<Sandbox>> SandboxService::claim(const Caller& caller, const std::string& id,
-                                                       const char* op,
-                                                       const std::string& required_state,
-                                                       const std::string& busy_state) {
+// A sandbox claimed by one pause or resume (state pausing or resuming). Until finish() is called,
+// destroying the claim puts the sandbox back in the state it was claimed from (the operation did
+// not get to change anything), so every refusal on the way is a plain return.
+class SandboxService::Claim {
+ public:
+  Claim(SandboxService& service, std::shared_ptr<Sandbox> sb, SandboxState before)
+      : service_(&service), sb_(std::move(sb)), before_(before) {}
+  Claim(Claim&& other) noexcept
+      : service_(other.service_), sb_(std::move(other.sb_)), before_(other.before_) {}
+  Claim& operator=(Claim&&) = delete;
+  ~Claim() { finish(before_); }
+
+  Sandbox& operator*() const { return *sb_; }
+  Sandbox* operator->() const { return sb_.get(); }
+  const std::shared_ptr<Sandbox>& sandbox() const { return sb_; }
+
+  // Ends the claim: under the service's lock, update(sandbox) runs and the sandbox moves to `to`;
+  // then whoever waits on a change is woken. Once only; later calls do nothing.
+  void finish(SandboxState to, const std::function<void(Sandbox&)>& update = nullptr) {
+    if (!sb_) return;
+    {
+      std::lock_guard lock(service_->mu_);
+      if (update) update(*sb_);
+      service_->move_locked(*sb_, to);
+    }
+    service_->changed_.notify_all();
+    sb_.reset();
+  }
+
+ private:
+  SandboxService* service_;
+  std::shared_ptr<Sandbox> sb_;  // null once finished (or moved from)
+  SandboxState before_;
+};
+
+// A pause or resume slot (limits.max_concurrent_*), given back when destroyed or released.
+class SandboxService::Slot {
+ public:
+  Slot(SandboxService& service, bool pause_slot) : service_(&service), pause_slot_(pause_slot) {}
+  Slot(const Slot&) = delete;
+  Slot& operator=(const Slot&) = delete;
+  ~Slot() { release(); }
+  void release() {
+    if (service_ != nullptr) service_->release_slot(pause_slot_);
+    service_ = nullptr;
+  }
+
+ private:
+  SandboxService* service_;
+  bool pause_slot_;
+};
+
+void SandboxService::move_locked(Sandbox& sb, SandboxState to) {
+  if (sb.state == to) return;
+  if (sb.counted) {
+    if (!transition_allowed(sb.state, to)) {
+      // A bug in this file, never a caller's doing: said loudly; the state still follows what
+      // happened, so that the sandbox is not left in a state it is not in.
+      spdlog::critical("sandbox {}: moved from {} to {}, which its lifecycle does not allow",
+                       sb.id, state_name(sb.state), state_name(to));
+    }
+    state_counts_.leave(sb.state);
+    state_counts_.enter(to);
+  }
+  sb.state = to;
+  publish_states_locked();
+}
+
+Result<SandboxService::Claim> SandboxService::claim(const Caller& caller, const std::string& id,
+                                                    const char* op, SandboxState required,
+                                                    SandboxState owned) {
   std::lock_guard lock(mu_);
   if (draining_) {
     return make_error(Errc::kShuttingDown,
@@ -838,18 +863,17 @@ Result<std::shared_ptr<Sandbox>> SandboxService::claim(const Caller& caller, con
   }
   auto found = find_locked(caller, id);
   if (!found.ok()) return std::move(found).error();
-  const std::shared_ptr<Sandbox> claimed = *found;
-  Sandbox& sb = *claimed;
-  if (sb.state == "pausing" || sb.state == "resuming") {
-    return make_error(Errc::kBusy, "sandbox " + id + " is " + sb.state + " already");
+  Sandbox& sb = **found;
+  const std::string now(state_name(sb.state));
+  if (is_owned(sb.state)) {
+    return make_error(Errc::kBusy, "sandbox " + id + " is " + now + " already");
   }
-  if (sb.state != required_state) {
-    return make_error(Errc::kInvalidState, "sandbox " + id + " is " + sb.state + "; a " + op +
-                                               " needs it " + required_state);
+  if (sb.state != required) {
+    return make_error(Errc::kInvalidState, "sandbox " + id + " is " + now + "; a " + op +
+                                               " needs it " + std::string(state_name(required)));
   }
-  sb.state = busy_state;
-  publish_states_locked();
-  return claimed;
+  move_locked(sb, owned);
+  return Claim(*this, *found, required);
 }
 
 Errc SandboxService::acquire_slot(bool pause_slot) {
@@ -900,7 +924,30 @@ void SandboxService::flush_fault_stats_locked(Sandbox& sb) {
   sb.faults_recorded = now;
 }
 
-Result<json> SandboxService::pause(const Caller& caller, const std::string& id, const json& body) {
+// A pause request's body, decoded and checked (docs/api.md "Pause").
+struct PauseBody {
+  std::string output;  // empty: generation-<n>.snap in the sandbox's directory
+  std::string parent;  // empty (automatic), "none", "latest" or a snapshot of the chain
+  std::string forced;  // a strategy the caller forces, or empty (the flag decides)
+  bool stop = true;    // after: "stop" (the VMM stays stopped) or "continue"
+  bool sync = true;
+  std::optional<std::vector<plugin::ByteRange>> dirty;
+};
+
+// Where the snapshot goes and what it is a diff of.
+struct ChainPlan {
+  std::string parent_path;         // empty: a new base
+  std::vector<std::string> chain;  // the chain the new snapshot will end: up to its parent
+  // Every block recorded by the snapshots after the parent (a diff against an older parent).
+  std::vector<plugin::ByteRange> cut_off_ranges;
+  std::size_t cut_off_count = 0;
+  std::string out_path;
+};
+
+namespace {
+
+Result<PauseBody> parse_pause_body(const json& body, bool default_sync,
+                                                   const PluginRegistry& registry) {
   if (Status s =
           only_keys(body, {"output", "parent", "dirty", "strategy", "after", "sync"}, "pause");
       !s.ok()) {
@@ -910,7 +957,7 @@ Result<json> SandboxService::pause(const Caller& caller, const std::string& id, 
   auto parent = field<std::string>(body, "parent", "");
   auto forced = field<std::string>(body, "strategy", "");
   auto after = field<std::string>(body, "after", "stop");
-  auto sync = field<bool>(body, "sync", options_.sync);
+  auto sync = field<bool>(body, "sync", default_sync);
   for (const Result<std::string>* r : {&output, &parent, &forced, &after}) {
     if (!r->ok()) return r->error();
   }
@@ -918,224 +965,214 @@ Result<json> SandboxService::pause(const Caller& caller, const std::string& id, 
   if (*after != "stop" && *after != "continue") {
     return make_error(Errc::kInvalidArgument, "after must be \"stop\" or \"continue\"");
   }
-  if (!forced->empty() && registry_.find(*forced) == nullptr) {
+  if (!forced->empty() && registry.find(*forced) == nullptr) {
     return make_error(Errc::kInvalidArgument,
                       "strategy \"" + *forced + "\" is not a loaded plugin");
   }
-  std::optional<std::vector<plugin::ByteRange>> dirty;
+  PauseBody out;
+  out.output = std::move(*output);
+  out.parent = std::move(*parent);
+  out.forced = std::move(*forced);
+  out.stop = *after == "stop";
+  out.sync = *sync;
   if (body.contains("dirty") && !body["dirty"].is_null()) {
     auto ranges = ranges_of(body["dirty"], "dirty", "offset", "length");
     if (!ranges.ok()) return std::move(ranges).error();
-    dirty = std::move(*ranges);
+    out.dirty = std::move(*ranges);
   }
+  return out;
+}
 
-  auto claimed = claim(caller, id, "pause", "running", "pausing");
-  if (!claimed.ok()) return std::move(claimed).error();
-  const std::shared_ptr<Sandbox> sb = *claimed;
-  // Puts the sandbox back when the pause does not get to run.
-  auto unclaim = [&](Error e) -> Result<json> {
-    {
-      std::lock_guard lock(mu_);
-      sb->state = "running";
-      publish_states_locked();
-    }
-    changed_.notify_all();
-    return e;
-  };
+}  // namespace
 
-  // Where the snapshot goes and what it is a diff of. The sandbox is ours now (state pausing).
-  std::string parent_path;
-  std::vector<std::string> chain_before = sb->chain;
-  if (parent->empty()) {
+Result<ChainPlan> SandboxService::plan_chain(const Sandbox& sb,
+                                                             const PauseBody& body) const {
+  ChainPlan plan;
+  plan.chain = sb.chain;
+  if (body.parent.empty()) {
     // A diff needs to know what changed: write tracking from a resume, or a given dirty set.
-    if (!chain_before.empty() && (sb->session || dirty)) parent_path = chain_before.back();
-  } else if (*parent == "none") {
+    if (!plan.chain.empty() && (sb.session || body.dirty)) plan.parent_path = plan.chain.back();
+  } else if (body.parent == "none") {
     // a base snapshot
-  } else if (*parent == "latest") {
-    if (chain_before.empty()) return unclaim(make_error(Errc::kInvalidArgument, "no snapshot yet"));
-    parent_path = chain_before.back();
+  } else if (body.parent == "latest") {
+    if (plan.chain.empty()) return make_error(Errc::kInvalidArgument, "no snapshot yet");
+    plan.parent_path = plan.chain.back();
   } else {
-    auto confined = confine(*parent, true);
-    if (!confined.ok()) return unclaim(confined.error());
-    const auto it = std::find(chain_before.begin(), chain_before.end(), *confined);
-    if (it == chain_before.end()) {
-      return unclaim(make_error(Errc::kInvalidArgument,
-                                "parent must be one of the sandbox's snapshots (or latest/none)"));
+    auto confined = confine(body.parent, true);
+    if (!confined.ok()) return std::move(confined).error();
+    if (std::find(plan.chain.begin(), plan.chain.end(), *confined) == plan.chain.end()) {
+      return make_error(Errc::kInvalidArgument,
+                        "parent must be one of the sandbox's snapshots (or latest/none)");
     }
-    parent_path = *confined;
+    plan.parent_path = *confined;
   }
-  if (!parent_path.empty() && !sb->session && !dirty) {
-    return unclaim(make_error(Errc::kInvalidArgument,
-                              "a diff needs a dirty set: give \"dirty\", or resume the sandbox "
-                              "through memsnapd (which tracks writes), or use parent \"none\""));
+  if (!plan.parent_path.empty() && !sb.session && !body.dirty) {
+    return make_error(Errc::kInvalidArgument,
+                      "a diff needs a dirty set: give \"dirty\", or resume the sandbox through "
+                      "memsnapd (which tracks writes), or use parent \"none\"");
   }
   // A diff against an older parent than the newest snapshot: what the snapshots after that parent
   // recorded may differ from the parent too (their own writes since), and the dirty set of the
   // session or the caller only covers writes since the newest. Their recorded blocks join the
   // dirty set, or what changed in between would silently revert to the parent's content.
-  std::vector<plugin::ByteRange> cut_off_ranges;
-  std::size_t cut_off_count = 0;
-  if (!parent_path.empty() && parent_path != chain_before.back()) {
-    const auto it = std::find(chain_before.begin(), chain_before.end(), parent_path);
-    const std::vector<std::string> cut_off(it + 1, chain_before.end());
+  if (!plan.parent_path.empty() && plan.parent_path != plan.chain.back()) {
+    const auto it = std::find(plan.chain.begin(), plan.chain.end(), plan.parent_path);
+    const std::vector<std::string> cut_off(it + 1, plan.chain.end());
     auto recorded = ranges_recorded_in(cut_off);
-    if (!recorded.ok()) return unclaim(recorded.error());
-    cut_off_ranges = std::move(*recorded);
-    cut_off_count = cut_off.size();
-    chain_before.erase(it + 1, chain_before.end());
-  } else if (parent_path.empty()) {
-    chain_before.clear();
+    if (!recorded.ok()) return std::move(recorded).error();
+    plan.cut_off_ranges = std::move(*recorded);
+    plan.cut_off_count = cut_off.size();
+    plan.chain.erase(it + 1, plan.chain.end());
+  } else if (plan.parent_path.empty()) {
+    plan.chain.clear();
   }
-  std::string out_name = *output;
+  std::string out_name = body.output;
   if (out_name.empty()) {
-    auto named = default_output(snapshot_dir_, sb->id, parent_path, settings().reader_limits);
-    if (!named.ok()) return unclaim(named.error());
+    auto named = default_output(snapshot_dir_, sb.id, plan.parent_path, settings().reader_limits);
+    if (!named.ok()) return std::move(named).error();
     out_name = *named;
   }
   auto out_path = confine(out_name, false);
-  if (!out_path.ok()) return unclaim(out_path.error());
+  if (!out_path.ok()) return std::move(out_path).error();
   std::error_code ec;
   if (fs::exists(fs::symlink_status(*out_path, ec))) {
-    return unclaim(make_error(Errc::kAlreadyExists,
-                              "\"" + *out_path + "\" exists: snapshots are never overwritten"));
+    return make_error(Errc::kAlreadyExists,
+                      "\"" + *out_path + "\" exists: snapshots are never overwritten");
   }
   fs::create_directories(fs::path(*out_path).parent_path(), ec);
   if (ec) {
-    return unclaim(make_error(Errc::kIoError,
-                              "cannot create the directory of " + *out_path + ": " + ec.message()));
+    return make_error(Errc::kIoError,
+                      "cannot create the directory of " + *out_path + ": " + ec.message());
   }
+  plan.out_path = std::move(*out_path);
+  return plan;
+}
 
-  if (const Errc slot = acquire_slot(true); slot != Errc::kOk) {
-    return unclaim(slot == Errc::kShuttingDown
-                       ? make_error(slot, "memsnapd is shutting down: no new pauses")
-                       : make_error(slot,
-                                    "no free pause slot: the concurrency limit was reached "
-                                    "and stayed so for the queue timeout"));
-  }
-  metrics::InFlight in_flight = metrics_.track_in_flight(metrics::OperationKind::kPause);
-  const auto started = std::chrono::steady_clock::now();
-
-  const Choice choice = choose(sb->attributes, *forced, /*record=*/true);
-  ServiceSettings settings = this->settings();
-  auto refuse = [&](Error e) -> Result<json> {
-    release_slot(true);
-    return unclaim(std::move(e));
-  };
+Status SandboxService::check_choice(const Sandbox& sb, const Choice& choice,
+                                    const PauseBody& body) const {
   if (choice.refused) {
-    return refuse(
-        make_error(Errc::kUnsupported, "the flag chose " + choice.requested + " for sandbox " + id +
-                                           ", which cannot run it (" + choice.fallback_reason +
-                                           ") and strategy.allow_fallback is false"));
+    return make_error(Errc::kUnsupported, "the flag chose " + choice.requested + " for sandbox " +
+                                              sb.id + ", which cannot run it (" +
+                                              choice.fallback_reason +
+                                              ") and strategy.allow_fallback is false");
   }
   if (const PluginInfo* chosen = registry_.find(choice.strategy);
-      chosen && chosen->releases_memory() && *after == "continue") {
+      chosen && chosen->releases_memory() && !body.stop) {
     // It gives the guest's memory back to the host as it exports it: the VMM must not run on.
-    return refuse(make_error(Errc::kInvalidArgument,
-                             choice.strategy + " releases the guest's memory as it exports it, so "
-                                               "the sandbox cannot continue after the pause: use "
-                                               "after \"stop\" or another strategy"));
+    return make_error(Errc::kInvalidArgument,
+                      choice.strategy + " releases the guest's memory as it exports it, so the "
+                                        "sandbox cannot continue after the pause: use after "
+                                        "\"stop\" or another strategy");
   }
-
   // The VMM must still be the process registered (or resumed): its pid may name another
   // process once it is gone, the pidfd never does.
-  if (sb->vmm_pidfd.get() >= 0 && !pidfd_alive(sb->vmm_pidfd.get())) {
-    return refuse(make_error(Errc::kProcessGone, "the VMM of sandbox " + id + " (pid " +
-                                                     std::to_string(sb->vmm_pid) +
-                                                     ") has exited"));
+  if (sb.vmm_pidfd.get() >= 0 && !pidfd_alive(sb.vmm_pidfd.get())) {
+    return make_error(Errc::kProcessGone, "the VMM of sandbox " + sb.id + " (pid " +
+                                              std::to_string(sb.vmm_pid) + ") has exited");
   }
-  // The memfd: the one a resume handed over (or the VMM's own, kept by the session), else the
-  // one taken from the registered VMM at registration (never re-taken by fd number).
-  int memfd = -1;
-  if (sb->session && sb->session->memfd() >= 0) {
-    memfd = sb->session->memfd();
-  } else if (sb->vmm_memfd.get() >= 0) {
-    memfd = sb->vmm_memfd.get();
-  }
-  // A resumed VMM whose memory is not all resident yet (served lazily, or a background fill still
-  // running) has pages only the chain holds: read from the memfd, its holes are zeros. A pause
-  // whose dirty set may reach such pages -- a new base (every page), or a diff against an older
-  // parent (the blocks of the cut-off snapshots) -- reads through the VMM's own mappings instead
-  // (process_vm_readv, the fallback when the chosen strategy reads the memfd), where every page
-  // not served yet is faulted in from the chain by the session. A base's dirty set is then the
-  // whole guest (SEEK_DATA / PAGEMAP_SCAN would see only what is resident).
-  const bool partial_memory = sb->session && !sb->session->memfd_complete();
-  const bool base_of_partial_memory = partial_memory && parent_path.empty() && !dirty;
-  if (base_of_partial_memory || (partial_memory && cut_off_count > 0)) memfd = -1;
-  {
-    std::lock_guard lock(mu_);
-    flush_fault_stats_locked(*sb);
-  }
+  return {};
+}
 
-  PauseRequest req;
-  req.pid = sb->vmm_pid;
-  req.pidfd = sb->vmm_pidfd.get();
-  req.regions = sb->regions;
-  req.memfd = memfd;
-  req.guest_size = sb->guest_size;
-  req.reader_limits = settings.reader_limits;
-  req.strategy = choice.strategy;
-  req.allow_fallback = settings.allow_fallback;
-  req.fallback_strategy = settings.fallback_strategy;
-  req.out_path = *out_path;
-  req.parent_path = parent_path;
-  req.freeze = true;
-  req.stay_frozen = *after == "stop";
-  req.sync = *sync;
-  if (dirty) {
-    req.dirty = dirty;
-    req.dirty->insert(req.dirty->end(), cut_off_ranges.begin(), cut_off_ranges.end());
-  } else if (base_of_partial_memory) {
-    req.dirty_source = [size = sb->guest_size](std::string* how) {
+namespace {
+
+// The memory a pause reads, and how it knows what to read.
+struct PauseSource {
+  int memfd = -1;
+  // A new base of a resumed VMM whose memory is not all resident: every page is read, through
+  // the VMM's own mappings.
+  bool whole_guest_through_vmm = false;
+};
+
+// The memfd: the one a resume handed over (or the VMM's own, kept by the session), else the one
+// taken from the registered VMM at registration (never re-taken by fd number).
+// A resumed VMM whose memory is not all resident yet (served lazily, or a background fill still
+// running) has pages only the chain holds: read from the memfd, its holes are zeros. A pause whose
+// dirty set may reach such pages -- a new base (every page), or a diff against an older parent
+// (the blocks of the cut-off snapshots) -- reads through the VMM's own mappings instead
+// (process_vm_readv, the fallback when the chosen strategy reads the memfd), where every page not
+// served yet is faulted in from the chain by the session. A base's dirty set is then the whole
+// guest (SEEK_DATA / PAGEMAP_SCAN would see only what is resident).
+PauseSource pause_source(const Sandbox& sb, const ChainPlan& plan,
+                         const PauseBody& body) {
+  PauseSource source;
+  if (sb.session && sb.session->memfd() >= 0) {
+    source.memfd = sb.session->memfd();
+  } else if (sb.vmm_memfd.get() >= 0) {
+    source.memfd = sb.vmm_memfd.get();
+  }
+  const bool partial_memory = sb.session && !sb.session->memfd_complete();
+  source.whole_guest_through_vmm = partial_memory && plan.parent_path.empty() && !body.dirty;
+  if (source.whole_guest_through_vmm || (partial_memory && plan.cut_off_count > 0)) {
+    source.memfd = -1;
+  }
+  return source;
+}
+
+// The dirty set: the caller's, the whole guest, or the session's write tracking; plus the blocks
+// of snapshots cut off by an older parent. plan must outlive the request.
+void set_dirty_set(PauseRequest& req, const Sandbox& sb, const ChainPlan& plan,
+                   const PauseBody& body, const PauseSource& source) {
+  if (body.dirty) {
+    req.dirty = body.dirty;
+    req.dirty->insert(req.dirty->end(), plan.cut_off_ranges.begin(), plan.cut_off_ranges.end());
+  } else if (source.whole_guest_through_vmm) {
+    req.dirty_source = [size = sb.guest_size](std::string* how) {
       *how =
           "the whole guest (a new base of a resumed VMM whose memory is not all resident: what "
           "was not served yet is faulted in from the chain)";
       return Result<std::vector<plugin::ByteRange>>(std::vector<plugin::ByteRange>{{0, size}});
     };
-  } else if (sb->session && !parent_path.empty()) {
-    req.dirty_source = [s = sb->session.get(), &cut_off_ranges,
-                        cut_off_count](std::string* how) -> Result<std::vector<plugin::ByteRange>> {
+  } else if (sb.session && !plan.parent_path.empty()) {
+    req.dirty_source = [s = sb.session.get(),
+                        &plan](std::string* how) -> Result<std::vector<plugin::ByteRange>> {
       auto written = s->dirty_since_resume(how);
-      if (!written.ok() || cut_off_count == 0) return written;
-      written->insert(written->end(), cut_off_ranges.begin(), cut_off_ranges.end());
-      *how += ", plus every block recorded by the " + std::to_string(cut_off_count) +
+      if (!written.ok() || plan.cut_off_count == 0) return written;
+      written->insert(written->end(), plan.cut_off_ranges.begin(), plan.cut_off_ranges.end());
+      *how += ", plus every block recorded by the " + std::to_string(plan.cut_off_count) +
               " snapshot(s) after the parent";
       return written;
     };
   }
-  spdlog::info("pause {}: strategy {} ({}{}) -> {}", id, choice.strategy, choice.reason,
-               choice.variant.empty() ? "" : ", variant " + choice.variant, *out_path);
-  auto paused = memsnap::pause(registry_, req);
-  const double seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
-  release_slot(true);
+}
 
-  if (!paused.ok()) {
-    metrics::PauseObservation obs;
-    obs.strategy = choice.strategy;
+metrics::FallbackReason fallback_metric(PauseFallback cause) {
+  switch (cause) {
+    case PauseFallback::kNotLoaded:
+      return metrics::FallbackReason::kPluginNotLoaded;
+    case PauseFallback::kMissingMemfd:
+      return metrics::FallbackReason::kMissingMemfd;
+    case PauseFallback::kMissingPid:
+      return metrics::FallbackReason::kMissingPid;
+    case PauseFallback::kStrategyFailed:
+      return metrics::FallbackReason::kStrategyFailed;
+    case PauseFallback::kNone:
+      break;
+  }
+  return metrics::FallbackReason::kOther;
+}
+
+json fallback_json(const std::string& from, const std::string& to, const std::string& reason,
+                   const std::string& detail) {
+  return {{"from", from}, {"to", to}, {"reason", reason}, {"detail", detail}};
+}
+
+}  // namespace
+
+void SandboxService::record_pause(const PauseReport* report, const std::string& strategy,
+                                  double seconds) {
+  metrics::PauseObservation obs;
+  if (report == nullptr) {
+    obs.strategy = strategy;
     obs.outcome = metrics::Outcome::kError;
     obs.seconds = seconds;
     metrics_.record_pause(obs);
-    spdlog::error("pause {} failed: {}", id, paused.error().to_string());
-    {
-      std::lock_guard lock(mu_);
-      // Data at risk: the pipeline left the VMM stopped, and the only copy of memory it released
-      // is the kept file the error names. The sandbox must not look runnable.
-      const bool at_risk = paused.error().code == Errc::kDataAtRisk;
-      sb->state = !at_risk && process_alive(sb->vmm_pid) ? "running" : "failed";
-      sb->last_error = paused.error().to_string();
-      publish_states_locked();
-    }
-    changed_.notify_all();
-    return std::move(paused).error();
+    return;
   }
-  const PauseReport& rep = *paused;
-  if (!rep.fallback_reason.empty()) {
+  const PauseReport& rep = *report;
+  if (rep.fallback != PauseFallback::kNone) {
     // The pipeline's own fallback: the strategy could not run this sandbox, or failed half way.
-    metrics_.record_fallback(rep.requested_strategy, rep.strategy,
-                             rep.fallback_after_failure ? metrics::FallbackReason::kStrategyFailed
-                                                        : metrics::FallbackReason::kOther);
+    metrics_.record_fallback(rep.requested_strategy, rep.strategy, fallback_metric(rep.fallback));
   }
-  metrics::PauseObservation obs;
   obs.strategy = rep.strategy;
   obs.outcome = metrics::Outcome::kOk;
   obs.seconds = rep.wall_seconds;
@@ -1147,10 +1184,76 @@ Result<json> SandboxService::pause(const Caller& caller, const std::string& id, 
   obs.released_bytes = rep.export_stats.bytes_released;
   obs.cpu_seconds = rep.cpu_seconds;
   metrics_.record_pause(obs);
+}
 
-  const PluginInfo* info = registry_.find(rep.strategy);
-  const bool keeps_memory = info && info->needs_memfd() && !info->releases_memory();
-  const bool complete = !sb->session || sb->session->memfd_complete();
+Result<json> SandboxService::fail_pause(Claim& claim, Error error) {
+  spdlog::error("pause {} failed: {}", claim->id, error.to_string());
+  // Data at risk: the pipeline left the VMM stopped, and the only copy of memory it released is
+  // the kept file the error names. The sandbox must not look runnable.
+  const bool at_risk = error.code == Errc::kDataAtRisk;
+  const bool runs = !at_risk && process_alive(claim->vmm_pid);
+  claim.finish(runs ? SandboxState::kRunning : SandboxState::kFailed,
+               [&](Sandbox& sb) { sb.last_error = error.to_string(); });
+  return error;
+}
+
+Result<json> SandboxService::pause(const Caller& caller, const std::string& id, const json& body) {
+  auto parsed = parse_pause_body(body, options_.sync, registry_);
+  if (!parsed.ok()) return std::move(parsed).error();
+  const PauseBody& request = *parsed;
+  auto claimed = claim(caller, id, "pause", SandboxState::kRunning, SandboxState::kPausing);
+  if (!claimed.ok()) return std::move(claimed).error();
+  Claim& claim = *claimed;  // until finished, any return puts the sandbox back to running
+  const Sandbox& sb = *claim;
+
+  auto plan = plan_chain(sb, request);
+  if (!plan.ok()) return std::move(plan).error();
+  if (const Errc slot = acquire_slot(true); slot != Errc::kOk) {
+    return slot == Errc::kShuttingDown
+               ? make_error(slot, "memsnapd is shutting down: no new pauses")
+               : make_error(slot,
+                            "no free pause slot: the concurrency limit was reached and stayed "
+                            "so for the queue timeout");
+  }
+  Slot slot(*this, /*pause_slot=*/true);
+  metrics::InFlight in_flight = metrics_.track_in_flight(metrics::OperationKind::kPause);
+  const auto started = std::chrono::steady_clock::now();
+
+  const Choice choice = choose(sb.attributes, request.forced, /*record=*/true);
+  if (Status s = check_choice(sb, choice, request); !s.ok()) return std::move(s).error();
+  const PauseSource source = pause_source(sb, *plan, request);
+  {
+    std::lock_guard lock(mu_);
+    flush_fault_stats_locked(*claim);
+  }
+
+  const ServiceSettings settings = this->settings();
+  PauseRequest req;
+  req.pid = sb.vmm_pid;
+  req.pidfd = sb.vmm_pidfd.get();
+  req.regions = sb.regions;
+  req.memfd = source.memfd;
+  req.guest_size = sb.guest_size;
+  req.reader_limits = settings.reader_limits;
+  req.strategy = choice.strategy;
+  req.allow_fallback = settings.allow_fallback;
+  req.fallback_strategy = settings.fallback_strategy;
+  req.out_path = plan->out_path;
+  req.parent_path = plan->parent_path;
+  req.freeze = true;
+  req.stay_frozen = request.stop;
+  req.sync = request.sync;
+  set_dirty_set(req, sb, *plan, request, source);
+  spdlog::info("pause {}: strategy {} ({}{}) -> {}", id, choice.strategy, choice.reason,
+               choice.variant.empty() ? "" : ", variant " + choice.variant, plan->out_path);
+  auto paused = memsnap::pause(registry_, req);
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  slot.release();
+  record_pause(paused.ok() ? &*paused : nullptr, choice.strategy, seconds);
+  if (!paused.ok()) return fail_pause(claim, std::move(paused).error());
+  const PauseReport& rep = *paused;
+
   json answer = {{"id", id},
                  {"strategy", rep.strategy},
                  {"requested_strategy", choice.requested},
@@ -1160,7 +1263,7 @@ Result<json> SandboxService::pause(const Caller& caller, const std::string& id, 
                  {"snapshot", rep.snapshot_path},
                  {"snapshot_id", rep.snapshot_id},
                  {"generation", rep.generation},
-                 {"parent", parent_path.empty() ? json(nullptr) : json(parent_path)},
+                 {"parent", plan->parent_path.empty() ? json(nullptr) : json(plan->parent_path)},
                  {"bytes", rep.dirty_bytes},
                  {"data_bytes", rep.data_bytes},
                  {"zero_blocks", rep.zero_blocks},
@@ -1169,44 +1272,40 @@ Result<json> SandboxService::pause(const Caller& caller, const std::string& id, 
                  {"seconds", rep.wall_seconds},
                  {"cpu_seconds", rep.cpu_seconds},
                  {"phases", phases_json(rep.phases)},
-                 {"after", *after},
+                 {"after", request.stop ? "stop" : "continue"},
                  {"report", to_json(rep)}};
   if (!choice.fallback_code.empty()) {
-    answer["fallback"] = {{"from", choice.requested},
-                          {"to", choice.strategy},
-                          {"reason", choice.fallback_code},
-                          {"detail", choice.fallback_reason}};
+    answer["fallback"] = fallback_json(choice.requested, choice.strategy, choice.fallback_code,
+                                       choice.fallback_reason);
   } else if (!rep.fallback_reason.empty()) {
-    answer["fallback"] = {
-        {"from", rep.requested_strategy},
-        {"to", rep.strategy},
-        {"reason", rep.fallback_after_failure ? "strategy_failed" : "strategy_cannot_run"},
-        {"detail", rep.fallback_reason}};
+    answer["fallback"] = fallback_json(
+        rep.requested_strategy, rep.strategy,
+        rep.fallback_after_failure ? "strategy_failed" : "strategy_cannot_run",
+        rep.fallback_reason);
   }
 
-  {
-    std::lock_guard lock(mu_);
-    if (sb->session) sb->session->pause_committed();
-    chain_before.push_back(rep.snapshot_path);
-    sb->chain = std::move(chain_before);
-    sb->strategy = rep.strategy;
-    sb->retained = RetainedMemory{};
-    if (*after == "stop" && keeps_memory && memfd >= 0 && complete) {
-      sb->retained.memfd.reset(::dup(memfd));
-      sb->retained.snapshot_id = rep.snapshot_id;
-      sb->retained.generation = rep.generation;
-      sb->retained.guest_size = sb->guest_size;
+  const PluginInfo* info = registry_.find(rep.strategy);
+  const bool keeps_memory = info && info->needs_memfd() && !info->releases_memory();
+  claim.finish(request.stop ? SandboxState::kPaused : SandboxState::kRunning, [&](Sandbox& s) {
+    const bool complete = !s.session || s.session->memfd_complete();
+    if (s.session) s.session->pause_committed();
+    plan->chain.push_back(rep.snapshot_path);
+    s.chain = std::move(plan->chain);
+    s.strategy = rep.strategy;
+    s.retained = RetainedMemory{};
+    if (request.stop && keeps_memory && source.memfd >= 0 && complete) {
+      s.retained.memfd.reset(::dup(source.memfd));
+      s.retained.snapshot_id = rep.snapshot_id;
+      s.retained.generation = rep.generation;
+      s.retained.guest_size = s.guest_size;
     }
-    if (sb->retained.memfd.get() >= 0) warm_candidates_[sb->id] = sb;
+    if (s.retained.memfd.get() >= 0) warm_candidates_[s.id] = claim.sandbox();
     // A paused sandbox's VMM is done with: memsnapd keeps no reference to its memory (a kept
     // memfd for a warm resume is the dup above).
-    if (*after == "stop") sb->vmm_memfd.reset();
-    sb->last_pause = answer;
-    sb->last_error.clear();
-    sb->state = *after == "stop" ? "paused" : "running";
-    publish_states_locked();
-  }
-  changed_.notify_all();
+    if (request.stop) s.vmm_memfd.reset();
+    s.last_pause = answer;
+    s.last_error.clear();
+  });
   return answer;
 }
 
@@ -1231,18 +1330,13 @@ Result<json> SandboxService::resume(const Caller& caller, const std::string& id,
     mode = *parsed;
   }
 
-  auto claimed = claim(caller, id, "resume", "paused", "resuming");
+  auto claimed = claim(caller, id, "resume", SandboxState::kPaused, SandboxState::kResuming);
   if (!claimed.ok()) return std::move(claimed).error();
-  const std::shared_ptr<Sandbox> sb = *claimed;
+  Claim& claim = *claimed;  // until finished or handed on, any return puts it back to paused
+  const std::shared_ptr<Sandbox> sb = claim.sandbox();
   if (sb->resume_thread.joinable()) sb->resume_thread.join();  // the previous one, long done
 
   if (const Errc slot = acquire_slot(false); slot != Errc::kOk) {
-    {
-      std::lock_guard lock(mu_);
-      sb->state = "paused";
-      publish_states_locked();
-    }
-    changed_.notify_all();
     return slot == Errc::kShuttingDown
                ? make_error(slot, "memsnapd is shutting down: no new resumes")
                : make_error(slot,
@@ -1267,13 +1361,8 @@ Result<json> SandboxService::resume(const Caller& caller, const std::string& id,
     obs.strategy = sb->strategy;
     obs.outcome = metrics::Outcome::kError;
     metrics_.record_resume(obs);
-    {
-      std::lock_guard lock(mu_);
-      sb->state = "paused";
-      sb->last_error = prepared.error().to_string();
-      publish_states_locked();
-    }
-    changed_.notify_all();
+    claim.finish(SandboxState::kPaused,
+                 [&](Sandbox& s) { s.last_error = prepared.error().to_string(); });
     return std::move(prepared).error();
   }
   // Everything is checked (prepare refuses a warm resume without the kept memfd, a chain that
@@ -1297,17 +1386,19 @@ Result<json> SandboxService::resume(const Caller& caller, const std::string& id,
     sb->faults_recorded = FaultStats{};
   }
   // The VMM connects when the orchestrator starts it, after this answer: wait for it on a
-  // thread of the sandbox's own.
-  sb->resume_thread = std::thread([this, sb] { finish_resume(sb); });
+  // thread of the sandbox's own, which owns the claim from now on.
+  sb->resume_thread =
+      std::thread([this, owned = std::move(claim)]() mutable { finish_resume(std::move(owned)); });
   return json{{"id", id},
-              {"state", "resuming"},
+              {"state", std::string(state_name(SandboxState::kResuming))},
               {"handshake_socket", *socket_path},
               {"strategy", sb->strategy},
               {"mode", mode_chosen},
               {"snapshots", sb->chain}};
 }
 
-void SandboxService::finish_resume(const std::shared_ptr<Sandbox>& sb) {
+void SandboxService::finish_resume(Claim claim) {
+  const std::shared_ptr<Sandbox> sb = claim.sandbox();
   metrics::InFlight in_flight = metrics_.track_in_flight(metrics::OperationKind::kResume);
   ResumeSession& session = *sb->session;
   const Status served = session.accept_and_serve();
@@ -1322,15 +1413,11 @@ void SandboxService::finish_resume(const std::shared_ptr<Sandbox>& sb) {
     metrics_.record_resume(obs);
     spdlog::error("resume {} failed: {}", sb->id, served.error().to_string());
     std::unique_ptr<ResumeSession> failed;
-    {
-      std::lock_guard lock(mu_);
-      failed = std::move(sb->session);
-      sb->state = "paused";
-      sb->last_error = served.error().to_string();
-      publish_states_locked();
-    }
+    claim.finish(SandboxState::kPaused, [&](Sandbox& s) {
+      failed = std::move(s.session);
+      s.last_error = served.error().to_string();
+    });
     failed.reset();
-    changed_.notify_all();
     return;
   }
   obs.outcome = metrics::Outcome::kOk;
@@ -1347,8 +1434,7 @@ void SandboxService::finish_resume(const std::shared_ptr<Sandbox>& sb) {
                  {"report", to_json(rep)}};
   spdlog::info("resume {}: VMM pid {} ready in {:.3f} ms ({})", sb->id, rep.vmm_pid,
                rep.ready_seconds * 1e3, obs.mode);
-  {
-    std::lock_guard lock(mu_);
+  claim.finish(SandboxState::kRunning, [&](Sandbox&) {
     sb->vmm_pid = rep.vmm_pid;
     sb->regions = session.regions();
     sb->vmm_memfd.reset();  // the session holds the memfd now, if there is one
@@ -1362,31 +1448,26 @@ void SandboxService::finish_resume(const std::shared_ptr<Sandbox>& sb) {
     sb->attributes.has_memfd = session.memfd() >= 0;
     sb->last_resume = answer;
     sb->last_error.clear();
-    sb->state = "running";
-    publish_states_locked();
-  }
-  changed_.notify_all();
+  });
 }
 
 Result<json> SandboxService::get(const Caller& caller, const std::string& id,
                                  const std::string& wait_while_state,
                                  std::chrono::milliseconds timeout,
                                  const std::function<bool()>& client_gone) {
-  if (!wait_while_state.empty()) {
-    const auto& states = sandbox_states();
-    if (std::find(states.begin(), states.end(), wait_while_state) == states.end()) {
-      std::string names;
-      for (const auto& s : states) names += (names.empty() ? "" : ", ") + s;
-      // A state no sandbox is ever in would end the wait at once, as if it were over.
-      return make_error(Errc::kInvalidArgument,
-                        "wait_while takes " + names + ", not '" + wait_while_state + "'");
-    }
+  const std::optional<SandboxState> wait_while = parse_sandbox_state(wait_while_state);
+  if (!wait_while_state.empty() && !wait_while) {
+    std::string names;
+    for (const auto& n : sandbox_state_names()) names += (names.empty() ? "" : ", ") + n;
+    // A state no sandbox is ever in would end the wait at once, as if it were over.
+    return make_error(Errc::kInvalidArgument,
+                      "wait_while takes " + names + ", not '" + wait_while_state + "'");
   }
   std::unique_lock lock(mu_);
   auto found = find_locked(caller, id);
   if (!found.ok()) return std::move(found).error();
   const std::shared_ptr<Sandbox> sb = *found;
-  if (!wait_while_state.empty()) {
+  if (wait_while) {
     // In slices: a wait holds a connection slot, so it must notice soon that its client left.
     // A drain wakes it at once (drain() notifies changed_).
     constexpr std::chrono::milliseconds kSlice{200};
@@ -1394,7 +1475,7 @@ Result<json> SandboxService::get(const Caller& caller, const std::string& id,
     for (;;) {
       const auto until = std::min(deadline, std::chrono::steady_clock::now() + kSlice);
       if (changed_.wait_until(lock, until,
-                              [&] { return sb->state != wait_while_state || draining_; })) {
+                              [&] { return sb->state != *wait_while || draining_; })) {
         break;
       }
       if (std::chrono::steady_clock::now() >= deadline) {
@@ -1406,7 +1487,7 @@ Result<json> SandboxService::get(const Caller& caller, const std::string& id,
                                               " closed its connection");
       }
     }
-    if (sb->state == wait_while_state) {
+    if (sb->state == *wait_while) {
       return make_error(Errc::kShuttingDown, "memsnapd is shutting down: sandbox " + id +
                                                  " is still " + wait_while_state);
     }
@@ -1424,7 +1505,7 @@ json SandboxService::list(const Caller& caller) const {
   for (const auto& [id, sb] : sandboxes_) {
     if (!caller.privileged() && sb->owner_uid != caller.uid) continue;
     out.push_back({{"id", id},
-                   {"state", sb->state},
+                   {"state", std::string(state_name(sb->state))},
                    {"strategy", sb->strategy},
                    {"vmm_pid", sb->vmm_pid},
                    {"snapshots", sb->chain.size()}});
@@ -1476,12 +1557,13 @@ Result<json> SandboxService::remove(const Caller& caller, const std::string& id,
     std::lock_guard lock(mu_);
     if (auto found = find_locked(caller, id); !found.ok()) return std::move(found).error();
     const auto it = sandboxes_.find(id);
-    if (it->second->state == "pausing" || it->second->state == "resuming") {
-      return make_error(Errc::kBusy, "sandbox " + id + " is " + it->second->state);
+    if (is_owned(it->second->state)) {
+      return make_error(Errc::kBusy,
+                        "sandbox " + id + " is " + std::string(state_name(it->second->state)));
     }
     // A running VMM whose memory memsnapd serves cannot run on without it: forgetting the
     // sandbox ends the VMM, and what the guest did since its last pause is lost. Only on request.
-    if (!force && it->second->state == "running" && it->second->session &&
+    if (!force && it->second->state == SandboxState::kRunning && it->second->session &&
         it->second->session->vmm_running()) {
       return make_error(Errc::kInvalidState,
                         "sandbox " + id + " runs on memory memsnapd serves (VMM pid " +
@@ -1491,7 +1573,7 @@ Result<json> SandboxService::remove(const Caller& caller, const std::string& id,
     }
     // A pause left this sandbox's released memory at risk: its VMM (stopped) and the memory
     // memsnapd holds for it are half of what `memsnap recover` needs. Only on request.
-    if (!force && it->second->state == "failed" &&
+    if (!force && it->second->state == SandboxState::kFailed &&
         it->second->last_error.rfind(std::string(errc_name(Errc::kDataAtRisk)), 0) == 0) {
       return make_error(Errc::kInvalidState,
                         "sandbox " + id + " failed with its memory at risk (" +
@@ -1502,7 +1584,8 @@ Result<json> SandboxService::remove(const Caller& caller, const std::string& id,
     sb = it->second;
     flush_fault_stats_locked(*sb);
     sandboxes_.erase(it);
-    sb->state.count_in(nullptr);
+    if (sb->counted) state_counts_.leave(sb->state);
+    sb->counted = false;
     warm_candidates_.erase(id);
     if (const auto v = vmm_sandbox_.find(sb->vmm_pid); v != vmm_sandbox_.end() && v->second == id) {
       vmm_sandbox_.erase(v);
@@ -1552,7 +1635,7 @@ bool SandboxService::drain(std::chrono::milliseconds timeout) {
   changed_.notify_all();
   auto busy = [&] {
     return std::any_of(sandboxes_.begin(), sandboxes_.end(), [](const auto& kv) {
-      return kv.second->state == "pausing" || kv.second->state == "resuming";
+      return is_owned(kv.second->state);
     });
   };
   return changed_.wait_for(lock, timeout, [&] { return !busy(); });

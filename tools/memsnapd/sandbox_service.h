@@ -6,14 +6,7 @@
 // strategy of each pause comes from the feature flag (StrategySelector) unless the request forces
 // one; every pause and resume is recorded in HostMetrics by strategy.
 //
-// States (sandbox_states()):
-//   running  --pause-->  pausing  --ok, after=stop-->      paused
-//                                 --ok, after=continue-->  running
-//                                 --error-->               running (the VMM was continued), or
-//                                                          failed (the VMM is gone)
-//   paused   --resume--> resuming --VMM handshake ok-->    running (the new VMM)
-//                                 --error / timeout-->     paused (the chain is untouched)
-//   running  --serving its memory stopped on an error (poll())-->  failed (the VMM was ended)
+// States: tools/memsnapd/sandbox_lifecycle.h holds them and the one table of moves between them.
 // A refused pause or resume changes nothing: every precondition is checked before anything is
 // done (a resume lets go of the old VMM's session only once it has been accepted).
 // Registering a running VMM gives running; registering a snapshot chain gives paused.
@@ -50,11 +43,13 @@
 
 #include "core/base/result.h"
 #include "core/metrics/host_metrics.h"
+#include "core/pause.h"
 #include "core/plugin_host/plugin_registry.h"
 #include "core/snapshot/snapshot_reader.h"
 #include "core/strategy_selection/strategy_selection.h"
 #include "core/vmm_guard.h"
 #include "flags/flag_store.h"
+#include "tools/memsnapd/sandbox_lifecycle.h"
 
 namespace memsnap::daemon {
 
@@ -97,10 +92,8 @@ struct ServiceOptions {
 };
 
 struct Sandbox;
-struct StateCounts;
-
-// Every state a sandbox can be in, for the metrics' sandboxes-by-state gauge.
-const std::vector<std::string>& sandbox_states();
+struct PauseBody;  // the steps of a pause (sandbox_service.cc)
+struct ChainPlan;
 
 class SandboxService {
  public:
@@ -153,13 +146,19 @@ class SandboxService {
                  ServiceOptions options);
 
   struct Choice;
+  class Claim;
+  class Slot;
   Choice choose(const SandboxAttributes& sandbox, const std::string& forced, bool record) const;
   // The sandbox id if it exists and caller may act on it (kSandboxNotFound, kForbidden).
   Result<std::shared_ptr<Sandbox>> find_locked(const Caller& caller, const std::string& id) const;
-  Result<std::shared_ptr<Sandbox>> claim(const Caller& caller, const std::string& id,
-                                         const char* op,
-                                         const std::string& required_state,
-                                         const std::string& busy_state);
+  // Takes the sandbox for one pause or resume: it must be in `required`, and is `owned` until the
+  // claim is finished (or destroyed, which puts it back). kBusy if another operation owns it,
+  // kInvalidState if it is in another state, kShuttingDown while draining.
+  Result<Claim> claim(const Caller& caller, const std::string& id, const char* op,
+                      SandboxState required, SandboxState owned);
+  // Moves sb to `to` (the lifecycle's table; a move it does not allow is logged as a bug),
+  // keeps the by-state counts and publishes them.
+  void move_locked(Sandbox& sb, SandboxState to);
   // kOk, kShuttingDown (draining), or kBusy (no slot within the queue timeout).
   Errc acquire_slot(bool pause_slot);
   void release_slot(bool pause_slot);
@@ -172,7 +171,13 @@ class SandboxService {
   // mapping checks.
   Status pin_vmm(const Caller& caller, const nlohmann::json& body, Sandbox& sb) const;
   void flush_fault_stats_locked(Sandbox& sandbox);
-  void finish_resume(const std::shared_ptr<Sandbox>& sandbox);
+  // The steps of a pause (pause() runs them in this order).
+  Result<ChainPlan> plan_chain(const Sandbox& sb, const PauseBody& body) const;
+  Status check_choice(const Sandbox& sb, const Choice& choice, const PauseBody& body) const;
+  // report: null when the pause failed.
+  void record_pause(const PauseReport* report, const std::string& strategy, double seconds);
+  Result<nlohmann::json> fail_pause(Claim& claim, Error error);
+  void finish_resume(Claim claim);
 
   const PluginRegistry& registry_;
   metrics::HostMetrics& metrics_;
@@ -183,8 +188,8 @@ class SandboxService {
   mutable std::mutex mu_;
   std::condition_variable changed_;  // any state change, slot release, drain
   std::map<std::string, std::shared_ptr<Sandbox>> sandboxes_;
-  // Sandboxes by state, kept as states change (SandboxState), so publishing is not a walk.
-  std::shared_ptr<StateCounts> state_counts_;
+  // Sandboxes by state, kept as they move (move_locked), so publishing is not a walk.
+  StateCounts state_counts_;
   // Sandboxes that may hold a kept memfd (for the warm-memory gauge); pruned when publishing.
   std::map<std::string, std::weak_ptr<Sandbox>> warm_candidates_;
   // The sandbox last registered or resumed with each VMM pid (one registration per live VMM).
