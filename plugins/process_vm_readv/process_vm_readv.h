@@ -13,6 +13,9 @@
 //   enomem_retries      retries after ENOMEM before kNoMemory, in [0, 64]; default 8
 //   enomem_backoff_us   first sleep after ENOMEM, doubled each retry (capped at 1 s), in
 //                       [0, 1000000]; default 1000
+//   reader_thread       0 or 1 (PROTOTYPE, measured for issue 18 part 3): read on a thread of
+//                       the plugin's own into one of two buffers while the calling thread hands
+//                       the other to the sink; default 0
 //
 // Errors: kUnsupported without a pid; kInvalidArgument for a malformed request; kBadAddress for
 // a range outside every region or an unmapped host address (EFAULT, or a call that made no
@@ -39,6 +42,7 @@ struct ProcessVmReadvOptions {
   std::uint64_t max_call_bytes = kMaxRwCount;
   std::uint32_t enomem_retries = 8;
   std::uint64_t enomem_backoff_us = 1000;
+  bool reader_thread = false;
 };
 
 // Parses options into *out (defaults for keys not given). Unknown keys and bad values are
