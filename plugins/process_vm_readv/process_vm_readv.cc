@@ -7,14 +7,10 @@
 #include <algorithm>
 #include <cerrno>
 #include <cinttypes>
-#include <condition_variable>
 #include <cstring>
 #include <ctime>
 #include <memory>
-#include <mutex>
 #include <new>
-#include <system_error>
-#include <thread>
 #include <vector>
 
 namespace memsnap::plugins {
@@ -82,33 +78,18 @@ class Export {
                            options_.buffer_bytes, request_.block_size);
     }
     if (request_.range_count == 0) return Status::Ok();
-    for (int b = 0; b < (options_.reader_thread ? 2 : 1); ++b) {
-      buffers_[b].data.reset(new (std::nothrow) unsigned char[capacity_]);
-      if (!buffers_[b].data) {
-        return Status::Error(StatusCode::kNoMemory, ENOMEM,
-                             "cannot allocate a %" PRIu64 "-byte buffer", capacity_);
-      }
-      buffers_[b].chunks.reserve(
-          std::min<std::uint64_t>(kMaxChunksPerWrite, capacity_ / request_.block_size));
+    buffer_.reset(new (std::nothrow) unsigned char[capacity_]);
+    if (!buffer_) {
+      return Status::Error(StatusCode::kNoMemory, ENOMEM,
+                           "cannot allocate a %" PRIu64 "-byte buffer", capacity_);
     }
-    if (options_.reader_thread) return run_overlapped();
-    return produce();
-  }
+    chunks_.reserve(std::min<std::uint64_t>(kMaxChunksPerWrite, capacity_ / request_.block_size));
 
- private:
-  // One buffer the reads fill and the chunks of it that go to the sink in one write.
-  struct Buffer {
-    std::unique_ptr<unsigned char[]> data;
-    std::vector<Chunk> chunks;
-  };
-
-  // Plans and reads every requested range, handing each filled buffer on through flush().
-  Status produce() {
     for (std::size_t i = 0; i < request_.range_count; ++i) {
       std::uint64_t offset = request_.ranges[i].offset;
       const std::uint64_t end = offset + request_.ranges[i].length;
       while (offset < end) {
-        if (capacity_ - fill_ < request_.block_size || chunks().size() == kMaxChunksPerWrite) {
+        if (capacity_ - fill_ < request_.block_size || chunks_.size() == kMaxChunksPerWrite) {
           if (Status s = flush(); !s.ok()) return s;
         }
         // Whole blocks only, so that every chunk stays block-aligned.
@@ -123,79 +104,7 @@ class Export {
     return flush();
   }
 
-  // With reader_thread: a thread of our own runs produce() while this (the caller's) thread
-  // writes the buffers it filled, so that reading one buffer overlaps writing the other. The sink
-  // only ever sees this thread. If no thread can be started, both run here, one after the other.
-  Status run_overlapped() {
-    overlapped_ = true;
-    std::thread reader;
-    try {
-      reader = std::thread([this] { reader_main(); });
-    } catch (const std::system_error&) {
-      overlapped_ = false;
-      return produce();
-    }
-    const Status written = write_handed_over();
-    reader.join();
-    // Whatever the reader read before the sink failed is lost with the export anyway; a read
-    // error comes after every buffer filled before it was written.
-    return written.ok() ? reader_status_ : written;
-  }
-
-  void reader_main() noexcept {
-    Status s;
-    try {
-      s = produce();
-    } catch (const std::bad_alloc&) {
-      s = Status::Error(StatusCode::kNoMemory, ENOMEM, "process_vm_readv: out of memory");
-    } catch (...) {
-      s = Status::Error(StatusCode::kInternal, 0, "process_vm_readv: unexpected exception");
-    }
-    std::lock_guard lock(mutex_);
-    reader_status_ = s;
-    reader_done_ = true;
-    changed_.notify_all();
-  }
-
-  // The writing side of run_overlapped(): writes the filled buffers in the order the reader
-  // filled them (0, 1, 0, ...) until the reader is done, or the sink fails.
-  Status write_handed_over() {
-    int next = 0;
-    std::unique_lock lock(mutex_);
-    for (;;) {
-      changed_.wait(lock, [&] { return filled_[next] || reader_done_; });
-      // The reader fills in the same order, so with `next` not filled nothing else is.
-      if (!filled_[next]) return Status::Ok();
-      lock.unlock();
-      const Buffer& b = buffers_[next];
-      const Status s = plugin::write_chunks(sink_, b.chunks.data(), b.chunks.size());
-      lock.lock();
-      filled_[next] = false;
-      writer_stopped_ = !s.ok();
-      changed_.notify_all();
-      if (!s.ok()) return s;
-      next ^= 1;
-    }
-  }
-
-  // The reading side: hands the current buffer to the writer and takes the other once the
-  // writer is done with it.
-  Status hand_over() {
-    std::unique_lock lock(mutex_);
-    filled_[current_] = true;
-    changed_.notify_all();
-    current_ ^= 1;
-    changed_.wait(lock, [&] { return !filled_[current_] || writer_stopped_; });
-    if (writer_stopped_) {
-      return Status::Error(StatusCode::kSinkError, 0, "stopped reading: the sink failed");
-    }
-    chunks().clear();
-    return Status::Ok();
-  }
-
-  unsigned char* buffer() { return buffers_[current_].data.get(); }
-  std::vector<Chunk>& chunks() { return buffers_[current_].chunks; }
-
+ private:
   // Every requested byte must lie in a region; checked before anything is read or written.
   Status check_coverage() const {
     std::size_t region = 0;
@@ -220,16 +129,16 @@ class Export {
   }
 
   void add_chunk(std::uint64_t guest_offset, std::uint64_t length) {
-    unsigned char* data = buffer() + fill_;
-    if (!chunks().empty()) {
-      Chunk& last = chunks().back();
+    unsigned char* data = buffer_.get() + fill_;
+    if (!chunks_.empty()) {
+      Chunk& last = chunks_.back();
       if (last.guest_offset + last.length == guest_offset &&
           static_cast<const unsigned char*>(last.data) + last.length == data) {
         last.length += length;
         return;
       }
     }
-    chunks().push_back(Chunk{guest_offset, data, length});
+    chunks_.push_back(Chunk{guest_offset, data, length});
   }
 
   // Queues the remote iovecs for guest [offset, offset+length), which may cross regions.
@@ -278,7 +187,7 @@ class Export {
 
   // Reads the queued remote iovecs into the buffer at read_pos_, continuing after partial reads.
   Status read_pending() {
-    iovec local{buffer() + read_pos_, call_bytes_};
+    iovec local{buffer_.get() + read_pos_, call_bytes_};
     std::size_t first = 0;
     std::uint32_t consecutive_retries = 0;
     std::uint32_t enomem_attempts = 0;
@@ -368,12 +277,11 @@ class Export {
     if (remote_count_ > 0) {
       if (Status s = read_pending(); !s.ok()) return s;
     }
+    if (Status s = plugin::write_chunks(sink_, chunks_.data(), chunks_.size()); !s.ok()) return s;
+    chunks_.clear();
     fill_ = 0;
     read_pos_ = 0;
-    if (overlapped_) return hand_over();
-    Status s = plugin::write_chunks(sink_, chunks().data(), chunks().size());
-    chunks().clear();
-    return s;
+    return Status::Ok();
   }
 
   const ProcessVmReadvOptions& options_;
@@ -383,22 +291,12 @@ class Export {
   plugin::BlockSink& sink_;
   ExportStats& stats_;
 
-  // The reads fill buffers_[current_]; the second buffer only with reader_thread.
-  Buffer buffers_[2];
-  int current_ = 0;
+  std::unique_ptr<unsigned char[]> buffer_;
   std::uint64_t capacity_ = 0;
   std::uint64_t fill_ = 0;      // bytes of the buffer assigned to chunks
   std::uint64_t read_pos_ = 0;  // bytes of the buffer already read
+  std::vector<Chunk> chunks_;
   std::size_t region_ = 0;
-
-  // run_overlapped()'s hand-over between the reader and the writing thread, under mutex_.
-  bool overlapped_ = false;
-  std::mutex mutex_;
-  std::condition_variable changed_;
-  bool filled_[2] = {false, false};  // read and handed over, not yet written
-  bool reader_done_ = false;         // produce() returned, with reader_status_
-  bool writer_stopped_ = false;      // the sink failed: the reader stops at its next hand-over
-  Status reader_status_;
 
   // The next syscall: remote iovecs, the guest offset of each, and their total size.
   iovec remote_[kIovMax];
@@ -429,9 +327,6 @@ plugin::Status parse_process_vm_readv_options(const plugin::Option* options, std
     } else if (std::strcmp(key, "enomem_retries") == 0) {
       valid = number && value <= 64;
       parsed.enomem_retries = static_cast<std::uint32_t>(value);
-    } else if (std::strcmp(key, "reader_thread") == 0) {
-      valid = number && value <= 1;
-      parsed.reader_thread = value == 1;
     } else if (std::strcmp(key, "enomem_backoff_us") == 0) {
       valid = number && value <= kMaxBackoffUs;
       parsed.enomem_backoff_us = value;

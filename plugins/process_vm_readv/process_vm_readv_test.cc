@@ -7,15 +7,12 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <atomic>
-#include <chrono>
 #include <cerrno>
 #include <cstdio>
 #include <cstring>
 #include <memory>
 #include <random>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -615,136 +612,13 @@ TEST(ProcessVmReadvTest, MalformedRequests) {
   EXPECT_EQ(sink.bytes_written(), 0u);
 }
 
-// Wraps a RecordingSink and notes any write() that overlaps another or comes from a thread other
-// than the one that started the export: BlockSink is not thread-safe.
-class ThreadCheckingSink final : public plugin::BlockSink {
- public:
-  explicit ThreadCheckingSink(RecordingSink& inner) : inner_(inner) {}
-  Status write(const plugin::Chunk* chunks, std::size_t count) noexcept override {
-    if (in_write_.exchange(true)) overlapping_ = true;
-    if (std::this_thread::get_id() != caller_) foreign_thread_ = true;
-    std::this_thread::sleep_for(std::chrono::microseconds(200));  // widens any race's window
-    const Status s = inner_.write(chunks, count);
-    in_write_ = false;
-    return s;
-  }
-  Status make_durable() noexcept override { return inner_.make_durable(); }
-  void released(std::uint64_t offset, std::uint64_t length) noexcept override {
-    inner_.released(offset, length);
-  }
-  bool overlapping() const { return overlapping_; }
-  bool foreign_thread() const { return foreign_thread_; }
-
- private:
-  RecordingSink& inner_;
-  const std::thread::id caller_ = std::this_thread::get_id();
-  std::atomic<bool> in_write_{false};
-  std::atomic<bool> overlapping_{false};
-  std::atomic<bool> foreign_thread_{false};
-};
-
-// The real syscall, noting whether any call ran on the thread that started the export.
-struct ThreadRecordingReadv {
-  std::thread::id caller = std::this_thread::get_id();
-  std::atomic<bool> on_caller{false};
-  std::atomic<std::size_t> calls{0};
-  static ssize_t call(void* context, pid_t pid, const iovec* local, unsigned long local_count,
-                      const iovec* remote, unsigned long remote_count) {
-    auto* self = static_cast<ThreadRecordingReadv*>(context);
-    if (std::this_thread::get_id() == self->caller) self->on_caller = true;
-    ++self->calls;
-    return ::process_vm_readv(pid, local, local_count, remote, remote_count, 0);
-  }
-};
-
-class ReaderThreadTest : public ::testing::TestWithParam<const char*> {};
-
-TEST_P(ReaderThreadTest, ExportsEveryByteInOrderReadingOnItsOwnThread) {
-  Guest guest({3 * kMiB + 5 * kPage, 3 * kPage, 2 * kMiB});
-  for (const std::vector<ByteRange>& ranges :
-       {std::vector<ByteRange>{{0, guest.size()}}, scattered_ranges(guest.size(), 3)}) {
-    RecordingSink recording(guest.size(), kPage, ranges);
-    ThreadCheckingSink sink(recording);
-    ExportStats stats;
-    ThreadRecordingReadv readv;
-    auto strategy = make_strategy({{"buffer_bytes", GetParam()}, {"reader_thread", "1"}});
-    strategy->set_syscall_for_test(&ThreadRecordingReadv::call, &readv);
-    Status st = strategy->export_ranges(
-        make_request(getpid(), guest.regions(), guest.size(), ranges), sink, stats);
-    ASSERT_TRUE(st.ok()) << st.message;
-    expect_image(recording, ranges, 1);
-    EXPECT_EQ(stats.bytes_read, total_bytes(ranges));
-    EXPECT_EQ(stats.read_calls, readv.calls.load());
-    EXPECT_FALSE(sink.overlapping());
-    EXPECT_FALSE(sink.foreign_thread());
-    EXPECT_FALSE(readv.on_caller.load());  // the reads overlap the writes only on another thread
-  }
-}
-
-INSTANTIATE_TEST_SUITE_P(Buffers, ReaderThreadTest,
-                         ::testing::Values("4096", "8192", "1048576", "16777216"));
-
-TEST(ProcessVmReadvTest, ReaderThreadWritesAsManyBuffersAsOneThread) {
-  Guest guest({3 * kMiB + 5 * kPage});
-  const std::vector<ByteRange> ranges = {{0, guest.size()}};
-  RecordingSink sink(guest.size(), kPage, ranges);
-  ExportStats stats;
-  auto strategy = make_strategy({{"buffer_bytes", "1048576"}, {"reader_thread", "1"}});
-  Status st = strategy->export_ranges(make_request(getpid(), guest.regions(), guest.size(), ranges),
-                                      sink, stats);
-  ASSERT_TRUE(st.ok()) << st.message;
-  expect_image(sink, ranges, 1);
-  EXPECT_EQ(sink.write_calls(), 4u);
-}
-
-TEST(ProcessVmReadvTest, ReaderThreadStopsReadingWhenTheSinkFails) {
-  Guest guest({8 * kMiB});
-  const std::vector<ByteRange> ranges = {{0, guest.size()}};
-  RecordingSink recording(guest.size(), kPage, ranges);
-  recording.fail_after_bytes(kMiB);
-  ThreadCheckingSink sink(recording);
-  ExportStats stats;
-  auto strategy = make_strategy({{"buffer_bytes", "1048576"}, {"reader_thread", "1"}});
-  Status st = strategy->export_ranges(make_request(getpid(), guest.regions(), guest.size(), ranges),
-                                      sink, stats);
-  EXPECT_EQ(st.code, StatusCode::kSinkError);
-  EXPECT_EQ(st.sys_errno, 28);
-  EXPECT_NE(std::string(st.message).find("ENOSPC"), std::string::npos) << st.message;
-  EXPECT_EQ(recording.write_calls(), 1u);
-  // The failed buffer and at most the one read meanwhile: nothing after the sink failed.
-  EXPECT_LE(stats.bytes_read, 2 * kMiB);
-}
-
-// A read error comes after everything read before it is written, as with one thread.
-TEST(ProcessVmReadvTest, ReaderThreadWritesPagesBeforeAHoleThenFails) {
-  void* mem = mmap(nullptr, 4 * kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  ASSERT_NE(mem, MAP_FAILED);
-  auto* bytes = static_cast<unsigned char*>(mem);
-  for (std::uint64_t i = 0; i < 4 * kPage; ++i) bytes[i] = pattern(i, 1);
-  ASSERT_EQ(munmap(bytes + 2 * kPage, kPage), 0);
-  const std::vector<Region> regions = {{0, reinterpret_cast<std::uint64_t>(bytes), 4 * kPage}};
-  const std::vector<ByteRange> ranges = {{0, 4 * kPage}};
-  RecordingSink sink(4 * kPage, kPage, ranges);
-  ExportStats stats;
-  auto strategy = make_strategy({{"buffer_bytes", "4096"}, {"reader_thread", "1"}});
-  Status st =
-      strategy->export_ranges(make_request(getpid(), regions, 4 * kPage, ranges), sink, stats);
-  EXPECT_EQ(st.code, StatusCode::kBadAddress) << st.message;
-  EXPECT_EQ(sink.bytes_written(), 2 * kPage);
-  for (std::uint64_t g = 0; g < 2 * kPage; ++g) ASSERT_EQ(sink.image()[g], pattern(g, 1));
-  munmap(bytes, 2 * kPage);
-  munmap(bytes + 3 * kPage, kPage);
-}
-
 TEST(ProcessVmReadvTest, Options) {
   ProcessVmReadvOptions parsed;
   const std::vector<Option> good = {{"buffer_bytes", "16777216"},
                                     {"max_call_bytes", "4096"},
                                     {"enomem_retries", "2"},
-                                    {"enomem_backoff_us", "0"},
-                                    {"reader_thread", "1"}};
+                                    {"enomem_backoff_us", "0"}};
   ASSERT_TRUE(parse_process_vm_readv_options(good.data(), good.size(), &parsed).ok());
-  EXPECT_TRUE(parsed.reader_thread);
   EXPECT_EQ(parsed.buffer_bytes, 16u * kMiB);
   EXPECT_EQ(parsed.max_call_bytes, 4096u);
   EXPECT_EQ(parsed.enomem_retries, 2u);
@@ -760,7 +634,6 @@ TEST(ProcessVmReadvTest, Options) {
       {"buffer_bytes", "2147483648"}, {"buffer_bytes", "99999999999999999999999"},
       {"max_call_bytes", "0"},        {"max_call_bytes", "2147479553"},
       {"enomem_retries", "65"},       {"enomem_backoff_us", "1000001"},
-      {"reader_thread", "2"},         {"reader_thread", "yes"},
       {"buffer_bytes", nullptr},      {nullptr, "1"},
   };
   for (const Option& option : bad) {
