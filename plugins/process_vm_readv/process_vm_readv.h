@@ -19,6 +19,19 @@
 // progress), naming the host address and guest offset; kProcessGone on ESRCH; kNoMemory when
 // ENOMEM persists; kSinkError when the sink refuses a write; kIoError for other errors.
 // Memory use: buffer_bytes plus a chunk list bounded by buffer_bytes / 4096, allocated per export.
+//
+// What bounds it (issue 18 part 3; memsnap-bench BM_PvrPipeline / BM_PvrExport, 1 GiB, 2-CPU VM
+// under other builds, docs/performance.md): CPU, not I/O. Per GiB the copy in (process_vm_readv)
+// costs about 0.15-0.18 CPU-s, the write() into the new file's page cache 0.14-0.32, the sink's
+// zero scan and checksums 0.07-0.15 more: a full export takes 0.42-0.50 CPU-s, about twice the
+// best write() reference's own CPU, so it can reach about 0.5x of that reference on one free CPU.
+// Buffer size made no measurable difference from 256 KiB to 4 MiB (16 MiB had the slowest
+// median, probably as the buffer no longer stays in cache between the copy in, the scan and the
+// write). Remote iovecs of 4 KiB read 30-50% slower at best than one iovec per region
+// (contiguous ranges are merged, so only a scattered diff pays this). A reader thread
+// overlapping the reads with the sink's writes was measured (commit a158e4f) and left out: no
+// consistent gain with the sink's hashing helper already on the second CPU, and its CPU would
+// escape the pause's report.
 #pragma once
 
 #include <sys/types.h>
