@@ -133,13 +133,42 @@ class MemsnapdTest : public ::testing::Test {
     return *sandboxes_[id];
   }
 
+  // Runs memsnapd again, on the same directory, with the gated test plugin beside the real ones
+  // (tests/gated_plugin): a pause forced to strategy "gated" stops half way through its export
+  // until open_gate(), so a test sees a pause in flight every time. Call before launching.
+  void restart_with_gate() {
+    daemon_.reset();
+    const fs::path plugins = fs::path(dir_) / "plugins";
+    fs::create_directories(plugins);
+    for (const auto& e : fs::directory_iterator(std::getenv("MEMSNAP_PLUGIN_DIR"))) {
+      fs::create_symlink(e.path(), plugins / e.path().filename());
+    }
+    fs::create_symlink(MEMSNAP_GATED_PLUGIN, plugins / "memsnap_gated.so");
+    gate_ = dir_ + "/gate";
+    fs::create_directories(gate_);
+    ::setenv("MEMSNAP_GATE_DIR", gate_.c_str(), 1);  // inherited by memsnapd, read by the plugin
+    DaemonOptions o;
+    o.dir = dir_;
+    o.flags_file = flags_;
+    o.overrides = {"plugins.directory=" + plugins.string()};
+    auto d = Daemon::start(o);
+    ::unsetenv("MEMSNAP_GATE_DIR");
+    ASSERT_TRUE(d.ok()) << d.error().to_string();
+    daemon_ = std::move(*d);
+  }
+  // Whether a gated export reached its gate (half its bytes written) within a minute.
+  bool reached_gate() {
+    return eventually([&] { return fs::exists(gate_ + "/waiting"); }, std::chrono::seconds(60));
+  }
+  void open_gate() { write_file(gate_ + "/open", ""); }
+
   Answer call(const std::string& method, const std::string& target, const json& body = nullptr) {
     auto a = daemon_->call(method, target, body);
     EXPECT_TRUE(a.ok()) << a.error().to_string();
     return a.ok() ? *a : Answer{};
   }
 
-  std::string dir_, flags_;
+  std::string dir_, flags_, gate_;
   std::unique_ptr<Daemon> daemon_;
   std::map<std::string, std::unique_ptr<Sandbox>> sandboxes_;
 };
@@ -560,57 +589,28 @@ TEST_F(MemsnapdTest, TwoPausesToTheSameOutputNeverOverwriteEachOther) {
 }
 
 TEST_F(MemsnapdTest, SigtermLetsAPauseInFlightFinishAndRefusesNewOnes) {
-  SandboxSpec spec;
-  spec.id = "sb-big";
-  spec.size = 256ULL << 20;
-  spec.attributes = {{"team", "a"}};
-  auto launched = Sandbox::launch(*daemon_, spec);
-  ASSERT_TRUE(launched.ok()) << launched.error().to_string();
+  restart_with_gate();
+  Sandbox& big = launch("sb-big", "a", "anon");
   Sandbox& other = launch("sb-small", "a", "anon");
-  std::unique_ptr<Sandbox> sb = std::move(*launched);
   Result<json> first = json();
-  std::thread t([&] { first = sb->pause({{"sync", true}}); });
-  // "pausing" is the state from the moment the request is accepted, before it has a pause slot;
-  // a SIGTERM then refuses it (it has not started). The pause is in flight once the snapshot's
-  // temporary file exists: wait for that, so the drain has something to let finish.
-  const fs::path big_dir = fs::path(daemon_->snapshot_dir()) / "sb-big";
-  auto exporting = [&] {
-    std::error_code ec;
-    for (fs::directory_iterator it(big_dir, ec), end; !ec && it != end; it.increment(ec)) {
-      if (it->path().filename().string().find(".tmp.") != std::string::npos) return true;
-    }
-    return false;
-  };
-  bool seen = false;
-  for (int i = 0; i < 20000 && !seen; ++i) {
-    seen = exporting();
-    if (!seen) std::this_thread::sleep_for(std::chrono::microseconds(200));
-  }
-  if (!seen) {
-    t.join();
-    GTEST_SKIP() << "the pause finished before it could be seen in progress";
-  }
+  // In flight for sure: the gated strategy holds the export half way until the gate opens.
+  std::thread t([&] { first = big.pause({{"sync", true}, {"strategy", "gated"}}); });
+  ASSERT_TRUE(reached_gate()) << "the pause never got half way";
   ASSERT_EQ(::kill(daemon_->pid(), SIGTERM), 0);
-  // While draining (health says so), a new pause is refused with a stable code, and nothing of
-  // it is left.
-  bool draining = false;
-  for (int i = 0; i < 2000 && !draining; ++i) {
+  // While draining (health says so), a new pause is refused with a stable code.
+  EXPECT_TRUE(eventually([&] {
     auto h = daemon_->call("GET", "/v1/health", nullptr, std::chrono::seconds(5));
-    if (!h.ok()) break;  // already gone: the drain ended
-    draining = h->body.value("status", "") == "draining";
-  }
-  Answer refused;
-  if (draining) {
-    auto r = daemon_->call("POST", "/v1/sandboxes/sb-small/pause", json::object());
-    if (r.ok()) refused = *r;  // else the drain ended in between: nothing to check
-  }
+    return h.ok() && h->body.value("status", "") == "draining";
+  })) << "memsnapd never said it was draining";
+  auto refused = daemon_->call("POST", "/v1/sandboxes/sb-small/pause", json::object());
+  ASSERT_TRUE(refused.ok()) << refused.error().to_string();
+  EXPECT_EQ(refused->status, 503) << refused->body.dump();
+  EXPECT_EQ(refused->body["error"]["code"], "shutting_down") << refused->body.dump();
+  open_gate();
   t.join();
   ASSERT_TRUE(first.ok()) << "the pause in flight did not finish: " << first.error().to_string();
   EXPECT_EQ((*first)["generation"], 1);
-  if (refused.status != 0) {  // 0: the socket was already gone (drain ended first)
-    EXPECT_EQ(refused.status, 503) << refused.body.dump();
-    EXPECT_EQ(refused.body["error"]["code"], "shutting_down") << refused.body.dump();
-  }
+  EXPECT_EQ((*first)["strategy"], "gated");
   EXPECT_EQ(daemon_->stop(SIGTERM, std::chrono::seconds(30)), 0);
   EXPECT_TRUE(fs::exists(daemon_->snapshot_dir() + "/sb-big/generation-1.snap"));
   EXPECT_FALSE(fs::exists(daemon_->snapshot_dir() + "/sb-small/generation-1.snap"));
@@ -823,6 +823,7 @@ TEST_F(MemsnapdTest, AFaultServerErrorEndsTheVmmAndTheSandboxBecomesFailed) {
 // previous generation still restores every page, and a restarted memsnapd removes the
 // temporary file the dead one left.
 TEST_F(MemsnapdTest, KillNineInTheMiddleOfAPauseLeavesThePreviousGenerationWholeAndNoPartialFile) {
+  restart_with_gate();
   SandboxSpec spec;
   spec.id = "sb-big";
   spec.size = 256ULL << 20;
@@ -848,16 +849,16 @@ TEST_F(MemsnapdTest, KillNineInTheMiddleOfAPauseLeavesThePreviousGenerationWhole
     return out;
   };
   Result<json> second = json();
-  std::thread t([&] { second = sb->pause({{"sync", true}, {"parent", "none"}}); });
-  bool exporting = false;
-  for (int i = 0; i < 20000 && !exporting; ++i) {
-    exporting = !temporaries().empty();
-    if (!exporting) std::this_thread::sleep_for(std::chrono::microseconds(200));
-  }
-  const bool killed = exporting && ::kill(daemon_->pid(), SIGKILL) == 0;
+  // Half way for sure: the gated strategy holds the export until the gate opens, which it never
+  // does here.
+  std::thread t(
+      [&] { second = sb->pause({{"sync", true}, {"parent", "none"}, {"strategy", "gated"}}); });
+  const bool half_way = reached_gate();
+  EXPECT_TRUE(half_way) << "the pause never got half way";
+  EXPECT_FALSE(temporaries().empty()) << "half way through, the pause has no temporary file";
+  ASSERT_EQ(::kill(daemon_->pid(), SIGKILL), 0);
   t.join();
-  ASSERT_EQ(killed, exporting);
-  if (!exporting) GTEST_SKIP() << "the pause finished before it could be seen in progress";
+  ASSERT_TRUE(half_way);
   EXPECT_FALSE(second.ok()) << "a pause answered although memsnapd was killed in its middle";
   // Only generation 1 is visible; the dead daemon's temporary file is still there.
   std::vector<std::string> snaps;

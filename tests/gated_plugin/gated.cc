@@ -1,0 +1,103 @@
+// A strategy that stops half way through an export until the test lets it go on, so that tests
+// of "a pause in flight" (a drain, a kill -9 in its middle) see one in flight every time instead
+// of racing a fast export. Never installed: built into its own directory; a test that wants it
+// runs memsnapd with a plugin directory that holds it beside the real plugins.
+//
+// It reads guest memory through the VMM's address space (process_vm_readv), so any registered
+// sandbox can use it. The gate is the directory named by $MEMSNAP_GATE_DIR: once half of the
+// dirty bytes are in the sink, it creates <dir>/waiting and waits until <dir>/open exists
+// (checked every 2 ms, for at most 120 s, then it fails); without the variable it never waits.
+#include <sys/stat.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstdlib>
+#include <string>
+#include <vector>
+
+#include "plugins/plugin_api/plugin_api.h"
+#include "plugins/plugin_api/plugin_util.h"
+
+namespace {
+
+using namespace memsnap::plugin;
+
+bool exists(const std::string& path) {
+  struct stat st {};
+  return ::stat(path.c_str(), &st) == 0;
+}
+
+// Says it is waiting, then waits for the test to open the gate.
+Status wait_at_gate() {
+  const char* dir = std::getenv("MEMSNAP_GATE_DIR");
+  if (dir == nullptr || *dir == '\0') return Status::Ok();
+  const std::string waiting = std::string(dir) + "/waiting";
+  const std::string open = std::string(dir) + "/open";
+  if (FILE* f = std::fopen(waiting.c_str(), "w")) std::fclose(f);
+  for (int i = 0; i < 60000; ++i) {
+    if (exists(open)) return Status::Ok();
+    ::usleep(2000);
+  }
+  return Status::Error(StatusCode::kIoError, ETIMEDOUT, "gated: the gate was never opened");
+}
+
+class Gated final : public Strategy {
+ public:
+  Status export_ranges(const ExportRequest& request, BlockSink& sink,
+                       ExportStats& stats) noexcept override {
+    if (Status s = check_request_ranges(request); !s.ok()) return s;
+    std::uint64_t total = 0;
+    for (std::size_t i = 0; i < request.range_count; ++i) total += request.ranges[i].length;
+    std::vector<char> buf(1 << 20);
+    std::uint64_t done = 0;
+    bool gated = false;
+    for (std::size_t i = 0; i < request.range_count; ++i) {
+      const ByteRange& r = request.ranges[i];
+      for (std::uint64_t off = r.offset; off < r.offset + r.length;) {
+        if (!gated && done * 2 >= total) {
+          gated = true;
+          if (Status s = wait_at_gate(); !s.ok()) return s;
+        }
+        const Region* region = nullptr;
+        for (std::size_t k = 0; k < request.region_count; ++k) {
+          const Region& g = request.regions[k];
+          if (off >= g.guest_offset && off < g.guest_offset + g.size) region = &g;
+        }
+        if (region == nullptr) {
+          return Status::Error(StatusCode::kBadAddress, 0, "gated: no region holds 0x%llx",
+                               static_cast<unsigned long long>(off));
+        }
+        std::uint64_t n = std::min<std::uint64_t>(buf.size(), r.offset + r.length - off);
+        n = std::min(n, region->guest_offset + region->size - off);
+        iovec local{buf.data(), n};
+        iovec remote{reinterpret_cast<void*>(region->host_addr + (off - region->guest_offset)), n};
+        const ssize_t got = ::process_vm_readv(request.pid, &local, 1, &remote, 1, 0);
+        if (got != static_cast<ssize_t>(n)) {
+          return Status::Error(errno == ESRCH ? StatusCode::kProcessGone : StatusCode::kIoError,
+                               errno, "gated: process_vm_readv at 0x%llx failed",
+                               static_cast<unsigned long long>(off));
+        }
+        const Chunk chunk{off, buf.data(), n};
+        if (Status s = write_chunks(sink, &chunk, 1); !s.ok()) return s;
+        stats.bytes_read += n;
+        ++stats.read_calls;
+        done += n;
+        off += n;
+      }
+    }
+    return Status::Ok();
+  }
+};
+
+Status create(Strategy** out, const Option* /*options*/, std::size_t count) noexcept {
+  if (count != 0) return Status::Error(StatusCode::kInvalidArgument, 0, "gated takes no options");
+  *out = new (std::nothrow) Gated();
+  return *out != nullptr ? Status::Ok()
+                         : Status::Error(StatusCode::kNoMemory, ENOMEM, "out of memory");
+}
+
+}  // namespace
+
+MEMSNAP_PLUGIN("gated", "1.0.0", kCapNeedsPid | kCapExperimental,
+               "test fixture: stops half way until the test opens its gate", create)
