@@ -1081,6 +1081,7 @@ Result<json> SandboxService::pause(const Caller& caller, const std::string& id, 
   req.freeze = true;
   req.stay_frozen = *after == "stop";
   req.sync = *sync;
+  req.data_write = settings.durable_write;
   if (dirty) {
     req.dirty = dirty;
     req.dirty->insert(req.dirty->end(), cut_off_ranges.begin(), cut_off_ranges.end());
