@@ -87,8 +87,8 @@ enum class DurableWrite { kBuffered, kDirect };
 
 struct SnapshotsConfig {
   std::string directory = "/var/lib/memsnap/snapshots";  // never "/"
-  // kBuffered: through the page cache, then fsync (the faster on the wall clock here);
-  // kDirect: O_DIRECT, then fsync (less CPU, slower). Unsynced pauses always buffer.
+  // kBuffered: through the page cache, then fsync (never slower on the wall clock here);
+  // kDirect: O_DIRECT, then fsync (less CPU with some strategies). Unsynced pauses always buffer.
   DurableWrite durable_write = DurableWrite::kBuffered;
   bool operator==(const SnapshotsConfig&) const = default;
 };

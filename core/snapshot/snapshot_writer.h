@@ -23,10 +23,11 @@ struct XXH3_state_s;
 namespace memsnap {
 
 // How the writer puts the data area (the guest's bytes) into the file of a synced snapshot.
-// Measured on this project's machines (docs/performance.md, "Durable pauses"): kBuffered is the
-// faster on the wall clock (a direct write() waits for the disk before it returns), kDirect costs
-// less CPU (3-7x less for the write itself, 10-40% less for a whole pause). The header and the
-// map are always written through the page cache (a few KiB, not aligned).
+// Measured on this project's machines (docs/performance.md, "Durable pauses"): kBuffered is
+// never slower on the wall clock (a direct write() waits for the disk before it returns); kDirect
+// costs 2-9x less CPU for the write itself, and 25-50% less for a whole pause with
+// process_vm_readv or memfd's mmap reads (none with memfd's pread buffer, which must be copied
+// through the bounce buffer). The header and the map are always written through the page cache.
 enum class DataWrite : std::uint8_t {
   // pwritev through the page cache; the fsync at commit writes it back. Also what every
   // unsynced snapshot gets, whatever was asked (O_DIRECT would make it wait for the disk).
