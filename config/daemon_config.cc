@@ -435,6 +435,8 @@ const std::vector<std::pair<std::string_view, LogLevel>> kLevelNames = {
     {"off", LogLevel::kOff}};
 const std::vector<std::pair<std::string_view, LogFormat>> kFormatNames = {
     {"text", LogFormat::kText}, {"json", LogFormat::kJson}};
+const std::vector<std::pair<std::string_view, DurableWrite>> kDurableWriteNames = {
+    {"buffered", DurableWrite::kBuffered}, {"direct", DurableWrite::kDirect}};
 
 // ---- metrics.listen ----
 
@@ -581,6 +583,8 @@ const std::vector<Field>& schema() {
             StringCodec{check_flag_key}),
       field("snapshots", "directory", false, &DC::snapshots, &SnapshotsConfig::directory,
             PathCodec{.absolute_required = true, .not_root = true}),
+      field("snapshots", "durable_write", true, &DC::snapshots, &SnapshotsConfig::durable_write,
+            EnumCodec<DurableWrite>{kDurableWriteNames}),
       // sun_path holds 108 bytes with the terminating NUL.
       field("control", "socket", false, &DC::control, &ControlConfig::socket,
             PathCodec{.absolute_required = true, .not_root = true, .max_length = 107}),

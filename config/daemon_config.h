@@ -10,6 +10,7 @@
 //   flags.file                 string path   ""  = no flag file: every sandbox gets the fallback
 //   flags.strategy_flag        string        memory-export-strategy
 //   snapshots.directory        absolute path /var/lib/memsnap/snapshots
+//   snapshots.durable_write    buffered|direct  buffered (how synced pauses write guest data)
 //   control.socket             absolute path /run/memsnap/memsnapd.sock
 //   control.handshake_directory absolute path /run/memsnap/handshake (resume sockets go here)
 //   control.mode               octal text    "0600"
@@ -48,7 +49,7 @@
 //
 // SIGHUP reload: the daemon loads the file again (plus its --set overrides) and compares.
 //   Applied at runtime: logging.*, flags.file, flags.strategy_flag, limits.*, strategy.*,
-//     drain.timeout_ms.
+//     drain.timeout_ms, snapshots.durable_write.
 //   Need a restart (restart_required_changes names them; the daemon keeps the running value and
 //     logs them): plugins.directory, snapshots.directory, control.* (the control API's server is
 //     configured once, at start), metrics.listen, metrics.allow_non_loopback.
@@ -80,8 +81,15 @@ struct FlagsConfig {
   bool operator==(const FlagsConfig&) const = default;
 };
 
+// How a pause with sync (the default) writes the guest's bytes into its snapshot; memsnapd maps
+// it to core's DataWrite (core/snapshot/snapshot_writer.h).
+enum class DurableWrite { kBuffered, kDirect };
+
 struct SnapshotsConfig {
   std::string directory = "/var/lib/memsnap/snapshots";  // never "/"
+  // kBuffered: through the page cache, then fsync (never slower on the wall clock here);
+  // kDirect: O_DIRECT, then fsync (less CPU with some strategies). Unsynced pauses always buffer.
+  DurableWrite durable_write = DurableWrite::kBuffered;
   bool operator==(const SnapshotsConfig&) const = default;
 };
 

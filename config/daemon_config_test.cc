@@ -39,6 +39,7 @@ DaemonConfig everything_changed() {
   c.strategy.allow_fallback = false;
   c.logging.level = LogLevel::kDebug;
   c.logging.format = LogFormat::kJson;
+  c.snapshots.durable_write = DurableWrite::kDirect;
   c.drain.timeout = 0ms;
   return c;
 }
@@ -50,6 +51,7 @@ flags:
   strategy_flag: other-flag
 snapshots:
   directory: /srv/snapshots/
+  durable_write: direct
 control:
   socket: /run/other.sock
   mode: "0660"
@@ -213,7 +215,7 @@ TEST(RoundTrip, FullFileWithEveryKeyChanged) {
   ASSERT_TRUE(r.ok()) << r.error_text();
   EXPECT_EQ(*r.config, everything_changed());
   // Every key really differs from its default, so nothing below passes by accident.
-  EXPECT_EQ(changed_keys(DaemonConfig{}, *r.config).size(), 20U);
+  EXPECT_EQ(changed_keys(DaemonConfig{}, *r.config).size(), 21U);
 
   const std::string dumped = to_yaml(*r.config);
   const LoadResult again = load_string(dumped, "dump.yaml");
@@ -416,6 +418,20 @@ TEST(Errors, LogLevelAndFormat) {
   EXPECT_EQ(r.config->logging.level, LogLevel::kOff);
   EXPECT_EQ(to_string(r.config->logging.level), "off");
   EXPECT_EQ(to_string(r.config->logging.format), "json");
+}
+
+TEST(Errors, DurableWrite) {
+  ConfigError e = load_error("snapshots:\n  durable_write: directio\n");
+  EXPECT_EQ(e.key, "snapshots.durable_write");
+  EXPECT_NE(e.message.find("did you mean \"direct\""), std::string::npos) << e.message;
+  EXPECT_NE(e.message.find("one of: buffered direct"), std::string::npos) << e.message;
+  e = load_error("snapshots:\n  durable_write: true\n");
+  EXPECT_EQ(e.key, "snapshots.durable_write");
+
+  const LoadResult r = load_string("snapshots: {durable_write: direct}\n", "t");
+  ASSERT_TRUE(r.ok()) << r.error_text();
+  EXPECT_EQ(r.config->snapshots.durable_write, DurableWrite::kDirect);
+  EXPECT_EQ(DaemonConfig{}.snapshots.durable_write, DurableWrite::kBuffered);
 }
 
 TEST(Errors, MetricsListen) {
@@ -695,8 +711,9 @@ TEST(Reload, ReloadableChangesNeedNoRestart) {
   reloaded.strategy.fallback = "memfd";
   reloaded.strategy.allow_fallback = false;
   reloaded.drain.timeout = 1ms;
+  reloaded.snapshots.durable_write = DurableWrite::kDirect;
   EXPECT_TRUE(restart_required_changes(running, reloaded).empty());
-  EXPECT_EQ(changed_keys(running, reloaded).size(), 11U);
+  EXPECT_EQ(changed_keys(running, reloaded).size(), 12U);
 
   reloaded.control.socket = "/run/y.sock";
   EXPECT_EQ(restart_required_changes(running, reloaded),

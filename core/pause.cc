@@ -313,6 +313,7 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
   params.guest_size = req.guest_size;
   params.generation = 1;
   params.sync_on_commit = req.sync;
+  params.data_write = req.data_write;
   // sync_on_make_durable stays off: before a release, the bytes need to survive this process,
   // not the host. Released memory was RAM, as volatile as the page cache that then holds its
   // copy, so an fdatasync per released chunk (hole_punch: every 2 MiB) would add a disk flush to
@@ -423,6 +424,13 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
   report.zero_blocks = stats.zero_blocks;
   report.parent_blocks = stats.parent_blocks;
   report.data_bytes = stats.data_bytes;
+  report.data_write =
+      data_write_name((*writer)->writes_direct() ? DataWrite::kDirect : DataWrite::kBuffered);
+  report.data_write_fallback = (*writer)->direct_fallback();
+  if (!report.data_write_fallback.empty()) {
+    spdlog::warn("snapshot {}: writing its data buffered, not with O_DIRECT: {}", req.out_path,
+                 report.data_write_fallback);
+  }
   report.wall_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - wall_start).count();
   report.cpu_seconds = thread_cpu_seconds() - cpu_start + helper_cpu;

@@ -21,6 +21,7 @@
 #include "core/base/result.h"
 #include "core/plugin_host/plugin_registry.h"
 #include "core/snapshot/snapshot_reader.h"
+#include "core/snapshot/snapshot_writer.h"
 #include "plugins/plugin_api/plugin_api.h"
 
 namespace memsnap {
@@ -71,6 +72,8 @@ struct PauseRequest {
   // when a flag or a fallback picked that strategy).
   bool stay_frozen = false;
   bool sync = true;  // fsync the snapshot and its directory at commit
+  // How a synced snapshot's data reaches the disk (see DataWrite); ignored without sync.
+  DataWrite data_write = DataWrite::kBuffered;
 };
 
 struct PhaseTiming {
@@ -107,6 +110,10 @@ struct PauseReport {
   std::uint64_t zero_blocks = 0;
   std::uint64_t parent_blocks = 0;
   std::uint64_t data_bytes = 0;  // bytes of data in the snapshot file
+  // How the data was written at the end ("buffered" or "direct"), and why a pause that asked for
+  // direct writes fell back to buffered ones ("" if it did not).
+  std::string data_write;
+  std::string data_write_fallback;
   plugin::ExportStats export_stats;
   std::vector<PhaseTiming> phases;
   double wall_seconds = 0;

@@ -53,6 +53,8 @@ nlohmann::json to_json(const PauseReport& r) {
           {"data_blocks", r.data_blocks},
           {"zero_blocks", r.zero_blocks},
           {"parent_blocks", r.parent_blocks},
+          {"data_write", r.data_write},
+          {"data_write_fallback", r.data_write_fallback},
           {"memory_released", r.export_stats.bytes_released},
           {"read_calls", r.export_stats.read_calls},
           {"retries", r.export_stats.retries},

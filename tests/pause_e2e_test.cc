@@ -82,6 +82,7 @@ class PauseE2ETest : public ::testing::Test {
     // continue the stand-in themselves where they go on using it (continue_guest).
     const PluginInfo* info = registry_.find(strategy);
     req.stay_frozen = info != nullptr && info->releases_memory();
+    req.data_write = data_write_;
     return req;
   }
   static void continue_guest(const GuestProcess& g) { ASSERT_EQ(kill(g.pid(), SIGCONT), 0); }
@@ -119,11 +120,31 @@ class PauseE2ETest : public ::testing::Test {
     diff_ = *diff;
   }
 
+  // Issue 18 part 4: a base and a diff written with O_DIRECT (pauses sync by default) check out
+  // page by page like buffered ones; /var/tmp takes O_DIRECT, so nothing may fall back.
+  void direct_base_and_diff(const std::string& strategy, const std::string& backing) {
+    data_write_ = DataWrite::kDirect;
+    auto g = start_guest(backing, 2);
+    ASSERT_NE(g, nullptr);
+    base_diff_and_check(*g, strategy);
+    for (const PauseReport* r : {&base_, &diff_}) {
+      EXPECT_EQ(r->data_write, "direct");
+      EXPECT_EQ(r->data_write_fallback, "");
+    }
+  }
+
   PluginRegistry registry_;
   std::string dir_;
   int memfd_ = -1;
+  DataWrite data_write_ = DataWrite::kBuffered;
   PauseReport base_, diff_;
 };
+
+TEST_F(PauseE2ETest, DirectDataWritesProcessVmReadv) {
+  direct_base_and_diff("process_vm_readv", "anon");
+}
+TEST_F(PauseE2ETest, DirectDataWritesMemfd) { direct_base_and_diff("memfd", "memfd"); }
+TEST_F(PauseE2ETest, DirectDataWritesHolePunch) { direct_base_and_diff("hole_punch", "memfd"); }
 
 TEST_F(PauseE2ETest, ProcessVmReadvFromAnonymousMemoryInThreeRegions) {
   auto g = start_guest("anon", 3);

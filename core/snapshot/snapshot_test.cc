@@ -99,6 +99,16 @@ Errc code_of(const R& r) {
   return r.ok() ? Errc::kOk : r.error().code;
 }
 
+// MEMSNAP_TEST_DATA_WRITE=direct (the snapshot_test_direct ctest): every writer of the tests
+// below syncs and writes its data with O_DIRECT, so that each integrity test checks that mode too.
+bool all_direct() {
+  static const bool direct = [] {
+    const char* mode = std::getenv("MEMSNAP_TEST_DATA_WRITE");
+    return mode != nullptr && std::string(mode) == "direct";
+  }();
+  return direct;
+}
+
 SnapshotParams params_for(std::uint64_t bs, std::uint64_t guest_size, std::uint64_t generation = 1,
                           SnapshotId parent = {}) {
   SnapshotParams p;
@@ -106,7 +116,8 @@ SnapshotParams params_for(std::uint64_t bs, std::uint64_t guest_size, std::uint6
   p.guest_size = guest_size;
   p.generation = generation;
   p.parent_id = parent;
-  p.sync_on_commit = false;  // keeps the tests fast; one test turns it on
+  p.sync_on_commit = all_direct();  // off keeps the tests fast; one test turns it on
+  p.data_write = all_direct() ? DataWrite::kDirect : DataWrite::kBuffered;
   return p;
 }
 
@@ -465,6 +476,243 @@ TEST_F(SnapshotTest, SyncOptionsAndStats) {
   EXPECT_EQ(r->header().snapshot_id, (*w)->snapshot_id());
   EXPECT_GT(r->header().created_unix_ns, 0u);
   EXPECT_EQ(code_of((*w)->commit()), Errc::kInvalidArgument);  // only once
+}
+
+// ---------------------------------------------------------------------------------------------
+// O_DIRECT data writes (DataWrite::kDirect)
+
+SnapshotParams direct_params(std::uint64_t bs, std::uint64_t guest_size) {
+  SnapshotParams p = params_for(bs, guest_size);
+  p.sync_on_commit = true;
+  p.data_write = DataWrite::kDirect;
+  return p;
+}
+
+// A copy of an image that starts `misalign` bytes past a page boundary (0: page-aligned), as a
+// strategy's buffer may (malloc puts a big one 16 bytes into a page).
+class PlacedCopy {
+ public:
+  PlacedCopy(const Bytes& image, std::uint64_t misalign) : storage_(image.size() + 2 * k4K) {
+    const auto at = reinterpret_cast<std::uintptr_t>(storage_.data());
+    data_ = storage_.data() + (k4K - at % k4K) % k4K + misalign;
+    std::copy(image.begin(), image.end(), data_);
+  }
+  const std::uint8_t* data() const { return data_; }
+
+ private:
+  Bytes storage_;
+  std::uint8_t* data_ = nullptr;
+};
+
+// Feeds the whole image in chunks of 1..max_chunk_blocks blocks, each taken from one of the
+// copies at random (so aligned and unaligned chunks mix within one batch), a few chunks a call.
+plugin::Status feed_from(SnapshotWriter& w, const std::vector<const std::uint8_t*>& copies,
+                         std::uint64_t size, std::uint64_t bs, std::uint64_t seed,
+                         std::uint64_t max_chunk_blocks) {
+  std::mt19937_64 rng(seed);
+  std::vector<plugin::Chunk> batch;
+  for (std::uint64_t off = 0; off < size;) {
+    const std::uint64_t n = std::min<std::uint64_t>((1 + rng() % max_chunk_blocks) * bs, size - off);
+    batch.push_back({off, copies[rng() % copies.size()] + off, n});
+    off += n;
+    if (rng() % 3 == 0 || off == size) {
+      const plugin::Status s = w.write(batch.data(), batch.size());
+      if (!s.ok()) return s;
+      batch.clear();
+    }
+  }
+  return plugin::Status::Ok();
+}
+
+// Opens the committed file with every checksum verified and compares every page with the image.
+void expect_reads_back(const std::string& file, const Bytes& image) {
+  auto r = open_ok(file, Verify::kFull);
+  ASSERT_TRUE(r);
+  Bytes out(image.size(), 0xAA);
+  ASSERT_TRUE(r->read(0, out.size(), out.data()).ok());
+  for (std::uint64_t page = 0; page < image.size() / k4K; ++page) {
+    ASSERT_EQ(std::memcmp(out.data() + page * k4K, image.data() + page * k4K, k4K), 0)
+        << file << ": page " << page << " differs";
+  }
+}
+
+// Counts the O_DIRECT writes and misbehaves on the ones a test asks for.
+struct DirectFault {
+  int calls = 0;
+  int fail_from = -1;  // this call and the later ones fail with fail_errno (-1: none fail)
+  int fail_errno = EINVAL;
+  std::uint64_t short_to = 0;  // > 0: every call writes at most this many bytes
+};
+DirectFault g_fault;
+
+ssize_t faulty_pwritev(int fd, const iovec* iov, int count, off_t offset) {
+  const int call = g_fault.calls++;
+  if (g_fault.fail_from >= 0 && call >= g_fault.fail_from) {
+    errno = g_fault.fail_errno;
+    return -1;
+  }
+  if (g_fault.short_to == 0) return ::pwritev(fd, iov, count, offset);
+  const std::uint64_t n = std::min<std::uint64_t>(iov[0].iov_len, g_fault.short_to);
+  return ::pwrite(fd, iov[0].iov_base, n, offset);
+}
+
+class DirectWriteTest : public SnapshotTest {
+ protected:
+  void SetUp() override {
+    SnapshotTest::SetUp();
+    g_fault = DirectFault{};
+  }
+  void TearDown() override {
+    set_direct_pwritev_for_testing(nullptr);
+    SnapshotTest::TearDown();
+  }
+  // Writes image from copies (see feed_from) with DataWrite::kDirect into name and returns the
+  // writer after commit (null if a step failed).
+  std::unique_ptr<SnapshotWriter> write_direct(const std::string& name, const Bytes& image,
+                                               const std::vector<const std::uint8_t*>& copies,
+                                               std::uint64_t bs = k4K,
+                                               std::uint64_t max_chunk_blocks = 700) {
+    auto w = SnapshotWriter::create(path(name), direct_params(bs, image.size()),
+                                    {{0, image.size()}});
+    EXPECT_TRUE(w.ok()) << w.error().to_string();
+    if (!w.ok()) return nullptr;
+    const plugin::Status s = feed_from(**w, copies, image.size(), bs, 5, max_chunk_blocks);
+    EXPECT_TRUE(s.ok()) << s.message;
+    const Status c = (*w)->commit();
+    EXPECT_TRUE(c.ok()) << c.error().to_string();
+    if (!s.ok() || !c.ok()) return nullptr;
+    return std::move(*w);
+  }
+};
+
+TEST_F(DirectWriteTest, AlignedUnalignedAndMixedSourcesReadBackEveryPage) {
+  // 24 MiB, 20% zero blocks: chunks of up to 700 blocks make batches beyond the bounce buffer.
+  const Bytes image = random_image(6144, k4K, 61, 20);
+  const PlacedCopy aligned(image, 0), off16(image, 16), off512(image, 512);
+  const std::vector<std::vector<const std::uint8_t*>> sources = {
+      {aligned.data()}, {off16.data()}, {aligned.data(), off16.data(), off512.data()}};
+  for (std::size_t i = 0; i < sources.size(); ++i) {
+    const std::string name = "direct" + std::to_string(i) + ".snap";
+    auto w = write_direct(name, image, sources[i]);
+    ASSERT_TRUE(w);
+    EXPECT_TRUE(w->writes_direct()) << w->direct_fallback();  // /tmp: ext4 takes O_DIRECT
+    expect_reads_back(path(name), image);
+  }
+}
+
+TEST_F(DirectWriteTest, TwoMiBBlocksFromAnUnalignedBuffer) {
+  const Bytes image = random_image(12, k2M, 62, 25);
+  const PlacedCopy off16(image, 16), aligned(image, 0);
+  auto w = write_direct("huge.snap", image, {off16.data(), aligned.data()}, k2M, 5);
+  ASSERT_TRUE(w);
+  expect_reads_back(path("huge.snap"), image);
+}
+
+TEST_F(DirectWriteTest, UnsyncedSnapshotsIgnoreIt) {
+  SnapshotParams p = direct_params(k4K, 16 * k4K);
+  p.sync_on_commit = false;
+  auto w = SnapshotWriter::create(path("u.snap"), p, {{0, 16 * k4K}});
+  ASSERT_TRUE(w.ok());
+  EXPECT_FALSE((*w)->writes_direct());
+  EXPECT_EQ((*w)->direct_fallback(), "");
+}
+
+TEST_F(DirectWriteTest, EinvalFromTheFirstWriteFallsBackToBufferedWrites) {
+  // What a file system without O_DIRECT support answers at the first write.
+  g_fault.fail_from = 0;
+  set_direct_pwritev_for_testing(&faulty_pwritev);
+  const Bytes image = random_image(3000, k4K, 63, 10);
+  const PlacedCopy aligned(image, 0), off16(image, 16);
+  auto w = write_direct("einval.snap", image, {aligned.data(), off16.data()});
+  ASSERT_TRUE(w);
+  EXPECT_EQ(g_fault.calls, 1);
+  EXPECT_FALSE(w->writes_direct());
+  EXPECT_NE(w->direct_fallback().find("O_DIRECT write"), std::string::npos) << w->direct_fallback();
+  expect_reads_back(path("einval.snap"), image);
+}
+
+TEST_F(DirectWriteTest, EinvalHalfWayLosesNothing) {
+  g_fault.fail_from = 3;
+  set_direct_pwritev_for_testing(&faulty_pwritev);
+  const Bytes image = random_image(6000, k4K, 64, 10);
+  const PlacedCopy aligned(image, 0), off16(image, 16);
+  auto w = write_direct("half.snap", image, {aligned.data(), off16.data()});
+  ASSERT_TRUE(w);
+  EXPECT_EQ(g_fault.calls, 4);
+  EXPECT_FALSE(w->writes_direct());
+  expect_reads_back(path("half.snap"), image);
+}
+
+TEST_F(DirectWriteTest, ShortWritesAreContinued) {
+  // Aligned short writes: the writer goes on with O_DIRECT from where each stopped.
+  g_fault.short_to = 3 * k4K;
+  set_direct_pwritev_for_testing(&faulty_pwritev);
+  const Bytes image = random_image(2000, k4K, 65, 10);
+  const PlacedCopy aligned(image, 0), off16(image, 16);
+  auto w = write_direct("short.snap", image, {aligned.data(), off16.data()});
+  ASSERT_TRUE(w);
+  EXPECT_TRUE(w->writes_direct()) << w->direct_fallback();
+  EXPECT_GE(std::uint64_t(g_fault.calls), w->stats().data_blocks / 3);  // 3 blocks a call
+  expect_reads_back(path("short.snap"), image);
+}
+
+TEST_F(DirectWriteTest, AnUnalignedShortWriteFallsBackForTheRest) {
+  // A direct write that stops 1000 bytes in (written through a buffered descriptor of the file:
+  // O_DIRECT itself refuses such a length). The next offset cannot take O_DIRECT.
+  set_direct_pwritev_for_testing([](int fd, const iovec* iov, int, off_t offset) -> ssize_t {
+    ++g_fault.calls;
+    const int buffered = ::open(("/proc/self/fd/" + std::to_string(fd)).c_str(), O_WRONLY);
+    if (buffered < 0) return -1;
+    const ssize_t n = ::pwrite(buffered, iov[0].iov_base, 1000, offset);
+    ::close(buffered);
+    return n;
+  });
+  const Bytes image = random_image(500, k4K, 66, 10);
+  const PlacedCopy off16(image, 16);
+  auto w = write_direct("odd.snap", image, {off16.data()});
+  ASSERT_TRUE(w);
+  EXPECT_EQ(g_fault.calls, 1);
+  EXPECT_FALSE(w->writes_direct());
+  EXPECT_NE(w->direct_fallback().find("unaligned"), std::string::npos) << w->direct_fallback();
+  expect_reads_back(path("odd.snap"), image);
+}
+
+TEST_F(DirectWriteTest, AnIoErrorPoisonsAndNothingIsCommitted) {
+  g_fault.fail_from = 2;
+  g_fault.fail_errno = EIO;
+  set_direct_pwritev_for_testing(&faulty_pwritev);
+  const Bytes image = random_image(3000, k4K, 67, 0);
+  const PlacedCopy aligned(image, 0);
+  auto w = SnapshotWriter::create(path("eio.snap"), direct_params(k4K, image.size()),
+                                  {{0, image.size()}});
+  ASSERT_TRUE(w.ok());
+  const plugin::Status s = feed_from(**w, {aligned.data()}, image.size(), k4K, 7, 700);
+  EXPECT_EQ(s.code, plugin::StatusCode::kSinkError);
+  EXPECT_EQ(s.sys_errno, EIO);
+  const Status c = (*w)->commit();
+  ASSERT_FALSE(c.ok());
+  EXPECT_EQ(c.error().sys_errno, EIO);
+  EXPECT_EQ(files(), std::vector<std::string>{});
+}
+
+TEST_F(DirectWriteTest, ATmpfsSnapshotIsWrittenOneWayOrTheOther) {
+  // tmpfs has taken O_DIRECT since Linux 6.6; before, opening with it fails (EINVAL) and the
+  // writer falls back. Either way every page must come back.
+  char tmpl[] = "/dev/shm/memsnap-direct-test.XXXXXX";
+  if (::mkdtemp(tmpl) == nullptr) GTEST_SKIP() << "no /dev/shm: " << std::strerror(errno);
+  const std::string file = std::string(tmpl) + "/shm.snap";
+  const Bytes image = random_image(1000, k4K, 68, 10);
+  const PlacedCopy off16(image, 16), aligned(image, 0);
+  auto w = SnapshotWriter::create(file, direct_params(k4K, image.size()), {{0, image.size()}});
+  ASSERT_TRUE(w.ok());
+  EXPECT_NE((*w)->writes_direct(), !(*w)->direct_fallback().empty());
+  const plugin::Status s =
+      feed_from(**w, {off16.data(), aligned.data()}, image.size(), k4K, 8, 300);
+  EXPECT_TRUE(s.ok()) << s.message;
+  EXPECT_TRUE((*w)->commit().ok());
+  expect_reads_back(file, image);
+  std::error_code ec;
+  fs::remove_all(tmpl, ec);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -164,6 +164,9 @@ ServiceSettings settings_of(const config::DaemonConfig& c) {
   s.fallback_strategy = c.strategy.fallback;
   s.allow_fallback = c.strategy.allow_fallback;
   s.strategy_flag = c.flags.strategy_flag;
+  s.durable_write = c.snapshots.durable_write == config::DurableWrite::kDirect
+                        ? DataWrite::kDirect
+                        : DataWrite::kBuffered;
   return s;
 }
 

@@ -1243,6 +1243,7 @@ Result<json> SandboxService::pause(const Caller& caller, const std::string& id, 
   req.freeze = true;
   req.stay_frozen = request.stop;
   req.sync = request.sync;
+  req.data_write = settings.durable_write;
   set_dirty_set(req, sb, *plan, request, source);
   spdlog::info("pause {}: strategy {} ({}{}) -> {}", id, choice.strategy, choice.reason,
                choice.variant.empty() ? "" : ", variant " + choice.variant, plan->out_path);

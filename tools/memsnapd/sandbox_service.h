@@ -46,6 +46,7 @@
 #include "core/pause.h"
 #include "core/plugin_host/plugin_registry.h"
 #include "core/snapshot/snapshot_reader.h"
+#include "core/snapshot/snapshot_writer.h"
 #include "core/strategy_selection/strategy_selection.h"
 #include "core/vmm_guard.h"
 #include "flags/flag_store.h"
@@ -68,6 +69,8 @@ struct ServiceSettings {
   ReaderLimits reader_limits;
   // Registrations beyond this many sandboxes are refused (kLimitReached).
   std::size_t max_sandboxes = 4096;
+  // snapshots.durable_write: how synced pauses write guest memory (ignored without sync).
+  DataWrite durable_write = DataWrite::kBuffered;
 };
 
 // Who made a request, as the kernel saw it at connect (SO_PEERCRED).
