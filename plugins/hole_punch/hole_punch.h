@@ -5,9 +5,11 @@
 // any error the export stops at once. (A hole inside a requested range shorter than 256 KiB is
 // read as zeros, written, and "punched" and reported like data: a no-op on the memfd.)
 //
-// Each punched extent costs one fallocate, 5-8 us here whatever its size (0.5-2 us a page within
-// big extents), and extents of a diff cannot be merged across the pages that were not written:
-// on a scattered diff the punching costs more than the export itself.
+// Each punched extent costs one fallocate: 0.9 us a page in the default 2 MiB runs of a full
+// export, more in 16 or 64 MiB runs (1.2, 1.7 us), 10 us for a single page (2026-12-07, quiet
+// run, docs/performance.md). Extents of a diff cannot be merged across the pages that were not
+// written (the parent's bytes, still only in the memfd and the parent snapshot): on a scattered
+// diff the punching costs more than the export itself.
 //
 // Options: those of the memfd strategy (read_method, window_bytes, buffer_bytes; see
 // plugins/memfd/memfd.h), plus

@@ -12,8 +12,14 @@
 // mapped or read past its end.
 //
 // Options (integers are decimal):
-//   read_method   pread | mmap; default pread (as fast as mmap into a new ext4 file here, faster
-//                 under hole_punch, and a memfd shrunk under it is kShortRead, not SIGBUS)
+//   read_method   pread | mmap; default pread. On the project's paravirtualized machines pread
+//                 exports 1 GiB in a third of mmap's time even with populate (docs/performance.md,
+//                 "Export at the machine's limit"); a memfd shrunk under it is kShortRead, not
+//                 SIGBUS. Where page tables are cheap, mmap is the one-copy export: compare
+//                 memsnap-bench's BM_MemfdToFile/4 with /3 on the host to choose.
+//   populate      true | false; default true. With mmap, each data extent of a window gets its
+//                 page tables filled in one MADV_POPULATE_READ (0.21 us a page here) instead of
+//                 a fault a page (2.3 us); a memfd shrunk under it is then kShortRead too.
 //   window_bytes  mmap window, a multiple of 2 MiB in [2 MiB, 1 GiB]; default 64 MiB
 //   buffer_bytes  pread buffer (with mmap: for the short ranges), a multiple of 4096 in
 //                 [4096, 1 GiB] and at least the block size; default 4 MiB

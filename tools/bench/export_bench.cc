@@ -274,6 +274,14 @@ void BM_Pause_memfd_mmap(benchmark::State& s) { run_pause(s, "memfd", {{"read_me
 void BM_Pause_memfd_mmap_unpopulated(benchmark::State& s) {
   run_pause(s, "memfd", {{"read_method", "mmap"}, {"populate", "false"}});
 }
+// memfd and process_vm_readv with arg 0 KiB read buffers (buffer_bytes: also the size of each
+// write() the snapshot writer makes, one batch a buffer); arg 1: 0 memfd, 1 process_vm_readv.
+// 100% dirty, no fsync: what the size of the copies does to the export.
+void BM_Pause_buffer(benchmark::State& s) {
+  const std::string bytes = std::to_string(std::uint64_t(s.range(0)) << 10);
+  run_pause(s, s.range(1) == 1 ? "process_vm_readv" : "memfd", {{"buffer_bytes", bytes}}, false,
+            /*full_no_sync=*/true);
+}
 // hole_punch with arg 0 MiB of data per make_durable + punch (its chunk_bytes), read_method arg 1
 // (0 pread, 1 mmap): what punching in larger runs saves. 100% dirty, no fsync.
 void BM_Pause_hole_punch_chunk(benchmark::State& s) {
@@ -456,11 +464,17 @@ BENCHMARK(BM_Pause_memfd_mmap_unpopulated)
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime()
     ->Iterations(2);
-BENCHMARK(BM_Pause_hole_punch_chunk)
-    ->ArgsProduct({{2, 16, 64}, {0, 1}})
+BENCHMARK(BM_Pause_buffer)
+    ->ArgsProduct({{256, 1024, 4096}, {0, 1}})
     ->Unit(benchmark::kMillisecond)
     ->UseRealTime()
     ->Iterations(5);
+BENCHMARK(BM_Pause_hole_punch_chunk)
+    ->ArgsProduct({{2, 16, 64}, {0}})
+    ->Args({2, 1})
+    ->Unit(benchmark::kMillisecond)
+    ->UseRealTime()
+    ->Iterations(3);
 BENCHMARK(BM_PopulateMapping)->DenseRange(0, 1)->Unit(benchmark::kMillisecond)->UseRealTime()->Iterations(3);
 BENCHMARK(BM_PauseClustered_process_vm_readv)
     ->Args({10, 16})

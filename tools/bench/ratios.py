@@ -136,7 +136,7 @@ def main(path):
     pages = (1 << 30) / 4096
     for mib in (2, 16, 64):
         for method, label in ((0, "pread"), (1, "mmap")):
-            t = med.get(f"BM_Pause_hole_punch_chunk/{mib}/{method}/iterations:5/real_time")
+            t = med.get(f"BM_Pause_hole_punch_chunk/{mib}/{method}/iterations:3/real_time")
             if t:
                 per_page = (t - memfd_full) * 1000 / pages if memfd_full else float("nan")
                 print(f"| {mib} MiB | {label} | {t:.1f} | {fmt_x(ref(0), t)} | {per_page:.2f} us |")

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Runs every benchmark of the project once, in turn, and writes the raw JSON and the ratio tables
-# of docs/performance.md into one directory. About 15 minutes on a quiet 2-CPU machine (14 on 2026-12-03) (the QEMU
-# benchmark, ~12 minutes more, only with --qemu). Run it when nothing else runs: every figure is a
-# ratio to a reference measured in the same run, but a busy machine still widens the spread.
+# of docs/performance.md into one directory. About 25 minutes on a quiet 2-CPU machine (14 on
+# 2026-12-03, before issue 18 added the durable, process_vm_readv pipeline, buffer and hole_punch
+# chunk benchmarks; the QEMU benchmark, ~12 minutes more, only with --qemu). Run it when nothing
+# else runs: every figure is a ratio to a reference measured in the same run, but a busy machine
+# still widens the spread.
 #   bash tools/bench/run-all.sh [--out DIR] [--reps N] [--qemu]
 # Needs a release build (bash tools/run-tests.sh --stage release, or cmake --preset release &&
 # cmake --build --preset release).
@@ -32,6 +34,7 @@ step() { echo "== $(date -u +%H:%M:%S) $* (load: $(cut -d' ' -f1-3 /proc/loadavg
 step "export: memsnap-bench"
 "$bin/memsnap-bench" "${gb[@]}" --benchmark_out="$out/export.json" >> "$out/log" 2>&1
 "$root/tools/bench/ratios.py" "$out/export.json" > "$out/export.md"
+"$root/tools/bench/durable_ratios.py" "$out/export.json" > "$out/durable.md"
 
 step "resume and fault service: memsnap-resume-bench"
 "$bin/memsnap-resume-bench" "${gb[@]}" --benchmark_out="$out/resume.json" >> "$out/log" 2>&1
