@@ -3,10 +3,16 @@
 // of racing a fast export. Never installed: built into its own directory; a test that wants it
 // runs memsnapd with a plugin directory that holds it beside the real plugins.
 //
-// It reads guest memory through the VMM's address space (process_vm_readv), so any registered
-// sandbox can use it. The gate is the directory named by $MEMSNAP_GATE_DIR: once half of the
-// dirty bytes are in the sink, it creates <dir>/waiting and waits until <dir>/open exists
-// (checked every 2 ms, for at most 120 s, then it fails); without the variable it never waits.
+// Built twice from this file:
+// - memsnap_gated.so ("gated") reads guest memory through the VMM's address space
+//   (process_vm_readv), so any registered sandbox can use it;
+// - memsnap_gated_punch.so ("gated_punch", MEMSNAP_GATED_RELEASES) reads the memfd and, like
+//   hole_punch, releases what it wrote (make_durable, punch, released) before it waits: a pause
+//   that stops with part of the guest's memory only in its unfinished snapshot.
+// The gate is the directory named by $MEMSNAP_GATE_DIR: once half of the dirty bytes are in the
+// sink, it creates <dir>/waiting and waits until <dir>/open exists (checked every 2 ms, for at
+// most 120 s, then it fails); without the variable it never waits.
+#include <fcntl.h>
 #include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -42,6 +48,53 @@ Status wait_at_gate() {
   return Status::Error(StatusCode::kIoError, ETIMEDOUT, "gated: the gate was never opened");
 }
 
+#ifdef MEMSNAP_GATED_RELEASES
+constexpr bool kReleases = true;
+#else
+constexpr bool kReleases = false;
+#endif
+
+// Reads n bytes of guest memory at guest offset off into buf: from the memfd (gated_punch) or
+// the VMM's address space (gated).
+Status read_guest(const ExportRequest& request, std::uint64_t off, std::uint64_t n, char* buf) {
+  if (kReleases) {
+    if (::pread(request.memfd, buf, n, static_cast<off_t>(off)) != static_cast<ssize_t>(n)) {
+      return Status::Error(StatusCode::kIoError, errno, "gated: pread at 0x%llx failed",
+                           static_cast<unsigned long long>(off));
+    }
+    return Status::Ok();
+  }
+  for (std::size_t k = 0; k < request.region_count; ++k) {
+    const Region& g = request.regions[k];
+    if (off < g.guest_offset || off + n > g.guest_offset + g.size) continue;
+    iovec local{buf, n};
+    iovec remote{reinterpret_cast<void*>(g.host_addr + (off - g.guest_offset)), n};
+    if (::process_vm_readv(request.pid, &local, 1, &remote, 1, 0) != static_cast<ssize_t>(n)) {
+      return Status::Error(errno == ESRCH ? StatusCode::kProcessGone : StatusCode::kIoError,
+                           errno, "gated: process_vm_readv at 0x%llx failed",
+                           static_cast<unsigned long long>(off));
+    }
+    return Status::Ok();
+  }
+  return Status::Error(StatusCode::kBadAddress, 0, "gated: no region holds 0x%llx",
+                       static_cast<unsigned long long>(off));
+}
+
+// gated_punch: frees what was written so far from the memfd, as hole_punch does.
+Status release(const ExportRequest& request, BlockSink& sink, ExportStats& stats,
+               const std::vector<ByteRange>& written) {
+  if (Status s = sink.make_durable(); !s.ok()) return s;
+  for (const ByteRange& w : written) {
+    if (::fallocate(request.memfd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                    static_cast<off_t>(w.offset), static_cast<off_t>(w.length)) != 0) {
+      return Status::Error(StatusCode::kIoError, errno, "gated: punching failed");
+    }
+    sink.released(w.offset, w.length);
+    stats.bytes_released += w.length;
+  }
+  return Status::Ok();
+}
+
 class Gated final : public Strategy {
  public:
   Status export_ranges(const ExportRequest& request, BlockSink& sink,
@@ -50,6 +103,7 @@ class Gated final : public Strategy {
     std::uint64_t total = 0;
     for (std::size_t i = 0; i < request.range_count; ++i) total += request.ranges[i].length;
     std::vector<char> buf(1 << 20);
+    std::vector<ByteRange> written;
     std::uint64_t done = 0;
     bool gated = false;
     for (std::size_t i = 0; i < request.range_count; ++i) {
@@ -57,31 +111,29 @@ class Gated final : public Strategy {
       for (std::uint64_t off = r.offset; off < r.offset + r.length;) {
         if (!gated && done * 2 >= total) {
           gated = true;
+          if (kReleases) {
+            if (Status s = release(request, sink, stats, written); !s.ok()) return s;
+          }
           if (Status s = wait_at_gate(); !s.ok()) return s;
         }
-        const Region* region = nullptr;
-        for (std::size_t k = 0; k < request.region_count; ++k) {
-          const Region& g = request.regions[k];
-          if (off >= g.guest_offset && off < g.guest_offset + g.size) region = &g;
-        }
-        if (region == nullptr) {
-          return Status::Error(StatusCode::kBadAddress, 0, "gated: no region holds 0x%llx",
-                               static_cast<unsigned long long>(off));
-        }
+        // Within one region: regions are block-aligned, and so are the chunks read.
         std::uint64_t n = std::min<std::uint64_t>(buf.size(), r.offset + r.length - off);
-        n = std::min(n, region->guest_offset + region->size - off);
-        iovec local{buf.data(), n};
-        iovec remote{reinterpret_cast<void*>(region->host_addr + (off - region->guest_offset)), n};
-        const ssize_t got = ::process_vm_readv(request.pid, &local, 1, &remote, 1, 0);
-        if (got != static_cast<ssize_t>(n)) {
-          return Status::Error(errno == ESRCH ? StatusCode::kProcessGone : StatusCode::kIoError,
-                               errno, "gated: process_vm_readv at 0x%llx failed",
-                               static_cast<unsigned long long>(off));
+        for (std::size_t k = 0; !kReleases && k < request.region_count; ++k) {
+          const Region& g = request.regions[k];
+          if (off >= g.guest_offset && off < g.guest_offset + g.size) {
+            n = std::min(n, g.guest_offset + g.size - off);
+          }
         }
+        if (Status s = read_guest(request, off, n, buf.data()); !s.ok()) return s;
         const Chunk chunk{off, buf.data(), n};
         if (Status s = write_chunks(sink, &chunk, 1); !s.ok()) return s;
         stats.bytes_read += n;
         ++stats.read_calls;
+        if (!written.empty() && written.back().offset + written.back().length == off) {
+          written.back().length += n;
+        } else {
+          written.push_back({off, n});
+        }
         done += n;
         off += n;
       }
@@ -99,5 +151,12 @@ Status create(Strategy** out, const Option* /*options*/, std::size_t count) noex
 
 }  // namespace
 
+#ifdef MEMSNAP_GATED_RELEASES
+MEMSNAP_PLUGIN("gated_punch", "1.0.0", kCapNeedsMemfd | kCapReleasesMemory | kCapExperimental,
+               "test fixture: releases what it wrote, then stops half way until the test opens "
+               "its gate",
+               create)
+#else
 MEMSNAP_PLUGIN("gated", "1.0.0", kCapNeedsPid | kCapExperimental,
                "test fixture: stops half way until the test opens its gate", create)
+#endif
