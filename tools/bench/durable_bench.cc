@@ -32,18 +32,11 @@ namespace {
 
 constexpr std::uint64_t kPage = 4096;
 
-std::uint64_t guest_bytes() {
-  const char* gib = std::getenv("MEMSNAP_BENCH_GIB");
-  return (gib ? std::strtoull(gib, nullptr, 10) : 1) << 30;
-}
+using bench::guest_bytes;
 
 const std::string& dir() { return bench::bench_dir("memsnap-bench"); }
 
-double process_cpu() {
-  timespec ts{};
-  ::clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-  return double(ts.tv_sec) + double(ts.tv_nsec) * 1e-9;
-}
+using bench::process_cpu_seconds;
 
 // The guest's bytes, filled with the test pattern: a page-aligned anonymous mapping (the source
 // of the references and of process_vm_readv) and a memfd (the memfd strategy's source). Made on
@@ -123,7 +116,7 @@ void BM_DurableWriteReference(benchmark::State& state) {
   const int flags = O_CREAT | O_TRUNC | O_WRONLY | O_CLOEXEC | (way == Way::kBuffered ? 0 : O_DIRECT);
   double cpu = 0;
   for (auto _ : state) {
-    const double c0 = process_cpu();
+    const double c0 = process_cpu_seconds();
     const int fd = ::open(path.c_str(), flags, 0600);
     if (fd < 0) {
       state.SkipWithError("open failed (O_DIRECT not supported here?)");
@@ -132,7 +125,7 @@ void BM_DurableWriteReference(benchmark::State& state) {
     const bool ok = write_chunks(fd, data, src.size, chunk, bounce);
     ::fsync(fd);
     ::close(fd);
-    cpu += process_cpu() - c0;
+    cpu += process_cpu_seconds() - c0;
     if (!ok) {
       state.SkipWithError("write failed");
       break;
@@ -171,18 +164,7 @@ void BM_DurablePause(benchmark::State& state) {
     req.memfd = src.memfd;
   }
   req.out_path = dir() + "/durable.snap";
-  double cpu = 0;
-  for (auto _ : state) {
-    auto r = pause(bench::registry(), req);
-    if (!r.ok()) {
-      state.SkipWithError(r.error().to_string().c_str());
-      break;
-    }
-    cpu += r->cpu_seconds;
-    state.PauseTiming();
-    ::unlink(req.out_path.c_str());
-    state.ResumeTiming();
-  }
+  const double cpu = bench::time_pauses(state, req).cpu_seconds;
   const double gib = double(src.size) / double(1 << 30);
   state.SetBytesProcessed(std::int64_t(state.iterations() * src.size));
   state.counters["cpu_s_per_gib"] = cpu / gib / double(std::max<std::int64_t>(1, state.iterations()));

@@ -36,10 +36,7 @@ namespace {
 
 constexpr std::uint64_t kPage = 4096;
 
-std::uint64_t guest_bytes() {
-  const char* gib = std::getenv("MEMSNAP_BENCH_GIB");
-  return (gib ? std::strtoull(gib, nullptr, 10) : 1) << 30;
-}
+using bench::guest_bytes;
 
 const std::string& bench_dir() { return bench::bench_dir("memsnap-bench"); }
 using bench::plugin_dir;
@@ -238,21 +235,8 @@ void run_pause(benchmark::State& state, const std::string& strategy,
   }
   req.out_path = bench_dir() + "/" + strategy + ".snap";
   const std::uint64_t bytes = total_bytes(*req.dirty);
-  double cpu = 0;
-  for (auto _ : state) {
-    state.PauseTiming();
-    src.refill_memfd_if_punched();
-    state.ResumeTiming();
-    auto r = pause(registry(), req);
-    if (!r.ok()) {
-      state.SkipWithError(r.error().to_string().c_str());
-      break;
-    }
-    cpu += r->cpu_seconds;
-    state.PauseTiming();
-    ::unlink(req.out_path.c_str());
-    state.ResumeTiming();
-  }
+  const double cpu =
+      bench::time_pauses(state, req, [&src] { src.refill_memfd_if_punched(); }).cpu_seconds;
   state.SetBytesProcessed(std::int64_t(state.iterations() * bytes));
   state.counters["cpu_s_per_pause"] = cpu / double(std::max<std::int64_t>(1, state.iterations()));
   state.SetLabel(std::to_string(percent) + "% dirty" + (sync ? ", fsync" : "") +

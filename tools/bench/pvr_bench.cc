@@ -71,13 +71,7 @@ struct PvrSource {
 
 const std::string& dir() { return bench::bench_dir("memsnap-bench"); }
 
-// CPU seconds of the whole process: the pipeline's threads are not all the benchmark's thread,
-// and PauseReport::cpu_seconds counts only the calling thread and the snapshot writer's helper.
-double process_cpu_seconds() {
-  timespec ts{};
-  ::clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &ts);
-  return double(ts.tv_sec) + double(ts.tv_nsec) * 1e-9;
-}
+using bench::process_cpu_seconds;
 
 // Reads source [offset, offset+length) into buffer with process_vm_readv of our own pid: one
 // remote iovec, or iovecs of iov_bytes each, at most IOV_MAX a call.
@@ -182,25 +176,11 @@ void BM_PvrExport(benchmark::State& state) {
   req.pid = getpid();
   req.regions = {{0, reinterpret_cast<std::uint64_t>(src.data), src.size}};
   req.out_path = dir() + "/pvr-export.snap";
-  double cpu = 0;
-  double process_cpu = 0;
-  for (auto _ : state) {
-    const double cpu_start = process_cpu_seconds();
-    auto r = pause(bench::registry(), req);
-    process_cpu += process_cpu_seconds() - cpu_start;
-    if (!r.ok()) {
-      state.SkipWithError(r.error().to_string().c_str());
-      break;
-    }
-    cpu += r->cpu_seconds;
-    state.PauseTiming();
-    ::unlink(req.out_path.c_str());
-    state.ResumeTiming();
-  }
+  const bench::PauseCost cost = bench::time_pauses(state, req);
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * src.size));
   const double n = double(std::max<std::int64_t>(1, state.iterations()));
-  state.counters["cpu_s_per_pause"] = cpu / n;
-  state.counters["process_cpu_s"] = process_cpu / n;
+  state.counters["cpu_s_per_pause"] = cost.cpu_seconds / n;
+  state.counters["process_cpu_s"] = cost.process_cpu_seconds / n;
   state.SetLabel(std::to_string(buffer_bytes >> 10) + " KiB buffer");
 }
 
