@@ -26,8 +26,9 @@ namespace memsnap {
 // Measured on this project's machines (docs/performance.md, "Durable pauses"): kBuffered is
 // never slower on the wall clock (a direct write() waits for the disk before it returns); kDirect
 // costs 2-9x less CPU for the write itself, and 25-50% less for a whole pause with
-// process_vm_readv or memfd's mmap reads (none with memfd's pread buffer, which must be copied
-// through the bounce buffer). The header and the map are always written through the page cache.
+// process_vm_readv or memfd's mmap reads; with memfd's pread buffer (copied through the bounce
+// buffer) loaded runs showed no dependable saving, the quiet run of 2026-12-07 44% ("Export at
+// the machine's limit"). The header and the map are always written through the page cache.
 enum class DataWrite : std::uint8_t {
   // pwritev through the page cache; the fsync at commit writes it back. Also what every
   // unsynced snapshot gets, whatever was asked (O_DIRECT would make it wait for the disk).
