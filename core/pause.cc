@@ -381,7 +381,6 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
     spdlog::warn("strategy {} failed half way ({}); falling back to {}", report.strategy,
                  first.to_string(), (*fallback)->name);
     report.fallback_reason = "strategy " + report.strategy + " failed half way: " + first.message;
-    report.fallback_after_failure = true;
     report.fallback = PauseFallback::kStrategyFailed;
     report.strategy = (*fallback)->name;
     report.export_stats = {};

@@ -97,7 +97,6 @@ struct PauseReport {
   std::string strategy;         // the one that ran
   std::string fallback_reason;  // empty when no fallback happened
   PauseFallback fallback = PauseFallback::kNone;
-  bool fallback_after_failure = false;  // fallback == kStrategyFailed
   std::string snapshot_path;
   std::string snapshot_id;  // 32 hex digits
   std::string parent_id;    // empty for a base snapshot

@@ -1281,7 +1281,7 @@ Result<json> SandboxService::pause(const Caller& caller, const std::string& id, 
   } else if (!rep.fallback_reason.empty()) {
     answer["fallback"] = fallback_json(
         rep.requested_strategy, rep.strategy,
-        rep.fallback_after_failure ? "strategy_failed" : "strategy_cannot_run",
+        rep.fallback == PauseFallback::kStrategyFailed ? "strategy_failed" : "strategy_cannot_run",
         rep.fallback_reason);
   }
 
