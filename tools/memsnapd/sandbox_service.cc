@@ -260,6 +260,7 @@ SandboxService::SandboxService(const PluginRegistry& registry, metrics::HostMetr
     : registry_(registry),
       metrics_(metrics),
       options_(std::move(options)),
+      pipeline_(options_.pipeline ? *options_.pipeline : core_pipeline()),
       settings_(options_.settings) {}
 
 Result<std::unique_ptr<SandboxService>> SandboxService::create(const PluginRegistry& registry,
@@ -1247,7 +1248,7 @@ Result<json> SandboxService::pause(const Caller& caller, const std::string& id, 
   set_dirty_set(req, sb, *plan, request, source);
   spdlog::info("pause {}: strategy {} ({}{}) -> {}", id, choice.strategy, choice.reason,
                choice.variant.empty() ? "" : ", variant " + choice.variant, plan->out_path);
-  auto paused = memsnap::pause(registry_, req);
+  auto paused = pipeline_.pause(registry_, req);
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
   slot.release();
@@ -1355,7 +1356,7 @@ Result<json> SandboxService::resume(const Caller& caller, const std::string& id,
   rr.verify_checksums = true;
   rr.track_writes = *track;
   rr.guard = options_.guard;
-  auto prepared = ResumeSession::prepare(registry_, std::move(rr));
+  auto prepared = pipeline_.prepare_resume(registry_, std::move(rr));
   if (!prepared.ok()) {
     release_slot(false);
     metrics::ResumeObservation obs;

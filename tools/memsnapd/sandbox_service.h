@@ -50,6 +50,7 @@
 #include "core/strategy_selection/strategy_selection.h"
 #include "core/vmm_guard.h"
 #include "flags/flag_store.h"
+#include "tools/memsnapd/pipeline.h"
 #include "tools/memsnapd/sandbox_lifecycle.h"
 
 namespace memsnap::daemon {
@@ -92,6 +93,8 @@ struct ServiceOptions {
   ServiceSettings settings;
   // Ends the VMMs memsnapd serves if memsnapd dies (core/vmm_guard.h); null: none.
   VmmGuard* guard = nullptr;
+  // What pauses and resumes run; null: core's (core_pipeline()). Must outlive the service.
+  Pipeline* pipeline = nullptr;
 };
 
 struct Sandbox;
@@ -185,6 +188,7 @@ class SandboxService {
   const PluginRegistry& registry_;
   metrics::HostMetrics& metrics_;
   const ServiceOptions options_;
+  Pipeline& pipeline_;
   std::string snapshot_dir_;  // canonical
   std::string handshake_dir_;  // canonical
 

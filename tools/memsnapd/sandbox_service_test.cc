@@ -1,0 +1,488 @@
+// SandboxService against a fake pipeline: the lifecycle, the slots, the drain and the answers,
+// with every in-between state reached on purpose (the fake holds a pause until it is released)
+// rather than by timing. The VMM is real: a forked child that shares a memfd-backed guest
+// mapping with the test, so registration runs its real checks (pidfd, ownership, mappings,
+// memfd). The pipelines themselves are tested in core/ and end to end in tests/.
+#include "tools/memsnapd/sandbox_service.h"
+
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <condition_variable>
+#include <cstdlib>
+#include <deque>
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "core/metrics/host_metrics.h"
+#include "core/plugin_host/plugin_registry.h"
+#include "tools/memsnapd/pipeline.h"
+#include "tools/memsnapd/sandbox_lifecycle.h"
+
+namespace memsnap::daemon {
+namespace {
+
+namespace fs = std::filesystem;
+using nlohmann::json;
+
+constexpr std::uint64_t kGuestSize = 4ULL << 20;
+
+// Records every request, answers as scripted, and holds pauses while closed.
+class FakePipeline final : public Pipeline {
+ public:
+  Result<PauseReport> pause(const PluginRegistry&, const PauseRequest& request) override {
+    std::unique_lock lock(mu_);
+    pauses_.push_back(request);
+    cv_.notify_all();
+    cv_.wait(lock, [&] { return open_; });
+    if (on_pause_) on_pause_();
+    if (!pause_errors_.empty()) {
+      Error e = pause_errors_.front();
+      pause_errors_.pop_front();
+      return e;
+    }
+    // What the real pipeline leaves behind: a committed file at the output.
+    std::ofstream(request.out_path) << "fake snapshot";
+    PauseReport r;
+    r.requested_strategy = request.strategy;
+    r.strategy = request.strategy;
+    r.snapshot_path = request.out_path;
+    r.snapshot_id = std::string(32, 'a');
+    r.generation = request.parent_path.empty() ? 1 : 2;
+    r.guest_size = request.guest_size;
+    r.block_size = request.block_size;
+    r.dirty_bytes = request.guest_size;
+    r.data_bytes = request.guest_size;
+    r.wall_seconds = 0.001;
+    return r;
+  }
+
+  Result<std::unique_ptr<ResumeSession>> prepare_resume(const PluginRegistry&,
+                                                        ResumeRequest request) override {
+    std::lock_guard lock(mu_);
+    resumes_.push_back(std::move(request));
+    return make_error(Errc::kResumeFailed, "the fake pipeline does not resume");
+  }
+
+  void close() {
+    std::lock_guard lock(mu_);
+    open_ = false;
+  }
+  void open() {
+    {
+      std::lock_guard lock(mu_);
+      open_ = true;
+    }
+    cv_.notify_all();
+  }
+  // Waits until n pauses have reached the pipeline.
+  void wait_for_pauses(std::size_t n) {
+    std::unique_lock lock(mu_);
+    cv_.wait(lock, [&] { return pauses_.size() >= n; });
+  }
+  void fail_next_pause(Error e) {
+    std::lock_guard lock(mu_);
+    pause_errors_.push_back(std::move(e));
+  }
+  void on_pause(std::function<void()> f) {
+    std::lock_guard lock(mu_);
+    on_pause_ = std::move(f);
+  }
+  std::vector<PauseRequest> pauses() const {
+    std::lock_guard lock(mu_);
+    return pauses_;
+  }
+  std::vector<ResumeRequest> resumes() const {
+    std::lock_guard lock(mu_);
+    return resumes_;
+  }
+
+ private:
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  bool open_ = true;
+  std::deque<Error> pause_errors_;
+  std::function<void()> on_pause_;
+  std::vector<PauseRequest> pauses_;
+  std::vector<ResumeRequest> resumes_;
+};
+
+// A VMM stand-in: a child sharing the test's memfd-backed guest mapping (and the memfd's number).
+struct Vmm {
+  pid_t pid = -1;
+  int memfd = -1;
+  void* addr = nullptr;
+
+  static Vmm start() {
+    Vmm v;
+    v.memfd = ::memfd_create("guest", 0);
+    EXPECT_GE(v.memfd, 0);
+    EXPECT_EQ(::ftruncate(v.memfd, kGuestSize), 0);
+    v.addr = ::mmap(nullptr, kGuestSize, PROT_READ | PROT_WRITE, MAP_SHARED, v.memfd, 0);
+    EXPECT_NE(v.addr, MAP_FAILED);
+    v.pid = ::fork();
+    if (v.pid == 0) {
+      for (;;) ::pause();
+    }
+    return v;
+  }
+  void end() {
+    if (pid > 0) {
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);
+      pid = -1;
+    }
+    if (addr != nullptr) ::munmap(addr, kGuestSize);
+    addr = nullptr;
+    if (memfd >= 0) ::close(memfd);
+    memfd = -1;
+  }
+  json registration(const std::string& id) const {
+    return {{"id", id},
+            {"vmm_pid", static_cast<std::uint64_t>(pid)},
+            {"regions", json::array({{{"guest_offset", std::uint64_t{0}},
+                                      {"host_addr", reinterpret_cast<std::uintptr_t>(addr)},
+                                      {"size", kGuestSize}}})},
+            {"memfd_fd", static_cast<std::uint64_t>(memfd)}};
+  }
+};
+
+class SandboxServiceTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    char tmpl[] = "/tmp/memsnap-service-test.XXXXXX";
+    ASSERT_NE(::mkdtemp(tmpl), nullptr);
+    dir_ = tmpl;
+    const char* plugins = std::getenv("MEMSNAP_PLUGIN_DIR");
+    ASSERT_NE(plugins, nullptr) << "MEMSNAP_PLUGIN_DIR names the built plugins";
+    ASSERT_TRUE(registry_.load_directory(plugins).ok());
+    // Forked before any thread of the test starts.
+    vmms_.push_back(Vmm::start());
+    vmms_.push_back(Vmm::start());
+  }
+  void TearDown() override {
+    pipeline_.open();
+    service_.reset();
+    for (Vmm& v : vmms_) v.end();
+    std::error_code ec;
+    fs::remove_all(dir_, ec);
+  }
+
+  // settings: changed before the service is made.
+  void make_service(const std::function<void(ServiceSettings&)>& settings = nullptr) {
+    ServiceOptions options;
+    options.snapshot_dir = dir_ + "/snapshots";
+    options.sync = false;
+    options.pipeline = &pipeline_;
+    options.settings.queue_timeout = std::chrono::milliseconds(20);
+    if (settings) settings(options.settings);
+    auto created = SandboxService::create(registry_, metrics_, options);
+    ASSERT_TRUE(created.ok()) << created.error().to_string();
+    service_ = std::move(*created);
+  }
+  void register_vmm(std::size_t i, const std::string& id) {
+    auto r = service_->register_sandbox(root_, vmms_[i].registration(id));
+    ASSERT_TRUE(r.ok()) << r.error().to_string();
+  }
+  json get(const std::string& id) {
+    auto r = service_->get(root_, id, "", std::chrono::milliseconds(0));
+    EXPECT_TRUE(r.ok()) << r.error().to_string();
+    return r.ok() ? *r : json();
+  }
+  std::string state(const std::string& id) { return get(id).value("state", ""); }
+  // The value of the series `name` whose labels include every one of `labels` (-1: none).
+  double series(const std::string& name, const std::vector<std::string>& labels) const {
+    std::istringstream text(metrics_.serialize());
+    for (std::string line; std::getline(text, line);) {
+      if (line.rfind(name + "{", 0) != 0) continue;
+      bool all = true;
+      for (const auto& l : labels) all = all && line.find(l) != std::string::npos;
+      if (all) return std::stod(line.substr(line.rfind(' ') + 1));
+    }
+    return -1;
+  }
+
+  std::string dir_;
+  PluginRegistry registry_;
+  metrics::HostMetrics metrics_{[] {
+    metrics::HostMetricsOptions o;
+    o.sandbox_states = sandbox_state_names();
+    return o;
+  }()};
+  FakePipeline pipeline_;
+  std::unique_ptr<SandboxService> service_;
+  std::vector<Vmm> vmms_;
+  const Caller root_{::geteuid(), ::getegid(), ::getpid()};
+};
+
+TEST_F(SandboxServiceTest, APauseStopsTheSandboxAndCommitsItsSnapshot) {
+  make_service();
+  register_vmm(0, "sb");
+  EXPECT_EQ(series("memsnap_sandboxes", {"state=\"running\""}), 1);
+
+  auto paused = service_->pause(root_, "sb", json::object());
+  ASSERT_TRUE(paused.ok()) << paused.error().to_string();
+  // No flags: the fallback strategy, not counted as a fallback.
+  EXPECT_EQ((*paused)["strategy"], "process_vm_readv");
+  EXPECT_EQ((*paused)["fallback"], nullptr);
+  EXPECT_EQ((*paused)["after"], "stop");
+  const std::string snapshot = (*paused)["snapshot"];
+  EXPECT_EQ(fs::path(snapshot).filename(), "generation-1.snap");
+
+  // What the pipeline was asked: the pinned VMM, its memfd, frozen and left stopped.
+  const auto requests = pipeline_.pauses();
+  ASSERT_EQ(requests.size(), 1u);
+  EXPECT_EQ(requests[0].pid, vmms_[0].pid);
+  EXPECT_GE(requests[0].pidfd, 0);
+  EXPECT_GE(requests[0].memfd, 0);
+  EXPECT_EQ(requests[0].guest_size, kGuestSize);
+  EXPECT_TRUE(requests[0].freeze);
+  EXPECT_TRUE(requests[0].stay_frozen);
+  EXPECT_FALSE(requests[0].sync);
+  EXPECT_TRUE(requests[0].parent_path.empty());
+  EXPECT_EQ(requests[0].out_path, snapshot);
+
+  const json sb = get("sb");
+  EXPECT_EQ(sb["state"], "paused");
+  EXPECT_EQ(sb["snapshots"], json::array({snapshot}));
+  EXPECT_EQ(sb["strategy"], "process_vm_readv");
+  EXPECT_EQ(sb["last_error"], nullptr);
+  EXPECT_EQ(series("memsnap_pause_duration_seconds_count",
+                   {"outcome=\"ok\"", "strategy=\"process_vm_readv\""}),
+            1);
+  EXPECT_EQ(series("memsnap_sandboxes", {"state=\"paused\""}), 1);
+  EXPECT_EQ(series("memsnap_sandboxes", {"state=\"running\""}), 0);
+}
+
+TEST_F(SandboxServiceTest, AFailedPauseLeavesTheSandboxRunningAndUsable) {
+  make_service();
+  register_vmm(0, "sb");
+  pipeline_.fail_next_pause(make_error(Errc::kIoError, "disk full"));
+  auto failed = service_->pause(root_, "sb", json::object());
+  ASSERT_FALSE(failed.ok());
+  EXPECT_EQ(failed.error().code, Errc::kIoError);
+
+  json sb = get("sb");
+  EXPECT_EQ(sb["state"], "running");
+  EXPECT_TRUE(sb["snapshots"].empty());
+  EXPECT_NE(sb["last_error"].get<std::string>().find("disk full"), std::string::npos);
+  EXPECT_EQ(series("memsnap_pause_duration_seconds_count",
+                   {"outcome=\"error\"", "strategy=\"process_vm_readv\""}),
+            1);
+
+  auto again = service_->pause(root_, "sb", json::object());
+  ASSERT_TRUE(again.ok()) << again.error().to_string();
+  EXPECT_EQ(state("sb"), "paused");
+  EXPECT_EQ(get("sb")["last_error"], nullptr);
+}
+
+TEST_F(SandboxServiceTest, DataAtRiskFailsTheSandboxForGood) {
+  make_service();
+  register_vmm(0, "sb");
+  pipeline_.fail_next_pause(make_error(Errc::kDataAtRisk, "kept at /x.partial"));
+  auto failed = service_->pause(root_, "sb", json::object());
+  ASSERT_FALSE(failed.ok());
+  EXPECT_EQ(failed.error().code, Errc::kDataAtRisk);
+  // The VMM still runs, but its memory's only copy is the kept file: never runnable again here.
+  EXPECT_EQ(state("sb"), "failed");
+  auto refused = service_->pause(root_, "sb", json::object());
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.error().code, Errc::kInvalidState);
+  EXPECT_EQ(pipeline_.pauses().size(), 1u);
+  EXPECT_EQ(series("memsnap_sandboxes", {"state=\"failed\""}), 1);
+}
+
+TEST_F(SandboxServiceTest, APauseWhoseVmmDiedOnTheWayFailsTheSandbox) {
+  make_service();
+  register_vmm(0, "sb");
+  const pid_t vmm = vmms_[0].pid;
+  pipeline_.on_pause([vmm] {
+    ::kill(vmm, SIGKILL);
+    ::waitpid(vmm, nullptr, 0);
+  });
+  pipeline_.fail_next_pause(make_error(Errc::kProcessGone, "the VMM exited"));
+  auto failed = service_->pause(root_, "sb", json::object());
+  ASSERT_FALSE(failed.ok());
+  vmms_[0].pid = -1;  // reaped above
+  EXPECT_EQ(state("sb"), "failed");
+}
+
+TEST_F(SandboxServiceTest, ASandboxBeingPausedIsBusyForEveryOtherOperation) {
+  make_service();
+  register_vmm(0, "sb");
+  pipeline_.close();
+  Result<json> first = make_error(Errc::kInternal, "not run");
+  std::thread pausing([&] { first = service_->pause(root_, "sb", json::object()); });
+  pipeline_.wait_for_pauses(1);
+
+  EXPECT_EQ(state("sb"), "pausing");
+  EXPECT_EQ(series("memsnap_operations_in_flight", {"kind=\"pause\""}), 1);
+  auto second = service_->pause(root_, "sb", json::object());
+  ASSERT_FALSE(second.ok());
+  EXPECT_EQ(second.error().code, Errc::kBusy);
+  auto resume = service_->resume(root_, "sb", {{"handshake_socket", "sb.sock"}});
+  ASSERT_FALSE(resume.ok());
+  EXPECT_EQ(resume.error().code, Errc::kBusy);
+  auto removed = service_->remove(root_, "sb", /*force=*/true);
+  ASSERT_FALSE(removed.ok());
+  EXPECT_EQ(removed.error().code, Errc::kBusy);
+
+  pipeline_.open();
+  pausing.join();
+  ASSERT_TRUE(first.ok()) << first.error().to_string();
+  EXPECT_EQ(state("sb"), "paused");
+  EXPECT_EQ(pipeline_.pauses().size(), 1u);
+  EXPECT_EQ(series("memsnap_operations_in_flight", {"kind=\"pause\""}), 0);
+}
+
+TEST_F(SandboxServiceTest, APauseFindingNoFreeSlotIsRefusedAndChangesNothing) {
+  make_service([](ServiceSettings& s) { s.max_concurrent_pauses = 1; });
+  register_vmm(0, "a");
+  register_vmm(1, "b");
+  pipeline_.close();
+  Result<json> first = make_error(Errc::kInternal, "not run");
+  std::thread pausing([&] { first = service_->pause(root_, "a", json::object()); });
+  pipeline_.wait_for_pauses(1);
+
+  auto refused = service_->pause(root_, "b", json::object());
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.error().code, Errc::kBusy);
+  EXPECT_EQ(state("b"), "running");
+  EXPECT_EQ(pipeline_.pauses().size(), 1u);
+
+  pipeline_.open();
+  pausing.join();
+  ASSERT_TRUE(first.ok()) << first.error().to_string();
+  // The slot is free again.
+  auto second = service_->pause(root_, "b", json::object());
+  ASSERT_TRUE(second.ok()) << second.error().to_string();
+  EXPECT_EQ(state("b"), "paused");
+}
+
+TEST_F(SandboxServiceTest, DrainWaitsForThePauseInFlightAndRefusesNewOnes) {
+  make_service();
+  register_vmm(0, "a");
+  register_vmm(1, "b");
+  pipeline_.close();
+  Result<json> first = make_error(Errc::kInternal, "not run");
+  std::thread pausing([&] { first = service_->pause(root_, "a", json::object()); });
+  pipeline_.wait_for_pauses(1);
+
+  EXPECT_FALSE(service_->drain(std::chrono::milliseconds(0)));
+  auto refused = service_->pause(root_, "b", json::object());
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.error().code, Errc::kShuttingDown);
+  EXPECT_EQ(state("b"), "running");
+
+  pipeline_.open();
+  pausing.join();
+  EXPECT_TRUE(service_->drain(std::chrono::seconds(30)));
+  // The pause in flight was never aborted.
+  ASSERT_TRUE(first.ok()) << first.error().to_string();
+  EXPECT_EQ(state("a"), "paused");
+  EXPECT_EQ(pipeline_.pauses().size(), 1u);
+}
+
+TEST_F(SandboxServiceTest, RefusalsBeforeThePipelineChangeNothing) {
+  make_service();
+  register_vmm(0, "sb");
+  fs::create_directories(dir_ + "/snapshots/sb");
+  std::ofstream(dir_ + "/snapshots/sb/taken.snap") << "x";
+  const std::vector<std::pair<json, Errc>> cases = {
+      {{{"output", "sb/taken.snap"}}, Errc::kAlreadyExists},
+      {{{"output", "../outside.snap"}}, Errc::kPathNotAllowed},
+      {{{"parent", "latest"}}, Errc::kInvalidArgument},
+      {{{"strategy", "no_such_plugin"}}, Errc::kInvalidArgument},
+      {{{"after", "later"}}, Errc::kInvalidArgument},
+      {{{"strategy", "hole_punch"}, {"after", "continue"}}, Errc::kInvalidArgument},
+      {{{"unknown", 1}}, Errc::kInvalidArgument},
+  };
+  for (const auto& [body, code] : cases) {
+    auto r = service_->pause(root_, "sb", body);
+    ASSERT_FALSE(r.ok()) << body.dump();
+    EXPECT_EQ(r.error().code, code) << body.dump() << ": " << r.error().to_string();
+    EXPECT_EQ(state("sb"), "running") << body.dump();
+  }
+  EXPECT_TRUE(pipeline_.pauses().empty());
+  EXPECT_EQ(series("memsnap_pause_duration_seconds_count", {"outcome=\"error\""}), -1);
+}
+
+TEST_F(SandboxServiceTest, AGivenDirtySetMakesTheNextPauseADiffOfTheLast) {
+  make_service();
+  register_vmm(0, "sb");
+  auto base = service_->pause(root_, "sb", {{"after", "continue"}});
+  ASSERT_TRUE(base.ok()) << base.error().to_string();
+  EXPECT_EQ(state("sb"), "running");
+  const std::string base_path = (*base)["snapshot"];
+
+  auto diff = service_->pause(
+      root_, "sb",
+      {{"dirty", json::array({{{"offset", 4096u}, {"length", 8192u}}})}, {"output", "sb/diff.snap"}});
+  ASSERT_TRUE(diff.ok()) << diff.error().to_string();
+  const auto requests = pipeline_.pauses();
+  ASSERT_EQ(requests.size(), 2u);
+  EXPECT_FALSE(requests[0].stay_frozen);
+  EXPECT_EQ(requests[1].parent_path, base_path);
+  ASSERT_TRUE(requests[1].dirty.has_value());
+  ASSERT_EQ(requests[1].dirty->size(), 1u);
+  EXPECT_EQ((*requests[1].dirty)[0].offset, 4096u);
+  EXPECT_EQ((*requests[1].dirty)[0].length, 8192u);
+  EXPECT_EQ((*diff)["parent"], base_path);
+  EXPECT_EQ(get("sb")["snapshots"], json::array({base_path, (*diff)["snapshot"]}));
+}
+
+TEST_F(SandboxServiceTest, AResumeThatCannotBePreparedLeavesTheSandboxPaused) {
+  make_service([](ServiceSettings& s) { s.max_concurrent_resumes = 1; });
+  register_vmm(0, "sb");
+  auto paused = service_->pause(root_, "sb", json::object());
+  ASSERT_TRUE(paused.ok()) << paused.error().to_string();
+
+  auto resumed = service_->resume(root_, "sb", {{"handshake_socket", "sb.sock"}});
+  ASSERT_FALSE(resumed.ok());
+  EXPECT_EQ(resumed.error().code, Errc::kResumeFailed);
+  const json sb = get("sb");
+  EXPECT_EQ(sb["state"], "paused");
+  EXPECT_NE(sb["last_error"].get<std::string>().find("does not resume"), std::string::npos);
+  EXPECT_EQ(series("memsnap_resume_duration_seconds_count",
+                   {"outcome=\"error\"", "strategy=\"process_vm_readv\""}),
+            1);
+
+  const auto requests = pipeline_.resumes();
+  ASSERT_EQ(requests.size(), 1u);
+  EXPECT_EQ(requests[0].chain, std::vector<std::string>{(*paused)["snapshot"]});
+  EXPECT_EQ(requests[0].strategy, "process_vm_readv");
+  EXPECT_TRUE(requests[0].verify_checksums);
+  EXPECT_EQ(fs::path(requests[0].socket_path).filename(), "sb.sock");
+  // The only slot was given back: the next resume reaches the pipeline too.
+  auto again = service_->resume(root_, "sb", {{"handshake_socket", "sb.sock"}});
+  ASSERT_FALSE(again.ok());
+  EXPECT_EQ(again.error().code, Errc::kResumeFailed);
+  EXPECT_EQ(pipeline_.resumes().size(), 2u);
+}
+
+TEST_F(SandboxServiceTest, AnotherUserNeitherSeesNorTouchesTheSandbox) {
+  make_service();
+  register_vmm(0, "sb");
+  const Caller stranger{4242, 4242, 1};
+  auto seen = service_->get(stranger, "sb", "", std::chrono::milliseconds(0));
+  ASSERT_FALSE(seen.ok());
+  EXPECT_EQ(seen.error().code, Errc::kForbidden);
+  auto paused = service_->pause(stranger, "sb", json::object());
+  ASSERT_FALSE(paused.ok());
+  EXPECT_EQ(paused.error().code, Errc::kForbidden);
+  EXPECT_TRUE(service_->list(stranger)["sandboxes"].empty());
+  EXPECT_TRUE(pipeline_.pauses().empty());
+  EXPECT_EQ(state("sb"), "running");
+}
+
+}  // namespace
+}  // namespace memsnap::daemon
