@@ -47,6 +47,21 @@ function(memsnap_add_plugin)
   install(TARGETS memsnap_plugin_${ARG_NAME} LIBRARY DESTINATION lib/memsnap/plugins)
 endfunction()
 
+# memsnap_add_plugin_library(NAME <name> SOURCES ...)
+# Code shared by several plugins: a static library memsnap::<name> in its own folder under
+# plugins/, built like a plugin's logic (sees only plugin_api, hidden visibility) and linked into
+# the modules of the plugins that use it, so that no plugin depends on another.
+function(memsnap_add_plugin_library)
+  cmake_parse_arguments(ARG "" "NAME" "SOURCES" ${ARGN})
+  add_library(memsnap_${ARG_NAME} STATIC ${ARG_SOURCES})
+  add_library(memsnap::${ARG_NAME} ALIAS memsnap_${ARG_NAME})
+  target_include_directories(memsnap_${ARG_NAME} PUBLIC ${PROJECT_SOURCE_DIR})
+  target_link_libraries(memsnap_${ARG_NAME} PUBLIC memsnap::plugin_api)
+  set_target_properties(memsnap_${ARG_NAME} PROPERTIES CXX_VISIBILITY_PRESET hidden
+                                                       VISIBILITY_INLINES_HIDDEN ON)
+  memsnap_set_warnings(memsnap_${ARG_NAME})
+endfunction()
+
 # memsnap_add_test(NAME <name> SOURCES ... [DEPS ...] [LABELS ...] [TIMEOUT s] [ARGS ...]
 #                  [CONCURRENT_FILTER <gtest filter>])
 # A GoogleTest executable registered with CTest. Tests that load plugins depend on all plugins

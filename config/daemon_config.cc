@@ -19,7 +19,7 @@
 
 #include <yaml-cpp/yaml.h>
 
-#include "flags/utf8.h"
+#include "text/utf8.h"
 
 namespace memsnap::config {
 namespace {

@@ -11,7 +11,7 @@
 #include <yaml-cpp/yaml.h>
 
 #include "flags/budgets.h"
-#include "flags/utf8.h"
+#include "text/utf8.h"
 
 namespace memsnap::flags {
 namespace {

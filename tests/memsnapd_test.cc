@@ -24,7 +24,7 @@
 
 #include <gtest/gtest.h>
 
-#include "core/pattern.h"
+#include "core/pattern/pattern.h"
 #include "core/snapshot/snapshot_chain.h"
 #include "core/snapshot/snapshot_reader.h"
 #include "tests/memsnap_cli.h"

@@ -16,7 +16,7 @@
 #include <string>
 #include <vector>
 
-#include "core/pattern.h"
+#include "core/pattern/pattern.h"
 #include "core/pause.h"
 #include "core/snapshot/snapshot_chain.h"
 #include "core/vmm_process.h"

@@ -17,7 +17,7 @@
 #include <string>
 #include <vector>
 
-#include "core/pattern.h"
+#include "core/pattern/pattern.h"
 #include "core/snapshot/snapshot_chain.h"
 #include "tools/fleet/fleet.h"
 

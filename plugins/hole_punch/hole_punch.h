@@ -12,7 +12,7 @@
 // diff the punching costs more than the export itself.
 //
 // Options: those of the memfd strategy (read_method, window_bytes, buffer_bytes; see
-// plugins/memfd/memfd.h), plus
+// plugins/memfd_io/memfd_exporter.h), plus
 //   chunk_bytes   data bytes per make_durable + punch, a multiple of 4096 in [4096, 1 GiB] and
 //                 of the request's block size (else the export is kInvalidArgument); default 2 MiB
 //
@@ -24,7 +24,7 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "plugins/memfd/memfd.h"
+#include "plugins/memfd_io/memfd_exporter.h"
 #include "plugins/plugin_api/plugin_api.h"
 
 namespace memsnap::plugins {

@@ -11,7 +11,7 @@
 
 #include <gtest/gtest.h>
 
-#include "plugins/memfd/testing/test_memfd.h"
+#include "plugins/memfd_io/testing/test_memfd.h"
 #include "plugins/plugin_api/testing/recording_sink.h"
 
 namespace memsnap::plugins {

@@ -23,7 +23,7 @@
 #include <cstring>
 #include <string>
 
-#include "core/pattern.h"
+#include "core/pattern/pattern.h"
 #include "core/pause.h"
 #include "tools/bench/bench_support.h"
 

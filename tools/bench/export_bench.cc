@@ -27,7 +27,7 @@
 #include <vector>
 
 #include "core/dirty_set.h"
-#include "core/pattern.h"
+#include "core/pattern/pattern.h"
 #include "core/pause.h"
 #include "tools/bench/bench_support.h"
 

@@ -36,7 +36,7 @@
 #include <thread>
 #include <vector>
 
-#include "core/pattern.h"
+#include "core/pattern/pattern.h"
 #include "core/pause.h"
 #include "tools/bench/bench_support.h"
 

@@ -54,7 +54,7 @@
 #include <vector>
 
 #include "core/fault_server.h"
-#include "core/pattern.h"
+#include "core/pattern/pattern.h"
 #include "core/pause.h"
 #include "core/plugin_host/plugin_registry.h"
 #include "core/resume.h"

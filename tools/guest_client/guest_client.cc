@@ -15,7 +15,7 @@
 #include <filesystem>
 #include <thread>
 
-#include "core/pattern.h"
+#include "core/pattern/pattern.h"
 #include "core/snapshot/snapshot_chain.h"
 
 extern char** environ;

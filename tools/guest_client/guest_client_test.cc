@@ -24,7 +24,7 @@
 #include <vector>
 
 #include "core/handshake/handshake.h"
-#include "core/pattern.h"
+#include "core/pattern/pattern.h"
 #include "tools/guest_client/guest_client.h"
 
 // PAGEMAP_SCAN (Linux 6.7) is newer than the build's kernel headers.

@@ -61,7 +61,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/handshake/handshake.h"
-#include "core/pattern.h"
+#include "core/pattern/pattern.h"
 
 // The build's kernel headers (6.1) predate these; the running kernel decides whether it has them.
 #ifndef UFFD_FEATURE_WP_ASYNC

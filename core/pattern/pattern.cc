@@ -1,4 +1,4 @@
-#include "core/pattern.h"
+#include "core/pattern/pattern.h"
 
 #include <algorithm>
 #include <cmath>

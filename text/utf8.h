@@ -1,5 +1,5 @@
-// UTF-8 well-formedness, shared by the YAML loaders of flags/ and config/ (header only, so
-// config/ needs nothing of flags/ but this).
+// UTF-8 well-formedness, shared by the YAML loaders of flags/ and config/: memsnap::text, header
+// only and depending on nothing, so that neither of them depends on the other.
 #pragma once
 
 #include <cstddef>
