@@ -86,7 +86,7 @@ TEST(StrategyPolicyTest, ExperimentalChangesNothing) {
 
 struct NamesRow {
   FallbackCause cause;
-  const char* metric_label;  // docs/metrics.md, reason label
+  const char* metric_label;    // docs/metrics.md, reason label
   const char* selection_code;  // docs/api.md, fallback.reason from the selector
   const char* pipeline_code;   // ... from the pause pipeline
 };
