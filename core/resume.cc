@@ -45,10 +45,8 @@ std::vector<plugin::ByteRange> merged(std::vector<plugin::ByteRange> a,
 
 // A resume's mode when none is asked for, and why: the strategy policy's resume start in terms
 // of ResumeMode (kept_matches: kept holds exactly snapshot_id).
-std::pair<ResumeMode, std::string> default_mode(const PluginInfo& info,
-                                                const RetainedMemory* kept,
-                                                const std::string& snapshot_id,
-                                                bool kept_matches) {
+std::pair<ResumeMode, std::string> default_mode(const PluginInfo& info, const RetainedMemory* kept,
+                                                const std::string& snapshot_id, bool kept_matches) {
   const StrategyPolicy policy = StrategyPolicy::of(info);
   switch (policy.resume_start(kept_matches)) {
     case ResumeStart::kLazy:
@@ -61,11 +59,11 @@ std::pair<ResumeMode, std::string> default_mode(const PluginInfo& info,
         return {ResumeMode::kBackground,
                 "strategy " + info.name + " released the memory it paused: cold (background fill)"};
       }
-      return {ResumeMode::kBackground,
-              kept == nullptr || kept->memfd.get() < 0
-                  ? "no memfd kept from the pause: cold (background fill)"
-                  : "the memfd kept from the pause holds snapshot " + kept->snapshot_id + ", not " +
-                        snapshot_id + ": cold (background fill)"};
+      return {ResumeMode::kBackground, kept == nullptr || kept->memfd.get() < 0
+                                           ? "no memfd kept from the pause: cold (background fill)"
+                                           : "the memfd kept from the pause holds snapshot " +
+                                                 kept->snapshot_id + ", not " + snapshot_id +
+                                                 ": cold (background fill)"};
   }
   return {ResumeMode::kLazy, "strategy " + info.name + " reads the VMM's address space: lazy"};
 }

@@ -61,8 +61,7 @@ StrategySelector::StrategySelector(const flags::FlagStore& flags, const PluginRe
                                    StrategySelectionOptions options)
     : flags_(flags), plugins_(plugins), options_(std::move(options)) {}
 
-std::string StrategySelector::refusal(const std::string& strategy,
-                                      const SandboxAttributes& sandbox,
+std::string StrategySelector::refusal(const std::string& strategy, const SandboxAttributes& sandbox,
                                       FallbackCause* cause) const {
   const PluginInfo* info = plugins_.find(strategy);
   if (info == nullptr) {
@@ -82,8 +81,8 @@ std::string StrategySelector::refusal(const std::string& strategy,
     return "\"" + strategy + "\" needs a memfd and sandbox " + sandbox.id + " has none";
   }
   if (*cause == FallbackCause::kMissingPid) {
-    return "\"" + strategy + "\" needs the VMM's pid and guest regions, and sandbox " +
-           sandbox.id + " has none";
+    return "\"" + strategy + "\" needs the VMM's pid and guest regions, and sandbox " + sandbox.id +
+           " has none";
   }
   if (const auto it = options_.min_vmm_version.find(strategy);
       it != options_.min_vmm_version.end()) {
