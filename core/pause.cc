@@ -17,23 +17,23 @@
 #include "core/phase_clock.h"
 #include "core/snapshot/snapshot_reader.h"
 #include "core/snapshot/snapshot_writer.h"
+#include "core/strategy_selection/strategy_policy.h"
 #include "core/vmm_process.h"
 
 namespace memsnap {
 namespace {
 
 // Why info's strategy cannot run on this request, or empty if it can; *cause says which
-// prerequisite is missing.
+// prerequisite is missing (StrategyPolicy::cannot_serve).
 std::string missing_prerequisite(const PluginInfo& info, const PauseRequest& req,
-                                 PauseFallback* cause = nullptr) {
-  PauseFallback ignored;
-  PauseFallback& why = cause != nullptr ? *cause : ignored;
-  if ((info.capabilities & plugin::kCapNeedsMemfd) && req.memfd < 0) {
-    why = PauseFallback::kMissingMemfd;
+                                 FallbackCause* cause = nullptr) {
+  const FallbackCause missing = StrategyPolicy::of(info).cannot_serve(
+      {.has_memfd = req.memfd >= 0, .has_pid = req.pid > 0 && !req.regions.empty()});
+  if (cause != nullptr) *cause = missing;
+  if (missing == FallbackCause::kMissingMemfd) {
     return "strategy " + info.name + " needs the memfd that backs guest memory, and none was given";
   }
-  if ((info.capabilities & plugin::kCapNeedsPid) && (req.pid <= 0 || req.regions.empty())) {
-    why = PauseFallback::kMissingPid;
+  if (missing == FallbackCause::kMissingPid) {
     return "strategy " + info.name +
            " needs the VMM pid and its guest regions, and they were not given";
   }
@@ -47,7 +47,7 @@ bool vmm_runs_after(const PauseRequest& req) { return req.pid > 0 && !req.stay_f
 // Why info's strategy must not run on this request although it could: it releases the guest's
 // memory as it exports it, and the VMM would run on (on holes that read as zeros). Empty if fine.
 std::string unsafe_for(const PluginInfo& info, const PauseRequest& req) {
-  if (!info.releases_memory() || !vmm_runs_after(req)) return {};
+  if (!StrategyPolicy::of(info).vmm_must_stay_stopped() || !vmm_runs_after(req)) return {};
   return "strategy " + info.name +
          " releases the guest's memory as it exports it, so the VMM must stay stopped after the "
          "pause (freeze with stay_frozen, API after \"stop\", CLI --stop), and this pause would " +
@@ -273,7 +273,7 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
 
   // Strategy, with an explicit fallback only where allowed.
   std::string problem;
-  PauseFallback cause = PauseFallback::kNotLoaded;
+  FallbackCause cause = FallbackCause::kPluginNotLoaded;
   const PluginInfo* info = registry.find(req.strategy);
   if (info == nullptr) {
     problem = "strategy " + req.strategy + " is not loaded";
@@ -381,7 +381,7 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
     spdlog::warn("strategy {} failed half way ({}); falling back to {}", report.strategy,
                  first.to_string(), (*fallback)->name);
     report.fallback_reason = "strategy " + report.strategy + " failed half way: " + first.message;
-    report.fallback = PauseFallback::kStrategyFailed;
+    report.fallback = FallbackCause::kStrategyFailed;
     report.strategy = (*fallback)->name;
     report.export_stats = {};
     writer = export_once(**second, report.strategy, req, params, *dirty, report.export_stats,

@@ -22,6 +22,7 @@
 #include "core/plugin_host/plugin_registry.h"
 #include "core/snapshot/snapshot_reader.h"
 #include "core/snapshot/snapshot_writer.h"
+#include "core/strategy_selection/fallback.h"
 #include "plugins/plugin_api/plugin_api.h"
 
 namespace memsnap {
@@ -83,20 +84,15 @@ struct PhaseTiming {
                            // writer's hashing helper thread in "export"
 };
 
-// Why the pipeline ran its fallback strategy instead of the one asked for.
-enum class PauseFallback {
-  kNone,
-  kNotLoaded,       // no loaded plugin has that name
-  kMissingMemfd,    // it reads the memfd, and the request has none
-  kMissingPid,      // it reads the VMM's memory, and the request has no pid or regions
-  kStrategyFailed,  // it ran, failed half way, and the fallback exported the same dirty set
-};
-
 struct PauseReport {
   std::string requested_strategy;
   std::string strategy;         // the one that ran
   std::string fallback_reason;  // empty when no fallback happened
-  PauseFallback fallback = PauseFallback::kNone;
+  // Why the pipeline ran its fallback strategy instead of the one asked for (decided at
+  // FallbackStage::kPipeline): kPluginNotLoaded, kMissingMemfd, kMissingPid (the strategy cannot
+  // run this request) or kStrategyFailed (it ran, failed half way, and the fallback exported the
+  // same dirty set). kNone when no fallback happened.
+  FallbackCause fallback = FallbackCause::kNone;
   std::string snapshot_path;
   std::string snapshot_id;  // 32 hex digits
   std::string parent_id;    // empty for a base snapshot

@@ -39,7 +39,7 @@ nlohmann::json to_json(const PauseReport& r) {
                            : nlohmann::json{{"from", r.requested_strategy},
                                             {"to", r.strategy},
                                             {"reason", r.fallback_reason},
-                                            {"after_failure", r.fallback == PauseFallback::kStrategyFailed}}},
+                                            {"after_failure", r.fallback == FallbackCause::kStrategyFailed}}},
           {"snapshot", r.snapshot_path},
           {"snapshot_id", r.snapshot_id},
           {"parent_id", r.parent_id},

@@ -18,6 +18,7 @@
 #include "core/dirty_set.h"
 #include "core/guest_image.h"
 #include "core/phase_clock.h"
+#include "core/strategy_selection/strategy_policy.h"
 
 namespace memsnap {
 namespace {
@@ -40,6 +41,31 @@ std::vector<plugin::ByteRange> merged(std::vector<plugin::ByteRange> a,
     }
   }
   return out;
+}
+
+// A resume's mode when none is asked for, and why: the strategy policy's resume start in terms
+// of ResumeMode (kept_matches: kept holds exactly snapshot_id).
+std::pair<ResumeMode, std::string> default_mode(const PluginInfo& info, const RetainedMemory* kept,
+                                                const std::string& snapshot_id, bool kept_matches) {
+  const StrategyPolicy policy = StrategyPolicy::of(info);
+  switch (policy.resume_start(kept_matches)) {
+    case ResumeStart::kLazy:
+      break;
+    case ResumeStart::kWarm:
+      return {ResumeMode::kWarm,
+              "the memfd kept from the pause holds snapshot " + snapshot_id + ": warm"};
+    case ResumeStart::kBackground:
+      if (policy.releases_memory()) {
+        return {ResumeMode::kBackground,
+                "strategy " + info.name + " released the memory it paused: cold (background fill)"};
+      }
+      return {ResumeMode::kBackground, kept == nullptr || kept->memfd.get() < 0
+                                           ? "no memfd kept from the pause: cold (background fill)"
+                                           : "the memfd kept from the pause holds snapshot " +
+                                                 kept->snapshot_id + ", not " + snapshot_id +
+                                                 ": cold (background fill)"};
+  }
+  return {ResumeMode::kLazy, "strategy " + info.name + " reads the VMM's address space: lazy"};
 }
 
 }  // namespace
@@ -95,30 +121,14 @@ Result<std::unique_ptr<ResumeSession>> ResumeSession::prepare(const PluginRegist
     return make_error(Errc::kPluginNotLoaded,
                       "strategy '" + s->request_.strategy + "' is not loaded");
   }
-  ResumeMode mode = ResumeMode::kLazy;
-  std::string why = "strategy " + info->name + " reads the VMM's address space: lazy";
   const RetainedMemory* kept = s->request_.retained;
-  if (info->releases_memory()) {
-    mode = ResumeMode::kBackground;
-    why = "strategy " + info->name + " released the memory it paused: cold (background fill)";
-  } else if (info->needs_memfd()) {
-    if (kept != nullptr && kept->memfd.get() >= 0 && kept->snapshot_id == rep.snapshot_id &&
-        kept->guest_size == rep.guest_size) {
-      mode = ResumeMode::kWarm;
-      why = "the memfd kept from the pause holds snapshot " + rep.snapshot_id + ": warm";
-    } else {
-      mode = ResumeMode::kBackground;
-      why = kept == nullptr || kept->memfd.get() < 0
-                ? "no memfd kept from the pause: cold (background fill)"
-                : "the memfd kept from the pause holds snapshot " + kept->snapshot_id + ", not " +
-                      rep.snapshot_id + ": cold (background fill)";
-    }
-  }
+  const bool kept_matches = kept != nullptr && kept->memfd.get() >= 0 &&
+                            kept->snapshot_id == rep.snapshot_id &&
+                            kept->guest_size == rep.guest_size;
+  auto [mode, why] = default_mode(*info, kept, rep.snapshot_id, kept_matches);
   if (s->request_.mode && *s->request_.mode != mode) {
     const ResumeMode asked = *s->request_.mode;
-    if (asked == ResumeMode::kWarm &&
-        (kept == nullptr || kept->memfd.get() < 0 || kept->snapshot_id != rep.snapshot_id ||
-         kept->guest_size != rep.guest_size)) {
+    if (asked == ResumeMode::kWarm && !kept_matches) {
       return make_error(Errc::kGenerationMismatch,
                         "warm resume asked for, but no kept memfd holds snapshot " +
                             rep.snapshot_id + " (generation " + std::to_string(rep.generation) +

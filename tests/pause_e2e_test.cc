@@ -239,7 +239,34 @@ TEST_F(PauseE2ETest, MissingMemfdFallsBackOnlyWhenAllowedAndSaysSo) {
   EXPECT_EQ(fell_back->requested_strategy, "memfd");
   EXPECT_EQ(fell_back->strategy, "process_vm_readv");
   EXPECT_NE(fell_back->fallback_reason.find("needs the memfd"), std::string::npos);
-  EXPECT_EQ(fell_back->fallback, PauseFallback::kMissingMemfd);
+  EXPECT_EQ(fell_back->fallback, FallbackCause::kMissingMemfd);
+  auto chain = SnapshotChain::open({req.out_path}, Verify::kFull);
+  ASSERT_TRUE(chain.ok());
+  auto check = check_chain_against_pattern(*chain, g->seed(), g->expected_generations());
+  ASSERT_TRUE(check.ok());
+  EXPECT_EQ(check->mismatches, 0u) << check->first_mismatch;
+}
+
+// A pause of the memfd alone (no VMM pid, no regions: a library caller holding only the memfd)
+// asking for a strategy that reads the VMM's address space: the fallback reads the memfd, under
+// the cause kMissingPid (issue 25 item 4: the cause is real here, and counted as missing_pid).
+TEST_F(PauseE2ETest, MissingPidFallsBackToTheMemfdAndSaysSo) {
+  auto g = start_guest("memfd");
+  ASSERT_NE(g, nullptr);
+  PauseRequest req = request_for(*g, "process_vm_readv");
+  req.pid = 0;
+  req.regions.clear();
+  req.freeze = false;
+  req.out_path = dir_ + "/no-pid.snap";
+  req.fallback_strategy = "memfd";
+  req.allow_fallback = true;
+  auto fell_back = pause(registry_, req);
+  ASSERT_TRUE(fell_back.ok()) << fell_back.error().to_string();
+  EXPECT_EQ(fell_back->requested_strategy, "process_vm_readv");
+  EXPECT_EQ(fell_back->strategy, "memfd");
+  EXPECT_EQ(fell_back->fallback, FallbackCause::kMissingPid);
+  EXPECT_NE(fell_back->fallback_reason.find("needs the VMM pid"), std::string::npos)
+      << fell_back->fallback_reason;
   auto chain = SnapshotChain::open({req.out_path}, Verify::kFull);
   ASSERT_TRUE(chain.ok());
   auto check = check_chain_against_pattern(*chain, g->seed(), g->expected_generations());
@@ -304,7 +331,7 @@ TEST_F(PauseE2ETest, PluginFailingHalfWayCommitsNothingAndTheFallbackCompletesTh
     ASSERT_TRUE(done.ok()) << done.error().to_string();
     EXPECT_EQ(done->requested_strategy, "fails_half_way");
     EXPECT_EQ(done->strategy, fallback);
-    EXPECT_EQ(done->fallback, PauseFallback::kStrategyFailed);
+    EXPECT_EQ(done->fallback, FallbackCause::kStrategyFailed);
     EXPECT_NE(done->fallback_reason.find("failed half way"), std::string::npos)
         << done->fallback_reason;
     EXPECT_EQ(done->export_stats.bytes_released, 0u);  // the fallback's own figures

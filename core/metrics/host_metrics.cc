@@ -303,28 +303,6 @@ std::string_view operation_kind_name(OperationKind kind) noexcept {
   return kind == OperationKind::kPause ? "pause" : "resume";
 }
 
-std::string_view fallback_reason_name(FallbackReason reason) noexcept {
-  switch (reason) {
-    case FallbackReason::kFlagError:
-      return "flag_error";
-    case FallbackReason::kPluginNotLoaded:
-      return "plugin_not_loaded";
-    case FallbackReason::kPluginRefused:
-      return "plugin_refused";
-    case FallbackReason::kMissingMemfd:
-      return "missing_memfd";
-    case FallbackReason::kMissingPid:
-      return "missing_pid";
-    case FallbackReason::kVmmVersion:
-      return "vmm_version";
-    case FallbackReason::kStrategyFailed:
-      return "strategy_failed";
-    case FallbackReason::kOther:
-      return "other";
-  }
-  return "other";
-}
-
 const std::vector<double>& operation_duration_buckets() {
   // 1-2-5 steps from 1 ms; 30 s and 60 s close it because a pause of a large guest on a slow
   // disk can take tens of seconds, and anything past a minute is an incident, not a latency.
@@ -668,12 +646,12 @@ void HostMetrics::observe_fault_latency_batch(std::string_view strategy, std::ui
 }
 
 void HostMetrics::record_fallback(std::string_view from, std::string_view to,
-                                  FallbackReason reason) noexcept {
+                                  FallbackCause reason) noexcept {
   try {
     impl_->fallbacks
         .Add({{"from", strategy_value(from)},
               {"to", strategy_value(to)},
-              {"reason", std::string(fallback_reason_name(reason))}})
+              {"reason", std::string(fallback_metric_label(reason))}})
         .Increment();
   } catch (...) {
   }

@@ -22,6 +22,8 @@
 #include <string_view>
 #include <vector>
 
+#include "core/strategy_selection/fallback.h"
+
 namespace prometheus {
 class Gauge;
 class Registry;
@@ -67,19 +69,9 @@ std::string_view outcome_name(Outcome outcome) noexcept;  // ok, error, aborted
 enum class OperationKind { kPause, kResume };
 std::string_view operation_kind_name(OperationKind kind) noexcept;  // pause, resume
 
-// Why a sandbox did not get the strategy it asked for. A closed set so that the label stays a
-// short stable token; the free-text reason belongs in the log, not in a label.
-enum class FallbackReason {
-  kFlagError,        // the flag could not be evaluated (not found, wrong type, broken)
-  kPluginNotLoaded,  // no loaded plugin has that name
-  kPluginRefused,    // the plugin exists but the plugin host refused it
-  kMissingMemfd,     // needs-memfd strategy, sandbox without a reachable memfd
-  kMissingPid,       // needs-pid strategy, no pid / regions
-  kVmmVersion,       // the VMM is older than the strategy's minimum (or unparseable)
-  kStrategyFailed,   // the strategy started, failed half way, and the fallback finished the pause
-  kOther,
-};
-std::string_view fallback_reason_name(FallbackReason reason) noexcept;
+// Why a sandbox did not get the strategy it asked for: memsnap::FallbackCause
+// (core/strategy_selection/fallback.h), a closed set so that the label stays a short stable token
+// (fallback_metric_label); the free-text reason belongs in the log, not in a label.
 
 struct Phase {
   std::string name;  // as the report names it: resolve, freeze, dirty_set, export, commit, thaw;
@@ -192,7 +184,7 @@ class HostMetrics {
                                    double sum_seconds) noexcept;
 
   // Strategy selection and the pipeline's own fallback.
-  void record_fallback(std::string_view from, std::string_view to, FallbackReason reason) noexcept;
+  void record_fallback(std::string_view from, std::string_view to, FallbackCause reason) noexcept;
   // reason: flagd's reason (STATIC, TARGETING_MATCH, DEFAULT, DISABLED, ERROR), recorded in
   // lower case; variant "" (no variant selected) is recorded as "none".
   void record_flag_evaluation(std::string_view flag, std::string_view variant,

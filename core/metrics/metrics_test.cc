@@ -46,7 +46,7 @@ void exercise_everything(HostMetrics& m) {
   m.record_pause(p);
   m.record_resume({"memfd", Outcome::kOk, 0.01, {{"open", 0.002}}, "warm"});
   m.observe_fault_latency("process_vm_readv", 3e-6);
-  m.record_fallback("hole_punch", "process_vm_readv", FallbackReason::kMissingMemfd);
+  m.record_fallback("hole_punch", "process_vm_readv", FallbackCause::kMissingMemfd);
   m.record_flag_evaluation("memory-export-strategy", "memfd", "TARGETING_MATCH");
   m.record_flag_reload(true);
   m.record_plugin_load({"memfd", "1.0.0", 1, false, true, ""});
@@ -241,9 +241,9 @@ TEST(HostMetricsTest, FlagsFallbacksApiAndConcurrency) {
   m.record_flag_reload(true);
   m.record_flag_reload(false);
   m.record_flag_reload(false);
-  m.record_fallback("hole_punch", "process_vm_readv", FallbackReason::kMissingMemfd);
-  m.record_fallback("memfd", "process_vm_readv", FallbackReason::kFlagError);
-  m.record_fallback("hole_punch", "memfd", FallbackReason::kStrategyFailed);
+  m.record_fallback("hole_punch", "process_vm_readv", FallbackCause::kMissingMemfd);
+  m.record_fallback("memfd", "process_vm_readv", FallbackCause::kFlagError);
+  m.record_fallback("hole_punch", "memfd", FallbackCause::kStrategyFailed);
   m.record_api_request("sandbox_pause", 200);
   m.record_api_request("sandbox_pause", 200);
   m.record_api_request("sandbox_resume", 429);

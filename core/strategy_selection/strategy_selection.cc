@@ -61,28 +61,33 @@ StrategySelector::StrategySelector(const flags::FlagStore& flags, const PluginRe
                                    StrategySelectionOptions options)
     : flags_(flags), plugins_(plugins), options_(std::move(options)) {}
 
-std::string StrategySelector::refusal(const std::string& strategy,
-                                      const SandboxAttributes& sandbox, std::string* code) const {
+std::string StrategySelector::refusal(const std::string& strategy, const SandboxAttributes& sandbox,
+                                      FallbackCause* cause) const {
   const PluginInfo* info = plugins_.find(strategy);
   if (info == nullptr) {
     for (const PluginInfo& p : plugins_.plugins()) {
       if (p.name == strategy && !p.loaded()) {
-        *code = "plugin_refused";
+        *cause = FallbackCause::kPluginRefused;
         return "plugin \"" + strategy + "\" was refused by the plugin host (" +
                std::string(errc_name(p.error)) + ": " + p.reason + ")";
       }
     }
-    *code = "plugin_not_loaded";
+    *cause = FallbackCause::kPluginNotLoaded;
     return "no loaded plugin is named \"" + strategy + "\"";
   }
-  if (info->needs_memfd() && !sandbox.has_memfd) {
-    *code = "missing_memfd";
+  *cause = StrategyPolicy::of(*info).cannot_serve(
+      {.has_memfd = sandbox.has_memfd, .has_pid = sandbox.has_pid});
+  if (*cause == FallbackCause::kMissingMemfd) {
     return "\"" + strategy + "\" needs a memfd and sandbox " + sandbox.id + " has none";
+  }
+  if (*cause == FallbackCause::kMissingPid) {
+    return "\"" + strategy + "\" needs the VMM's pid and guest regions, and sandbox " + sandbox.id +
+           " has none";
   }
   if (const auto it = options_.min_vmm_version.find(strategy);
       it != options_.min_vmm_version.end()) {
     const auto ok = flags::semver_matches(sandbox.vmm_version, ">=", it->second);
-    *code = "vmm_version";
+    *cause = FallbackCause::kVmmVersion;
     if (!ok) {
       return "\"" + strategy + "\" needs VMM version >= " + it->second + "; sandbox " + sandbox.id +
              " reports \"" + sandbox.vmm_version + "\" (not a version)";
@@ -92,7 +97,7 @@ std::string StrategySelector::refusal(const std::string& strategy,
              " runs " + sandbox.vmm_version;
     }
   }
-  code->clear();
+  *cause = FallbackCause::kNone;
   return {};
 }
 
@@ -104,13 +109,13 @@ StrategyChoice StrategySelector::select(const SandboxAttributes& sandbox) const 
   const flags::Resolution& r = choice.resolution;
   choice.requested = r.value.is_string() ? r.value.get<std::string>() : options_.safe_strategy;
   std::string why;
-  std::string code;
+  FallbackCause cause = FallbackCause::kNone;
   if (!r.ok()) {
-    code = "flag_error";
+    cause = FallbackCause::kFlagError;
     why = "flag \"" + options_.flag_key +
           "\": " + std::string(flags::error_code_name(r.error_code)) + ": " + r.error_message;
   } else if (choice.requested != options_.safe_strategy) {
-    why = refusal(choice.requested, sandbox, &code);
+    why = refusal(choice.requested, sandbox, &cause);
   }
   if (why.empty()) {
     choice.strategy = choice.requested;
@@ -119,7 +124,7 @@ StrategyChoice StrategySelector::select(const SandboxAttributes& sandbox) const 
   choice.strategy = options_.safe_strategy;
   choice.fell_back = true;
   choice.fallback_reason = std::move(why);
-  choice.fallback_code = std::move(code);
+  choice.fallback = cause;
   fallbacks_.fetch_add(1, std::memory_order_relaxed);
   spdlog::warn("strategy selection: sandbox {}: using {} instead of {}: {}", sandbox.id,
                choice.strategy, choice.requested, choice.fallback_reason);

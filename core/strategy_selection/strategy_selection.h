@@ -6,7 +6,8 @@
 // recorded (and logged at warn), to the configured safe strategy (process_vm_readv by default)
 // when the flag cannot be evaluated (not found, wrong type, broken), when the variant names a
 // plugin that is not loaded (unknown, or refused by the plugin host), or when the sandbox lacks
-// the plugin's prerequisites (a memfd for needs-memfd plugins, a minimum VMM version).
+// the plugin's prerequisites (StrategyPolicy::cannot_serve: a memfd for needs-memfd plugins, the
+// VMM's pid and regions for needs-pid ones; a minimum VMM version).
 // A DISABLED flag, or one that selects no variant, means "the safe strategy" and is not a
 // fallback.
 //
@@ -23,6 +24,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/plugin_host/plugin_registry.h"
+#include "core/strategy_selection/strategy_policy.h"
 #include "flags/flag_set.h"
 #include "flags/flag_store.h"
 
@@ -40,6 +42,9 @@ struct SandboxAttributes {
   bool hugepages = false;
   std::string host;
   bool has_memfd = false;  // guest memory is backed by a memfd the host can reach
+  // The host knows the VMM's pid and its guest regions. memsnapd registers a running VMM only
+  // with both; the CLI may pause without them. Not part of the flag context.
+  bool has_pid = true;
 };
 
 // The evaluation context for a sandbox: targetingKey, team, template, vmm, vmm_version,
@@ -58,9 +63,9 @@ struct StrategyChoice {
   std::string requested;  // what the flag asked for (the safe strategy when it asked nothing)
   bool fell_back = false;
   std::string fallback_reason;   // why, when fell_back
-  // The same as a stable token, for metrics labels: flag_error, plugin_not_loaded,
-  // plugin_refused, missing_memfd, vmm_version.
-  std::string fallback_code;
+  // The same, typed: kFlagError, kPluginNotLoaded, kPluginRefused, kMissingMemfd, kMissingPid or
+  // kVmmVersion (fallback_names(cause, FallbackStage::kSelection) names it).
+  FallbackCause fallback = FallbackCause::kNone;
   flags::Resolution resolution;  // the flag evaluation: variant, reason, error code, metadata
 };
 
@@ -96,9 +101,9 @@ class StrategySelector {
   }
 
  private:
-  // Empty when strategy can serve sandbox, else why not (and *code the reason's token).
+  // Empty when strategy can serve sandbox, else why not (and *cause the typed reason).
   std::string refusal(const std::string& strategy, const SandboxAttributes& sandbox,
-                      std::string* code) const;
+                      FallbackCause* cause) const;
 
   const flags::FlagStore& flags_;
   const PluginRegistry& plugins_;

@@ -107,8 +107,28 @@ TEST_F(StrategySelectionTest, NoMemfdFallsBackWithReason) {
   EXPECT_EQ(c.strategy, "process_vm_readv");
   EXPECT_TRUE(c.fell_back);
   EXPECT_NE(c.fallback_reason.find("needs a memfd"), std::string::npos) << c.fallback_reason;
-  EXPECT_EQ(c.fallback_code, "missing_memfd");
+  EXPECT_EQ(c.fallback, FallbackCause::kMissingMemfd);
   EXPECT_EQ(selector.fallbacks(), 1U);
+}
+
+// A needs-pid strategy (process_vm_readv) for a sandbox whose VMM pid and regions are unknown
+// (a CLI pause of a memfd alone): the selector says so, under its own cause.
+TEST_F(StrategySelectionTest, NoPidFallsBackWithReason) {
+  auto store = store_of(
+      "flags:\n  memory-export-strategy:\n    state: ENABLED\n"
+      "    variants: {pvr: process_vm_readv}\n    defaultVariant: pvr\n");
+  StrategySelectionOptions opts;
+  opts.safe_strategy = "memfd";
+  StrategySelector selector(*store, registry_, opts);
+  SandboxAttributes s = sandbox("sb-9", "t", true);
+  EXPECT_FALSE(selector.select(s).fell_back);
+  s.has_pid = false;
+  const StrategyChoice c = selector.select(s);
+  EXPECT_EQ(c.requested, "process_vm_readv");
+  EXPECT_EQ(c.strategy, "memfd");
+  EXPECT_TRUE(c.fell_back);
+  EXPECT_EQ(c.fallback, FallbackCause::kMissingPid);
+  EXPECT_NE(c.fallback_reason.find("needs the VMM's pid"), std::string::npos) << c.fallback_reason;
 }
 
 TEST_F(StrategySelectionTest, UnknownPluginFallsBackWithReason) {
@@ -121,7 +141,7 @@ TEST_F(StrategySelectionTest, UnknownPluginFallsBackWithReason) {
   EXPECT_NE(c.fallback_reason.find("no loaded plugin is named \"no_such_plugin\""),
             std::string::npos)
       << c.fallback_reason;
-  EXPECT_EQ(c.fallback_code, "plugin_not_loaded");
+  EXPECT_EQ(c.fallback, FallbackCause::kPluginNotLoaded);
 }
 
 TEST_F(StrategySelectionTest, MinimumVmmVersionIsAPrerequisite) {
@@ -133,7 +153,7 @@ TEST_F(StrategySelectionTest, MinimumVmmVersionIsAPrerequisite) {
   StrategyChoice c = selector.select(s);
   EXPECT_TRUE(c.fell_back);
   EXPECT_NE(c.fallback_reason.find("needs VMM version >= 1.8.0"), std::string::npos);
-  EXPECT_EQ(c.fallback_code, "vmm_version");
+  EXPECT_EQ(c.fallback, FallbackCause::kVmmVersion);
   s.vmm_version = "v1.9.1";
   c = selector.select(s);
   EXPECT_FALSE(c.fell_back) << c.fallback_reason;

@@ -210,6 +210,7 @@ int cmd_pause(Args& args) {
     }
     SandboxAttributes sandbox = parse_sandbox(sandbox_id, attrs);
     sandbox.has_memfd = req.memfd >= 0;
+    sandbox.has_pid = req.pid > 0 && !req.regions.empty();
     choice = StrategySelector(*store, registry).select(sandbox);
     if (req.strategy.empty()) {
       req.strategy = choice->strategy;

@@ -158,15 +158,6 @@ std::vector<metrics::Phase> metric_phases(const std::vector<PhaseTiming>& phases
   return out;
 }
 
-metrics::FallbackReason fallback_reason_of(const std::string& code) {
-  if (code == "flag_error") return metrics::FallbackReason::kFlagError;
-  if (code == "plugin_not_loaded") return metrics::FallbackReason::kPluginNotLoaded;
-  if (code == "plugin_refused") return metrics::FallbackReason::kPluginRefused;
-  if (code == "missing_memfd") return metrics::FallbackReason::kMissingMemfd;
-  if (code == "vmm_version") return metrics::FallbackReason::kVmmVersion;
-  return metrics::FallbackReason::kOther;
-}
-
 // The handshake directory, created if missing, canonical; refused unless nobody but memsnapd's
 // uid may change it or a directory on the way to it.
 Result<std::string> prepare_handshake_dir(const std::string& handshake) {
@@ -249,7 +240,7 @@ struct SandboxService::Choice {
   std::string requested;
   std::string variant;  // the flag's variant ("" when none, e.g. forced or no flag file)
   std::string reason;   // forced, no_flags, or flagd's reason (TARGETING_MATCH, ...)
-  std::string fallback_code;
+  FallbackCause fallback = FallbackCause::kNone;  // the selector's (FallbackStage::kSelection)
   std::string fallback_reason;
   bool refused = false;  // it would have fallen back, but fallback is not allowed
   json trace;
@@ -388,13 +379,13 @@ SandboxService::Choice SandboxService::choose(const SandboxAttributes& attribute
   c.requested = sc.requested;
   c.variant = sc.resolution.variant.value_or("");
   c.reason = std::string(flags::reason_name(sc.resolution.reason));
-  c.fallback_code = sc.fallback_code;
+  c.fallback = sc.fallback;
   c.fallback_reason = sc.fallback_reason;
   c.refused = sc.fell_back && !settings.allow_fallback;
   if (record) {
     metrics_.record_flag_evaluation(so.flag_key, c.variant, c.reason);
     if (sc.fell_back && !c.refused) {
-      metrics_.record_fallback(sc.requested, sc.strategy, fallback_reason_of(sc.fallback_code));
+      metrics_.record_fallback(sc.requested, sc.strategy, sc.fallback);
     }
   }
   return c;
@@ -1058,7 +1049,7 @@ Status SandboxService::check_choice(const Sandbox& sb, const Choice& choice,
                                               ") and strategy.allow_fallback is false");
   }
   if (const PluginInfo* chosen = registry_.find(choice.strategy);
-      chosen && chosen->releases_memory() && !body.stop) {
+      chosen && StrategyPolicy::of(*chosen).vmm_must_stay_stopped() && !body.stop) {
     // It gives the guest's memory back to the host as it exports it: the VMM must not run on.
     return make_error(Errc::kInvalidArgument,
                       choice.strategy + " releases the guest's memory as it exports it, so the "
@@ -1136,25 +1127,13 @@ void set_dirty_set(PauseRequest& req, const Sandbox& sb, const ChainPlan& plan,
   }
 }
 
-metrics::FallbackReason fallback_metric(PauseFallback cause) {
-  switch (cause) {
-    case PauseFallback::kNotLoaded:
-      return metrics::FallbackReason::kPluginNotLoaded;
-    case PauseFallback::kMissingMemfd:
-      return metrics::FallbackReason::kMissingMemfd;
-    case PauseFallback::kMissingPid:
-      return metrics::FallbackReason::kMissingPid;
-    case PauseFallback::kStrategyFailed:
-      return metrics::FallbackReason::kStrategyFailed;
-    case PauseFallback::kNone:
-      break;
-  }
-  return metrics::FallbackReason::kOther;
-}
-
-json fallback_json(const std::string& from, const std::string& to, const std::string& reason,
-                   const std::string& detail) {
-  return {{"from", from}, {"to", to}, {"reason", reason}, {"detail", detail}};
+// The API's fallback object; its reason is the cause's API code at stage (docs/api.md).
+json fallback_json(const std::string& from, const std::string& to, FallbackCause cause,
+                   FallbackStage stage, const std::string& detail) {
+  return {{"from", from},
+          {"to", to},
+          {"reason", std::string(fallback_names(cause, stage).api_code)},
+          {"detail", detail}};
 }
 
 }  // namespace
@@ -1170,9 +1149,9 @@ void SandboxService::record_pause(const PauseReport* report, const std::string& 
     return;
   }
   const PauseReport& rep = *report;
-  if (rep.fallback != PauseFallback::kNone) {
+  if (rep.fallback != FallbackCause::kNone) {
     // The pipeline's own fallback: the strategy could not run this sandbox, or failed half way.
-    metrics_.record_fallback(rep.requested_strategy, rep.strategy, fallback_metric(rep.fallback));
+    metrics_.record_fallback(rep.requested_strategy, rep.strategy, rep.fallback);
   }
   obs.strategy = rep.strategy;
   obs.outcome = metrics::Outcome::kOk;
@@ -1276,14 +1255,12 @@ Result<json> SandboxService::pause(const Caller& caller, const std::string& id, 
                  {"phases", phases_json(rep.phases)},
                  {"after", request.stop ? "stop" : "continue"},
                  {"report", to_json(rep)}};
-  if (!choice.fallback_code.empty()) {
-    answer["fallback"] = fallback_json(choice.requested, choice.strategy, choice.fallback_code,
-                                       choice.fallback_reason);
-  } else if (!rep.fallback_reason.empty()) {
-    answer["fallback"] = fallback_json(
-        rep.requested_strategy, rep.strategy,
-        rep.fallback == PauseFallback::kStrategyFailed ? "strategy_failed" : "strategy_cannot_run",
-        rep.fallback_reason);
+  if (choice.fallback != FallbackCause::kNone) {
+    answer["fallback"] = fallback_json(choice.requested, choice.strategy, choice.fallback,
+                                       FallbackStage::kSelection, choice.fallback_reason);
+  } else if (rep.fallback != FallbackCause::kNone) {
+    answer["fallback"] = fallback_json(rep.requested_strategy, rep.strategy, rep.fallback,
+                                       FallbackStage::kPipeline, rep.fallback_reason);
   }
 
   const PluginInfo* info = registry_.find(rep.strategy);
@@ -1529,11 +1506,10 @@ Result<json> SandboxService::explain(const Caller& caller, const std::string& id
               {"requested_strategy", c.requested},
               {"variant", c.variant.empty() ? json(nullptr) : json(c.variant)},
               {"reason", c.reason},
-              {"fallback", c.fallback_code.empty() ? json(nullptr)
-                                                   : json{{"from", c.requested},
-                                                          {"to", c.strategy},
-                                                          {"reason", c.fallback_code},
-                                                          {"detail", c.fallback_reason}}},
+              {"fallback", c.fallback == FallbackCause::kNone
+                               ? json(nullptr)
+                               : fallback_json(c.requested, c.strategy, c.fallback,
+                                               FallbackStage::kSelection, c.fallback_reason)},
               {"context", sandbox_context(attributes)}};
   std::shared_ptr<flags::FlagStore> store;
   std::string flag;
