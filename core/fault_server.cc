@@ -138,7 +138,8 @@ bool FaultServer::settle_locked(std::unique_lock<std::mutex>& lock,
   const std::uint64_t seen = loops_;
   const std::uint64_t one = 1;
   [[maybe_unused]] const ssize_t n = ::write(settle_fd_.get(), &one, sizeof(one));
-  return filled_cv_.wait_for(lock, timeout, [&] { return loops_ > seen || settled_or_over(); });
+  return filled_cv_.wait_for(lock, timeout,
+                             [&] { return loops_ > seen || settled_or_over(); });
 }
 
 FaultStats FaultServer::stats(bool settle) const {
@@ -173,9 +174,10 @@ Result<std::vector<plugin::ByteRange>> FaultServer::discarded(bool clear,
   // pause that froze the VMM after the discard must see it, or it would inherit the parent's
   // bytes where the guest has zeros.
   if (!settle_locked(lock, timeout)) {
-    return make_error(Errc::kResumeFailed, "the fault-serving thread did not come round within " +
-                                               std::to_string(timeout.count()) +
-                                               " ms: which ranges the VMM discarded is not known");
+    return make_error(Errc::kResumeFailed,
+                      "the fault-serving thread did not come round within " +
+                          std::to_string(timeout.count()) +
+                          " ms: which ranges the VMM discarded is not known");
   }
   std::vector<plugin::ByteRange> out = discarded_;
   if (clear) discarded_.clear();
