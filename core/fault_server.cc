@@ -4,7 +4,6 @@
 #include <linux/userfaultfd.h>
 #include <poll.h>
 #include <sys/eventfd.h>
-#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -14,22 +13,10 @@
 #include <cstring>
 #include <string>
 
+#include <spdlog/spdlog.h>
+
 namespace memsnap {
 namespace {
-
-// Newer than Debian 12's kernel headers (Linux 6.4+).
-#ifndef UFFDIO_CONTINUE_MODE_WP
-constexpr std::uint64_t kContinueModeWp = 1ULL << 1;
-#else
-constexpr std::uint64_t kContinueModeWp = UFFDIO_CONTINUE_MODE_WP;
-#endif
-
-enum BlockState : std::uint8_t {
-  kUntouched = 0,  // neither served nor filled
-  kFilled = 1,     // in the memfd's page cache (background fill), not yet mapped by a fault
-  kServed = 2,     // a fault installed it: never write it again
-  kRemoved = 3,    // the VMM discarded it: serve zeros from now on
-};
 
 constexpr std::size_t kMessagesPerRead = 64;
 
@@ -107,8 +94,9 @@ Result<std::unique_ptr<FaultServer>> FaultServer::start(int uffd,
   // its pages zero at random (~25,000 extents) took ~0.5 ms, most of a warm resume's budget,
   // and the VMM's own start-up can overlap it. Nothing in it can fail.
 
-  s->copy_wp_ = options.write_protect;
-  s->continue_wp_ = options.write_protect;
+  s->ops_ = options.uffd_ops ? options.uffd_ops : std::shared_ptr<UffdOps>(make_uffd_ioctls(uffd));
+  s->modes_.copy_wp = options.write_protect;
+  s->modes_.continue_wp = options.write_protect;
   s->stats_.fill_done = options.fill_memfd < 0;
 
   const int flags = ::fcntl(uffd, F_GETFL);
@@ -212,7 +200,7 @@ void FaultServer::prepare_serving() {
     if (!x.zero) x.data = layer_bases_[c.layer] + c.file_offset;
     extents_.push_back(x);
   }
-  state_.assign(chain_->guest_size() / block_size_, kUntouched);
+  state_.assign(chain_->guest_size() / block_size_, BlockState::kUntouched);
 }
 
 void FaultServer::publish_locked() {
@@ -222,6 +210,9 @@ void FaultServer::publish_locked() {
   stats_.zeropages += pending_.zeropages;
   stats_.continues += pending_.continues;
   stats_.eexist += pending_.eexist;
+  stats_.copy_wp_downgrades += pending_.copy_wp_downgrades;
+  stats_.continue_wp_downgrades += pending_.continue_wp_downgrades;
+  stats_.zeropage_downgrades += pending_.zeropage_downgrades;
   stats_.service_seconds += pending_.service_seconds;
   stats_.max_service_seconds = std::max(stats_.max_service_seconds, pending_.max_service_seconds);
   for (std::size_t i = 0; i < stats_.latency_counts.size(); ++i) {
@@ -256,105 +247,105 @@ FaultServer::Served FaultServer::serve(std::uint64_t host_page, bool minor) {
   }
   const std::uint64_t block =
       (region->guest_offset + (host_page - region->host_addr)) / block_size_;
-  std::uint8_t& state = state_[block];
   const Extent* x = extent_of(block);
+  const std::uint8_t* data = x->zero ? nullptr : x->data + (block - x->first_block) * block_size_;
 
-  int rc = 0;
-  enum { kCopy, kZero, kContinue } op;
-  if (state == kRemoved) {
-    op = minor ? kContinue : kZero;
-  } else if (minor || state == kFilled) {
-    // The page is in the memfd's page cache (filled by us); map it.
-    op = kContinue;
-    if (state == kUntouched && !x->zero && options_.fill_memfd >= 0) {
-      // A MINOR fault on a page we never filled: its cache page did not come from the
-      // snapshot; put the snapshot's bytes there first.
-      const Status w =
-          io::pwrite_all(options_.fill_memfd, x->data + (block - x->first_block) * block_size_,
-                         block_size_, block * block_size_, "memfd");
-      if (!w.ok()) {
-        fail(w.error());
-        return Served::kError;
-      }
-    }
-  } else if (state == kServed && !minor) {
-    // Served before and missing again: the VMM dropped the page by a means that raised no
-    // UFFD_EVENT_REMOVE (e.g. fallocate(PUNCH_HOLE) on its memfd). Its content is gone, so it
-    // reads as zeros, as it would without userfaultfd; never the older snapshot bytes.
-    op = kZero;
-  } else {
-    op = x->zero ? kZero : kCopy;
-  }
-
-  if (op == kCopy) {
-    uffdio_copy c{};
-    c.dst = host_page;
-    c.src = reinterpret_cast<std::uint64_t>(x->data + (block - x->first_block) * block_size_);
-    c.len = block_size_;
-    c.mode = copy_wp_ ? UFFDIO_COPY_MODE_WP : 0;
-    rc = ::ioctl(uffd_, UFFDIO_COPY, &c);
-    if (rc != 0 && errno == EINVAL && copy_wp_) {
-      copy_wp_ = false;  // not registered for WP: copy plainly (pages then count as written)
-      return serve(host_page, minor);
-    }
-  } else if (op == kZero && (options_.write_protect || zero_by_copy_)) {
-    // With write tracking, zeros are copied in write-protected like any page: UFFDIO_ZEROPAGE
-    // cannot write-protect, and it refuses (EEXIST) a page-table entry that holds only a
-    // write-protect marker, which WP_ASYNC leaves on discarded pages -- the fault would never
-    // be resolved.
-    uffdio_copy c{};
-    c.dst = host_page;
-    c.src = reinterpret_cast<std::uint64_t>(zeros_);
-    c.len = block_size_;
-    c.mode = copy_wp_ ? UFFDIO_COPY_MODE_WP : 0;
-    rc = ::ioctl(uffd_, UFFDIO_COPY, &c);
-    if (rc != 0 && errno == EINVAL && copy_wp_) {
-      copy_wp_ = false;
-      return serve(host_page, minor);
-    }
-  } else if (op == kZero) {
-    uffdio_zeropage z{};
-    z.range.start = host_page;
-    z.range.len = block_size_;
-    rc = ::ioctl(uffd_, UFFDIO_ZEROPAGE, &z);
-    if (rc != 0 && errno == EEXIST) {
-      // Only a marker there (see above): copy the zeros instead, from now on.
-      zero_by_copy_ = true;
-      return serve(host_page, minor);
-    }
-  } else {
-    uffdio_continue c{};
-    c.range.start = host_page;
-    c.range.len = block_size_;
-    c.mode = continue_wp_ ? kContinueModeWp : 0;
-    rc = ::ioctl(uffd_, UFFDIO_CONTINUE, &c);
-    if (rc != 0 && errno == EINVAL && continue_wp_) {
-      continue_wp_ = false;
-      return serve(host_page, minor);
+  FaultInput in;
+  in.state = state_[block];
+  in.minor = minor;
+  in.zero_extent = x->zero;
+  in.has_fill_memfd = options_.fill_memfd >= 0;
+  in.write_protect = options_.write_protect;
+  in.modes = modes_;
+  FaultDecision d = decide_fault(in);
+  if (d.write_memfd_first) {
+    const Status w =
+        io::pwrite_all(options_.fill_memfd, data, block_size_, block * block_size_, "memfd");
+    if (!w.ok()) {
+      fail(w.error());
+      return Served::kError;
     }
   }
-  if (rc == 0) {
-    if (state != kRemoved) state = kServed;
-    ++(op == kCopy ? pending_.copies : op == kZero ? pending_.zeropages : pending_.continues);
+  int err = install(d, host_page, data);
+  // A refused mode is turned off and the page installed again without it; each mode can be
+  // turned off once, so this ends.
+  for (ModeDowngrade g = downgrade_for(d, err); g != ModeDowngrade::kNone;
+       g = downgrade_for(d, err)) {
+    downgrade(g, block);
+    in.modes = modes_;
+    d = decide_fault(in);
+    err = install(d, host_page, data);
+  }
+  return finish(d, err, host_page, block);
+}
+
+int FaultServer::install(const FaultDecision& d, std::uint64_t host_page,
+                         const std::uint8_t* data) {
+  switch (d.action) {
+    case FaultAction::kCopyData:
+      return ops_->copy(host_page, data, block_size_, d.wp);
+    case FaultAction::kCopyZeros:
+      return ops_->copy(host_page, zeros_, block_size_, d.wp);
+    case FaultAction::kZeroPage:
+      return ops_->zeropage(host_page, block_size_);
+    case FaultAction::kContinue:
+      return ops_->continue_range(host_page, block_size_, d.wp);
+  }
+  return EINVAL;
+}
+
+void FaultServer::downgrade(ModeDowngrade g, std::uint64_t block) {
+  modes_ = downgraded(modes_, g);
+  const std::uint64_t offset = block * block_size_;
+  switch (g) {
+    case ModeDowngrade::kNone:
+      return;
+    case ModeDowngrade::kCopyWithoutWp:
+      ++pending_.copy_wp_downgrades;
+      spdlog::warn(
+          "fault server: UFFDIO_COPY_MODE_WP refused (EINVAL) at guest offset {}: copying pages "
+          "without write protection from now on (they count as written)",
+          offset);
+      return;
+    case ModeDowngrade::kContinueWithoutWp:
+      ++pending_.continue_wp_downgrades;
+      spdlog::warn(
+          "fault server: UFFDIO_CONTINUE_MODE_WP refused (EINVAL) at guest offset {}: mapping "
+          "memfd pages without write protection from now on (they count as written)",
+          offset);
+      return;
+    case ModeDowngrade::kZeroByCopy:
+      ++pending_.zeropage_downgrades;
+      spdlog::warn(
+          "fault server: UFFDIO_ZEROPAGE refused (EEXIST, a write-protect marker) at guest "
+          "offset {}: copying zeros in from now on",
+          offset);
+      return;
+  }
+}
+
+FaultServer::Served FaultServer::finish(const FaultDecision& d, int err, std::uint64_t host_page,
+                                        std::uint64_t block) {
+  if (err == 0) {
+    state_[block] = d.next_state;
+    ++(d.action == FaultAction::kCopyData   ? pending_.copies
+       : d.action == FaultAction::kContinue ? pending_.continues
+                                            : pending_.zeropages);
     return Served::kOk;
   }
-  const int err = errno;
   if (err == EEXIST) {
     // Already mapped (another thread's fault on the same page, or a racing event): just wake
     // whoever waits on it.
-    uffdio_range r{host_page, block_size_};
-    ::ioctl(uffd_, UFFDIO_WAKE, &r);
-    if (state != kRemoved) state = kServed;
+    ops_->wake(host_page, block_size_);
+    state_[block] = d.next_state;
     ++pending_.eexist;
     return Served::kOk;
   }
   if (err == EAGAIN) return Served::kRetry;
   if (err == ESRCH) return Served::kGone;
   fail(make_error(Errc::kResumeFailed,
-                  io::errno_message(std::string(op == kCopy   ? "UFFDIO_COPY"
-                                                : op == kZero ? "UFFDIO_ZEROPAGE"
-                                                              : "UFFDIO_CONTINUE") +
-                                        " at guest offset " + std::to_string(block * block_size_),
+                  io::errno_message(std::string(ioctl_name(d.action)) + " at guest offset " +
+                                        std::to_string(block * block_size_),
                                     err),
                   err));
   return Served::kError;
@@ -398,7 +389,7 @@ void FaultServer::handle_message(const void* raw) {
       const std::uint64_t g = r.guest_offset + (s - r.host_addr);
       const std::uint64_t first = g / block_size_;
       const std::uint64_t last = (g + (e - s) + block_size_ - 1) / block_size_;
-      for (std::uint64_t b = first; b < last; ++b) state_[b] = kRemoved;
+      for (std::uint64_t b = first; b < last; ++b) state_[b] = BlockState::kRemoved;
       discarded_.push_back({first * block_size_, (last - first) * block_size_});
       stats_.removed_bytes += e - s;
     }
@@ -423,12 +414,12 @@ bool FaultServer::fill_step() {
     // Write maximal runs of untouched blocks.
     std::uint64_t b = fill_block_;
     while (b < end) {
-      if (state_[b] != kUntouched) {
+      if (state_[b] != BlockState::kUntouched) {
         ++b;
         continue;
       }
       std::uint64_t e = b + 1;
-      while (e < end && state_[e] == kUntouched) ++e;
+      while (e < end && state_[e] == BlockState::kUntouched) ++e;
       const Status w =
           io::pwrite_all(options_.fill_memfd, x.data + (b - x.first_block) * block_size_,
                          (e - b) * block_size_, b * block_size_, "memfd");
@@ -437,7 +428,7 @@ bool FaultServer::fill_step() {
         return false;
       }
       std::fill(state_.begin() + static_cast<std::ptrdiff_t>(b),
-                state_.begin() + static_cast<std::ptrdiff_t>(e), kFilled);
+                state_.begin() + static_cast<std::ptrdiff_t>(e), BlockState::kFilled);
       std::lock_guard<std::mutex> lock(mu_);
       stats_.filled_bytes += (e - b) * block_size_;
       b = e;

@@ -24,6 +24,13 @@
 // writes afterwards (read back with PAGEMAP_SCAN); zero blocks are then copied in as zeros,
 // write-protected too. A page installed without protection counts as written: an over-report,
 // never a loss.
+//
+// Which ioctl answers a fault is decide_fault() (core/fault_decision.h), a pure function of the
+// block's state, the fault and the modes. When the kernel refuses a mode (EINVAL for a
+// write-protecting COPY or CONTINUE: the range is not registered for WP, or the kernel predates
+// UFFDIO_CONTINUE_MODE_WP; EEXIST for UFFDIO_ZEROPAGE over a WP marker), the server turns that
+// mode off for good, logs a warning, counts it in FaultStats and installs the page again.
+// The ioctls go through UffdOps (core/uffd_ops.h), which tests replace to fail on purpose.
 #pragma once
 
 #include <array>
@@ -39,7 +46,9 @@
 
 #include "core/base/file_io.h"
 #include "core/base/result.h"
+#include "core/fault_decision.h"
 #include "core/snapshot/snapshot_chain.h"
+#include "core/uffd_ops.h"
 #include "plugins/plugin_api/plugin_api.h"
 
 namespace memsnap {
@@ -55,15 +64,21 @@ struct FaultServerOptions {
   // Tests only: called on the serving thread after each read() of messages, before they are
   // handled (to hold the thread there, as a loaded host may).
   std::function<void()> after_read_for_testing;
+  // The userfaultfd ioctls; null: the real ones on uffd. Tests pass one that fails on purpose.
+  std::shared_ptr<UffdOps> uffd_ops;
 };
 
 struct FaultStats {
   std::uint64_t faults = 0;  // page-fault messages handled
   std::uint64_t minor_faults = 0;
-  std::uint64_t copies = 0;     // UFFDIO_COPY
-  std::uint64_t zeropages = 0;  // UFFDIO_ZEROPAGE
+  std::uint64_t copies = 0;     // UFFDIO_COPY of snapshot bytes
+  std::uint64_t zeropages = 0;  // zero blocks: UFFDIO_ZEROPAGE, or UFFDIO_COPY of zeros
   std::uint64_t continues = 0;  // UFFDIO_CONTINUE
   std::uint64_t eexist = 0;
+  // Modes the kernel refused, turned off for good (each at most once per server, logged):
+  std::uint64_t copy_wp_downgrades = 0;      // UFFDIO_COPY_MODE_WP: EINVAL
+  std::uint64_t continue_wp_downgrades = 0;  // UFFDIO_CONTINUE_MODE_WP: EINVAL
+  std::uint64_t zeropage_downgrades = 0;     // UFFDIO_ZEROPAGE: EEXIST; zeros copied instead
   std::uint64_t eagain_retries = 0;
   std::uint64_t remove_events = 0;
   std::uint64_t removed_bytes = 0;
@@ -130,6 +145,13 @@ class FaultServer {
   void run();
   void handle_message(const void* msg);
   Served serve(std::uint64_t host_page, bool minor);
+  // Issues the decision's ioctl for host_page (data: the block's snapshot bytes, or null);
+  // returns 0 or its errno.
+  int install(const FaultDecision& d, std::uint64_t host_page, const std::uint8_t* data);
+  // Turns a refused mode off for good: modes_, a warning, a counter.
+  void downgrade(ModeDowngrade g, std::uint64_t block);
+  // What an install's result (err) means for the fault and the block.
+  Served finish(const FaultDecision& d, int err, std::uint64_t host_page, std::uint64_t block);
   bool fill_step();
   void prepare_serving();  // serving thread, before the first message: extents_ and state_
   void publish_locked();   // adds pending_ to stats_ (mu_ held)
@@ -149,14 +171,13 @@ class FaultServer {
   std::vector<const std::uint8_t*> layer_bases_;  // per chain layer, null if it has no data
   FaultServerOptions options_;
   std::uint64_t block_size_ = 0;
-  bool copy_wp_ = false;
-  bool continue_wp_ = false;
-  bool zero_by_copy_ = false;            // UFFDIO_ZEROPAGE refused a marker entry once
+  std::shared_ptr<UffdOps> ops_;
   const std::uint8_t* zeros_ = nullptr;  // one block of zeros (read-only mapping)
 
   // Owned by the serving thread.
   std::vector<Extent> extents_;       // built by prepare_serving()
-  std::vector<std::uint8_t> state_;   // per guest block: BlockState
+  std::vector<BlockState> state_;     // per guest block
+  FaultModes modes_;                  // what the kernel has not refused yet
   FaultStats pending_;                // per-fault counters not yet published to stats_
   std::vector<std::uint64_t> retry_;  // host page addresses to serve again
   std::size_t fill_extent_ = 0;       // background fill cursor

@@ -9,15 +9,20 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <atomic>
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
 #include <cstring>
 #include <filesystem>
+#include <functional>
 #include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
 #include <vector>
 
 #include <gtest/gtest.h>
-
-#include <atomic>
-#include <thread>
 
 #include "core/snapshot/snapshot_writer.h"
 
@@ -203,6 +208,266 @@ TEST_F(FaultServerTest, ADiscardThatReturnedIsReportedEvenIfItsEventIsNotHandled
   (*server)->stop();
   ::munmap(mem, kBlocks * kBlock);
   ::close(uffd);
+}
+
+// ---- The serve path against a UffdOps that fails on purpose ----
+//
+// The server reads fabricated uffd messages from a pipe instead of a userfaultfd, and its
+// ioctls go to FakeUffd, which records them and answers what the test's rule says. No page is
+// ever installed, so no thread of the test blocks on a fault.
+
+struct Call {
+  std::string op;  // "copy", "zeropage", "continue", "wake"
+  std::uint64_t block = 0;
+  bool wp = false;
+  bool zeros = false;  // copy: from a block of zeros (not the snapshot's bytes)
+  int result = 0;
+  bool operator==(const Call&) const = default;
+};
+
+std::ostream& operator<<(std::ostream& os, const Call& c) {
+  return os << c.op << "(block " << c.block << (c.wp ? ", wp" : "") << (c.zeros ? ", zeros" : "")
+            << ") -> " << c.result;
+}
+
+class FakeUffd final : public UffdOps {
+ public:
+  FakeUffd(std::uint64_t base, std::function<int(const Call&)> rule)
+      : base_(base), rule_(std::move(rule)) {}
+
+  int copy(std::uint64_t dst, const void* src, std::uint64_t, bool wp) override {
+    // Every data block of the fixture's chain is nonzero; the zero source reads as zeros.
+    return record({"copy", block_of(dst), wp, *static_cast<const std::uint8_t*>(src) == 0, 0});
+  }
+  int zeropage(std::uint64_t dst, std::uint64_t) override {
+    return record({"zeropage", block_of(dst), false, false, 0});
+  }
+  int continue_range(std::uint64_t dst, std::uint64_t, bool wp) override {
+    return record({"continue", block_of(dst), wp, false, 0});
+  }
+  int wake(std::uint64_t dst, std::uint64_t) override {
+    return record({"wake", block_of(dst), false, false, 0});
+  }
+
+  // Waits (generously: a loaded host is slow, and nothing here is timed) for n calls.
+  bool wait_for_calls(std::size_t n) {
+    std::unique_lock<std::mutex> lock(mu_);
+    return cv_.wait_for(lock, std::chrono::minutes(2), [&] { return calls_.size() >= n; });
+  }
+  std::vector<Call> calls() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return calls_;
+  }
+
+ private:
+  std::uint64_t block_of(std::uint64_t dst) const { return (dst - base_) / kBlock; }
+  int record(Call c) {
+    c.result = rule_(c);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      calls_.push_back(c);
+    }
+    cv_.notify_all();
+    return c.result;
+  }
+
+  std::uint64_t base_;
+  std::function<int(const Call&)> rule_;
+  mutable std::mutex mu_;
+  std::condition_variable cv_;
+  std::vector<Call> calls_;
+};
+
+class FaultServePathTest : public FaultServerTest {
+ protected:
+  static constexpr std::uint64_t kBase = 0x7f0000000000;  // the "guest" region's host address
+
+  void TearDown() override {
+    reset();
+    FaultServerTest::TearDown();
+  }
+
+  // Ends the server and its pipe, so that start() can begin another.
+  void reset() {
+    if (server_) server_->stop();
+    server_.reset();
+    fake_.reset();
+    for (int& fd : pipe_) {
+      if (fd >= 0) ::close(fd);
+      fd = -1;
+    }
+    on_error_calls_ = 0;
+  }
+
+  // Starts a server whose ioctls answer rule(call) (0: success, else that errno).
+  void start(std::function<int(const Call&)> rule, FaultServerOptions options = {}) {
+    ASSERT_EQ(::pipe2(pipe_, O_CLOEXEC), 0);
+    fake_ = std::make_shared<FakeUffd>(kBase, std::move(rule));
+    options.uffd_ops = fake_;
+    options.on_error = [this](const Error&) { ++on_error_calls_; };
+    plugin::Region region{};
+    region.guest_offset = 0;
+    region.host_addr = kBase;
+    region.size = kBlocks * kBlock;
+    auto s = FaultServer::start(pipe_[0], {region}, chain_, std::move(options));
+    ASSERT_TRUE(s.ok()) << s.error().to_string();
+    server_ = std::move(*s);
+  }
+
+  // A page fault on block b, as the kernel would report it.
+  void fault(std::uint64_t b, bool minor = false) {
+    uffd_msg m{};
+    m.event = UFFD_EVENT_PAGEFAULT;
+    m.arg.pagefault.address = kBase + b * kBlock + 123;
+    m.arg.pagefault.flags = minor ? UFFD_PAGEFAULT_FLAG_MINOR : 0;
+    ASSERT_EQ(::write(pipe_[1], &m, sizeof(m)), static_cast<ssize_t>(sizeof(m)));
+  }
+
+  // Waits for n ioctls, then stops the server (it finishes its batch and publishes everything).
+  FaultStats finish(std::size_t n) {
+    EXPECT_TRUE(fake_->wait_for_calls(n)) << "the server made fewer than " << n << " ioctls";
+    server_->stop();
+    return server_->stats();
+  }
+
+  int pipe_[2] = {-1, -1};
+  std::shared_ptr<FakeUffd> fake_;
+  std::unique_ptr<FaultServer> server_;
+  std::atomic<int> on_error_calls_{0};
+};
+
+TEST_F(FaultServePathTest, ACopyRefusedWithWriteProtectIsRetriedWithoutItOnce) {
+  FaultServerOptions options;
+  options.write_protect = true;
+  // A range not registered for WP: every write-protecting copy fails with EINVAL.
+  ASSERT_NO_FATAL_FAILURE(start([](const Call& c) { return c.wp ? EINVAL : 0; }, options));
+  fault(0);  // data
+  fault(2);  // data
+  fault(4);  // zero: copied in (write tracking), no longer write-protected
+  const FaultStats s = finish(4);
+  const std::vector<Call> expected = {{"copy", 0, true, false, EINVAL},
+                                      {"copy", 0, false, false, 0},
+                                      {"copy", 2, false, false, 0},
+                                      {"copy", 4, false, true, 0}};
+  EXPECT_EQ(fake_->calls(), expected);
+  EXPECT_EQ(s.copy_wp_downgrades, 1u);
+  EXPECT_EQ(s.continue_wp_downgrades, 0u);
+  EXPECT_EQ(s.zeropage_downgrades, 0u);
+  EXPECT_EQ(s.faults, 3u);
+  EXPECT_EQ(s.copies, 2u);
+  EXPECT_EQ(s.zeropages, 1u);
+  EXPECT_TRUE(server_->error().ok());
+}
+
+TEST_F(FaultServePathTest, AContinueRefusedWithWriteProtectIsRetriedWithoutItOnce) {
+  FaultServerOptions options;
+  options.write_protect = true;
+  // A kernel without UFFDIO_CONTINUE_MODE_WP; copies may still write-protect.
+  ASSERT_NO_FATAL_FAILURE(
+      start([](const Call& c) { return c.op == "continue" && c.wp ? EINVAL : 0; }, options));
+  fault(0, /*minor=*/true);
+  fault(2);  // MISSING: still a write-protected copy
+  fault(4, /*minor=*/true);
+  const FaultStats s = finish(4);
+  const std::vector<Call> expected = {{"continue", 0, true, false, EINVAL},
+                                      {"continue", 0, false, false, 0},
+                                      {"copy", 2, true, false, 0},
+                                      {"continue", 4, false, false, 0}};
+  EXPECT_EQ(fake_->calls(), expected);
+  EXPECT_EQ(s.continue_wp_downgrades, 1u);
+  EXPECT_EQ(s.copy_wp_downgrades, 0u);
+  EXPECT_EQ(s.zeropage_downgrades, 0u);
+  EXPECT_EQ(s.minor_faults, 2u);
+  EXPECT_EQ(s.continues, 2u);
+  EXPECT_EQ(s.copies, 1u);
+  EXPECT_TRUE(server_->error().ok());
+}
+
+TEST_F(FaultServePathTest, AZeroPageRefusedWithEexistSwitchesToCopyingZerosOnce) {
+  // Only a write-protect marker in the page table: UFFDIO_ZEROPAGE answers EEXIST.
+  ASSERT_NO_FATAL_FAILURE(start([](const Call& c) { return c.op == "zeropage" ? EEXIST : 0; }));
+  fault(4);
+  fault(6);
+  fault(0);  // data: an ordinary copy
+  const FaultStats s = finish(4);
+  const std::vector<Call> expected = {{"zeropage", 4, false, false, EEXIST},
+                                      {"copy", 4, false, true, 0},
+                                      {"copy", 6, false, true, 0},
+                                      {"copy", 0, false, false, 0}};
+  EXPECT_EQ(fake_->calls(), expected);
+  EXPECT_EQ(s.zeropage_downgrades, 1u);
+  EXPECT_EQ(s.copy_wp_downgrades, 0u);
+  EXPECT_EQ(s.zeropages, 2u);
+  EXPECT_EQ(s.copies, 1u);
+  EXPECT_EQ(s.eexist, 0u) << "the refused zero page is retried, not woken";
+  EXPECT_TRUE(server_->error().ok());
+}
+
+TEST_F(FaultServePathTest, EexistWakesTheFaultAndTheBlockCountsAsServed) {
+  int copies = 0;
+  ASSERT_NO_FATAL_FAILURE(
+      start([&copies](const Call& c) { return c.op == "copy" && copies++ == 0 ? EEXIST : 0; }));
+  fault(0);
+  fault(0);  // missing again after being served: zeros, never the snapshot's bytes
+  const FaultStats s = finish(3);
+  const std::vector<Call> expected = {
+      {"copy", 0, false, false, EEXIST}, {"wake", 0, false, false, 0}, {"zeropage", 0}};
+  EXPECT_EQ(fake_->calls(), expected);
+  EXPECT_EQ(s.eexist, 1u);
+  EXPECT_EQ(s.zeropage_downgrades, 0u);
+  EXPECT_TRUE(server_->error().ok());
+}
+
+TEST_F(FaultServePathTest, EagainIsServedAgain) {
+  int copies = 0;
+  ASSERT_NO_FATAL_FAILURE(start([&copies](const Call&) { return copies++ == 0 ? EAGAIN : 0; }));
+  fault(1);
+  const FaultStats s = finish(2);
+  const std::vector<Call> expected = {{"copy", 1, false, false, EAGAIN}, {"copy", 1}};
+  EXPECT_EQ(fake_->calls(), expected);
+  EXPECT_EQ(s.eagain_retries, 1u);
+  EXPECT_EQ(s.copies, 1u);
+  EXPECT_FALSE(s.vmm_gone);
+  EXPECT_TRUE(server_->error().ok());
+}
+
+TEST_F(FaultServePathTest, EsrchMeansTheVmmIsGone) {
+  ASSERT_NO_FATAL_FAILURE(start([](const Call&) { return ESRCH; }));
+  fault(3);
+  const FaultStats s = finish(1);
+  EXPECT_TRUE(s.vmm_gone);
+  EXPECT_EQ(s.copies, 0u);
+  EXPECT_TRUE(server_->error().ok()) << "a VMM that went away is not an error";
+  EXPECT_EQ(on_error_calls_.load(), 0);
+}
+
+TEST_F(FaultServePathTest, AnyOtherErrnoStopsServingWithTheIoctlAndGuestOffset) {
+  struct Case {
+    std::uint64_t block;
+    bool minor;
+    int err;
+    std::string message;
+  };
+  const Case cases[] = {
+      {2, false, EIO, "UFFDIO_COPY at guest offset 8192: "},
+      {6, false, ENOMEM, "UFFDIO_ZEROPAGE at guest offset 24576: "},
+      {3, true, EFAULT, "UFFDIO_CONTINUE at guest offset 12288: "},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.message);
+    reset();  // the previous case's server
+    const int err = c.err;
+    ASSERT_NO_FATAL_FAILURE(start([err](const Call&) { return err; }));
+    fault(c.block, c.minor);
+    const FaultStats s = finish(1);
+    const Status st = server_->error();
+    ASSERT_FALSE(st.ok());
+    EXPECT_EQ(st.error().code, Errc::kResumeFailed);
+    EXPECT_EQ(st.error().sys_errno, c.err);
+    EXPECT_EQ(st.error().message, c.message + std::strerror(c.err));
+    EXPECT_EQ(on_error_calls_.load(), 1);
+    EXPECT_FALSE(s.vmm_gone);
+  }
 }
 
 }  // namespace
