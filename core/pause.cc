@@ -17,7 +17,7 @@
 #include "core/phase_clock.h"
 #include "core/snapshot/snapshot_reader.h"
 #include "core/snapshot/snapshot_writer.h"
-#include "core/strategy_selection/strategy_policy.h"
+#include "core/strategy_policy/strategy_policy.h"
 #include "core/vmm_process.h"
 
 namespace memsnap {

@@ -22,7 +22,7 @@
 #include "core/plugin_host/plugin_registry.h"
 #include "core/snapshot/snapshot_reader.h"
 #include "core/snapshot/snapshot_writer.h"
-#include "core/strategy_selection/fallback.h"
+#include "core/fallback/fallback.h"
 #include "plugins/plugin_api/plugin_api.h"
 
 namespace memsnap {

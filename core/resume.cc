@@ -18,7 +18,7 @@
 #include "core/dirty_set.h"
 #include "core/guest_image.h"
 #include "core/phase_clock.h"
-#include "core/strategy_selection/strategy_policy.h"
+#include "core/strategy_policy/strategy_policy.h"
 
 namespace memsnap {
 namespace {

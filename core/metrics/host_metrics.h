@@ -22,7 +22,7 @@
 #include <string_view>
 #include <vector>
 
-#include "core/strategy_selection/fallback.h"
+#include "core/fallback/fallback.h"
 
 namespace prometheus {
 class Gauge;
@@ -70,7 +70,7 @@ enum class OperationKind { kPause, kResume };
 std::string_view operation_kind_name(OperationKind kind) noexcept;  // pause, resume
 
 // Why a sandbox did not get the strategy it asked for: memsnap::FallbackCause
-// (core/strategy_selection/fallback.h), a closed set so that the label stays a short stable token
+// (core/fallback/fallback.h), a closed set so that the label stays a short stable token
 // (fallback_metric_label); the free-text reason belongs in the log, not in a label.
 
 struct Phase {

@@ -24,7 +24,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/plugin_host/plugin_registry.h"
-#include "core/strategy_selection/strategy_policy.h"
+#include "core/strategy_policy/strategy_policy.h"
 #include "flags/flag_set.h"
 #include "flags/flag_store.h"
 

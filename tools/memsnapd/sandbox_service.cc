@@ -1264,7 +1264,7 @@ Result<json> SandboxService::pause(const Caller& caller, const std::string& id, 
   }
 
   const PluginInfo* info = registry_.find(rep.strategy);
-  const bool keeps_memory = info && info->needs_memfd() && !info->releases_memory();
+  const bool keeps_memory = info && StrategyPolicy::of(*info).keeps_memory();
   claim.finish(request.stop ? SandboxState::kPaused : SandboxState::kRunning, [&](Sandbox& s) {
     const bool complete = !s.session || s.session->memfd_complete();
     if (s.session) s.session->pause_committed();

@@ -1,4 +1,4 @@
-#include "core/strategy_selection/fallback.h"
+#include "core/fallback/fallback.h"
 
 namespace memsnap {
 namespace {

@@ -1,4 +1,4 @@
-#include "core/strategy_selection/strategy_policy.h"
+#include "core/strategy_policy/strategy_policy.h"
 
 namespace memsnap {
 

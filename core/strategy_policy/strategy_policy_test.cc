@@ -1,7 +1,7 @@
 // The strategy policy as a table: every combination of the capabilities that matter (needs pid,
 // needs memfd, releases memory) against every sandbox (memfd or not, pid and regions or not),
 // and every fallback cause's names at both stages.
-#include "core/strategy_selection/strategy_policy.h"
+#include "core/strategy_policy/strategy_policy.h"
 
 #include <gtest/gtest.h>
 

@@ -8,7 +8,7 @@
 #include <cstdint>
 
 #include "core/plugin_host/plugin_registry.h"
-#include "core/strategy_selection/fallback.h"
+#include "core/fallback/fallback.h"
 
 namespace memsnap {
 
