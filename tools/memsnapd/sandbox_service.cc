@@ -589,152 +589,141 @@ Status SandboxService::pin_vmm(const Caller& caller, const json& body, Sandbox& 
   return {};
 }
 
-Result<json> SandboxService::register_sandbox(const Caller& caller, const json& body) {
-  if (Status s = only_keys(body,
-                           {"id", "vmm_pid", "regions", "memfd_fd", "guest_size", "attributes",
-                            "snapshots", "strategy"},
-                           "register");
+namespace {
+
+// A registration's "attributes" (what flags target) into attrs.
+Status parse_attributes(const json& a, SandboxAttributes& attrs) {
+  if (Status s = only_keys(a,
+                           {"team", "template", "vmm", "vmm_version", "kernel_version",
+                            "memory_mib", "hugepages", "host"},
+                           "attributes");
       !s.ok()) {
     return std::move(s).error();
   }
-  auto sb = std::make_shared<Sandbox>();
-  auto id = field<std::string>(body, "id", "");
-  if (!id.ok()) return std::move(id).error();
-  if (!valid_id(*id)) {
-    return make_error(Errc::kInvalidArgument,
-                      "id must be 1-128 characters of [A-Za-z0-9._-], not starting with '.'");
+  auto str = [&](const char* k, std::string& out) -> Status {
+    auto v = field<std::string>(a, k, "");
+    if (!v.ok()) return std::move(v).error();
+    out = *v;
+    return {};
+  };
+  for (auto [k, out] : {std::pair{"team", &attrs.team},
+                        std::pair{"template", &attrs.template_name},
+                        std::pair{"vmm", &attrs.vmm},
+                        std::pair{"vmm_version", &attrs.vmm_version},
+                        std::pair{"kernel_version", &attrs.kernel_version},
+                        std::pair{"host", &attrs.host}}) {
+    if (Status s = str(k, *out); !s.ok()) return std::move(s).error();
   }
-  sb->id = *id;
-  sb->attributes.id = *id;
-  if (body.contains("attributes") && !body["attributes"].is_null()) {
-    const json& a = body["attributes"];
-    if (Status s = only_keys(a,
-                             {"team", "template", "vmm", "vmm_version", "kernel_version",
-                              "memory_mib", "hugepages", "host"},
-                             "attributes");
-        !s.ok()) {
+  auto huge = field<bool>(a, "hugepages", false);
+  if (!huge.ok()) return std::move(huge).error();
+  attrs.hugepages = *huge;
+  auto mib = field<std::uint64_t>(a, "memory_mib", 0);
+  if (!mib.ok()) return std::move(mib).error();
+  attrs.memory_mib = *mib;
+  return {};
+}
+
+}  // namespace
+
+// A running VMM's registration: its pid, guest regions and size, then pinned (pin_vmm).
+Status SandboxService::register_running(const Caller& caller, const json& body,
+                                        Sandbox& sb) const {
+  if (body.contains("strategy")) {
+    return make_error(Errc::kInvalidArgument,
+                      "strategy goes with snapshots (the plugin that wrote them); a running "
+                      "VMM's strategy comes from the flag at each pause");
+  }
+  auto pid = field<std::uint64_t>(body, "vmm_pid", 0);
+  if (!pid.ok()) return std::move(pid).error();
+  if (*pid == 0 || *pid > 4194304)
+    return make_error(Errc::kInvalidArgument, "vmm_pid is not a pid");
+  sb.vmm_pid = static_cast<pid_t>(*pid);
+  if (!body.contains("regions")) {
+    return make_error(Errc::kInvalidArgument, "a running VMM needs regions");
+  }
+  std::vector<plugin::Region> regions;
+  const json& rs = body["regions"];
+  if (!rs.is_array() || rs.empty()) {
+    return make_error(Errc::kInvalidArgument, "regions must be a non-empty array");
+  }
+  for (const auto& r : rs) {
+    if (Status s = only_keys(r, {"guest_offset", "host_addr", "size"}, "region"); !s.ok()) {
       return std::move(s).error();
     }
-    auto str = [&](const char* k, std::string& out) -> Status {
-      auto v = field<std::string>(a, k, "");
-      if (!v.ok()) return std::move(v).error();
-      out = *v;
-      return {};
-    };
-    for (auto [k, out] : {std::pair{"team", &sb->attributes.team},
-                          std::pair{"template", &sb->attributes.template_name},
-                          std::pair{"vmm", &sb->attributes.vmm},
-                          std::pair{"vmm_version", &sb->attributes.vmm_version},
-                          std::pair{"kernel_version", &sb->attributes.kernel_version},
-                          std::pair{"host", &sb->attributes.host}}) {
-      if (Status s = str(k, *out); !s.ok()) return std::move(s).error();
+    plugin::Region region{};
+    auto off = field<std::uint64_t>(r, "guest_offset", 0);
+    auto addr = field<std::uint64_t>(r, "host_addr", 0);
+    auto size = field<std::uint64_t>(r, "size", 0);
+    if (!off.ok() || !addr.ok() || !size.ok() || !r.contains("host_addr") ||
+        !r.contains("size")) {
+      return make_error(Errc::kInvalidArgument,
+                        "a region needs guest_offset, host_addr and size (non-negative "
+                        "integers)");
     }
-    auto huge = field<bool>(a, "hugepages", false);
-    if (!huge.ok()) return std::move(huge).error();
-    sb->attributes.hugepages = *huge;
-    auto mib = field<std::uint64_t>(a, "memory_mib", 0);
-    if (!mib.ok()) return std::move(mib).error();
-    sb->attributes.memory_mib = *mib;
+    region.guest_offset = *off;
+    region.host_addr = *addr;
+    region.size = *size;
+    regions.push_back(region);
   }
+  std::uint64_t end = 0;
+  for (const auto& r : regions) end = std::max(end, r.guest_offset + r.size);
+  auto guest_size = field<std::uint64_t>(body, "guest_size", end);
+  if (!guest_size.ok()) return std::move(guest_size).error();
+  if (Status s = validate_regions(regions, *guest_size); !s.ok()) return std::move(s).error();
+  if (const std::uint64_t max = settings().reader_limits.max_guest_size; *guest_size > max) {
+    return make_error(Errc::kInvalidArgument, "guest_size " + std::to_string(*guest_size) +
+                                                  " is above limits.max_guest_size (" +
+                                                  std::to_string(max) + ")");
+  }
+  sb.regions = std::move(regions);
+  sb.guest_size = *guest_size;
+  if (Status s = pin_vmm(caller, body, sb); !s.ok()) return std::move(s).error();
+  sb.attributes.has_memfd = sb.vmm_memfd.get() >= 0;
+  if (sb.attributes.memory_mib == 0) sb.attributes.memory_mib = sb.guest_size >> 20;
+  sb.state = SandboxState::kRunning;
+  return {};
+}
 
-  const bool has_vmm = body.contains("vmm_pid");
-  const bool has_chain = body.contains("snapshots");
-  if (has_vmm == has_chain) {
+// A paused sandbox's registration: its snapshot chain (root's only), checked to open.
+Status SandboxService::register_chain(const Caller& caller, const json& body, Sandbox& sb) const {
+  if (!caller.privileged()) {
+    return make_error(Errc::kForbidden,
+                      "only root may register a snapshot chain (uid " +
+                          std::to_string(caller.uid) + " may register its own running VMMs)");
+  }
+  sb.owner_uid = caller.uid;
+  if (body.contains("regions") || body.contains("memfd_fd") || body.contains("guest_size")) {
     return make_error(Errc::kInvalidArgument,
-                      "give either vmm_pid and regions (a running VMM) or snapshots (a paused "
-                      "sandbox)");
+                      "a paused sandbox has no regions, memfd_fd or guest_size (the snapshots "
+                      "give its size)");
   }
-  if (has_vmm) {
-    if (body.contains("strategy")) {
-      return make_error(Errc::kInvalidArgument,
-                        "strategy goes with snapshots (the plugin that wrote them); a running "
-                        "VMM's strategy comes from the flag at each pause");
-    }
-    auto pid = field<std::uint64_t>(body, "vmm_pid", 0);
-    if (!pid.ok()) return std::move(pid).error();
-    if (*pid == 0 || *pid > 4194304)
-      return make_error(Errc::kInvalidArgument, "vmm_pid is not a pid");
-    sb->vmm_pid = static_cast<pid_t>(*pid);
-    if (!body.contains("regions")) {
-      return make_error(Errc::kInvalidArgument, "a running VMM needs regions");
-    }
-    std::vector<plugin::Region> regions;
-    const json& rs = body["regions"];
-    if (!rs.is_array() || rs.empty()) {
-      return make_error(Errc::kInvalidArgument, "regions must be a non-empty array");
-    }
-    for (const auto& r : rs) {
-      if (Status s = only_keys(r, {"guest_offset", "host_addr", "size"}, "region"); !s.ok()) {
-        return std::move(s).error();
-      }
-      plugin::Region region{};
-      auto off = field<std::uint64_t>(r, "guest_offset", 0);
-      auto addr = field<std::uint64_t>(r, "host_addr", 0);
-      auto size = field<std::uint64_t>(r, "size", 0);
-      if (!off.ok() || !addr.ok() || !size.ok() || !r.contains("host_addr") ||
-          !r.contains("size")) {
-        return make_error(Errc::kInvalidArgument,
-                          "a region needs guest_offset, host_addr and size (non-negative "
-                          "integers)");
-      }
-      region.guest_offset = *off;
-      region.host_addr = *addr;
-      region.size = *size;
-      regions.push_back(region);
-    }
-    std::uint64_t end = 0;
-    for (const auto& r : regions) end = std::max(end, r.guest_offset + r.size);
-    auto guest_size = field<std::uint64_t>(body, "guest_size", end);
-    if (!guest_size.ok()) return std::move(guest_size).error();
-    if (Status s = validate_regions(regions, *guest_size); !s.ok()) return std::move(s).error();
-    if (const std::uint64_t max = settings().reader_limits.max_guest_size; *guest_size > max) {
-      return make_error(Errc::kInvalidArgument, "guest_size " + std::to_string(*guest_size) +
-                                                    " is above limits.max_guest_size (" +
-                                                    std::to_string(max) + ")");
-    }
-    sb->regions = std::move(regions);
-    sb->guest_size = *guest_size;
-    if (Status s = pin_vmm(caller, body, *sb); !s.ok()) return std::move(s).error();
-    sb->attributes.has_memfd = sb->vmm_memfd.get() >= 0;
-    if (sb->attributes.memory_mib == 0) sb->attributes.memory_mib = sb->guest_size >> 20;
-    sb->state = SandboxState::kRunning;
-  } else {
-    if (!caller.privileged()) {
-      return make_error(Errc::kForbidden,
-                        "only root may register a snapshot chain (uid " +
-                            std::to_string(caller.uid) + " may register its own running VMMs)");
-    }
-    sb->owner_uid = caller.uid;
-    if (body.contains("regions") || body.contains("memfd_fd") || body.contains("guest_size")) {
-      return make_error(Errc::kInvalidArgument,
-                        "a paused sandbox has no regions, memfd_fd or guest_size (the snapshots "
-                        "give its size)");
-    }
-    const json& chain = body["snapshots"];
-    if (!chain.is_array() || chain.empty()) {
-      return make_error(Errc::kInvalidArgument, "snapshots must be a non-empty array of paths");
-    }
-    for (const auto& p : chain) {
-      if (!p.is_string()) return make_error(Errc::kInvalidArgument, "snapshots: paths are strings");
-      auto confined = confine(p.get<std::string>(), /*must_exist=*/true);
-      if (!confined.ok()) return std::move(confined).error();
-      sb->chain.push_back(*confined);
-    }
-    auto chain_open =
-        SnapshotChain::open(sb->chain, Verify::kHeaderAndMap, settings().reader_limits);
-    if (!chain_open.ok()) return std::move(chain_open).error();
-    sb->guest_size = chain_open->guest_size();
-    auto strategy = field<std::string>(body, "strategy", "");
-    if (!strategy.ok()) return std::move(strategy).error();
-    sb->strategy = *strategy;
-    if (sb->strategy.empty() || registry_.find(sb->strategy) == nullptr) {
-      return make_error(Errc::kInvalidArgument,
-                        "a paused sandbox needs the strategy (a loaded plugin) that wrote it");
-    }
-    sb->state = SandboxState::kPaused;
+  const json& chain = body["snapshots"];
+  if (!chain.is_array() || chain.empty()) {
+    return make_error(Errc::kInvalidArgument, "snapshots must be a non-empty array of paths");
   }
+  for (const auto& p : chain) {
+    if (!p.is_string()) return make_error(Errc::kInvalidArgument, "snapshots: paths are strings");
+    auto confined = confine(p.get<std::string>(), /*must_exist=*/true);
+    if (!confined.ok()) return std::move(confined).error();
+    sb.chain.push_back(*confined);
+  }
+  auto chain_open =
+      SnapshotChain::open(sb.chain, Verify::kHeaderAndMap, settings().reader_limits);
+  if (!chain_open.ok()) return std::move(chain_open).error();
+  sb.guest_size = chain_open->guest_size();
+  auto strategy = field<std::string>(body, "strategy", "");
+  if (!strategy.ok()) return std::move(strategy).error();
+  sb.strategy = *strategy;
+  if (sb.strategy.empty() || registry_.find(sb.strategy) == nullptr) {
+    return make_error(Errc::kInvalidArgument,
+                      "a paused sandbox needs the strategy (a loaded plugin) that wrote it");
+  }
+  sb.state = SandboxState::kPaused;
+  return {};
+}
 
-  std::lock_guard lock(mu_);
+// Adds a registered sandbox, unless its id or its VMM is taken or the limit is reached.
+Result<json> SandboxService::add_locked(std::shared_ptr<Sandbox> sb) {
   if (sandboxes_.count(sb->id)) {
     return make_error(Errc::kAlreadyExists, "sandbox " + sb->id + " is already registered");
   }
@@ -763,6 +752,42 @@ Result<json> SandboxService::register_sandbox(const Caller& caller, const json& 
   spdlog::info("sandbox {} registered ({}, {} MiB, owner uid {})", sb->id, state_name(sb->state),
                sb->guest_size >> 20, sb->owner_uid);
   return describe_locked(*sb);
+}
+
+Result<json> SandboxService::register_sandbox(const Caller& caller, const json& body) {
+  if (Status s = only_keys(body,
+                           {"id", "vmm_pid", "regions", "memfd_fd", "guest_size", "attributes",
+                            "snapshots", "strategy"},
+                           "register");
+      !s.ok()) {
+    return std::move(s).error();
+  }
+  auto sb = std::make_shared<Sandbox>();
+  auto id = field<std::string>(body, "id", "");
+  if (!id.ok()) return std::move(id).error();
+  if (!valid_id(*id)) {
+    return make_error(Errc::kInvalidArgument,
+                      "id must be 1-128 characters of [A-Za-z0-9._-], not starting with '.'");
+  }
+  sb->id = *id;
+  sb->attributes.id = *id;
+  if (body.contains("attributes") && !body["attributes"].is_null()) {
+    if (Status s = parse_attributes(body["attributes"], sb->attributes); !s.ok()) {
+      return std::move(s).error();
+    }
+  }
+  const bool has_vmm = body.contains("vmm_pid");
+  const bool has_chain = body.contains("snapshots");
+  if (has_vmm == has_chain) {
+    return make_error(Errc::kInvalidArgument,
+                      "give either vmm_pid and regions (a running VMM) or snapshots (a paused "
+                      "sandbox)");
+  }
+  const Status registered =
+      has_vmm ? register_running(caller, body, *sb) : register_chain(caller, body, *sb);
+  if (!registered.ok()) return registered.error();
+  std::lock_guard lock(mu_);
+  return add_locked(std::move(sb));
 }
 
 Result<std::shared_ptr<Sandbox>> SandboxService::find_locked(const Caller& caller,
@@ -1128,6 +1153,31 @@ void set_dirty_set(PauseRequest& req, const Sandbox& sb, const ChainPlan& plan,
 }
 
 // The API's fallback object; its reason is the cause's API code at stage (docs/api.md).
+// What the pipeline is asked to do: the sandbox's VMM and memory, the plan's output and parent,
+// the strategy chosen and the settings' fallback and write mode. plan must outlive it.
+PauseRequest pause_request(const Sandbox& sb, const ChainPlan& plan, const PauseBody& body,
+                           const PauseSource& source, const std::string& strategy,
+                           const ServiceSettings& settings) {
+  PauseRequest req;
+  req.pid = sb.vmm_pid;
+  req.pidfd = sb.vmm_pidfd.get();
+  req.regions = sb.regions;
+  req.memfd = source.memfd;
+  req.guest_size = sb.guest_size;
+  req.reader_limits = settings.reader_limits;
+  req.strategy = strategy;
+  req.allow_fallback = settings.allow_fallback;
+  req.fallback_strategy = settings.fallback_strategy;
+  req.out_path = plan.out_path;
+  req.parent_path = plan.parent_path;
+  req.freeze = true;
+  req.stay_frozen = body.stop;
+  req.sync = body.sync;
+  req.data_write = settings.durable_write;
+  set_dirty_set(req, sb, plan, body, source);
+  return req;
+}
+
 json fallback_json(const std::string& from, const std::string& to, FallbackCause cause,
                    FallbackStage stage, const std::string& detail) {
   return {{"from", from},
@@ -1177,6 +1227,40 @@ Result<json> SandboxService::fail_pause(Claim& claim, Error error) {
   return error;
 }
 
+// A committed pause's answer (docs/api.md "Pause").
+json SandboxService::pause_answer(const std::string& id, const Choice& choice,
+                                  const ChainPlan& plan, const PauseBody& body,
+                                  const PauseReport& rep) const {
+  json answer = {{"id", id},
+                 {"strategy", rep.strategy},
+                 {"requested_strategy", choice.requested},
+                 {"variant", choice.variant.empty() ? json(nullptr) : json(choice.variant)},
+                 {"reason", choice.reason},
+                 {"fallback", nullptr},
+                 {"snapshot", rep.snapshot_path},
+                 {"snapshot_id", rep.snapshot_id},
+                 {"generation", rep.generation},
+                 {"parent", plan.parent_path.empty() ? json(nullptr) : json(plan.parent_path)},
+                 {"bytes", rep.dirty_bytes},
+                 {"data_bytes", rep.data_bytes},
+                 {"zero_blocks", rep.zero_blocks},
+                 {"memory_released", rep.export_stats.bytes_released},
+                 {"dirty_set_source", rep.dirty_set_source},
+                 {"seconds", rep.wall_seconds},
+                 {"cpu_seconds", rep.cpu_seconds},
+                 {"phases", phases_json(rep.phases)},
+                 {"after", body.stop ? "stop" : "continue"},
+                 {"report", to_json(rep)}};
+  if (choice.fallback != FallbackCause::kNone) {
+    answer["fallback"] = fallback_json(choice.requested, choice.strategy, choice.fallback,
+                                       FallbackStage::kSelection, choice.fallback_reason);
+  } else if (rep.fallback != FallbackCause::kNone) {
+    answer["fallback"] = fallback_json(rep.requested_strategy, rep.strategy, rep.fallback,
+                                       FallbackStage::kPipeline, rep.fallback_reason);
+  }
+  return answer;
+}
+
 Result<json> SandboxService::pause(const Caller& caller, const std::string& id, const json& body) {
   auto parsed = parse_pause_body(body, options_.sync, registry_);
   if (!parsed.ok()) return std::move(parsed).error();
@@ -1207,24 +1291,7 @@ Result<json> SandboxService::pause(const Caller& caller, const std::string& id, 
     flush_fault_stats_locked(*claim);
   }
 
-  const ServiceSettings settings = this->settings();
-  PauseRequest req;
-  req.pid = sb.vmm_pid;
-  req.pidfd = sb.vmm_pidfd.get();
-  req.regions = sb.regions;
-  req.memfd = source.memfd;
-  req.guest_size = sb.guest_size;
-  req.reader_limits = settings.reader_limits;
-  req.strategy = choice.strategy;
-  req.allow_fallback = settings.allow_fallback;
-  req.fallback_strategy = settings.fallback_strategy;
-  req.out_path = plan->out_path;
-  req.parent_path = plan->parent_path;
-  req.freeze = true;
-  req.stay_frozen = request.stop;
-  req.sync = request.sync;
-  req.data_write = settings.durable_write;
-  set_dirty_set(req, sb, *plan, request, source);
+  PauseRequest req = pause_request(sb, *plan, request, source, choice.strategy, settings());
   spdlog::info("pause {}: strategy {} ({}{}) -> {}", id, choice.strategy, choice.reason,
                choice.variant.empty() ? "" : ", variant " + choice.variant, plan->out_path);
   auto paused = pipeline_.pause(registry_, req);
@@ -1235,33 +1302,7 @@ Result<json> SandboxService::pause(const Caller& caller, const std::string& id, 
   if (!paused.ok()) return fail_pause(claim, std::move(paused).error());
   const PauseReport& rep = *paused;
 
-  json answer = {{"id", id},
-                 {"strategy", rep.strategy},
-                 {"requested_strategy", choice.requested},
-                 {"variant", choice.variant.empty() ? json(nullptr) : json(choice.variant)},
-                 {"reason", choice.reason},
-                 {"fallback", nullptr},
-                 {"snapshot", rep.snapshot_path},
-                 {"snapshot_id", rep.snapshot_id},
-                 {"generation", rep.generation},
-                 {"parent", plan->parent_path.empty() ? json(nullptr) : json(plan->parent_path)},
-                 {"bytes", rep.dirty_bytes},
-                 {"data_bytes", rep.data_bytes},
-                 {"zero_blocks", rep.zero_blocks},
-                 {"memory_released", rep.export_stats.bytes_released},
-                 {"dirty_set_source", rep.dirty_set_source},
-                 {"seconds", rep.wall_seconds},
-                 {"cpu_seconds", rep.cpu_seconds},
-                 {"phases", phases_json(rep.phases)},
-                 {"after", request.stop ? "stop" : "continue"},
-                 {"report", to_json(rep)}};
-  if (choice.fallback != FallbackCause::kNone) {
-    answer["fallback"] = fallback_json(choice.requested, choice.strategy, choice.fallback,
-                                       FallbackStage::kSelection, choice.fallback_reason);
-  } else if (rep.fallback != FallbackCause::kNone) {
-    answer["fallback"] = fallback_json(rep.requested_strategy, rep.strategy, rep.fallback,
-                                       FallbackStage::kPipeline, rep.fallback_reason);
-  }
+  const json answer = pause_answer(id, choice, *plan, request, rep);
 
   const PluginInfo* info = registry_.find(rep.strategy);
   const bool keeps_memory = info && StrategyPolicy::of(*info).keeps_memory();

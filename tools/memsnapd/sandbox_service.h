@@ -176,10 +176,16 @@ class SandboxService {
   // Registration of a running VMM: pins it (pidfd, memfd) into sb after the ownership and
   // mapping checks.
   Status pin_vmm(const Caller& caller, const nlohmann::json& body, Sandbox& sb) const;
+  // The steps of a registration: a running VMM (then pinned) or a snapshot chain, then added.
+  Status register_running(const Caller& caller, const nlohmann::json& body, Sandbox& sb) const;
+  Status register_chain(const Caller& caller, const nlohmann::json& body, Sandbox& sb) const;
+  Result<nlohmann::json> add_locked(std::shared_ptr<Sandbox> sb);
   void flush_fault_stats_locked(Sandbox& sandbox);
   // The steps of a pause (pause() runs them in this order).
   Result<ChainPlan> plan_chain(const Sandbox& sb, const PauseBody& body) const;
   Status check_choice(const Sandbox& sb, const Choice& choice, const PauseBody& body) const;
+  nlohmann::json pause_answer(const std::string& id, const Choice& choice, const ChainPlan& plan,
+                              const PauseBody& body, const PauseReport& rep) const;
   // report: null when the pause failed.
   void record_pause(const PauseReport* report, const std::string& strategy, double seconds);
   Result<nlohmann::json> fail_pause(Claim& claim, Error error);
