@@ -23,7 +23,8 @@
 //    arm_after_ready_ms); warm_arm_before_ready: armed by the VMM before it acks (exact diffs,
 //    slower resume); warm_no_tracking: none.
 //    BM_WarmArm measures, in this process, what a VMM arming before its ack does (mmap of the
-//    memfd, UFFDIO_REGISTER WP, UFFDIO_WRITEPROTECT).
+//    memfd, UFFDIO_REGISTER WP, UFFDIO_WRITEPROTECT). BM_LiveArm the same write-protect of a
+//    guest whose every page is mapped (a live snapshot's arm), against mprotect of the range.
 //
 // tools/bench/resume_ratios.py turns the JSON output into the tables of docs/performance.md.
 // Files go to MEMSNAP_BENCH_DIR (default /var/tmp).
@@ -705,6 +706,69 @@ void BM_Resume(benchmark::State& state, ResumeMode mode, bool track_writes,
   state.counters["guest_mib"] = static_cast<double>(pg.size >> 20);
 }
 
+// What arming a live snapshot (issue 19) costs a running guest: its memory is mapped and every
+// page present, so write-protecting it rewrites every page-table entry (a warm arm, above, finds
+// none). Timed: UFFDIO_REGISTER WP and UFFDIO_WRITEPROTECT over the whole guest; the reference in
+// the same run is mprotect(PROT_READ) of the same populated range, the kernel's plain way to
+// write-protect it. The guest would be stopped for the write-protect.
+void BM_LiveArm(benchmark::State& state, bool reference) {
+  PausedGuest& pg = PausedGuest::get();
+  double populate_s = 0, register_s = 0, protect_s = 0;
+  std::int64_t n = 0;
+  for (auto _ : state) {
+    void* p = ::mmap(nullptr, pg.size, PROT_READ | PROT_WRITE, MAP_SHARED, pg.memfd.get(), 0);
+    if (p == MAP_FAILED) {
+      state.SkipWithError("mmap");
+      return;
+    }
+    ::madvise(p, pg.size, MADV_NOHUGEPAGE);
+    const auto t0 = Clock::now();
+    if (::madvise(p, pg.size, MADV_POPULATE_WRITE) != 0) {
+      ::munmap(p, pg.size);
+      state.SkipWithError("MADV_POPULATE_WRITE");
+      return;
+    }
+    populate_s += seconds_since(t0);
+    int uffd = -1;
+    const auto t1 = Clock::now();
+    if (reference) {
+      if (::mprotect(p, pg.size, PROT_READ) != 0) {
+        ::munmap(p, pg.size);
+        state.SkipWithError("mprotect");
+        return;
+      }
+    } else {
+      uffd = new_uffd(UFFD_FEATURE_WP_HUGETLBFS_SHMEM);
+      if (uffd < 0 || !uffd_register(uffd, p, pg.size, UFFDIO_REGISTER_MODE_WP)) {
+        state.SkipWithError("UFFDIO_REGISTER WP");
+        return;
+      }
+      register_s += seconds_since(t1);
+      uffdio_writeprotect wp{};
+      wp.range.start = reinterpret_cast<std::uint64_t>(p);
+      wp.range.len = pg.size;
+      wp.mode = UFFDIO_WRITEPROTECT_MODE_WP;
+      if (::ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) != 0) {
+        state.SkipWithError("UFFDIO_WRITEPROTECT");
+        return;
+      }
+    }
+    const double t = seconds_since(t1);
+    state.SetIterationTime(t);
+    protect_s += t;
+    ++n;
+    ::munmap(p, pg.size);
+    if (uffd >= 0) ::close(uffd);
+  }
+  if (n == 0) return;
+  const double k = 1e3 / static_cast<double>(n);
+  state.counters["populate_ms"] = populate_s * k;
+  state.counters["register_ms"] = register_s * k;
+  state.counters["protect_ms"] = protect_s * k;
+  state.counters["us_per_page"] = protect_s * k * 1e3 / static_cast<double>(pg.size / 4096);
+  state.counters["guest_mib"] = static_cast<double>(pg.size >> 20);
+}
+
 // What the stand-in does with a warm hand-over before it acks, in this process: map the
 // retained memfd, then (with write tracking) register the range for WP and write-protect it.
 void BM_WarmArm(benchmark::State& state, bool track_writes) {
@@ -866,6 +930,13 @@ void register_all() {
       ->Iterations(20)
       ->UseManualTime()
       ->Unit(benchmark::kMillisecond);
+  for (bool reference : {false, true}) {
+    benchmark::RegisterBenchmark(reference ? "BM_LiveArm/mprotect" : "BM_LiveArm/uffd_wp",
+                                 [reference](benchmark::State& s) { BM_LiveArm(s, reference); })
+        ->Iterations(5)
+        ->UseManualTime()
+        ->Unit(benchmark::kMillisecond);
+  }
   for (bool track : {true, false}) {
     benchmark::RegisterBenchmark(track ? "BM_WarmArm/track_writes" : "BM_WarmArm/no_tracking",
                                  [track](benchmark::State& s) { BM_WarmArm(s, track); })
