@@ -1329,8 +1329,16 @@ Result<json> SandboxService::pause(const Caller& caller, const std::string& id, 
   return answer;
 }
 
-Result<json> SandboxService::resume(const Caller& caller, const std::string& id,
-                                    const json& body) {
+namespace {
+
+// A resume request's body, decoded and checked (docs/api.md "Resume").
+struct ResumeBody {
+  std::string socket;  // in the handshake directory
+  std::optional<ResumeMode> mode;  // nullopt: the strategy's default
+  bool track_writes = true;
+};
+
+Result<ResumeBody> parse_resume_body(const json& body) {
   if (Status s = only_keys(body, {"handshake_socket", "mode", "track_writes"}, "resume"); !s.ok()) {
     return std::move(s).error();
   }
@@ -1341,14 +1349,26 @@ Result<json> SandboxService::resume(const Caller& caller, const std::string& id,
   if (!mode_name.ok()) return std::move(mode_name).error();
   if (!track.ok()) return std::move(track).error();
   if (socket->empty()) return make_error(Errc::kInvalidArgument, "handshake_socket is required");
-  auto socket_path = handshake_path(*socket);
-  if (!socket_path.ok()) return std::move(socket_path).error();
-  std::optional<ResumeMode> mode;
+  ResumeBody out;
+  out.socket = std::move(*socket);
+  out.track_writes = *track;
   if (!mode_name->empty()) {
-    auto parsed = parse_resume_mode(*mode_name);
-    if (!parsed.ok()) return std::move(parsed).error();
-    mode = *parsed;
+    auto mode = parse_resume_mode(*mode_name);
+    if (!mode.ok()) return std::move(mode).error();
+    out.mode = *mode;
   }
+  return out;
+}
+
+}  // namespace
+
+Result<json> SandboxService::resume(const Caller& caller, const std::string& id,
+                                    const json& body) {
+  auto parsed = parse_resume_body(body);
+  if (!parsed.ok()) return std::move(parsed).error();
+  const ResumeBody& request = *parsed;
+  auto socket_path = handshake_path(request.socket);
+  if (!socket_path.ok()) return std::move(socket_path).error();
 
   auto claimed = claim(caller, id, "resume", SandboxState::kPaused, SandboxState::kResuming);
   if (!claimed.ok()) return std::move(claimed).error();
@@ -1367,12 +1387,12 @@ Result<json> SandboxService::resume(const Caller& caller, const std::string& id,
   rr.chain = sb->chain;
   rr.socket_path = *socket_path;
   rr.strategy = sb->strategy;
-  rr.mode = mode;
+  rr.mode = request.mode;
   rr.retained = &sb->retained;
   rr.handshake_timeout = settings().handshake_timeout;
   rr.reader_limits = settings().reader_limits;
   rr.verify_checksums = true;
-  rr.track_writes = *track;
+  rr.track_writes = request.track_writes;
   rr.guard = options_.guard;
   auto prepared = pipeline_.prepare_resume(registry_, std::move(rr));
   if (!prepared.ok()) {

@@ -469,6 +469,26 @@ TEST_F(SandboxServiceTest, AResumeThatCannotBePreparedLeavesTheSandboxPaused) {
   EXPECT_EQ(pipeline_.resumes().size(), 2u);
 }
 
+TEST_F(SandboxServiceTest, ResumeRefusalsBeforeThePipelineChangeNothing) {
+  make_service();
+  register_vmm(0, "sb");
+  ASSERT_TRUE(service_->pause(root_, "sb", json::object()).ok());
+  const std::vector<std::pair<json, Errc>> cases = {
+      {json::object(), Errc::kInvalidArgument},
+      {{{"handshake_socket", "sb.sock"}, {"mode", "sideways"}}, Errc::kInvalidArgument},
+      {{{"handshake_socket", "sb.sock"}, {"track_writes", "yes"}}, Errc::kInvalidArgument},
+      {{{"handshake_socket", "../sb.sock"}}, Errc::kPathNotAllowed},
+      {{{"handshake_socket", "sb.sock"}, {"unknown", 1}}, Errc::kInvalidArgument},
+  };
+  for (const auto& [body, code] : cases) {
+    auto r = service_->resume(root_, "sb", body);
+    ASSERT_FALSE(r.ok()) << body.dump();
+    EXPECT_EQ(r.error().code, code) << body.dump() << ": " << r.error().to_string();
+    EXPECT_EQ(state("sb"), "paused") << body.dump();
+  }
+  EXPECT_TRUE(pipeline_.resumes().empty());
+}
+
 TEST_F(SandboxServiceTest, AnotherUserNeitherSeesNorTouchesTheSandbox) {
   make_service();
   register_vmm(0, "sb");
