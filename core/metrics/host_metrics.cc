@@ -72,6 +72,8 @@ constexpr const char* kPausePhases[] = {"resolve", "freeze", "dirty_set",
 constexpr const char* kResumePhases[] = {"open", "listen",    "wait_vmm",
                                          "fill", "hand_over", "serve"};
 constexpr Outcome kOutcomes[] = {Outcome::kOk, Outcome::kError, Outcome::kAborted};
+// The mode label of memsnap_page_fault_mode_downgrades_total, by FaultModeDowngrade.
+constexpr const char* kFaultModeDowngrades[] = {"copy_wp", "continue_wp", "zeropage"};
 constexpr OperationKind kKinds[] = {OperationKind::kPause, OperationKind::kResume};
 
 std::vector<MetricInfo> build_catalogue() {
@@ -119,6 +121,14 @@ std::vector<MetricInfo> build_catalogue() {
        "Pauses or resumes running right now, by kind.",
        "",
        {"kind"},
+       {}},
+      {"memsnap_page_fault_mode_downgrades_total",
+       T::kCounter,
+       "Userfaultfd modes the kernel refused while serving page faults, each turned off for the "
+       "rest of that resume: copy_wp (copies without write protection: the pages count as "
+       "written), continue_wp (the same for memfd pages) or zeropage (zeros are copied instead).",
+       "",
+       {"strategy", "mode"},
        {}},
       {"memsnap_page_fault_service_duration_seconds",
        T::kHistogram,
@@ -384,6 +394,7 @@ struct HostMetrics::Impl {
         flag_evaluations(counter("memsnap_flag_evaluations_total")),
         flag_reloads(counter("memsnap_flag_reloads_total")),
         in_flight(gauge("memsnap_operations_in_flight")),
+        fault_downgrades(counter("memsnap_page_fault_mode_downgrades_total")),
         fault_latency(histogram("memsnap_page_fault_service_duration_seconds")),
         fault_seconds(counter("memsnap_page_fault_service_seconds_total")),
         faults(counter("memsnap_page_faults_total")),
@@ -463,6 +474,11 @@ struct HostMetrics::Impl {
     pause_zero.Add(s);
     pause_released.Add(s);
     warm_memory.Add(s);
+    for (const char* mode : kFaultModeDowngrades) {
+      prometheus::Labels l = s;
+      l.emplace("mode", mode);
+      fault_downgrades.Add(l);
+    }
     fault_series(strategy);
   }
 
@@ -473,6 +489,7 @@ struct HostMetrics::Impl {
   Counters& flag_evaluations;
   Counters& flag_reloads;
   Gauges& in_flight;
+  Counters& fault_downgrades;
   Histograms& fault_latency;
   Counters& fault_seconds;
   Counters& faults;
@@ -641,6 +658,17 @@ void HostMetrics::observe_fault_latency_batch(std::string_view strategy, std::ui
     const Impl::FaultSeries s = impl_->fault_series(strategy_value(strategy));
     s.seconds->Increment(sum_seconds);
     s.count->Increment(static_cast<double>(count));
+  } catch (...) {
+  }
+}
+
+void HostMetrics::record_fault_mode_downgrades(std::string_view strategy, FaultModeDowngrade mode,
+                                              std::uint64_t count) noexcept {
+  if (count == 0) return;
+  try {
+    const char* name = kFaultModeDowngrades[static_cast<std::size_t>(mode)];
+    impl_->fault_downgrades.Add({{"strategy", strategy_value(strategy)}, {"mode", name}})
+        .Increment(static_cast<double>(count));
   } catch (...) {
   }
 }

@@ -67,6 +67,9 @@ enum class Outcome { kOk, kError, kAborted };
 std::string_view outcome_name(Outcome outcome) noexcept;  // ok, error, aborted
 
 enum class OperationKind { kPause, kResume };
+
+// A userfaultfd mode the fault server had to turn off (core/fault_decision.h, ModeDowngrade).
+enum class FaultModeDowngrade { kCopyWp, kContinueWp, kZeroPage };
 std::string_view operation_kind_name(OperationKind kind) noexcept;  // pause, resume
 
 // Why a sandbox did not get the strategy it asked for: memsnap::FallbackCause
@@ -182,6 +185,10 @@ class HostMetrics {
                                      double sum_seconds) noexcept;
   void observe_fault_latency_batch(std::string_view strategy, std::uint64_t count,
                                    double sum_seconds) noexcept;
+  // count more resumes of strategy that had to turn mode off
+  // (memsnap_page_fault_mode_downgrades_total).
+  void record_fault_mode_downgrades(std::string_view strategy, FaultModeDowngrade mode,
+                                    std::uint64_t count) noexcept;
 
   // Strategy selection and the pipeline's own fallback.
   void record_fallback(std::string_view from, std::string_view to, FallbackCause reason) noexcept;

@@ -233,6 +233,33 @@ TEST(HostMetricsTest, PageFaultLatencySamplesBucketsAndBatches) {
   EXPECT_NEAR(*e.value("memsnap_page_fault_service_seconds_total", memfd), 0.07, 1e-12);
 }
 
+TEST(HostMetricsTest, FaultModeDowngradesByStrategyAndMode) {
+  HostMetricsOptions options;
+  options.strategies = {"memfd"};
+  HostMetrics m(options);
+  Exposition e = parse_exposition(m.serialize());
+  for (const char* mode : {"copy_wp", "continue_wp", "zeropage"}) {
+    EXPECT_EQ(e.value("memsnap_page_fault_mode_downgrades_total",
+                      {{"strategy", "memfd"}, {"mode", mode}}),
+              0)
+        << mode;
+  }
+  m.record_fault_mode_downgrades("memfd", FaultModeDowngrade::kContinueWp, 1);
+  m.record_fault_mode_downgrades("memfd", FaultModeDowngrade::kContinueWp, 2);
+  m.record_fault_mode_downgrades("memfd", FaultModeDowngrade::kZeroPage, 0);  // nothing new
+  m.record_fault_mode_downgrades("process_vm_readv", FaultModeDowngrade::kCopyWp, 1);
+  e = parse_exposition(m.serialize());
+  EXPECT_EQ(e.value("memsnap_page_fault_mode_downgrades_total",
+                    {{"strategy", "memfd"}, {"mode", "continue_wp"}}),
+            3);
+  EXPECT_EQ(e.value("memsnap_page_fault_mode_downgrades_total",
+                    {{"strategy", "memfd"}, {"mode", "zeropage"}}),
+            0);
+  EXPECT_EQ(e.value("memsnap_page_fault_mode_downgrades_total",
+                    {{"strategy", "process_vm_readv"}, {"mode", "copy_wp"}}),
+            1);
+}
+
 TEST(HostMetricsTest, FlagsFallbacksApiAndConcurrency) {
   HostMetrics m;
   m.record_flag_evaluation("memory-export-strategy", "memfd", "TARGETING_MATCH");

@@ -938,6 +938,17 @@ void SandboxService::flush_fault_stats_locked(Sandbox& sb) {
                                            now.faults - sb.faults_recorded.faults, sum);
     }
   }
+  // A mode the kernel refused is turned off once per session: each is counted when it happens.
+  metrics_.record_fault_mode_downgrades(sb.session_strategy, metrics::FaultModeDowngrade::kCopyWp,
+                                        now.copy_wp_downgrades -
+                                            sb.faults_recorded.copy_wp_downgrades);
+  metrics_.record_fault_mode_downgrades(
+      sb.session_strategy, metrics::FaultModeDowngrade::kContinueWp,
+      now.continue_wp_downgrades - sb.faults_recorded.continue_wp_downgrades);
+  metrics_.record_fault_mode_downgrades(sb.session_strategy,
+                                        metrics::FaultModeDowngrade::kZeroPage,
+                                        now.zeropage_downgrades -
+                                            sb.faults_recorded.zeropage_downgrades);
   sb.faults_recorded = now;
 }
 
