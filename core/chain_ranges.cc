@@ -9,10 +9,9 @@ namespace memsnap {
 Result<std::vector<plugin::ByteRange>> ranges_recorded_in(const std::vector<std::string>& paths) {
   std::vector<plugin::ByteRange> out;
   for (const std::string& path : paths) {
-    auto reader = SnapshotReader::open(path, Verify::kHeaderAndMap);
-    if (!reader.ok()) return std::move(reader).error();
-    const std::uint64_t block = (*reader)->block_size();
-    for (const MapRun& run : (*reader)->runs()) {
+    MEMSNAP_ASSIGN_OR_RETURN(auto reader, SnapshotReader::open(path, Verify::kHeaderAndMap));
+    const std::uint64_t block = reader->block_size();
+    for (const MapRun& run : reader->runs()) {
       if (run.kind == RunKind::kParent) continue;
       out.push_back({run.first_block * block, run.block_count * block});
     }

@@ -219,25 +219,20 @@ Result<std::vector<ByteRange>> populated_ranges_of_process(pid_t pid,
                                                            ScanMethod method) {
   // The pagemap reports nothing for an unmapped range, which would read as "nothing populated"
   // and export as zeros: a range the process does not map is an error.
-  if (Status mapped = check_regions_mapped(pid, regions); !mapped.ok()) {
-    return std::move(mapped).error();
-  }
-  auto opened = open_pagemap(pid);
-  if (!opened.ok()) return std::move(opened).error();
-  const io::UniqueFd fd = std::move(*opened);
+  MEMSNAP_RETURN_IF_ERROR(check_regions_mapped(pid, regions));
+  MEMSNAP_ASSIGN_OR_RETURN(auto opened, open_pagemap(pid));
+  const io::UniqueFd fd = std::move(opened);
   ScanStats stats;
   stats.used_pagemap_scan = method == ScanMethod::kAuto;
   std::vector<ByteRange> out;
   for (const auto& r : regions) {
     if (stats.used_pagemap_scan) {
-      auto used = scan_with_ioctl(fd.get(), r, block_size, kPopulatedQuery, out, stats);
-      if (!used.ok()) return std::move(used).error();
-      if (*used) continue;
+      MEMSNAP_ASSIGN_OR_RETURN(
+          auto used, scan_with_ioctl(fd.get(), r, block_size, kPopulatedQuery, out, stats));
+      if (used) continue;
       stats.used_pagemap_scan = false;
     }
-    if (auto s = scan_with_pagemap(fd.get(), r, block_size, out); !s.ok()) {
-      return std::move(s).error();
-    }
+    MEMSNAP_RETURN_IF_ERROR(scan_with_pagemap(fd.get(), r, block_size, out));
   }
   if (stats_out) *stats_out = stats;
   return out;
@@ -249,15 +244,14 @@ namespace {
 // it kept, sorted and merged, as guest offsets.
 Result<std::vector<ByteRange>> scan_process(pid_t pid, const std::vector<Region>& regions,
                                             std::uint64_t block_size, const ScanQuery& query) {
-  auto opened = open_pagemap(pid);
-  if (!opened.ok()) return std::move(opened).error();
-  const io::UniqueFd fd = std::move(*opened);
+  MEMSNAP_ASSIGN_OR_RETURN(auto opened, open_pagemap(pid));
+  const io::UniqueFd fd = std::move(opened);
   ScanStats stats;
   std::vector<ByteRange> out;
   for (const auto& r : regions) {
-    auto used = scan_with_ioctl(fd.get(), r, block_size, query, out, stats);
-    if (!used.ok()) return std::move(used).error();
-    if (!*used) {
+    MEMSNAP_ASSIGN_OR_RETURN(auto used,
+                             scan_with_ioctl(fd.get(), r, block_size, query, out, stats));
+    if (!used) {
       return make_error(Errc::kUnsupported,
                         "PAGEMAP_SCAN with write tracking is not available (kernel < 6.7, or the "
                         "guest memory is not registered for userfaultfd WP_ASYNC)");

@@ -94,11 +94,9 @@ Result<std::uint64_t> restore_released(SnapshotWriter& writer, int memfd) {
   for (const auto& r : writer.released_ranges()) {
     for (std::uint64_t off = r.offset; off < r.offset + r.length;) {
       const std::uint64_t n = std::min<std::uint64_t>(buf.size(), r.offset + r.length - off);
-      if (auto s = writer.read_back(off, n, buf.data()); !s.ok()) return std::move(s).error();
-      if (auto s = io::pwrite_all(memfd, buf.data(), n, off, "writing released memory back");
-          !s.ok()) {
-        return std::move(s).error();
-      }
+      MEMSNAP_RETURN_IF_ERROR(writer.read_back(off, n, buf.data()));
+      MEMSNAP_RETURN_IF_ERROR(
+          io::pwrite_all(memfd, buf.data(), n, off, "writing released memory back"));
       off += n;
       restored += n;
     }
@@ -256,18 +254,16 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
         Errc::kInvalidArgument,
         "nothing to pause: neither the guest memfd nor the VMM's guest regions were given");
   }
-  auto guest_size = derive_guest_size(req);
-  if (!guest_size.ok()) return std::move(guest_size).error();
-  req.guest_size = *guest_size;
+  MEMSNAP_ASSIGN_OR_RETURN(auto guest_size, derive_guest_size(req));
+  req.guest_size = guest_size;
   if (req.guest_size == 0 || req.guest_size % req.block_size != 0) {
     return make_error(Errc::kInvalidArgument, "guest size " + std::to_string(req.guest_size) +
                                                   " is not a positive multiple of the block size");
   }
-  if (auto s = validate_regions(req.regions, req.guest_size); !s.ok()) return std::move(s).error();
+  MEMSNAP_RETURN_IF_ERROR(validate_regions(req.regions, req.guest_size));
   if (req.memfd >= 0) {
-    auto own = reopen_privately(req.memfd);
-    if (!own.ok()) return std::move(own).error();
-    req.memfd = *own;
+    MEMSNAP_ASSIGN_OR_RETURN(auto own, reopen_privately(req.memfd));
+    req.memfd = own;
   }
   const io::UniqueFd own_memfd(req.memfd);
 
@@ -305,8 +301,7 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
     return make_error(Errc::kInvalidArgument, why);
   }
   report.strategy = info->name;
-  auto strategy = registry.create(info->name, options);
-  if (!strategy.ok()) return std::move(strategy).error();
+  MEMSNAP_ASSIGN_OR_RETURN(auto strategy, registry.create(info->name, options));
 
   SnapshotParams params;
   params.block_size = req.block_size;
@@ -319,9 +314,10 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
   // copy, so an fdatasync per released chunk (hole_punch: every 2 MiB) would add a disk flush to
   // every chunk and protect nothing more; the snapshot is synced once, at commit.
   if (!req.parent_path.empty()) {
-    auto parent = SnapshotReader::open(req.parent_path, Verify::kHeaderAndMap, req.reader_limits);
-    if (!parent.ok()) return std::move(parent).error();
-    const auto& h = (*parent)->header();
+    MEMSNAP_ASSIGN_OR_RETURN(
+        auto parent,
+        SnapshotReader::open(req.parent_path, Verify::kHeaderAndMap, req.reader_limits));
+    const auto& h = parent->header();
     if (h.block_size != req.block_size || h.guest_size != req.guest_size) {
       return make_error(
           Errc::kSnapshotChainMismatch,
@@ -336,9 +332,8 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
   std::optional<Freezer> frozen;
   if (req.freeze && req.pid > 0) {
     clock.start("freeze");
-    auto f = Freezer::freeze(req.pid, req.pidfd);
-    if (!f.ok()) return std::move(f).error();
-    frozen.emplace(std::move(*f));
+    MEMSNAP_ASSIGN_OR_RETURN(auto f, Freezer::freeze(req.pid, req.pidfd));
+    frozen.emplace(std::move(f));
   }
 
   clock.start("dirty_set");
@@ -362,7 +357,7 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
 
   clock.start("export");
   bool strategy_at_fault = false;
-  auto writer = export_once(**strategy, report.strategy, req, params, *dirty, report.export_stats,
+  auto writer = export_once(*strategy, report.strategy, req, params, *dirty, report.export_stats,
                             &strategy_at_fault);
   if (!writer.ok() && strategy_at_fault && req.allow_fallback && report.fallback_reason.empty() &&
       req.fallback_strategy != report.strategy) {

@@ -103,11 +103,12 @@ Result<std::unique_ptr<ResumeSession>> ResumeSession::prepare(const PluginRegist
   PhaseClock clock(rep.phases);
 
   clock.start("open");
-  auto chain = SnapshotChain::open(
-      s->request_.chain, s->request_.verify_checksums ? Verify::kFull : Verify::kHeaderAndMap,
-      s->request_.reader_limits);
-  if (!chain.ok()) return std::move(chain).error();
-  s->chain_ = std::make_shared<const SnapshotChain>(std::move(*chain));
+  MEMSNAP_ASSIGN_OR_RETURN(
+      auto chain,
+      SnapshotChain::open(s->request_.chain,
+                          s->request_.verify_checksums ? Verify::kFull : Verify::kHeaderAndMap,
+                          s->request_.reader_limits));
+  s->chain_ = std::make_shared<const SnapshotChain>(std::move(chain));
   const SnapshotReader& newest = s->chain_->newest();
   rep.guest_size = s->chain_->guest_size();
   rep.block_size = s->chain_->block_size();
@@ -142,9 +143,8 @@ Result<std::unique_ptr<ResumeSession>> ResumeSession::prepare(const PluginRegist
   rep.mode_reason = why;
 
   clock.start("listen");
-  auto listener = handshake::Listener::listen(s->request_.socket_path);
-  if (!listener.ok()) return std::move(listener).error();
-  s->listener_.emplace(std::move(*listener));
+  MEMSNAP_ASSIGN_OR_RETURN(auto listener, handshake::Listener::listen(s->request_.socket_path));
+  s->listener_.emplace(std::move(listener));
   clock.stop();
   return s;
 }
@@ -293,9 +293,8 @@ Status ResumeSession::hand_over_and_serve(PhaseClock& clock,
       const int err = errno;
       return make_error(Errc::kIoError, io::errno_message("ftruncate(memfd)", err), err);
     }
-    auto copied = fill_memfd(*chain_, fresh.get());
-    if (!copied.ok()) return std::move(copied).error();
-    rep.eager_bytes = *copied;
+    MEMSNAP_ASSIGN_OR_RETURN(auto copied, fill_memfd(*chain_, fresh.get()));
+    rep.eager_bytes = copied;
     clock.start("hand_over");
     if (Status s = hand_over_memfd(fresh.get(), rep.generation); !s.ok()) return s;
     memfd_ = std::move(fresh);
@@ -329,9 +328,9 @@ Status ResumeSession::hand_over_and_serve(PhaseClock& clock,
     }
   };
   clock.start("serve");
-  auto server = FaultServer::start(handshake_.uffd.get(), regions_, chain_, options);
-  if (!server.ok()) return std::move(server).error();
-  server_ = std::move(*server);
+  MEMSNAP_ASSIGN_OR_RETURN(auto server,
+                           FaultServer::start(handshake_.uffd.get(), regions_, chain_, options));
+  server_ = std::move(server);
   clock.stop();
   rep.ready_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - handshake_done).count();
@@ -397,26 +396,25 @@ Result<std::vector<plugin::ByteRange>> ResumeSession::dirty_since_resume(std::st
   // they are kept in uncommitted_ until a pause commits them, whatever fails next.
   bool any_discarded = false;
   if (server_) {
-    auto taken = server_->discarded(true);
-    if (!taken.ok()) return std::move(taken).error();
-    any_discarded = !taken->empty();
-    uncommitted_ = merged(std::move(uncommitted_), std::move(*taken));
+    MEMSNAP_ASSIGN_OR_RETURN(auto taken, server_->discarded(true));
+    any_discarded = !taken.empty();
+    uncommitted_ = merged(std::move(uncommitted_), std::move(taken));
   }
   if (report_.write_tracking) {
-    auto written = written_ranges_of_process(report_.vmm_pid, regions_, report_.block_size, true);
-    if (!written.ok()) return std::move(written).error();
-    ranges = std::move(*written);
+    MEMSNAP_ASSIGN_OR_RETURN(auto written, written_ranges_of_process(report_.vmm_pid, regions_,
+                                                                     report_.block_size, true));
+    ranges = std::move(written);
     source = "pages written since the resume (userfaultfd WP_ASYNC + PAGEMAP_SCAN)";
   } else if (memfd_.get() >= 0) {
-    auto populated =
-        populated_ranges_of_memfd(memfd_.get(), report_.guest_size, report_.block_size);
-    if (!populated.ok()) return std::move(populated).error();
-    ranges = std::move(*populated);
+    MEMSNAP_ASSIGN_OR_RETURN(
+        auto populated,
+        populated_ranges_of_memfd(memfd_.get(), report_.guest_size, report_.block_size));
+    ranges = std::move(populated);
     source = "every populated page of the memfd (" + report_.write_tracking_reason + ")";
   } else {
-    auto populated = populated_ranges_of_process(report_.vmm_pid, regions_, report_.block_size);
-    if (!populated.ok()) return std::move(populated).error();
-    ranges = std::move(*populated);
+    MEMSNAP_ASSIGN_OR_RETURN(
+        auto populated, populated_ranges_of_process(report_.vmm_pid, regions_, report_.block_size));
+    ranges = std::move(populated);
     source = "every populated page of the process (" + report_.write_tracking_reason + ")";
   }
   if (any_discarded) source += ", plus ranges the VMM discarded";

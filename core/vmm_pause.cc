@@ -72,9 +72,9 @@ Result<VmmPauseReport> pause_vmm(const PluginRegistry& registry, VmmAdapter& vmm
   // written again rather than trusted).
   std::optional<SnapshotChain> parent;
   if (!request.parent_chain.empty()) {
-    auto chain = SnapshotChain::open(request.parent_chain, Verify::kHeaderAndMap);
-    if (!chain.ok()) return std::move(chain).error();
-    parent.emplace(std::move(*chain));
+    MEMSNAP_ASSIGN_OR_RETURN(auto chain,
+                             SnapshotChain::open(request.parent_chain, Verify::kHeaderAndMap));
+    parent.emplace(std::move(chain));
   }
 
   std::vector<PhaseTiming> before;
@@ -172,9 +172,8 @@ Result<VmmResumeReport> resume_vmm(const PluginRegistry& registry, VmmLauncher& 
 
   // Every checksum is checked before a VMM even starts: a damaged snapshot never runs.
   clock.start("open");
-  auto opened = SnapshotChain::open(request.chain, request.verify);
-  if (!opened.ok()) return std::move(opened).error();
-  const SnapshotChain chain = std::move(*opened);
+  MEMSNAP_ASSIGN_OR_RETURN(auto opened, SnapshotChain::open(request.chain, request.verify));
+  const SnapshotChain chain = std::move(opened);
   rep.snapshot_id = to_hex(chain.newest().header().snapshot_id);
   rep.generation = chain.newest().header().generation;
   const std::string device = device_state_path(request.chain.back());
@@ -215,15 +214,13 @@ Result<VmmResumeReport> resume_vmm(const PluginRegistry& registry, VmmLauncher& 
     // Filled before the VMM starts: fresh, so zero blocks stay holes (a VMM started to receive
     // does not write guest RAM).
     clock.start("restore");
-    auto copied = fill_memfd(chain, ram.get());
-    if (!copied.ok()) return std::move(copied).error();
-    rep.bytes = *copied;
+    MEMSNAP_ASSIGN_OR_RETURN(auto copied, fill_memfd(chain, ram.get()));
+    rep.bytes = copied;
   }
 
   clock.start("start");
-  auto started = launcher.start_incoming(std::move(ram));
-  if (!started.ok()) return std::move(started).error();
-  std::unique_ptr<VmmAdapter> vmm = std::move(*started);
+  MEMSNAP_ASSIGN_OR_RETURN(auto started, launcher.start_incoming(std::move(ram)));
+  std::unique_ptr<VmmAdapter> vmm = std::move(started);
   auto fail = [&](Error e) -> Result<VmmResumeReport> {
     vmm->terminate();
     if (rep.mode == "warm") kept->memfd = vmm->release_ram();  // still the paused image

@@ -84,7 +84,7 @@ Result<Freezer> Freezer::freeze(pid_t pid, int pidfd, std::chrono::milliseconds 
                                     : "of process " + std::to_string(*of_fd)));
     }
   }
-  if (Status s = signal_pidfd(pinned.get(), pid, SIGSTOP); !s.ok()) return std::move(s).error();
+  MEMSNAP_RETURN_IF_ERROR(signal_pidfd(pinned.get(), pid, SIGSTOP));
   Freezer f(pid, std::move(pinned));
   // SIGSTOP stops the whole thread group, but each thread only when it next leaves the kernel:
   // a vCPU thread in the middle of a syscall (a read() into guest memory, KVM_RUN) can still

@@ -266,10 +266,9 @@ class PrometheusServer {
 
   // An instant query; the parsed API answer (status "success" or an error from the API).
   Result<json> query(const std::string& expr) const {
-    auto body = get("/api/v1/query?query=" + url_encode(expr));
-    if (!body.ok()) return std::move(body).error();
-    json j = json::parse(*body, nullptr, /*allow_exceptions=*/false);
-    if (j.is_discarded()) return make_error(Errc::kInternal, "not JSON: " + body->substr(0, 500));
+    MEMSNAP_ASSIGN_OR_RETURN(auto body, get("/api/v1/query?query=" + url_encode(expr)));
+    json j = json::parse(body, nullptr, /*allow_exceptions=*/false);
+    if (j.is_discarded()) return make_error(Errc::kInternal, "not JSON: " + body.substr(0, 500));
     return j;
   }
 

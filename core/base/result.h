@@ -75,6 +75,16 @@ struct Error {
 
   // "plugin_abi_mismatch: <message>"
   [[nodiscard]] std::string to_string() const;
+
+  // The same code and errno with the message "<context>: <message>", e.g.
+  // `return std::move(r).error().with_context("reading " + path);`
+  [[nodiscard]] Error with_context(std::string_view context) const& {
+    return Error(*this).with_context(context);
+  }
+  [[nodiscard]] Error with_context(std::string_view context) && {
+    message.insert(0, ": ").insert(0, context);
+    return std::move(*this);
+  }
 };
 
 [[nodiscard]] inline Error make_error(Errc code, std::string message, int sys_errno = 0) {
@@ -143,3 +153,34 @@ class [[nodiscard]] Status {
 };
 
 }  // namespace memsnap
+
+// Early returns for functions that return a Status or any Result<U> (an Error converts to both).
+// Each evaluates its expression exactly once. Neither may be the unbraced body of an if or loop.
+
+// Returns the error of a Status or Result expression from the enclosing function if it is not
+// ok; a Result's value is discarded.
+//   MEMSNAP_RETURN_IF_ERROR(file.sync());
+#define MEMSNAP_RETURN_IF_ERROR(...)                       \
+  do {                                                     \
+    auto memsnap_status_or_result_ = (__VA_ARGS__);        \
+    if (!memsnap_status_or_result_.ok()) {                 \
+      return std::move(memsnap_status_or_result_).error(); \
+    }                                                      \
+  } while (false)
+
+// Evaluates a Result<T> expression into a hidden local; returns its error from the enclosing
+// function if it is not ok, else moves the value into `lhs`: a declaration (`auto fd`,
+// `std::string name`, `const Header& h`) or an existing lvalue. `lhs` must not contain a comma
+// outside parentheses (write `auto` for such types).
+//   MEMSNAP_ASSIGN_OR_RETURN(auto fd, open_file(path));
+#define MEMSNAP_ASSIGN_OR_RETURN(lhs, ...)                                                  \
+  MEMSNAP_ASSIGN_OR_RETURN_IMPL_(MEMSNAP_RESULT_CONCAT_(memsnap_result_, __COUNTER__), lhs, \
+                                 __VA_ARGS__)
+
+#define MEMSNAP_ASSIGN_OR_RETURN_IMPL_(result, lhs, ...) \
+  auto result = (__VA_ARGS__);                           \
+  if (!result.ok()) return std::move(result).error();    \
+  lhs = std::move(result).value()
+
+#define MEMSNAP_RESULT_CONCAT_INNER_(a, b) a##b
+#define MEMSNAP_RESULT_CONCAT_(a, b) MEMSNAP_RESULT_CONCAT_INNER_(a, b)

@@ -69,7 +69,7 @@ Result<ListeningSocket> listen_unix(const std::string& path, mode_t mode,
   if ((mode & ~static_cast<mode_t>(0777)) != 0) {
     return make_error(Errc::kInvalidArgument, "socket mode must be permission bits only");
   }
-  if (Status cleared = clear_path(addr, path); !cleared) return std::move(cleared).error();
+  MEMSNAP_RETURN_IF_ERROR(clear_path(addr, path));
 
   ListeningSocket s;
   s.fd.reset(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0));

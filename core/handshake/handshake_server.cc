@@ -314,15 +314,15 @@ Result<Message> receive_message(int conn, std::size_t max_payload, Clock::time_p
                                  : "the VMM sent an incomplete message (" + std::to_string(len) +
                                        " bytes) within " + std::to_string(timeout.count()) + " ms");
     }
-    auto got = receive_some(conn, buf.data() + len, buf.size() - len, len == 0, m.fds);
-    if (!got) return std::move(got).error();
-    if (got.value() < 0) continue;
-    if (got.value() == 0) {
+    MEMSNAP_ASSIGN_OR_RETURN(
+        auto got, receive_some(conn, buf.data() + len, buf.size() - len, len == 0, m.fds));
+    if (got < 0) continue;
+    if (got == 0) {
       return protocol(len == 0 ? "the VMM closed the connection without sending anything"
                                : "the VMM closed the connection after " + std::to_string(len) +
                                      " bytes, before the JSON was complete");
     }
-    const auto n = static_cast<std::size_t>(got.value());
+    const auto n = static_cast<std::size_t>(got);
     complete = end.feed(buf.data() + len, n);
     len += n;
   }
@@ -331,10 +331,10 @@ Result<Message> receive_message(int conn, std::size_t max_payload, Clock::time_p
   // VMM sends nothing else before memsnap replies.
   for (;;) {
     if (len == buf.size()) return too_long();
-    auto got = receive_some(conn, buf.data() + len, buf.size() - len, false, m.fds);
-    if (!got) return std::move(got).error();
-    if (got.value() <= 0) break;  // nothing more queued, or the VMM closed after sending
-    len += static_cast<std::size_t>(got.value());
+    MEMSNAP_ASSIGN_OR_RETURN(auto got,
+                             receive_some(conn, buf.data() + len, buf.size() - len, false, m.fds));
+    if (got <= 0) break;  // nothing more queued, or the VMM closed after sending
+    len += static_cast<std::size_t>(got);
   }
 
   buf.resize(len);
@@ -483,9 +483,8 @@ Result<std::vector<GuestRegion>> parse_regions(std::string_view text, const Expe
 }
 
 Result<Listener> Listener::listen(const std::string& path, mode_t mode) {
-  auto listening = io::listen_unix(path, mode, std::nullopt, kBacklog);
-  if (!listening.ok()) return std::move(listening).error();
-  return Listener(std::move(listening->fd), path);
+  MEMSNAP_ASSIGN_OR_RETURN(auto listening, io::listen_unix(path, mode, std::nullopt, kBacklog));
+  return Listener(std::move(listening.fd), path);
 }
 
 Listener::Listener(Listener&& other) noexcept
@@ -532,24 +531,23 @@ Result<Handshake> Listener::accept(const Expectations& expect, std::chrono::mill
     }
   }
 
-  auto received = receive_message(conn.get(), expect.max_payload, deadline, timeout);
-  if (!received) return std::move(received).error();
-  Message& m = received.value();
+  MEMSNAP_ASSIGN_OR_RETURN(auto received,
+                           receive_message(conn.get(), expect.max_payload, deadline, timeout));
+  Message& m = received;
 
   if (m.fds.empty()) return protocol("the message carries no fds");
   if (m.fds.size() > kMaxFds) {
     return protocol("the message carries " + std::to_string(m.fds.size()) +
                     " fds; expected [uffd] or [uffd, memfd]");
   }
-  if (Status s = check_uffd(m.fds[0].get()); !s) return std::move(s).error();
+  MEMSNAP_RETURN_IF_ERROR(check_uffd(m.fds[0].get()));
   if (m.fds.size() == 2) {
-    if (Status s = check_memfd(m.fds[1].get()); !s) return std::move(s).error();
+    MEMSNAP_RETURN_IF_ERROR(check_memfd(m.fds[1].get()));
   } else if (expect.memfd_required) {
     return bad_regions("guest memory must be memfd-backed, but the VMM sent no memfd");
   }
 
-  auto regions = parse_regions(m.payload, expect);
-  if (!regions) return std::move(regions).error();
+  MEMSNAP_ASSIGN_OR_RETURN(auto regions, parse_regions(m.payload, expect));
 
   ucred cred{};
   socklen_t cred_len = sizeof(cred);
@@ -561,7 +559,7 @@ Result<Handshake> Listener::accept(const Expectations& expect, std::chrono::mill
   h.vmm_pid = cred.pid;
   h.vmm_uid = cred.uid;
   h.vmm_gid = cred.gid;
-  h.regions = std::move(regions).value();
+  h.regions = std::move(regions);
   h.page_size = h.regions.front().page_size;
   for (const GuestRegion& r : h.regions) h.guest_size += r.size;
   h.uffd = std::move(m.fds[0]);

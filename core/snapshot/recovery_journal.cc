@@ -108,12 +108,9 @@ Result<std::uint64_t> restore_from_journal(const RecoveryJournal& journal,
                           temp_path + " ends before the data its journal records (run at block " +
                               std::to_string(r.first_block) + ")");
       }
-      if (auto s = io::pwrite_all(memfd, buf.data(), n,
-                                  r.first_block * journal.block_size + done,
-                                  "writing recovered memory into the memfd");
-          !s.ok()) {
-        return std::move(s).error();
-      }
+      MEMSNAP_RETURN_IF_ERROR(io::pwrite_all(memfd, buf.data(), n,
+                                             r.first_block * journal.block_size + done,
+                                             "writing recovered memory into the memfd"));
       done += n;
       restored += n;
     }

@@ -19,9 +19,8 @@ Result<SnapshotChain> SnapshotChain::open(std::vector<std::string> paths_base_to
   std::vector<std::unique_ptr<SnapshotReader>> layers;
   layers.reserve(paths_base_to_newest.size());
   for (const std::string& path : paths_base_to_newest) {
-    auto reader = SnapshotReader::open(path, verify, limits);
-    if (!reader.ok()) return std::move(reader).error();
-    const FileHeader& h = (*reader)->header();
+    MEMSNAP_ASSIGN_OR_RETURN(auto reader, SnapshotReader::open(path, verify, limits));
+    const FileHeader& h = reader->header();
     if (layers.empty()) {
       if (!is_zero_id(h.parent_id)) {
         return mismatch(path + " is a diff on top of " + to_hex(h.parent_id) +
@@ -48,7 +47,7 @@ Result<SnapshotChain> SnapshotChain::open(std::vector<std::string> paths_base_to
                         std::to_string(p.guest_size));
       }
     }
-    layers.push_back(std::move(*reader));
+    layers.push_back(std::move(reader));
   }
   return SnapshotChain(std::move(layers));
 }

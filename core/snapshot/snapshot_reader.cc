@@ -44,7 +44,7 @@ Result<std::unique_ptr<SnapshotReader>> SnapshotReader::open(const std::string& 
                       io::errno_message("opening snapshot " + path, err), err);
   }
   std::unique_ptr<SnapshotReader> reader(new SnapshotReader(path, fd));
-  if (auto s = reader->load(verify, limits); !s.ok()) return std::move(s).error();
+  MEMSNAP_RETURN_IF_ERROR(reader->load(verify, limits));
   return reader;
 }
 

@@ -298,9 +298,8 @@ class SnapshotWriter::HashWorker {
 
 Result<std::unique_ptr<SnapshotWriter>> SnapshotWriter::create(
     std::string final_path, SnapshotParams params, std::vector<plugin::ByteRange> dirty_ranges) {
-  if (auto s = validate_params(params); !s.ok()) return std::move(s).error();
-  auto dirty = normalize_dirty(dirty_ranges, params);
-  if (!dirty.ok()) return std::move(dirty).error();
+  MEMSNAP_RETURN_IF_ERROR(validate_params(params));
+  MEMSNAP_ASSIGN_OR_RETURN(auto dirty, normalize_dirty(dirty_ranges, params));
 
   const std::size_t slash = final_path.rfind('/');
   const std::string dir = slash == std::string::npos ? "." : final_path.substr(0, slash + 1);
@@ -310,11 +309,9 @@ Result<std::unique_ptr<SnapshotWriter>> SnapshotWriter::create(
   }
 
   if (is_zero_id(params.snapshot_id)) {
-    if (auto s = fill_random(params.snapshot_id.data(), params.snapshot_id.size()); !s.ok()) {
-      return std::move(s).error();
-    }
+    MEMSNAP_RETURN_IF_ERROR(fill_random(params.snapshot_id.data(), params.snapshot_id.size()));
   }
-  if (auto s = validate_params(params); !s.ok()) return std::move(s).error();
+  MEMSNAP_RETURN_IF_ERROR(validate_params(params));
 
   std::unique_ptr<XXH3_state_s, HashStateDeleter> hash(XXH3_createState());
   std::unique_ptr<XXH3_state_s, HashStateDeleter> carry0(XXH3_createState());
@@ -327,7 +324,7 @@ Result<std::unique_ptr<SnapshotWriter>> SnapshotWriter::create(
   std::string temp_path;
   for (int attempt = 0; fd < 0; ++attempt) {
     std::uint64_t tag = 0;
-    if (auto s = fill_random(&tag, sizeof(tag)); !s.ok()) return std::move(s).error();
+    MEMSNAP_RETURN_IF_ERROR(fill_random(&tag, sizeof(tag)));
     SnapshotId tag_bytes{};
     std::memcpy(tag_bytes.data(), &tag, sizeof(tag));
     temp_path = (slash == std::string::npos ? "" : dir) + "." + base + ".tmp." +
@@ -339,7 +336,7 @@ Result<std::unique_ptr<SnapshotWriter>> SnapshotWriter::create(
     }
   }
   auto writer = std::unique_ptr<SnapshotWriter>(new SnapshotWriter(
-      std::move(final_path), params, std::move(*dirty), fd, std::move(temp_path), std::move(hash)));
+      std::move(final_path), params, std::move(dirty), fd, std::move(temp_path), std::move(hash)));
   writer->carry_[0] = std::move(carry0);
   writer->carry_[1] = std::move(carry1);
   if (params.data_write == DataWrite::kDirect &&

@@ -154,7 +154,7 @@ Result<ClientResponse> UnixHttpClient::call(std::string_view method, std::string
   const auto deadline = Clock::now() + c.timeout;
   if (c.fd.get() >= 0 && !still_open(c.fd.get())) c.fd.reset();
   if (c.fd.get() < 0) {
-    if (Status s = c.connect(deadline); !s) return std::move(s).error();
+    MEMSNAP_RETURN_IF_ERROR(c.connect(deadline));
   }
 
   try {

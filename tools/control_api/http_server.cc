@@ -167,11 +167,11 @@ Status HttpServer::Impl::start() {
     return make_error(Errc::kInvalidArgument,
                       "max_connections, read_timeout and write_timeout must be positive");
   }
-  auto listening = io::listen_unix(o.socket_path, o.mode, o.group, kBacklog);
-  if (!listening.ok()) return std::move(listening).error();
-  io::UniqueFd fd = std::move(listening->fd);
-  socket_dev_ = listening->dev;
-  socket_ino_ = listening->ino;
+  MEMSNAP_ASSIGN_OR_RETURN(auto listening,
+                           io::listen_unix(o.socket_path, o.mode, o.group, kBacklog));
+  io::UniqueFd fd = std::move(listening.fd);
+  socket_dev_ = listening.dev;
+  socket_ino_ = listening.ino;
   auto fail = [&](Error e) -> Status {
     ::unlink(o.socket_path.c_str());
     return e;

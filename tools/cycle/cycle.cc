@@ -21,9 +21,7 @@ void say(const CycleOptions& o, const std::string& line) {
   if (o.progress) o.progress(line);
 }
 
-Error step_error(const std::string& step, const Error& e) {
-  return make_error(e.code, step + ": " + e.message, e.sys_errno);
-}
+Error step_error(const std::string& step, const Error& e) { return e.with_context(step); }
 
 }  // namespace
 

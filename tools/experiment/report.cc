@@ -517,11 +517,11 @@ Result<Report> build_report(std::span<const OperationRecord> records, const Expe
           std::accumulate(st.sorted.begin(), st.sorted.end(), 0.0) / static_cast<double>(st.n);
       BootstrapOptions b = spec.bootstrap;
       b.seed = derive_seed(spec.bootstrap.seed, a, m);
-      Result<std::vector<Interval>> cis = bootstrap_quantiles_ci(st.sorted, kQuantiles, b);
-      if (!cis) return std::move(cis).error();
-      st.p50 = cis.value()[0];
-      st.p90 = cis.value()[1];
-      st.p99 = cis.value()[2];
+      MEMSNAP_ASSIGN_OR_RETURN(std::vector<Interval> cis,
+                               bootstrap_quantiles_ci(st.sorted, kQuantiles, b));
+      st.p50 = cis[0];
+      st.p90 = cis[1];
+      st.p99 = cis[2];
       st.p90_tail_ok = static_cast<double>(st.n) * 0.1 >= 5;
       st.p99_tail_ok = static_cast<double>(st.n) * 0.01 >= 5;
     }
@@ -535,9 +535,9 @@ Result<Report> build_report(std::span<const OperationRecord> records, const Expe
       observed.push_back(a.units);
       weights.push_back(a.weight);
     }
-    Result<SrmResult> srm = sample_ratio_mismatch(observed, weights, spec.srm_threshold);
-    if (!srm) return std::move(srm).error();
-    report.srm = std::move(srm).value();
+    MEMSNAP_ASSIGN_OR_RETURN(SrmResult srm,
+                             sample_ratio_mismatch(observed, weights, spec.srm_threshold));
+    report.srm = std::move(srm);
     std::string counts;
     std::string expected;
     for (std::size_t a = 0; a < report.arms.size(); ++a) {
@@ -594,9 +594,8 @@ Result<Report> build_report(std::span<const OperationRecord> records, const Expe
       if (!cis) return std::move(cis).error();
       c.p50 = cis.value()[0];
       c.p99 = cis.value()[1];
-      Result<MannWhitneyResult> mw = mann_whitney_u(ast.sorted, bst.sorted);
-      if (!mw) return std::move(mw).error();
-      c.mann_whitney = mw.value();
+      MEMSNAP_ASSIGN_OR_RETURN(MannWhitneyResult mw, mann_whitney_u(ast.sorted, bst.sorted));
+      c.mann_whitney = mw;
       report.comparisons.push_back(std::move(c));
     }
     const std::size_t family = report.comparisons.size() - first;

@@ -185,9 +185,9 @@ Result<std::vector<Interval>> two_arm_bootstrap(std::span<const double> treatmen
                                                 std::span<const double> baseline,
                                                 std::span<const double> qs,
                                                 const BootstrapOptions& options, TwoArmStat stat) {
-  if (Status s = check_samples(treatment, "bootstrap treatment"); !s) return std::move(s).error();
-  if (Status s = check_samples(baseline, "bootstrap baseline"); !s) return std::move(s).error();
-  if (Status s = check_bootstrap(options, qs); !s) return std::move(s).error();
+  MEMSNAP_RETURN_IF_ERROR(check_samples(treatment, "bootstrap treatment"));
+  MEMSNAP_RETURN_IF_ERROR(check_samples(baseline, "bootstrap baseline"));
+  MEMSNAP_RETURN_IF_ERROR(check_bootstrap(options, qs));
 
   QuantileResampler t_res(treatment, qs);
   QuantileResampler b_res(baseline, qs);
@@ -249,7 +249,7 @@ double quantile_sorted(std::span<const double> sorted, double q) {
 }
 
 Result<double> quantile(std::span<const double> samples, double q) {
-  if (Status s = check_samples(samples, "quantile"); !s) return std::move(s).error();
+  MEMSNAP_RETURN_IF_ERROR(check_samples(samples, "quantile"));
   if (!std::isfinite(q)) return make_error(Errc::kInvalidArgument, "quantile: q is not finite");
   std::vector<double> buf(samples.begin(), samples.end());
   std::vector<double> out;
@@ -261,16 +261,15 @@ Result<double> quantile(std::span<const double> samples, double q) {
 Result<Interval> bootstrap_quantile_ci(std::span<const double> samples, double q,
                                        const BootstrapOptions& options) {
   const double qs[] = {q};
-  Result<std::vector<Interval>> r = bootstrap_quantiles_ci(samples, qs, options);
-  if (!r) return std::move(r).error();
-  return r.value()[0];
+  MEMSNAP_ASSIGN_OR_RETURN(std::vector<Interval> r, bootstrap_quantiles_ci(samples, qs, options));
+  return r[0];
 }
 
 Result<std::vector<Interval>> bootstrap_quantiles_ci(std::span<const double> samples,
                                                      std::span<const double> qs,
                                                      const BootstrapOptions& options) {
-  if (Status s = check_samples(samples, "bootstrap"); !s) return std::move(s).error();
-  if (Status s = check_bootstrap(options, qs); !s) return std::move(s).error();
+  MEMSNAP_RETURN_IF_ERROR(check_samples(samples, "bootstrap"));
+  MEMSNAP_RETURN_IF_ERROR(check_bootstrap(options, qs));
 
   QuantileResampler resampler(samples, qs);
   std::vector<double> values;

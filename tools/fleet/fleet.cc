@@ -116,10 +116,10 @@ Result<std::unique_ptr<Daemon>> Daemon::start(const DaemonOptions& o) {
                            "control.socket=" + d->socket_, "--set",
                            "control.handshake_directory=" + o.dir});
   if (o.metrics) {
-    auto port = o.metrics_port ? Result<std::uint16_t>(o.metrics_port) : free_loopback_port();
-    if (!port.ok()) return std::move(port).error();
-    d->metrics_port_ = *port;
-    args.insert(args.end(), {"--set", "metrics.listen=127.0.0.1:" + std::to_string(*port)});
+    MEMSNAP_ASSIGN_OR_RETURN(
+        auto port, o.metrics_port ? Result<std::uint16_t>(o.metrics_port) : free_loopback_port());
+    d->metrics_port_ = port;
+    args.insert(args.end(), {"--set", "metrics.listen=127.0.0.1:" + std::to_string(port)});
   } else {
     args.insert(args.end(), {"--set", "metrics.listen=\"\""});
   }
@@ -190,12 +190,12 @@ int Daemon::stop(int sig, std::chrono::milliseconds timeout) {
 Result<Answer> Daemon::call(const std::string& method, const std::string& target,
                             const json& body, std::chrono::milliseconds timeout) {
   control_api::UnixHttpClient client(socket_, timeout);
-  auto r = client.call(method, target, body.is_null() ? std::string() : body.dump());
-  if (!r.ok()) return std::move(r).error();
+  MEMSNAP_ASSIGN_OR_RETURN(
+      auto r, client.call(method, target, body.is_null() ? std::string() : body.dump()));
   Answer a;
-  a.status = r->status;
-  a.body = json::parse(r->body, nullptr, /*allow_exceptions=*/false);
-  if (a.body.is_discarded()) a.body = r->body;
+  a.status = r.status;
+  a.body = json::parse(r.body, nullptr, /*allow_exceptions=*/false);
+  if (a.body.is_discarded()) a.body = r.body;
   return a;
 }
 
@@ -216,9 +216,8 @@ Result<std::unique_ptr<Sandbox>> Sandbox::launch(Daemon& daemon, const SandboxSp
   go.seed = spec.seed;
   go.zero_fraction = spec.zero_fraction;
   go.thp = spec.thp;
-  auto vmm = GuestProcess::spawn(go);
-  if (!vmm.ok()) return std::move(vmm).error();
-  sb->vmm_ = std::move(*vmm);
+  MEMSNAP_ASSIGN_OR_RETURN(auto vmm, GuestProcess::spawn(go));
+  sb->vmm_ = std::move(vmm);
   json regions = json::array();
   for (const auto& r : sb->vmm_->regions()) {
     regions.push_back({{"guest_offset", r.guest_offset}, {"host_addr", r.host_addr},
@@ -229,26 +228,25 @@ Result<std::unique_ptr<Sandbox>> Sandbox::launch(Daemon& daemon, const SandboxSp
                {"regions", regions},
                {"attributes", spec.attributes}};
   if (sb->vmm_->memfd_number() >= 0) body["memfd_fd"] = sb->vmm_->memfd_number();
-  auto answer = daemon.call("POST", "/v1/sandboxes", body);
-  if (!answer.ok()) return std::move(answer).error();
-  if (!answer->ok()) {
-    return make_error(Errc::kInternal, "register " + spec.id + ": " + answer->error_text());
+  MEMSNAP_ASSIGN_OR_RETURN(auto answer, daemon.call("POST", "/v1/sandboxes", body));
+  if (!answer.ok()) {
+    return make_error(Errc::kInternal, "register " + spec.id + ": " + answer.error_text());
   }
   return sb;
 }
 
 Result<json> Sandbox::pause(const json& body) {
-  auto answer = daemon_.call("POST", "/v1/sandboxes/" + spec_.id + "/pause", body);
-  if (!answer.ok()) return std::move(answer).error();
-  if (!answer->ok()) {
-    return make_error(Errc::kExportFailed, "pause " + spec_.id + ": " + answer->error_text());
+  MEMSNAP_ASSIGN_OR_RETURN(auto answer,
+                           daemon_.call("POST", "/v1/sandboxes/" + spec_.id + "/pause", body));
+  if (!answer.ok()) {
+    return make_error(Errc::kExportFailed, "pause " + spec_.id + ": " + answer.error_text());
   }
   if (body.value("after", "stop") == "stop" && vmm_) {
     expected_ = vmm_->expected_generations();
     vmm_->kill();
     vmm_.reset();
   }
-  return answer->body;
+  return answer.body;
 }
 
 Result<json> Sandbox::resume(const json& extra) {
@@ -256,10 +254,10 @@ Result<json> Sandbox::resume(const json& extra) {
       daemon_.dir() + "/" + spec_.id + "-" + std::to_string(++resumes_) + ".uffd";
   json body = extra;
   body["handshake_socket"] = socket;
-  auto answer = daemon_.call("POST", "/v1/sandboxes/" + spec_.id + "/resume", body);
-  if (!answer.ok()) return std::move(answer).error();
-  if (!answer->ok()) {
-    return make_error(Errc::kResumeFailed, "resume " + spec_.id + ": " + answer->error_text());
+  MEMSNAP_ASSIGN_OR_RETURN(auto answer,
+                           daemon_.call("POST", "/v1/sandboxes/" + spec_.id + "/resume", body));
+  if (!answer.ok()) {
+    return make_error(Errc::kResumeFailed, "resume " + spec_.id + ": " + answer.error_text());
   }
   GuestOptions go;
   go.size = spec_.size;
@@ -270,27 +268,25 @@ Result<json> Sandbox::resume(const json& extra) {
   go.no_fill = true;
   go.expect = expected_;
   go.accept_memfd = true;
-  auto vmm = GuestProcess::spawn(go);
-  if (!vmm.ok()) return std::move(vmm).error();
-  vmm_ = std::move(*vmm);
-  auto state = daemon_.call("GET",
-                            "/v1/sandboxes/" + spec_.id + "?wait_while=resuming&timeout_ms=60000",
-                            nullptr, std::chrono::seconds(70));
-  if (!state.ok()) return std::move(state).error();
-  if (!state->ok()) return make_error(Errc::kResumeFailed, state->error_text());
-  if (state->body.value("state", "") != "running") {
-    return make_error(Errc::kResumeFailed,
-                      "resume " + spec_.id + " ended " + state->body.value("state", "?") + ": " +
-                          state->body.value("last_error", json("")).dump());
+  MEMSNAP_ASSIGN_OR_RETURN(auto vmm, GuestProcess::spawn(go));
+  vmm_ = std::move(vmm);
+  MEMSNAP_ASSIGN_OR_RETURN(
+      auto state,
+      daemon_.call("GET", "/v1/sandboxes/" + spec_.id + "?wait_while=resuming&timeout_ms=60000",
+                   nullptr, std::chrono::seconds(70)));
+  if (!state.ok()) return make_error(Errc::kResumeFailed, state.error_text());
+  if (state.body.value("state", "") != "running") {
+    return make_error(Errc::kResumeFailed, "resume " + spec_.id + " ended " +
+                                               state.body.value("state", "?") + ": " +
+                                               state.body.value("last_error", json("")).dump());
   }
-  if (Status s = vmm_->wait_ready(std::chrono::seconds(30)); !s.ok()) return std::move(s).error();
-  return state->body["last_resume"];
+  MEMSNAP_RETURN_IF_ERROR(vmm_->wait_ready(std::chrono::seconds(30)));
+  return state.body["last_resume"];
 }
 
 Status Sandbox::dirty(double fraction, std::uint64_t seed, bool sequential) {
   if (!vmm_) return make_error(Errc::kInvalidState, spec_.id + " has no running VMM");
-  auto d = vmm_->dirty(fraction, sequential, seed);
-  if (!d.ok()) return std::move(d).error();
+  MEMSNAP_RETURN_IF_ERROR(vmm_->dirty(fraction, sequential, seed));
   return {};
 }
 

@@ -108,7 +108,7 @@ Result<std::unique_ptr<GuestProcess>> GuestProcess::spawn(const GuestOptions& o)
   if (o.no_fill) args.push_back("--no-fill");
   ExpectFile expect_file;
   if (!o.expect.empty()) {
-    if (auto s = expect_file.write(o.expect); !s.ok()) return std::move(s).error();
+    MEMSNAP_RETURN_IF_ERROR(expect_file.write(o.expect));
     args.push_back("--expect");
     args.push_back(expect_file.path());
   }
@@ -152,15 +152,14 @@ Result<std::unique_ptr<GuestProcess>> GuestProcess::spawn(const GuestOptions& o)
   g->pid_ = pid;
   g->to_guest_ = in_pipe[1];
   g->from_guest_ = out_pipe[0];
-  auto layout = g->read_answer(-1);
-  if (!layout.ok()) return std::move(layout).error();
+  MEMSNAP_ASSIGN_OR_RETURN(auto layout, g->read_answer(-1));
   try {
-    g->guest_size_ = (*layout)["guest_size"].get<std::uint64_t>();
-    g->seed_ = (*layout)["seed"].get<std::uint64_t>();
-    g->memfd_number_ = (*layout)["memfd_fd"].get<int>();
-    g->uffd_ = layout->value("uffd", false);
-    g->wp_async_ = layout->value("wp_async", false);
-    for (const auto& r : (*layout)["regions"]) {
+    g->guest_size_ = layout["guest_size"].get<std::uint64_t>();
+    g->seed_ = layout["seed"].get<std::uint64_t>();
+    g->memfd_number_ = layout["memfd_fd"].get<int>();
+    g->uffd_ = layout.value("uffd", false);
+    g->wp_async_ = layout.value("wp_async", false);
+    for (const auto& r : layout["regions"]) {
       g->regions_.push_back({r["guest_offset"].get<std::uint64_t>(),
                              r["host_addr"].get<std::uint64_t>(), r["size"].get<std::uint64_t>()});
     }
@@ -274,10 +273,9 @@ void GuestProcess::take_ping(const nlohmann::json& j) {
 
 Status GuestProcess::drain_pending() {
   while (pending_pings_ > 0) {
-    auto j = read_answer(-1);
-    if (!j.ok()) return std::move(j).error();
+    MEMSNAP_ASSIGN_OR_RETURN(auto j, read_answer(-1));
     --pending_pings_;
-    take_ping(*j);
+    take_ping(j);
   }
   return Status();
 }
@@ -305,24 +303,24 @@ Status GuestProcess::wait_ready(std::chrono::milliseconds timeout) {
 
 Result<nlohmann::json> GuestProcess::command(const std::string& line) {
   if (line == "exit") {
-    if (auto s = send_line(line); !s.ok()) return std::move(s).error();
+    MEMSNAP_RETURN_IF_ERROR(send_line(line));
     return nlohmann::json{};
   }
-  if (auto s = drain_pending(); !s.ok()) return std::move(s).error();
+  MEMSNAP_RETURN_IF_ERROR(drain_pending());
   if (!line.empty()) {
-    if (auto s = send_line(line); !s.ok()) return std::move(s).error();
+    MEMSNAP_RETURN_IF_ERROR(send_line(line));
   }
   return read_answer(-1);
 }
 
 Result<std::vector<plugin::ByteRange>> GuestProcess::dirty(double fraction, bool sequential,
                                                            std::uint64_t seed) {
-  auto j = command("dirty " + std::to_string(fraction) +
-                   (sequential ? " sequential " : " random ") + std::to_string(seed));
-  if (!j.ok()) return std::move(j).error();
-  const auto generation = (*j)["generation"].get<std::uint32_t>();
+  MEMSNAP_ASSIGN_OR_RETURN(
+      auto j, command("dirty " + std::to_string(fraction) +
+                      (sequential ? " sequential " : " random ") + std::to_string(seed)));
+  const auto generation = j["generation"].get<std::uint32_t>();
   std::vector<plugin::ByteRange> ranges;
-  for (const auto& r : (*j)["dirty"]) {
+  for (const auto& r : j["dirty"]) {
     const plugin::ByteRange range{r[0].get<std::uint64_t>(), r[1].get<std::uint64_t>()};
     for (std::uint64_t off = range.offset; off < range.offset + range.length; off += 4096) {
       expected_[off / 4096] = generation;
@@ -333,15 +331,14 @@ Result<std::vector<plugin::ByteRange>> GuestProcess::dirty(double fraction, bool
 }
 
 Result<std::uint64_t> GuestProcess::verify() {
-  auto j = command("verify");
-  if (!j.ok()) return std::move(j).error();
-  return (*j)["mismatches"].get<std::uint64_t>();
+  MEMSNAP_ASSIGN_OR_RETURN(auto j, command("verify"));
+  return j["mismatches"].get<std::uint64_t>();
 }
 
 Result<std::uint64_t> GuestProcess::discard(std::uint64_t first_page, std::uint64_t count) {
-  auto j = command("discard " + std::to_string(first_page) + " " + std::to_string(count));
-  if (!j.ok()) return std::move(j).error();
-  const auto n = (*j)["discarded"].get<std::uint64_t>();
+  MEMSNAP_ASSIGN_OR_RETURN(
+      auto j, command("discard " + std::to_string(first_page) + " " + std::to_string(count)));
+  const auto n = j["discarded"].get<std::uint64_t>();
   std::fill(expected_.begin() + static_cast<std::ptrdiff_t>(first_page),
             expected_.begin() + static_cast<std::ptrdiff_t>(first_page + n), 0U);
   return n;
@@ -356,7 +353,7 @@ Result<ChainCheck> check_chain_against_pattern(const SnapshotChain& chain, std::
   const std::uint64_t guest = expected.size() * kPage;
   for (std::uint64_t off = 0; off < guest; off += kWindow) {
     const std::uint64_t n = std::min(kWindow, guest - off);
-    if (auto s = chain.read(off, n, buf.data()); !s.ok()) return std::move(s).error();
+    MEMSNAP_RETURN_IF_ERROR(chain.read(off, n, buf.data()));
     for (std::uint64_t p = 0; p < n / kPage; ++p) {
       const std::uint64_t page = off / kPage + p;
       ++out.pages;

@@ -218,9 +218,9 @@ Result<std::string> default_output(const std::string& snapshot_dir, const std::s
                                    const std::string& parent_path, const ReaderLimits& limits) {
   std::uint64_t generation = 1;
   if (!parent_path.empty()) {
-    auto parent = SnapshotReader::open(parent_path, Verify::kHeaderAndMap, limits);
-    if (!parent.ok()) return std::move(parent).error();
-    generation = (*parent)->header().generation + 1;
+    MEMSNAP_ASSIGN_OR_RETURN(auto parent,
+                             SnapshotReader::open(parent_path, Verify::kHeaderAndMap, limits));
+    generation = parent->header().generation + 1;
   }
   const std::string stem = id + "/generation-" + std::to_string(generation);
   std::string name = stem + ".snap";
@@ -268,14 +268,15 @@ Result<std::unique_ptr<SandboxService>> SandboxService::create(const PluginRegis
     return make_error(Errc::kIoError, "cannot resolve the snapshot directory " +
                                           options.snapshot_dir + ": " + ec.message());
   }
-  auto handshake_canonical = prepare_handshake_dir(
-      options.handshake_dir.empty() ? (canonical.parent_path() / "handshake").string()
-                                    : options.handshake_dir);
-  if (!handshake_canonical.ok()) return std::move(handshake_canonical).error();
+  MEMSNAP_ASSIGN_OR_RETURN(
+      auto handshake_canonical,
+      prepare_handshake_dir(options.handshake_dir.empty()
+                                ? (canonical.parent_path() / "handshake").string()
+                                : options.handshake_dir));
   std::unique_ptr<SandboxService> service(
       new SandboxService(registry, metrics, std::move(options)));
   service->snapshot_dir_ = canonical.string();
-  service->handshake_dir_ = *handshake_canonical;
+  service->handshake_dir_ = handshake_canonical;
   {
     std::lock_guard lock(service->mu_);
     service->publish_states_locked();
@@ -551,8 +552,7 @@ json SandboxService::describe_locked(const Sandbox& sb) const {
 Status SandboxService::pin_vmm(const Caller& caller, const json& body, Sandbox& sb) const {
   // The pidfd first: every check below is then about this process, which the pidfd names for
   // good, and it is checked to be alive after them (a pid reused meanwhile fails that check).
-  auto pidfd = open_pidfd(sb.vmm_pid);
-  if (!pidfd.ok()) return std::move(pidfd).error();
+  MEMSNAP_ASSIGN_OR_RETURN(auto pidfd, open_pidfd(sb.vmm_pid));
   if (!caller.privileged()) {
     if (Status s = check_process_owner(sb.vmm_pid, caller.uid); !s.ok()) {
       return make_error(s.error().code, "uid " + std::to_string(caller.uid) +
@@ -561,30 +561,28 @@ Status SandboxService::pin_vmm(const Caller& caller, const json& body, Sandbox& 
     }
   }
   if (Status s = check_regions_mapped(sb.vmm_pid, sb.regions); !s.ok()) return s;
-  auto memfd_fd = field<std::uint64_t>(body, "memfd_fd", ~0ULL);
-  if (!memfd_fd.ok()) return std::move(memfd_fd).error();
-  if (*memfd_fd != ~0ULL) {
-    if (*memfd_fd > static_cast<std::uint64_t>(INT_MAX)) {
+  MEMSNAP_ASSIGN_OR_RETURN(auto memfd_fd, field<std::uint64_t>(body, "memfd_fd", ~0ULL));
+  if (memfd_fd != ~0ULL) {
+    if (memfd_fd > static_cast<std::uint64_t>(INT_MAX)) {
       return make_error(Errc::kInvalidArgument,
-                        "memfd_fd " + std::to_string(*memfd_fd) + " is not an fd number");
+                        "memfd_fd " + std::to_string(memfd_fd) + " is not an fd number");
     }
-    const int number = static_cast<int>(*memfd_fd);
+    const int number = static_cast<int>(memfd_fd);
     // Taken now and kept: a wrong number is an error at registration, and whatever the VMM
     // later puts at that number is never taken for its guest memory.
-    auto taken = take_fd_of_pidfd(pidfd->get(), number);
-    if (!taken.ok()) return std::move(taken).error();
-    if (Status s = check_guest_memfd(taken->get(), sb.guest_size); !s.ok()) {
+    MEMSNAP_ASSIGN_OR_RETURN(auto taken, take_fd_of_pidfd(pidfd.get(), number));
+    if (Status s = check_guest_memfd(taken.get(), sb.guest_size); !s.ok()) {
       return make_error(s.error().code, "fd " + std::to_string(number) + " of process " +
                                             std::to_string(sb.vmm_pid) + ": " +
                                             s.error().message);
     }
-    sb.vmm_memfd = std::move(*taken);
+    sb.vmm_memfd = std::move(taken);
   }
-  if (!pidfd_alive(pidfd->get())) {
+  if (!pidfd_alive(pidfd.get())) {
     return make_error(Errc::kProcessGone, "process " + std::to_string(sb.vmm_pid) +
                                               " exited while being registered");
   }
-  sb.vmm_pidfd = std::move(*pidfd);
+  sb.vmm_pidfd = std::move(pidfd);
   sb.owner_uid = caller.uid;
   return {};
 }
@@ -593,17 +591,12 @@ namespace {
 
 // A registration's "attributes" (what flags target) into attrs.
 Status parse_attributes(const json& a, SandboxAttributes& attrs) {
-  if (Status s = only_keys(a,
-                           {"team", "template", "vmm", "vmm_version", "kernel_version",
-                            "memory_mib", "hugepages", "host"},
-                           "attributes");
-      !s.ok()) {
-    return std::move(s).error();
-  }
+  MEMSNAP_RETURN_IF_ERROR(only_keys(a,
+                                    {"team", "template", "vmm", "vmm_version", "kernel_version",
+                                     "memory_mib", "hugepages", "host"},
+                                    "attributes"));
   auto str = [&](const char* k, std::string& out) -> Status {
-    auto v = field<std::string>(a, k, "");
-    if (!v.ok()) return std::move(v).error();
-    out = *v;
+    MEMSNAP_ASSIGN_OR_RETURN(out, field<std::string>(a, k, ""));
     return {};
   };
   for (auto [k, out] : {std::pair{"team", &attrs.team},
@@ -612,14 +605,10 @@ Status parse_attributes(const json& a, SandboxAttributes& attrs) {
                         std::pair{"vmm_version", &attrs.vmm_version},
                         std::pair{"kernel_version", &attrs.kernel_version},
                         std::pair{"host", &attrs.host}}) {
-    if (Status s = str(k, *out); !s.ok()) return std::move(s).error();
+    MEMSNAP_RETURN_IF_ERROR(str(k, *out));
   }
-  auto huge = field<bool>(a, "hugepages", false);
-  if (!huge.ok()) return std::move(huge).error();
-  attrs.hugepages = *huge;
-  auto mib = field<std::uint64_t>(a, "memory_mib", 0);
-  if (!mib.ok()) return std::move(mib).error();
-  attrs.memory_mib = *mib;
+  MEMSNAP_ASSIGN_OR_RETURN(attrs.hugepages, field<bool>(a, "hugepages", false));
+  MEMSNAP_ASSIGN_OR_RETURN(attrs.memory_mib, field<std::uint64_t>(a, "memory_mib", 0));
   return {};
 }
 
@@ -633,11 +622,9 @@ Status SandboxService::register_running(const Caller& caller, const json& body,
                       "strategy goes with snapshots (the plugin that wrote them); a running "
                       "VMM's strategy comes from the flag at each pause");
   }
-  auto pid = field<std::uint64_t>(body, "vmm_pid", 0);
-  if (!pid.ok()) return std::move(pid).error();
-  if (*pid == 0 || *pid > 4194304)
-    return make_error(Errc::kInvalidArgument, "vmm_pid is not a pid");
-  sb.vmm_pid = static_cast<pid_t>(*pid);
+  MEMSNAP_ASSIGN_OR_RETURN(const std::uint64_t pid, field<std::uint64_t>(body, "vmm_pid", 0));
+  if (pid == 0 || pid > 4194304) return make_error(Errc::kInvalidArgument, "vmm_pid is not a pid");
+  sb.vmm_pid = static_cast<pid_t>(pid);
   if (!body.contains("regions")) {
     return make_error(Errc::kInvalidArgument, "a running VMM needs regions");
   }
@@ -647,9 +634,7 @@ Status SandboxService::register_running(const Caller& caller, const json& body,
     return make_error(Errc::kInvalidArgument, "regions must be a non-empty array");
   }
   for (const auto& r : rs) {
-    if (Status s = only_keys(r, {"guest_offset", "host_addr", "size"}, "region"); !s.ok()) {
-      return std::move(s).error();
-    }
+    MEMSNAP_RETURN_IF_ERROR(only_keys(r, {"guest_offset", "host_addr", "size"}, "region"));
     plugin::Region region{};
     auto off = field<std::uint64_t>(r, "guest_offset", 0);
     auto addr = field<std::uint64_t>(r, "host_addr", 0);
@@ -667,17 +652,17 @@ Status SandboxService::register_running(const Caller& caller, const json& body,
   }
   std::uint64_t end = 0;
   for (const auto& r : regions) end = std::max(end, r.guest_offset + r.size);
-  auto guest_size = field<std::uint64_t>(body, "guest_size", end);
-  if (!guest_size.ok()) return std::move(guest_size).error();
-  if (Status s = validate_regions(regions, *guest_size); !s.ok()) return std::move(s).error();
-  if (const std::uint64_t max = settings().reader_limits.max_guest_size; *guest_size > max) {
-    return make_error(Errc::kInvalidArgument, "guest_size " + std::to_string(*guest_size) +
+  MEMSNAP_ASSIGN_OR_RETURN(const std::uint64_t guest_size,
+                           field<std::uint64_t>(body, "guest_size", end));
+  MEMSNAP_RETURN_IF_ERROR(validate_regions(regions, guest_size));
+  if (const std::uint64_t max = settings().reader_limits.max_guest_size; guest_size > max) {
+    return make_error(Errc::kInvalidArgument, "guest_size " + std::to_string(guest_size) +
                                                   " is above limits.max_guest_size (" +
                                                   std::to_string(max) + ")");
   }
   sb.regions = std::move(regions);
-  sb.guest_size = *guest_size;
-  if (Status s = pin_vmm(caller, body, sb); !s.ok()) return std::move(s).error();
+  sb.guest_size = guest_size;
+  MEMSNAP_RETURN_IF_ERROR(pin_vmm(caller, body, sb));
   sb.attributes.has_memfd = sb.vmm_memfd.get() >= 0;
   if (sb.attributes.memory_mib == 0) sb.attributes.memory_mib = sb.guest_size >> 20;
   sb.state = SandboxState::kRunning;
@@ -703,17 +688,15 @@ Status SandboxService::register_chain(const Caller& caller, const json& body, Sa
   }
   for (const auto& p : chain) {
     if (!p.is_string()) return make_error(Errc::kInvalidArgument, "snapshots: paths are strings");
-    auto confined = confine(p.get<std::string>(), /*must_exist=*/true);
-    if (!confined.ok()) return std::move(confined).error();
-    sb.chain.push_back(*confined);
+    MEMSNAP_ASSIGN_OR_RETURN(std::string confined,
+                             confine(p.get<std::string>(), /*must_exist=*/true));
+    sb.chain.push_back(std::move(confined));
   }
-  auto chain_open =
-      SnapshotChain::open(sb.chain, Verify::kHeaderAndMap, settings().reader_limits);
-  if (!chain_open.ok()) return std::move(chain_open).error();
-  sb.guest_size = chain_open->guest_size();
-  auto strategy = field<std::string>(body, "strategy", "");
-  if (!strategy.ok()) return std::move(strategy).error();
-  sb.strategy = *strategy;
+  MEMSNAP_ASSIGN_OR_RETURN(
+      const SnapshotChain chain_open,
+      SnapshotChain::open(sb.chain, Verify::kHeaderAndMap, settings().reader_limits));
+  sb.guest_size = chain_open.guest_size();
+  MEMSNAP_ASSIGN_OR_RETURN(sb.strategy, field<std::string>(body, "strategy", ""));
   if (sb.strategy.empty() || registry_.find(sb.strategy) == nullptr) {
     return make_error(Errc::kInvalidArgument,
                       "a paused sandbox needs the strategy (a loaded plugin) that wrote it");
@@ -755,26 +738,20 @@ Result<json> SandboxService::add_locked(std::shared_ptr<Sandbox> sb) {
 }
 
 Result<json> SandboxService::register_sandbox(const Caller& caller, const json& body) {
-  if (Status s = only_keys(body,
-                           {"id", "vmm_pid", "regions", "memfd_fd", "guest_size", "attributes",
-                            "snapshots", "strategy"},
-                           "register");
-      !s.ok()) {
-    return std::move(s).error();
-  }
+  MEMSNAP_RETURN_IF_ERROR(only_keys(body,
+                                    {"id", "vmm_pid", "regions", "memfd_fd", "guest_size",
+                                     "attributes", "snapshots", "strategy"},
+                                    "register"));
   auto sb = std::make_shared<Sandbox>();
-  auto id = field<std::string>(body, "id", "");
-  if (!id.ok()) return std::move(id).error();
-  if (!valid_id(*id)) {
+  MEMSNAP_ASSIGN_OR_RETURN(const std::string id, field<std::string>(body, "id", ""));
+  if (!valid_id(id)) {
     return make_error(Errc::kInvalidArgument,
                       "id must be 1-128 characters of [A-Za-z0-9._-], not starting with '.'");
   }
-  sb->id = *id;
-  sb->attributes.id = *id;
+  sb->id = id;
+  sb->attributes.id = id;
   if (body.contains("attributes") && !body["attributes"].is_null()) {
-    if (Status s = parse_attributes(body["attributes"], sb->attributes); !s.ok()) {
-      return std::move(s).error();
-    }
+    MEMSNAP_RETURN_IF_ERROR(parse_attributes(body["attributes"], sb->attributes));
   }
   const bool has_vmm = body.contains("vmm_pid");
   const bool has_chain = body.contains("snapshots");
@@ -878,9 +855,8 @@ Result<SandboxService::Claim> SandboxService::claim(const Caller& caller, const 
     return make_error(Errc::kShuttingDown,
                       "memsnapd is shutting down: no new " + std::string(op) + "s");
   }
-  auto found = find_locked(caller, id);
-  if (!found.ok()) return std::move(found).error();
-  Sandbox& sb = **found;
+  MEMSNAP_ASSIGN_OR_RETURN(auto found, find_locked(caller, id));
+  Sandbox& sb = *found;
   const std::string now(state_name(sb.state));
   if (is_owned(sb.state)) {
     return make_error(Errc::kBusy, "sandbox " + id + " is " + now + " already");
@@ -890,7 +866,7 @@ Result<SandboxService::Claim> SandboxService::claim(const Caller& caller, const 
                                                " needs it " + std::string(state_name(required)));
   }
   move_locked(sb, owned);
-  return Claim(*this, *found, required);
+  return Claim(*this, found, required);
 }
 
 Errc SandboxService::acquire_slot(bool pause_slot) {
@@ -976,11 +952,8 @@ namespace {
 
 Result<PauseBody> parse_pause_body(const json& body, bool default_sync,
                                                    const PluginRegistry& registry) {
-  if (Status s =
-          only_keys(body, {"output", "parent", "dirty", "strategy", "after", "sync"}, "pause");
-      !s.ok()) {
-    return std::move(s).error();
-  }
+  MEMSNAP_RETURN_IF_ERROR(
+      only_keys(body, {"output", "parent", "dirty", "strategy", "after", "sync"}, "pause"));
   auto output = field<std::string>(body, "output", "");
   auto parent = field<std::string>(body, "parent", "");
   auto forced = field<std::string>(body, "strategy", "");
@@ -1004,9 +977,8 @@ Result<PauseBody> parse_pause_body(const json& body, bool default_sync,
   out.stop = *after == "stop";
   out.sync = *sync;
   if (body.contains("dirty") && !body["dirty"].is_null()) {
-    auto ranges = ranges_of(body["dirty"], "dirty", "offset", "length");
-    if (!ranges.ok()) return std::move(ranges).error();
-    out.dirty = std::move(*ranges);
+    MEMSNAP_ASSIGN_OR_RETURN(auto ranges, ranges_of(body["dirty"], "dirty", "offset", "length"));
+    out.dirty = std::move(ranges);
   }
   return out;
 }
@@ -1026,13 +998,12 @@ Result<ChainPlan> SandboxService::plan_chain(const Sandbox& sb,
     if (plan.chain.empty()) return make_error(Errc::kInvalidArgument, "no snapshot yet");
     plan.parent_path = plan.chain.back();
   } else {
-    auto confined = confine(body.parent, true);
-    if (!confined.ok()) return std::move(confined).error();
-    if (std::find(plan.chain.begin(), plan.chain.end(), *confined) == plan.chain.end()) {
+    MEMSNAP_ASSIGN_OR_RETURN(auto confined, confine(body.parent, true));
+    if (std::find(plan.chain.begin(), plan.chain.end(), confined) == plan.chain.end()) {
       return make_error(Errc::kInvalidArgument,
                         "parent must be one of the sandbox's snapshots (or latest/none)");
     }
-    plan.parent_path = *confined;
+    plan.parent_path = confined;
   }
   if (!plan.parent_path.empty() && !sb.session && !body.dirty) {
     return make_error(Errc::kInvalidArgument,
@@ -1046,9 +1017,8 @@ Result<ChainPlan> SandboxService::plan_chain(const Sandbox& sb,
   if (!plan.parent_path.empty() && plan.parent_path != plan.chain.back()) {
     const auto it = std::find(plan.chain.begin(), plan.chain.end(), plan.parent_path);
     const std::vector<std::string> cut_off(it + 1, plan.chain.end());
-    auto recorded = ranges_recorded_in(cut_off);
-    if (!recorded.ok()) return std::move(recorded).error();
-    plan.cut_off_ranges = std::move(*recorded);
+    MEMSNAP_ASSIGN_OR_RETURN(auto recorded, ranges_recorded_in(cut_off));
+    plan.cut_off_ranges = std::move(recorded);
     plan.cut_off_count = cut_off.size();
     plan.chain.erase(it + 1, plan.chain.end());
   } else if (plan.parent_path.empty()) {
@@ -1056,23 +1026,22 @@ Result<ChainPlan> SandboxService::plan_chain(const Sandbox& sb,
   }
   std::string out_name = body.output;
   if (out_name.empty()) {
-    auto named = default_output(snapshot_dir_, sb.id, plan.parent_path, settings().reader_limits);
-    if (!named.ok()) return std::move(named).error();
-    out_name = *named;
+    MEMSNAP_ASSIGN_OR_RETURN(auto named, default_output(snapshot_dir_, sb.id, plan.parent_path,
+                                                        settings().reader_limits));
+    out_name = named;
   }
-  auto out_path = confine(out_name, false);
-  if (!out_path.ok()) return std::move(out_path).error();
+  MEMSNAP_ASSIGN_OR_RETURN(auto out_path, confine(out_name, false));
   std::error_code ec;
-  if (fs::exists(fs::symlink_status(*out_path, ec))) {
+  if (fs::exists(fs::symlink_status(out_path, ec))) {
     return make_error(Errc::kAlreadyExists,
-                      "\"" + *out_path + "\" exists: snapshots are never overwritten");
+                      "\"" + out_path + "\" exists: snapshots are never overwritten");
   }
-  fs::create_directories(fs::path(*out_path).parent_path(), ec);
+  fs::create_directories(fs::path(out_path).parent_path(), ec);
   if (ec) {
     return make_error(Errc::kIoError,
-                      "cannot create the directory of " + *out_path + ": " + ec.message());
+                      "cannot create the directory of " + out_path + ": " + ec.message());
   }
-  plan.out_path = std::move(*out_path);
+  plan.out_path = std::move(out_path);
   return plan;
 }
 
@@ -1273,16 +1242,14 @@ json SandboxService::pause_answer(const std::string& id, const Choice& choice,
 }
 
 Result<json> SandboxService::pause(const Caller& caller, const std::string& id, const json& body) {
-  auto parsed = parse_pause_body(body, options_.sync, registry_);
-  if (!parsed.ok()) return std::move(parsed).error();
-  const PauseBody& request = *parsed;
-  auto claimed = claim(caller, id, "pause", SandboxState::kRunning, SandboxState::kPausing);
-  if (!claimed.ok()) return std::move(claimed).error();
-  Claim& claim = *claimed;  // until finished, any return puts the sandbox back to running
+  MEMSNAP_ASSIGN_OR_RETURN(auto parsed, parse_pause_body(body, options_.sync, registry_));
+  const PauseBody& request = parsed;
+  MEMSNAP_ASSIGN_OR_RETURN(
+      auto claimed, claim(caller, id, "pause", SandboxState::kRunning, SandboxState::kPausing));
+  Claim& claim = claimed;  // until finished, any return puts the sandbox back to running
   const Sandbox& sb = *claim;
 
-  auto plan = plan_chain(sb, request);
-  if (!plan.ok()) return std::move(plan).error();
+  MEMSNAP_ASSIGN_OR_RETURN(auto plan, plan_chain(sb, request));
   if (const Errc slot = acquire_slot(true); slot != Errc::kOk) {
     return slot == Errc::kShuttingDown
                ? make_error(slot, "memsnapd is shutting down: no new pauses")
@@ -1295,16 +1262,16 @@ Result<json> SandboxService::pause(const Caller& caller, const std::string& id, 
   const auto started = std::chrono::steady_clock::now();
 
   const Choice choice = choose(sb.attributes, request.forced, /*record=*/true);
-  if (Status s = check_choice(sb, choice, request); !s.ok()) return std::move(s).error();
-  const PauseSource source = pause_source(sb, *plan, request);
+  MEMSNAP_RETURN_IF_ERROR(check_choice(sb, choice, request));
+  const PauseSource source = pause_source(sb, plan, request);
   {
     std::lock_guard lock(mu_);
     flush_fault_stats_locked(*claim);
   }
 
-  PauseRequest req = pause_request(sb, *plan, request, source, choice.strategy, settings());
+  PauseRequest req = pause_request(sb, plan, request, source, choice.strategy, settings());
   spdlog::info("pause {}: strategy {} ({}{}) -> {}", id, choice.strategy, choice.reason,
-               choice.variant.empty() ? "" : ", variant " + choice.variant, plan->out_path);
+               choice.variant.empty() ? "" : ", variant " + choice.variant, plan.out_path);
   auto paused = pipeline_.pause(registry_, req);
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
@@ -1313,15 +1280,15 @@ Result<json> SandboxService::pause(const Caller& caller, const std::string& id, 
   if (!paused.ok()) return fail_pause(claim, std::move(paused).error());
   const PauseReport& rep = *paused;
 
-  const json answer = pause_answer(id, choice, *plan, request, rep);
+  const json answer = pause_answer(id, choice, plan, request, rep);
 
   const PluginInfo* info = registry_.find(rep.strategy);
   const bool keeps_memory = info && StrategyPolicy::of(*info).keeps_memory();
   claim.finish(request.stop ? SandboxState::kPaused : SandboxState::kRunning, [&](Sandbox& s) {
     const bool complete = !s.session || s.session->memfd_complete();
     if (s.session) s.session->pause_committed();
-    plan->chain.push_back(rep.snapshot_path);
-    s.chain = std::move(plan->chain);
+    plan.chain.push_back(rep.snapshot_path);
+    s.chain = std::move(plan.chain);
     s.strategy = rep.strategy;
     s.retained = RetainedMemory{};
     if (request.stop && keeps_memory && source.memfd >= 0 && complete) {
@@ -1350,9 +1317,7 @@ struct ResumeBody {
 };
 
 Result<ResumeBody> parse_resume_body(const json& body) {
-  if (Status s = only_keys(body, {"handshake_socket", "mode", "track_writes"}, "resume"); !s.ok()) {
-    return std::move(s).error();
-  }
+  MEMSNAP_RETURN_IF_ERROR(only_keys(body, {"handshake_socket", "mode", "track_writes"}, "resume"));
   auto socket = field<std::string>(body, "handshake_socket", "");
   auto mode_name = field<std::string>(body, "mode", "");
   auto track = field<bool>(body, "track_writes", true);
@@ -1364,9 +1329,7 @@ Result<ResumeBody> parse_resume_body(const json& body) {
   out.socket = std::move(*socket);
   out.track_writes = *track;
   if (!mode_name->empty()) {
-    auto mode = parse_resume_mode(*mode_name);
-    if (!mode.ok()) return std::move(mode).error();
-    out.mode = *mode;
+    MEMSNAP_ASSIGN_OR_RETURN(out.mode, parse_resume_mode(*mode_name));
   }
   return out;
 }
@@ -1375,15 +1338,12 @@ Result<ResumeBody> parse_resume_body(const json& body) {
 
 Result<json> SandboxService::resume(const Caller& caller, const std::string& id,
                                     const json& body) {
-  auto parsed = parse_resume_body(body);
-  if (!parsed.ok()) return std::move(parsed).error();
-  const ResumeBody& request = *parsed;
-  auto socket_path = handshake_path(request.socket);
-  if (!socket_path.ok()) return std::move(socket_path).error();
+  MEMSNAP_ASSIGN_OR_RETURN(const ResumeBody request, parse_resume_body(body));
+  MEMSNAP_ASSIGN_OR_RETURN(const std::string socket_path, handshake_path(request.socket));
 
-  auto claimed = claim(caller, id, "resume", SandboxState::kPaused, SandboxState::kResuming);
-  if (!claimed.ok()) return std::move(claimed).error();
-  Claim& claim = *claimed;  // until finished or handed on, any return puts it back to paused
+  MEMSNAP_ASSIGN_OR_RETURN(
+      auto claimed, claim(caller, id, "resume", SandboxState::kPaused, SandboxState::kResuming));
+  Claim& claim = claimed;  // until finished or handed on, any return puts it back to paused
   const std::shared_ptr<Sandbox> sb = claim.sandbox();
   if (sb->resume_thread.joinable()) sb->resume_thread.join();  // the previous one, long done
 
@@ -1396,7 +1356,7 @@ Result<json> SandboxService::resume(const Caller& caller, const std::string& id,
   }
   ResumeRequest rr;
   rr.chain = sb->chain;
-  rr.socket_path = *socket_path;
+  rr.socket_path = socket_path;
   rr.strategy = sb->strategy;
   rr.mode = request.mode;
   rr.retained = &sb->retained;
@@ -1442,7 +1402,7 @@ Result<json> SandboxService::resume(const Caller& caller, const std::string& id,
       std::thread([this, owned = std::move(claim)]() mutable { finish_resume(std::move(owned)); });
   return json{{"id", id},
               {"state", std::string(state_name(SandboxState::kResuming))},
-              {"handshake_socket", *socket_path},
+              {"handshake_socket", socket_path},
               {"strategy", sb->strategy},
               {"mode", mode_chosen},
               {"snapshots", sb->chain}};
@@ -1515,9 +1475,8 @@ Result<json> SandboxService::get(const Caller& caller, const std::string& id,
                       "wait_while takes " + names + ", not '" + wait_while_state + "'");
   }
   std::unique_lock lock(mu_);
-  auto found = find_locked(caller, id);
-  if (!found.ok()) return std::move(found).error();
-  const std::shared_ptr<Sandbox> sb = *found;
+  MEMSNAP_ASSIGN_OR_RETURN(auto found, find_locked(caller, id));
+  const std::shared_ptr<Sandbox> sb = found;
   if (wait_while) {
     // In slices: a wait holds a connection slot, so it must notice soon that its client left.
     // A drain wakes it at once (drain() notifies changed_).
@@ -1568,9 +1527,8 @@ Result<json> SandboxService::explain(const Caller& caller, const std::string& id
   SandboxAttributes attributes;
   {
     std::lock_guard lock(mu_);
-    auto found = find_locked(caller, id);
-    if (!found.ok()) return std::move(found).error();
-    attributes = (*found)->attributes;
+    MEMSNAP_ASSIGN_OR_RETURN(auto found, find_locked(caller, id));
+    attributes = found->attributes;
   }
   const Choice c = choose(attributes, "", /*record=*/false);
   json out = {{"id", id},
@@ -1605,7 +1563,7 @@ Result<json> SandboxService::remove(const Caller& caller, const std::string& id,
   std::shared_ptr<Sandbox> sb;
   {
     std::lock_guard lock(mu_);
-    if (auto found = find_locked(caller, id); !found.ok()) return std::move(found).error();
+    MEMSNAP_RETURN_IF_ERROR(find_locked(caller, id));
     const auto it = sandboxes_.find(id);
     if (is_owned(it->second->state)) {
       return make_error(Errc::kBusy,

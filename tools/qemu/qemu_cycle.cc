@@ -38,19 +38,17 @@ Result<ReferenceReport> measure_reference(QemuVm& vm, const Machine& machine,
   ref.bytes = std::filesystem::file_size(path, ec);
   io::UniqueFd ram;
   if (machine.memsnap_owns_ram) {
-    auto fd = create_guest_ram(machine.memory_bytes);
-    if (!fd.ok()) return std::move(fd).error();
-    ram = std::move(*fd);
+    MEMSNAP_ASSIGN_OR_RETURN(auto fd, create_guest_ram(machine.memory_bytes));
+    ram = std::move(fd);
   }
   {
     PhaseClock clock(ref.load_phases);
     clock.start("start");
-    auto incoming = QemuVm::start(machine, std::move(ram), true);
-    if (!incoming.ok()) return std::move(incoming).error();
+    MEMSNAP_ASSIGN_OR_RETURN(auto incoming, QemuVm::start(machine, std::move(ram), true));
     clock.start("migrate_incoming");
-    if (Status s = (*incoming)->load_from_file(path); !s.ok()) return s.error();
+    if (Status s = incoming->load_from_file(path); !s.ok()) return s.error();
     clock.stop();
-    (*incoming)->terminate();
+    incoming->terminate();
   }
   std::filesystem::remove(path, ec);
   ref.save_seconds = total(ref.save_phases);
@@ -176,33 +174,29 @@ Result<CycleReport> run_cycle(const PluginRegistry& registry, const CycleOptions
 
   io::UniqueFd ram;
   if (o.machine.memsnap_owns_ram) {
-    auto fd = create_guest_ram(o.machine.memory_bytes);
-    if (!fd.ok()) return std::move(fd).error();
-    ram = std::move(*fd);
+    MEMSNAP_ASSIGN_OR_RETURN(auto fd, create_guest_ram(o.machine.memory_bytes));
+    ram = std::move(fd);
   }
   const auto boot_start = Clock::now();
   say("booting QEMU (" + o.machine.accel + ", " + std::to_string(o.machine.memory_bytes >> 20) +
       " MiB, RAM owned by " + (o.machine.memsnap_owns_ram ? "memsnap" : "QEMU") + ")");
-  auto started = QemuVm::start(o.machine, std::move(ram), false);
-  if (!started.ok()) return std::move(started).error();
-  std::unique_ptr<VmmAdapter> vmm = std::move(*started);
+  MEMSNAP_ASSIGN_OR_RETURN(auto started, QemuVm::start(o.machine, std::move(ram), false));
+  std::unique_ptr<VmmAdapter> vmm = std::move(started);
   auto* vm = static_cast<QemuVm*>(vmm.get());
   std::vector<std::string> boot_bad;
-  auto first = wait_for_ok_rounds(*vm, 0, 1, o.boot_timeout, &boot_bad);
-  if (!first.ok()) return std::move(first).error();
-  if (first->kind != CheckLine::Kind::kOk) {
-    return make_error(Errc::kInternal, "the guest's first check failed: " + first->text);
+  MEMSNAP_ASSIGN_OR_RETURN(auto first, wait_for_ok_rounds(*vm, 0, 1, o.boot_timeout, &boot_bad));
+  if (first.kind != CheckLine::Kind::kOk) {
+    return make_error(Errc::kInternal, "the guest's first check failed: " + first.text);
   }
   report.boot_seconds = seconds_since(boot_start);
-  say("booted in " + std::to_string(report.boot_seconds) + " s: " + first->text);
+  say("booted in " + std::to_string(report.boot_seconds) + " s: " + first.text);
 
   if (o.reference) {
-    auto ref = measure_reference(*vm, o.machine, o.dir);
-    if (!ref.ok()) return std::move(ref).error();
-    report.reference = *ref;
-    say("QEMU's own migration to a file: save " + std::to_string(ref->save_seconds * 1e3) +
-        " ms, load " + std::to_string(ref->load_seconds * 1e3) + " ms, " +
-        std::to_string(ref->bytes >> 10) + " KiB");
+    MEMSNAP_ASSIGN_OR_RETURN(auto ref, measure_reference(*vm, o.machine, o.dir));
+    report.reference = ref;
+    say("QEMU's own migration to a file: save " + std::to_string(ref.save_seconds * 1e3) +
+        " ms, load " + std::to_string(ref.load_seconds * 1e3) + " ms, " +
+        std::to_string(ref.bytes >> 10) + " KiB");
   }
 
   Launcher launcher(o.machine);
@@ -226,9 +220,8 @@ Result<CycleReport> run_cycle(const PluginRegistry& registry, const CycleOptions
     p.strategy = o.strategy;
     p.allow_fallback = o.allow_fallback;
     p.sync = o.sync;
-    auto paused = pause_vmm(registry, *vmm, p);
-    if (!paused.ok()) return std::move(paused).error();
-    gen.pause = std::move(*paused);
+    MEMSNAP_ASSIGN_OR_RETURN(auto paused, pause_vmm(registry, *vmm, p));
+    gen.pause = std::move(paused);
     say("generation " + std::to_string(g) + ": paused with " + gen.pause.memory.strategy + " in " +
         std::to_string(gen.pause.wall_seconds * 1e3) + " ms (" +
         std::to_string(gen.pause.memory.data_bytes >> 10) + " KiB of memory, " +
@@ -246,24 +239,23 @@ Result<CycleReport> run_cycle(const PluginRegistry& registry, const CycleOptions
     r.chain = chain;
     r.strategy = gen.pause.memory.strategy;
     r.retained = &kept;
-    auto resumed = resume_vmm(registry, launcher, r);
-    if (!resumed.ok()) return std::move(resumed).error();
-    gen.resume_mode = resumed->mode;
-    gen.resume_reason = resumed->mode_reason;
-    gen.resume_phases = resumed->phases;
-    gen.resume_seconds = resumed->wall_seconds;
-    gen.resume_bytes = resumed->bytes;
-    vmm = std::move(resumed->vmm);
+    MEMSNAP_ASSIGN_OR_RETURN(auto resumed, resume_vmm(registry, launcher, r));
+    gen.resume_mode = resumed.mode;
+    gen.resume_reason = resumed.mode_reason;
+    gen.resume_phases = resumed.phases;
+    gen.resume_seconds = resumed.wall_seconds;
+    gen.resume_bytes = resumed.bytes;
+    vmm = std::move(resumed.vmm);
     vm = static_cast<QemuVm*>(vmm.get());
     say("generation " + std::to_string(g) + ": resumed (" + gen.resume_mode + ") in " +
         std::to_string(gen.resume_seconds * 1e3) + " ms; waiting for the guest's check");
-    auto after = wait_for_ok_rounds(*vm, 0, o.rounds_after_resume, o.round_timeout, &gen.bad_lines);
-    if (!after.ok()) return std::move(after).error();
-    if (after->kind == CheckLine::Kind::kOk) {
-      gen.round_after = after->round;
-      gen.gens_after = after->gens;
+    MEMSNAP_ASSIGN_OR_RETURN(auto after, wait_for_ok_rounds(*vm, 0, o.rounds_after_resume,
+                                                            o.round_timeout, &gen.bad_lines));
+    if (after.kind == CheckLine::Kind::kOk) {
+      gen.round_after = after.round;
+      gen.gens_after = after.gens;
     }
-    say("generation " + std::to_string(g) + ": " + after->text);
+    say("generation " + std::to_string(g) + ": " + after.text);
     report.generations.push_back(std::move(gen));
   }
   vmm->terminate();

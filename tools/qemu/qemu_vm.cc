@@ -240,11 +240,12 @@ Result<json> QemuVm::qmp(const std::string& command, const json& arguments) {
 
 Result<GuestMemoryAccess> QemuVm::guest_memory() {
   if (pid_ <= 0) return make_error(Errc::kProcessGone, "QEMU is not running");
-  auto memfds = find_memfds_of_process(
-      pid_, machine_.memsnap_owns_ram ? std::optional<std::string>(kRamName) : std::nullopt);
-  if (!memfds.ok()) return std::move(memfds).error();
+  MEMSNAP_ASSIGN_OR_RETURN(
+      auto memfds,
+      find_memfds_of_process(
+          pid_, machine_.memsnap_owns_ram ? std::optional<std::string>(kRamName) : std::nullopt));
   const ProcessMemfd* ram = nullptr;
-  for (const ProcessMemfd& m : *memfds) {
+  for (const ProcessMemfd& m : memfds) {
     if (m.size == machine_.memory_bytes && !m.mappings.empty()) ram = &m;
   }
   if (ram == nullptr) {
@@ -259,9 +260,8 @@ Result<GuestMemoryAccess> QemuVm::guest_memory() {
     access.memfd = ram_.get();
   } else {
     if (taken_.get() < 0) {
-      auto fd = take_fd_of_process(pid_, ram->fd_number);
-      if (!fd.ok()) return std::move(fd).error();
-      taken_.reset(*fd);
+      MEMSNAP_ASSIGN_OR_RETURN(auto fd, take_fd_of_process(pid_, ram->fd_number));
+      taken_.reset(fd);
     }
     access.memfd = taken_.get();
   }
@@ -350,9 +350,8 @@ Status QemuVm::load_from_file(const std::string& path) { return migrate_file(pat
 io::UniqueFd QemuVm::release_ram() { return std::move(ram_); }
 
 Result<std::unique_ptr<VmmAdapter>> Launcher::start_incoming(io::UniqueFd ram) {
-  auto vm = QemuVm::start(machine_, std::move(ram), true);
-  if (!vm.ok()) return std::move(vm).error();
-  return std::unique_ptr<VmmAdapter>(std::move(*vm));
+  MEMSNAP_ASSIGN_OR_RETURN(auto vm, QemuVm::start(machine_, std::move(ram), true));
+  return std::unique_ptr<VmmAdapter>(std::move(vm));
 }
 
 }  // namespace memsnap::qemu

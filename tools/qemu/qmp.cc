@@ -43,15 +43,14 @@ Result<QmpClient> QmpClient::connect(const std::string& socket_path,
     }
     if (::connect(fd.get(), reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0) {
       QmpClient client(std::move(fd));
-      auto greeting = client.read_message(deadline);
-      if (!greeting.ok()) return std::move(greeting).error();
-      if (!greeting->contains("QMP")) {
-        return make_error(Errc::kInternal, "not a QMP greeting: " + greeting->dump());
+      MEMSNAP_ASSIGN_OR_RETURN(auto greeting, client.read_message(deadline));
+      if (!greeting.contains("QMP")) {
+        return make_error(Errc::kInternal, "not a QMP greeting: " + greeting.dump());
       }
-      auto caps = client.execute("qmp_capabilities", nullptr, -1,
-                                 std::chrono::duration_cast<std::chrono::milliseconds>(
-                                     deadline - Clock::now() + std::chrono::seconds(1)));
-      if (!caps.ok()) return std::move(caps).error();
+      MEMSNAP_RETURN_IF_ERROR(client.execute(
+          "qmp_capabilities", nullptr, -1,
+          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now() +
+                                                                std::chrono::seconds(1))));
       return client;
     }
     const int err = errno;
@@ -123,11 +122,7 @@ Result<json> QmpClient::execute(const std::string& command, const json& argument
   const auto deadline = Clock::now() + timeout;
   for (;;) {
     auto message = read_message(deadline);
-    if (!message.ok()) {
-      Error e = std::move(message).error();
-      e.message = command + ": " + e.message;
-      return e;
-    }
+    if (!message.ok()) return std::move(message).error().with_context(command);
     if (message->contains("event")) {
       events_.push_back(std::move(*message));
       continue;
