@@ -14,9 +14,26 @@ class CorePipeline final : public Pipeline {
                                                         ResumeRequest request) override {
     return ResumeSession::prepare(registry, std::move(request));
   }
+  Result<std::unique_ptr<BackgroundExport>> start_export(
+      const PluginRegistry&, const PauseRequest&,
+      std::function<void(const ExportStatus&)>) override {
+    return make_error(Errc::kUnsupported, "background exports are not built yet");
+  }
 };
 
 }  // namespace
+
+std::string_view export_state_name(ExportState state) noexcept {
+  switch (state) {
+    case ExportState::kRunning:
+      return "running";
+    case ExportState::kDurable:
+      return "durable";
+    case ExportState::kFailed:
+      return "failed";
+  }
+  return "running";
+}
 
 Pipeline& core_pipeline() {
   static CorePipeline pipeline;

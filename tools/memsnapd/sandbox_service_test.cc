@@ -66,6 +66,12 @@ class FakePipeline final : public Pipeline {
     return r;
   }
 
+  Result<std::unique_ptr<BackgroundExport>> start_export(
+      const PluginRegistry&, const PauseRequest&,
+      std::function<void(const ExportStatus&)>) override {
+    return make_error(Errc::kUnsupported, "not in this fake yet");
+  }
+
   Result<std::unique_ptr<ResumeSession>> prepare_resume(const PluginRegistry&,
                                                         ResumeRequest request) override {
     std::lock_guard lock(mu_);
