@@ -9,6 +9,7 @@
 //   plugins.directory          string path   ""  = <memsnapd binary's dir>/../lib/memsnap/plugins
 //   flags.file                 string path   ""  = no flag file: every sandbox gets the fallback
 //   flags.strategy_flag        string        memory-export-strategy
+//   flags.pause_mode_flag      string        pause-mode
 //   snapshots.directory        absolute path /var/lib/memsnap/snapshots
 //   snapshots.durable_write    buffered|direct  buffered (how synced pauses write guest data)
 //   control.socket             absolute path /run/memsnap/memsnapd.sock
@@ -24,6 +25,8 @@
 //   limits.handshake_timeout_ms    integer   10000
 //   limits.max_guest_size          integer   1099511627776 (bytes, 1 TiB)
 //   limits.max_sandboxes           integer   4096
+//   limits.max_background_exports  integer   16
+//   limits.max_export_backlog_bytes integer  68719476736 (64 GiB)
 //   strategy.fallback          plugin name   process_vm_readv
 //   strategy.allow_fallback    bool          true
 //   logging.level              trace|debug|info|warn|error|critical|off   info
@@ -48,7 +51,7 @@
 // lexically (no "." or "..", no trailing "/"); symlinks are not resolved.
 //
 // SIGHUP reload: the daemon loads the file again (plus its --set overrides) and compares.
-//   Applied at runtime: logging.*, flags.file, flags.strategy_flag, limits.*, strategy.*,
+//   Applied at runtime: logging.*, flags.file, flags.strategy_flag, flags.pause_mode_flag, limits.*, strategy.*,
 //     drain.timeout_ms, snapshots.durable_write.
 //   Need a restart (restart_required_changes names them; the daemon keeps the running value and
 //     logs them): plugins.directory, snapshots.directory, control.* (the control API's server is
@@ -78,6 +81,7 @@ struct PluginsConfig {
 struct FlagsConfig {
   std::string file;  // flagd-format flag file; "" = none: every sandbox gets strategy.fallback
   std::string strategy_flag = "memory-export-strategy";
+  std::string pause_mode_flag = "pause-mode";
   bool operator==(const FlagsConfig&) const = default;
 };
 
@@ -121,6 +125,9 @@ struct LimitsConfig {
   // sized by it.
   std::uint64_t max_guest_size = std::uint64_t{1} << 40;
   int max_sandboxes = 4096;                            // registered at once, 1..1000000
+  // Handover pauses not durable yet, 1..4096, and the bytes they may still write, 1 MiB..2^50.
+  int max_background_exports = 16;
+  std::uint64_t max_export_backlog_bytes = std::uint64_t{64} << 30;
   bool operator==(const LimitsConfig&) const = default;
 };
 

@@ -232,9 +232,29 @@ std::string sandbox_path(const std::string& id) { return "/v1/sandboxes/" + enco
 // ---- summaries ----
 
 void print_pause(const json& a) {
+  if (!a.value("durable", true)) {
+    const json& e = a.value("export", json::object());
+    std::printf("paused %s: handed over in %s; %s is being exported in the background (%s)\n",
+                str(a, "id").c_str(), ms(num(a, "handover_seconds")).c_str(),
+                str(a, "snapshot").c_str(), str(e, "state", "running").c_str());
+    std::printf("  strategy   %s, mode handover\n", str(a, "strategy").c_str());
+    std::printf("  durable    not yet: memsnap sandbox %s --wait-while exporting\n",
+                str(a, "id").c_str());
+    return;
+  }
   std::printf("paused %s: generation %llu -> %s\n", str(a, "id").c_str(),
               static_cast<unsigned long long>(uint_of(a, "generation")),
               str(a, "snapshot").c_str());
+  if (a.contains("mode")) {
+    const json& f = a.value("mode_fallback", json());
+    std::printf("  mode       %s%s (answered in %s%s)\n", str(a, "mode").c_str(),
+                f.is_object() ? (" instead of " + str(f, "from") + ": " + str(f, "reason")).c_str()
+                              : "",
+                ms(num(a, "handover_seconds")).c_str(),
+                a.contains("durable_seconds")
+                    ? (", durable after " + ms(num(a, "durable_seconds"))).c_str()
+                    : "");
+  }
   std::string why = "requested " + str(a, "requested_strategy");
   if (!str(a, "variant").empty()) why += ", variant " + str(a, "variant");
   why += ", reason " + str(a, "reason");
@@ -495,6 +515,8 @@ int client_pause(Client& c, Args& args) {
   const std::string strategy = args.value("--strategy");
   const std::string after = args.value("--after");
   const std::string dirty = args.value("--dirty");
+  const std::string mode = args.value("--mode");
+  const bool wait_durable = args.flag("--wait-durable");
   const bool no_sync = args.flag("--no-sync");
   const std::string id = one_id(args, "pause");
   args.expect_done();
@@ -518,9 +540,41 @@ int client_pause(Client& c, Args& args) {
     }
     body["dirty"] = ranges;
   }
-  auto a = c.call("POST", sandbox_path(id) + "/pause", body, kPauseCall);
+  if (!mode.empty()) body["mode"] = mode;
+  auto a = c.call("POST", sandbox_path(id) + "/pause", body, kPauseCall, /*print=*/!wait_durable);
   if (!a) return c.exit_code;
+  if (wait_durable && !a->value("durable", true)) {
+    // The sandbox's last pause, once its export left the running state.
+    auto s = c.call("GET", sandbox_path(id) + "?wait_while=exporting&timeout_ms=600000", nullptr,
+                    kPauseCall, /*print=*/false);
+    if (!s) return c.exit_code;
+    json done = s->value("last_pause", json::object());
+    if (c.json_output()) {
+      std::printf("%s\n", done.dump(2).c_str());
+    } else {
+      print_pause(done);
+    }
+    if (s->value("state", "") != "paused") {
+      std::fprintf(stderr, "memsnap: the background export of %s failed: %s\n", id.c_str(),
+                   str(*s, "last_error", "?").c_str());
+      return 1;
+    }
+    return 0;
+  }
+  if (wait_durable && c.json_output()) std::printf("%s\n", a->dump(2).c_str());
   if (!c.json_output()) print_pause(*a);
+  return 0;
+}
+
+int client_export_retry(Client& c, Args& args) {
+  const std::string id = one_id(args, "export-retry");
+  args.expect_done();
+  auto a = c.call("POST", sandbox_path(id) + "/export/retry", json::object(), kQuickCall);
+  if (!a) return c.exit_code;
+  if (!c.json_output()) {
+    std::printf("%s: the background export runs again; memsnap sandbox %s --wait-while "
+                "exporting\n", id.c_str(), id.c_str());
+  }
   return 0;
 }
 
@@ -621,6 +675,7 @@ int cmd_client(const std::string& command, const std::string& socket, Args& args
     if (command == "resume") return client_resume(client, args);
     if (command == "strategy") return client_strategy(client, args);
     if (command == "unregister") return client_unregister(client, args);
+    if (command == "export-retry") return client_export_retry(client, args);
   } catch (const json::exception& e) {
     // A summary could not be made of an answer (a server of another version?): the exit code
     // still says whether memsnapd did it.

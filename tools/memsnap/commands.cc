@@ -347,8 +347,11 @@ std::vector<Command> client_commands() {
   out.push_back(client(
       {.name = "sandbox",
        .summary = "one sandbox's state, snapshots and last operation",
-       .options = {choice("--wait-while", {"running", "pausing", "paused", "resuming", "failed"},
-                          "wait until the sandbox leaves this state"),
+       .options = {choice("--wait-while",
+                          {"running", "pausing", "paused", "resuming", "failed", "exporting",
+                           "export_failed"},
+                          "wait until the sandbox leaves this state (exporting: until the "
+                          "snapshot of a handover pause is durable, or its export failed)"),
                    integer("--timeout-ms", "how long --wait-while waits", "30000", 0, 600000)},
        .positional = one_id()}));
   out.push_back(client(
@@ -374,8 +377,17 @@ std::vector<Command> client_commands() {
                         "a diff of the latest when writes are tracked, else a base"),
                    text("--strategy", "NAME", "force a strategy"),
                    choice("--after", {"stop", "continue"}, "the VMM after the pause", "stop"),
+                   choice("--mode", {"copy", "handover", "live"},
+                          "answer when durable (copy) or once memsnapd holds the memory "
+                          "(handover: the export runs in the background)",
+                          "the pause-mode flag's, else copy"),
+                   flag("--wait-durable", "with handover: wait until the snapshot is durable"),
                    text("--dirty", "OFF:LEN[,...]", "the ranges written since the parent"),
                    flag("--no-sync", "do not fsync the snapshot")},
+       .positional = one_id()}));
+  out.push_back(client(
+      {.name = "export-retry",
+       .summary = "try a failed background export again (its memory is still held)",
        .positional = one_id()}));
   out.push_back(client(
       {.name = "resume",

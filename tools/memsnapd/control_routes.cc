@@ -190,6 +190,11 @@ void add_routes(control_api::HttpServer& server, SandboxService& service,
                  if (!body.ok()) return error_response(body.error());
                  return respond(service.resume(caller_of(request), request.path_params.at("id"), *body), 202);
                }));
+  server.route("POST", "/v1/sandboxes/{id}/export/retry",
+               counted("sandbox_export_retry", [&service](const Request& request) {
+                 return respond(
+                     service.retry_export(caller_of(request), request.path_params.at("id")));
+               }));
   server.route("GET", "/v1/sandboxes/{id}/strategy",
                counted("sandbox_strategy", [&service](const Request& request) {
                  return respond(service.explain(caller_of(request), request.path_params.at("id")));

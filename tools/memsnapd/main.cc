@@ -164,6 +164,9 @@ ServiceSettings settings_of(const config::DaemonConfig& c) {
   s.fallback_strategy = c.strategy.fallback;
   s.allow_fallback = c.strategy.allow_fallback;
   s.strategy_flag = c.flags.strategy_flag;
+  s.pause_mode_flag = c.flags.pause_mode_flag;
+  s.max_background_exports = static_cast<std::size_t>(c.limits.max_background_exports);
+  s.max_export_backlog_bytes = c.limits.max_export_backlog_bytes;
   s.durable_write = c.snapshots.durable_write == config::DurableWrite::kDirect
                         ? DataWrite::kDirect
                         : DataWrite::kBuffered;

@@ -19,6 +19,10 @@ constexpr Move kMoves[] = {
     {SandboxState::kResuming, SandboxState::kRunning},  // the new VMM is served
     {SandboxState::kResuming, SandboxState::kPaused},   // refused or failed: the chain is kept
     {SandboxState::kRunning, SandboxState::kFailed},    // serving its memory stopped on an error
+    {SandboxState::kPausing, SandboxState::kExporting},     // answered at handover
+    {SandboxState::kExporting, SandboxState::kPaused},      // the background export is durable
+    {SandboxState::kExporting, SandboxState::kExportFailed},  // it failed; the memory is held
+    {SandboxState::kExportFailed, SandboxState::kExporting},  // retried
 };
 
 }  // namespace
@@ -35,6 +39,10 @@ std::string_view state_name(SandboxState state) {
       return "resuming";
     case SandboxState::kFailed:
       return "failed";
+    case SandboxState::kExporting:
+      return "exporting";
+    case SandboxState::kExportFailed:
+      return "export_failed";
   }
   return "unknown";
 }

@@ -2,6 +2,7 @@
 // count of sandboxes in each state that the by-state gauge publishes.
 //
 //   running  --pause-->  pausing  --ok, after=stop-->      paused
+//                                 --handed over (mode handover)--> exporting
 //                                 --ok, after=continue-->  running
 //                                 --refused before work--> running
 //                                 --error-->               running (the VMM was continued), or
@@ -10,6 +11,14 @@
 //   paused   --resume--> resuming --VMM handshake ok-->    running (the new VMM)
 //                                 --refused / error-->     paused (the chain is untouched)
 //   running  --serving its memory stopped on an error-->   failed (the VMM was ended)
+//   exporting --the background export is durable-->        paused
+//             --it failed (memory still held)-->           export_failed
+//   export_failed --retry-->                               exporting
+//
+// exporting and export_failed are paused sandboxes whose newest snapshot is not durable yet: the
+// pause was answered at handover, and memsnapd's background export (its own process) holds the
+// guest memory until the snapshot is committed. Neither is owned (a GET, a wait or a removal
+// with force may act on them); a pause or resume needs the export durable first.
 //
 // pausing and resuming are owned: exactly one pause or resume works on the sandbox, and only it
 // moves the sandbox out of that state. Registration enters running (a VMM) or paused (a chain);
@@ -26,11 +35,20 @@
 
 namespace memsnap::daemon {
 
-enum class SandboxState : std::uint8_t { kRunning, kPausing, kPaused, kResuming, kFailed };
+enum class SandboxState : std::uint8_t {
+  kRunning,
+  kPausing,
+  kPaused,
+  kResuming,
+  kFailed,
+  kExporting,
+  kExportFailed
+};
 
-inline constexpr std::array<SandboxState, 5> kSandboxStates = {
-    SandboxState::kRunning, SandboxState::kPausing, SandboxState::kPaused, SandboxState::kResuming,
-    SandboxState::kFailed};
+inline constexpr std::array<SandboxState, 7> kSandboxStates = {
+    SandboxState::kRunning,  SandboxState::kPausing, SandboxState::kPaused,
+    SandboxState::kResuming, SandboxState::kFailed,  SandboxState::kExporting,
+    SandboxState::kExportFailed};
 
 // The state's name in the API, the metrics and the logs ("running", ...).
 std::string_view state_name(SandboxState state);

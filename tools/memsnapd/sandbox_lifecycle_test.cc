@@ -19,8 +19,9 @@ TEST(SandboxLifecycleTest, EveryStateHasOneNameThatParsesBack) {
     EXPECT_EQ(*parse_sandbox_state(name), s);
   }
   EXPECT_EQ(sandbox_state_names(),
-            (std::vector<std::string>{"running", "pausing", "paused", "resuming", "failed"}));
-  for (const char* other : {"", "Running", "resumin", "exporting", "unknown"}) {
+            (std::vector<std::string>{"running", "pausing", "paused", "resuming", "failed",
+                                      "exporting", "export_failed"}));
+  for (const char* other : {"", "Running", "resumin", "export-failed", "unknown"}) {
     EXPECT_FALSE(parse_sandbox_state(other).has_value()) << other;
   }
 }
@@ -31,6 +32,9 @@ TEST(SandboxLifecycleTest, TheTableAllowsExactlyTheDocumentedMoves) {
       {S::kRunning, S::kPausing},  {S::kPausing, S::kPaused},   {S::kPausing, S::kRunning},
       {S::kPausing, S::kFailed},   {S::kPaused, S::kResuming},  {S::kResuming, S::kRunning},
       {S::kResuming, S::kPaused},  {S::kRunning, S::kFailed},
+      // handover: answered before the snapshot is durable; the export ends it or fails
+      {S::kPausing, S::kExporting}, {S::kExporting, S::kPaused},
+      {S::kExporting, S::kExportFailed}, {S::kExportFailed, S::kExporting},
   };
   for (S from : kSandboxStates) {
     for (S to : kSandboxStates) {
@@ -56,7 +60,8 @@ TEST(SandboxLifecycleTest, CountsFollowMovesAndListEveryState) {
   StateCounts counts;
   EXPECT_EQ(counts.by_name(), (std::map<std::string, std::int64_t>{
                                   {"running", 0}, {"pausing", 0}, {"paused", 0},
-                                  {"resuming", 0}, {"failed", 0}}));
+                                  {"resuming", 0}, {"failed", 0}, {"exporting", 0},
+                                  {"export_failed", 0}}));
   counts.enter(S::kRunning);
   counts.enter(S::kRunning);
   counts.leave(S::kRunning);

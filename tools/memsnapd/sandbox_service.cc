@@ -1,5 +1,6 @@
 #include "tools/memsnapd/sandbox_service.h"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -8,6 +9,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <cstring>
 #include <filesystem>
 #include <thread>
 #include <utility>
@@ -18,6 +20,7 @@
 #include "core/chain_ranges.h"
 #include "core/dirty_set.h"
 #include "core/pause.h"
+#include "core/pause_mode/pause_mode.h"
 #include "core/report_json.h"
 #include "core/resume.h"
 #include "core/snapshot/snapshot_reader.h"
@@ -32,6 +35,22 @@ using nlohmann::json;
 
 bool Caller::privileged() const { return uid == 0 || uid == ::geteuid(); }
 
+
+// A handover pause's export, from its answer until the snapshot is durable (states exporting and
+// export_failed). The job holds the guest memory for the export, in a process of its own;
+// memsnapd's own reference (memfd) becomes the warm memory of the paused sandbox once durable.
+struct PendingExport {
+  std::unique_ptr<BackgroundExport> job;
+  io::UniqueFd memfd;
+  std::vector<std::string> chain;  // the chain up to the new snapshot's parent
+  std::string out_path;
+  std::string strategy;
+  PauseMode mode = PauseMode::kHandover;
+  std::uint64_t guest_size = 0;
+  bool keeps_memory = false;  // the strategy leaves the memfd whole: it can be kept warm
+  std::chrono::steady_clock::time_point started;  // when the pause was asked for
+  ExportStatus status;                            // as last reported
+};
 
 // One sandbox. Fields are read and written under SandboxService::mu_, except by the one pause or
 // resume that owns the sandbox (state pausing/resuming): it works on the session and memfd
@@ -59,6 +78,9 @@ struct Sandbox {
   json last_resume;
   std::string last_error;
   std::thread resume_thread;
+  std::unique_ptr<PendingExport> pending_export;  // exporting, export_failed
+  // Exports that ended (durable): destroyed outside the lock, never from their own callback.
+  std::vector<std::unique_ptr<BackgroundExport>> finished_exports;
 };
 
 namespace {
@@ -144,6 +166,33 @@ bool serving_failed_locked(Sandbox& sb) {
                   (sb.session->vmm_ended() ? " was ended" : " had exited");
   spdlog::error("sandbox {} failed: {}", sb.id, sb.last_error);
   return true;
+}
+
+// Takes an export's progress (not its state: that moves only through export_changed, with the
+// sandbox's).
+void refresh_progress_locked(PendingExport& e) {
+  const ExportStatus now = e.job->status();
+  e.status.bytes_done = now.bytes_done;
+  e.status.bytes_total = now.bytes_total;
+  e.status.cpu_seconds = now.cpu_seconds;
+}
+
+// The API's export object (docs/api.md "Pause").
+json export_json(const ExportStatus& st) {
+  return {{"state", std::string(export_state_name(st.state))},
+          {"bytes_done", st.bytes_done},
+          {"bytes_total", st.bytes_total},
+          {"attempts", st.attempts},
+          {"cpu_seconds", st.cpu_seconds},
+          {"error", st.error ? json(st.error->to_string()) : json(nullptr)}};
+}
+
+// Guest bytes an export may still have to write: what is left of its dirty set, or the whole
+// guest while the dirty set is not known yet.
+std::uint64_t backlog_of(const PendingExport& e) {
+  if (e.status.state == ExportState::kDurable) return 0;
+  if (e.status.bytes_total == 0) return e.guest_size;
+  return e.status.bytes_total - std::min(e.status.bytes_done, e.status.bytes_total);
 }
 
 json phases_json(const std::vector<PhaseTiming>& phases) {
@@ -246,6 +295,15 @@ struct SandboxService::Choice {
   json trace;
 };
 
+// The mode a pause runs in and why.
+struct SandboxService::ModeChoice {
+  PauseMode requested = PauseMode::kCopy;
+  std::string source = "default";  // body, flag or default
+  std::string variant;             // the flag's variant, when the flag decided
+  std::string flag_problem;        // why the flag could not be used (then copy, counted)
+  PauseModeDecision decision;      // the mode that runs, and why not the one asked for
+};
+
 SandboxService::SandboxService(const PluginRegistry& registry, metrics::HostMetrics& metrics,
                                ServiceOptions options)
     : registry_(registry),
@@ -296,6 +354,18 @@ SandboxService::~SandboxService() {
     if (sb->resume_thread.joinable()) sb->resume_thread.join();
     if (sb->session) sb->session->stop();
   }
+  // Background exports go on without memsnapd (they commit, or hold the memory and retry): only
+  // their watchers stop here, outside the lock their callbacks take.
+  std::vector<std::unique_ptr<BackgroundExport>> jobs;
+  {
+    std::lock_guard lock(mu_);
+    for (auto& [id, sb] : all) {
+      for (auto& j : sb->finished_exports) jobs.push_back(std::move(j));
+      sb->finished_exports.clear();
+      if (sb->pending_export) jobs.push_back(std::move(sb->pending_export->job));
+    }
+  }
+  jobs.clear();
 }
 
 void SandboxService::set_flags(std::shared_ptr<flags::FlagStore> store) {
@@ -326,9 +396,17 @@ ServiceSettings SandboxService::settings() const {
 void SandboxService::poll() {
   std::shared_ptr<flags::FlagStore> store;
   bool failed = false;
+  std::vector<std::unique_ptr<BackgroundExport>> finished;  // destroyed outside the lock
   {
     std::lock_guard lock(mu_);
     store = flags_;
+    // The progress of background exports (bytes done) moves the backlog gauge.
+    for (auto& [id, sb] : sandboxes_) {
+      for (auto& j : sb->finished_exports) finished.push_back(std::move(j));
+      sb->finished_exports.clear();
+      if (sb->pending_export) refresh_progress_locked(*sb->pending_export);
+    }
+    publish_exports_locked();
     // Only running sandboxes: a pause or resume in flight owns its sandbox's session.
     for (auto& [id, sb] : sandboxes_) {
       if (sb->state != SandboxState::kRunning) continue;
@@ -544,6 +622,8 @@ json SandboxService::describe_locked(const Sandbox& sb) const {
           {"strategy", sb.strategy},
           {"warm_memory_kept", kept_memfd_locked(sb) >= 0},
           {"warm_memory_bytes", resident_bytes(kept_memfd_locked(sb))},
+          {"durable", !sb.pending_export},
+          {"export", sb.pending_export ? export_json(sb.pending_export->status) : json(nullptr)},
           {"last_pause", sb.last_pause},
           {"last_resume", sb.last_resume},
           {"last_error", sb.last_error.empty() ? json(nullptr) : json(sb.last_error)}};
@@ -936,6 +1016,7 @@ struct PauseBody {
   bool stop = true;    // after: "stop" (the VMM stays stopped) or "continue"
   bool sync = true;
   std::optional<std::vector<plugin::ByteRange>> dirty;
+  std::optional<PauseMode> mode;  // nullopt: the pause-mode flag decides
 };
 
 // Where the snapshot goes and what it is a diff of.
@@ -953,13 +1034,14 @@ namespace {
 Result<PauseBody> parse_pause_body(const json& body, bool default_sync,
                                                    const PluginRegistry& registry) {
   MEMSNAP_RETURN_IF_ERROR(
-      only_keys(body, {"output", "parent", "dirty", "strategy", "after", "sync"}, "pause"));
+      only_keys(body, {"output", "parent", "dirty", "strategy", "after", "sync", "mode"}, "pause"));
   auto output = field<std::string>(body, "output", "");
   auto parent = field<std::string>(body, "parent", "");
   auto forced = field<std::string>(body, "strategy", "");
   auto after = field<std::string>(body, "after", "stop");
+  auto mode = field<std::string>(body, "mode", "");
   auto sync = field<bool>(body, "sync", default_sync);
-  for (const Result<std::string>* r : {&output, &parent, &forced, &after}) {
+  for (const Result<std::string>* r : {&output, &parent, &forced, &after, &mode}) {
     if (!r->ok()) return r->error();
   }
   if (!sync.ok()) return std::move(sync).error();
@@ -971,6 +1053,12 @@ Result<PauseBody> parse_pause_body(const json& body, bool default_sync,
                       "strategy \"" + *forced + "\" is not a loaded plugin");
   }
   PauseBody out;
+  if (!mode->empty()) {
+    out.mode = parse_pause_mode(*mode);
+    if (!out.mode) {
+      return make_error(Errc::kInvalidArgument, "mode must be \"copy\", \"handover\" or \"live\"");
+    }
+  }
   out.output = std::move(*output);
   out.parent = std::move(*parent);
   out.forced = std::move(*forced);
@@ -1070,8 +1158,6 @@ Status SandboxService::check_choice(const Sandbox& sb, const Choice& choice,
   return {};
 }
 
-namespace {
-
 // The memory a pause reads, and how it knows what to read.
 struct PauseSource {
   int memfd = -1;
@@ -1079,6 +1165,8 @@ struct PauseSource {
   // the VMM's own mappings.
   bool whole_guest_through_vmm = false;
 };
+
+namespace {
 
 // The memfd: the one a resume handed over (or the VMM's own, kept by the session), else the one
 // taken from the registered VMM at registration (never re-taken by fd number).
@@ -1241,6 +1329,81 @@ json SandboxService::pause_answer(const std::string& id, const Choice& choice,
   return answer;
 }
 
+SandboxService::ModeChoice SandboxService::choose_mode(const Sandbox& sb, const PauseBody& body,
+                                                      const std::string& strategy,
+                                                      const PauseSource& source) {
+  ModeChoice m;
+  std::shared_ptr<flags::FlagStore> store;
+  std::string flag_key;
+  {
+    std::lock_guard lock(mu_);
+    store = flags_;
+    flag_key = settings_.pause_mode_flag;
+  }
+  if (body.mode) {
+    m.requested = *body.mode;
+    m.source = "body";
+  } else if (store) {
+    const flags::Resolution r = store->snapshot()->evaluate(
+        flag_key, sandbox_context(sb.attributes), flags::FlagType::kString,
+        std::string(pause_mode_name(PauseMode::kCopy)));
+    if (r.error_code == flags::ErrorCode::kFlagNotFound) {
+      // No pause-mode flag in the file: every sandbox pauses as it always did.
+    } else if (!r.ok()) {
+      m.flag_problem = "flag \"" + flag_key + "\": " +
+                       std::string(flags::error_code_name(r.error_code)) + ": " + r.error_message;
+    } else if (const auto mode = parse_pause_mode(r.value.get<std::string>()); !mode) {
+      m.flag_problem = "flag \"" + flag_key + "\" chose \"" + r.value.get<std::string>() +
+                       "\", which is no pause mode (copy, handover, live)";
+    } else {
+      m.requested = *mode;
+      m.source = "flag";
+      m.variant = r.variant.value_or("");
+    }
+    metrics_.record_flag_evaluation(flag_key, r.variant.value_or(""),
+                                    std::string(flags::reason_name(r.reason)));
+  }
+  const PluginInfo* info = registry_.find(strategy);
+  const bool partial_memory = sb.session && !sb.session->memfd_complete();
+  m.decision = decide_pause_mode(
+      m.requested, {.strategy_needs_memfd = info && StrategyPolicy::of(*info).needs_memfd(),
+                    .memfd_held = source.memfd >= 0,
+                    .memory_resident = !partial_memory,
+                    .stop = body.stop});
+  if (!m.flag_problem.empty()) m.decision.fallback = PauseModeFallback::kFlagError;
+  metrics_.record_pause_mode_evaluation(m.requested, m.source);
+  if (m.decision.fallback != PauseModeFallback::kNone) {
+    metrics_.record_pause_mode_fallback(m.requested, m.decision.mode, m.decision.fallback);
+    spdlog::warn("pause {}: mode {} instead of {}: {}{}", sb.id, pause_mode_name(m.decision.mode),
+                 pause_mode_name(m.requested), pause_mode_fallback_text(m.decision.fallback),
+                 m.flag_problem.empty() ? "" : " (" + m.flag_problem + ")");
+  }
+  return m;
+}
+
+namespace {
+
+// What every pause answer says about its mode (docs/api.md "Pause").
+template <typename ModeChoiceT>
+void add_mode_json(json& answer, const ModeChoiceT& m, double handover_seconds) {
+  answer["mode"] = std::string(pause_mode_name(m.decision.mode));
+  answer["requested_mode"] = std::string(pause_mode_name(m.requested));
+  answer["mode_source"] = m.source;
+  answer["mode_fallback"] =
+      m.decision.fallback == PauseModeFallback::kNone
+          ? json(nullptr)
+          : json{{"from", std::string(pause_mode_name(m.requested))},
+                 {"to", std::string(pause_mode_name(m.decision.mode))},
+                 {"reason", std::string(pause_mode_fallback_name(m.decision.fallback))},
+                 {"detail", m.flag_problem.empty()
+                                ? std::string(pause_mode_fallback_text(m.decision.fallback))
+                                : m.flag_problem}};
+  answer["handover_seconds"] = handover_seconds;
+  answer["durable"] = m.decision.mode != PauseMode::kHandover;
+}
+
+}  // namespace
+
 Result<json> SandboxService::pause(const Caller& caller, const std::string& id, const json& body) {
   MEMSNAP_ASSIGN_OR_RETURN(auto parsed, parse_pause_body(body, options_.sync, registry_));
   const PauseBody& request = parsed;
@@ -1264,9 +1427,13 @@ Result<json> SandboxService::pause(const Caller& caller, const std::string& id, 
   const Choice choice = choose(sb.attributes, request.forced, /*record=*/true);
   MEMSNAP_RETURN_IF_ERROR(check_choice(sb, choice, request));
   const PauseSource source = pause_source(sb, plan, request);
+  const ModeChoice mode = choose_mode(sb, request, choice.strategy, source);
   {
     std::lock_guard lock(mu_);
     flush_fault_stats_locked(*claim);
+  }
+  if (mode.decision.mode == PauseMode::kHandover) {
+    return pause_handover(claim, slot, choice, mode, std::move(plan), request, source, started);
   }
 
   PauseRequest req = pause_request(sb, plan, request, source, choice.strategy, settings());
@@ -1279,8 +1446,16 @@ Result<json> SandboxService::pause(const Caller& caller, const std::string& id, 
   record_pause(paused.ok() ? &*paused : nullptr, choice.strategy, seconds);
   if (!paused.ok()) return fail_pause(claim, std::move(paused).error());
   const PauseReport& rep = *paused;
+  metrics_.record_handover(rep.strategy, PauseMode::kCopy, seconds);
+  metrics_.record_durable(rep.strategy, PauseMode::kCopy, seconds, true);
 
-  const json answer = pause_answer(id, choice, plan, request, rep);
+  json answer = pause_answer(id, choice, plan, request, rep);
+  add_mode_json(answer, mode, seconds);
+  ExportStatus done;
+  done.state = ExportState::kDurable;
+  done.bytes_done = done.bytes_total = rep.dirty_bytes;
+  done.cpu_seconds = rep.cpu_seconds;
+  answer["export"] = export_json(done);
 
   const PluginInfo* info = registry_.find(rep.strategy);
   const bool keeps_memory = info && StrategyPolicy::of(*info).keeps_memory();
@@ -1305,6 +1480,249 @@ Result<json> SandboxService::pause(const Caller& caller, const std::string& id, 
     s.last_error.clear();
   });
   return answer;
+}
+
+Status SandboxService::reserve_export(std::uint64_t guest_size) {
+  std::unique_lock lock(mu_);
+  auto backlog = [&] {
+    std::uint64_t sum = 0;
+    for (const auto& [id, sb] : sandboxes_) {
+      if (sb->pending_export) sum += backlog_of(*sb->pending_export);
+    }
+    return sum;
+  };
+  auto fits = [&] {
+    if (exports_pending_ == 0) return true;  // one is always allowed
+    return exports_pending_ < settings_.max_background_exports &&
+           backlog() + guest_size <= settings_.max_export_backlog_bytes;
+  };
+  const auto deadline = std::chrono::steady_clock::now() + settings_.queue_timeout;
+  if (!changed_.wait_until(lock, deadline, [&] { return draining_ || fits(); })) {
+    metrics_.record_concurrency_rejection(metrics::OperationKind::kPause);
+    return make_error(Errc::kBusy,
+                      "the background exports are at their limit (" +
+                          std::to_string(exports_pending_) + " not durable, " +
+                          std::to_string(backlog()) +
+                          " bytes to write; limits.max_background_exports " +
+                          std::to_string(settings_.max_background_exports) +
+                          ", limits.max_export_backlog_bytes " +
+                          std::to_string(settings_.max_export_backlog_bytes) +
+                          ") and stayed so for the queue timeout; nothing was changed. Pause "
+                          "with mode \"copy\", or wait for exports to become durable");
+  }
+  if (draining_) return make_error(Errc::kShuttingDown, "memsnapd is shutting down: no new pauses");
+  ++exports_pending_;
+  return {};
+}
+
+void SandboxService::unreserve_export() {
+  {
+    std::lock_guard lock(mu_);
+    --exports_pending_;
+    publish_exports_locked();
+  }
+  changed_.notify_all();
+}
+
+Result<json> SandboxService::pause_handover(Claim& claim, Slot& slot, const Choice& choice,
+                                            const ModeChoice& mode, ChainPlan plan,
+                                            const PauseBody& body, const PauseSource& source,
+                                            std::chrono::steady_clock::time_point started) {
+  const Sandbox& sb = *claim;
+  MEMSNAP_RETURN_IF_ERROR(reserve_export(sb.guest_size));
+  bool reserved = true;
+  struct Unreserve {
+    SandboxService* s;
+    bool* on;
+    ~Unreserve() {
+      if (*on) s->unreserve_export();
+    }
+  } unreserve{this, &reserved};
+
+  // 1. The VMM stops (for good: after "stop").
+  auto frozen = Freezer::freeze(sb.vmm_pid, sb.vmm_pidfd.get());
+  if (!frozen.ok()) return fail_pause(claim, std::move(frozen).error());
+  // 2. What to export, while nothing can write: the caller's dirty set, or the session's write
+  // tracking (which needs the VMM), or -- none given -- the memfd's populated blocks, found by
+  // the export itself (the memfd no longer changes).
+  PauseRequest req = pause_request(sb, plan, body, source, choice.strategy, settings());
+  std::string how = req.dirty ? "given" : "";
+  if (req.dirty_source) {
+    auto dirty = req.dirty_source(&how);
+    if (!dirty.ok()) return fail_pause(claim, std::move(dirty).error());
+    req.dirty = std::move(*dirty);
+    req.dirty_source = nullptr;
+  }
+  if (!req.dirty) how = "the memfd's populated blocks (SEEK_DATA), found by the background export";
+  // 3. memsnapd holds the memory: the export's own reference, and memsnapd's.
+  req.pid = -1;
+  req.pidfd = -1;
+  req.regions.clear();
+  req.freeze = false;
+  req.stay_frozen = false;
+  req.allow_fallback = false;
+  io::UniqueFd held(::fcntl(source.memfd, F_DUPFD_CLOEXEC, 0));
+  if (held.get() < 0) {
+    return fail_pause(claim, make_error(Errc::kIoError,
+                                        std::string("dup of the memfd: ") + std::strerror(errno),
+                                        errno));
+  }
+  auto pending = std::make_unique<PendingExport>();
+  pending->chain = plan.chain;
+  pending->out_path = plan.out_path;
+  pending->strategy = choice.strategy;
+  pending->mode = PauseMode::kHandover;
+  pending->guest_size = sb.guest_size;
+  const PluginInfo* info = registry_.find(choice.strategy);
+  pending->keeps_memory = info && StrategyPolicy::of(*info).keeps_memory();
+  pending->started = started;
+  std::weak_ptr<Sandbox> weak = claim.sandbox();
+  auto job = pipeline_.start_export(
+      registry_, req, [this, weak](const ExportStatus& st) { export_changed(weak, st); });
+  if (!job.ok()) {
+    // Nothing was handed over: the VMM runs on, as after any failed pause.
+    (void)frozen->thaw();
+    return fail_pause(claim, std::move(job).error().with_context("starting the background export"));
+  }
+  frozen->keep_stopped();
+  pending->memfd = std::move(held);
+  pending->job = std::move(*job);
+  pending->status = pending->job->status();
+  const double handover =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
+  slot.release();
+  metrics_.record_handover(choice.strategy, PauseMode::kHandover, handover);
+
+  json answer = {{"id", sb.id},
+                 {"strategy", choice.strategy},
+                 {"requested_strategy", choice.requested},
+                 {"variant", choice.variant.empty() ? json(nullptr) : json(choice.variant)},
+                 {"reason", choice.reason},
+                 {"fallback", nullptr},
+                 {"snapshot", plan.out_path},
+                 {"snapshot_id", nullptr},
+                 {"generation", nullptr},
+                 {"parent", plan.parent_path.empty() ? json(nullptr) : json(plan.parent_path)},
+                 {"dirty_set_source", how},
+                 {"seconds", handover},
+                 {"after", "stop"}};
+  if (choice.fallback != FallbackCause::kNone) {
+    answer["fallback"] = fallback_json(choice.requested, choice.strategy, choice.fallback,
+                                       FallbackStage::kSelection, choice.fallback_reason);
+  }
+  add_mode_json(answer, mode, handover);
+  answer["export"] = export_json(pending->status);
+  spdlog::info("pause {}: handed over in {:.3f} ms; {} exports {} in the background", sb.id,
+               handover * 1e3, choice.strategy, plan.out_path);
+  reserved = false;  // counted until the export is durable (export_changed)
+  claim.finish(SandboxState::kExporting, [&](Sandbox& s) {
+    s.retained = RetainedMemory{};
+    s.vmm_memfd.reset();
+    s.pending_export = std::move(pending);
+    s.last_pause = answer;
+    s.last_error.clear();
+    publish_exports_locked();
+  });
+  return answer;
+}
+
+void SandboxService::export_changed(const std::weak_ptr<Sandbox>& weak, const ExportStatus& st) {
+  const std::shared_ptr<Sandbox> sb = weak.lock();
+  if (!sb) return;
+  std::string strategy;
+  double seconds = 0;
+  {
+    std::lock_guard lock(mu_);
+    PendingExport* e = sb->pending_export.get();
+    if (!e) return;
+    e->status = st;
+    strategy = e->strategy;
+    seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - e->started).count();
+    if (st.state == ExportState::kFailed) {
+      sb->last_error = st.error ? st.error->to_string() : "the background export failed";
+      if (sb->last_pause.is_object()) sb->last_pause["export"] = export_json(st);
+      spdlog::critical(
+          "sandbox {}: the background export to {} failed: {}; the guest memory is held, retry "
+          "with POST /v1/sandboxes/{}/export/retry",
+          sb->id, e->out_path, sb->last_error, sb->id);
+      move_locked(*sb, SandboxState::kExportFailed);
+    } else if (st.state == ExportState::kDurable && st.report) {
+      const PauseReport& rep = *st.report;
+      if (sb->session) sb->session->pause_committed();
+      sb->chain = e->chain;
+      sb->chain.push_back(rep.snapshot_path);
+      sb->strategy = rep.strategy;
+      sb->retained = RetainedMemory{};
+      if (e->keeps_memory) {
+        sb->retained.memfd = std::move(e->memfd);
+        sb->retained.snapshot_id = rep.snapshot_id;
+        sb->retained.generation = rep.generation;
+        sb->retained.guest_size = e->guest_size;
+        warm_candidates_[sb->id] = sb;
+      }
+      if (sb->last_pause.is_object()) {
+        sb->last_pause["durable"] = true;
+        sb->last_pause["durable_seconds"] = seconds;
+        sb->last_pause["snapshot_id"] = rep.snapshot_id;
+        sb->last_pause["generation"] = rep.generation;
+        sb->last_pause["bytes"] = rep.dirty_bytes;
+        sb->last_pause["data_bytes"] = rep.data_bytes;
+        sb->last_pause["export"] = export_json(st);
+        sb->last_pause["report"] = to_json(rep);
+      }
+      sb->finished_exports.push_back(std::move(e->job));
+      sb->pending_export.reset();
+      --exports_pending_;
+      sb->last_error.clear();
+      move_locked(*sb, SandboxState::kPaused);
+    }
+    publish_exports_locked();
+  }
+  changed_.notify_all();
+  if (st.state == ExportState::kDurable && st.report) {
+    record_pause(&*st.report, strategy, st.report->wall_seconds);
+    metrics_.record_durable(strategy, PauseMode::kHandover, seconds, true);
+    spdlog::info("sandbox {}: durable {:.3f} s after the pause ({} bytes)", sb->id, seconds,
+                 st.report->dirty_bytes);
+  } else if (st.state == ExportState::kFailed) {
+    metrics_.record_durable(strategy, PauseMode::kHandover, seconds, false);
+  }
+}
+
+Result<json> SandboxService::retry_export(const Caller& caller, const std::string& id) {
+  std::string strategy;
+  {
+    std::lock_guard lock(mu_);
+    MEMSNAP_ASSIGN_OR_RETURN(auto sb, find_locked(caller, id));
+    if (sb->state != SandboxState::kExportFailed || !sb->pending_export) {
+      return make_error(Errc::kInvalidState, "sandbox " + id + " is " +
+                                                 std::string(state_name(sb->state)) +
+                                                 "; only a failed export can be retried");
+    }
+    MEMSNAP_RETURN_IF_ERROR(sb->pending_export->job->retry());
+    strategy = sb->pending_export->strategy;
+    sb->pending_export->status.state = ExportState::kRunning;
+    sb->pending_export->status.error.reset();
+    sb->last_error.clear();
+    move_locked(*sb, SandboxState::kExporting);
+    publish_exports_locked();
+  }
+  changed_.notify_all();
+  metrics_.record_export_retry(strategy);
+  spdlog::info("sandbox {}: background export retried", id);
+  return json{{"id", id}, {"state", std::string(state_name(SandboxState::kExporting))}};
+}
+
+void SandboxService::publish_exports_locked() {
+  std::uint64_t running = 0, failed = 0, backlog = 0, held = 0;
+  for (const auto& [id, sb] : sandboxes_) {
+    const PendingExport* e = sb->pending_export.get();
+    if (!e) continue;
+    (e->status.state == ExportState::kFailed ? failed : running) += 1;
+    backlog += backlog_of(*e);
+    held += resident_bytes(e->memfd.get());
+  }
+  metrics_.set_background_exports(running, failed, backlog, held);
 }
 
 namespace {
@@ -1340,6 +1758,7 @@ Result<json> SandboxService::resume(const Caller& caller, const std::string& id,
                                     const json& body) {
   MEMSNAP_ASSIGN_OR_RETURN(const ResumeBody request, parse_resume_body(body));
   MEMSNAP_ASSIGN_OR_RETURN(const std::string socket_path, handshake_path(request.socket));
+  MEMSNAP_RETURN_IF_ERROR(wait_until_durable(caller, id));
 
   MEMSNAP_ASSIGN_OR_RETURN(
       auto claimed, claim(caller, id, "resume", SandboxState::kPaused, SandboxState::kResuming));
@@ -1406,6 +1825,26 @@ Result<json> SandboxService::resume(const Caller& caller, const std::string& id,
               {"strategy", sb->strategy},
               {"mode", mode_chosen},
               {"snapshots", sb->chain}};
+}
+
+Status SandboxService::wait_until_durable(const Caller& caller, const std::string& id) {
+  std::unique_lock lock(mu_);
+  MEMSNAP_ASSIGN_OR_RETURN(auto sb, find_locked(caller, id));
+  const auto timeout = settings_.queue_timeout;
+  if (!changed_.wait_for(lock, timeout, [&] {
+        return sb->state != SandboxState::kExporting || draining_;
+      })) {
+    return make_error(Errc::kBusy, "sandbox " + id +
+                                       "'s snapshot is still being exported after the queue "
+                                       "timeout; try again when it is durable");
+  }
+  if (sb->state == SandboxState::kExportFailed) {
+    return make_error(Errc::kInvalidState,
+                      "sandbox " + id + "'s background export failed (" + sb->last_error +
+                          "): its memory is held; retry the export "
+                          "(POST /v1/sandboxes/" + id + "/export/retry), then resume");
+  }
+  return {};
 }
 
 void SandboxService::finish_resume(Claim claim) {
@@ -1502,6 +1941,7 @@ Result<json> SandboxService::get(const Caller& caller, const std::string& id,
                                                  " is still " + wait_while_state);
     }
   }
+  if (sb->pending_export) refresh_progress_locked(*sb->pending_export);
   json out = describe_locked(*sb);
   if (sb->session && !resume_thread_owns(*sb)) {
     out["faults"] = to_json(sb->session->fault_stats(/*settle=*/false));
@@ -1561,6 +2001,9 @@ Result<json> SandboxService::explain(const Caller& caller, const std::string& id
 
 Result<json> SandboxService::remove(const Caller& caller, const std::string& id, bool force) {
   std::shared_ptr<Sandbox> sb;
+  // Watchers of exports it leaves behind, joined outside the lock.
+  std::unique_ptr<BackgroundExport> exports_dropped;
+  std::vector<std::unique_ptr<BackgroundExport>> finished;
   {
     std::lock_guard lock(mu_);
     MEMSNAP_RETURN_IF_ERROR(find_locked(caller, id));
@@ -1589,6 +2032,28 @@ Result<json> SandboxService::remove(const Caller& caller, const std::string& id,
                             "): recover it first (memsnap recover), or remove it with force=true "
                             "(memsnap unregister --force)");
     }
+    // A handover pause was answered and its snapshot is not durable yet. Exporting: with force
+    // the sandbox is forgotten and its export still commits. Failed: with force the held memory
+    // -- the only copy of what the pause acknowledged -- is let go.
+    if (it->second->state == SandboxState::kExporting ||
+        it->second->state == SandboxState::kExportFailed) {
+      const bool failed = it->second->state == SandboxState::kExportFailed;
+      if (!force) {
+        return make_error(Errc::kInvalidState,
+                          "sandbox " + id + (failed ? "'s background export failed" :
+                                                      "'s snapshot is still being exported") +
+                              ": its guest memory is held for it. " +
+                              (failed ? "Retry the export (POST /v1/sandboxes/" + id +
+                                            "/export/retry), or remove it with force=true, "
+                                            "which lets the memory go"
+                                      : "Wait until it is durable (wait_while=exporting), or "
+                                        "remove it with force=true (the export still commits)"));
+      }
+      if (failed) MEMSNAP_RETURN_IF_ERROR(it->second->pending_export->job->release());
+      exports_dropped = std::move(it->second->pending_export->job);
+      it->second->pending_export.reset();
+      --exports_pending_;
+    }
     sb = it->second;
     flush_fault_stats_locked(*sb);
     sandboxes_.erase(it);
@@ -1599,7 +2064,13 @@ Result<json> SandboxService::remove(const Caller& caller, const std::string& id,
       vmm_sandbox_.erase(v);
     }
     publish_states_locked();
+    publish_exports_locked();
+    for (auto& j : sb->finished_exports) finished.push_back(std::move(j));
+    sb->finished_exports.clear();
   }
+  changed_.notify_all();  // a handover waiting for room in the export limits
+  exports_dropped.reset();
+  finished.clear();
   if (sb->resume_thread.joinable()) sb->resume_thread.join();
   bool vmm_ended = false;
   if (sb->session) {

@@ -72,6 +72,15 @@ struct ServiceSettings {
   std::size_t max_sandboxes = 4096;
   // snapshots.durable_write: how synced pauses write guest memory (ignored without sync).
   DataWrite durable_write = DataWrite::kBuffered;
+  // flags.pause_mode_flag: the flag that picks a pause's mode (copy, handover, live) when its
+  // body names none. Not in the flag file (or no flag file): copy.
+  std::string pause_mode_flag = "pause-mode";
+  // limits.max_background_exports / limits.max_export_backlog_bytes: handover exports not durable
+  // yet (running or failed), and the guest bytes they may still have to write. A handover pause
+  // that would go beyond either waits up to queue_timeout for exports to finish, then is refused
+  // (kBusy) with nothing changed. One export is always allowed when none is pending.
+  std::size_t max_background_exports = 16;
+  std::uint64_t max_export_backlog_bytes = std::uint64_t{64} << 30;
 };
 
 // Who made a request, as the kernel saw it at connect (SO_PEERCRED).
@@ -100,6 +109,7 @@ struct ServiceOptions {
 struct Sandbox;
 struct PauseBody;  // the steps of a pause (sandbox_service.cc)
 struct ChainPlan;
+struct PauseSource;
 
 class SandboxService {
  public:
@@ -134,8 +144,13 @@ class SandboxService {
   // The caller's sandboxes (every one for a privileged caller).
   nlohmann::json list(const Caller& caller) const;
   Result<nlohmann::json> explain(const Caller& caller, const std::string& id) const;
+  // A handover pause's export that failed (state export_failed) tries again
+  // (POST /v1/sandboxes/{id}/export/retry); kInvalidState in any other state.
+  Result<nlohmann::json> retry_export(const Caller& caller, const std::string& id);
   // Refuses (invalid_state) a running sandbox whose memory memsnapd serves unless force: its VMM
-  // would be ended.
+  // would be ended. Also without force: a sandbox exporting (with force it is forgotten, and its
+  // export still finishes and commits) or whose export failed (with force its memory is let go:
+  // the only copy of what the pause acknowledged).
   Result<nlohmann::json> remove(const Caller& caller, const std::string& id, bool force = false);
   nlohmann::json health() const;
 
@@ -152,9 +167,14 @@ class SandboxService {
                  ServiceOptions options);
 
   struct Choice;
+  struct ModeChoice;
   class Claim;
   class Slot;
   Choice choose(const SandboxAttributes& sandbox, const std::string& forced, bool record) const;
+  // The pause's mode: the body's, else the pause-mode flag's, else copy; then what the sandbox
+  // and strategy allow (decide_pause_mode). Records the metrics.
+  ModeChoice choose_mode(const Sandbox& sb, const PauseBody& body, const std::string& strategy,
+                         const PauseSource& source);
   // The sandbox id if it exists and caller may act on it (kSandboxNotFound, kForbidden).
   Result<std::shared_ptr<Sandbox>> find_locked(const Caller& caller, const std::string& id) const;
   // Takes the sandbox for one pause or resume: it must be in `required`, and is `owned` until the
@@ -189,7 +209,22 @@ class SandboxService {
   // report: null when the pause failed.
   void record_pause(const PauseReport* report, const std::string& strategy, double seconds);
   Result<nlohmann::json> fail_pause(Claim& claim, Error error);
+  // A handover pause, from the freeze to the answer; its export then runs in the background.
+  Result<nlohmann::json> pause_handover(Claim& claim, Slot& slot, const Choice& choice,
+                                        const ModeChoice& mode, ChainPlan plan,
+                                        const PauseBody& body, const PauseSource& source,
+                                        std::chrono::steady_clock::time_point started);
+  // Waits (up to the queue timeout) until one more background export of guest_size fits the
+  // limits, and counts it; kBusy, kShuttingDown.
+  Status reserve_export(std::uint64_t guest_size);
+  void unreserve_export();
+  // A background export's state changed (its watcher thread).
+  void export_changed(const std::weak_ptr<Sandbox>& weak, const ExportStatus& status);
+  void publish_exports_locked();
   void finish_resume(Claim claim);
+  // A resume of a sandbox whose handover export runs waits for it to be durable (up to the queue
+  // timeout; kBusy after); kInvalidState when the export failed.
+  Status wait_until_durable(const Caller& caller, const std::string& id);
 
   const PluginRegistry& registry_;
   metrics::HostMetrics& metrics_;
@@ -210,6 +245,8 @@ class SandboxService {
   ServiceSettings settings_;
   std::shared_ptr<flags::FlagStore> flags_;
   int pauses_in_flight_ = 0;
+  // Background exports not durable yet, and handovers about to start one (reserve_export).
+  std::size_t exports_pending_ = 0;
   int resumes_in_flight_ = 0;
   bool draining_ = false;
   std::uint64_t reloads_seen_ = 0;

@@ -5,17 +5,21 @@
 // memfd). The pipelines themselves are tested in core/ and end to end in tests/.
 #include "tools/memsnapd/sandbox_service.h"
 
+#include <fcntl.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdlib>
+#include <cstring>
 #include <deque>
 #include <filesystem>
 #include <fstream>
 #include <mutex>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <thread>
@@ -35,6 +39,8 @@ namespace fs = std::filesystem;
 using nlohmann::json;
 
 constexpr std::uint64_t kGuestSize = 4ULL << 20;
+
+class FakeExport;
 
 // Records every request, answers as scripted, and holds pauses while closed.
 class FakePipeline final : public Pipeline {
@@ -67,10 +73,8 @@ class FakePipeline final : public Pipeline {
   }
 
   Result<std::unique_ptr<BackgroundExport>> start_export(
-      const PluginRegistry&, const PauseRequest&,
-      std::function<void(const ExportStatus&)>) override {
-    return make_error(Errc::kUnsupported, "not in this fake yet");
-  }
+      const PluginRegistry&, const PauseRequest& request,
+      std::function<void(const ExportStatus&)> on_change) override;
 
   Result<std::unique_ptr<ResumeSession>> prepare_resume(const PluginRegistry&,
                                                         ResumeRequest request) override {
@@ -111,8 +115,22 @@ class FakePipeline final : public Pipeline {
     std::lock_guard lock(mu_);
     return resumes_;
   }
+  // The background exports started so far (owned by the service; valid while it keeps them).
+  std::vector<FakeExport*> exports() const {
+    std::lock_guard lock(mu_);
+    return exports_;
+  }
+  // How many background exports let their memory go (release()).
+  int releases() const { return releases_.load(); }
+  void fail_next_export_start(Error e) {
+    std::lock_guard lock(mu_);
+    export_start_errors_.push_back(std::move(e));
+  }
 
  private:
+  std::atomic<int> releases_{0};
+  std::vector<FakeExport*> exports_;
+  std::deque<Error> export_start_errors_;
   mutable std::mutex mu_;
   std::condition_variable cv_;
   bool open_ = true;
@@ -121,6 +139,111 @@ class FakePipeline final : public Pipeline {
   std::vector<PauseRequest> pauses_;
   std::vector<ResumeRequest> resumes_;
 };
+
+// A background export the test drives: it holds its own reference to the memfd, as the real one
+// does, and ends (durable or failed) when the test says so.
+class FakeExport final : public BackgroundExport {
+ public:
+  FakeExport(PauseRequest request, std::function<void(const ExportStatus&)> on_change,
+             std::atomic<int>* releases)
+      : request_(std::move(request)), on_change_(std::move(on_change)), releases_(releases) {
+    memfd_ = ::fcntl(request_.memfd, F_DUPFD_CLOEXEC, 0);
+    request_.memfd = memfd_;
+    status_.bytes_total = request_.guest_size;
+  }
+  ~FakeExport() override {
+    if (memfd_ >= 0) ::close(memfd_);
+  }
+  ExportStatus status() const override {
+    std::lock_guard lock(mu_);
+    return status_;
+  }
+  ExportStatus wait(std::chrono::milliseconds timeout) const override {
+    std::unique_lock lock(mu_);
+    cv_.wait_for(lock, timeout, [&] { return status_.state != ExportState::kRunning; });
+    return status_;
+  }
+  Status retry() override {
+    std::lock_guard lock(mu_);
+    if (status_.state != ExportState::kFailed) return make_error(Errc::kInvalidState, "not failed");
+    status_.state = ExportState::kRunning;
+    status_.error.reset();
+    ++status_.attempts;
+    return {};
+  }
+  Status release() override {
+    std::lock_guard lock(mu_);
+    if (status_.state == ExportState::kRunning) return make_error(Errc::kInvalidState, "running");
+    released_ = true;
+    ++*releases_;
+    if (memfd_ >= 0) ::close(memfd_);
+    memfd_ = -1;
+    return {};
+  }
+
+  // The test's side: the export commits (a file at the output, as the real one leaves) or fails.
+  void finish() {
+    std::ofstream(request_.out_path) << "fake snapshot";
+    PauseReport r;
+    r.requested_strategy = r.strategy = request_.strategy;
+    r.snapshot_path = request_.out_path;
+    r.snapshot_id = std::string(32, 'b');
+    r.generation = request_.parent_path.empty() ? 1 : 2;
+    r.guest_size = request_.guest_size;
+    r.dirty_bytes = r.data_bytes = request_.guest_size;
+    r.wall_seconds = 0.002;
+    end(ExportState::kDurable, r, std::nullopt);
+  }
+  void fail(Error e) { end(ExportState::kFailed, std::nullopt, std::move(e)); }
+  void progress(std::uint64_t done) {
+    std::lock_guard lock(mu_);
+    status_.bytes_done = done;
+  }
+  const PauseRequest& request() const { return request_; }
+  bool released() const {
+    std::lock_guard lock(mu_);
+    return released_;
+  }
+  int memfd() const { return memfd_; }
+
+ private:
+  void end(ExportState state, std::optional<PauseReport> report, std::optional<Error> error) {
+    ExportStatus st;
+    {
+      std::lock_guard lock(mu_);
+      status_.state = state;
+      status_.report = std::move(report);
+      status_.error = std::move(error);
+      if (state == ExportState::kDurable) status_.bytes_done = status_.bytes_total;
+      st = status_;
+    }
+    cv_.notify_all();
+    on_change_(st);  // without the export's lock, as the contract says
+  }
+
+  PauseRequest request_;
+  std::function<void(const ExportStatus&)> on_change_;
+  std::atomic<int>* releases_;
+  int memfd_ = -1;
+  mutable std::mutex mu_;
+  mutable std::condition_variable cv_;
+  ExportStatus status_;
+  bool released_ = false;
+};
+
+Result<std::unique_ptr<BackgroundExport>> FakePipeline::start_export(
+    const PluginRegistry&, const PauseRequest& request,
+    std::function<void(const ExportStatus&)> on_change) {
+  std::lock_guard lock(mu_);
+  if (!export_start_errors_.empty()) {
+    Error e = export_start_errors_.front();
+    export_start_errors_.pop_front();
+    return e;
+  }
+  auto job = std::make_unique<FakeExport>(request, std::move(on_change), &releases_);
+  exports_.push_back(job.get());
+  return std::unique_ptr<BackgroundExport>(std::move(job));
+}
 
 // A VMM stand-in: a child sharing the test's memfd-backed guest mapping (and the memfd's number).
 struct Vmm {
@@ -209,7 +332,9 @@ class SandboxServiceTest : public ::testing::Test {
   double series(const std::string& name, const std::vector<std::string>& labels) const {
     std::istringstream text(metrics_.serialize());
     for (std::string line; std::getline(text, line);) {
-      if (line.rfind(name + "{", 0) != 0) continue;
+      if (line.rfind(name + "{", 0) != 0 && !(labels.empty() && line.rfind(name + " ", 0) == 0)) {
+        continue;
+      }
       bool all = true;
       for (const auto& l : labels) all = all && line.find(l) != std::string::npos;
       if (all) return std::stod(line.substr(line.rfind(' ') + 1));
@@ -508,6 +633,219 @@ TEST_F(SandboxServiceTest, AnotherUserNeitherSeesNorTouchesTheSandbox) {
   EXPECT_TRUE(service_->list(stranger)["sandboxes"].empty());
   EXPECT_TRUE(pipeline_.pauses().empty());
   EXPECT_EQ(state("sb"), "running");
+}
+
+// ---- handover pauses (issue 19) ----
+
+// The VMM's scheduler state letter (/proc/PID/stat's third field): T when stopped.
+char proc_state(pid_t pid) {
+  std::ifstream stat("/proc/" + std::to_string(pid) + "/stat");
+  std::string all((std::istreambuf_iterator<char>(stat)), std::istreambuf_iterator<char>());
+  const auto close = all.rfind(')');
+  return close == std::string::npos || close + 2 >= all.size() ? '?' : all[close + 2];
+}
+
+json handover_body() { return {{"mode", "handover"}, {"strategy", "memfd"}}; }
+
+TEST_F(SandboxServiceTest, AHandoverAnswersBeforeTheSnapshotIsDurableAndCommitsItAfter) {
+  make_service();
+  register_vmm(0, "sb");
+  std::memset(vmms_[0].addr, 0x5a, kGuestSize);
+
+  auto paused = service_->pause(root_, "sb", handover_body());
+  ASSERT_TRUE(paused.ok()) << paused.error().to_string();
+  EXPECT_EQ((*paused)["mode"], "handover");
+  EXPECT_EQ((*paused)["requested_mode"], "handover");
+  EXPECT_EQ((*paused)["mode_source"], "body");
+  EXPECT_EQ((*paused)["mode_fallback"], nullptr);
+  EXPECT_EQ((*paused)["durable"], false);
+  EXPECT_EQ((*paused)["export"]["state"], "running");
+  EXPECT_EQ((*paused)["snapshot_id"], nullptr);
+  EXPECT_GT((*paused)["handover_seconds"].get<double>(), 0);
+  const std::string snapshot = (*paused)["snapshot"];
+  EXPECT_FALSE(fs::exists(snapshot));
+
+  // The VMM is stopped, and the export got memory nobody changes: no pid, no freeze, its own
+  // reference to the memfd, the given output.
+  EXPECT_EQ(proc_state(vmms_[0].pid), 'T');
+  ASSERT_EQ(pipeline_.pauses().size(), 0u);
+  ASSERT_EQ(pipeline_.exports().size(), 1u);
+  FakeExport& job = *pipeline_.exports()[0];
+  EXPECT_EQ(job.request().pid, -1);
+  EXPECT_FALSE(job.request().freeze);
+  EXPECT_FALSE(job.request().allow_fallback);
+  EXPECT_EQ(job.request().strategy, "memfd");
+  EXPECT_EQ(job.request().out_path, snapshot);
+  EXPECT_GE(job.memfd(), 0);
+
+  // The orchestrator ends the VMM: the memory is still there for the export.
+  vmms_[0].end();
+  unsigned char byte = 0;
+  EXPECT_EQ(::pread(job.memfd(), &byte, 1, kGuestSize / 2), 1);
+  EXPECT_EQ(byte, 0x5a);
+
+  json sb = get("sb");
+  EXPECT_EQ(sb["state"], "exporting");
+  EXPECT_EQ(sb["durable"], false);
+  EXPECT_EQ(sb["snapshots"], json::array());
+  job.progress(kGuestSize / 4);
+  EXPECT_EQ(get("sb")["export"]["bytes_done"], kGuestSize / 4);
+  EXPECT_EQ(series("memsnap_sandboxes", {"state=\"exporting\""}), 1);
+  EXPECT_EQ(series("memsnap_background_exports", {"state=\"running\""}), 1);
+  EXPECT_EQ(series("memsnap_pause_handover_seconds_count", {"mode=\"handover\""}), 1);
+
+  // A pause or resume of it now: it is paused already / the resume waits, then gives up.
+  EXPECT_EQ(service_->pause(root_, "sb", json::object()).error().code, Errc::kInvalidState);
+  EXPECT_EQ(service_->resume(root_, "sb", {{"handshake_socket", "x.sock"}}).error().code,
+            Errc::kBusy);
+
+  // A wait for durable ends when the export commits.
+  std::thread commit([&] { job.finish(); });
+  auto waited = service_->get(root_, "sb", "exporting", std::chrono::seconds(10));
+  commit.join();
+  ASSERT_TRUE(waited.ok()) << waited.error().to_string();
+  EXPECT_EQ((*waited)["state"], "paused");
+  EXPECT_EQ((*waited)["durable"], true);
+  EXPECT_EQ((*waited)["snapshots"], json::array({snapshot}));
+  EXPECT_EQ((*waited)["warm_memory_kept"], true);  // memfd keeps the memory: a warm resume
+  EXPECT_EQ((*waited)["last_pause"]["durable"], true);
+  EXPECT_EQ((*waited)["last_pause"]["export"]["state"], "durable");
+  EXPECT_EQ((*waited)["last_pause"]["snapshot_id"], std::string(32, 'b'));
+  EXPECT_EQ(series("memsnap_background_exports", {"state=\"running\""}), 0);
+  EXPECT_EQ(series("memsnap_pause_durable_seconds_count", {"mode=\"handover\""}), 1);
+  EXPECT_EQ(series("memsnap_sandboxes", {"state=\"paused\""}), 1);
+}
+
+TEST_F(SandboxServiceTest, AFailedExportKeepsTheMemoryUntilARetryMakesItDurable) {
+  make_service();
+  register_vmm(0, "sb");
+  ASSERT_TRUE(service_->pause(root_, "sb", handover_body()).ok());
+  FakeExport& job = *pipeline_.exports()[0];
+  job.fail(make_error(Errc::kIoError, "writing the snapshot: No space left on device", ENOSPC));
+
+  json sb = get("sb");
+  EXPECT_EQ(sb["state"], "export_failed");
+  EXPECT_EQ(sb["durable"], false);
+  EXPECT_EQ(sb["export"]["state"], "failed");
+  EXPECT_NE(sb["export"]["error"].get<std::string>().find("No space left"), std::string::npos);
+  EXPECT_EQ(series("memsnap_background_exports", {"state=\"failed\""}), 1);
+  // Nothing says durable, and nothing lets the memory go without force.
+  EXPECT_EQ(sb["snapshots"], json::array());
+  auto removed = service_->remove(root_, "sb");
+  ASSERT_FALSE(removed.ok());
+  EXPECT_EQ(removed.error().code, Errc::kInvalidState);
+  EXPECT_FALSE(job.released());
+  EXPECT_EQ(service_->resume(root_, "sb", {{"handshake_socket", "x.sock"}}).error().code,
+            Errc::kInvalidState);
+
+  auto retried = service_->retry_export(root_, "sb");
+  ASSERT_TRUE(retried.ok()) << retried.error().to_string();
+  EXPECT_EQ(state("sb"), "exporting");
+  EXPECT_EQ(job.status().attempts, 2);
+  EXPECT_EQ(series("memsnap_background_export_retries_total", {"strategy=\"memfd\""}), 1);
+  // Only a failed export can be retried.
+  EXPECT_EQ(service_->retry_export(root_, "sb").error().code, Errc::kInvalidState);
+  job.finish();
+  EXPECT_EQ(state("sb"), "paused");
+  EXPECT_EQ(get("sb")["snapshots"].size(), 1u);
+}
+
+TEST_F(SandboxServiceTest, RemovingAFailedExportNeedsForceAndThenLetsTheMemoryGo) {
+  make_service();
+  register_vmm(0, "sb");
+  ASSERT_TRUE(service_->pause(root_, "sb", handover_body()).ok());
+  FakeExport* job = pipeline_.exports()[0];
+  job->fail(make_error(Errc::kIoError, "disk gone"));
+  EXPECT_EQ(pipeline_.releases(), 0);
+  ASSERT_TRUE(service_->remove(root_, "sb", /*force=*/true).ok());
+  EXPECT_EQ(pipeline_.releases(), 1);
+  EXPECT_EQ(series("memsnap_background_exports", {"state=\"failed\""}), 0);
+  EXPECT_EQ(series("memsnap_export_held_bytes", {}), 0);
+}
+
+TEST_F(SandboxServiceTest, HandoverFallsBackToCopyWhenTheStrategyReadsTheVmm) {
+  make_service();
+  register_vmm(0, "sb");
+  auto paused =
+      service_->pause(root_, "sb", {{"mode", "handover"}, {"strategy", "process_vm_readv"}});
+  ASSERT_TRUE(paused.ok()) << paused.error().to_string();
+  EXPECT_EQ((*paused)["mode"], "copy");
+  EXPECT_EQ((*paused)["requested_mode"], "handover");
+  EXPECT_EQ((*paused)["mode_fallback"]["reason"], "strategy_reads_vmm");
+  EXPECT_EQ((*paused)["durable"], true);
+  EXPECT_EQ((*paused)["export"]["state"], "durable");
+  EXPECT_EQ(pipeline_.exports().size(), 0u);
+  EXPECT_EQ(pipeline_.pauses().size(), 1u);
+  EXPECT_EQ(state("sb"), "paused");
+  EXPECT_EQ(series("memsnap_pause_mode_fallbacks_total",
+                   {"requested=\"handover\"", "mode=\"copy\"", "reason=\"strategy_reads_vmm\""}),
+            1);
+  // after "continue" cannot hand over either.
+  register_vmm(1, "sb2");
+  auto continued = service_->pause(
+      root_, "sb2", {{"mode", "handover"}, {"strategy", "memfd"}, {"after", "continue"}});
+  ASSERT_TRUE(continued.ok()) << continued.error().to_string();
+  EXPECT_EQ((*continued)["mode_fallback"]["reason"], "continues");
+  EXPECT_EQ(state("sb2"), "running");
+  EXPECT_EQ(service_->pause(root_, "sb2", {{"mode", "sideways"}}).error().code,
+            Errc::kInvalidArgument);
+}
+
+TEST_F(SandboxServiceTest, TheFlagPicksThePauseModePerSandbox) {
+  make_service();
+  const fs::path flags = fs::path(dir_) / "flags.json";
+  std::ofstream(flags) << R"({"flags": {"pause-mode": {"state": "ENABLED",
+      "variants": {"copy": "copy", "handover": "handover", "odd": "sideways"},
+      "defaultVariant": "copy",
+      "targeting": {"if": [{"==": [{"var": "targetingKey"}, "sb"]}, "handover",
+                           {"if": [{"==": [{"var": "targetingKey"}, "sb2"]}, "odd", "copy"]}]}}}})";
+  std::string error;
+  std::shared_ptr<flags::FlagStore> store = flags::FlagStore::open(flags.string(), {}, &error);
+  ASSERT_TRUE(store) << error;
+  service_->set_flags(store);
+  register_vmm(0, "sb");
+  register_vmm(1, "sb2");
+  auto handed = service_->pause(root_, "sb", {{"strategy", "memfd"}});
+  ASSERT_TRUE(handed.ok()) << handed.error().to_string();
+  EXPECT_EQ((*handed)["mode"], "handover");
+  EXPECT_EQ((*handed)["mode_source"], "flag");
+  // A variant that names no mode: copy, and said so.
+  auto odd = service_->pause(root_, "sb2", {{"strategy", "memfd"}});
+  ASSERT_TRUE(odd.ok()) << odd.error().to_string();
+  EXPECT_EQ((*odd)["mode"], "copy");
+  EXPECT_EQ((*odd)["mode_fallback"]["reason"], "flag_error");
+  EXPECT_EQ(series("memsnap_pause_modes_total", {"mode=\"handover\"", "source=\"flag\""}), 1);
+  pipeline_.exports()[0]->finish();
+}
+
+TEST_F(SandboxServiceTest, HandoversBeyondTheExportLimitWaitThenAreRefusedWithNothingChanged) {
+  make_service([](ServiceSettings& s) { s.max_background_exports = 1; });
+  register_vmm(0, "sb");
+  register_vmm(1, "sb2");
+  ASSERT_TRUE(service_->pause(root_, "sb", handover_body()).ok());
+  auto refused = service_->pause(root_, "sb2", handover_body());
+  ASSERT_FALSE(refused.ok());
+  EXPECT_EQ(refused.error().code, Errc::kBusy);
+  EXPECT_NE(refused.error().message.find("max_background_exports"), std::string::npos);
+  EXPECT_EQ(state("sb2"), "running");
+  EXPECT_NE(proc_state(vmms_[1].pid), 'T');
+  // Once the first is durable there is room again.
+  pipeline_.exports()[0]->finish();
+  ASSERT_TRUE(service_->pause(root_, "sb2", handover_body()).ok());
+  EXPECT_EQ(state("sb2"), "exporting");
+  pipeline_.exports()[1]->finish();
+}
+
+TEST_F(SandboxServiceTest, AnExportThatCannotStartLeavesTheSandboxRunning) {
+  make_service();
+  register_vmm(0, "sb");
+  pipeline_.fail_next_export_start(make_error(Errc::kNotFound, "no memsnap-exporter"));
+  auto paused = service_->pause(root_, "sb", handover_body());
+  ASSERT_FALSE(paused.ok());
+  EXPECT_NE(paused.error().message.find("memsnap-exporter"), std::string::npos);
+  EXPECT_EQ(state("sb"), "running");
+  EXPECT_NE(proc_state(vmms_[0].pid), 'T');  // continued
+  EXPECT_EQ(series("memsnap_background_exports", {"state=\"running\""}), 0);
 }
 
 }  // namespace
