@@ -169,11 +169,26 @@ TEST(DocsTest, DashboardIsAGrafanaDashboardOnTheDatasourceVariable) {
     }
   }
   // The panels the issue asks for.
-  for (const char* want :
-       {"Pause latency p50", "Pause latency p95", "Pause latency p99", "Resume latency p50",
-        "Resume latency p95", "Resume latency p99", "Pause throughput", "Memory released",
-        "Fallbacks by reason", "Error ratio", "Pauses per variant",
-        "Page-fault service latency p99", "Plugins"}) {
+  for (const char* want : {"Pause latency p50",
+                           "Pause latency p95",
+                           "Pause latency p99",
+                           "Resume latency p50",
+                           "Resume latency p95",
+                           "Resume latency p99",
+                           "Pause throughput",
+                           "Memory released",
+                           "Fallbacks by reason",
+                           "Error ratio",
+                           "Pauses per variant",
+                           "Page-fault service latency p99",
+                           "Plugins",
+                           "Pause modes",
+                           "Handover vs durable latency p50",
+                           "Handover vs durable latency p99",
+                           "Background exports (running, failed)",
+                           "Background export outcomes",
+                           "Export backlog and held bytes",
+                           "Pause-mode fallbacks by reason"}) {
     bool found = false;
     for (const auto& t : titles) found = found || t.rfind(want, 0) == 0;
     EXPECT_TRUE(found) << "no panel titled \"" << want << "...\"";
@@ -255,7 +270,8 @@ TEST(DocsTest, RulesHaveTheExpectedAlerts) {
   }
   for (const char* want :
        {"MemsnapPauseLatencyRegression", "MemsnapFallbackRateHigh", "MemsnapFlagReloadFailing",
-        "MemsnapPluginRefused", "MemsnapPauseErrorRatioHigh"}) {
+        "MemsnapPluginRefused", "MemsnapPauseErrorRatioHigh", "MemsnapBackgroundExportFailing",
+        "MemsnapBackgroundExportStuck"}) {
     EXPECT_TRUE(alerts.count(want)) << want;
   }
 }

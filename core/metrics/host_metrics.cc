@@ -15,6 +15,7 @@
 #include <set>
 #include <shared_mutex>
 #include <sstream>
+#include <tuple>
 #include <utility>
 
 #ifndef MEMSNAP_METRICS_VERSION
@@ -75,6 +76,46 @@ constexpr Outcome kOutcomes[] = {Outcome::kOk, Outcome::kError, Outcome::kAborte
 // The mode label of memsnap_page_fault_mode_downgrades_total, by FaultModeDowngrade.
 constexpr const char* kFaultModeDowngrades[] = {"copy_wp", "continue_wp", "zeropage"};
 constexpr OperationKind kKinds[] = {OperationKind::kPause, OperationKind::kResume};
+// Where a pause's mode came from (memsnap_pause_modes_total{source}); anything else is "other".
+constexpr std::string_view kPauseModeSources[] = {"body", "flag", "default"};
+
+std::string pause_mode_label(PauseMode mode) { return std::string(pause_mode_name(mode)); }
+
+struct PauseModeFallbackSeries {
+  PauseMode requested;
+  PauseMode used;
+  PauseModeFallback cause;
+  bool operator<(const PauseModeFallbackSeries& o) const {
+    return std::tie(requested, used, cause) < std::tie(o.requested, o.used, o.cause);
+  }
+};
+
+// The pause-mode fallbacks that can happen, declared at 0: every (requested, used, reason) that
+// decide_pause_mode() gives for some inputs, and a pause-mode flag that cannot be evaluated
+// (the pause then asks for the default, copy, and says why).
+std::set<PauseModeFallbackSeries> possible_pause_mode_fallbacks() {
+  std::set<PauseModeFallbackSeries> out = {
+      {PauseMode::kCopy, PauseMode::kCopy, PauseModeFallback::kFlagError}};
+  for (const PauseMode requested : kPauseModes) {
+    for (unsigned bits = 0; bits < 16; ++bits) {
+      PauseModeInputs in;
+      in.strategy_needs_memfd = (bits & 1U) != 0;
+      in.memfd_held = (bits & 2U) != 0;
+      in.memory_resident = (bits & 4U) != 0;
+      in.stop = (bits & 8U) != 0;
+      const PauseModeDecision d = decide_pause_mode(requested, in);
+      if (d.fallback != PauseModeFallback::kNone) out.insert({requested, d.mode, d.fallback});
+    }
+  }
+  return out;
+}
+
+prometheus::Labels pause_mode_fallback_labels(PauseMode requested, PauseMode used,
+                                              PauseModeFallback cause) {
+  return {{"requested", pause_mode_label(requested)},
+          {"mode", pause_mode_label(used)},
+          {"reason", std::string(pause_mode_fallback_name(cause))}};
+}
 
 std::vector<MetricInfo> build_catalogue() {
   using T = MetricType;
@@ -90,6 +131,29 @@ std::vector<MetricInfo> build_catalogue() {
        "",
        {"endpoint", "code"},
        {}},
+      {"memsnap_background_export_retries_total",
+       T::kCounter,
+       "Failed background exports tried again (each retry exports from the start into a fresh "
+       "temporary file), by strategy.",
+       "",
+       {"strategy"},
+       {}},
+      {"memsnap_background_exports",
+       T::kGauge,
+       "Background exports (of pauses answered at handover) right now, by state: running (not "
+       "durable yet) or failed (the memory stays held, in RAM only, until a retry succeeds or "
+       "the sandbox is removed).",
+       "",
+       {"state"},
+       {}},
+      {"memsnap_background_exports_total",
+       T::kCounter,
+       "Attempts of background exports (pauses answered at handover) that ended, by strategy and "
+       "outcome: durable (the snapshot is committed) or failed (the memory stays held; a retry "
+       "is a new attempt).",
+       "",
+       {"strategy", "outcome"},
+       {}},
       {"memsnap_build_info",
        T::kGauge,
        "Always 1; the version of memsnap this daemon runs is in the version label.",
@@ -101,6 +165,20 @@ std::vector<MetricInfo> build_catalogue() {
        "Pause or resume requests refused because that kind's concurrency limit was reached.",
        "",
        {"kind"},
+       {}},
+      {"memsnap_export_backlog_bytes",
+       T::kGauge,
+       "Guest bytes of pauses answered at handover that are not durable yet: the dirty sets of "
+       "the running and failed background exports.",
+       "bytes",
+       {},
+       {}},
+      {"memsnap_export_held_bytes",
+       T::kGauge,
+       "Host memory memsnapd holds for background exports that are not durable yet: memory of "
+       "acknowledged pauses that exists only in RAM until its snapshot is committed.",
+       "bytes",
+       {},
        {}},
       {"memsnap_flag_evaluations_total",
        T::kCounter,
@@ -156,6 +234,14 @@ std::vector<MetricInfo> build_catalogue() {
        "seconds",
        {"strategy"},
        {}},
+      {"memsnap_pause_durable_seconds",
+       T::kHistogram,
+       "Time from a pause's request until its snapshot is committed (durable), by the strategy "
+       "that ran and the pause mode (copy, handover, live); committed snapshots only. A copy "
+       "pause answers at this moment, a handover pause long before.",
+       "seconds",
+       {"strategy", "mode"},
+       phase},
       {"memsnap_pause_duration_seconds",
        T::kHistogram,
        "Wall time of a pause, from the request to the committed snapshot or the failure, by the "
@@ -169,6 +255,28 @@ std::vector<MetricInfo> build_catalogue() {
        "pauses took out of their VMMs.",
        "bytes",
        {"strategy"},
+       {}},
+      {"memsnap_pause_handover_seconds",
+       T::kHistogram,
+       "Time from a pause's request to its answer, by the strategy that ran and the pause mode "
+       "(copy, handover, live): in copy mode the whole pause, in handover mode until the VMM is "
+       "stopped and memsnapd holds its memory. Answered pauses only.",
+       "seconds",
+       {"strategy", "mode"},
+       phase},
+      {"memsnap_pause_mode_fallbacks_total",
+       T::kCounter,
+       "Pauses that did not run in the pause mode they asked for, by the mode asked for "
+       "(requested), the mode used instead (mode) and a short reason token.",
+       "",
+       {"requested", "mode", "reason"},
+       {}},
+      {"memsnap_pause_modes_total",
+       T::kCounter,
+       "Pause modes that pauses asked for, by mode and where the choice came from: body (the "
+       "pause request's mode field), flag (the pause-mode flag) or default (neither).",
+       "",
+       {"mode", "source"},
        {}},
       {"memsnap_pause_phase_duration_seconds",
        T::kHistogram,
@@ -389,8 +497,13 @@ struct HostMetrics::Impl {
   explicit Impl(const std::shared_ptr<prometheus::Registry>& r)
       : registry(r),
         api_requests(counter("memsnap_api_requests_total")),
+        export_retries(counter("memsnap_background_export_retries_total")),
+        background_exports(gauge("memsnap_background_exports")),
+        background_outcomes(counter("memsnap_background_exports_total")),
         build_info(gauge("memsnap_build_info")),
         concurrency_rejections(counter("memsnap_concurrency_limit_rejections_total")),
+        export_backlog(gauge("memsnap_export_backlog_bytes")),
+        export_held(gauge("memsnap_export_held_bytes")),
         flag_evaluations(counter("memsnap_flag_evaluations_total")),
         flag_reloads(counter("memsnap_flag_reloads_total")),
         in_flight(gauge("memsnap_operations_in_flight")),
@@ -399,8 +512,12 @@ struct HostMetrics::Impl {
         fault_seconds(counter("memsnap_page_fault_service_seconds_total")),
         faults(counter("memsnap_page_faults_total")),
         pause_cpu(counter("memsnap_pause_cpu_seconds_total")),
+        pause_durable(histogram("memsnap_pause_durable_seconds")),
         pause_duration(histogram("memsnap_pause_duration_seconds")),
         pause_exported(counter("memsnap_pause_exported_bytes_total")),
+        pause_handover(histogram("memsnap_pause_handover_seconds")),
+        pause_mode_fallbacks(counter("memsnap_pause_mode_fallbacks_total")),
+        pause_modes(counter("memsnap_pause_modes_total")),
         pause_phase(histogram("memsnap_pause_phase_duration_seconds")),
         pause_released(counter("memsnap_pause_released_bytes_total")),
         pause_written(counter("memsnap_pause_written_bytes_total")),
@@ -479,13 +596,30 @@ struct HostMetrics::Impl {
       l.emplace("mode", mode);
       fault_downgrades.Add(l);
     }
+    for (const PauseMode mode : kPauseModes) {
+      prometheus::Labels l = s;
+      l.emplace("mode", pause_mode_label(mode));
+      pause_handover.Add(l, phase_duration_buckets());
+      pause_durable.Add(l, phase_duration_buckets());
+    }
+    for (const char* outcome : {"durable", "failed"}) {
+      prometheus::Labels l = s;
+      l.emplace("outcome", outcome);
+      background_outcomes.Add(l);
+    }
+    export_retries.Add(s);
     fault_series(strategy);
   }
 
   std::shared_ptr<prometheus::Registry> registry;
   Counters& api_requests;
+  Counters& export_retries;
+  Gauges& background_exports;
+  Counters& background_outcomes;
   Gauges& build_info;
   Counters& concurrency_rejections;
+  Gauges& export_backlog;
+  Gauges& export_held;
   Counters& flag_evaluations;
   Counters& flag_reloads;
   Gauges& in_flight;
@@ -494,8 +628,12 @@ struct HostMetrics::Impl {
   Counters& fault_seconds;
   Counters& faults;
   Counters& pause_cpu;
+  Histograms& pause_durable;
   Histograms& pause_duration;
   Counters& pause_exported;
+  Histograms& pause_handover;
+  Counters& pause_mode_fallbacks;
+  Counters& pause_modes;
   Histograms& pause_phase;
   Counters& pause_released;
   Counters& pause_written;
@@ -514,6 +652,12 @@ struct HostMetrics::Impl {
   std::map<std::string, prometheus::Gauge*> plugin_info_by_name;
   std::vector<std::string> states;
   prometheus::Gauge* other_state = nullptr;
+  // memsnap_background_exports{state="running"|"failed"} and the two byte gauges, made by the
+  // constructor (so read without the lock), set together under it.
+  prometheus::Gauge* exports_running = nullptr;
+  prometheus::Gauge* exports_failed = nullptr;
+  prometheus::Gauge* backlog_bytes = nullptr;
+  prometheus::Gauge* held_bytes = nullptr;
 
   std::shared_mutex fault_mutex;
   std::map<std::string, FaultSeries> fault_cache;
@@ -534,6 +678,18 @@ HostMetrics::HostMetrics(HostMetricsOptions options)
   }
   m.flag_reloads.Add({{"result", "success"}});
   m.flag_reloads.Add({{"result", "failure"}});
+  m.exports_running = &m.background_exports.Add({{"state", "running"}});
+  m.exports_failed = &m.background_exports.Add({{"state", "failed"}});
+  m.backlog_bytes = &m.export_backlog.Add({});
+  m.held_bytes = &m.export_held.Add({});
+  for (const PauseModeFallbackSeries& f : possible_pause_mode_fallbacks()) {
+    m.pause_mode_fallbacks.Add(pause_mode_fallback_labels(f.requested, f.used, f.cause));
+  }
+  for (const PauseMode mode : kPauseModes) {
+    for (const std::string_view source : kPauseModeSources) {
+      m.pause_modes.Add({{"mode", pause_mode_label(mode)}, {"source", std::string(source)}});
+    }
+  }
   for (const std::string& state : options.sandbox_states) {
     std::string s = token_value(state, "unknown");
     if (std::find(m.states.begin(), m.states.end(), s) != m.states.end()) continue;
@@ -787,6 +943,84 @@ void HostMetrics::set_sandboxes_by_state(
       m.other_state = &m.sandboxes.Add({{"state", std::string(kOther)}});
     }
     if (m.other_state != nullptr) m.other_state->Set(other);
+  } catch (...) {
+  }
+}
+
+void HostMetrics::record_handover(std::string_view strategy, PauseMode mode,
+                                  double seconds) noexcept {
+  try {
+    if (!usable(seconds)) return;
+    Impl& m = *impl_;
+    const std::string s = strategy_value(strategy);
+    m.declare(s);
+    m.pause_handover
+        .Add({{"strategy", s}, {"mode", pause_mode_label(mode)}}, phase_duration_buckets())
+        .Observe(seconds);
+  } catch (...) {
+  }
+}
+
+void HostMetrics::record_durable(std::string_view strategy, PauseMode mode, double seconds,
+                                 bool ok) noexcept {
+  try {
+    Impl& m = *impl_;
+    const std::string s = strategy_value(strategy);
+    m.declare(s);
+    if (ok && usable(seconds)) {
+      m.pause_durable
+          .Add({{"strategy", s}, {"mode", pause_mode_label(mode)}}, phase_duration_buckets())
+          .Observe(seconds);
+    }
+    if (mode == PauseMode::kHandover) {
+      m.background_outcomes.Add({{"strategy", s}, {"outcome", ok ? "durable" : "failed"}})
+          .Increment();
+    }
+  } catch (...) {
+  }
+}
+
+void HostMetrics::record_export_retry(std::string_view strategy) noexcept {
+  try {
+    Impl& m = *impl_;
+    const std::string s = strategy_value(strategy);
+    m.declare(s);
+    m.export_retries.Add({{"strategy", s}}).Increment();
+  } catch (...) {
+  }
+}
+
+void HostMetrics::set_background_exports(std::uint64_t running, std::uint64_t failed,
+                                         std::uint64_t backlog_bytes,
+                                         std::uint64_t held_bytes) noexcept {
+  try {
+    Impl& m = *impl_;
+    std::lock_guard lock(m.mutex);  // one call's four values, not a mix of two calls'
+    m.exports_running->Set(static_cast<double>(running));
+    m.exports_failed->Set(static_cast<double>(failed));
+    m.backlog_bytes->Set(static_cast<double>(backlog_bytes));
+    m.held_bytes->Set(static_cast<double>(held_bytes));
+  } catch (...) {
+  }
+}
+
+void HostMetrics::record_pause_mode_fallback(PauseMode requested, PauseMode used,
+                                             PauseModeFallback cause) noexcept {
+  if (cause == PauseModeFallback::kNone) return;
+  try {
+    impl_->pause_mode_fallbacks.Add(pause_mode_fallback_labels(requested, used, cause)).Increment();
+  } catch (...) {
+  }
+}
+
+void HostMetrics::record_pause_mode_evaluation(PauseMode mode, std::string_view source) noexcept {
+  try {
+    const bool known = std::find(std::begin(kPauseModeSources), std::end(kPauseModeSources),
+                                 source) != std::end(kPauseModeSources);
+    impl_->pause_modes
+        .Add({{"mode", pause_mode_label(mode)},
+              {"source", known ? std::string(source) : std::string(kOther)}})
+        .Increment();
   } catch (...) {
   }
 }

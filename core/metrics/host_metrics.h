@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "core/fallback/fallback.h"
+#include "core/pause_mode/pause_mode.h"
 
 namespace prometheus {
 class Gauge;
@@ -51,6 +52,9 @@ struct MetricInfo {
 const std::vector<double>& operation_duration_buckets();
 // Phases of a pause or resume: 100 us .. 60 s (resolve, listen etc. take well under 1 ms).
 const std::vector<double>& phase_duration_buckets();
+// The two moments of a pause (handover, durable: memsnap_pause_handover_seconds and
+// memsnap_pause_durable_seconds) use the phase buckets: a handover takes about a millisecond, a
+// durable copy of a large guest tens of seconds.
 // Serving one page fault: 1 us .. 10 ms in 1-2-5 steps.
 const std::vector<double>& fault_latency_buckets();
 
@@ -211,6 +215,36 @@ class HostMetrics {
   // Sets memsnap_sandboxes: every declared state to its count (0 when absent); states that
   // were not declared are added up under state="other".
   void set_sandboxes_by_state(const std::map<std::string, std::int64_t>& counts) noexcept;
+
+  // ---- Pause modes (core/pause_mode/pause_mode.h): the two moments of a pause, and the
+  // exports that run after a handover.
+  //
+  // A pause answered (ok): seconds from its request to its answer, by the strategy that ran and
+  // the mode it ran in (copy: the whole pause; handover: the VMM stopped and its memory held).
+  // memsnap_pause_handover_seconds. A pause that fails before its answer is not observed here
+  // (memsnap_pause_duration_seconds{outcome} counts it).
+  void record_handover(std::string_view strategy, PauseMode mode, double seconds) noexcept;
+  // A pause's snapshot committed (ok), or one attempt of its export failed (!ok): seconds from the
+  // pause's request until the commit. ok ones go into memsnap_pause_durable_seconds; in handover
+  // mode, every attempt also counts in memsnap_background_exports_total{outcome="durable" or
+  // "failed"} (a failed attempt retried and then durable counts once in each).
+  void record_durable(std::string_view strategy, PauseMode mode, double seconds, bool ok) noexcept;
+  // A failed background export tried again (memsnap_background_export_retries_total).
+  void record_export_retry(std::string_view strategy) noexcept;
+  // The background exports right now (set, not added; call on every change): running and failed
+  // ones (memsnap_background_exports{state}), the dirty bytes not yet durable
+  // (memsnap_export_backlog_bytes) and the host memory held for them
+  // (memsnap_export_held_bytes).
+  void set_background_exports(std::uint64_t running, std::uint64_t failed,
+                              std::uint64_t backlog_bytes, std::uint64_t held_bytes) noexcept;
+  // A pause that asked for `requested` runs in `used` because of `cause`
+  // (memsnap_pause_mode_fallbacks_total{requested, mode, reason}). kNone records nothing.
+  void record_pause_mode_fallback(PauseMode requested, PauseMode used,
+                                  PauseModeFallback cause) noexcept;
+  // The mode a pause asked for and where it came from: source "body" (the pause body's mode),
+  // "flag" (the pause-mode flag) or "default" (no flag, or it named no mode); anything else is
+  // recorded as "other" (memsnap_pause_modes_total{mode, source}).
+  void record_pause_mode_evaluation(PauseMode mode, std::string_view source) noexcept;
 
   [[nodiscard]] InFlight track_in_flight(OperationKind kind) noexcept;
   void record_concurrency_rejection(OperationKind kind) noexcept;

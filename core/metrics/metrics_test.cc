@@ -55,6 +55,13 @@ void exercise_everything(HostMetrics& m) {
   const InFlight op = m.track_in_flight(OperationKind::kPause);
   m.record_concurrency_rejection(OperationKind::kResume);
   m.record_api_request("sandbox_pause", 200);
+  m.record_handover("memfd", PauseMode::kHandover, 0.002);
+  m.record_durable("memfd", PauseMode::kHandover, 0.4, true);
+  m.record_export_retry("memfd");
+  m.set_background_exports(1, 0, 1 << 20, 1 << 20);
+  m.record_pause_mode_fallback(PauseMode::kHandover, PauseMode::kCopy,
+                               PauseModeFallback::kStrategyReadsVmm);
+  m.record_pause_mode_evaluation(PauseMode::kHandover, "flag");
 }
 
 TEST(HostMetricsTest, RecordsPausesPerStrategyAndOutcome) {
@@ -179,6 +186,198 @@ TEST(HostMetricsTest, DeclaredStrategiesAndKnownLabelsStartAtZero) {
   EXPECT_EQ(e.value("memsnap_concurrency_limit_rejections_total", {{"kind", "resume"}}), 0);
   EXPECT_EQ(e.value("memsnap_sandboxes", {{"state", "paused"}}), 0);
   EXPECT_EQ(e.value("memsnap_build_info", {{"version", "1.2.3"}}), 1);
+}
+
+// The pause-mode series exist before the first pause of any mode: per strategy (each mode, each
+// outcome), and host-wide (exports by state, backlog, modes by source, every fallback reason).
+TEST(HostMetricsTest, PauseModeSeriesStartAtZero) {
+  HostMetricsOptions o;
+  o.strategies = {"memfd", "process_vm_readv"};
+  HostMetrics m(o);
+  const Exposition e = parse_exposition(m.serialize());
+  for (const char* s : {"memfd", "process_vm_readv"}) {
+    for (const PauseMode mode : kPauseModes) {
+      const Labels l{{"strategy", s}, {"mode", std::string(pause_mode_name(mode))}};
+      EXPECT_EQ(e.value("memsnap_pause_handover_seconds_count", l), 0) << s << " " << l.at("mode");
+      EXPECT_EQ(e.value("memsnap_pause_durable_seconds_count", l), 0) << s << " " << l.at("mode");
+    }
+    for (const char* outcome : {"durable", "failed"}) {
+      EXPECT_EQ(
+          e.value("memsnap_background_exports_total", {{"strategy", s}, {"outcome", outcome}}), 0)
+          << s << " " << outcome;
+    }
+    EXPECT_EQ(e.value("memsnap_background_export_retries_total", {{"strategy", s}}), 0) << s;
+  }
+  EXPECT_EQ(e.value("memsnap_background_exports", {{"state", "running"}}), 0);
+  EXPECT_EQ(e.value("memsnap_background_exports", {{"state", "failed"}}), 0);
+  EXPECT_EQ(e.value("memsnap_export_backlog_bytes", {}), 0);
+  EXPECT_EQ(e.value("memsnap_export_held_bytes", {}), 0);
+  for (const PauseMode mode : kPauseModes) {
+    for (const char* source : {"body", "flag", "default"}) {
+      EXPECT_EQ(e.value("memsnap_pause_modes_total",
+                        {{"mode", std::string(pause_mode_name(mode))}, {"source", source}}),
+                0)
+          << pause_mode_name(mode) << " " << source;
+    }
+  }
+  // Every reason has a series (so a panel by reason and increase() see its first event), and
+  // the ones decide_pause_mode can give are there under the modes it gives them for.
+  std::set<std::string> reasons;
+  for (const auto& s : e.samples) {
+    if (s.name != "memsnap_pause_mode_fallbacks_total") continue;
+    EXPECT_EQ(s.value, 0) << s.labels.at("reason");
+    EXPECT_EQ(s.labels.at("mode"), "copy") << "every fallback is to copy";
+    reasons.insert(s.labels.at("reason"));
+  }
+  for (const PauseModeFallback cause : kPauseModeFallbacks) {
+    EXPECT_TRUE(reasons.count(std::string(pause_mode_fallback_name(cause))))
+        << pause_mode_fallback_name(cause);
+  }
+  EXPECT_FALSE(reasons.count("none"));
+  EXPECT_EQ(
+      e.value("memsnap_pause_mode_fallbacks_total",
+              {{"requested", "handover"}, {"mode", "copy"}, {"reason", "strategy_reads_vmm"}}),
+      0);
+  EXPECT_EQ(e.value("memsnap_pause_mode_fallbacks_total",
+                    {{"requested", "live"}, {"mode", "copy"}, {"reason", "not_built"}}),
+            0);
+  EXPECT_EQ(e.value("memsnap_pause_mode_fallbacks_total",
+                    {{"requested", "copy"}, {"mode", "copy"}, {"reason", "flag_error"}}),
+            0);
+}
+
+// Handover and durable latency by strategy and mode; background outcomes for handover only.
+TEST(HostMetricsTest, RecordsHandoverAndDurableByStrategyAndMode) {
+  HostMetrics m;
+  m.record_handover("memfd", PauseMode::kHandover, 0.003);
+  m.record_handover("memfd", PauseMode::kHandover, 0.0001);  // exactly on the first bound
+  m.record_handover("memfd", PauseMode::kCopy, 0.9);
+  m.record_handover("memfd", PauseMode::kHandover, std::nan(""));
+  m.record_handover("memfd", PauseMode::kHandover, -1);
+  // A handover export: one attempt failed, the retry became durable.
+  m.record_durable("memfd", PauseMode::kHandover, 0.5, false);
+  m.record_export_retry("memfd");
+  m.record_durable("memfd", PauseMode::kHandover, 1.25, true);
+  // A copy pause: durable when it answers; a failed one is not a background export.
+  m.record_durable("memfd", PauseMode::kCopy, 0.9, true);
+  m.record_durable("process_vm_readv", PauseMode::kCopy, 2, false);
+  m.record_durable("hole_punch", PauseMode::kHandover, INFINITY, true);
+
+  const Exposition e = parse_exposition(m.serialize());
+  const Labels handover{{"strategy", "memfd"}, {"mode", "handover"}};
+  const Labels copy{{"strategy", "memfd"}, {"mode", "copy"}};
+  auto bucket = [&](const char* name, const Labels& l, const std::string& le) {
+    Labels with_le = l;
+    with_le["le"] = le;
+    return e.value(std::string(name) + "_bucket", with_le);
+  };
+  EXPECT_EQ(e.value("memsnap_pause_handover_seconds_count", handover), 2);
+  EXPECT_NEAR(*e.value("memsnap_pause_handover_seconds_sum", handover), 0.0031, 1e-12);
+  EXPECT_EQ(bucket("memsnap_pause_handover_seconds", handover, "0.0001"), 1);
+  EXPECT_EQ(bucket("memsnap_pause_handover_seconds", handover, "0.002"), 1);
+  EXPECT_EQ(bucket("memsnap_pause_handover_seconds", handover, "0.005"), 2);
+  EXPECT_EQ(bucket("memsnap_pause_handover_seconds", handover, "30"), 2);
+  EXPECT_EQ(e.value("memsnap_pause_handover_seconds_count", copy), 1);
+  EXPECT_EQ(bucket("memsnap_pause_handover_seconds", copy, "0.5"), 0);
+  EXPECT_EQ(bucket("memsnap_pause_handover_seconds", copy, "1"), 1);
+  EXPECT_EQ(
+      e.value("memsnap_pause_handover_seconds_count", {{"strategy", "memfd"}, {"mode", "live"}}),
+      0);
+
+  // Durable: only committed snapshots.
+  EXPECT_EQ(e.value("memsnap_pause_durable_seconds_count", handover), 1);
+  EXPECT_NEAR(*e.value("memsnap_pause_durable_seconds_sum", handover), 1.25, 1e-12);
+  EXPECT_EQ(bucket("memsnap_pause_durable_seconds", handover, "1"), 0);
+  EXPECT_EQ(bucket("memsnap_pause_durable_seconds", handover, "2"), 1);
+  EXPECT_EQ(e.value("memsnap_pause_durable_seconds_count", copy), 1);
+  EXPECT_EQ(e.value("memsnap_pause_durable_seconds_count",
+                    {{"strategy", "process_vm_readv"}, {"mode", "copy"}}),
+            0);
+  // A non-finite duration is not observed, but the attempt's outcome still counts.
+  EXPECT_EQ(e.value("memsnap_pause_durable_seconds_count",
+                    {{"strategy", "hole_punch"}, {"mode", "handover"}}),
+            0);
+
+  // Background outcomes: handover attempts only, each attempt once.
+  EXPECT_EQ(
+      e.value("memsnap_background_exports_total", {{"strategy", "memfd"}, {"outcome", "durable"}}),
+      1);
+  EXPECT_EQ(
+      e.value("memsnap_background_exports_total", {{"strategy", "memfd"}, {"outcome", "failed"}}),
+      1);
+  EXPECT_EQ(e.value("memsnap_background_exports_total",
+                    {{"strategy", "process_vm_readv"}, {"outcome", "failed"}}),
+            0);
+  EXPECT_EQ(e.value("memsnap_background_exports_total",
+                    {{"strategy", "hole_punch"}, {"outcome", "durable"}}),
+            1);
+  EXPECT_EQ(e.value("memsnap_background_export_retries_total", {{"strategy", "memfd"}}), 1);
+  EXPECT_EQ(e.value("memsnap_background_export_retries_total", {{"strategy", "hole_punch"}}), 0);
+  // Recording a strategy declares it: its pause series exist too.
+  EXPECT_EQ(e.value("memsnap_pause_duration_seconds_count",
+                    {{"strategy", "process_vm_readv"}, {"outcome", "ok"}}),
+            0);
+}
+
+// Set, not added: each call replaces all four values.
+TEST(HostMetricsTest, BackgroundExportGaugesAreSet) {
+  HostMetrics m;
+  m.set_background_exports(3, 1, 5ULL << 30, 6ULL << 30);
+  Exposition e = parse_exposition(m.serialize());
+  EXPECT_EQ(e.value("memsnap_background_exports", {{"state", "running"}}), 3);
+  EXPECT_EQ(e.value("memsnap_background_exports", {{"state", "failed"}}), 1);
+  EXPECT_EQ(e.value("memsnap_export_backlog_bytes", {}), 5.0 * (1ULL << 30));
+  EXPECT_EQ(e.value("memsnap_export_held_bytes", {}), 6.0 * (1ULL << 30));
+  m.set_background_exports(0, 1, 4096, 8192);
+  e = parse_exposition(m.serialize());
+  EXPECT_EQ(e.value("memsnap_background_exports", {{"state", "running"}}), 0);
+  EXPECT_EQ(e.value("memsnap_background_exports", {{"state", "failed"}}), 1);
+  EXPECT_EQ(e.value("memsnap_export_backlog_bytes", {}), 4096);
+  EXPECT_EQ(e.value("memsnap_export_held_bytes", {}), 8192);
+  int series = 0;
+  for (const auto& s : e.samples) series += s.name == "memsnap_background_exports";
+  EXPECT_EQ(series, 2) << "running and failed, nothing else";
+}
+
+TEST(HostMetricsTest, PauseModeFallbacksAndEvaluations) {
+  HostMetrics m;
+  m.record_pause_mode_fallback(PauseMode::kHandover, PauseMode::kCopy, PauseModeFallback::kNoMemfd);
+  m.record_pause_mode_fallback(PauseMode::kHandover, PauseMode::kCopy, PauseModeFallback::kNoMemfd);
+  m.record_pause_mode_fallback(PauseMode::kLive, PauseMode::kCopy, PauseModeFallback::kNotBuilt);
+  m.record_pause_mode_fallback(PauseMode::kCopy, PauseMode::kCopy, PauseModeFallback::kFlagError);
+  m.record_pause_mode_fallback(PauseMode::kHandover, PauseMode::kHandover,
+                               PauseModeFallback::kNone);  // not a fallback: nothing
+  m.record_pause_mode_evaluation(PauseMode::kHandover, "body");
+  m.record_pause_mode_evaluation(PauseMode::kHandover, "flag");
+  m.record_pause_mode_evaluation(PauseMode::kHandover, "flag");
+  m.record_pause_mode_evaluation(PauseMode::kCopy, "default");
+  m.record_pause_mode_evaluation(PauseMode::kLive, "sandbox sb-42's orchestrator");
+
+  const Exposition e = parse_exposition(m.serialize());
+  auto fallbacks = [&](const char* requested, const char* mode, const char* reason) {
+    return e.value("memsnap_pause_mode_fallbacks_total",
+                   {{"requested", requested}, {"mode", mode}, {"reason", reason}});
+  };
+  EXPECT_EQ(fallbacks("handover", "copy", "no_memfd"), 2);
+  EXPECT_EQ(fallbacks("live", "copy", "not_built"), 1);
+  EXPECT_EQ(fallbacks("copy", "copy", "flag_error"), 1);
+  EXPECT_EQ(fallbacks("handover", "copy", "continues"), 0);
+  double total = 0;
+  for (const auto& s : e.samples) {
+    if (s.name != "memsnap_pause_mode_fallbacks_total") continue;
+    total += s.value;
+    EXPECT_NE(s.labels.at("reason"), "none");
+  }
+  EXPECT_EQ(total, 4);
+
+  auto modes = [&](const char* mode, const char* source) {
+    return e.value("memsnap_pause_modes_total", {{"mode", mode}, {"source", source}});
+  };
+  EXPECT_EQ(modes("handover", "body"), 1);
+  EXPECT_EQ(modes("handover", "flag"), 2);
+  EXPECT_EQ(modes("copy", "default"), 1);
+  EXPECT_EQ(modes("copy", "flag"), 0);
+  EXPECT_EQ(modes("live", "other"), 1) << "free text is not a source";
 }
 
 TEST(HostMetricsTest, BuildInfoDefaultsToTheProjectVersion) {
@@ -468,6 +667,7 @@ TEST(HostMetricsTest, ConcurrentRecordingLosesNothing) {
       for (int i = 0; i < kEach; ++i) {
         m.observe_fault_latency(strategy, 1e-5);
         if (i % 100 == 0) m.record_pause(pause_of(strategy, Outcome::kOk, 0.01));
+        if (i % 10 == 0) m.record_handover(strategy, PauseMode::kHandover, 0.001);
       }
     });
   }
@@ -479,6 +679,9 @@ TEST(HostMetricsTest, ConcurrentRecordingLosesNothing) {
               2 * kEach);
     EXPECT_EQ(e.value("memsnap_pause_duration_seconds_count", {{"strategy", s}, {"outcome", "ok"}}),
               2 * kEach / 100);
+    EXPECT_EQ(
+        e.value("memsnap_pause_handover_seconds_count", {{"strategy", s}, {"mode", "handover"}}),
+        2 * kEach / 10);
   }
 }
 
