@@ -63,7 +63,7 @@ TEST(CliHelpTest, EveryCommandHasHelpFromTheTable) {
                                "qemu cycle", "flags eval", "flags check"}) {
     EXPECT_NE(std::find(local.begin(), local.end(), expected), local.end()) << expected;
   }
-  EXPECT_EQ(client.size(), 9u) << overview.out;
+  EXPECT_EQ(client.size(), 10u) << overview.out;
   for (const auto& name : local) {
     const CommandResult help = memsnap(name + " --help");
     EXPECT_EQ(help.exit_code, 0) << name << ": " << help.out;
@@ -137,8 +137,8 @@ TEST(CliHelpTest, BadArgumentsAreRefusedBeforeAnyWork) {
       {"--socket /nonexistent/s pause sb-42 --aftr continue",
        "unknown option '--aftr' (did you mean --after?)"},
       {"--socket /nonexistent/s sandbox sb-42 --wait-while resumin",
-       "--wait-while takes running, pausing, paused, resuming, failed, not 'resumin' (did you "
-       "mean resuming?)"},
+       "--wait-while takes running, pausing, paused, resuming, failed, exporting, export_failed, "
+       "not 'resumin' (did you mean resuming?)"},
       {"--socket /nonexistent/s pause sb-42 sb-43", "takes 1 ID (got 2: sb-42, sb-43)"},
       {"health", "talks to memsnapd: give its socket with --socket PATH"},
       {"--socket /nonexistent/s demo", "has no client mode"},
