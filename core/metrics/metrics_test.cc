@@ -340,6 +340,8 @@ TEST(HostMetricsTest, PauseModeFallbacksAndEvaluations) {
   m.record_pause_mode_fallback(PauseMode::kCopy, PauseMode::kCopy, PauseModeFallback::kFlagError);
   m.record_pause_mode_fallback(PauseMode::kHandover, PauseMode::kHandover,
                                PauseModeFallback::kNone);  // not a fallback: nothing
+  m.record_pause_mode_fallback(PauseMode::kHandover, PauseMode::kCopy,
+                               static_cast<PauseModeFallback>(99));  // not a cause: nothing
   m.record_pause_mode_evaluation(PauseMode::kHandover, "body");
   m.record_pause_mode_evaluation(PauseMode::kHandover, "flag");
   m.record_pause_mode_evaluation(PauseMode::kHandover, "flag");
