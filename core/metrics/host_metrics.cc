@@ -1006,7 +1006,9 @@ void HostMetrics::set_background_exports(std::uint64_t running, std::uint64_t fa
 
 void HostMetrics::record_pause_mode_fallback(PauseMode requested, PauseMode used,
                                              PauseModeFallback cause) noexcept {
-  if (cause == PauseModeFallback::kNone) return;
+  // kNone, or a value outside the enum (named "none" too), is not a fallback.
+  const std::string_view none = pause_mode_fallback_name(PauseModeFallback::kNone);
+  if (pause_mode_fallback_name(cause) == none) return;
   try {
     impl_->pause_mode_fallbacks.Add(pause_mode_fallback_labels(requested, used, cause)).Increment();
   } catch (...) {

@@ -234,16 +234,13 @@ TEST(HostMetricsTest, PauseModeSeriesStartAtZero) {
         << pause_mode_fallback_name(cause);
   }
   EXPECT_FALSE(reasons.count("none"));
-  EXPECT_EQ(
-      e.value("memsnap_pause_mode_fallbacks_total",
-              {{"requested", "handover"}, {"mode", "copy"}, {"reason", "strategy_reads_vmm"}}),
-      0);
-  EXPECT_EQ(e.value("memsnap_pause_mode_fallbacks_total",
-                    {{"requested", "live"}, {"mode", "copy"}, {"reason", "not_built"}}),
-            0);
-  EXPECT_EQ(e.value("memsnap_pause_mode_fallbacks_total",
-                    {{"requested", "copy"}, {"mode", "copy"}, {"reason", "flag_error"}}),
-            0);
+  for (const auto& [requested, reason] : std::vector<std::pair<std::string, std::string>>{
+           {"handover", "strategy_reads_vmm"}, {"live", "not_built"}, {"copy", "flag_error"}}) {
+    EXPECT_EQ(e.value("memsnap_pause_mode_fallbacks_total",
+                      {{"requested", requested}, {"mode", "copy"}, {"reason", reason}}),
+              0)
+        << requested << " " << reason;
+  }
 }
 
 // Handover and durable latency by strategy and mode; background outcomes for handover only.
@@ -299,18 +296,14 @@ TEST(HostMetricsTest, RecordsHandoverAndDurableByStrategyAndMode) {
             0);
 
   // Background outcomes: handover attempts only, each attempt once.
-  EXPECT_EQ(
-      e.value("memsnap_background_exports_total", {{"strategy", "memfd"}, {"outcome", "durable"}}),
-      1);
-  EXPECT_EQ(
-      e.value("memsnap_background_exports_total", {{"strategy", "memfd"}, {"outcome", "failed"}}),
-      1);
-  EXPECT_EQ(e.value("memsnap_background_exports_total",
-                    {{"strategy", "process_vm_readv"}, {"outcome", "failed"}}),
-            0);
-  EXPECT_EQ(e.value("memsnap_background_exports_total",
-                    {{"strategy", "hole_punch"}, {"outcome", "durable"}}),
-            1);
+  auto outcomes = [&](const char* strategy, const char* outcome) {
+    return e.value("memsnap_background_exports_total",
+                   {{"strategy", strategy}, {"outcome", outcome}});
+  };
+  EXPECT_EQ(outcomes("memfd", "durable"), 1);
+  EXPECT_EQ(outcomes("memfd", "failed"), 1);
+  EXPECT_EQ(outcomes("process_vm_readv", "failed"), 0);
+  EXPECT_EQ(outcomes("hole_punch", "durable"), 1);
   EXPECT_EQ(e.value("memsnap_background_export_retries_total", {{"strategy", "memfd"}}), 1);
   EXPECT_EQ(e.value("memsnap_background_export_retries_total", {{"strategy", "hole_punch"}}), 0);
   // Recording a strategy declares it: its pause series exist too.
@@ -347,6 +340,8 @@ TEST(HostMetricsTest, PauseModeFallbacksAndEvaluations) {
   m.record_pause_mode_fallback(PauseMode::kCopy, PauseMode::kCopy, PauseModeFallback::kFlagError);
   m.record_pause_mode_fallback(PauseMode::kHandover, PauseMode::kHandover,
                                PauseModeFallback::kNone);  // not a fallback: nothing
+  m.record_pause_mode_fallback(PauseMode::kHandover, PauseMode::kCopy,
+                               static_cast<PauseModeFallback>(99));  // not a cause: nothing
   m.record_pause_mode_evaluation(PauseMode::kHandover, "body");
   m.record_pause_mode_evaluation(PauseMode::kHandover, "flag");
   m.record_pause_mode_evaluation(PauseMode::kHandover, "flag");
