@@ -1234,7 +1234,8 @@ TEST_F(MemsnapdTest, WaitingWhileAStateThatDoesNotExistIsRefused) {
   ASSERT_TRUE(a.body.contains("error")) << a.body.dump();
   EXPECT_EQ(a.body["error"]["code"], "invalid_argument") << a.body.dump();
   EXPECT_NE(a.body["error"]["message"].get<std::string>().find(
-                "wait_while takes running, pausing, paused, resuming, failed, not 'resumin'"),
+                "wait_while takes running, pausing, paused, resuming, failed, exporting, "
+                "export_failed, not 'resumin'"),
             std::string::npos)
       << a.body.dump();
 }
