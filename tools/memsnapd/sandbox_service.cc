@@ -50,6 +50,10 @@ struct PendingExport {
   bool keeps_memory = false;  // the strategy leaves the memfd whole: it can be kept warm
   std::chrono::steady_clock::time_point started;  // when the pause was asked for
   ExportStatus status;                            // as last reported
+  // What the export was asked (its memfd: memsnapd's own reference above), so that an export
+  // whose process is gone can be started again from the memory memsnapd still holds.
+  PauseRequest request;
+  int restarts = 0;
 };
 
 // One sandbox. Fields are read and written under SandboxService::mu_, except by the one pause or
@@ -1585,6 +1589,8 @@ Result<json> SandboxService::pause_handover(Claim& claim, Slot& slot, const Choi
     return fail_pause(claim, std::move(job).error().with_context("starting the background export"));
   }
   frozen->keep_stopped();
+  req.memfd = held.get();
+  pending->request = std::move(req);
   pending->memfd = std::move(held);
   pending->job = std::move(*job);
   pending->status = pending->job->status();
@@ -1699,7 +1705,26 @@ Result<json> SandboxService::retry_export(const Caller& caller, const std::strin
                                                  std::string(state_name(sb->state)) +
                                                  "; only a failed export can be retried");
     }
-    MEMSNAP_RETURN_IF_ERROR(sb->pending_export->job->retry());
+    PendingExport& e = *sb->pending_export;
+    if (auto retried = e.job->retry(); !retried.ok()) {
+      // The exporter cannot run again (its process is gone, or it released memory it could
+      // not put back). memsnapd's own reference still holds the guest's memory as it was at
+      // the pause when the strategy never releases any: a new exporter starts from it.
+      if (!e.keeps_memory || e.memfd.get() < 0) {
+        return std::move(retried).error().with_context(
+            "the export cannot be retried, and its strategy (" + e.strategy +
+            ") releases memory, so it cannot be started again from the memory memsnapd holds");
+      }
+      std::weak_ptr<Sandbox> weak = sb;
+      auto job = pipeline_.start_export(
+          registry_, e.request, [this, weak](const ExportStatus& st) { export_changed(weak, st); });
+      if (!job.ok()) return std::move(job).error().with_context("starting the export again");
+      sb->finished_exports.push_back(std::move(e.job));  // destroyed outside the lock
+      e.job = std::move(*job);
+      ++e.restarts;
+      spdlog::warn("sandbox {}: the export could not be retried ({}); a new one started from "
+                   "the memory memsnapd holds", id, retried.error().to_string());
+    }
     strategy = sb->pending_export->strategy;
     sb->pending_export->status.state = ExportState::kRunning;
     sb->pending_export->status.error.reset();

@@ -166,6 +166,7 @@ class FakeExport final : public BackgroundExport {
   Status retry() override {
     std::lock_guard lock(mu_);
     if (status_.state != ExportState::kFailed) return make_error(Errc::kInvalidState, "not failed");
+    if (dead_) return make_error(Errc::kInvalidState, "the exporter process is gone");
     status_.state = ExportState::kRunning;
     status_.error.reset();
     ++status_.attempts;
@@ -195,6 +196,14 @@ class FakeExport final : public BackgroundExport {
     end(ExportState::kDurable, r, std::nullopt);
   }
   void fail(Error e) { end(ExportState::kFailed, std::nullopt, std::move(e)); }
+  // The exporter process died: it can no longer be retried.
+  void die() {
+    {
+      std::lock_guard lock(mu_);
+      dead_ = true;
+    }
+    fail(make_error(Errc::kExportFailed, "memsnap-exporter was killed by signal 9"));
+  }
   void progress(std::uint64_t done) {
     std::lock_guard lock(mu_);
     status_.bytes_done = done;
@@ -229,6 +238,7 @@ class FakeExport final : public BackgroundExport {
   mutable std::condition_variable cv_;
   ExportStatus status_;
   bool released_ = false;
+  bool dead_ = false;
 };
 
 Result<std::unique_ptr<BackgroundExport>> FakePipeline::start_export(
@@ -846,6 +856,39 @@ TEST_F(SandboxServiceTest, AnExportThatCannotStartLeavesTheSandboxRunning) {
   EXPECT_EQ(state("sb"), "running");
   EXPECT_NE(proc_state(vmms_[0].pid), 'T');  // continued
   EXPECT_EQ(series("memsnap_background_exports", {"state=\"running\""}), 0);
+}
+
+TEST_F(SandboxServiceTest, ADeadExporterIsStartedAgainFromTheMemoryMemsnapdHolds) {
+  make_service();
+  register_vmm(0, "sb");
+  std::memset(vmms_[0].addr, 0x33, kGuestSize);
+  ASSERT_TRUE(service_->pause(root_, "sb", handover_body()).ok());
+  vmms_[0].end();  // only memsnapd's and the export's references are left
+  pipeline_.exports()[0]->die();
+  ASSERT_EQ(state("sb"), "export_failed");
+  auto retried = service_->retry_export(root_, "sb");
+  ASSERT_TRUE(retried.ok()) << retried.error().to_string();
+  ASSERT_EQ(pipeline_.exports().size(), 2u);
+  FakeExport& again = *pipeline_.exports()[1];
+  EXPECT_EQ(again.request().out_path, pipeline_.exports()[0]->request().out_path);
+  unsigned char byte = 0;
+  ASSERT_EQ(::pread(again.memfd(), &byte, 1, kGuestSize - 1), 1);
+  EXPECT_EQ(byte, 0x33) << "the new export does not see the paused memory";
+  again.finish();
+  EXPECT_EQ(state("sb"), "paused");
+}
+
+TEST_F(SandboxServiceTest, ADeadExporterOfAReleasingStrategyIsNotStartedAgainOnHoles) {
+  make_service();
+  register_vmm(0, "sb");
+  ASSERT_TRUE(service_->pause(root_, "sb", {{"mode", "handover"}, {"strategy", "hole_punch"}}).ok());
+  pipeline_.exports()[0]->die();
+  auto retried = service_->retry_export(root_, "sb");
+  ASSERT_FALSE(retried.ok());
+  EXPECT_NE(retried.error().message.find("releases memory"), std::string::npos)
+      << retried.error().message;
+  EXPECT_EQ(pipeline_.exports().size(), 1u);
+  EXPECT_EQ(state("sb"), "export_failed");
 }
 
 }  // namespace
