@@ -35,6 +35,15 @@ Status fsync_path(const std::string& path) {
   return {};
 }
 
+// A failed pause lets the guest run again: its memory is intact (the pipeline writes back what
+// a releasing strategy had already released).
+void run_again_after_failure(VmmAdapter& vmm) {
+  if (Status s = vmm.run(); !s.ok()) {
+    spdlog::error("pause of {} pid {} failed and the guest could not run again: {}", vmm.kind(),
+                  vmm.pid(), s.error().to_string());
+  }
+}
+
 }  // namespace
 
 std::string device_state_path(const std::string& snapshot_path) {
@@ -46,10 +55,21 @@ std::string device_state_path(const std::string& snapshot_path) {
   return snapshot_path + ".vmstate";
 }
 
-Result<VmmPauseReport> pause_vmm(const PluginRegistry& registry, VmmAdapter& vmm,
-                                 const VmmPauseRequest& request) {
-  const auto t0 = std::chrono::steady_clock::now();
+namespace {
+
+// The handover moment of a VMM pause, shared by pause_vmm and handover_vmm: the checks, the
+// parent chain opened, the guest stopped, its device state committed, its memory described.
+struct Stopped {
   VmmPauseReport rep;
+  std::vector<PhaseTiming> before;  // stop, device_state
+  std::shared_ptr<const SnapshotChain> parent;
+  GuestMemoryAccess memory;
+};
+
+Result<Stopped> stop_and_save(const PluginRegistry& registry, VmmAdapter& vmm,
+                              const VmmPauseRequest& request) {
+  Stopped out;
+  VmmPauseReport& rep = out.rep;
   rep.device_state_path = device_state_path(request.out_path);
   if (request.out_path.empty()) {
     return make_error(Errc::kInvalidArgument, "no output path for the snapshot");
@@ -70,25 +90,17 @@ Result<VmmPauseReport> pause_vmm(const PluginRegistry& registry, VmmAdapter& vmm
   // A diff's parent chain is opened before the guest stops (header and map only: the diff reads
   // the parent's bytes and exports every block that differs, so a damaged parent block is
   // written again rather than trusted).
-  std::optional<SnapshotChain> parent;
   if (!request.parent_chain.empty()) {
     MEMSNAP_ASSIGN_OR_RETURN(auto chain,
                              SnapshotChain::open(request.parent_chain, Verify::kHeaderAndMap));
-    parent.emplace(std::move(chain));
+    out.parent = std::make_shared<const SnapshotChain>(std::move(chain));
   }
 
-  std::vector<PhaseTiming> before;
-  std::vector<PhaseTiming> after;
-  PhaseClock clock(before);
+  PhaseClock clock(out.before);
   clock.start("stop");
   if (Status s = vmm.stop(); !s.ok()) return s.error();
-  // From here a failure lets the guest run again (its memory is intact: the pipeline writes back
-  // what a releasing strategy had already released).
-  auto fail = [&](Error e) -> Result<VmmPauseReport> {
-    if (Status s = vmm.run(); !s.ok()) {
-      spdlog::error("pause of {} pid {} failed and the guest could not run again: {}", vmm.kind(),
-                    vmm.pid(), s.error().to_string());
-    }
+  auto fail = [&](Error e) -> Error {
+    run_again_after_failure(vmm);
     return e;
   };
 
@@ -120,12 +132,18 @@ Result<VmmPauseReport> pause_vmm(const PluginRegistry& registry, VmmAdapter& vmm
     ::unlink(rep.device_state_path.c_str());
     return fail(std::move(memory).error());
   }
+  out.memory = std::move(*memory);
+  return out;
+}
 
+// The pipeline's request for a stopped VMM's memory (the diff's dirty set: what differs from
+// the parent chain, found in the pipeline's dirty_set phase).
+PauseRequest export_request(const VmmPauseRequest& request, const Stopped& stopped) {
   PauseRequest p;
-  p.pid = memory->pid;
-  p.regions = memory->regions;
-  p.memfd = memory->memfd;
-  p.guest_size = memory->guest_size;
+  p.pid = stopped.memory.pid;
+  p.regions = stopped.memory.regions;
+  p.memfd = stopped.memory.memfd;
+  p.guest_size = stopped.memory.guest_size;
   p.strategy = request.strategy;
   p.strategy_options = request.strategy_options;
   p.allow_fallback = request.allow_fallback;
@@ -136,31 +154,102 @@ Result<VmmPauseReport> pause_vmm(const PluginRegistry& registry, VmmAdapter& vmm
   // ...and keeps it stopped unless it is to run after the pause (a memory-releasing strategy with
   // run_after was refused above; the pipeline refuses it too).
   p.stay_frozen = !request.run_after;
-  if (parent) {
+  if (stopped.parent) {
     p.parent_path = request.parent_chain.back();
-    const GuestMemoryAccess access = *memory;
-    p.dirty_source = [&parent, access](std::string* how) {
+    p.dirty_source = [parent = stopped.parent, access = stopped.memory](std::string* how) {
       *how = "content compared with the parent chain";
       return changed_ranges(*parent, access);
     };
   }
-  auto paused = pause(registry, p);
+  return p;
+}
+
+void complete(VmmPauseReport& rep, std::vector<PhaseTiming> before,
+              std::vector<PhaseTiming> after, std::chrono::steady_clock::time_point t0) {
+  rep.phases = std::move(before);
+  for (const PhaseTiming& t : rep.memory.phases) rep.phases.push_back(t);
+  for (PhaseTiming& t : after) rep.phases.push_back(std::move(t));
+  rep.wall_seconds = seconds_since(t0);
+}
+
+}  // namespace
+
+Result<VmmPauseReport> pause_vmm(const PluginRegistry& registry, VmmAdapter& vmm,
+                                 const VmmPauseRequest& request) {
+  const auto t0 = std::chrono::steady_clock::now();
+  MEMSNAP_ASSIGN_OR_RETURN(Stopped stopped, stop_and_save(registry, vmm, request));
+  VmmPauseReport& rep = stopped.rep;
+  // From here a failure lets the guest run again (its memory is intact: the pipeline writes back
+  // what a releasing strategy had already released).
+  auto paused = pause(registry, export_request(request, stopped));
   if (!paused.ok()) {
     ::unlink(rep.device_state_path.c_str());
-    return fail(std::move(paused).error());
+    run_again_after_failure(vmm);
+    return std::move(paused).error();
   }
   rep.memory = std::move(*paused);
 
+  std::vector<PhaseTiming> after;
   PhaseClock tail(after);
   if (request.run_after) {
     tail.start("run");
     if (Status s = vmm.run(); !s.ok()) return s.error();
   }
   tail.stop();
-  rep.phases = std::move(before);
-  for (const PhaseTiming& t : rep.memory.phases) rep.phases.push_back(t);
-  for (PhaseTiming& t : after) rep.phases.push_back(std::move(t));
-  rep.wall_seconds = seconds_since(t0);
+  rep.handover_seconds = seconds_since(t0);
+  complete(rep, std::move(stopped.before), std::move(after), t0);
+  return rep;
+}
+
+Result<VmmHandover> handover_vmm(const PluginRegistry& registry, VmmAdapter& vmm,
+                                 const VmmPauseRequest& request) {
+  const auto t0 = std::chrono::steady_clock::now();
+  const PluginInfo* info = registry.find(request.strategy);
+  if (info == nullptr || !info->needs_memfd() || request.run_after) {
+    return make_error(Errc::kUnsupported,
+                      "a handover needs a strategy that exports from the memfd (not " +
+                          request.strategy + ") and a VMM that stays stopped");
+  }
+  MEMSNAP_ASSIGN_OR_RETURN(Stopped stopped, stop_and_save(registry, vmm, request));
+  if (stopped.memory.memfd < 0) {
+    ::unlink(stopped.rep.device_state_path.c_str());
+    run_again_after_failure(vmm);
+    return make_error(Errc::kUnsupported,
+                      "a handover needs the VMM's RAM in a memfd memsnap can hold");
+  }
+  VmmHandover h;
+  h.memfd.reset(::fcntl(stopped.memory.memfd, F_DUPFD_CLOEXEC, 0));
+  if (h.memfd.get() < 0) {
+    const int err = errno;
+    ::unlink(stopped.rep.device_state_path.c_str());
+    run_again_after_failure(vmm);
+    return make_error(Errc::kIoError, std::string("dup of the guest memfd: ") + std::strerror(err),
+                      err);
+  }
+  // Memory nobody changes any more: no process to read, no freeze; the held memfd only.
+  stopped.memory.pid = -1;
+  stopped.memory.regions.clear();
+  stopped.memory.memfd = h.memfd.get();
+  h.request = export_request(request, stopped);
+  h.request.stay_frozen = false;
+  h.report = std::move(stopped.rep);
+  h.report.handover_seconds = seconds_since(t0);
+  h.before = std::move(stopped.before);
+  h.parent = std::move(stopped.parent);
+  h.started = t0;
+  return h;
+}
+
+Result<VmmPauseReport> finish_handover(const PluginRegistry& registry, VmmHandover handover) {
+  auto paused = pause(registry, handover.request);
+  if (!paused.ok()) {
+    // The VMM may be gone: the device state stays only with the memory it belongs to.
+    ::unlink(handover.report.device_state_path.c_str());
+    return std::move(paused).error();
+  }
+  VmmPauseReport rep = std::move(handover.report);
+  rep.memory = std::move(*paused);
+  complete(rep, std::move(handover.before), {}, handover.started);
   return rep;
 }
 

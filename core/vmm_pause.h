@@ -16,6 +16,7 @@
 // once (a VMM like QEMU does not register memsnap's userfaultfd, so writes cannot be tracked).
 #pragma once
 
+#include <chrono>
 #include <memory>
 #include <string>
 #include <utility>
@@ -52,11 +53,35 @@ struct VmmPauseReport {
   std::uint64_t device_state_bytes = 0;
   // stop, device_state, then the pipeline's resolve/dirty_set/export/commit, then run (if asked).
   std::vector<PhaseTiming> phases;
-  double wall_seconds = 0;
+  double wall_seconds = 0;  // until the snapshot is committed (and the guest runs, if asked)
+  // Until the caller could be answered: for pause_vmm the whole pause (wall_seconds without the
+  // run); for handover_vmm the guest stopped, its device state committed, its memory held.
+  double handover_seconds = 0;
 };
 
 Result<VmmPauseReport> pause_vmm(const PluginRegistry& registry, VmmAdapter& vmm,
                                  const VmmPauseRequest& request);
+
+// A handover pause of a VMM (issue 19): the guest stops, its device state is committed, and
+// memsnap takes its own reference to the memfd behind guest memory; that is the answer. The
+// export runs later, on any thread, with finish_handover(), from the held memfd alone (the VMM
+// may be ended as soon as handover_vmm returns). A diff's dirty set (what differs from the parent
+// chain) is computed by the export, not at the handover. Only for strategies that export from
+// the memfd and a VMM that stays stopped (kUnsupported otherwise, before anything is stopped).
+struct VmmHandover {
+  VmmPauseReport report;  // device state, handover_seconds; memory filled by finish_handover
+  PauseRequest request;   // the export: pid -1, the held memfd, no freeze
+  io::UniqueFd memfd;     // the held reference
+  std::vector<PhaseTiming> before;
+  std::shared_ptr<const SnapshotChain> parent;
+  std::chrono::steady_clock::time_point started;
+};
+Result<VmmHandover> handover_vmm(const PluginRegistry& registry, VmmAdapter& vmm,
+                                 const VmmPauseRequest& request);
+// Runs a handover's export into its snapshot and completes the report (wall_seconds: from the
+// start of the handover to the commit). On failure nothing is committed and the device state
+// written at the handover is removed.
+Result<VmmPauseReport> finish_handover(const PluginRegistry& registry, VmmHandover handover);
 
 struct VmmResumeRequest {
   std::vector<std::string> chain;  // snapshot files, base first
