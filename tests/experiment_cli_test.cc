@@ -153,6 +153,20 @@ TEST(ExperimentCli, RunSplitOnPauseModeReportsBothLatencies) {
   fs::remove_all(dir);
 }
 
+// A pause-mode split's arms must be pause modes, and --strategy belongs to it: both refused
+// before memsnapd starts (a typo would be a flag variant memsnapd falls back from, in every pause).
+TEST(ExperimentCli, PauseModeSplitRefusesArmsThatAreNotModes) {
+  auto run = testing::run_memsnap(
+      "experiment run --split pause-mode --arms copy=1,memfd=1 --out /var/tmp/unused.json", true);
+  EXPECT_EQ(run.exit_code, 2) << run.out;
+  EXPECT_NE(run.out.find("not memfd"), std::string::npos) << run.out;
+  EXPECT_EQ(run.out.find("memsnapd pid"), std::string::npos) << run.out;
+  run = testing::run_memsnap("experiment run --strategy memfd --out /var/tmp/unused.json", true);
+  EXPECT_EQ(run.exit_code, 2) << run.out;
+  EXPECT_NE(run.out.find("--split pause-mode"), std::string::npos) << run.out;
+  EXPECT_FALSE(fs::exists("/var/tmp/unused.json"));
+}
+
 // The report of a pause-mode split from a results file: the arm is the flag's variant (intention
 // to treat), and pauses that ran in another mode are said to have.
 TEST(ExperimentCli, PauseModeReportCountsModeFallbacks) {

@@ -146,6 +146,12 @@ int cmd_experiment_run(Args& args) {
   if (!mode_split && !strategy.empty()) {
     throw std::invalid_argument("--strategy fixes the strategy of a --split pause-mode run");
   }
+  for (const auto& [name, w] : arms) {
+    if (mode_split && name != "copy" && name != "handover" && name != "live") {
+      throw std::invalid_argument("--arms of --split pause-mode are pause modes (copy, handover, "
+                                  "live), not " + name);
+    }
+  }
   // Before the run, not after minutes of it.
   if (const std::string why = output_path_problem(out_path); !why.empty()) {
     throw std::invalid_argument("--out: " + why + " (nothing was run)");
