@@ -52,9 +52,12 @@ std::string plugin_dir() {
 // snapshot); the others hold generation 1 of the pattern.
 std::uint64_t generation_of(std::uint64_t page) { return page % 8 == 7 ? 0 : 1; }
 
+// The name of this test process's guest memfds, so that its exporters can be told apart.
+std::string memfd_name() { return "exporter-test-guest-" + std::to_string(::getpid()); }
+
 // A memfd of size bytes filled as above.
 int pattern_memfd(std::uint64_t size) {
-  const int fd = ::memfd_create("exporter-test-guest", MFD_CLOEXEC);
+  const int fd = ::memfd_create(memfd_name().c_str(), MFD_CLOEXEC);
   if (fd < 0 || ::ftruncate(fd, static_cast<off_t>(size)) != 0) return -1;
   std::vector<char> page(kPage);
   for (std::uint64_t p = 0; p < size / kPage; ++p) {
@@ -104,6 +107,43 @@ bool eventually(const std::function<bool()>& condition,
   return true;
 }
 
+// The memsnap-exporter processes that are children of this process (zombies included: a child
+// leaves /proc only once reaped), from /proc/<pid>/stat: "pid (comm) state ppid ...". With
+// any_parent, also those whose parent is gone (started by a killed "memsnapd").
+std::vector<pid_t> exporter_children(bool any_parent = false) {
+  std::vector<pid_t> out;
+  for (const auto& e : fs::directory_iterator("/proc")) {
+    const std::string name = e.path().filename().string();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream in(e.path() / "stat");
+    std::string stat;
+    std::getline(in, stat);
+    const auto close = stat.rfind(')');
+    if (close == std::string::npos || stat.find("(memsnap-exporte") == std::string::npos) continue;
+    char state = 0;
+    long ppid = 0;
+    if (std::sscanf(stat.c_str() + close + 1, " %c %ld", &state, &ppid) != 2) continue;
+    if (any_parent || ppid == ::getpid()) out.push_back(static_cast<pid_t>(std::stol(name)));
+  }
+  return out;
+}
+
+// Whether pid is alive (not a zombie) and holds this test's guest memfd as its fd 3.
+bool holds_the_guest_memory(pid_t pid) {
+  std::error_code ec;
+  const auto target = fs::read_symlink("/proc/" + std::to_string(pid) + "/fd/3", ec);
+  return !ec && target.string().starts_with("/memfd:" + memfd_name() + " ");
+}
+
+// The exporters (children or orphans) holding this process's guest memory.
+std::vector<pid_t> exporters_holding_the_memory() {
+  std::vector<pid_t> out;
+  for (pid_t pid : exporter_children(true)) {
+    if (holds_the_guest_memory(pid)) out.push_back(pid);
+  }
+  return out;
+}
+
 // What on_change was told, in order.
 struct Changes {
   std::mutex mutex;
@@ -132,6 +172,14 @@ class ExporterTest : public ::testing::Test {
     dir_ = templ;
   }
   void TearDown() override {
+    // A test that failed may leave an exporter holding its memory (waiting for a command, or
+    // retrying on its own): it would keep the test's output open and outlive it. Ended here,
+    // by pid, only those holding this process's guest memfds.
+    for (pid_t pid : exporters_holding_the_memory()) {
+      ADD_FAILURE() << "memsnap-exporter " << pid << " is still holding the guest memory";
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);
+    }
     if (!mounted_.empty()) ::umount2(mounted_.c_str(), MNT_DETACH);
     std::error_code ec;
     fs::remove_all(dir_, ec);
@@ -198,6 +246,9 @@ TEST_F(ExporterTest, ExportsTheMemfdInTheBackgroundToADurableSnapshot) {
   // Nothing to retry or release once durable.
   EXPECT_EQ(exp.retry().error().code, Errc::kInvalidState);
   EXPECT_TRUE(exp.release().ok());
+  // The exporter has exited and the watcher reaped it: no zombie is left.
+  EXPECT_TRUE(eventually([] { return exporter_children().empty(); }))
+      << "memsnap-exporter is still a child (a zombie?)";
   started->reset();  // joins the watcher: every callback has run
   EXPECT_EQ(changes.states(), std::vector<ExportState>{ExportState::kDurable});
   // Only the snapshot: no temporary file is left beside it.
@@ -267,11 +318,21 @@ TEST_F(ExporterTest, AFullDiskFailsTheExportWithTheMemoryHeldUntilARetrySucceeds
   EXPECT_EQ(leftovers, 0u) << "the failed attempt left its temporary file";
   // It stays failed (the exporter waits, holding the memory) until told otherwise.
   EXPECT_EQ(exp.wait(50ms).state, ExportState::kFailed);
+  const auto exporters = exporter_children();
+  ASSERT_EQ(exporters.size(), 1u);
+  EXPECT_TRUE(holds_the_guest_memory(exporters[0]));
 
   ASSERT_EQ(::mount(nullptr, mounted_.c_str(), nullptr, MS_REMOUNT, "size=64m"), 0)
       << std::strerror(errno);
   ASSERT_TRUE(exp.retry().ok());
   EXPECT_EQ(exp.status().attempts, 2);
+  // Running again: release() is refused (an answered pause is never dropped half way); ok only
+  // if it was durable already.
+  if (const Status released = exp.release(); released.ok()) {
+    EXPECT_EQ(exp.status().state, ExportState::kDurable);
+  } else {
+    EXPECT_EQ(released.error().code, Errc::kInvalidState);
+  }
   st = exp.wait(kDeadline);
   ASSERT_EQ(st.state, ExportState::kDurable) << (st.error ? st.error->to_string() : "");
   EXPECT_EQ(st.attempts, 2);
@@ -298,9 +359,13 @@ TEST_F(ExporterTest, AReleasedFailedExportCommitsNothing) {
   ASSERT_TRUE(started.ok()) << started.error().to_string();
   auto& exp = **started;
   ASSERT_EQ(exp.wait(kDeadline).state, ExportState::kFailed);
+  ASSERT_EQ(exporter_children().size(), 1u);
   ASSERT_TRUE(exp.release().ok());
   EXPECT_EQ(exp.retry().error().code, Errc::kInvalidState);
   EXPECT_TRUE(exp.release().ok());  // nothing more to do
+  // The exporter exits (the memory goes with it) and is reaped.
+  EXPECT_TRUE(eventually([] { return exporter_children().empty(); }));
+  EXPECT_EQ(exp.status().state, ExportState::kFailed);
   started->reset();
   EXPECT_FALSE(fs::exists(out));
 }
@@ -348,6 +413,8 @@ TEST_F(ExporterTest, TheExportOutlivesMemsnapdKilledMidway) {
   ASSERT_TRUE(eventually([&] { return fs::exists(out); }))
       << "no snapshot: the export died with memsnapd";
   EXPECT_EQ(mismatches_in(out, kSize), 0);
+  // Durable, the exporter exits and the memory goes with it.
+  EXPECT_TRUE(eventually([] { return exporters_holding_the_memory().empty(); }));
 }
 
 }  // namespace
