@@ -201,6 +201,20 @@ class ExporterTest : public ::testing::Test {
     return req;
   }
 
+  // Fills a memfd of size bytes, starts its export (strategy memfd) to out, and closes the
+  // test's own reference: the exporter's is then the only one. Null (a failure) if it did not.
+  std::unique_ptr<BackgroundExport> start(std::uint64_t size, const std::string& out,
+                                          std::function<void(const ExportStatus&)> on_change) {
+    const int memfd = pattern_memfd(size);
+    EXPECT_GE(memfd, 0);
+    if (memfd < 0) return nullptr;
+    auto started = core_pipeline().start_export(registry_, request(memfd, size, "memfd", out),
+                                                std::move(on_change));
+    ::close(memfd);
+    EXPECT_TRUE(started.ok()) << started.error().to_string();
+    return started.ok() ? std::move(*started) : nullptr;
+  }
+
   // A tmpfs of `size` at dir_/small; false (the test skips) without the right to mount.
   bool mount_small(const std::string& size) {
     const std::string small = dir_ + "/small";
@@ -220,17 +234,12 @@ class ExporterTest : public ::testing::Test {
 
 TEST_F(ExporterTest, ExportsTheMemfdInTheBackgroundToADurableSnapshot) {
   constexpr std::uint64_t kSize = 32ULL << 20;
-  const int memfd = pattern_memfd(kSize);
-  ASSERT_GE(memfd, 0);
   const std::string out = dir_ + "/base.snap";
   Changes changes;
-  auto started = core_pipeline().start_export(registry_, request(memfd, kSize, "memfd", out),
-                                              changes.callback());
-  ::close(memfd);  // the caller may close its own at once: the exporter holds the memory
-  ASSERT_TRUE(started.ok()) << started.error().to_string();
-  auto& exp = **started;
+  auto exp = start(kSize, out, changes.callback());  // the test's memfd is closed at once
+  ASSERT_NE(exp, nullptr);
 
-  const ExportStatus st = exp.wait(kDeadline);
+  const ExportStatus st = exp->wait(kDeadline);
   ASSERT_EQ(st.state, ExportState::kDurable) << (st.error ? st.error->to_string() : "");
   ASSERT_TRUE(st.report.has_value());
   EXPECT_EQ(st.report->snapshot_path, out);
@@ -244,12 +253,12 @@ TEST_F(ExporterTest, ExportsTheMemfdInTheBackgroundToADurableSnapshot) {
   EXPECT_EQ(mismatches_in(out, kSize), 0);
 
   // Nothing to retry or release once durable.
-  EXPECT_EQ(exp.retry().error().code, Errc::kInvalidState);
-  EXPECT_TRUE(exp.release().ok());
+  EXPECT_EQ(exp->retry().error().code, Errc::kInvalidState);
+  EXPECT_TRUE(exp->release().ok());
   // The exporter has exited and the watcher reaped it: no zombie is left.
   EXPECT_TRUE(eventually([] { return exporter_children().empty(); }))
       << "memsnap-exporter is still a child (a zombie?)";
-  started->reset();  // joins the watcher: every callback has run
+  exp.reset();  // joins the watcher: every callback has run
   EXPECT_EQ(changes.states(), std::vector<ExportState>{ExportState::kDurable});
   // Only the snapshot: no temporary file is left beside it.
   std::vector<std::string> files;
@@ -294,17 +303,12 @@ TEST_F(ExporterTest, ARequestNamingTheVmmIsRefusedBeforeAnythingStarts) {
 TEST_F(ExporterTest, AFullDiskFailsTheExportWithTheMemoryHeldUntilARetrySucceeds) {
   if (!mount_small("8m")) GTEST_SKIP() << "cannot mount a small tmpfs here (needs root)";
   constexpr std::uint64_t kSize = 16ULL << 20;
-  const int memfd = pattern_memfd(kSize);
-  ASSERT_GE(memfd, 0);
   const std::string out = mounted_ + "/full.snap";
   Changes changes;
-  auto started = core_pipeline().start_export(registry_, request(memfd, kSize, "memfd", out),
-                                              changes.callback());
-  ::close(memfd);
-  ASSERT_TRUE(started.ok()) << started.error().to_string();
-  auto& exp = **started;
+  auto exp = start(kSize, out, changes.callback());  // the test's memfd is closed at once
+  ASSERT_NE(exp, nullptr);
 
-  ExportStatus st = exp.wait(kDeadline);
+  ExportStatus st = exp->wait(kDeadline);
   ASSERT_EQ(st.state, ExportState::kFailed);
   ASSERT_TRUE(st.error.has_value());
   EXPECT_TRUE(st.error->sys_errno == ENOSPC ||
@@ -317,30 +321,30 @@ TEST_F(ExporterTest, AFullDiskFailsTheExportWithTheMemoryHeldUntilARetrySucceeds
   for ([[maybe_unused]] const auto& e : fs::directory_iterator(mounted_)) ++leftovers;
   EXPECT_EQ(leftovers, 0u) << "the failed attempt left its temporary file";
   // It stays failed (the exporter waits, holding the memory) until told otherwise.
-  EXPECT_EQ(exp.wait(50ms).state, ExportState::kFailed);
+  EXPECT_EQ(exp->wait(50ms).state, ExportState::kFailed);
   const auto exporters = exporter_children();
   ASSERT_EQ(exporters.size(), 1u);
   EXPECT_TRUE(holds_the_guest_memory(exporters[0]));
 
   ASSERT_EQ(::mount(nullptr, mounted_.c_str(), nullptr, MS_REMOUNT, "size=64m"), 0)
       << std::strerror(errno);
-  ASSERT_TRUE(exp.retry().ok());
-  EXPECT_EQ(exp.status().attempts, 2);
+  ASSERT_TRUE(exp->retry().ok());
+  EXPECT_EQ(exp->status().attempts, 2);
   // Running again: release() is refused (an answered pause is never dropped half way); ok only
   // if it was durable already.
-  if (const Status released = exp.release(); released.ok()) {
-    EXPECT_EQ(exp.status().state, ExportState::kDurable);
+  if (const Status released = exp->release(); released.ok()) {
+    EXPECT_EQ(exp->status().state, ExportState::kDurable);
   } else {
     EXPECT_EQ(released.error().code, Errc::kInvalidState);
   }
-  st = exp.wait(kDeadline);
+  st = exp->wait(kDeadline);
   ASSERT_EQ(st.state, ExportState::kDurable) << (st.error ? st.error->to_string() : "");
   EXPECT_EQ(st.attempts, 2);
   EXPECT_EQ(st.bytes_done, written_bytes(kSize));
   EXPECT_EQ(st.report->dirty_bytes, written_bytes(kSize));
   EXPECT_EQ(mismatches_in(out, kSize), 0);
-  EXPECT_EQ(exp.retry().error().code, Errc::kInvalidState);
-  started->reset();
+  EXPECT_EQ(exp->retry().error().code, Errc::kInvalidState);
+  exp.reset();
   EXPECT_EQ(changes.states(), (std::vector<ExportState>{ExportState::kFailed, ExportState::kRunning,
                                                         ExportState::kDurable}));
 }
@@ -350,23 +354,18 @@ TEST_F(ExporterTest, AFullDiskFailsTheExportWithTheMemoryHeldUntilARetrySucceeds
 TEST_F(ExporterTest, AReleasedFailedExportCommitsNothing) {
   if (!mount_small("4m")) GTEST_SKIP() << "cannot mount a small tmpfs here (needs root)";
   constexpr std::uint64_t kSize = 16ULL << 20;
-  const int memfd = pattern_memfd(kSize);
-  ASSERT_GE(memfd, 0);
   const std::string out = mounted_ + "/full.snap";
-  auto started =
-      core_pipeline().start_export(registry_, request(memfd, kSize, "memfd", out), nullptr);
-  ::close(memfd);
-  ASSERT_TRUE(started.ok()) << started.error().to_string();
-  auto& exp = **started;
-  ASSERT_EQ(exp.wait(kDeadline).state, ExportState::kFailed);
+  auto exp = start(kSize, out, nullptr);
+  ASSERT_NE(exp, nullptr);
+  ASSERT_EQ(exp->wait(kDeadline).state, ExportState::kFailed);
   ASSERT_EQ(exporter_children().size(), 1u);
-  ASSERT_TRUE(exp.release().ok());
-  EXPECT_EQ(exp.retry().error().code, Errc::kInvalidState);
-  EXPECT_TRUE(exp.release().ok());  // nothing more to do
+  ASSERT_TRUE(exp->release().ok());
+  EXPECT_EQ(exp->retry().error().code, Errc::kInvalidState);
+  EXPECT_TRUE(exp->release().ok());  // nothing more to do
   // The exporter exits (the memory goes with it) and is reaped.
   EXPECT_TRUE(eventually([] { return exporter_children().empty(); }));
-  EXPECT_EQ(exp.status().state, ExportState::kFailed);
-  started->reset();
+  EXPECT_EQ(exp->status().state, ExportState::kFailed);
+  exp.reset();
   EXPECT_FALSE(fs::exists(out));
 }
 
