@@ -369,6 +369,32 @@ TEST_F(ExporterTest, AReleasedFailedExportCommitsNothing) {
   EXPECT_FALSE(fs::exists(out));
 }
 
+// A failed export whose memsnapd is gone (its BackgroundExport destroyed: the socket closes, as
+// when memsnapd dies) retries on its own every retry interval, and commits once there is room.
+TEST_F(ExporterTest, AFailedExportRetriesOnItsOwnOnceMemsnapdIsGone) {
+  if (!mount_small("8m")) GTEST_SKIP() << "cannot mount a small tmpfs here (needs root)";
+  constexpr std::uint64_t kSize = 16ULL << 20;
+  const int memfd = pattern_memfd(kSize);
+  ASSERT_GE(memfd, 0);
+  const std::string out = mounted_ + "/later.snap";
+  auto started = start_exporter(registry_, request(memfd, kSize, "memfd", out), nullptr,
+                                {.binary = "", .retry_interval = 100ms});
+  ::close(memfd);
+  ASSERT_TRUE(started.ok()) << started.error().to_string();
+  ASSERT_EQ((*started)->wait(kDeadline).state, ExportState::kFailed);
+  started->reset();  // "memsnapd" is gone; the exporter is not
+  ASSERT_EQ(exporters_holding_the_memory().size(), 1u);
+  EXPECT_FALSE(fs::exists(out));
+  ASSERT_EQ(::mount(nullptr, mounted_.c_str(), nullptr, MS_REMOUNT, "size=64m"), 0)
+      << std::strerror(errno);
+  ASSERT_TRUE(eventually([&] { return fs::exists(out); }));
+  EXPECT_EQ(mismatches_in(out, kSize), 0);
+  EXPECT_TRUE(eventually([] { return exporters_holding_the_memory().empty(); }));
+  // Still this process's child, its BackgroundExport gone: reaped here (memsnapd reaps such
+  // orphans when its next export starts or ends).
+  for (pid_t pid : exporter_children()) ::waitpid(pid, nullptr, 0);
+}
+
 // memsnapd killed with SIGKILL in the middle of an export: the exporter, in its own session and
 // now the only holder of the guest memory, still commits the snapshot, and it is right page by
 // page. memsnapd is a child forked by the test (single-threaded then: the export's watcher
