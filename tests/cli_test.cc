@@ -517,5 +517,45 @@ TEST_F(CliTest, DemoSaysWhatLastsOnlyWhileItRuns) {
   EXPECT_TRUE(std::filesystem::exists(keep + "/flags.yaml"));
 }
 
+// The demo splits the pause modes by a flag too and prints both moments of every pause: when it
+// was answered and when its snapshot was durable. Of the default sandboxes, memfd runs both
+// modes (sb-3, sb-6 copy; sb-5 handover); each handover pause is durable before the resume, and
+// every page is verified.
+TEST_F(CliTest, DemoPrintsAnsweredAndDurableOfEveryPause) {
+  const CommandResult r = memsnap_stdout("demo --rounds 1 --size 4M --json");
+  ASSERT_EQ(r.exit_code, 0) << r.out;
+  const nlohmann::json j = nlohmann::json::parse(r.out);
+  EXPECT_EQ(j["failures"], 0) << r.out;
+  ASSERT_EQ(j["operations"].size(), 6u) << r.out;
+  std::set<std::string> memfd_modes;
+  for (const auto& op : j["operations"]) {
+    ASSERT_TRUE(op["answer_ms"].is_number()) << op.dump();
+    ASSERT_TRUE(op["durable_ms"].is_number()) << op.dump();
+    EXPECT_EQ(op["mismatches"], 0) << op.dump();
+    EXPECT_TRUE(op["mode_fallback"].is_null()) << op.dump();
+    if (op["pause_mode"] == "handover") {
+      EXPECT_GT(op["durable_ms"].get<double>(), op["answer_ms"].get<double>()) << op.dump();
+    } else {
+      EXPECT_EQ(op["pause_mode"], "copy") << op.dump();
+      EXPECT_EQ(op["durable_ms"], op["answer_ms"]) << op.dump();
+    }
+    if (op["strategy"] == "memfd") memfd_modes.insert(op["pause_mode"].get<std::string>());
+  }
+  EXPECT_EQ(memfd_modes, (std::set<std::string>{"copy", "handover"}));
+
+  // The text: both moments per pause, and per strategy and mode in the table.
+  const CommandResult t = memsnap("demo --sandboxes 5 --rounds 1 --size 4M");
+  ASSERT_EQ(t.exit_code, 0) << t.out;
+  EXPECT_NE(t.out.find("sb-5   memfd             handover answered "), std::string::npos)
+      << t.out;
+  EXPECT_NE(t.out.find(" ms, durable "), std::string::npos) << t.out;
+  EXPECT_NE(t.out.find("base answered/durable"), std::string::npos) << t.out;
+  EXPECT_NE(t.out.find("\nmemfd             handover "), std::string::npos) << t.out;
+  EXPECT_NE(t.out.find("\nmemfd             copy "), std::string::npos) << t.out;
+  EXPECT_NE(t.out.find("memsnap_pause_durable_seconds_count{mode=\"handover\",strategy=\"memfd\"} 1"),
+            std::string::npos)
+      << t.out;
+}
+
 }  // namespace
 }  // namespace memsnap

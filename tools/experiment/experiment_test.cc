@@ -761,5 +761,110 @@ TEST(Svg, NoPeakMemoryStillRenders) {
   EXPECT_NE(svg.find("no peak_memory_bytes measured"), std::string::npos);
 }
 
+// A pause-mode experiment (memsnap experiment run --split pause-mode): the arms are copy and
+// handover, and each pause has two latencies, its answer and its durable snapshot. Handover
+// answers 25x sooner and is durable 1.5x later: both latencies come out per arm, compared with
+// the baseline in the right direction, in the Markdown, the JSON and the picture.
+TEST(Report, PauseModeArmsShowAnswerAndDurableLatencies) {
+  std::mt19937_64 rng(19);
+  const std::size_t n = 200;
+  std::vector<OperationRecord> records;
+  auto add = [&](const std::string& arm, double answer, double durable, double cpu) {
+    const auto a = lognormal(rng, n, answer, 0.25);
+    const auto d = lognormal(rng, n, durable, 0.25);
+    const auto c = lognormal(rng, n, cpu, 0.25);
+    for (std::size_t i = 0; i < n; ++i) {
+      OperationRecord r;
+      r.arm = arm;
+      r.unit = arm + "-sb" + std::to_string(i % 20);
+      // A copy pause answers when it is durable.
+      r.metrics["answer_seconds"] = a[i];
+      r.metrics["answer_wall_seconds"] = a[i] + 0.003;
+      r.metrics["durable_seconds"] = arm == "copy" ? a[i] : d[i];
+      r.metrics["export_cpu_seconds"] = c[i];
+      r.metrics["resume_seconds"] = 0.001;
+      records.push_back(std::move(r));
+    }
+  };
+  add("copy", 0.050, 0.050, 0.020);
+  add("handover", 0.002, 0.075, 0.030);
+  ExperimentSpec spec = spec_for({{"copy", 1}, {"handover", 1}}, "copy");
+  spec.arm_kind = "pause mode";
+  const Report report = build_report(records, spec).value();
+
+  std::vector<std::string> names;
+  for (const MetricSpec& m : report.metrics) names.push_back(m.name);
+  EXPECT_EQ(names, (std::vector<std::string>{"answer_seconds", "answer_wall_seconds",
+                                             "durable_seconds", "resume_seconds",
+                                             "export_cpu_seconds"}));
+  auto index = [&](const std::string& name) {
+    return static_cast<std::size_t>(std::find(names.begin(), names.end(), name) - names.begin());
+  };
+  const std::size_t answer = index("answer_seconds");
+  const std::size_t durable = index("durable_seconds");
+  ASSERT_EQ(report.arms.size(), 2u);
+  for (const ArmSummary& a : report.arms) {
+    EXPECT_EQ(a.metrics[answer].n, n) << a.name;
+    EXPECT_EQ(a.metrics[durable].n, n) << a.name;
+  }
+  EXPECT_TRUE(report.arms[1].metrics[answer].p50.contains(0.002));
+  EXPECT_TRUE(report.arms[1].metrics[durable].p50.contains(0.075));
+  EXPECT_TRUE(report.arms[0].metrics[durable].p50.contains(0.050));
+
+  auto find = [&](std::size_t metric) -> const Comparison* {
+    for (const Comparison& c : report.comparisons) {
+      if (c.metric == metric && c.arm == "handover") return &c;
+    }
+    return nullptr;
+  };
+  const Comparison* a = find(answer);
+  const Comparison* d = find(durable);
+  ASSERT_NE(a, nullptr);
+  ASSERT_NE(d, nullptr);
+  EXPECT_EQ(a->baseline, "copy");
+  EXPECT_EQ(a->outcome, Outcome::kBetter) << a->verdict;
+  EXPECT_TRUE(a->p50.contains(0.04)) << a->p50.low << " " << a->p50.high;
+  EXPECT_EQ(a->verdict.rfind("handover pauses answer ", 0), 0u) << a->verdict;
+  EXPECT_NE(a->verdict.find("x sooner than copy (p50"), std::string::npos) << a->verdict;
+  EXPECT_EQ(d->outcome, Outcome::kWorse) << d->verdict;
+  EXPECT_TRUE(d->p50.contains(1.5)) << d->p50.low << " " << d->p50.high;
+  EXPECT_EQ(d->verdict.rfind("handover snapshots are durable ", 0), 0u) << d->verdict;
+  EXPECT_NE(d->verdict.find("x later than copy (p50"), std::string::npos) << d->verdict;
+  ASSERT_EQ(report.summary.size(), 1u);
+  EXPECT_NE(report.summary[0].find("answer p50"), std::string::npos) << report.summary[0];
+  EXPECT_NE(report.summary[0].find("at the cost of"), std::string::npos) << report.summary[0];
+  EXPECT_NE(report.summary[0].find("durable p50"), std::string::npos) << report.summary[0];
+
+  // Markdown: a table per latency, with a row of each arm.
+  const std::string md = to_markdown(report);
+  for (const char* heading : {"### pause answer latency (`answer_seconds`)",
+                              "### pause durable latency (`durable_seconds`)"}) {
+    const auto at = md.find(heading);
+    ASSERT_NE(at, std::string::npos) << heading << "\n" << md;
+    const std::string table = md.substr(at, md.find("\n###", at + 1) - at);
+    EXPECT_NE(table.find("| copy (baseline) | 200 |"), std::string::npos) << table;
+    EXPECT_NE(table.find("| handover | 200 |"), std::string::npos) << table;
+  }
+  // JSON: both latencies of both arms.
+  const nlohmann::json j = to_json(report);
+  for (const auto& arm : j["arms"]) {
+    for (const char* m : {"answer_seconds", "answer_wall_seconds", "durable_seconds"}) {
+      ASSERT_TRUE(arm["metrics"].contains(m)) << arm["name"] << " " << m;
+      EXPECT_EQ(arm["metrics"][m]["n"], n) << arm["name"] << " " << m;
+    }
+  }
+  // The picture: an ECDF panel per latency, per pause mode.
+  const std::string svg = render_svg(report);
+  std::string root;
+  std::vector<std::string> attrs;
+  EXPECT_EQ(check_xml(svg, root, attrs), "");
+  for (const char* panel : {"<g id=\"ecdf-answer_seconds\">", "<g id=\"ecdf-durable_seconds\">",
+                            "pause answer latency: ECDF per pause mode",
+                            "pause durable latency: ECDF per pause mode"}) {
+    EXPECT_NE(svg.find(panel), std::string::npos) << panel;
+  }
+  EXPECT_EQ(svg.find("per strategy"), std::string::npos);
+}
+
 }  // namespace
 }  // namespace memsnap::experiment

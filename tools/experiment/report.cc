@@ -287,10 +287,25 @@ const std::vector<MetricSpec>& default_metric_specs() {
   static const std::vector<MetricSpec> specs = {
       {"pause_seconds", "pause latency", "pause", Unit::kSeconds, Direction::kLowerIsBetter,
        "{arm} pauses are {x} faster than {base}", "{arm} pauses are {x} slower than {base}", ""},
+      // The two moments of a pause (docs/api.md "Handover pauses"): when it was answered, and
+      // when its snapshot was durable (the same moment for a copy pause).
+      {"answer_seconds", "pause answer latency", "answer", Unit::kSeconds,
+       Direction::kLowerIsBetter, "{arm} pauses answer {x} sooner than {base}",
+       "{arm} pauses answer {x} later than {base}", ""},
+      {"answer_wall_seconds", "pause answer latency at the client", "client answer",
+       Unit::kSeconds, Direction::kLowerIsBetter,
+       "{arm} pauses answer the client {x} sooner than {base}",
+       "{arm} pauses answer the client {x} later than {base}", ""},
+      {"durable_seconds", "pause durable latency", "durable", Unit::kSeconds,
+       Direction::kLowerIsBetter, "{arm} snapshots are durable {x} sooner than {base}",
+       "{arm} snapshots are durable {x} later than {base}", ""},
       {"resume_seconds", "resume latency", "resume", Unit::kSeconds, Direction::kLowerIsBetter,
        "{arm} resumes are {x} faster than {base}", "{arm} resumes are {x} slower than {base}", ""},
       {"cpu_seconds", "CPU time", "CPU", Unit::kSeconds, Direction::kLowerIsBetter,
        "{arm} uses {x} less CPU time than {base}", "{arm} uses {x} more CPU time than {base}", ""},
+      {"export_cpu_seconds", "export CPU time", "export CPU", Unit::kSeconds,
+       Direction::kLowerIsBetter, "{arm} exports use {x} less CPU time than {base}",
+       "{arm} exports use {x} more CPU time than {base}", ""},
       {"peak_memory_bytes", "peak memory", "peak memory", Unit::kBytes, Direction::kLowerIsBetter,
        "{arm} needs {x} less peak memory than {base}",
        "{arm} needs {x} more peak memory than {base}", ""},
@@ -397,6 +412,7 @@ Result<Report> build_report(std::span<const OperationRecord> records, const Expe
 
   Report report;
   report.title = spec.title;
+  report.arm_kind = spec.arm_kind;
   report.baseline = spec.baseline;
   report.alpha = spec.alpha;
   report.bootstrap = spec.bootstrap;

@@ -67,7 +67,8 @@ struct MetricSpec {
   std::string level_text;
 };
 
-// The built-in metrics, in report order: pause_seconds, resume_seconds, cpu_seconds,
+// The built-in metrics, in report order: pause_seconds, answer_seconds, answer_wall_seconds,
+// durable_seconds (a pause's two moments), resume_seconds, cpu_seconds, export_cpu_seconds,
 // peak_memory_bytes, held_memory_bytes, released_bytes, released_fraction.
 const std::vector<MetricSpec>& default_metric_specs();
 // The built-in spec of `name`, else a neutral one (unit guessed from the suffix: _seconds,
@@ -76,6 +77,7 @@ MetricSpec metric_spec_for(std::string_view name);
 
 struct ExperimentSpec {
   std::string title = "memsnap strategy experiment";
+  std::string arm_kind = "strategy";  // what an arm is, in the picture ("pause mode")
   std::string baseline;             // must be one of arms
   std::vector<ArmWeight> arms;      // every variant of the flag, in display order
   std::vector<MetricSpec> metrics;  // empty: every metric in the records (minus context ones)
@@ -143,6 +145,7 @@ struct Winner {
 
 struct Report {
   std::string title;
+  std::string arm_kind = "strategy";
   std::string baseline;
   double alpha = 0.05;
   BootstrapOptions bootstrap;

@@ -173,7 +173,7 @@ void ecdf_panel(Svg& svg, const Report& report, std::size_t m, double x, double 
     ax.hi = hi + pad;
     if (lo >= 0 && ax.lo < 0) ax.lo = 0;
   }
-  panel_frame(svg, x, y, w, h, ms.label + ": ECDF per strategy" + (ax.log ? " (log scale)" : ""));
+  panel_frame(svg, x, y, w, h, ms.label + ": ECDF per " + report.arm_kind + (ax.log ? " (log scale)" : ""));
 
   // Gridlines and y ticks.
   for (double f : {0.0, 0.25, 0.5, 0.75, 1.0}) {
@@ -229,7 +229,7 @@ void bar_panel(Svg& svg, const Report& report, const std::string& metric, double
     if (report.metrics[i].name == metric) m = i;
   }
   const std::string label = m < report.metrics.size() ? report.metrics[m].label : metric;
-  panel_frame(svg, x, y, w, h, label + " per strategy: bar = p50, whisker = min-max");
+  panel_frame(svg, x, y, w, h, label + " per " + report.arm_kind + ": bar = p50, whisker = min-max");
   if (m == report.metrics.size()) {
     svg.text(x + w / 2, y + h / 2, "no " + metric + " measured", "middle", 12);
     return;

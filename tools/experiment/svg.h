@@ -1,8 +1,8 @@
 // The experiment's picture: one standalone SVG document (hand-written SVG elements).
 //
-//   * a legend: one colour per strategy (arm), the baseline marked;
-//   * per latency metric (every metric in seconds: pause, resume, CPU...) one panel with the
-//     ECDF of each strategy, log-scaled x axis when the values span more than a factor 3,
+//   * a legend: one colour per arm (a strategy, or a pause mode), the baseline marked;
+//   * per latency metric (every metric in seconds: pause, resume, CPU; a pause's answer and
+//     durable latencies...) one panel with the ECDF of each arm, log-scaled x axis when the values span more than a factor 3,
 //     gridlines at 25/50/75%, a dot at each strategy's p50;
 //   * a bar chart of peak memory (peak_memory_bytes) per strategy: the bar is the p50, the
 //     whisker the min-max range, labelled with the p50.

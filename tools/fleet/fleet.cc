@@ -249,6 +249,44 @@ Result<json> Sandbox::pause(const json& body) {
   return answer.body;
 }
 
+Result<PauseMoments> Sandbox::pause_until_durable(const json& body,
+                                                  std::chrono::milliseconds timeout) {
+  PauseMoments m;
+  const auto sent = std::chrono::steady_clock::now();
+  MEMSNAP_ASSIGN_OR_RETURN(m.answer, pause(body));
+  m.answer_wall_seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - sent).count();
+  m.mode = m.answer.value("mode", "copy");
+  m.answer_seconds = m.answer.value("handover_seconds", m.answer.value("seconds", 0.0));
+  if (m.answer.value("durable", true)) {
+    m.durable = m.answer;
+    // Answered when durable: from the request, the origin of a handover's durable_seconds too
+    // (the answer's `seconds` is the pipeline's wall time, a fraction of a millisecond less).
+    m.durable_seconds = m.answer_seconds;
+  } else {
+    const std::string target = "/v1/sandboxes/" + spec_.id +
+                               "?wait_while=exporting&timeout_ms=" +
+                               std::to_string(timeout.count());
+    MEMSNAP_ASSIGN_OR_RETURN(
+        auto state, daemon_.call("GET", target, nullptr, timeout + std::chrono::seconds(10)));
+    if (!state.ok()) return make_error(Errc::kExportFailed, state.error_text());
+    const json& last = state.body.contains("last_pause") ? state.body["last_pause"] : json();
+    if (!state.body.value("durable", false) || !last.is_object() ||
+        !last.value("durable", false)) {
+      return make_error(Errc::kExportFailed,
+                        "the handover pause of " + spec_.id + " is not durable: state " +
+                            state.body.value("state", "?") + ", " +
+                            state.body.value("last_error", json("")).dump());
+    }
+    m.durable = last;
+    m.durable_seconds = last.value("durable_seconds", 0.0);
+  }
+  if (m.durable.contains("export") && m.durable["export"].is_object()) {
+    m.export_cpu_seconds = m.durable["export"].value("cpu_seconds", 0.0);
+  }
+  return m;
+}
+
 Result<json> Sandbox::resume(const json& extra) {
   const std::string socket =
       daemon_.dir() + "/" + spec_.id + "-" + std::to_string(++resumes_) + ".uffd";

@@ -99,6 +99,20 @@ struct SandboxSpec {
 };
 
 // One sandbox: its current VMM stand-in and what the daemon said about it.
+// The two moments of one pause (docs/api.md "Handover pauses"): when memsnapd answered, and when
+// the snapshot was durable. For a copy pause they are the same moment.
+struct PauseMoments {
+  nlohmann::json answer;   // the pause's answer
+  nlohmann::json durable;  // the pause once durable: the answer (copy), or the sandbox's
+                           // last_pause after the wait (handover: bytes, report, durable_seconds)
+  std::string mode;        // the mode that ran: copy or handover
+  double answer_wall_seconds = 0;  // at the client: from sending the request to reading the answer
+  double answer_seconds = 0;       // memsnapd's handover_seconds
+  double durable_seconds = 0;      // from the request to the commit: copy: answer_seconds;
+                                   // handover: last_pause.durable_seconds
+  double export_cpu_seconds = 0;   // export.cpu_seconds once durable (handover: the exporter's)
+};
+
 class Sandbox {
  public:
   // Starts the first VMM (filled with the pattern) and registers it.
@@ -106,6 +120,11 @@ class Sandbox {
 
   // POST pause (body as in docs/api.md), then kills the stopped VMM, like an orchestrator.
   Result<nlohmann::json> pause(const nlohmann::json& body = nlohmann::json::object());
+  // pause(body), then, for a handover pause, waits until its snapshot is durable (GET
+  // ?wait_while=exporting); an export that failed or did not finish within `timeout` is an error.
+  Result<PauseMoments> pause_until_durable(
+      const nlohmann::json& body = nlohmann::json::object(),
+      std::chrono::milliseconds timeout = std::chrono::seconds(120));
   // POST resume, starts a new VMM that connects to the handshake socket, waits until running.
   Result<nlohmann::json> resume(const nlohmann::json& body = nlohmann::json::object());
   // Dirties a share of the guest's pages (new generation), scattered or in one sequential run.

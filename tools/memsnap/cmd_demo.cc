@@ -1,9 +1,12 @@
 // memsnap demo: the README's main job. Starts memsnapd on built-in defaults (only its paths and
 // metrics port are set) with an A/B/C flag file that splits sandboxes across the export
 // strategies, launches a few stand-in VMMs, registers them, and pauses and resumes each of them
-// a few times through the control API, exactly as an orchestrator would. Every resume is checked
-// page by page. It prints where the metrics are while it runs and a per-strategy comparison at
-// the end.
+// a few times through the control API, exactly as an orchestrator would. The same flag file splits
+// them across the pause modes (copy: answered once the snapshot is durable; handover: answered
+// once the VMM is stopped and memsnapd holds its memory, the export running in the background):
+// every pause prints both of its moments, answered and durable, and a handover pause is waited
+// for until durable before the sandbox is resumed. Every resume is checked page by page. It
+// prints where the metrics are while it runs and a per-strategy and mode comparison at the end.
 #include <signal.h>
 #include <unistd.h>
 
@@ -24,8 +27,13 @@ namespace memsnap::cli {
 namespace {
 
 // An even three-way split, bucketed by sandbox id (flagd's fractional): the same flag an operator
-// would roll out for an A/B/C latency experiment (docs/experiments/strategy-ab-flag.yaml).
-constexpr const char* kSplitFlag = R"(# written by memsnap demo: an even split across the strategies
+// would roll out for an A/B/C latency experiment (docs/experiments/strategy-ab-flag.yaml). And an
+// even split across the pause modes, bucketed independently (flag key + sandbox id): of the
+// default six sandboxes sb-1..sb-6, memfd gets sb-3 and sb-6 in copy and sb-5 in handover,
+// hole_punch sb-1 and sb-4 in handover, process_vm_readv sb-2 in copy (a process_vm_readv
+// sandbox drawn for handover would run in copy, with its mode_fallback counted).
+constexpr const char* kSplitFlag = R"(# written by memsnap demo: an even split across the strategies,
+# and another across the pause modes
 flags:
   memory-export-strategy:
     state: ENABLED
@@ -39,6 +47,16 @@ flags:
         - [process_vm_readv, 1]
         - [memfd, 1]
         - [hole_punch, 1]
+  pause-mode:
+    state: ENABLED
+    variants:
+      copy: copy
+      handover: handover
+    defaultVariant: copy
+    targeting:
+      fractional:
+        - [copy, 1]
+        - [handover, 1]
 )";
 
 double median(std::vector<double> v) {
@@ -47,15 +65,16 @@ double median(std::vector<double> v) {
   return v.size() % 2 ? v[v.size() / 2] : (v[v.size() / 2 - 1] + v[v.size() / 2]) / 2;
 }
 
+// One row of the final table: a strategy and the pause mode that ran.
 struct PerStrategy {
   int sandboxes = 0;
-  std::vector<double> pause_ms, resume_ms, base_pause_ms, diff_pause_ms;
+  std::vector<double> resume_ms, base_answer_ms, base_durable_ms, diff_answer_ms, diff_durable_ms;
   std::uint64_t bytes = 0, released = 0, mismatches = 0, fallbacks = 0;
   std::map<std::string, int> modes;
 };
 
 struct DemoTotals {
-  std::map<std::string, PerStrategy> by;
+  std::map<std::pair<std::string, std::string>, PerStrategy> by;  // (strategy, pause mode)
   nlohmann::json operations = nlohmann::json::array();
   int failures = 0;
 };
@@ -74,7 +93,7 @@ void print_banner(fleet::Daemon& d, const std::string& dir, bool temporary,
                d.socket().c_str());
   std::fprintf(out, "  metrics      curl %s\n", d.metrics_url().c_str());
   std::fprintf(out, "  flags        %s%s\n", flags_file.c_str(),
-               flags_given ? "" : " (an even split across the strategies)");
+               flags_given ? "" : " (even splits across the strategies and the pause modes)");
   std::fprintf(out, "  log          %s\n", d.log_path().c_str());
   std::fprintf(out, "  files in     %s (%s)\n\n", dir.c_str(),
                temporary ? "removed when the demo ends; --keep DIR keeps them" : "kept");
@@ -85,21 +104,29 @@ void print_banner(fleet::Daemon& d, const std::string& dir, bool temporary,
 void demo_operation(fleet::Sandbox& sb, int round, int rounds, double dirty, bool json_out,
                     DemoTotals& t) {
   const std::string& id = sb.spec().id;
-  auto paused = sb.pause();
-  if (!paused.ok()) {
-    std::fprintf(stderr, "  %s: %s\n", id.c_str(), paused.error().to_string().c_str());
+  // A handover pause is waited for until durable: the resume would wait for it anyway.
+  auto moments = sb.pause_until_durable();
+  if (!moments.ok()) {
+    std::fprintf(stderr, "  %s: %s\n", id.c_str(), moments.error().to_string().c_str());
     ++t.failures;
     return;
   }
-  const std::string strategy = (*paused)["strategy"];
-  PerStrategy& s = t.by[strategy];
+  const nlohmann::json& paused = moments->durable;  // bytes, memory_released: once durable
+  const std::string strategy = moments->answer["strategy"];
+  const std::string pause_mode = moments->mode;
+  PerStrategy& s = t.by[{strategy, pause_mode}];
   if (round == 1) ++s.sandboxes;
-  const double pause_ms = (*paused)["seconds"].get<double>() * 1e3;
-  s.pause_ms.push_back(pause_ms);
-  (round == 1 ? s.base_pause_ms : s.diff_pause_ms).push_back(pause_ms);
-  s.bytes += (*paused)["bytes"].get<std::uint64_t>();
-  s.released += (*paused)["memory_released"].get<std::uint64_t>();
-  if (!(*paused)["fallback"].is_null()) ++s.fallbacks;
+  const double answer_ms = moments->answer_seconds * 1e3;
+  const double durable_ms = moments->durable_seconds * 1e3;
+  (round == 1 ? s.base_answer_ms : s.diff_answer_ms).push_back(answer_ms);
+  (round == 1 ? s.base_durable_ms : s.diff_durable_ms).push_back(durable_ms);
+  const std::uint64_t bytes = paused.value("bytes", std::uint64_t{0});
+  s.bytes += bytes;
+  s.released += paused.contains("report") && paused["report"].is_object()
+                    ? paused["report"].value("memory_released", std::uint64_t{0})
+                    : paused.value("memory_released", std::uint64_t{0});
+  if (!moments->answer["fallback"].is_null()) ++s.fallbacks;
+  if (!moments->answer.value("mode_fallback", nlohmann::json()).is_null()) ++s.fallbacks;
   auto resumed = sb.resume();
   if (!resumed.ok()) {
     std::fprintf(stderr, "  %s: %s\n", id.c_str(), resumed.error().to_string().c_str());
@@ -117,35 +144,47 @@ void demo_operation(fleet::Sandbox& sb, int round, int rounds, double dirty, boo
   t.operations.push_back({{"round", round},
                           {"sandbox", id},
                           {"strategy", strategy},
-                          {"variant", (*paused)["variant"]},
-                          {"pause_ms", pause_ms},
-                          {"bytes", (*paused)["bytes"]},
+                          {"variant", moments->answer["variant"]},
+                          {"pause_mode", pause_mode},
+                          {"mode_fallback", moments->answer.value("mode_fallback", nlohmann::json())},
+                          {"answer_ms", answer_ms},
+                          {"durable_ms", durable_ms},
+                          {"bytes", bytes},
                           {"resume_ms", resume_ms},
                           {"mode", (*resumed)["mode"]},
                           {"mismatches", mismatches}});
   if (!json_out) {
-    std::printf("  round %d/%d %-6s %-17s pause %8.1f ms (%s)  resume %6.2f ms (%s)  %s\n", round,
-                rounds, id.c_str(), strategy.c_str(), pause_ms,
-                format_bytes(static_cast<double>((*paused)["bytes"].get<std::uint64_t>())).c_str(),
-                resume_ms, (*resumed)["mode"].get<std::string>().c_str(),
-                mismatches ? "PAGES LOST" : "verified");
+    std::printf(
+        "  round %d/%d %-6s %-17s %-8s answered %7.1f ms, durable %7.1f ms (%s)  resume %6.2f ms "
+        "(%s)  %s\n",
+        round, rounds, id.c_str(), strategy.c_str(), pause_mode.c_str(), answer_ms, durable_ms,
+        format_bytes(static_cast<double>(bytes)).c_str(), resume_ms,
+        (*resumed)["mode"].get<std::string>().c_str(), mismatches ? "PAGES LOST" : "verified");
     std::fflush(stdout);
   }
 }
 
 void print_summary(const DemoTotals& t, fleet::Daemon& d) {
   std::printf(
-      "\nper strategy (medians; pause = freeze + export + commit with fsync; resume = "
-      "handshake to VMM runnable):\n");
-  std::printf("%-17s %9s %14s %14s %10s %-11s %12s %12s %9s %5s\n", "strategy", "sandboxes",
-              "base pause ms", "diff pause ms", "resume ms", "resume mode", "exported", "released",
-              "fallbacks", "lost");
-  for (const auto& [name, s] : t.by) {
+      "\nper strategy and pause mode (medians; answered = from the request to memsnapd's answer: "
+      "copy after freeze + export + commit with fsync, handover once the VMM is stopped and its "
+      "memory held; durable = from the request to the committed snapshot; resume = handshake to "
+      "VMM runnable):\n");
+  std::printf("%-17s %-8s %9s %21s %21s %10s %-11s %12s %12s %9s %5s\n", "strategy", "mode",
+              "sandboxes", "base answered/durable", "diff answered/durable", "resume ms",
+              "resume mode", "exported", "released", "fallbacks", "lost");
+  for (const auto& [key, s] : t.by) {
     std::string modes;
     for (const auto& [m, n] : s.modes) modes += (modes.empty() ? "" : ",") + m;
-    std::printf("%-17s %9d %14.1f %14.1f %10.2f %-11s %12s %12s %9llu %5llu\n", name.c_str(),
-                s.sandboxes, median(s.base_pause_ms), median(s.diff_pause_ms), median(s.resume_ms),
-                modes.c_str(), format_bytes(static_cast<double>(s.bytes)).c_str(),
+    char base[64], diff[64];
+    std::snprintf(base, sizeof base, "%.1f/%.1f ms", median(s.base_answer_ms),
+                  median(s.base_durable_ms));
+    std::snprintf(diff, sizeof diff, "%.1f/%.1f ms", median(s.diff_answer_ms),
+                  median(s.diff_durable_ms));
+    std::printf("%-17s %-8s %9d %21s %21s %10.2f %-11s %12s %12s %9llu %5llu\n",
+                key.first.c_str(), key.second.c_str(), s.sandboxes, base, diff,
+                median(s.resume_ms), modes.c_str(),
+                format_bytes(static_cast<double>(s.bytes)).c_str(),
                 format_bytes(static_cast<double>(s.released)).c_str(),
                 static_cast<unsigned long long>(s.fallbacks),
                 static_cast<unsigned long long>(s.mismatches));
@@ -156,9 +195,13 @@ void print_summary(const DemoTotals& t, fleet::Daemon& d) {
     std::istringstream in(*scraped);
     std::string line;
     while (std::getline(in, line)) {
+      // The two moments' histograms are declared for every strategy and mode: only those seen.
+      const bool moment = line.rfind("memsnap_pause_handover_seconds_count", 0) == 0 ||
+                          line.rfind("memsnap_pause_durable_seconds_count", 0) == 0;
       const bool wanted = line.rfind("memsnap_pause_duration_seconds_count", 0) == 0 ||
                           line.rfind("memsnap_resume_duration_seconds_count", 0) == 0 ||
-                          line.rfind("memsnap_pause_released_bytes_total", 0) == 0;
+                          line.rfind("memsnap_pause_released_bytes_total", 0) == 0 ||
+                          (moment && line.substr(line.size() - 2) != " 0");
       if (wanted && line.find("outcome=\"aborted\"") == std::string::npos &&
           line.find("outcome=\"error\"") == std::string::npos) {
         std::printf("  %s\n", line.c_str());

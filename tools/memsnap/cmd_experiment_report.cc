@@ -1,6 +1,6 @@
 // memsnap experiment report: the analysis of an A/B(/C) experiment, from the JSON results of
 // `memsnap experiment run` or from Prometheus (the histograms memsnapd exports, over a window).
-// Per strategy p50/p90/p99 with bootstrap intervals, each arm against the baseline (ratio with
+// Per arm (strategy, or pause mode) p50/p90/p99 with bootstrap intervals, each arm against the baseline (ratio with
 // its interval, Mann-Whitney U), a sample-ratio-mismatch check of the split, verdicts in plain
 // language; written as Markdown, JSON and an SVG picture (tools/experiment).
 //
@@ -152,7 +152,7 @@ std::vector<ex::ArmWeight> parse_arms(const std::string& text) {
 int cmd_experiment_report(Args& args) {
   const std::string prometheus = args.value("--prometheus");
   const std::string window = args.value("--window", "1h");
-  std::string baseline = args.value("--baseline", "process_vm_readv");
+  std::string baseline = args.value("--baseline");
   const std::string arms_text = args.value("--arms");
   const std::string out_prefix = args.value("--out");
   const double alpha = std::stod(args.value("--alpha", "0.05"));
@@ -167,9 +167,10 @@ int cmd_experiment_report(Args& args) {
   }
 
   ex::ExperimentSpec spec;
-  spec.baseline = baseline;
+  spec.baseline = baseline.empty() ? "process_vm_readv" : baseline;
   spec.alpha = alpha;
   std::vector<ex::OperationRecord> records;
+  std::vector<std::string> fallback_notes;  // pauses that ran in another mode than their arm's
   std::string source;
   if (!prometheus.empty()) {
     try {
@@ -195,22 +196,56 @@ int cmd_experiment_report(Args& args) {
       throw std::invalid_argument(files[0] + " is not the results of `memsnap experiment run`");
     }
     source = files[0];
-    spec.title = "memsnap strategy experiment (" + files[0] + describe(results["experiment"]) +
+    const json& experiment = results["experiment"];
+    const bool mode_split = experiment.value("flag", "") == "pause-mode";
+    std::string what = describe(experiment);
+    if (mode_split) {
+      spec.arm_kind = "pause mode";
+      if (baseline.empty()) spec.baseline = "copy";
+      what += (what.empty() ? ": " : ", ") + std::string("strategy ") +
+              experiment.value("strategy", json("?")).get<std::string>();
+    }
+    spec.title = std::string(mode_split ? "memsnap pause-mode experiment (" : "memsnap strategy "
+                                                                             "experiment (") +
+                 files[0] + what +
                  (warmup > 0 ? ", cycles after the first " + std::to_string(warmup) : "") + ")";
+    // A strategy split compares the pause as one moment; a pause-mode split its two moments
+    // (answered, durable) and the export's CPU time, whichever process spent it.
+    const std::vector<const char*> metrics =
+        mode_split ? std::vector<const char*>{"answer_seconds", "answer_wall_seconds",
+                                              "durable_seconds", "resume_seconds",
+                                              "export_cpu_seconds", "peak_memory_bytes",
+                                              "released_bytes", "held_memory_bytes",
+                                              "guest_memory_bytes"}
+                   : std::vector<const char*>{"pause_seconds", "resume_seconds", "cpu_seconds",
+                                              "peak_memory_bytes", "released_bytes",
+                                              "held_memory_bytes", "guest_memory_bytes"};
+    std::map<std::string, std::map<std::string, int>> ran_otherwise;  // arm -> "mode (why)" -> n
     for (const auto& op : results["operations"]) {
       if (op.contains("error") || !op.contains("pause_seconds")) continue;
       if (op.value("cycle", 0) <= warmup) continue;
       ex::OperationRecord r;
       // Intention to treat: the arm is the flag's variant; its latency is that of what ran.
-      r.arm = op["variant"].is_string() ? op["variant"].get<std::string>()
-                                        : op.value("strategy", "");
+      const char* variant = mode_split ? "mode_variant" : "variant";
+      r.arm = op.contains(variant) && op[variant].is_string()
+                  ? op[variant].get<std::string>()
+                  : op.value(mode_split ? "requested_mode" : "strategy", "");
       r.unit = op.value("sandbox", "");
-      for (const char* m : {"pause_seconds", "resume_seconds", "cpu_seconds", "peak_memory_bytes",
-                            "released_bytes", "held_memory_bytes",
-                            "guest_memory_bytes"}) {
+      for (const char* m : metrics) {
         if (op.contains(m) && op[m].is_number()) r.metrics[m] = op[m].get<double>();
       }
+      if (mode_split && op.value("mode", r.arm) != r.arm) {
+        const json& fb = op.contains("mode_fallback") ? op["mode_fallback"] : json();
+        ++ran_otherwise[r.arm][op.value("mode", "?") + " (" +
+                               (fb.is_object() ? fb.value("reason", "?") : "?") + ")"];
+      }
       records.push_back(std::move(r));
+    }
+    for (const auto& [arm, ran] : ran_otherwise) {
+      for (const auto& [how, n] : ran) {
+        fallback_notes.push_back(std::to_string(n) + " pause(s) of arm " + arm + " ran as " + how +
+                                 ": they count in " + arm + " (intention to treat)");
+      }
     }
     const json& weights = results["experiment"]["weights"];
     for (const auto& [name, w] : weights.items()) spec.arms.push_back({name, w.get<double>()});
@@ -233,6 +268,7 @@ int cmd_experiment_report(Args& args) {
     std::fprintf(stderr, "memsnap experiment report: %s\n", report.error().to_string().c_str());
     return 1;
   }
+  report->notes.insert(report->notes.end(), fallback_notes.begin(), fallback_notes.end());
   const json j = ex::to_json(*report);
   if (!write_output_file(prefix + ".json", j.dump(2) + "\n") ||
       !write_output_file(prefix + ".md", ex::to_markdown(*report)) ||

@@ -1,9 +1,12 @@
 // memsnap experiment run: an A/B(/C) latency experiment on one host. Starts memsnapd (or uses a
-// running one), launches N stand-in sandboxes, assigns each to a strategy through a flag file
-// with the arms' weights (the real selection path: memsnapd evaluates the flag), and runs K
+// running one), launches N stand-in sandboxes, assigns each to a strategy (or, --split
+// pause-mode, to a pause mode with the strategy fixed) through a flag file with the arms'
+// weights (the real selection path: memsnapd evaluates the flag), and runs K
 // pause/resume cycles per sandbox, interleaved in a fresh random order every cycle so that
 // machine noise hits every arm alike. Every operation is recorded in a JSON results file, the
-// input of `memsnap experiment report`.
+// input of `memsnap experiment report`. Each pause records both of its moments: the answer
+// (handover_seconds, and the client's wall time) and durable (a handover pause is waited for,
+// wait_while=exporting, before its sandbox is resumed).
 #include <signal.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -78,16 +81,27 @@ std::vector<std::pair<std::string, int>> parse_weights(const std::string& text) 
   return out;
 }
 
-std::string split_flag(const std::vector<std::pair<std::string, int>>& arms) {
+// The flag that splits the sandboxes across the arms (flagd "fractional", bucketed by flag key +
+// sandbox id). Split on the strategy: memory-export-strategy, every pause in copy mode (the
+// default). Split on the pause mode: pause-mode, with memory-export-strategy fixed to one
+// strategy for everyone (a flag without targeting: reason STATIC, still memsnapd's choice).
+std::string split_flag(const std::string& key, const std::vector<std::pair<std::string, int>>& arms,
+                       const std::string& fixed_strategy) {
   std::string variants, fractional;
   for (const auto& [name, w] : arms) {
     variants += "      " + name + ": " + name + "\n";
     fractional += "        - [" + name + ", " + std::to_string(w) + "]\n";
   }
-  return "# written by memsnap experiment run\nflags:\n  memory-export-strategy:\n"
-         "    state: ENABLED\n    variants:\n" +
-         variants + "    defaultVariant: " + arms.front().first +
-         "\n    targeting:\n      fractional:\n" + fractional;
+  std::string text = "# written by memsnap experiment run\nflags:\n  " + key +
+                     ":\n    state: ENABLED\n    variants:\n" + variants +
+                     "    defaultVariant: " + arms.front().first +
+                     "\n    targeting:\n      fractional:\n" + fractional;
+  if (!fixed_strategy.empty()) {
+    text += "  memory-export-strategy:\n    state: ENABLED\n    variants:\n      " +
+            fixed_strategy + ": " + fixed_strategy + "\n    defaultVariant: " + fixed_strategy +
+            "\n";
+  }
+  return text;
 }
 
 // "exp-1-3, cycle 2 of 4, 22% done, eta 40 s" for the status line.
@@ -112,8 +126,13 @@ int cmd_experiment_run(Args& args) {
   const double dirty = parse_fraction("--dirty", args.value("--dirty", "0.1"));
   const bool sequential = args.value("--pattern", "random") == "sequential";
   const bool thp = args.flag("--thp");
-  const auto arms = parse_weights(
-      args.value("--arms", "process_vm_readv=1,memfd=1,hole_punch=1"));
+  // What the arms are: export strategies (memory-export-strategy) or pause modes (pause-mode,
+  // with one strategy for all, --strategy).
+  const std::string split = args.value("--split", "strategy");
+  const bool mode_split = split == "pause-mode";
+  const std::string strategy = args.value("--strategy", mode_split ? "memfd" : "");
+  const auto arms = parse_weights(args.value(
+      "--arms", mode_split ? "copy=1,handover=1" : "process_vm_readv=1,memfd=1,hole_punch=1"));
   const std::string out_path = args.value("--out", "experiment-results.json");
   const std::uint64_t seed = std::stoull(args.value("--seed", "1"));
   const std::string keep = args.value("--keep");
@@ -123,6 +142,16 @@ int cmd_experiment_run(Args& args) {
   if (metrics_port < 0 || metrics_port > 65535) throw std::invalid_argument("--metrics-port");
   if (sandboxes < 1 || cycles < 1) throw std::invalid_argument("--sandboxes and --cycles >= 1");
   if (backing != "memfd" && backing != "anon") throw std::invalid_argument("--backing memfd|anon");
+  if (split != "strategy" && !mode_split) throw std::invalid_argument("--split strategy|pause-mode");
+  if (!mode_split && !strategy.empty()) {
+    throw std::invalid_argument("--strategy fixes the strategy of a --split pause-mode run");
+  }
+  for (const auto& [name, w] : arms) {
+    if (mode_split && name != "copy" && name != "handover" && name != "live") {
+      throw std::invalid_argument("--arms of --split pause-mode are pause modes (copy, handover, "
+                                  "live), not " + name);
+    }
+  }
   // Before the run, not after minutes of it.
   if (const std::string why = output_path_problem(out_path); !why.empty()) {
     throw std::invalid_argument("--out: " + why + " (nothing was run)");
@@ -131,7 +160,8 @@ int cmd_experiment_run(Args& args) {
   const std::string dir = work_dir(keep, "memsnap-experiment");
   if (dir.empty()) return 1;
   const std::string flags_file = dir + "/flags.yaml";
-  if (!write_output_file(flags_file, split_flag(arms))) return 1;
+  const std::string flag_key = mode_split ? "pause-mode" : "memory-export-strategy";
+  if (!write_output_file(flags_file, split_flag(flag_key, arms, strategy))) return 1;
   fleet::DaemonOptions dopt;
   dopt.dir = dir;
   dopt.flags_file = flags_file;
@@ -147,9 +177,10 @@ int cmd_experiment_run(Args& args) {
     // rate() and increase() over the run count all of it.
     std::this_thread::sleep_for(std::chrono::seconds(5));
   }
-  std::fprintf(stderr, "memsnapd pid %d, metrics at %s; %d sandboxes x %d cycles, %s %s each\n",
+  std::fprintf(stderr, "memsnapd pid %d, metrics at %s; %d sandboxes x %d cycles, %s %s each%s\n",
                d.pid(), d.metrics_url().c_str(), sandboxes, cycles,
-               format_bytes(static_cast<double>(size)).c_str(), backing.c_str());
+               format_bytes(static_cast<double>(size)).c_str(), backing.c_str(),
+               mode_split ? (", split on pause-mode, strategy " + strategy).c_str() : "");
 
   std::vector<std::unique_ptr<fleet::Sandbox>> fleet_;
   for (int i = 1; i <= sandboxes; ++i) {
@@ -189,22 +220,41 @@ int cmd_experiment_run(Args& args) {
                  {"sandbox", sb.spec().id},
                  {"guest_huge_bytes", huge_page_bytes(sb.vmm()->pid())}};
       PeakSampler sampler(d.pid(), sb.vmm()->pid());
-      auto paused = sb.pause();
+      // Until durable (a handover pause's VMM is gone after its answer; the exporter process
+      // that writes the snapshot afterwards is not counted).
+      auto paused = sb.pause_until_durable();
       op["peak_memory_bytes"] = sampler.finish();
       if (!paused.ok()) {
         op["error"] = paused.error().to_string();
         ++failures;
       } else {
-        const json& p = *paused;
+        const json& p = paused->answer;
+        const json& durable = paused->durable;
+        const json& report = durable.contains("report") ? durable["report"] : json();
+        auto pick = [&](const char* key) {
+          if (durable.contains(key) && !durable[key].is_null()) return durable[key];
+          return report.is_object() && report.contains(key) ? report[key] : json();
+        };
         op["strategy"] = p["strategy"];
         op["variant"] = p["variant"];
         op["reason"] = p["reason"];
         op["fallback"] = p["fallback"];
+        op["mode"] = paused->mode;
+        op["requested_mode"] = p.value("requested_mode", "copy");
+        op["mode_source"] = p.value("mode_source", "default");
+        op["mode_fallback"] = p.contains("mode_fallback") ? p["mode_fallback"] : json();
+        // The pause-mode flag's variant (the arm of a pause-mode split), null without it.
+        op["mode_variant"] =
+            op["mode_source"] == "flag" ? op["requested_mode"] : json(nullptr);
         op["pause_seconds"] = p["seconds"];
-        op["pause_phases"] = p["phases"];
-        op["bytes"] = p["bytes"];
-        op["cpu_seconds"] = p["cpu_seconds"];
-        op["released_bytes"] = p["memory_released"];
+        op["answer_seconds"] = paused->answer_seconds;
+        op["answer_wall_seconds"] = paused->answer_wall_seconds;
+        op["durable_seconds"] = paused->durable_seconds;
+        op["export_cpu_seconds"] = paused->export_cpu_seconds;
+        op["pause_phases"] = pick("phases");
+        op["bytes"] = pick("bytes");
+        op["cpu_seconds"] = pick("cpu_seconds");
+        op["released_bytes"] = pick("memory_released");
         op["guest_memory_bytes"] = size;
         // What the host keeps holding for the paused sandbox (its VMM is gone by now): a memfd
         // kept for a warm resume, or nothing.
@@ -250,7 +300,9 @@ int cmd_experiment_run(Args& args) {
                     {"thp_shmem_enabled", thp_setting("shmem_enabled")},
                     {"seed", seed},
                     {"weights", weights},
-                    {"flag", "memory-export-strategy"},
+                    {"flag", flag_key},
+                    {"split", mode_split ? "pause-mode" : "strategy"},
+                    {"strategy", mode_split ? json(strategy) : json(nullptr)},
                     {"seconds", std::chrono::duration<double>(std::chrono::steady_clock::now() -
                                                               started)
                                     .count()}}},

@@ -102,25 +102,40 @@ std::vector<Command> main_commands() {
   out.push_back(local(
       {.name = "demo",
        .summary = "the main job: memsnapd on built-in defaults, stand-in sandboxes split across "
-                  "the strategies by a flag, paused and resumed through its API, compared",
+                  "the strategies and pause modes by flags, paused and resumed through its API, "
+                  "compared",
        .description =
            "Starts memsnapd, registers the stand-ins, pauses and resumes each of them `--rounds` "
-           "times through the control API, verifies every page, and prints a per-strategy "
-           "comparison. memsnapd and its socket live until the demo ends.",
+           "times through the control API, verifies every page, and prints a per-strategy and "
+           "pause mode comparison. Every pause prints when it was answered and when its snapshot "
+           "was durable (a handover pause answers first and is waited for before the resume). "
+           "memsnapd and its socket live until the demo ends.",
        .options = {integer("--sandboxes", "stand-in sandboxes", "6", 1, 1000),
                    integer("--rounds", "pause/resume rounds of each", "3", 1, 10000),
                    guest_size("--size", "guest memory of each stand-in", "64M"),
                    fraction("--dirty", "the fraction of pages each round writes", "0.1"),
                    path("--flags", "FILE", "the flag file that splits the sandboxes",
-                        "an even A/B/C split"),
+                        "even splits across the strategies and the pause modes"),
                    keep(), json()}},
       false));
   out.push_back(local(
       {.name = "experiment run",
        .summary = "an A/B(/C) latency experiment through memsnapd: stand-ins assigned to arms "
                   "by a flag, interleaved pause/resume cycles; writes the results JSON",
-       .options = {text("--arms", "NAME=WEIGHT,...", "the strategies and their weights",
-                        "process_vm_readv=1,memfd=1,hole_punch=1"),
+       .description =
+           "--split strategy: the arms are export strategies (the memory-export-strategy flag), "
+           "every pause in copy mode. --split pause-mode: the arms are pause modes (the "
+           "pause-mode flag: copy, handover), every sandbox on the --strategy; each pause "
+           "records when it was answered and when it was durable (a handover pause is waited "
+           "for before the resume).",
+       .options = {choice("--split", {"strategy", "pause-mode"}, "what the arms are",
+                          "strategy"),
+                   text("--arms", "NAME=WEIGHT,...", "the arms (strategies or pause modes) and "
+                        "their weights",
+                        "process_vm_readv=1,memfd=1,hole_punch=1; copy=1,handover=1 with --split "
+                        "pause-mode"),
+                   text("--strategy", "S", "the strategy of every sandbox, with --split "
+                        "pause-mode", "memfd"),
                    integer("--sandboxes", "stand-in sandboxes", "6", 1, 10000),
                    integer("--cycles", "pause/resume cycles of each", "4", 1, 100000),
                    guest_size("--size", "guest memory of each stand-in", "64M"),
@@ -136,14 +151,14 @@ std::vector<Command> main_commands() {
       false));
   out.push_back(local(
       {.name = "experiment report",
-       .summary = "the analysis of an experiment: per strategy p50/p90/p99 with bootstrap 95% "
+       .summary = "the analysis of an experiment: per arm p50/p90/p99 with bootstrap 95% "
                   "intervals, each arm against the baseline, sample-ratio check, verdicts",
        .synopsis = "(RESULTS.json | --prometheus URL [--window 1h]) [options]",
        .description = "Writes PREFIX.md, PREFIX.json and PREFIX.svg with --out.",
        .options = {text("--prometheus", "URL", "read the samples from a Prometheus server"),
                    text("--window", "DURATION", "how far back, with --prometheus", "1h"),
-                   text("--baseline", "STRATEGY", "the arm the others are compared with",
-                        "process_vm_readv"),
+                   text("--baseline", "ARM", "the arm the others are compared with",
+                        "process_vm_readv; copy for a pause-mode split"),
                    text("--arms", "NAME=WEIGHT,...", "the planned split (for the sample-ratio "
                         "check)", "the results' own"),
                    number("--alpha", "P", "the significance level", "0.05", 0, 0.5),
