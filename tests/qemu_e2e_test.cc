@@ -81,6 +81,7 @@ struct Case {
   const char* strategy;
   bool memsnap_owns_ram;
   const char* first_resume_mode;
+  bool handover = false;  // answered at the handover; QEMU ended; the export in the background
 };
 
 class QemuStrategyTest : public QemuE2eTest, public ::testing::WithParamInterface<Case> {};
@@ -93,6 +94,7 @@ TEST_P(QemuStrategyTest, TwoPausesAndResumesAndTheGuestFindsItsMemoryIntact) {
   o.generations = 2;
   o.dir = dir_;
   o.sync = false;
+  o.handover = c.handover;
   auto r = run_cycle(registry_, o);
   ASSERT_TRUE(r.ok()) << r.error().to_string();
   ASSERT_EQ(r->generations.size(), 2u);
@@ -107,6 +109,9 @@ TEST_P(QemuStrategyTest, TwoPausesAndResumesAndTheGuestFindsItsMemoryIntact) {
     EXPECT_GT(g.gens_after, g.gens_before);
     EXPECT_GT(g.pause.device_state_bytes, 0u);
     EXPECT_LT(g.pause.device_state_bytes, 4u << 20) << "RAM went into the device state";
+    // A handover answers before the export: the answer is part of the durable time.
+    EXPECT_GT(g.pause.handover_seconds, 0);
+    EXPECT_LE(g.pause.handover_seconds, g.pause.wall_seconds);
   }
   const GenerationReport& first = r->generations[0];
   const GenerationReport& second = r->generations[1];
@@ -123,9 +128,12 @@ TEST_P(QemuStrategyTest, TwoPausesAndResumesAndTheGuestFindsItsMemoryIntact) {
 INSTANTIATE_TEST_SUITE_P(Strategies, QemuStrategyTest,
                          ::testing::Values(Case{"process_vm_readv", false, "write"},
                                            Case{"memfd", true, "warm"},
-                                           Case{"hole_punch", true, "fill"}),
+                                           Case{"hole_punch", true, "fill"},
+                                           Case{"memfd", true, "warm", true},
+                                           Case{"hole_punch", true, "fill", true}),
                          [](const ::testing::TestParamInfo<Case>& param_info) {
-                           return std::string(param_info.param.strategy);
+                           return std::string(param_info.param.strategy) +
+                                  (param_info.param.handover ? "_handover" : "");
                          });
 
 // Counts the VMMs a resume starts.

@@ -92,6 +92,9 @@ QemuArgs parse_qemu_args(Args& args) {
   o.allow_fallback = args.flag("--allow-fallback");
   o.sync = !args.flag("--no-sync");
   o.reference = args.flag("--reference");
+  const std::string mode = args.value("--mode", "copy");
+  if (mode != "copy" && mode != "handover") throw std::invalid_argument("--mode is copy or handover");
+  o.handover = mode == "handover";
   a.keep = args.value("--keep");
   a.json = args.flag("--json");
   a.plugins = plugin_dir(args);
@@ -158,6 +161,7 @@ void print_json_report(const qemu::CycleReport& r) {
     gens.push_back({{"generation", g.generation},
                     {"pause", to_json(g.pause.memory)},
                     {"pause_ms", g.pause.wall_seconds * 1e3},
+                    {"answered_ms", g.pause.handover_seconds * 1e3},
                     {"pause_phases_ms", phases_json(g.pause.phases)},
                     {"device_state_bytes", g.pause.device_state_bytes},
                     {"resume_mode", g.resume_mode},
@@ -170,6 +174,7 @@ void print_json_report(const qemu::CycleReport& r) {
                     {"bad_lines", g.bad_lines}});
   }
   std::printf("%s\n", nlohmann::json{{"strategy", r.strategy},
+                                     {"mode", r.handover ? "handover" : "copy"},
                                      {"accel", r.accel},
                                      {"ram", r.memsnap_owns_ram ? "memsnap" : "qemu"},
                                      {"memory_bytes", r.memory_bytes},
@@ -194,8 +199,10 @@ void print_text_report(const qemu::CycleReport& r) {
         format_bytes(double(r.reference->bytes)).c_str());
   }
   for (const auto& g : r.generations) {
-    std::printf("gen %d  pause %.1f ms (%s; %s of memory, %s device state)\n", g.generation,
-                g.pause.wall_seconds * 1e3, phases_text(g.pause.phases).c_str(),
+    std::printf("gen %d  pause answered in %.1f ms, durable in %.1f ms (%s; %s of memory, %s "
+                "device state)\n",
+                g.generation, g.pause.handover_seconds * 1e3, g.pause.wall_seconds * 1e3,
+                phases_text(g.pause.phases).c_str(),
                 format_bytes(double(g.pause.memory.data_bytes)).c_str(),
                 format_bytes(double(g.pause.device_state_bytes)).c_str());
     std::printf("       resume %.1f ms, %s (%s)\n", g.resume_seconds * 1e3, g.resume_mode.c_str(),

@@ -315,8 +315,12 @@ std::vector<Command> round_commands() {
                    flag("--allow-fallback", "use the fallback strategy when the chosen one "
                                             "cannot"),
                    flag("--no-sync", "do not fsync the snapshots"),
-                   flag("--reference", "also time QEMU's own migrate to a file and back"), keep(),
-                   json()}},
+                   flag("--reference", "also time QEMU's own migrate to a file and back"),
+                   choice("--mode", {"copy", "handover"},
+                          "copy: answer when durable; handover: answer once QEMU is stopped, its "
+                          "device state saved and its RAM held, then export in the background",
+                          "copy"),
+                   keep(), json()}},
       true));
   out.push_back(local(
       {.name = "flags eval",

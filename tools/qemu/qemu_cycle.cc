@@ -170,6 +170,7 @@ Result<CycleReport> run_cycle(const PluginRegistry& registry, const CycleOptions
   report.strategy = o.strategy;
   report.accel = o.machine.accel;
   report.memsnap_owns_ram = o.machine.memsnap_owns_ram;
+  report.handover = o.handover;
   report.memory_bytes = o.machine.memory_bytes;
 
   io::UniqueFd ram;
@@ -220,15 +221,33 @@ Result<CycleReport> run_cycle(const PluginRegistry& registry, const CycleOptions
     p.strategy = o.strategy;
     p.allow_fallback = o.allow_fallback;
     p.sync = o.sync;
-    MEMSNAP_ASSIGN_OR_RETURN(auto paused, pause_vmm(registry, *vmm, p));
-    gen.pause = std::move(paused);
-    say("generation " + std::to_string(g) + ": paused with " + gen.pause.memory.strategy + " in " +
+    if (o.handover) {
+      // Answered at the handover; QEMU ends at once, as an orchestrator may, and the export runs
+      // on from the held memfd. The resume below starts once it is durable.
+      MEMSNAP_ASSIGN_OR_RETURN(auto handed, handover_vmm(registry, *vmm, p));
+      const double answered = handed.report.handover_seconds;
+      say("generation " + std::to_string(g) + ": handed over in " +
+          std::to_string(answered * 1e3) + " ms; exporting in the background");
+      auto exported = std::async(std::launch::async, [&registry, h = std::move(handed)]() mutable {
+        return finish_handover(registry, std::move(h));
+      });
+      vmm->terminate();
+      kept.memfd = vmm->release_ram();
+      auto durable = exported.get();
+      if (!durable.ok()) return std::move(durable).error();
+      gen.pause = std::move(*durable);
+    } else {
+      MEMSNAP_ASSIGN_OR_RETURN(auto paused, pause_vmm(registry, *vmm, p));
+      gen.pause = std::move(paused);
+      // The paused VM ends; memory a memfd strategy left in place is kept for a warm resume.
+      vmm->terminate();
+      kept.memfd = vmm->release_ram();
+    }
+    say("generation " + std::to_string(g) + ": paused with " + gen.pause.memory.strategy +
+        ", answered in " + std::to_string(gen.pause.handover_seconds * 1e3) + " ms, durable in " +
         std::to_string(gen.pause.wall_seconds * 1e3) + " ms (" +
         std::to_string(gen.pause.memory.data_bytes >> 10) + " KiB of memory, " +
         std::to_string(gen.pause.device_state_bytes >> 10) + " KiB of device state)");
-    // The paused VM ends; memory a memfd strategy left in place is kept for a warm resume.
-    vmm->terminate();
-    kept.memfd = vmm->release_ram();
     kept.snapshot_id = gen.pause.memory.snapshot_id;
     kept.generation = gen.pause.memory.generation;
     kept.guest_size = gen.pause.memory.guest_size;

@@ -43,6 +43,10 @@ struct CycleOptions {
   // Also measure QEMU's own migration of the whole VM (RAM included) to a file and back, once,
   // before the first pause: the reference a user would otherwise pick.
   bool reference = false;
+  // true: each pause is a handover (core/vmm_pause.h handover_vmm): it is answered once QEMU is
+  // stopped, its device state committed and its RAM memfd held; QEMU is then ended and the
+  // export runs on another thread; the resume waits until the snapshot is durable.
+  bool handover = false;
   std::function<void(const std::string&)> progress;
 };
 
@@ -55,7 +59,7 @@ struct ReferenceReport {
 
 struct GenerationReport {
   int generation = 0;
-  VmmPauseReport pause;
+  VmmPauseReport pause;  // pause.handover_seconds: until the caller could be answered
   std::string resume_mode, resume_reason;
   std::vector<PhaseTiming> resume_phases;
   double resume_seconds = 0;
@@ -70,6 +74,7 @@ struct CycleReport {
   std::string strategy;
   std::string accel;
   bool memsnap_owns_ram = true;
+  bool handover = false;
   std::uint64_t memory_bytes = 0;
   double boot_seconds = 0;  // to the first ok line
   std::optional<ReferenceReport> reference;
