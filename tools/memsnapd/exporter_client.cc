@@ -255,7 +255,8 @@ class ExporterProcess final : public BackgroundExport {
     if (status_.state != ExportState::kDurable && !released_) {
       std::string message = "memsnap-exporter (pid " + std::to_string(pid_) + ") " +
                             (r == pid_ ? exit_description(wait_status) : "ended") +
-                            " before the snapshot was durable: the memory it held is gone";
+                            " before the snapshot was durable (its own reference to the memory is gone; a retry "
+                            "starts a new export from the caller's, if it holds one)";
       if (status_.error) message += " (its last error: " + status_.error->to_string() + ")";
       spdlog::error("export of a handover pause lost: {}", message);
       set_state(ExportState::kFailed);
