@@ -138,7 +138,7 @@ std::vector<MetricInfo> build_catalogue() {
        "",
        {"strategy"},
        {}},
-      {"memsnap_background_exports",
+      {"memsnap_background_exports_pending",
        T::kGauge,
        "Background exports (of pauses answered at handover) right now, by state: running (not "
        "durable yet) or failed (the memory stays held, in RAM only, until a retry succeeds or "
@@ -498,7 +498,7 @@ struct HostMetrics::Impl {
       : registry(r),
         api_requests(counter("memsnap_api_requests_total")),
         export_retries(counter("memsnap_background_export_retries_total")),
-        background_exports(gauge("memsnap_background_exports")),
+        background_exports(gauge("memsnap_background_exports_pending")),
         background_outcomes(counter("memsnap_background_exports_total")),
         build_info(gauge("memsnap_build_info")),
         concurrency_rejections(counter("memsnap_concurrency_limit_rejections_total")),
@@ -652,8 +652,8 @@ struct HostMetrics::Impl {
   std::map<std::string, prometheus::Gauge*> plugin_info_by_name;
   std::vector<std::string> states;
   prometheus::Gauge* other_state = nullptr;
-  // memsnap_background_exports{state="running"|"failed"} and the two byte gauges, made by the
-  // constructor (so read without the lock), set together under it.
+  // memsnap_background_exports_pending{state="running"|"failed"} and the two byte gauges, made
+  // by the constructor (so read without the lock), set together under it.
   prometheus::Gauge* exports_running = nullptr;
   prometheus::Gauge* exports_failed = nullptr;
   prometheus::Gauge* backlog_bytes = nullptr;

@@ -232,7 +232,7 @@ class HostMetrics {
   // A failed background export tried again (memsnap_background_export_retries_total).
   void record_export_retry(std::string_view strategy) noexcept;
   // The background exports right now (set, not added; call on every change): running and failed
-  // ones (memsnap_background_exports{state}), the dirty bytes not yet durable
+  // ones (memsnap_background_exports_pending{state}), the dirty bytes not yet durable
   // (memsnap_export_backlog_bytes) and the host memory held for them
   // (memsnap_export_held_bytes).
   void set_background_exports(std::uint64_t running, std::uint64_t failed,

@@ -208,8 +208,8 @@ TEST(HostMetricsTest, PauseModeSeriesStartAtZero) {
     }
     EXPECT_EQ(e.value("memsnap_background_export_retries_total", {{"strategy", s}}), 0) << s;
   }
-  EXPECT_EQ(e.value("memsnap_background_exports", {{"state", "running"}}), 0);
-  EXPECT_EQ(e.value("memsnap_background_exports", {{"state", "failed"}}), 0);
+  EXPECT_EQ(e.value("memsnap_background_exports_pending", {{"state", "running"}}), 0);
+  EXPECT_EQ(e.value("memsnap_background_exports_pending", {{"state", "failed"}}), 0);
   EXPECT_EQ(e.value("memsnap_export_backlog_bytes", {}), 0);
   EXPECT_EQ(e.value("memsnap_export_held_bytes", {}), 0);
   for (const PauseMode mode : kPauseModes) {
@@ -317,18 +317,18 @@ TEST(HostMetricsTest, BackgroundExportGaugesAreSet) {
   HostMetrics m;
   m.set_background_exports(3, 1, 5ULL << 30, 6ULL << 30);
   Exposition e = parse_exposition(m.serialize());
-  EXPECT_EQ(e.value("memsnap_background_exports", {{"state", "running"}}), 3);
-  EXPECT_EQ(e.value("memsnap_background_exports", {{"state", "failed"}}), 1);
+  EXPECT_EQ(e.value("memsnap_background_exports_pending", {{"state", "running"}}), 3);
+  EXPECT_EQ(e.value("memsnap_background_exports_pending", {{"state", "failed"}}), 1);
   EXPECT_EQ(e.value("memsnap_export_backlog_bytes", {}), 5.0 * (1ULL << 30));
   EXPECT_EQ(e.value("memsnap_export_held_bytes", {}), 6.0 * (1ULL << 30));
   m.set_background_exports(0, 1, 4096, 8192);
   e = parse_exposition(m.serialize());
-  EXPECT_EQ(e.value("memsnap_background_exports", {{"state", "running"}}), 0);
-  EXPECT_EQ(e.value("memsnap_background_exports", {{"state", "failed"}}), 1);
+  EXPECT_EQ(e.value("memsnap_background_exports_pending", {{"state", "running"}}), 0);
+  EXPECT_EQ(e.value("memsnap_background_exports_pending", {{"state", "failed"}}), 1);
   EXPECT_EQ(e.value("memsnap_export_backlog_bytes", {}), 4096);
   EXPECT_EQ(e.value("memsnap_export_held_bytes", {}), 8192);
   int series = 0;
-  for (const auto& s : e.samples) series += s.name == "memsnap_background_exports";
+  for (const auto& s : e.samples) series += s.name == "memsnap_background_exports_pending";
   EXPECT_EQ(series, 2) << "running and failed, nothing else";
 }
 

@@ -701,7 +701,7 @@ TEST_F(SandboxServiceTest, AHandoverAnswersBeforeTheSnapshotIsDurableAndCommitsI
   job.progress(kGuestSize / 4);
   EXPECT_EQ(get("sb")["export"]["bytes_done"], kGuestSize / 4);
   EXPECT_EQ(series("memsnap_sandboxes", {"state=\"exporting\""}), 1);
-  EXPECT_EQ(series("memsnap_background_exports", {"state=\"running\""}), 1);
+  EXPECT_EQ(series("memsnap_background_exports_pending", {"state=\"running\""}), 1);
   EXPECT_EQ(series("memsnap_pause_handover_seconds_count", {"mode=\"handover\""}), 1);
 
   // A pause or resume of it now: it is paused already / the resume waits, then gives up.
@@ -721,7 +721,7 @@ TEST_F(SandboxServiceTest, AHandoverAnswersBeforeTheSnapshotIsDurableAndCommitsI
   EXPECT_EQ((*waited)["last_pause"]["durable"], true);
   EXPECT_EQ((*waited)["last_pause"]["export"]["state"], "durable");
   EXPECT_EQ((*waited)["last_pause"]["snapshot_id"], std::string(32, 'b'));
-  EXPECT_EQ(series("memsnap_background_exports", {"state=\"running\""}), 0);
+  EXPECT_EQ(series("memsnap_background_exports_pending", {"state=\"running\""}), 0);
   EXPECT_EQ(series("memsnap_pause_durable_seconds_count", {"mode=\"handover\""}), 1);
   EXPECT_EQ(series("memsnap_sandboxes", {"state=\"paused\""}), 1);
 }
@@ -738,7 +738,7 @@ TEST_F(SandboxServiceTest, AFailedExportKeepsTheMemoryUntilARetryMakesItDurable)
   EXPECT_EQ(sb["durable"], false);
   EXPECT_EQ(sb["export"]["state"], "failed");
   EXPECT_NE(sb["export"]["error"].get<std::string>().find("No space left"), std::string::npos);
-  EXPECT_EQ(series("memsnap_background_exports", {"state=\"failed\""}), 1);
+  EXPECT_EQ(series("memsnap_background_exports_pending", {"state=\"failed\""}), 1);
   // Nothing says durable, and nothing lets the memory go without force.
   EXPECT_EQ(sb["snapshots"], json::array());
   auto removed = service_->remove(root_, "sb");
@@ -769,7 +769,7 @@ TEST_F(SandboxServiceTest, RemovingAFailedExportNeedsForceAndThenLetsTheMemoryGo
   EXPECT_EQ(pipeline_.releases(), 0);
   ASSERT_TRUE(service_->remove(root_, "sb", /*force=*/true).ok());
   EXPECT_EQ(pipeline_.releases(), 1);
-  EXPECT_EQ(series("memsnap_background_exports", {"state=\"failed\""}), 0);
+  EXPECT_EQ(series("memsnap_background_exports_pending", {"state=\"failed\""}), 0);
   EXPECT_EQ(series("memsnap_export_held_bytes", {}), 0);
 }
 
@@ -855,7 +855,7 @@ TEST_F(SandboxServiceTest, AnExportThatCannotStartLeavesTheSandboxRunning) {
   EXPECT_NE(paused.error().message.find("memsnap-exporter"), std::string::npos);
   EXPECT_EQ(state("sb"), "running");
   EXPECT_NE(proc_state(vmms_[0].pid), 'T');  // continued
-  EXPECT_EQ(series("memsnap_background_exports", {"state=\"running\""}), 0);
+  EXPECT_EQ(series("memsnap_background_exports_pending", {"state=\"running\""}), 0);
 }
 
 TEST_F(SandboxServiceTest, ADeadExporterIsStartedAgainFromTheMemoryMemsnapdHolds) {
