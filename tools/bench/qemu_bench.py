@@ -42,8 +42,14 @@ def main():
     ap.add_argument("--out", default="")
     ap.add_argument("--sync", action="store_true", help="memsnap fsyncs its snapshots")
     ap.add_argument("--handover", action="store_true", help="also pause mode handover")
+    ap.add_argument("--table-only", default="", metavar="RESULTS",
+                    help="print the table of an earlier --out file; run nothing")
     a = ap.parse_args()
     arms = STRATEGIES + (HANDOVER if a.handover else [])
+    if a.table_only:
+        with open(a.table_only) as f:
+            print_table(json.load(f)["runs"], arms)
+        return
 
     runs = []
     for size_spec in a.sizes.split(","):
@@ -67,6 +73,10 @@ def main():
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"runs": runs}, f, indent=1)
+    print_table(runs, arms)
+
+
+def print_table(runs, arms):
 
     print("| guest | strategy (RAM), mode | answered full | pause full | pause diff | resume | "
           "vs QEMU save | vs QEMU load | pause phases (full) | resume phases |")
@@ -91,10 +101,10 @@ def main():
             for name in rs[0]["generations"][0]["resume_phases_ms"]:
                 rphases[name] = med([g["resume_phases_ms"][name] for r in rs
                                      for g in r["generations"]])
-            mode = rs[0]["generations"][0]["resume_mode"]
+            resume_mode = rs[0]["generations"][0]["resume_mode"]
             print(f"| {memory} | {strategy} ({ram}), {mode} | {answered:.1f} ms | {full:.0f} ms | "
                   f"{diff:.0f} ms | "
-                  f"{resume:.0f} ms ({mode}) | {full / ref_save:.2f}x | {resume / ref_load:.2f}x | "
+                  f"{resume:.0f} ms ({resume_mode}) | {full / ref_save:.2f}x | {resume / ref_load:.2f}x | "
                   + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()) + " | "
                   + ", ".join(f"{k} {v:.1f}" for k, v in rphases.items()) + " |")
         print(f"| {memory} | QEMU migrate to a file (reference) | {ref_save:.0f} ms | "
