@@ -181,6 +181,31 @@ Result<std::uint64_t> derive_guest_size(const PauseRequest& req) {
   return end;
 }
 
+// The writer as the strategy sees it when the caller watches progress: each write() that the
+// writer accepts adds its bytes to *done (one relaxed add per call, nothing per byte).
+class CountingSink final : public plugin::BlockSink {
+ public:
+  CountingSink(plugin::BlockSink& inner, std::atomic<std::uint64_t>& done)
+      : inner_(inner), done_(done) {}
+  plugin::Status write(const plugin::Chunk* chunks, std::size_t count) noexcept override {
+    plugin::Status s = inner_.write(chunks, count);
+    if (s.ok()) {
+      std::uint64_t bytes = 0;
+      for (std::size_t i = 0; i < count; ++i) bytes += chunks[i].length;
+      done_.fetch_add(bytes, std::memory_order_relaxed);
+    }
+    return s;
+  }
+  plugin::Status make_durable() noexcept override { return inner_.make_durable(); }
+  void released(std::uint64_t guest_offset, std::uint64_t length) noexcept override {
+    inner_.released(guest_offset, length);
+  }
+
+ private:
+  plugin::BlockSink& inner_;
+  std::atomic<std::uint64_t>& done_;
+};
+
 // One export of `dirty` with one strategy into a new snapshot writer at req.out_path. On failure
 // nothing is committed and the writer is gone; *strategy_at_fault is set when the strategy itself
 // failed and the source is whole again (any memory it released was written back), so that another
@@ -203,7 +228,14 @@ Result<std::unique_ptr<SnapshotWriter>> export_once(
   export_request.block_size = req.block_size;
   export_request.ranges = dirty.data();
   export_request.range_count = dirty.size();
-  const plugin::Status exported = strategy.export_ranges(export_request, **writer, stats);
+  plugin::Status exported;
+  if (req.progress_bytes != nullptr) {
+    req.progress_bytes->store(0, std::memory_order_relaxed);
+    CountingSink counting(**writer, *req.progress_bytes);
+    exported = strategy.export_ranges(export_request, counting, stats);
+  } else {
+    exported = strategy.export_ranges(export_request, **writer, stats);
+  }
   if (exported.ok()) return writer;
   bool at_risk = false;
   Error error = fail_pause(
@@ -354,6 +386,9 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
   }
   if (!dirty.ok()) return std::move(dirty).error();
   report.dirty_bytes = total_bytes(*dirty);
+  if (req.total_bytes != nullptr) {
+    req.total_bytes->store(report.dirty_bytes, std::memory_order_relaxed);
+  }
 
   clock.start("export");
   bool strategy_at_fault = false;

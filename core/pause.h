@@ -11,6 +11,7 @@
 
 #include <sys/types.h>
 
+#include <atomic>
 #include <cstdint>
 #include <functional>
 #include <optional>
@@ -75,6 +76,15 @@ struct PauseRequest {
   bool sync = true;  // fsync the snapshot and its directory at commit
   // How a synced snapshot's data reaches the disk (see DataWrite); ignored without sync.
   DataWrite data_write = DataWrite::kBuffered;
+
+  // Progress, for a caller watching the pause from another thread (the background exporter).
+  // Not owned; each may be null. *total_bytes is stored once the dirty set is known (its bytes,
+  // report.dirty_bytes); *progress_bytes is set to 0 when an export starts (again, for a
+  // fallback's) and grows by the bytes the strategy hands to the snapshot, as it goes, so that it
+  // ends equal to the dirty set's bytes when the pause succeeds. Both relaxed: figures to show,
+  // not to synchronise on.
+  std::atomic<std::uint64_t>* progress_bytes = nullptr;
+  std::atomic<std::uint64_t>* total_bytes = nullptr;
 };
 
 struct PhaseTiming {

@@ -64,6 +64,50 @@ nlohmann::json to_json(const PauseReport& r) {
           {"phases", phases}};
 }
 
+Result<PauseReport> report_from_json(const nlohmann::json& j) {
+  try {
+    PauseReport r;
+    r.requested_strategy = j.at("requested_strategy").get<std::string>();
+    r.strategy = j.at("strategy").get<std::string>();
+    if (const auto& f = j.at("fallback"); !f.is_null()) {
+      r.fallback_reason = f.at("reason").get<std::string>();
+      r.fallback = f.at("after_failure").get<bool>() ? FallbackCause::kStrategyFailed
+                                                     : FallbackCause::kPluginNotLoaded;
+    }
+    r.snapshot_path = j.at("snapshot").get<std::string>();
+    r.snapshot_id = j.at("snapshot_id").get<std::string>();
+    r.parent_id = j.at("parent_id").get<std::string>();
+    r.generation = j.at("generation").get<std::uint64_t>();
+    r.guest_size = j.at("guest_size").get<std::uint64_t>();
+    r.block_size = j.at("block_size").get<std::uint32_t>();
+    r.dirty_bytes = j.at("dirty_bytes").get<std::uint64_t>();
+    r.dirty_set_source = j.at("dirty_set_source").get<std::string>();
+    r.export_stats.bytes_read = j.at("bytes_exported").get<std::uint64_t>();
+    r.data_bytes = j.at("data_bytes").get<std::uint64_t>();
+    r.data_blocks = j.at("data_blocks").get<std::uint64_t>();
+    r.zero_blocks = j.at("zero_blocks").get<std::uint64_t>();
+    r.parent_blocks = j.at("parent_blocks").get<std::uint64_t>();
+    r.data_write = j.at("data_write").get<std::string>();
+    r.data_write_fallback = j.at("data_write_fallback").get<std::string>();
+    r.export_stats.bytes_released = j.at("memory_released").get<std::uint64_t>();
+    r.export_stats.read_calls = j.at("read_calls").get<std::uint64_t>();
+    r.export_stats.retries = j.at("retries").get<std::uint64_t>();
+    r.export_stats.partial_reads = j.at("partial_reads").get<std::uint64_t>();
+    r.wall_seconds = j.at("wall_seconds").get<double>();
+    r.cpu_seconds = j.at("cpu_seconds").get<double>();
+    const auto& phases = j.at("phases");
+    for (const char* name : {"resolve", "freeze", "dirty_set", "export", "commit", "thaw"}) {
+      if (!phases.contains(name)) continue;
+      const auto& p = phases.at(name);
+      r.phases.push_back(
+          {name, p.at("wall_seconds").get<double>(), p.at("cpu_seconds").get<double>()});
+    }
+    return r;
+  } catch (const nlohmann::json::exception& e) {
+    return make_error(Errc::kInvalidArgument, std::string("not a pause report: ") + e.what());
+  }
+}
+
 nlohmann::json to_json(const ResumeReport& r) {
   nlohmann::json phases = nlohmann::json::object();
   for (const auto& p : r.phases) {

@@ -12,6 +12,11 @@
 namespace memsnap {
 
 nlohmann::json to_json(const PauseReport& report);
+// The PauseReport that to_json wrote (the background exporter sends its report this way). Lossless
+// but for `fallback`: a fallback after a failure half way reads back as kStrategyFailed, any other
+// as kPluginNotLoaded (the JSON names no cause). Phases come back in the pipeline's order.
+// kInvalidArgument naming the field when a field is missing or of the wrong type.
+Result<PauseReport> report_from_json(const nlohmann::json& json);
 nlohmann::json to_json(const PluginInfo& info);
 nlohmann::json to_json(const ResumeReport& report);
 nlohmann::json to_json(const FaultStats& stats);

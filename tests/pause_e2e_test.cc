@@ -10,6 +10,7 @@
 
 #include <gtest/gtest.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <filesystem>
 #include <fstream>
@@ -166,6 +167,26 @@ TEST_F(PauseE2ETest, MemfdStrategy) {
   auto mismatches = g->verify();
   ASSERT_TRUE(mismatches.ok());
   EXPECT_EQ(*mismatches, 0u);
+}
+
+// Issue 19: a caller watching a pause from another thread (the background exporter) sees the
+// dirty set's bytes as the total and the bytes handed to the snapshot grow up to exactly that.
+TEST_F(PauseE2ETest, ProgressEndsEqualToTheDirtyBytes) {
+  auto g = start_guest("memfd", 1);
+  ASSERT_NE(g, nullptr);
+  for (const std::string strategy : {"memfd", "process_vm_readv"}) {
+    std::atomic<std::uint64_t> done{123};  // reset by the pipeline when its export starts
+    std::atomic<std::uint64_t> total{0};
+    PauseRequest req = request_for(*g, strategy);
+    req.out_path = dir_ + "/progress-" + strategy + ".snap";
+    req.progress_bytes = &done;
+    req.total_bytes = &total;
+    auto r = pause(registry_, req);
+    ASSERT_TRUE(r.ok()) << r.error().to_string();
+    EXPECT_GT(r->dirty_bytes, kGuest / 2);
+    EXPECT_EQ(total.load(), r->dirty_bytes) << strategy;
+    EXPECT_EQ(done.load(), r->dirty_bytes) << strategy;
+  }
 }
 
 TEST_F(PauseE2ETest, HolePunchReleasesTheMemfdsMemory) {

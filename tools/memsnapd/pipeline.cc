@@ -2,6 +2,8 @@
 
 #include <utility>
 
+#include "tools/memsnapd/exporter_client.h"
+
 namespace memsnap::daemon {
 namespace {
 
@@ -14,10 +16,11 @@ class CorePipeline final : public Pipeline {
                                                         ResumeRequest request) override {
     return ResumeSession::prepare(registry, std::move(request));
   }
+  // A separate process (memsnap-exporter), so that the export outlives memsnapd.
   Result<std::unique_ptr<BackgroundExport>> start_export(
-      const PluginRegistry&, const PauseRequest&,
-      std::function<void(const ExportStatus&)>) override {
-    return make_error(Errc::kUnsupported, "background exports are not built yet");
+      const PluginRegistry& registry, const PauseRequest& request,
+      std::function<void(const ExportStatus&)> on_change) override {
+    return start_exporter(registry, request, std::move(on_change));
   }
 };
 
