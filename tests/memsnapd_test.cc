@@ -4,6 +4,7 @@
 // and bad input refused without changing anything.
 #include <poll.h>
 #include <signal.h>
+#include <sys/mount.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -966,6 +967,138 @@ TEST_F(MemsnapdTest, KillNineInTheMiddleOfAHolePunchPauseLeavesTheMemoryRecovera
   auto bad = sb->verify();
   ASSERT_TRUE(bad.ok()) << bad.error().to_string();
   EXPECT_EQ(*bad, 0u) << "guest memory lost although the released bytes were recoverable";
+}
+
+// ---- handover pauses (issue 19): the answer comes at handover, the export in the background ----
+
+// Pages of the snapshot chain that do not hold the pattern the guest held at its pause.
+std::uint64_t bad_pages_in(const std::vector<std::string>& chain_files, std::uint64_t seed,
+                           const std::vector<std::uint32_t>& expected) {
+  auto chain = SnapshotChain::open(chain_files, Verify::kFull);
+  EXPECT_TRUE(chain.ok()) << chain.error().to_string();
+  if (!chain.ok()) return expected.size();
+  std::vector<std::uint8_t> page(4096);
+  std::uint64_t bad = 0;
+  for (std::uint64_t p = 0; p < expected.size(); ++p) {
+    if (!chain->read(p * 4096, 4096, page.data()).ok() ||
+        !pattern::check_page(page.data(), 4096, seed, p, expected[p]).ok) {
+      ++bad;
+    }
+  }
+  return bad;
+}
+
+TEST_F(MemsnapdTest, AHandoverPauseAnswersBeforeItIsDurableAndLosesNoPageWhenTheVmmIsEnded) {
+  Sandbox& sb = launch("sb-hand", "b", "memfd");  // team b: memfd
+  // The fleet ends the stopped VMM right after the answer, as an orchestrator may: from then on
+  // the export's reference is the only one to the guest's memory.
+  auto paused = sb.pause({{"mode", "handover"}});
+  ASSERT_TRUE(paused.ok()) << paused.error().to_string();
+  EXPECT_EQ((*paused)["mode"], "handover");
+  EXPECT_EQ((*paused)["durable"], false);
+  EXPECT_EQ((*paused)["strategy"], "memfd");
+  const std::string snapshot = (*paused)["snapshot"];
+  const Answer done =
+      call("GET", "/v1/sandboxes/sb-hand?wait_while=exporting&timeout_ms=60000");
+  ASSERT_EQ(done.status, 200) << done.error_text();
+  EXPECT_EQ(done.body["state"], "paused") << done.body.dump();
+  EXPECT_EQ(done.body["durable"], true);
+  EXPECT_EQ(done.body["snapshots"], json::array({snapshot}));
+  EXPECT_EQ(done.body["last_pause"]["export"]["state"], "durable");
+  EXPECT_GT(done.body["last_pause"]["export"]["cpu_seconds"].get<double>(), 0);
+  EXPECT_GE(done.body["last_pause"]["durable_seconds"].get<double>(),
+            (*paused)["handover_seconds"].get<double>());
+  EXPECT_EQ(done.body["warm_memory_kept"], true);
+  // The snapshot is the pause-instant memory, and a warm resume from the kept memfd is too.
+  auto resumed = sb.resume({{"mode", "warm"}});
+  ASSERT_TRUE(resumed.ok()) << resumed.error().to_string();
+  auto bad = sb.verify();
+  ASSERT_TRUE(bad.ok()) << bad.error().to_string();
+  EXPECT_EQ(*bad, 0u);
+  auto metrics = daemon_->scrape();
+  ASSERT_TRUE(metrics.ok());
+  EXPECT_EQ(sample(*metrics, R"(memsnap_pause_durable_seconds_count{mode="handover",strategy="memfd"})"), 1)
+      << *metrics;
+}
+
+// Item 5: kill -9 of memsnapd while a handover's export runs. The exporter is a process of its
+// own: it finishes and commits the snapshot, which then holds exactly the paused memory, although
+// the VMM was ended at handover and memsnapd is gone.
+TEST_F(MemsnapdTest, KillNineOfMemsnapdDuringABackgroundExportLosesNothingAcknowledged) {
+  restart_with_gate();
+  SandboxSpec spec;
+  spec.id = "sb-bg";
+  spec.size = 128ULL << 20;
+  spec.backing = "memfd";
+  spec.attributes = {{"team", "c"}};
+  spec.seed = 79;
+  auto launched = Sandbox::launch(*daemon_, spec);
+  ASSERT_TRUE(launched.ok()) << launched.error().to_string();
+  std::unique_ptr<Sandbox> sb = std::move(*launched);
+  // gated_punch releases what it wrote, as hole_punch does, and stops half way until the gate
+  // opens: the export is in flight, with half the memory only in its unfinished file, for sure.
+  // The guest does not write after its launch: this is its memory at the pause.
+  const std::vector<std::uint32_t> expected = sb->vmm()->expected_generations();
+  auto paused = sb->pause({{"mode", "handover"}, {"sync", true}, {"strategy", "gated_punch"}});
+  ASSERT_TRUE(paused.ok()) << paused.error().to_string();
+  ASSERT_EQ((*paused)["mode"], "handover");
+  const std::string snapshot = (*paused)["snapshot"];
+  EXPECT_EQ(sb->vmm(), nullptr) << "the fleet ends the VMM after a stop";
+  ASSERT_TRUE(reached_gate()) << "the background export never got half way";
+  ASSERT_EQ(::kill(daemon_->pid(), SIGKILL), 0);
+  sb.reset();
+  daemon_.reset();
+  EXPECT_FALSE(fs::exists(snapshot));
+  open_gate();
+  EXPECT_TRUE(eventually([&] { return fs::exists(snapshot); }, std::chrono::seconds(60)))
+      << "the exporter did not commit the snapshot after memsnapd died";
+  EXPECT_EQ(bad_pages_in({snapshot}, spec.seed, expected), 0u)
+      << "the committed snapshot is not the memory the pause acknowledged";
+}
+
+TEST_F(MemsnapdTest, AFullDiskFailsTheExportWithTheMemoryHeldAndARetryMakesItDurable) {
+  if (::geteuid() != 0) GTEST_SKIP() << "mounting a small tmpfs needs root";
+  // The sandbox's snapshot directory is a tmpfs far smaller than its guest.
+  const fs::path small = fs::path(daemon_->snapshot_dir()) / "sb-full";
+  fs::create_directories(small);
+  if (::mount("memsnap-test", small.c_str(), "tmpfs", 0, "size=4m") != 0) {
+    GTEST_SKIP() << "cannot mount a tmpfs here: " << std::strerror(errno);
+  }
+  struct Unmount {
+    std::string path;
+    ~Unmount() { ::umount2(path.c_str(), MNT_DETACH); }
+  } unmount{small.string()};
+  Sandbox& sb = launch("sb-full", "b", "memfd");
+  auto paused = sb.pause({{"mode", "handover"}});
+  ASSERT_TRUE(paused.ok()) << paused.error().to_string();
+  const std::string snapshot = (*paused)["snapshot"];
+  Answer failed = call("GET", "/v1/sandboxes/sb-full?wait_while=exporting&timeout_ms=60000");
+  ASSERT_EQ(failed.status, 200) << failed.error_text();
+  EXPECT_EQ(failed.body["state"], "export_failed") << failed.body.dump();
+  EXPECT_EQ(failed.body["durable"], false);
+  EXPECT_NE(failed.body["export"]["error"].get<std::string>().find("No space"), std::string::npos)
+      << failed.body.dump();
+  EXPECT_FALSE(fs::exists(snapshot)) << "a failed export left a snapshot";
+  // Nothing lets the memory go by accident, and a resume says why it cannot run.
+  EXPECT_EQ(call("DELETE", "/v1/sandboxes/sb-full").status, 409);
+  EXPECT_EQ(call("POST", "/v1/sandboxes/sb-full/resume", {{"handshake_socket", "full.uffd"}}).status,
+            409);
+  // Room again; a retry commits the memory as it was at the pause.
+  ASSERT_EQ(::mount(nullptr, small.c_str(), nullptr, MS_REMOUNT, "size=256m"), 0)
+      << std::strerror(errno);
+  const Answer retried = call("POST", "/v1/sandboxes/sb-full/export/retry");
+  ASSERT_EQ(retried.status, 200) << retried.error_text();
+  const Answer done = call("GET", "/v1/sandboxes/sb-full?wait_while=exporting&timeout_ms=60000");
+  ASSERT_EQ(done.status, 200) << done.error_text();
+  EXPECT_EQ(done.body["state"], "paused") << done.body.dump();
+  EXPECT_EQ(done.body["last_pause"]["export"]["attempts"], 2);
+  auto resumed = sb.resume({{"mode", "warm"}});
+  ASSERT_TRUE(resumed.ok()) << resumed.error().to_string();
+  auto bad = sb.verify();
+  ASSERT_TRUE(bad.ok()) << bad.error().to_string();
+  EXPECT_EQ(*bad, 0u);
+  sandboxes_.clear();  // the VMM goes before the file system under its snapshot
+  call("DELETE", "/v1/sandboxes/sb-full?force=true");
 }
 
 TEST(MemsnapdConfigTest, ABadConfigFileIsRefusedWithFileLineAndColumn) {
