@@ -380,6 +380,14 @@ json run_pause(fleet::Daemon& daemon, const std::string& mode, std::uint64_t siz
   }
   std::error_code ec;
   fs::remove_all(fs::path(daemon.snapshot_dir()) / id, ec);
+  // memsnapd must hold no guest memory now, or the next rounds pile it up.
+  int memfds = 0;
+  for (const auto& e : fs::directory_iterator("/proc/" + std::to_string(d) + "/fd", ec)) {
+    std::error_code lec;
+    if (fs::read_symlink(e.path(), lec).string().starts_with("/memfd:")) ++memfds;
+  }
+  r["memsnapd_memfds_after"] = memfds;
+  if (memfds != 0) std::cerr << "warning: memsnapd still holds " << memfds << " memfd(s) after " << id << "\n";
   return r;
 }
 
@@ -470,8 +478,7 @@ int run(int argc, char** argv) {
         r["order"] = k;
         r["load"] = load;
         std::fprintf(stderr, "%-5s rep %2d %-14s answer %9.3f ms  durable %8.3f s  (load %s)\n",
-                     sn.c_str(), rep, kind.c_str(),
-                     r.value("client_answer_s", r.value("durable_s", 0.0)) * 1e3,
+                     sn.c_str(), rep, kind.c_str(), r.value("client_answer_s", 0.0) * 1e3,
                      r.value("durable_s", 0.0), load.c_str());
         results["runs"].push_back(r);
       }
