@@ -98,7 +98,7 @@ def main(path):
     print("\n### Host CPU seconds per exported GiB (medians)\n")
     print("| guest | copy: pause cpu_seconds | copy: memsnapd process | handover: exporter | "
           "handover: memsnapd process, pause to durable | handover total | memsnapd threads during "
-          "the handover answer | best reference's CPU |")
+          "the handover answer (ms, not per GiB) | best reference's CPU |")
     print("|---|---|---|---|---|---|---|---|")
     for s in sizes:
         def per_gib(kind, f):
