@@ -52,9 +52,12 @@ std::string plugin_dir() {
 // snapshot); the others hold generation 1 of the pattern.
 std::uint64_t generation_of(std::uint64_t page) { return page % 8 == 7 ? 0 : 1; }
 
+// The name of this test process's guest memfds, so that its exporters can be told apart.
+std::string memfd_name() { return "exporter-test-guest-" + std::to_string(::getpid()); }
+
 // A memfd of size bytes filled as above.
 int pattern_memfd(std::uint64_t size) {
-  const int fd = ::memfd_create("exporter-test-guest", MFD_CLOEXEC);
+  const int fd = ::memfd_create(memfd_name().c_str(), MFD_CLOEXEC);
   if (fd < 0 || ::ftruncate(fd, static_cast<off_t>(size)) != 0) return -1;
   std::vector<char> page(kPage);
   for (std::uint64_t p = 0; p < size / kPage; ++p) {
@@ -104,6 +107,43 @@ bool eventually(const std::function<bool()>& condition,
   return true;
 }
 
+// The memsnap-exporter processes that are children of this process (zombies included: a child
+// leaves /proc only once reaped), from /proc/<pid>/stat: "pid (comm) state ppid ...". With
+// any_parent, also those whose parent is gone (started by a killed "memsnapd").
+std::vector<pid_t> exporter_children(bool any_parent = false) {
+  std::vector<pid_t> out;
+  for (const auto& e : fs::directory_iterator("/proc")) {
+    const std::string name = e.path().filename().string();
+    if (name.find_first_not_of("0123456789") != std::string::npos) continue;
+    std::ifstream in(e.path() / "stat");
+    std::string stat;
+    std::getline(in, stat);
+    const auto close = stat.rfind(')');
+    if (close == std::string::npos || stat.find("(memsnap-exporte") == std::string::npos) continue;
+    char state = 0;
+    long ppid = 0;
+    if (std::sscanf(stat.c_str() + close + 1, " %c %ld", &state, &ppid) != 2) continue;
+    if (any_parent || ppid == ::getpid()) out.push_back(static_cast<pid_t>(std::stol(name)));
+  }
+  return out;
+}
+
+// Whether pid is alive (not a zombie) and holds this test's guest memfd as its fd 3.
+bool holds_the_guest_memory(pid_t pid) {
+  std::error_code ec;
+  const auto target = fs::read_symlink("/proc/" + std::to_string(pid) + "/fd/3", ec);
+  return !ec && target.string().starts_with("/memfd:" + memfd_name() + " ");
+}
+
+// The exporters (children or orphans) holding this process's guest memory.
+std::vector<pid_t> exporters_holding_the_memory() {
+  std::vector<pid_t> out;
+  for (pid_t pid : exporter_children(true)) {
+    if (holds_the_guest_memory(pid)) out.push_back(pid);
+  }
+  return out;
+}
+
 // What on_change was told, in order.
 struct Changes {
   std::mutex mutex;
@@ -132,6 +172,14 @@ class ExporterTest : public ::testing::Test {
     dir_ = templ;
   }
   void TearDown() override {
+    // A test that failed may leave an exporter holding its memory (waiting for a command, or
+    // retrying on its own): it would keep the test's output open and outlive it. Ended here,
+    // by pid, only those holding this process's guest memfds.
+    for (pid_t pid : exporters_holding_the_memory()) {
+      ADD_FAILURE() << "memsnap-exporter " << pid << " is still holding the guest memory";
+      ::kill(pid, SIGKILL);
+      ::waitpid(pid, nullptr, 0);
+    }
     if (!mounted_.empty()) ::umount2(mounted_.c_str(), MNT_DETACH);
     std::error_code ec;
     fs::remove_all(dir_, ec);
@@ -153,6 +201,20 @@ class ExporterTest : public ::testing::Test {
     return req;
   }
 
+  // Fills a memfd of size bytes, starts its export (strategy memfd) to out, and closes the
+  // test's own reference: the exporter's is then the only one. Null (a failure) if it did not.
+  std::unique_ptr<BackgroundExport> start(std::uint64_t size, const std::string& out,
+                                          std::function<void(const ExportStatus&)> on_change) {
+    const int memfd = pattern_memfd(size);
+    EXPECT_GE(memfd, 0);
+    if (memfd < 0) return nullptr;
+    auto started = core_pipeline().start_export(registry_, request(memfd, size, "memfd", out),
+                                                std::move(on_change));
+    ::close(memfd);
+    EXPECT_TRUE(started.ok()) << started.error().to_string();
+    return started.ok() ? std::move(*started) : nullptr;
+  }
+
   // A tmpfs of `size` at dir_/small; false (the test skips) without the right to mount.
   bool mount_small(const std::string& size) {
     const std::string small = dir_ + "/small";
@@ -172,17 +234,12 @@ class ExporterTest : public ::testing::Test {
 
 TEST_F(ExporterTest, ExportsTheMemfdInTheBackgroundToADurableSnapshot) {
   constexpr std::uint64_t kSize = 32ULL << 20;
-  const int memfd = pattern_memfd(kSize);
-  ASSERT_GE(memfd, 0);
   const std::string out = dir_ + "/base.snap";
   Changes changes;
-  auto started = core_pipeline().start_export(registry_, request(memfd, kSize, "memfd", out),
-                                              changes.callback());
-  ::close(memfd);  // the caller may close its own at once: the exporter holds the memory
-  ASSERT_TRUE(started.ok()) << started.error().to_string();
-  auto& exp = **started;
+  auto exp = start(kSize, out, changes.callback());  // the test's memfd is closed at once
+  ASSERT_NE(exp, nullptr);
 
-  const ExportStatus st = exp.wait(kDeadline);
+  const ExportStatus st = exp->wait(kDeadline);
   ASSERT_EQ(st.state, ExportState::kDurable) << (st.error ? st.error->to_string() : "");
   ASSERT_TRUE(st.report.has_value());
   EXPECT_EQ(st.report->snapshot_path, out);
@@ -196,9 +253,12 @@ TEST_F(ExporterTest, ExportsTheMemfdInTheBackgroundToADurableSnapshot) {
   EXPECT_EQ(mismatches_in(out, kSize), 0);
 
   // Nothing to retry or release once durable.
-  EXPECT_EQ(exp.retry().error().code, Errc::kInvalidState);
-  EXPECT_TRUE(exp.release().ok());
-  started->reset();  // joins the watcher: every callback has run
+  EXPECT_EQ(exp->retry().error().code, Errc::kInvalidState);
+  EXPECT_TRUE(exp->release().ok());
+  // The exporter has exited and the watcher reaped it: no zombie is left.
+  EXPECT_TRUE(eventually([] { return exporter_children().empty(); }))
+      << "memsnap-exporter is still a child (a zombie?)";
+  exp.reset();  // joins the watcher: every callback has run
   EXPECT_EQ(changes.states(), std::vector<ExportState>{ExportState::kDurable});
   // Only the snapshot: no temporary file is left beside it.
   std::vector<std::string> files;
@@ -243,17 +303,12 @@ TEST_F(ExporterTest, ARequestNamingTheVmmIsRefusedBeforeAnythingStarts) {
 TEST_F(ExporterTest, AFullDiskFailsTheExportWithTheMemoryHeldUntilARetrySucceeds) {
   if (!mount_small("8m")) GTEST_SKIP() << "cannot mount a small tmpfs here (needs root)";
   constexpr std::uint64_t kSize = 16ULL << 20;
-  const int memfd = pattern_memfd(kSize);
-  ASSERT_GE(memfd, 0);
   const std::string out = mounted_ + "/full.snap";
   Changes changes;
-  auto started = core_pipeline().start_export(registry_, request(memfd, kSize, "memfd", out),
-                                              changes.callback());
-  ::close(memfd);
-  ASSERT_TRUE(started.ok()) << started.error().to_string();
-  auto& exp = **started;
+  auto exp = start(kSize, out, changes.callback());  // the test's memfd is closed at once
+  ASSERT_NE(exp, nullptr);
 
-  ExportStatus st = exp.wait(kDeadline);
+  ExportStatus st = exp->wait(kDeadline);
   ASSERT_EQ(st.state, ExportState::kFailed);
   ASSERT_TRUE(st.error.has_value());
   EXPECT_TRUE(st.error->sys_errno == ENOSPC ||
@@ -266,20 +321,30 @@ TEST_F(ExporterTest, AFullDiskFailsTheExportWithTheMemoryHeldUntilARetrySucceeds
   for ([[maybe_unused]] const auto& e : fs::directory_iterator(mounted_)) ++leftovers;
   EXPECT_EQ(leftovers, 0u) << "the failed attempt left its temporary file";
   // It stays failed (the exporter waits, holding the memory) until told otherwise.
-  EXPECT_EQ(exp.wait(50ms).state, ExportState::kFailed);
+  EXPECT_EQ(exp->wait(50ms).state, ExportState::kFailed);
+  const auto exporters = exporter_children();
+  ASSERT_EQ(exporters.size(), 1u);
+  EXPECT_TRUE(holds_the_guest_memory(exporters[0]));
 
   ASSERT_EQ(::mount(nullptr, mounted_.c_str(), nullptr, MS_REMOUNT, "size=64m"), 0)
       << std::strerror(errno);
-  ASSERT_TRUE(exp.retry().ok());
-  EXPECT_EQ(exp.status().attempts, 2);
-  st = exp.wait(kDeadline);
+  ASSERT_TRUE(exp->retry().ok());
+  EXPECT_EQ(exp->status().attempts, 2);
+  // Running again: release() is refused (an answered pause is never dropped half way); ok only
+  // if it was durable already.
+  if (const Status released = exp->release(); released.ok()) {
+    EXPECT_EQ(exp->status().state, ExportState::kDurable);
+  } else {
+    EXPECT_EQ(released.error().code, Errc::kInvalidState);
+  }
+  st = exp->wait(kDeadline);
   ASSERT_EQ(st.state, ExportState::kDurable) << (st.error ? st.error->to_string() : "");
   EXPECT_EQ(st.attempts, 2);
   EXPECT_EQ(st.bytes_done, written_bytes(kSize));
   EXPECT_EQ(st.report->dirty_bytes, written_bytes(kSize));
   EXPECT_EQ(mismatches_in(out, kSize), 0);
-  EXPECT_EQ(exp.retry().error().code, Errc::kInvalidState);
-  started->reset();
+  EXPECT_EQ(exp->retry().error().code, Errc::kInvalidState);
+  exp.reset();
   EXPECT_EQ(changes.states(), (std::vector<ExportState>{ExportState::kFailed, ExportState::kRunning,
                                                         ExportState::kDurable}));
 }
@@ -289,20 +354,45 @@ TEST_F(ExporterTest, AFullDiskFailsTheExportWithTheMemoryHeldUntilARetrySucceeds
 TEST_F(ExporterTest, AReleasedFailedExportCommitsNothing) {
   if (!mount_small("4m")) GTEST_SKIP() << "cannot mount a small tmpfs here (needs root)";
   constexpr std::uint64_t kSize = 16ULL << 20;
+  const std::string out = mounted_ + "/full.snap";
+  auto exp = start(kSize, out, nullptr);
+  ASSERT_NE(exp, nullptr);
+  ASSERT_EQ(exp->wait(kDeadline).state, ExportState::kFailed);
+  ASSERT_EQ(exporter_children().size(), 1u);
+  ASSERT_TRUE(exp->release().ok());
+  EXPECT_EQ(exp->retry().error().code, Errc::kInvalidState);
+  EXPECT_TRUE(exp->release().ok());  // nothing more to do
+  // The exporter exits (the memory goes with it) and is reaped.
+  EXPECT_TRUE(eventually([] { return exporter_children().empty(); }));
+  EXPECT_EQ(exp->status().state, ExportState::kFailed);
+  exp.reset();
+  EXPECT_FALSE(fs::exists(out));
+}
+
+// A failed export whose memsnapd is gone (its BackgroundExport destroyed: the socket closes, as
+// when memsnapd dies) retries on its own every retry interval, and commits once there is room.
+TEST_F(ExporterTest, AFailedExportRetriesOnItsOwnOnceMemsnapdIsGone) {
+  if (!mount_small("8m")) GTEST_SKIP() << "cannot mount a small tmpfs here (needs root)";
+  constexpr std::uint64_t kSize = 16ULL << 20;
   const int memfd = pattern_memfd(kSize);
   ASSERT_GE(memfd, 0);
-  const std::string out = mounted_ + "/full.snap";
-  auto started =
-      core_pipeline().start_export(registry_, request(memfd, kSize, "memfd", out), nullptr);
+  const std::string out = mounted_ + "/later.snap";
+  auto started = start_exporter(registry_, request(memfd, kSize, "memfd", out), nullptr,
+                                {.binary = "", .retry_interval = 100ms});
   ::close(memfd);
   ASSERT_TRUE(started.ok()) << started.error().to_string();
-  auto& exp = **started;
-  ASSERT_EQ(exp.wait(kDeadline).state, ExportState::kFailed);
-  ASSERT_TRUE(exp.release().ok());
-  EXPECT_EQ(exp.retry().error().code, Errc::kInvalidState);
-  EXPECT_TRUE(exp.release().ok());  // nothing more to do
-  started->reset();
+  ASSERT_EQ((*started)->wait(kDeadline).state, ExportState::kFailed);
+  started->reset();  // "memsnapd" is gone; the exporter is not
+  ASSERT_EQ(exporters_holding_the_memory().size(), 1u);
   EXPECT_FALSE(fs::exists(out));
+  ASSERT_EQ(::mount(nullptr, mounted_.c_str(), nullptr, MS_REMOUNT, "size=64m"), 0)
+      << std::strerror(errno);
+  ASSERT_TRUE(eventually([&] { return fs::exists(out); }));
+  EXPECT_EQ(mismatches_in(out, kSize), 0);
+  EXPECT_TRUE(eventually([] { return exporters_holding_the_memory().empty(); }));
+  // Still this process's child, its BackgroundExport gone: reaped here (memsnapd reaps such
+  // orphans when its next export starts or ends).
+  for (pid_t pid : exporter_children()) ::waitpid(pid, nullptr, 0);
 }
 
 // memsnapd killed with SIGKILL in the middle of an export: the exporter, in its own session and
@@ -348,6 +438,8 @@ TEST_F(ExporterTest, TheExportOutlivesMemsnapdKilledMidway) {
   ASSERT_TRUE(eventually([&] { return fs::exists(out); }))
       << "no snapshot: the export died with memsnapd";
   EXPECT_EQ(mismatches_in(out, kSize), 0);
+  // Durable, the exporter exits and the memory goes with it.
+  EXPECT_TRUE(eventually([] { return exporters_holding_the_memory().empty(); }));
 }
 
 }  // namespace

@@ -121,8 +121,11 @@ class ExporterProcess final : public BackgroundExport {
                                                  ", not failed: nothing to retry");
     }
     if (!retryable_) {
-      return make_error(Errc::kInvalidState,
-                        "this export cannot be retried: " + status_.error->message);
+      const std::string why = released_       ? "it was released"
+                              : exited_       ? "memsnap-exporter has exited"
+                              : status_.error ? status_.error->to_string()
+                                              : "the exporter said so";
+      return make_error(Errc::kInvalidState, "this export cannot be retried: " + why);
     }
     MEMSNAP_RETURN_IF_ERROR(send_all(channel_.get(), "retry\n"));
     // on_change hears of it from the watcher (never from the caller's thread), at the
