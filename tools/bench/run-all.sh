@@ -2,7 +2,9 @@
 # Runs every benchmark of the project once, in turn, and writes the raw JSON and the ratio tables
 # of docs/performance.md into one directory. About 25 minutes on a quiet 2-CPU machine (14 on
 # 2026-12-03, before issue 18 added the durable, process_vm_readv pipeline, buffer and hole_punch
-# chunk benchmarks; the QEMU benchmark, ~12 minutes more, only with --qemu). Run it when nothing
+# chunk benchmarks), plus the handover benchmark of issue 19 (256 MiB, 1 and 4 GiB through
+# memsnapd, its own repetitions: see its header; MEMSNAP_HANDOVER_SIZES makes it smaller); the
+# QEMU benchmark, ~12 minutes more, only with --qemu. Run it when nothing
 # else runs: every figure is a ratio to a reference measured in the same run, but a busy machine
 # still widens the spread.
 #   bash tools/bench/run-all.sh [--out DIR] [--reps N] [--qemu]
@@ -24,7 +26,8 @@ while [[ $# -gt 0 ]]; do
 done
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
-for b in memsnap-bench memsnap-resume-bench memsnap-flags-bench snapshot_writer_bench; do
+for b in memsnap-bench memsnap-resume-bench memsnap-flags-bench snapshot_writer_bench \
+         memsnap-handover-bench; do
   [[ -x "$bin/$b" ]] || { echo "$bin/$b is missing: build the release preset first" >&2; exit 1; }
 done
 gb=(--benchmark_repetitions="$reps" --benchmark_enable_random_interleaving=true
@@ -48,9 +51,13 @@ step "flag evaluation and load: memsnap-flags-bench"
 step "snapshot writer against write(): snapshot_writer_bench"
 "$bin/snapshot_writer_bench" "${MEMSNAP_BENCH_DIR:-/var/tmp}" 1024 7 > "$out/snapshot_writer.txt" 2>&1
 
+step "copy against handover pauses through memsnapd: memsnap-handover-bench"
+"$bin/memsnap-handover-bench" --out "$out/handover.json" >> "$out/log" 2>&1
+"$root/tools/bench/handover_ratios.py" "$out/handover.json" > "$out/handover.md"
+
 if [[ "$qemu" == 1 ]]; then
   step "QEMU microVM: qemu_bench.py"
   "$root/tools/bench/qemu_bench.py" --reps "$reps" --out "$out/qemu.json" > "$out/qemu.md"
 fi
 step "done"
-echo "results in $out: export.md resume.md flags.md snapshot_writer.txt$([[ $qemu == 1 ]] && echo " qemu.md")" >&2
+echo "results in $out: export.md resume.md flags.md snapshot_writer.txt handover.md$([[ $qemu == 1 ]] && echo " qemu.md")" >&2
