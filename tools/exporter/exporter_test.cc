@@ -251,6 +251,10 @@ TEST_F(ExporterTest, ExportsTheMemfdInTheBackgroundToADurableSnapshot) {
   EXPECT_FALSE(st.error.has_value());
   EXPECT_GT(st.cpu_seconds, 0.0);
   EXPECT_EQ(mismatches_in(out, kSize), 0);
+  // Durable means let go: the exporter holds no reference to the guest memory once it has said
+  // so (memsnapd counts the bytes as no longer held at that moment).
+  EXPECT_EQ(exporters_holding_the_memory(), std::vector<pid_t>{})
+      << "memsnap-exporter said durable while still holding the guest memory";
 
   // Nothing to retry or release once durable.
   EXPECT_EQ(exp->retry().error().code, Errc::kInvalidState);
@@ -343,6 +347,8 @@ TEST_F(ExporterTest, AFullDiskFailsTheExportWithTheMemoryHeldUntilARetrySucceeds
   EXPECT_EQ(st.bytes_done, written_bytes(kSize));
   EXPECT_EQ(st.report->dirty_bytes, written_bytes(kSize));
   EXPECT_EQ(mismatches_in(out, kSize), 0);
+  EXPECT_EQ(exporters_holding_the_memory(), std::vector<pid_t>{})
+      << "memsnap-exporter said durable while still holding the guest memory";
   EXPECT_EQ(exp->retry().error().code, Errc::kInvalidState);
   exp.reset();
   EXPECT_EQ(changes.states(), (std::vector<ExportState>{ExportState::kFailed, ExportState::kRunning,

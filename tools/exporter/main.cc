@@ -118,6 +118,9 @@ class Exporter {
       if (result.ok()) {
         spdlog::info("snapshot {} is durable: {} dirty bytes in {:.3f} s (attempt {})",
                      result->snapshot_path, result->dirty_bytes, result->wall_seconds, attempt_);
+        // Let go of the memory before saying so: memsnapd counts it as no longer held the
+        // moment it hears durable, and this process's exit may take a while (a sanitizer's).
+        let_go_of_the_memory();
         ExportEvent e = event(EventKind::kDurable);
         e.report = std::move(*result);
         channel_.send(e);
@@ -137,6 +140,7 @@ class Exporter {
       channel_.send(e);
       if (!wait_for_retry(retryable)) {
         spdlog::warn("export of {} released: the guest memory is let go", request_.pause.out_path);
+        let_go_of_the_memory();
         send(EventKind::kReleased);
         return kExitReleased;
       }
@@ -154,6 +158,13 @@ class Exporter {
     return e;
   }
   void send(EventKind kind) { channel_.send(event(kind)); }
+
+  // Closes this process's reference to the guest memfd (no mapping of it outlives an attempt).
+  void let_go_of_the_memory() {
+    if (request_.pause.memfd < 0) return;
+    ::close(request_.pause.memfd);
+    request_.pause.memfd = -1;
+  }
 
   // Plugins are loaded by the first attempt that gets them all; a failure to load one is an
   // attempt's failure like any other (the memory stays held; the file may be fixed).
