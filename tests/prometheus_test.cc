@@ -416,43 +416,78 @@ class PrometheusTest : public ::testing::Test {
   int pauses_ = 0;
 };
 
-// Issue 6: the report built from Prometheus' histograms agrees with the report built from the
-// same run's JSON results, within the histogram's bucket resolution.
-TEST(ExperimentReportTest, PrometheusAndJsonReportsAgreeWithinABucket) {
-  if (!executable(prometheus_binary())) GTEST_SKIP() << prometheus_binary() << " missing";
-  char templ[] = "/var/tmp/memsnap-experiment-prom-XXXXXX";
-  ASSERT_NE(::mkdtemp(templ), nullptr);
-  const std::string dir = templ;
-  auto metrics_port = free_loopback_port();
-  auto prom_port = free_loopback_port();
-  ASSERT_TRUE(metrics_port.ok() && prom_port.ok());
+// A Prometheus scraping 127.0.0.1:metrics_port every second, ready; its files under dir.
+std::unique_ptr<PrometheusServer> scraping_prometheus(const std::string& dir, int metrics_port,
+                                                      int prom_port) {
   std::ofstream(dir + "/prometheus.yml")
       << "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
       << "scrape_configs:\n  - job_name: memsnap\n    static_configs:\n"
-      << "      - targets: ['127.0.0.1:" << *metrics_port << "']\n";
-  PrometheusServer prometheus(prometheus_binary(), dir + "/prometheus.yml", dir + "/data",
-                              *prom_port, dir + "/prometheus.log");
-  ASSERT_GT(prometheus.pid(), 0);
-  for (int i = 0; !prometheus.get("/-/ready").ok(); ++i) {
-    ASSERT_LT(i, 300) << "prometheus not ready: " << read_file(prometheus.log_path());
+      << "      - targets: ['127.0.0.1:" << metrics_port << "']\n";
+  auto prometheus = std::make_unique<PrometheusServer>(
+      prometheus_binary(), dir + "/prometheus.yml", dir + "/data", prom_port,
+      dir + "/prometheus.log");
+  EXPECT_GT(prometheus->pid(), 0);
+  for (int i = 0; !prometheus->get("/-/ready").ok(); ++i) {
+    if (i >= 300) {
+      ADD_FAILURE() << "prometheus not ready: " << read_file(prometheus->log_path());
+      return nullptr;
+    }
     std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
-  const std::string memsnap = std::string(std::getenv("MEMSNAP_BIN_DIR") ? std::getenv("MEMSNAP_BIN_DIR") : "") + "/memsnap";
-  const auto run = run_command({memsnap, "experiment", "run", "--sandboxes", "6", "--cycles", "4",
-                                "--size", "32M", "--metrics-port", std::to_string(*metrics_port),
-                                "--out", dir + "/results.json"});
-  ASSERT_EQ(run.status, 0) << run.output;
+  return prometheus;
+}
+
+// `memsnap experiment run` (args after "run") against a Prometheus scraping its memsnapd, then
+// `experiment report` of its JSON results and of Prometheus (report_args after the URL): both
+// reports, parsed. Empty objects (and a failure) if anything did not run.
+std::pair<json, json> json_and_prometheus_reports(const std::vector<std::string>& run_args,
+                                                  const std::vector<std::string>& report_args) {
+  char templ[] = "/var/tmp/memsnap-experiment-prom-XXXXXX";
+  if (::mkdtemp(templ) == nullptr) {
+    ADD_FAILURE() << "mkdtemp";
+    return {};
+  }
+  const std::string dir = templ;
+  auto metrics_port = free_loopback_port();
+  auto prom_port = free_loopback_port();
+  EXPECT_TRUE(metrics_port.ok() && prom_port.ok());
+  if (!metrics_port.ok() || !prom_port.ok()) return {};
+  auto prometheus = scraping_prometheus(dir, *metrics_port, *prom_port);
+  if (prometheus == nullptr) return {};
+  const std::string memsnap =
+      std::string(std::getenv("MEMSNAP_BIN_DIR") ? std::getenv("MEMSNAP_BIN_DIR") : "") +
+      "/memsnap";
+  std::vector<std::string> run = {memsnap, "experiment", "run"};
+  run.insert(run.end(), run_args.begin(), run_args.end());
+  run.insert(run.end(), {"--metrics-port", std::to_string(*metrics_port), "--out",
+                         dir + "/results.json"});
+  const auto ran = run_command(run);
+  EXPECT_EQ(ran.status, 0) << ran.output;
   const auto from_json = run_command({memsnap, "experiment", "report", dir + "/results.json",
                                       "--warmup", "0", "--out", dir + "/json-report", "--json"});
-  ASSERT_EQ(from_json.status, 0) << from_json.output;
-  const auto from_prom = run_command(
-      {memsnap, "experiment", "report", "--prometheus",
-       "http://127.0.0.1:" + std::to_string(*prom_port), "--window", "10m", "--out",
-       dir + "/prom-report", "--json"});
-  ASSERT_EQ(from_prom.status, 0) << from_prom.output;
-  const json a = json::parse(read_file(dir + "/json-report.json"));
-  const json b = json::parse(read_file(dir + "/prom-report.json"));
-  // memsnapd's pause and resume histograms' bounds (docs/metrics.md).
+  EXPECT_EQ(from_json.status, 0) << from_json.output;
+  std::vector<std::string> report = {memsnap, "experiment", "report", "--prometheus",
+                                     "http://127.0.0.1:" + std::to_string(*prom_port),
+                                     "--window", "10m", "--out", dir + "/prom-report", "--json"};
+  report.insert(report.end(), report_args.begin(), report_args.end());
+  const auto from_prom = run_command(report);
+  EXPECT_EQ(from_prom.status, 0) << from_prom.output;
+  prometheus->stop();
+  std::pair<json, json> out;
+  if (ran.status == 0 && from_json.status == 0 && from_prom.status == 0) {
+    out = {json::parse(read_file(dir + "/json-report.json")),
+           json::parse(read_file(dir + "/prom-report.json"))};
+  }
+  fs::remove_all(dir);
+  return out;
+}
+
+// For each arm both reports have and each metric: the same number of operations (up to
+// increase()'s extrapolation at the window's edges) and medians within one bucket of each other
+// (interpolation between two order statistics may straddle a bound). How many were compared.
+std::size_t compare_within_a_bucket(const json& a, const json& b,
+                                    const std::vector<const char*>& metrics) {
+  // memsnapd's latency histograms' bounds (docs/metrics.md).
   std::vector<double> bounds = {0};
   for (double decade = 1e-4; decade < 100; decade *= 10) {
     for (double m : {1.0, 2.0, 5.0}) bounds.push_back(m * decade);
@@ -463,19 +498,19 @@ TEST(ExperimentReportTest, PrometheusAndJsonReportsAgreeWithinABucket) {
     return i;  // v in (bounds[i-1], bounds[i]]
   };
   std::size_t compared = 0;
+  if (!a.contains("arms") || !b.contains("arms")) return 0;
   for (const auto& arm_a : a["arms"]) {
     for (const auto& arm_b : b["arms"]) {
       if (arm_a["name"] != arm_b["name"]) continue;
-      for (const char* metric : {"pause_seconds", "resume_seconds"}) {
+      for (const char* metric : metrics) {
         SCOPED_TRACE(arm_a["name"].get<std::string>() + " " + metric);
-        ASSERT_TRUE(arm_a["metrics"].contains(metric) && arm_b["metrics"].contains(metric));
-        // The same operations on both sides, up to increase()'s extrapolation at the window's
-        // edges...
+        if (!arm_a["metrics"].contains(metric) || !arm_b["metrics"].contains(metric)) {
+          ADD_FAILURE() << "missing from a report";
+          continue;
+        }
         const double n_a = arm_a["metrics"][metric]["n"];
         const double n_b = arm_b["metrics"][metric]["n"];
         EXPECT_NEAR(n_b, n_a, 0.25 * n_a);
-        // ...and medians within one bucket of each other (interpolation between two order
-        // statistics may straddle a bound).
         const double exact = arm_a["metrics"][metric]["p50"]["estimate"];
         const double rebuilt = arm_b["metrics"][metric]["p50"]["estimate"];
         const std::size_t k = bucket_of(exact);
@@ -487,9 +522,31 @@ TEST(ExperimentReportTest, PrometheusAndJsonReportsAgreeWithinABucket) {
       }
     }
   }
-  EXPECT_EQ(compared, 6u) << "every strategy, pause and resume";
-  prometheus.stop();
-  fs::remove_all(dir);
+  return compared;
+}
+
+// Issue 6: the report built from Prometheus' histograms agrees with the report built from the
+// same run's JSON results, within the histogram's bucket resolution.
+TEST(ExperimentReportTest, PrometheusAndJsonReportsAgreeWithinABucket) {
+  if (!executable(prometheus_binary())) GTEST_SKIP() << prometheus_binary() << " missing";
+  const auto [a, b] = json_and_prometheus_reports(
+      {"--sandboxes", "6", "--cycles", "4", "--size", "32M"}, {});
+  EXPECT_EQ(compare_within_a_bucket(a, b, {"pause_seconds", "resume_seconds"}), 6u)
+      << "every strategy, pause and resume";
+}
+
+// Issue 19: a pause-mode experiment read back from Prometheus (--split pause-mode) has the same
+// arms, and each arm's answered and durable latency agrees with the JSON report's within a
+// bucket -- copy's answer a whole pause, handover's the handover alone.
+TEST(ExperimentReportTest, APauseModeSplitFromPrometheusAgreesWithJsonWithinABucket) {
+  if (!executable(prometheus_binary())) GTEST_SKIP() << prometheus_binary() << " missing";
+  const auto [a, b] = json_and_prometheus_reports(
+      {"--split", "pause-mode", "--sandboxes", "6", "--cycles", "4", "--size", "32M"},
+      {"--split", "pause-mode"});
+  ASSERT_TRUE(b.contains("arms"));
+  EXPECT_EQ(b.value("baseline", ""), "copy") << b.dump();
+  EXPECT_EQ(compare_within_a_bucket(a, b, {"answer_seconds", "durable_seconds"}), 4u)
+      << "copy and handover, answered and durable";
 }
 
 TEST(PromtoolTest, ShippedRulesPassCheckRules) {

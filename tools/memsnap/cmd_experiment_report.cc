@@ -4,8 +4,8 @@
 // its interval, Mann-Whitney U), a sample-ratio-mismatch check of the split, verdicts in plain
 // language; written as Markdown, JSON and an SVG picture (tools/experiment).
 //
-// From Prometheus only what the histograms hold is known: pause and resume latency per strategy,
-// bucketed. The samples are rebuilt from the buckets (spread evenly inside each bucket, which is
+// From Prometheus only what the histograms hold is known: pause and resume latency per strategy
+// (or a pause's answered and durable latency per pause mode, --split pause-mode), bucketed. The samples are rebuilt from the buckets (spread evenly inside each bucket, which is
 // what histogram_quantile assumes), so quantiles agree with Prometheus' own to within a bucket;
 // the split is checked on operations, not sandboxes (the metrics carry no sandbox ids).
 #include <cctype>
@@ -85,30 +85,56 @@ std::vector<double> samples_from_buckets(std::map<double, double> cumulative) {
   return out;
 }
 
+// What a Prometheus report compares: the arms are the values of one label of memsnapd's
+// histograms, each metric rebuilt from one histogram family.
+struct PrometheusSplit {
+  std::string arm_label;  // "strategy" or "mode"
+  struct Source {
+    const char* metric;    // the report's metric
+    const char* family;    // the histogram
+    const char* matchers;  // inside {}: which of its series count
+  };
+  std::vector<Source> sources;
+};
+
+// --split strategy: pause and resume latency by the strategy that ran (successful operations).
+// --split pause-mode: the two moments of a pause by the mode that ran -- answered and durable
+// (both observed for committed snapshots only; a copy pause's two are the same moment).
+PrometheusSplit prometheus_split(bool by_mode) {
+  if (by_mode) {
+    return {"mode",
+            {{"answer_seconds", "memsnap_pause_handover_seconds", ""},
+             {"durable_seconds", "memsnap_pause_durable_seconds", ""}}};
+  }
+  return {"strategy",
+          {{"pause_seconds", "memsnap_pause_duration_seconds", "outcome=\"ok\""},
+           {"resume_seconds", "memsnap_resume_duration_seconds", "outcome=\"ok\""}}};
+}
+
 // Records rebuilt from memsnapd's histograms in Prometheus over `window`: one record per
-// observation, unit = strategy + index (there are no sandbox ids in the metrics, by design).
+// observation, unit = arm + index (there are no sandbox ids in the metrics, by design).
 std::vector<ex::OperationRecord> records_from_prometheus(const std::string& url,
-                                                         const std::string& window) {
+                                                         const std::string& window,
+                                                         const PrometheusSplit& split) {
   std::vector<ex::OperationRecord> records;
-  for (const auto& [metric, family] :
-       std::vector<std::pair<std::string, std::string>>{{"pause_seconds", "memsnap_pause_duration_seconds"},
-                                                        {"resume_seconds", "memsnap_resume_duration_seconds"}}) {
-    const json result = prom_query(
-        url, "sum by (strategy, le) (increase(" + family + "_bucket{outcome=\"ok\"}[" + window + "]))");
-    std::map<std::string, std::map<double, double>> by_strategy;
+  for (const auto& source : split.sources) {
+    const json result =
+        prom_query(url, "sum by (" + split.arm_label + ", le) (increase(" + source.family +
+                            "_bucket{" + source.matchers + "}[" + window + "]))");
+    std::map<std::string, std::map<double, double>> by_arm;
     for (const auto& series : result) {
-      const std::string strategy = series["metric"].value("strategy", "");
+      const std::string arm = series["metric"].value(split.arm_label, "");
       const std::string le = series["metric"].value("le", "");
       const double v = std::stod(series["value"][1].get<std::string>());
-      by_strategy[strategy][le == "+Inf" ? INFINITY : std::stod(le)] = v;
+      by_arm[arm][le == "+Inf" ? INFINITY : std::stod(le)] = v;
     }
-    for (const auto& [strategy, buckets] : by_strategy) {
+    for (const auto& [arm, buckets] : by_arm) {
       std::size_t i = 0;
       for (double s : samples_from_buckets(buckets)) {
         ex::OperationRecord r;
-        r.arm = strategy;
-        r.unit = strategy + "#" + std::to_string(i++);
-        r.metrics[metric] = s;
+        r.arm = arm;
+        r.unit = arm + "#" + std::to_string(i++);
+        r.metrics[source.metric] = s;
         records.push_back(std::move(r));
       }
     }
@@ -152,6 +178,7 @@ std::vector<ex::ArmWeight> parse_arms(const std::string& text) {
 int cmd_experiment_report(Args& args) {
   const std::string prometheus = args.value("--prometheus");
   const std::string window = args.value("--window", "1h");
+  const std::string split = args.value("--split");
   std::string baseline = args.value("--baseline");
   const std::string arms_text = args.value("--arms");
   const std::string out_prefix = args.value("--out");
@@ -165,6 +192,10 @@ int cmd_experiment_report(Args& args) {
   if (prometheus.empty() == (files.size() != 1)) {
     throw std::invalid_argument("give RESULTS.json, or --prometheus URL --window DURATION");
   }
+  if (!split.empty() && prometheus.empty()) {
+    throw std::invalid_argument(
+        "--split goes with --prometheus: a results file says itself what its arms are");
+  }
 
   ex::ExperimentSpec spec;
   spec.baseline = baseline.empty() ? "process_vm_readv" : baseline;
@@ -172,16 +203,28 @@ int cmd_experiment_report(Args& args) {
   std::vector<ex::OperationRecord> records;
   std::vector<std::string> fallback_notes;  // pauses that ran in another mode than their arm's
   std::string source;
+  const bool by_mode = split == "pause-mode";
   if (!prometheus.empty()) {
     try {
-      records = records_from_prometheus(prometheus, window);
+      records = records_from_prometheus(prometheus, window, prometheus_split(by_mode));
     } catch (const std::exception& e) {
       // An unreachable server or an answer that is not Prometheus': say so, exit 1.
       std::fprintf(stderr, "memsnap experiment report: %s: %s\n", prometheus.c_str(), e.what());
       return 1;
     }
-    spec.title = "memsnap strategy experiment (Prometheus " + prometheus + ", last " + window + ")";
-    spec.metrics = {ex::metric_spec_for("pause_seconds"), ex::metric_spec_for("resume_seconds")};
+    spec.title = std::string(by_mode ? "memsnap pause-mode experiment" : "memsnap strategy experiment") +
+                 " (Prometheus " + prometheus + ", last " + window + ")";
+    for (const auto& from : prometheus_split(by_mode).sources) {
+      spec.metrics.push_back(ex::metric_spec_for(from.metric));
+    }
+    if (by_mode) {
+      spec.arm_kind = "pause mode";
+      if (baseline.empty()) spec.baseline = "copy";
+      // The histograms carry the mode that ran, not the one the flag chose.
+      fallback_notes.push_back(
+          "from Prometheus, an arm is the pause mode that ran: a pause that fell back counts in "
+          "the mode it fell back to (memsnap_pause_mode_fallbacks_total says how many did)");
+    }
     source = prometheus;
     std::map<std::string, double> weights;
     for (const auto& a : parse_arms(arms_text)) weights[a.arm] = a.weight;

@@ -153,10 +153,13 @@ std::vector<Command> main_commands() {
       {.name = "experiment report",
        .summary = "the analysis of an experiment: per arm p50/p90/p99 with bootstrap 95% "
                   "intervals, each arm against the baseline, sample-ratio check, verdicts",
-       .synopsis = "(RESULTS.json | --prometheus URL [--window 1h]) [options]",
+       .synopsis = "(RESULTS.json | --prometheus URL [--window 1h] [--split S]) [options]",
        .description = "Writes PREFIX.md, PREFIX.json and PREFIX.svg with --out.",
        .options = {text("--prometheus", "URL", "read the samples from a Prometheus server"),
                    text("--window", "DURATION", "how far back, with --prometheus", "1h"),
+                   choice("--split", {"strategy", "pause-mode"},
+                          "what the arms are, with --prometheus: strategies (pause and resume "
+                          "latency) or pause modes (answered and durable latency)", "strategy"),
                    text("--baseline", "ARM", "the arm the others are compared with",
                         "process_vm_readv; copy for a pause-mode split"),
                    text("--arms", "NAME=WEIGHT,...", "the planned split (for the sample-ratio "
