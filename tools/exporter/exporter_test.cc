@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
 
 #include <chrono>
 #include <cstdlib>
@@ -268,6 +269,54 @@ TEST_F(ExporterTest, ExportsTheMemfdInTheBackgroundToADurableSnapshot) {
   std::vector<std::string> files;
   for (const auto& e : fs::directory_iterator(dir_)) files.push_back(e.path().string());
   EXPECT_EQ(files, std::vector<std::string>{out});
+}
+
+// The exporter logs as memsnapd does (set_exporter_logging: memsnapd's logging.format and
+// level): JSON lines naming it, and nothing below the level. Its stderr is the test's fd 2 at the
+// moment it is spawned, pointed at a file for that moment.
+TEST_F(ExporterTest, TheExporterLogsInMemsnapdsFormatAndLevel) {
+  constexpr std::uint64_t kSize = 4ULL << 20;
+  // Each export's stderr lines.
+  auto export_logging_to = [&](const std::string& name) {
+    const std::string log = dir_ + "/" + name + ".log";
+    const int file = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+    EXPECT_GE(file, 0);
+    const int saved = ::dup(STDERR_FILENO);
+    ::dup2(file, STDERR_FILENO);
+    auto exp = start(kSize, dir_ + "/" + name + ".snap", nullptr);
+    ::dup2(saved, STDERR_FILENO);
+    ::close(saved);
+    ::close(file);
+    std::vector<std::string> lines;
+    if (exp == nullptr) return lines;
+    EXPECT_EQ(exp->wait(kDeadline).state, ExportState::kDurable);
+    EXPECT_TRUE(eventually([] { return exporter_children().empty(); }));  // all it wrote is in
+    std::ifstream in(log);
+    for (std::string line; std::getline(in, line);) lines.push_back(line);
+    return lines;
+  };
+
+  set_exporter_logging(true, "info");
+  const auto json_lines = export_logging_to("json");
+  int durable = 0;
+  for (const auto& line : json_lines) {
+    EXPECT_EQ(line.find("memsnap-exporter["), std::string::npos) << "a text line: " << line;
+    if (line.empty() || line[0] != '{') continue;  // the test's own logging
+    const auto j = nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false);
+    ASSERT_TRUE(j.is_object()) << "not JSON: " << line;
+    if (j.value("program", "") != "memsnap-exporter") continue;
+    EXPECT_TRUE(j.contains("time") && j.contains("level") && j.contains("pid")) << line;
+    if (j.value("msg", "").find("is durable") != std::string::npos) ++durable;
+  }
+  EXPECT_EQ(durable, 1) << "the exporter's JSON line saying durable, in:\n"
+                        << testing::PrintToString(json_lines);
+
+  set_exporter_logging(true, "warning");
+  for (const auto& line : export_logging_to("quiet")) {
+    EXPECT_EQ(line.find("\"program\":\"memsnap-exporter\""), std::string::npos)
+        << "an info line at level warning: " << line;
+  }
+  set_exporter_logging(false, "info");  // as the other cases expect
 }
 
 TEST_F(ExporterTest, WithoutTheExporterBinaryNothingStarts) {

@@ -16,6 +16,7 @@
 
 #include <atomic>
 #include <cerrno>
+#include <cstdlib>
 #include <cstring>
 #include <string>
 #include <thread>
@@ -28,6 +29,7 @@
 #include "core/pause.h"
 #include "core/plugin_host/plugin_registry.h"
 #include "tools/exporter/export_protocol.h"
+#include "tools/exporter/log_format.h"
 
 namespace memsnap::exporter {
 namespace {
@@ -257,8 +259,17 @@ int run(int argc, char** argv) {
   }
   // memsnapd may be gone by the time anything is written to it.
   ::signal(SIGPIPE, SIG_IGN);
+  // memsnapd's logging.format and logging.level (tools/exporter/log_format.h).
+  const char* format = std::getenv(kLogFormatEnv);
+  const char* level = std::getenv(kLogLevelEnv);
   auto logger = spdlog::stderr_color_mt("memsnap-exporter");
-  logger->set_pattern("%Y-%m-%d %H:%M:%S.%e %^%l%$ memsnap-exporter[%P]: %v");
+  logger->set_formatter(log_formatter(format != nullptr && std::strcmp(format, "json") == 0,
+                                      "memsnap-exporter[%P]", "memsnap-exporter"));
+  if (level != nullptr && *level != '\0') {
+    const auto parsed = spdlog::level::from_str(level);
+    // from_str gives off for a name it does not know: an unknown level is not silence.
+    if (parsed != spdlog::level::off || std::strcmp(level, "off") == 0) logger->set_level(parsed);
+  }
   spdlog::set_default_logger(logger);
   // Only what memsnapd meant to give: no stray descriptor of another sandbox is held.
   ::close_range(kChannelFd + 1, ~0U, 0);

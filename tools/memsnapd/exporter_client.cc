@@ -19,6 +19,7 @@
 #include <filesystem>
 #include <mutex>
 #include <thread>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -26,6 +27,7 @@
 
 #include "core/base/file_io.h"
 #include "tools/exporter/export_protocol.h"
+#include "tools/exporter/log_format.h"
 
 extern char** environ;
 
@@ -299,6 +301,32 @@ class ExporterProcess final : public BackgroundExport {
   bool exited_ = false;
 };
 
+// set_exporter_logging's settings, as the environment entries an exporter is given.
+std::mutex logging_mutex;
+std::string log_format_entry = std::string(exporter::kLogFormatEnv) + "=text";
+std::string log_level_entry = std::string(exporter::kLogLevelEnv) + "=info";
+
+// memsnapd's environment without any exporter logging entries of its own, then the current
+// ones. The strings live in `storage` (and environ's, unchanged while memsnapd runs).
+std::vector<char*> exporter_environment(std::vector<std::string>& storage) {
+  {
+    std::lock_guard lock(logging_mutex);
+    storage = {log_format_entry, log_level_entry};
+  }
+  std::vector<char*> env;
+  for (char** e = environ; e != nullptr && *e != nullptr; ++e) {
+    const std::string_view entry(*e);
+    if (entry.starts_with(std::string(exporter::kLogFormatEnv) + "=") ||
+        entry.starts_with(std::string(exporter::kLogLevelEnv) + "=")) {
+      continue;
+    }
+    env.push_back(*e);
+  }
+  for (auto& s : storage) env.push_back(s.data());
+  env.push_back(nullptr);
+  return env;
+}
+
 // posix_spawn (no allocation nor locking between fork and exec in the child, whatever memsnapd's
 // other threads hold): a new session, so no signal to memsnapd's process group or terminal
 // reaches it; an empty signal mask and default dispositions; the memfd as fd 3, its end of the
@@ -330,8 +358,10 @@ Result<pid_t> spawn_exporter(const std::string& binary, int memfd, int channel) 
                              POSIX_SPAWN_SETSID | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF);
   std::string arg0 = binary;
   char* argv[] = {arg0.data(), nullptr};
+  std::vector<std::string> env_storage;
+  const std::vector<char*> env = exporter_environment(env_storage);
   pid_t pid = -1;
-  const int err = ::posix_spawn(&pid, binary.c_str(), &actions, &attr, argv, environ);
+  const int err = ::posix_spawn(&pid, binary.c_str(), &actions, &attr, argv, env.data());
   ::posix_spawn_file_actions_destroy(&actions);
   ::posix_spawnattr_destroy(&attr);
   if (err != 0) {
@@ -341,6 +371,12 @@ Result<pid_t> spawn_exporter(const std::string& binary, int memfd, int channel) 
 }
 
 }  // namespace
+
+void set_exporter_logging(bool json, const std::string& level) {
+  std::lock_guard lock(logging_mutex);
+  log_format_entry = std::string(exporter::kLogFormatEnv) + (json ? "=json" : "=text");
+  log_level_entry = std::string(exporter::kLogLevelEnv) + "=" + level;
+}
 
 Result<std::string> find_exporter_binary() {
   std::vector<std::string> tried;

@@ -23,6 +23,11 @@ struct ExporterOptions {
   std::chrono::milliseconds retry_interval{10000};
 };
 
+// How the exporters started from now on log (tools/exporter/log_format.h): JSON lines or text,
+// at level (spdlog's names). memsnapd calls it with its own logging settings, at start and on
+// each reload; until then exporters log text at info.
+void set_exporter_logging(bool json, const std::string& level);
+
 // memsnap-exporter in the directory of /proc/self/exe, else in $MEMSNAP_BIN_DIR; kNotFound
 // saying where it looked.
 Result<std::string> find_exporter_binary();

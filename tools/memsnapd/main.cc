@@ -38,7 +38,9 @@
 #include "flags/flag_store.h"
 #include "tools/cli_spec/command_table.h"
 #include "tools/control_api/http_server.h"
+#include "tools/exporter/log_format.h"
 #include "tools/memsnapd/control_routes.h"
+#include "tools/memsnapd/exporter_client.h"
 #include "tools/memsnapd/sandbox_service.h"
 
 namespace memsnap::daemon {
@@ -89,30 +91,12 @@ const cli_spec::Program& program() {
   return p;
 }
 
-// %* : the message as a JSON string (escaped), for JSON-lines logs.
-class JsonMessageFlag : public spdlog::custom_flag_formatter {
- public:
-  void format(const spdlog::details::log_msg& msg, const std::tm&,
-              spdlog::memory_buf_t& dest) override {
-    const std::string text =
-        nlohmann::json(std::string(msg.payload.data(), msg.payload.size())).dump();
-    dest.append(text.data(), text.data() + text.size());
-  }
-  std::unique_ptr<custom_flag_formatter> clone() const override {
-    return std::make_unique<JsonMessageFlag>();
-  }
-};
-
 void apply_logging(const config::LoggingConfig& logging) {
-  auto formatter = std::make_unique<spdlog::pattern_formatter>();
-  if (logging.format == config::LogFormat::kJson) {
-    formatter->add_flag<JsonMessageFlag>('*').set_pattern(
-        R"({"time":"%Y-%m-%dT%H:%M:%S.%e%z","level":"%l","thread":%t,"msg":%*})");
-  } else {
-    formatter->set_pattern("%Y-%m-%d %H:%M:%S.%e %^%l%$ memsnapd: %v");
-  }
-  spdlog::set_formatter(std::move(formatter));
+  const bool json = logging.format == config::LogFormat::kJson;
+  spdlog::set_formatter(exporter::log_formatter(json, "memsnapd"));
   spdlog::set_level(spdlog::level::from_str(std::string(config::to_string(logging.level))));
+  // The background exporters started from now on log the same way.
+  set_exporter_logging(json, std::string(config::to_string(logging.level)));
 }
 
 std::string default_plugin_dir() {
