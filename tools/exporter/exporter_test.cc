@@ -181,6 +181,17 @@ class ExporterTest : public ::testing::Test {
       ::kill(pid, SIGKILL);
       ::waitpid(pid, nullptr, 0);
     }
+    // The others let go of the memory and are exiting (durable or released), but a test that
+    // destroyed its BackgroundExport first left them to memsnapd's lazy reaping: reaped here, so
+    // that the next test starts with no exporter child (an exit may take a while: a sanitizer's
+    // leak check runs in it).
+    for (pid_t pid : exporter_children()) {
+      if (!eventually([pid] { return ::waitpid(pid, nullptr, WNOHANG) != 0; })) {
+        ADD_FAILURE() << "memsnap-exporter " << pid << " has not exited";
+        ::kill(pid, SIGKILL);
+        ::waitpid(pid, nullptr, 0);
+      }
+    }
     if (!mounted_.empty()) ::umount2(mounted_.c_str(), MNT_DETACH);
     std::error_code ec;
     fs::remove_all(dir_, ec);
