@@ -365,6 +365,9 @@ json run_pause(fleet::Daemon& daemon, const std::string& mode, std::uint64_t siz
   if (last.contains("report") && last["report"].is_object()) {
     r["report_wall_s"] = last["report"].value("wall_seconds", 0.0);
     r["report_cpu_s"] = last["report"].value("cpu_seconds", 0.0);
+    // Where the time went (resolve, freeze, read, write, fsync, ...): kept for the reader of the
+    // results file, not part of any table.
+    if (last["report"].contains("phases")) r["phases"] = last["report"]["phases"];
   }
   r["seconds"] = last.value("seconds", 0.0);
   if (r["bytes"].get<std::uint64_t>() != size) {
