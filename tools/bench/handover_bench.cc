@@ -123,11 +123,19 @@ std::uint64_t parse_size(const std::string& s) {
   const double v = std::strtod(s.c_str(), &end);
   std::uint64_t mult = 1;
   switch (end && *end ? std::toupper(static_cast<unsigned char>(*end)) : 0) {
-    case 0: break;
-    case 'K': mult = 1ULL << 10; break;
-    case 'M': mult = 1ULL << 20; break;
-    case 'G': mult = 1ULL << 30; break;
-    default: die("bad size " + s + " (a number with K, M or G)");
+    case 0:
+      break;
+    case 'K':
+      mult = 1ULL << 10;
+      break;
+    case 'M':
+      mult = 1ULL << 20;
+      break;
+    case 'G':
+      mult = 1ULL << 30;
+      break;
+    default:
+      die("bad size " + s + " (a number with K, M or G)");
   }
   const auto bytes = std::uint64_t(v * double(mult));
   if (bytes == 0 || bytes % kPage != 0) die("size " + s + " is not a positive multiple of 4 KiB");
@@ -193,9 +201,10 @@ void usage() {
 
 Options parse(int argc, char** argv) {
   Options o;
-  std::string sizes = std::getenv("MEMSNAP_HANDOVER_SIZES") ? std::getenv("MEMSNAP_HANDOVER_SIZES")
-                                                            : "256M,1G,4G";
-  std::string reps = std::getenv("MEMSNAP_HANDOVER_REPS") ? std::getenv("MEMSNAP_HANDOVER_REPS") : "";
+  std::string sizes =
+      std::getenv("MEMSNAP_HANDOVER_SIZES") ? std::getenv("MEMSNAP_HANDOVER_SIZES") : "256M,1G,4G";
+  std::string reps =
+      std::getenv("MEMSNAP_HANDOVER_REPS") ? std::getenv("MEMSNAP_HANDOVER_REPS") : "";
   std::string refs = "write1m,write4m,direct4m";
   o.base_dir = std::getenv("MEMSNAP_BENCH_DIR") ? std::getenv("MEMSNAP_BENCH_DIR") : "/var/tmp";
   for (int i = 1; i < argc; ++i) {
@@ -207,12 +216,18 @@ Options parse(int argc, char** argv) {
       }
       return argv[++i];
     };
-    if (a == "--sizes") sizes = next();
-    else if (a == "--reps") reps = next();
-    else if (a == "--refs") refs = next();
-    else if (a == "--out") o.out = next();
-    else if (a == "--dir") o.base_dir = next();
-    else if (a == "--no-warmup") o.warmup = false;
+    if (a == "--sizes")
+      sizes = next();
+    else if (a == "--reps")
+      reps = next();
+    else if (a == "--refs")
+      refs = next();
+    else if (a == "--out")
+      o.out = next();
+    else if (a == "--dir")
+      o.base_dir = next();
+    else if (a == "--no-warmup")
+      o.warmup = false;
     else if (a == "-h" || a == "--help") {
       usage();
       std::exit(0);
@@ -225,10 +240,14 @@ Options parse(int argc, char** argv) {
   if (o.sizes.empty()) die("no sizes");
   const auto r = split(reps);
   for (std::size_t i = 0; i < o.sizes.size(); ++i) {
-    if (r.empty()) o.reps.push_back(default_reps(o.sizes[i]));
-    else if (r.size() == 1) o.reps.push_back(std::stoi(r[0]));
-    else if (r.size() == o.sizes.size()) o.reps.push_back(std::stoi(r[i]));
-    else die("--reps: one number, or one per size");
+    if (r.empty())
+      o.reps.push_back(default_reps(o.sizes[i]));
+    else if (r.size() == 1)
+      o.reps.push_back(std::stoi(r[0]));
+    else if (r.size() == o.sizes.size())
+      o.reps.push_back(std::stoi(r[i]));
+    else
+      die("--reps: one number, or one per size");
     if (o.reps.back() < 1) die("--reps must be >= 1");
   }
   if (refs != "none") {
@@ -249,7 +268,8 @@ struct Buffer {
   explicit Buffer(std::uint64_t bytes) : size(bytes) {
     data = static_cast<char*>(
         ::mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
-    if (data == MAP_FAILED) die("mmap of the reference buffer: " + std::string(std::strerror(errno)));
+    if (data == MAP_FAILED)
+      die("mmap of the reference buffer: " + std::string(std::strerror(errno)));
     ::madvise(data, size, MADV_NOHUGEPAGE);  // as the stand-in's guest memory
     for (std::uint64_t p = 0; p < size / kPage; ++p) {
       pattern::fill_page(data + p * kPage, kPage, kSeed, p, 1);
@@ -265,8 +285,8 @@ json run_reference(const RefWay& way, const Buffer& buf, const std::string& dir)
   ::unlink(path.c_str());
   const double c0 = thread_cpu_seconds();
   const auto t0 = Clock::now();
-  const int fd = ::open(path.c_str(),
-                        O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC | (way.direct ? O_DIRECT : 0), 0600);
+  const int fd = ::open(
+      path.c_str(), O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC | (way.direct ? O_DIRECT : 0), 0600);
   if (fd < 0) die("open " + path + ": " + std::strerror(errno));
   for (std::uint64_t done = 0; done < buf.size;) {
     const std::uint64_t want = std::min(way.chunk, buf.size - done);
@@ -279,8 +299,9 @@ json run_reference(const RefWay& way, const Buffer& buf, const std::string& dir)
   const double wall = seconds_since(t0);
   const double cpu = thread_cpu_seconds() - c0;
   ::unlink(path.c_str());
-  return {{"kind", "ref"}, {"way", way.name}, {"label", way.label}, {"durable_s", wall},
-          {"client_durable_s", wall}, {"cpu_s", cpu}, {"bytes", buf.size}};
+  return {{"kind", "ref"},     {"way", way.name},          {"label", way.label},
+          {"durable_s", wall}, {"client_durable_s", wall}, {"cpu_s", cpu},
+          {"bytes", buf.size}};
 }
 
 // One pause of a fresh stand-in through memsnapd, in `mode`.
@@ -298,8 +319,8 @@ json run_pause(fleet::Daemon& daemon, const std::string& mode, std::uint64_t siz
   if (!launched.ok()) die("launch " + id + ": " + launched.error().to_string());
   std::unique_ptr<fleet::Sandbox> sb = std::move(*launched);
 
-  const json body = {{"strategy", "memfd"}, {"mode", mode},    {"sync", true},
-                     {"parent", "none"},    {"after", "stop"}};
+  const json body = {
+      {"strategy", "memfd"}, {"mode", mode}, {"sync", true}, {"parent", "none"}, {"after", "stop"}};
   // The API's floor for this caller: a GET of the same sandbox, just before (a new connection,
   // as the pause's).
   const auto g0 = Clock::now();
@@ -311,7 +332,8 @@ json run_pause(fleet::Daemon& daemon, const std::string& mode, std::uint64_t siz
   const double ticks0 = process_cpu_ticks_seconds(d);
   const double rt0 = threads_runtime_seconds(d);
   const auto t0 = Clock::now();
-  auto answer = daemon.call("POST", "/v1/sandboxes/" + id + "/pause", body, std::chrono::seconds(600));
+  auto answer =
+      daemon.call("POST", "/v1/sandboxes/" + id + "/pause", body, std::chrono::seconds(600));
   const double client_answer = seconds_since(t0);
   const double rt1 = threads_runtime_seconds(d);
   const double ticks1 = process_cpu_ticks_seconds(d);
@@ -336,8 +358,9 @@ json run_pause(fleet::Daemon& daemon, const std::string& mode, std::uint64_t siz
   double ticks2 = ticks1;
   if (mode == "handover") {
     if (a.value("durable", true)) die("a handover answer that says durable");
-    auto waited = daemon.call("GET", "/v1/sandboxes/" + id + "?wait_while=exporting&timeout_ms=600000",
-                              nullptr, std::chrono::seconds(610));
+    auto waited =
+        daemon.call("GET", "/v1/sandboxes/" + id + "?wait_while=exporting&timeout_ms=600000",
+                    nullptr, std::chrono::seconds(610));
     client_durable = seconds_since(t0);
     ticks2 = process_cpu_ticks_seconds(d);
     if (!waited.ok()) die("wait " + id + ": " + waited.error().to_string());
@@ -393,7 +416,8 @@ json run_pause(fleet::Daemon& daemon, const std::string& mode, std::uint64_t siz
     if (fs::read_symlink(e.path(), lec).string().starts_with("/memfd:")) ++memfds;
   }
   r["memsnapd_memfds_after"] = memfds;
-  if (memfds != 0) std::cerr << "warning: memsnapd still holds " << memfds << " memfd(s) after " << id << "\n";
+  if (memfds != 0)
+    std::cerr << "warning: memsnapd still holds " << memfds << " memfd(s) after " << id << "\n";
   return r;
 }
 
@@ -428,29 +452,31 @@ int run(int argc, char** argv) {
   for (std::size_t i = 0; i < o.sizes.size(); ++i) {
     sizes.push_back({{"bytes", o.sizes[i]}, {"name", size_name(o.sizes[i])}, {"reps", o.reps[i]}});
   }
-  json results = {
-      {"context",
-       {{"bench", "memsnap-handover-bench"},
-        {"command", command},
-        {"date", [] {
-           char b[64];
-           const std::time_t t = std::time(nullptr);
-           std::strftime(b, sizeof(b), "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
-           return std::string(b);
-         }()},
-        {"kernel", std::string(u.release)},
-        {"cpus", ::sysconf(_SC_NPROCESSORS_ONLN)},
-        {"dir", dir},
-        {"strategy", "memfd"},
-        {"sync", true},
-        {"load_start", loadavg()},
-        {"sizes", sizes},
-        {"refs", [&] {
-           json r = json::array();
-           for (const auto& w : o.refs) r.push_back({{"way", w.name}, {"label", w.label}});
-           return r;
-         }()}}},
-      {"runs", json::array()}};
+  json results = {{"context",
+                   {{"bench", "memsnap-handover-bench"},
+                    {"command", command},
+                    {"date",
+                     [] {
+                       char b[64];
+                       const std::time_t t = std::time(nullptr);
+                       std::strftime(b, sizeof(b), "%Y-%m-%dT%H:%M:%SZ", std::gmtime(&t));
+                       return std::string(b);
+                     }()},
+                    {"kernel", std::string(u.release)},
+                    {"cpus", ::sysconf(_SC_NPROCESSORS_ONLN)},
+                    {"dir", dir},
+                    {"strategy", "memfd"},
+                    {"sync", true},
+                    {"load_start", loadavg()},
+                    {"sizes", sizes},
+                    {"refs",
+                     [&] {
+                       json r = json::array();
+                       for (const auto& w : o.refs)
+                         r.push_back({{"way", w.name}, {"label", w.label}});
+                       return r;
+                     }()}}},
+                  {"runs", json::array()}};
 
   if (o.warmup) {  // the daemon's first pauses (plugin, exporter binary, page cache): not counted
     std::cerr << "warm-up (64M copy + handover, not recorded)\n";

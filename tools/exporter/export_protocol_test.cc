@@ -3,8 +3,13 @@
 #include "tools/exporter/export_protocol.h"
 
 #include <gtest/gtest.h>
+#include <spdlog/logger.h>
+#include <spdlog/sinks/ostream_sink.h>
+
+#include <sstream>
 
 #include "core/report_json.h"
+#include "tools/exporter/log_format.h"
 
 namespace memsnap::exporter {
 namespace {
@@ -175,6 +180,37 @@ TEST(ExportProtocolTest, EveryErrorCodeIsReadBackByName) {
     EXPECT_EQ(errc_from_name(errc_name(code)), code) << errc_name(code);
   }
   EXPECT_EQ(errc_from_name("no_such_code"), Errc::kInternal);
+}
+
+// What log_formatter writes: one JSON object a line, naming the exporter -- even for a message
+// that is not UTF-8 (a snapshot path may hold any bytes): such a line is written with the bad
+// bytes replaced, never dropped.
+TEST(LogFormatTest, JsonLinesNameTheProgramAndSurviveBytesThatAreNotUtf8) {
+  std::ostringstream out;
+  auto sink = std::make_shared<spdlog::sinks::ostream_sink_mt>(out);
+  spdlog::logger logger("log-format-test", sink);
+  logger.set_formatter(log_formatter(true, "memsnap-exporter[%P]", "memsnap-exporter"));
+  logger.critical("holding the guest memory of /snapshots/a\xff\xfe.snap");
+  logger.info("plain \"quoted\" text");
+  std::istringstream lines(out.str());
+  std::vector<nlohmann::json> parsed;
+  for (std::string line; std::getline(lines, line);) {
+    parsed.push_back(nlohmann::json::parse(line, nullptr, /*allow_exceptions=*/false));
+    ASSERT_TRUE(parsed.back().is_object()) << "not JSON: " << line;
+  }
+  ASSERT_EQ(parsed.size(), 2u) << out.str();
+  EXPECT_EQ(parsed[0]["program"], "memsnap-exporter");
+  EXPECT_EQ(parsed[0]["level"], "critical");
+  EXPECT_NE(parsed[0]["msg"].get<std::string>().find("holding the guest memory of /snapshots/a"),
+            std::string::npos);
+  EXPECT_EQ(parsed[1]["msg"], "plain \"quoted\" text");
+
+  std::ostringstream text_out;
+  auto text_sink = std::make_shared<spdlog::sinks::ostream_sink_mt>(text_out);
+  spdlog::logger text_logger("log-format-text-test", text_sink);
+  text_logger.set_formatter(log_formatter(false, "memsnapd"));
+  text_logger.warn("hello");
+  EXPECT_NE(text_out.str().find(" warning memsnapd: hello"), std::string::npos) << text_out.str();
 }
 
 }  // namespace

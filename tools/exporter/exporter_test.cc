@@ -192,6 +192,7 @@ class ExporterTest : public ::testing::Test {
         ::waitpid(pid, nullptr, 0);
       }
     }
+    set_exporter_logging(false, "info");  // the default, whatever a case set and left
     if (!mounted_.empty()) ::umount2(mounted_.c_str(), MNT_DETACH);
     std::error_code ec;
     fs::remove_all(dir_, ec);
@@ -292,7 +293,7 @@ TEST_F(ExporterTest, TheExporterLogsInMemsnapdsFormatAndLevel) {
     const std::string log = dir_ + "/" + name + ".log";
     const int file = ::open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
     EXPECT_GE(file, 0);
-    const int saved = ::dup(STDERR_FILENO);
+    const int saved = ::fcntl(STDERR_FILENO, F_DUPFD_CLOEXEC, 0);
     ::dup2(file, STDERR_FILENO);
     auto exp = start(kSize, dir_ + "/" + name + ".snap", nullptr);
     ::dup2(saved, STDERR_FILENO);
@@ -327,7 +328,6 @@ TEST_F(ExporterTest, TheExporterLogsInMemsnapdsFormatAndLevel) {
     EXPECT_EQ(line.find("\"program\":\"memsnap-exporter\""), std::string::npos)
         << "an info line at level warning: " << line;
   }
-  set_exporter_logging(false, "info");  // as the other cases expect
 }
 
 TEST_F(ExporterTest, WithoutTheExporterBinaryNothingStarts) {

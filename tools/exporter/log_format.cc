@@ -7,13 +7,15 @@
 namespace memsnap::exporter {
 namespace {
 
-// %* : the message as a JSON string (escaped), for JSON-lines logs.
+// %* : the message as a JSON string (escaped), for JSON-lines logs. Bytes that are not UTF-8 (a
+// path may hold any) are replaced (U+FFFD): dump() would otherwise throw, and spdlog would drop
+// the whole line.
 class JsonMessageFlag : public spdlog::custom_flag_formatter {
  public:
   void format(const spdlog::details::log_msg& msg, const std::tm&,
               spdlog::memory_buf_t& dest) override {
-    const std::string text =
-        nlohmann::json(std::string(msg.payload.data(), msg.payload.size())).dump();
+    const std::string text = nlohmann::json(std::string(msg.payload.data(), msg.payload.size()))
+                                 .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
     dest.append(text.data(), text.data() + text.size());
   }
   std::unique_ptr<custom_flag_formatter> clone() const override {

@@ -1,13 +1,14 @@
 // memsnap experiment report: the analysis of an A/B(/C) experiment, from the JSON results of
 // `memsnap experiment run` or from Prometheus (the histograms memsnapd exports, over a window).
-// Per arm (strategy, or pause mode) p50/p90/p99 with bootstrap intervals, each arm against the baseline (ratio with
-// its interval, Mann-Whitney U), a sample-ratio-mismatch check of the split, verdicts in plain
-// language; written as Markdown, JSON and an SVG picture (tools/experiment).
+// Per arm (strategy, or pause mode) p50/p90/p99 with bootstrap intervals, each arm against the
+// baseline (ratio with its interval, Mann-Whitney U), a sample-ratio-mismatch check of the split,
+// verdicts in plain language; written as Markdown, JSON and an SVG picture (tools/experiment).
 //
 // From Prometheus only what the histograms hold is known: pause and resume latency per strategy
-// (or a pause's answered and durable latency per pause mode, --split pause-mode), bucketed. The samples are rebuilt from the buckets (spread evenly inside each bucket, which is
-// what histogram_quantile assumes), so quantiles agree with Prometheus' own to within a bucket;
-// the split is checked on operations, not sandboxes (the metrics carry no sandbox ids).
+// (or a pause's answered and durable latency per pause mode, --split pause-mode), bucketed. The
+// samples are rebuilt from the buckets (spread evenly inside each bucket, which is what
+// histogram_quantile assumes), so quantiles agree with Prometheus' own to within a bucket; the
+// split is checked on operations, not sandboxes (the metrics carry no sandbox ids).
 #include <cctype>
 #include <cmath>
 #include <cstdio>
@@ -98,8 +99,9 @@ struct PrometheusSplit {
 };
 
 // --split strategy: pause and resume latency by the strategy that ran (successful operations).
-// --split pause-mode: the two moments of a pause by the mode that ran -- answered and durable
-// (both observed for committed snapshots only; a copy pause's two are the same moment).
+// --split pause-mode: the two moments of a pause by the mode that ran -- answered (every
+// answered pause, a handover whose export later failed included) and durable (committed
+// snapshots only); a copy pause's two are the same moment.
 PrometheusSplit prometheus_split(bool by_mode) {
   if (by_mode) {
     return {"mode",
@@ -212,8 +214,9 @@ int cmd_experiment_report(Args& args) {
       std::fprintf(stderr, "memsnap experiment report: %s: %s\n", prometheus.c_str(), e.what());
       return 1;
     }
-    spec.title = std::string(by_mode ? "memsnap pause-mode experiment" : "memsnap strategy experiment") +
-                 " (Prometheus " + prometheus + ", last " + window + ")";
+    spec.title =
+        std::string(by_mode ? "memsnap pause-mode experiment" : "memsnap strategy experiment") +
+        " (Prometheus " + prometheus + ", last " + window + ")";
     for (const auto& from : prometheus_split(by_mode).sources) {
       spec.metrics.push_back(ex::metric_spec_for(from.metric));
     }

@@ -18,8 +18,8 @@
 #include <cstring>
 #include <filesystem>
 #include <mutex>
-#include <thread>
 #include <string_view>
+#include <thread>
 #include <utility>
 #include <vector>
 
