@@ -78,7 +78,8 @@ function(memsnap_add_test)
   if(NOT MEMSNAP_BUILD_TESTS)
     return()
   endif()
-  cmake_parse_arguments(ARG "" "NAME;TIMEOUT;CONCURRENT_FILTER" "SOURCES;DEPS;LABELS;ARGS" ${ARGN})
+  cmake_parse_arguments(ARG "" "NAME;TIMEOUT;CONCURRENT_FILTER;SHARDS" "SOURCES;DEPS;LABELS;ARGS"
+                        ${ARGN})
   add_executable(${ARG_NAME} ${ARG_SOURCES})
   target_link_libraries(${ARG_NAME} PRIVATE ${ARG_DEPS} GTest::gtest GTest::gtest_main
                                             Threads::Threads)
@@ -89,13 +90,25 @@ function(memsnap_add_test)
   if("concurrent" IN_LIST ARG_LABELS OR ARG_CONCURRENT_FILTER)
     add_dependencies(memsnap_concurrent_tests ${ARG_NAME})
   endif()
-  add_test(NAME ${ARG_NAME} COMMAND ${ARG_NAME} ${ARG_ARGS})
   if(NOT ARG_TIMEOUT)
     set(ARG_TIMEOUT 300)
   endif()
   set(environment "MEMSNAP_PLUGIN_DIR=${MEMSNAP_PLUGIN_OUTPUT_DIR};MEMSNAP_BIN_DIR=${CMAKE_BINARY_DIR}/bin;MEMSNAP_TEST_BIN_DIR=${CMAKE_BINARY_DIR}/tests")
-  set_tests_properties(${ARG_NAME} PROPERTIES TIMEOUT ${ARG_TIMEOUT}
-    LABELS "${ARG_LABELS}" ENVIRONMENT "${environment}")
+  # SHARDS N: N CTest tests (<name>_shard<i>), each running every N-th case (GoogleTest's own
+  # sharding), so that a long program's cases run side by side under `ctest -j`.
+  if(ARG_SHARDS AND ARG_SHARDS GREATER 1)
+    math(EXPR last "${ARG_SHARDS} - 1")
+    foreach(i RANGE ${last})
+      add_test(NAME ${ARG_NAME}_shard${i} COMMAND ${ARG_NAME} ${ARG_ARGS})
+      set_tests_properties(${ARG_NAME}_shard${i} PROPERTIES TIMEOUT ${ARG_TIMEOUT}
+        LABELS "${ARG_LABELS}"
+        ENVIRONMENT "${environment};GTEST_TOTAL_SHARDS=${ARG_SHARDS};GTEST_SHARD_INDEX=${i}")
+    endforeach()
+  else()
+    add_test(NAME ${ARG_NAME} COMMAND ${ARG_NAME} ${ARG_ARGS})
+    set_tests_properties(${ARG_NAME} PROPERTIES TIMEOUT ${ARG_TIMEOUT}
+      LABELS "${ARG_LABELS}" ENVIRONMENT "${environment}")
+  endif()
   if(ARG_CONCURRENT_FILTER)
     add_test(NAME ${ARG_NAME}_threads
       COMMAND ${ARG_NAME} ${ARG_ARGS} --gtest_filter=${ARG_CONCURRENT_FILTER})

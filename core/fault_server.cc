@@ -24,6 +24,44 @@ double seconds_since(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
 }
 
+using Extent = FaultServer::Extent;
+
+// The part [from, to) of extent x (blocks), pointing at the same bytes.
+Extent piece_of(const Extent& x, std::uint64_t from, std::uint64_t to, std::uint64_t block_size) {
+  Extent p;
+  p.first_block = from;
+  p.block_count = to - from;
+  p.zero = x.zero;
+  if (!x.zero) p.data = x.data + (from - x.first_block) * block_size;
+  return p;
+}
+
+// base covers every block, in order; top is sorted and disjoint. Where top has an extent, it
+// wins; base gives the rest.
+std::vector<Extent> overlay_extents(const std::vector<Extent>& base, const std::vector<Extent>& top,
+                                    std::uint64_t blocks, std::uint64_t block_size) {
+  std::vector<Extent> out;
+  out.reserve(base.size() + 2 * top.size());
+  std::size_t i = 0, j = 0;
+  std::uint64_t pos = 0;
+  while (pos < blocks) {
+    while (i < base.size() && base[i].first_block + base[i].block_count <= pos) ++i;
+    while (j < top.size() && top[j].first_block + top[j].block_count <= pos) ++j;
+    if (i == base.size()) break;
+    if (j < top.size() && top[j].first_block <= pos) {
+      const std::uint64_t end = top[j].first_block + top[j].block_count;
+      out.push_back(piece_of(top[j], pos, end, block_size));
+      pos = end;
+    } else {
+      std::uint64_t end = base[i].first_block + base[i].block_count;
+      if (j < top.size()) end = std::min(end, top[j].first_block);
+      out.push_back(piece_of(base[i], pos, end, block_size));
+      pos = end;
+    }
+  }
+  return out;
+}
+
 }  // namespace
 
 // One snapshot layer mapped read-only for UFFDIO_COPY's source.
@@ -42,9 +80,22 @@ Result<std::unique_ptr<FaultServer>> FaultServer::start(int uffd,
   std::unique_ptr<FaultServer> s(new FaultServer());
   s->uffd_ = uffd;
   s->chain_ = std::move(chain);
-  s->options_ = options;
-  s->block_size_ = s->chain_->block_size();
-  const std::uint64_t guest_size = s->chain_->guest_size();
+  const bool overlay = options.overlay.memfd >= 0;
+  if (!s->chain_ && !overlay) {
+    return make_error(Errc::kInvalidArgument, "a fault server needs a chain or an overlay");
+  }
+  s->block_size_ = s->chain_ ? s->chain_->block_size() : options.overlay.block_size;
+  s->guest_size_ = s->chain_ ? s->chain_->guest_size() : options.overlay.guest_size;
+  const std::uint64_t guest_size = s->guest_size_;
+  if (overlay && (options.overlay.block_size != s->block_size_ ||
+                  options.overlay.guest_size != guest_size || s->block_size_ == 0)) {
+    return make_error(Errc::kInvalidArgument,
+                      "the held memory (" + std::to_string(options.overlay.guest_size) +
+                          " bytes, blocks of " + std::to_string(options.overlay.block_size) +
+                          ") does not fit the chain (" + std::to_string(guest_size) +
+                          " bytes, blocks of " + std::to_string(s->block_size_) + ")");
+  }
+  s->options_ = std::move(options);
 
   std::sort(regions.begin(), regions.end(), [](const plugin::Region& a, const plugin::Region& b) {
     return a.host_addr < b.host_addr;
@@ -63,8 +114,9 @@ Result<std::unique_ptr<FaultServer>> FaultServer::start(int uffd,
 
   // Map every layer that stores data read-only: UFFDIO_COPY copies straight from the page
   // cache of the snapshot file.
-  s->layer_bases_.assign(s->chain_->size(), nullptr);
-  for (std::size_t i = 0; i < s->chain_->size(); ++i) {
+  const std::size_t layers = s->chain_ ? s->chain_->size() : 0;
+  s->layer_bases_.assign(layers, nullptr);
+  for (std::size_t i = 0; i < layers; ++i) {
     const SnapshotReader& r = s->chain_->layer(i);
     const FileHeader& h = r.header();
     if (h.data_bytes == 0) continue;
@@ -88,16 +140,19 @@ Result<std::unique_ptr<FaultServer>> FaultServer::start(int uffd,
   }
   s->zeros_ = static_cast<const std::uint8_t*>(zeros->base);
   s->mappings_.push_back(std::move(zeros));
+  if (overlay) MEMSNAP_RETURN_IF_ERROR(s->map_overlay());
+  s->options_.overlay.memfd = -1;  // borrowed only until here
 
   // The flattened extents and the per-block states are built by the serving thread before it
   // reads its first message (prepare_serving()), not here: flattening a 1 GiB chain with 5% of
   // its pages zero at random (~25,000 extents) took ~0.5 ms, most of a warm resume's budget,
   // and the VMM's own start-up can overlap it. Nothing in it can fail.
 
-  s->ops_ = options.uffd_ops ? options.uffd_ops : std::shared_ptr<UffdOps>(make_uffd_ioctls(uffd));
-  s->modes_.copy_wp = options.write_protect;
-  s->modes_.continue_wp = options.write_protect;
-  s->stats_.fill_done = options.fill_memfd < 0;
+  s->ops_ = s->options_.uffd_ops ? s->options_.uffd_ops
+                                 : std::shared_ptr<UffdOps>(make_uffd_ioctls(uffd));
+  s->modes_.copy_wp = s->options_.write_protect;
+  s->modes_.continue_wp = s->options_.write_protect;
+  s->stats_.fill_done = s->options_.fill_memfd < 0;
 
   const int flags = ::fcntl(uffd, F_GETFL);
   if (flags < 0 || ::fcntl(uffd, F_SETFL, flags | O_NONBLOCK) != 0) {
@@ -189,18 +244,74 @@ void FaultServer::fail(Error e) {
   if (error_.ok()) error_ = std::move(e);
 }
 
-void FaultServer::prepare_serving() {
-  const std::vector<ChainExtent> flat = chain_->flatten();
-  extents_.reserve(flat.size());
-  for (const ChainExtent& c : flat) {
-    Extent x;
-    x.first_block = c.first_block;
-    x.block_count = c.block_count;
-    x.zero = c.kind != RunKind::kData;
-    if (!x.zero) x.data = layer_bases_[c.layer] + c.file_offset;
-    extents_.push_back(x);
+Status FaultServer::map_overlay() {
+  const FaultServerOptions::Overlay& o = options_.overlay;
+  auto m = std::make_unique<Mapping>();
+  m->length = o.guest_size;
+  m->base = ::mmap(nullptr, m->length, PROT_READ, MAP_SHARED, o.memfd, 0);
+  if (m->base == MAP_FAILED) {
+    const int err = errno;
+    return make_error(Errc::kIoError, io::errno_message("mmap of the held memory", err), err);
   }
-  state_.assign(chain_->guest_size() / block_size_, BlockState::kUntouched);
+  const auto* base = static_cast<const std::uint8_t*>(m->base);
+  // Holes read as zeros; reading them through the mapping would allocate pages in the held
+  // memfd, so they are zero extents instead.
+  const std::vector<plugin::ByteRange>& data = o.populated;
+  std::size_t d = 0;
+  for (const plugin::ByteRange& r : o.ranges) {
+    if (r.offset % block_size_ != 0 || r.length % block_size_ != 0 ||
+        r.offset + r.length > guest_size_ || r.offset + r.length < r.offset ||
+        (!overlay_extents_.empty() &&
+         r.offset / block_size_ <
+             overlay_extents_.back().first_block + overlay_extents_.back().block_count)) {
+      return make_error(Errc::kInvalidArgument,
+                        "the held memory's ranges must be block-aligned, sorted and disjoint");
+    }
+    std::uint64_t pos = r.offset;
+    const std::uint64_t end = r.offset + r.length;
+    while (pos < end) {
+      while (d < data.size() && data[d].offset + data[d].length <= pos) ++d;
+      Extent x;
+      x.first_block = pos / block_size_;
+      std::uint64_t to = end;
+      if (d < data.size() && data[d].offset <= pos) {
+        to = std::min(end, data[d].offset + data[d].length);
+        x.zero = false;
+        x.data = base + pos;
+      } else if (d < data.size()) {
+        to = std::min(end, data[d].offset);
+      }
+      x.block_count = (to - pos) / block_size_;
+      overlay_extents_.push_back(x);
+      pos = to;
+    }
+  }
+  overlay_map_ = std::move(m);
+  return {};
+}
+
+void FaultServer::prepare_serving() {
+  const std::uint64_t blocks = guest_size_ / block_size_;
+  if (chain_) {
+    const std::vector<ChainExtent> flat = chain_->flatten();
+    extents_.reserve(flat.size());
+    for (const ChainExtent& c : flat) {
+      Extent x;
+      x.first_block = c.first_block;
+      x.block_count = c.block_count;
+      x.zero = c.kind != RunKind::kData;
+      if (!x.zero) x.data = layer_bases_[c.layer] + c.file_offset;
+      extents_.push_back(x);
+    }
+  } else {
+    Extent all;
+    all.block_count = blocks;
+    extents_.push_back(all);  // no parent: what the held memory does not cover is zero
+  }
+  if (!overlay_extents_.empty()) {
+    extents_ = overlay_extents(extents_, overlay_extents_, blocks, block_size_);
+  }
+  state_.assign(blocks, BlockState::kUntouched);
 }
 
 void FaultServer::publish_locked() {
@@ -398,6 +509,43 @@ void FaultServer::handle_message(const void* raw) {
   // Other events are not requested by the VMMs memsnap serves; nothing to do.
 }
 
+void FaultServer::map_filled(std::uint64_t first, std::uint64_t end) {
+  const std::uint64_t g0 = first * block_size_, g1 = end * block_size_;
+  std::uint64_t mapped = 0;
+  for (const plugin::Region& r : regions_) {
+    const std::uint64_t s = std::max(g0, r.guest_offset);
+    const std::uint64_t e = std::min(g1, r.guest_offset + r.size);
+    if (s >= e) continue;
+    const std::uint64_t host = r.host_addr + (s - r.guest_offset);
+    int err = ops_->continue_range(host, e - s, modes_.continue_wp);
+    if (err == 0) {
+      mapped += e - s;
+      continue;
+    }
+    if (err == EEXIST || err == EAGAIN) {
+      // Part of it is mapped already (a fault got there first) or the address space changed:
+      // page by page, leaving whatever the kernel will not map now to the guest's own fault.
+      err = 0;
+      for (std::uint64_t p = host; p < host + (e - s) && err == 0; p += block_size_) {
+        const int one = ops_->continue_range(p, block_size_, modes_.continue_wp);
+        if (one == 0) mapped += block_size_;
+        if (one != 0 && one != EEXIST && one != EAGAIN) err = one;
+      }
+      if (err == 0) continue;
+    }
+    map_filled_ok_ = false;
+    if (err != ESRCH) {
+      spdlog::warn(
+          "fault server: mapping filled pages ahead of the guest was refused ({}); the "
+          "guest faults them in instead",
+          std::strerror(err));
+    }
+    break;
+  }
+  std::lock_guard<std::mutex> lock(mu_);
+  stats_.mapped_ahead_bytes += mapped;
+}
+
 bool FaultServer::fill_step() {
   // Copies up to fill_chunk_bytes of DATA blocks that no fault has touched into the memfd.
   std::uint64_t budget = options_.fill_chunk_bytes / block_size_;
@@ -429,6 +577,7 @@ bool FaultServer::fill_step() {
       }
       std::fill(state_.begin() + static_cast<std::ptrdiff_t>(b),
                 state_.begin() + static_cast<std::ptrdiff_t>(e), BlockState::kFilled);
+      if (options_.map_filled && map_filled_ok_) map_filled(b, e);
       std::lock_guard<std::mutex> lock(mu_);
       stats_.filled_bytes += (e - b) * block_size_;
       b = e;
@@ -510,6 +659,9 @@ void FaultServer::run() {
           stats_.fill_done = true;
           stats_.fill_seconds = seconds_since(started_);
         }
+        // Every block of the held memory is in the VMM's memfd or was served: nothing reads it
+        // any more, and its pages need not stay for this session.
+        overlay_map_.reset();
         filled_cv_.notify_all();
       }
     }

@@ -57,6 +57,12 @@ struct FaultServerOptions {
   bool write_protect = false;  // install pages write-protected (WP_ASYNC write tracking)
   int fill_memfd = -1;         // cold memfd: fill this (borrowed) memfd in the background
   std::uint64_t fill_chunk_bytes = 2 * 1024 * 1024;  // background fill step between fault batches
+  // Background fill: also map every run it writes into the VMM (UFFDIO_CONTINUE over the run),
+  // so the guest takes no fault there. Page-table work for every page, touched later or not
+  // (~12 us a page on a paravirtualized host): for guests that will touch most of their memory.
+  // A run the kernel refuses as a whole (the guest faulted a page of it meanwhile) is mapped page
+  // by page; any other refusal turns it off for the session (logged).
+  bool map_filled = false;
   // Called once, on the serving thread, when serving stops on an error (the one error() then
   // returns): the VMM's next fault would block forever, so the owner must end it. Not called
   // after stop() or when the VMM went away.
@@ -66,6 +72,22 @@ struct FaultServerOptions {
   std::function<void()> after_read_for_testing;
   // The userfaultfd ioctls; null: the real ones on uffd. Tests pass one that fails on purpose.
   std::shared_ptr<UffdOps> uffd_ops;
+  // A pause's memory, held while its snapshot is still being exported (a resume before
+  // durable): blocks inside `ranges` come from this memfd (guest offset == file offset) instead
+  // of the chain, which gives the rest (the chain may then be null: no parent, the rest is
+  // zero). Exactly what the snapshot being written will hold. The memfd is only mapped
+  // read-only, and its holes are served as zeros without reading them. The mapping is let go
+  // once a background fill is done.
+  struct Overlay {
+    int memfd = -1;  // borrowed until start() returns
+    std::uint64_t guest_size = 0;
+    std::uint64_t block_size = 0;
+    std::vector<plugin::ByteRange> ranges;  // block-aligned, sorted, disjoint
+    // The memfd's populated blocks (populated_ranges_of_memfd), found by the caller ahead of
+    // time: a SEEK_DATA walk of a large memfd takes milliseconds, which start() must not.
+    std::vector<plugin::ByteRange> populated;
+  };
+  Overlay overlay;
 };
 
 struct FaultStats {
@@ -83,6 +105,7 @@ struct FaultStats {
   std::uint64_t remove_events = 0;
   std::uint64_t removed_bytes = 0;
   std::uint64_t filled_bytes = 0;  // copied into the memfd by the background fill
+  std::uint64_t mapped_ahead_bytes = 0;  // of those, mapped into the VMM by the fill (map_filled)
   bool fill_done = false;          // true at once when there is nothing to fill
   bool vmm_gone = false;           // ESRCH: the VMM exited while faults were served
   double service_seconds = 0;      // sum over faults of message read -> page installed
@@ -99,7 +122,8 @@ struct FaultStats {
 class FaultServer {
  public:
   // uffd is borrowed and must stay open until stop(); it is switched to non-blocking. regions
-  // are the VMM's mappings of guest memory (host address, guest offset, size). Fails with
+  // are the VMM's mappings of guest memory (host address, guest offset, size). chain may be null
+  // only with options.overlay. Fails with
   // kInvalidArgument when regions do not fit the chain, kIoError when a snapshot cannot be
   // mapped or the thread cannot start.
   static Result<std::unique_ptr<FaultServer>> start(int uffd, std::vector<plugin::Region> regions,
@@ -153,12 +177,15 @@ class FaultServer {
   // What an install's result (err) means for the fault and the block.
   Served finish(const FaultDecision& d, int err, std::uint64_t host_page, std::uint64_t block);
   bool fill_step();
+  // map_filled: maps guest blocks [first, end), just filled, into the VMM.
+  void map_filled(std::uint64_t first, std::uint64_t end);
   void prepare_serving();  // serving thread, before the first message: extents_ and state_
   void publish_locked();   // adds pending_ to stats_ (mu_ held)
   // Waits (mu_ held through lock) until the serving thread has handled every message it read
   // before this call, or serving is over; false when timeout passed first.
   bool settle_locked(std::unique_lock<std::mutex>& lock, std::chrono::milliseconds timeout) const;
   const Extent* extent_of(std::uint64_t block) const;
+  Status map_overlay();  // start(): overlay_map_ and overlay_extents_
   const plugin::Region* region_of(std::uint64_t host_addr) const;
   void fail(Error e);
 
@@ -171,6 +198,11 @@ class FaultServer {
   std::vector<const std::uint8_t*> layer_bases_;  // per chain layer, null if it has no data
   FaultServerOptions options_;
   std::uint64_t block_size_ = 0;
+  std::uint64_t guest_size_ = 0;
+  // The overlay (FaultServerOptions::overlay) mapped, and its ranges split into data and holes;
+  // the serving thread lets the mapping go once the fill is done.
+  std::unique_ptr<Mapping> overlay_map_;
+  std::vector<Extent> overlay_extents_;
   std::shared_ptr<UffdOps> ops_;
   const std::uint8_t* zeros_ = nullptr;  // one block of zeros (read-only mapping)
 
@@ -182,6 +214,7 @@ class FaultServer {
   std::vector<std::uint64_t> retry_;  // host page addresses to serve again
   std::size_t fill_extent_ = 0;       // background fill cursor
   std::uint64_t fill_block_ = 0;
+  bool map_filled_ok_ = true;  // map_filled not refused yet
   std::chrono::steady_clock::time_point started_;
 
   mutable std::mutex mu_;

@@ -6,6 +6,7 @@
 #include <linux/userfaultfd.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -24,6 +25,7 @@
 
 #include <gtest/gtest.h>
 
+#include "core/dirty_set.h"
 #include "core/snapshot/snapshot_writer.h"
 
 namespace memsnap {
@@ -178,6 +180,50 @@ TEST_F(FaultServerTest, ServesEveryFaultFromTheChainAndZerosAfterARemove) {
   ::close(uffd);
 }
 
+// A resume before durable (issue 19): the memory held for the export overrides the chain where
+// the pending snapshot's ranges say, a hole in it is zero there, and without a chain everything
+// else is zero.
+TEST_F(FaultServerTest, HeldMemoryOverridesTheChainInItsRangesAndItsHolesReadAsZero) {
+  io::UniqueFd held(::memfd_create("held", MFD_CLOEXEC));
+  ASSERT_GE(held.get(), 0);
+  ASSERT_EQ(::ftruncate(held.get(), kBlocks * kBlock), 0);
+  const std::vector<std::uint8_t> page(kBlock, 0xee);
+  for (std::uint64_t b : {1, 6}) {
+    ASSERT_EQ(::pwrite(held.get(), page.data(), kBlock, static_cast<off_t>(b * kBlock)),
+              static_cast<ssize_t>(kBlock));
+  }
+  for (const bool with_chain : {true, false}) {
+    SCOPED_TRACE(with_chain ? "over the chain" : "no parent");
+    int uffd = -1;
+    void* mem = nullptr;
+    plugin::Region region{};
+    ASSERT_NO_FATAL_FAILURE(register_memory(&uffd, &mem, &region));
+    FaultServerOptions options;
+    options.overlay.memfd = held.get();
+    options.overlay.guest_size = kBlocks * kBlock;
+    options.overlay.block_size = kBlock;
+    options.overlay.ranges = {{kBlock, 2 * kBlock}, {6 * kBlock, kBlock}};  // blocks 1-2, 6
+    auto populated = populated_ranges_of_memfd(held.get(), kBlocks * kBlock, kBlock);
+    ASSERT_TRUE(populated.ok());
+    options.overlay.populated = *populated;
+    auto server = FaultServer::start(uffd, {region}, with_chain ? chain_ : nullptr, options);
+    ASSERT_TRUE(server.ok()) << server.error().to_string();
+    const auto* bytes = static_cast<const volatile std::uint8_t*>(mem);
+    for (std::uint64_t b = 0; b < kBlocks; ++b) {
+      const int want = b == 1 || b == 6 ? 0xee : b == 2 ? 0 : with_chain ? expected_byte(b) : 0;
+      EXPECT_EQ(bytes[b * kBlock + 7], want) << "block " << b;
+    }
+    EXPECT_TRUE((*server)->error().ok());
+    (*server)->stop();
+    ::munmap(mem, kBlocks * kBlock);
+    ::close(uffd);
+  }
+  struct stat st {};
+  ASSERT_EQ(::fstat(held.get(), &st), 0);
+  EXPECT_EQ(st.st_blocks * 512, 2 * kBlock)
+      << "serving the hole allocated a page in the held memory";
+}
+
 // Issue 16 (the property test's seed 127): a VMM's discard returns as soon as the serving thread
 // has *read* its UFFD_EVENT_REMOVE, not once it has handled it. A pause that froze the VMM right
 // after such a discard must still see the range: discarded() waits until the serving thread has
@@ -222,12 +268,14 @@ struct Call {
   bool wp = false;
   bool zeros = false;  // copy: from a block of zeros (not the snapshot's bytes)
   int result = 0;
+  std::uint64_t blocks = 1;  // continue: how many blocks from `block`
   bool operator==(const Call&) const = default;
 };
 
 std::ostream& operator<<(std::ostream& os, const Call& c) {
-  return os << c.op << "(block " << c.block << (c.wp ? ", wp" : "") << (c.zeros ? ", zeros" : "")
-            << ") -> " << c.result;
+  return os << c.op << "(block " << c.block
+            << (c.blocks != 1 ? " x" + std::to_string(c.blocks) : "") << (c.wp ? ", wp" : "")
+            << (c.zeros ? ", zeros" : "") << ") -> " << c.result;
 }
 
 class FakeUffd final : public UffdOps {
@@ -242,8 +290,8 @@ class FakeUffd final : public UffdOps {
   int zeropage(std::uint64_t dst, std::uint64_t) override {
     return record({"zeropage", block_of(dst), false, false, 0});
   }
-  int continue_range(std::uint64_t dst, std::uint64_t, bool wp) override {
-    return record({"continue", block_of(dst), wp, false, 0});
+  int continue_range(std::uint64_t dst, std::uint64_t len, bool wp) override {
+    return record({"continue", block_of(dst), wp, false, 0, len / kBlock});
   }
   int wake(std::uint64_t dst, std::uint64_t) override {
     return record({"wake", block_of(dst), false, false, 0});
@@ -468,6 +516,35 @@ TEST_F(FaultServePathTest, AnyOtherErrnoStopsServingWithTheIoctlAndGuestOffset) 
     EXPECT_EQ(on_error_calls_.load(), 1);
     EXPECT_FALSE(s.vmm_gone);
   }
+}
+
+// map_filled: the fill maps each run it wrote into the VMM with one UFFDIO_CONTINUE; a run the
+// kernel refuses because a page of it is mapped already goes page by page, and that page is
+// left as it is.
+TEST_F(FaultServePathTest, TheFillMapsWhatItWroteAndGoesPageByPageWhereAFaultWasFirst) {
+  io::UniqueFd memfd(::memfd_create("fill", MFD_CLOEXEC));
+  ASSERT_GE(memfd.get(), 0);
+  ASSERT_EQ(::ftruncate(memfd.get(), kBlocks * kBlock), 0);
+  FaultServerOptions options;
+  options.fill_memfd = memfd.get();
+  options.map_filled = true;
+  options.fill_chunk_bytes = kBlocks * kBlock;
+  ASSERT_NO_FATAL_FAILURE(start(
+      [](const Call& c) {
+        return c.op == "continue" && (c.blocks > 1 || c.block == 2) ? EEXIST : 0;
+      },
+      options));
+  ASSERT_TRUE(server_->wait_filled(std::chrono::minutes(2)).ok());
+  const FaultStats s = finish(6);
+  // The chain's data runs, as the fill writes them: 0, 1 (the diff), 2-3, 5 (the diff).
+  const std::vector<Call> expected = {
+      {"continue", 0, false, false, 0},         {"continue", 1, false, false, 0},
+      {"continue", 2, false, false, EEXIST, 2}, {"continue", 2, false, false, EEXIST},
+      {"continue", 3, false, false, 0},         {"continue", 5, false, false, 0}};
+  EXPECT_EQ(fake_->calls(), expected);
+  EXPECT_EQ(s.filled_bytes, 5 * kBlock);
+  EXPECT_EQ(s.mapped_ahead_bytes, 4 * kBlock);
+  EXPECT_TRUE(server_->error().ok());
 }
 
 }  // namespace

@@ -129,6 +129,7 @@ nlohmann::json to_json(const ResumeReport& r) {
           {"tracking_arm_seconds", r.tracking_arm_seconds},
           {"ready_seconds", r.ready_seconds},
           {"eager_bytes", r.eager_bytes},
+          {"before_durable", r.before_durable},
           {"phases", phases}};
 }
 
@@ -146,6 +147,7 @@ nlohmann::json to_json(const FaultStats& f) {
           {"remove_events", f.remove_events},
           {"removed_bytes", f.removed_bytes},
           {"filled_bytes", f.filled_bytes},
+          {"mapped_ahead_bytes", f.mapped_ahead_bytes},
           {"fill_done", f.fill_done},
           {"fill_seconds", f.fill_seconds},
           {"vmm_gone", f.vmm_gone},

@@ -1,5 +1,6 @@
 #include "core/resume.h"
 
+#include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
 #include <sys/mman.h>
@@ -103,18 +104,22 @@ Result<std::unique_ptr<ResumeSession>> ResumeSession::prepare(const PluginRegist
   PhaseClock clock(rep.phases);
 
   clock.start("open");
-  MEMSNAP_ASSIGN_OR_RETURN(
-      auto chain,
-      SnapshotChain::open(s->request_.chain,
-                          s->request_.verify_checksums ? Verify::kFull : Verify::kHeaderAndMap,
-                          s->request_.reader_limits));
-  s->chain_ = std::make_shared<const SnapshotChain>(std::move(chain));
-  const SnapshotReader& newest = s->chain_->newest();
-  rep.guest_size = s->chain_->guest_size();
-  rep.block_size = s->chain_->block_size();
-  rep.generation = newest.header().generation;
-  rep.snapshot_id = to_hex(newest.header().snapshot_id);
-  rep.chain_length = s->chain_->size();
+  if (s->request_.pending != nullptr) {
+    MEMSNAP_RETURN_IF_ERROR(s->prepare_pending());
+  } else {
+    MEMSNAP_ASSIGN_OR_RETURN(
+        auto chain,
+        SnapshotChain::open(s->request_.chain,
+                            s->request_.verify_checksums ? Verify::kFull : Verify::kHeaderAndMap,
+                            s->request_.reader_limits));
+    s->chain_ = std::make_shared<const SnapshotChain>(std::move(chain));
+    const SnapshotReader& newest = s->chain_->newest();
+    rep.guest_size = s->chain_->guest_size();
+    rep.block_size = s->chain_->block_size();
+    rep.generation = newest.header().generation;
+    rep.snapshot_id = to_hex(newest.header().snapshot_id);
+    rep.chain_length = s->chain_->size();
+  }
 
   // The strategy's own mode, from its capabilities.
   const PluginInfo* info = registry.find(s->request_.strategy);
@@ -127,6 +132,22 @@ Result<std::unique_ptr<ResumeSession>> ResumeSession::prepare(const PluginRegist
                             kept->snapshot_id == rep.snapshot_id &&
                             kept->guest_size == rep.guest_size;
   auto [mode, why] = default_mode(*info, kept, rep.snapshot_id, kept_matches);
+  if (rep.before_durable) {
+    // The held memory must stay the pause's image until the export has read it: a VMM never
+    // gets it, it only gets copies of its pages.
+    mode = ResumeMode::kBackground;
+    why =
+        "the snapshot is still being exported: its pages come from the memory held for the "
+        "export (background fill), which the VMM never gets";
+    if (s->request_.mode &&
+        (*s->request_.mode == ResumeMode::kWarm || *s->request_.mode == ResumeMode::kEager)) {
+      return make_error(Errc::kInvalidState,
+                        "a " + std::string(resume_mode_name(*s->request_.mode)) +
+                            " resume hands memory to the VMM, but the snapshot is still being "
+                            "exported from it: resume in background or lazy mode, or once it "
+                            "is durable");
+    }
+  }
   if (s->request_.mode && *s->request_.mode != mode) {
     const ResumeMode asked = *s->request_.mode;
     if (asked == ResumeMode::kWarm && !kept_matches) {
@@ -147,6 +168,48 @@ Result<std::unique_ptr<ResumeSession>> ResumeSession::prepare(const PluginRegist
   s->listener_.emplace(std::move(listener));
   clock.stop();
   return s;
+}
+
+Status ResumeSession::prepare_pending() {
+  const PendingSnapshot& p = *request_.pending;
+  ResumeReport& rep = report_;
+  if (!request_.chain.empty()) {
+    MEMSNAP_ASSIGN_OR_RETURN(
+        auto chain,
+        SnapshotChain::open(request_.chain,
+                            request_.verify_checksums ? Verify::kFull : Verify::kHeaderAndMap,
+                            request_.reader_limits));
+    if (chain.guest_size() != p.guest_size || chain.block_size() != p.block_size) {
+      return make_error(Errc::kInvalidArgument, "the pending snapshot (" +
+                                                    std::to_string(p.guest_size) +
+                                                    " bytes) does not fit its parents (" +
+                                                    std::to_string(chain.guest_size()) + " bytes)");
+    }
+    chain_ = std::make_shared<const SnapshotChain>(std::move(chain));
+  }
+  // A description of its own, read-only: the resume moves its file position (SEEK_DATA) and
+  // can never write the memory the export reads.
+  const std::string path = "/proc/self/fd/" + std::to_string(p.memfd);
+  held_.reset(::open(path.c_str(), O_RDONLY | O_CLOEXEC));
+  if (held_.get() < 0) {
+    const int err = errno;
+    return make_error(Errc::kIoError, io::errno_message("reopening the held memory", err), err);
+  }
+  // Before the VMM connects, so that none of it is on the resume's path.
+  MEMSNAP_ASSIGN_OR_RETURN(held_populated_,
+                           populated_ranges_of_memfd(held_.get(), p.guest_size, p.block_size));
+  if (p.ranges) {
+    MEMSNAP_ASSIGN_OR_RETURN(held_ranges_, normalize_ranges(*p.ranges, p.guest_size, p.block_size));
+  } else {
+    held_ranges_ = held_populated_;
+  }
+  rep.guest_size = p.guest_size;
+  rep.block_size = p.block_size;
+  rep.generation = chain_ ? chain_->newest().header().generation + 1 : 1;
+  rep.snapshot_id.clear();
+  rep.chain_length = request_.chain.size() + 1;
+  rep.before_durable = true;
+  return {};
 }
 
 ResumeSession::~ResumeSession() { stop(); }
@@ -278,8 +341,16 @@ Status ResumeSession::hand_over_and_serve(PhaseClock& clock,
   if (mode == ResumeMode::kBackground) {
     memfd_ = std::move(handshake_.memfd);
     options.fill_memfd = memfd_.get();
+    options.map_filled = request_.map_ahead.value_or(rep.before_durable);
   } else if (mode == ResumeMode::kLazy) {
     memfd_ = std::move(handshake_.memfd);
+  }
+  if (held_.get() >= 0) {  // a resume before durable: the held memory over the parents
+    options.overlay.memfd = held_.get();
+    options.overlay.guest_size = rep.guest_size;
+    options.overlay.block_size = rep.block_size;
+    options.overlay.ranges = held_ranges_;
+    options.overlay.populated = held_populated_;
   }
 
   if (mode == ResumeMode::kEager) {
@@ -331,6 +402,7 @@ Status ResumeSession::hand_over_and_serve(PhaseClock& clock,
   MEMSNAP_ASSIGN_OR_RETURN(auto server,
                            FaultServer::start(handshake_.uffd.get(), regions_, chain_, options));
   server_ = std::move(server);
+  held_.reset();  // the fault server maps what it still needs
   clock.stop();
   rep.ready_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - handshake_done).count();

@@ -58,13 +58,30 @@ struct RetainedMemory {
   std::uint64_t guest_size = 0;
 };
 
+// A snapshot whose export has not committed yet, and the pause's memory held for that export
+// (a resume before durable, docs/resume.md). The snapshot will hold `ranges` from that memory
+// and inherit the rest from its parent chain.
+struct PendingSnapshot {
+  int memfd = -1;  // borrowed until prepare() returns, which reopens it read-only
+  std::uint64_t guest_size = 0;
+  std::uint64_t block_size = 4096;
+  // What the export stores from that memory (the pause's dirty set); nullopt: the memfd's
+  // populated blocks, as the export finds them itself.
+  std::optional<std::vector<plugin::ByteRange>> ranges;
+};
+
 struct ResumeRequest {
-  std::vector<std::string> chain;  // snapshot files, base first
+  // Snapshot files, base first. With `pending`, the pending snapshot's parents (maybe none).
+  std::vector<std::string> chain;
   std::string socket_path;         // where the VMM will connect
   std::string strategy;            // the sandbox's strategy; picks the mode
   std::optional<ResumeMode> mode;  // overrides the strategy's choice
   // Memory kept from the pause (warm candidate). Consumed only by a warm resume.
   RetainedMemory* retained = nullptr;
+  // Resume before durable: serve the pending snapshot from the memory held for its export. That
+  // memory is never handed to the VMM (the export still reads it): background (the VMM's own
+  // memfd is filled from it) or lazy; warm and eager are refused.
+  const PendingSnapshot* pending = nullptr;
   std::chrono::milliseconds handshake_timeout{30000};
   // Eager and warm: how long the VMM has to ack the memfd handed to it ({"memsnap_mapped":true}).
   std::chrono::milliseconds ack_timeout{30000};
@@ -79,6 +96,11 @@ struct ResumeRequest {
   // (the dirty set is exact; a 1 GiB warm resume then takes ~10 ms instead of ~0.3 ms).
   bool arm_tracking_before_ready = false;
   std::uint64_t fill_chunk_bytes = 2 * 1024 * 1024;
+  // Background: the fill also maps what it writes into the VMM (FaultServerOptions::map_filled),
+  // so the guest takes no fault on it, at the price of page-table work for every page, touched
+  // or not (measured: +0.4 s of the fill thread a GiB, against ~40 us a fault the guest would
+  // take; docs/performance.md). nullopt: on for a resume before durable, off otherwise.
+  std::optional<bool> map_ahead;
   // When set, the VMM is handed to this guardian while the session serves it, so that it is
   // ended if memsnap dies (core/vmm_guard.h). Must outlive the session.
   VmmGuard* guard = nullptr;
@@ -111,6 +133,9 @@ struct ResumeReport {
   // beyond its VMM's start-up (open is counted separately: it may happen ahead of time).
   double ready_seconds = 0;
   std::uint64_t eager_bytes = 0;  // copied into a fresh memfd (eager)
+  // Served from the memory held for a pause whose export had not committed yet; snapshot_id is
+  // then empty (the snapshot has none until it is committed).
+  bool before_durable = false;
 };
 
 // One resumed sandbox. prepare() opens the chain and listens; start the VMM; then
@@ -145,7 +170,6 @@ class ResumeSession {
   // so that it can be kept for a warm resume after the next pause. A lazily served memfd only
   // holds the pages the guest touched.
   bool memfd_complete() const;
-  const SnapshotChain& chain() const { return *chain_; }
 
   // The dirty set of the next pause of this VMM, computed while it is frozen: written pages
   // (tracked) or every populated page (no tracking), plus every range the VMM discarded, plus
@@ -178,11 +202,16 @@ class ResumeSession {
   Status hand_over_and_serve(PhaseClock& clock,
                              std::chrono::steady_clock::time_point handshake_done);
   bool end_vmm_if_running(std::string_view why);
+  // prepare() for a resume before durable: the parents, the held memory, the report.
+  Status prepare_pending();
 
   const PluginRegistry* registry_ = nullptr;
   ResumeRequest request_;
   ResumeReport report_;
-  std::shared_ptr<const SnapshotChain> chain_;
+  std::shared_ptr<const SnapshotChain> chain_;  // null: a pending snapshot without parents
+  io::UniqueFd held_;  // resume before durable: the held memory, reopened read-only
+  std::vector<plugin::ByteRange> held_ranges_;     // what the pending snapshot takes from it
+  std::vector<plugin::ByteRange> held_populated_;  // its populated blocks
   std::optional<handshake::Listener> listener_;
   handshake::Handshake handshake_;
   std::vector<plugin::Region> regions_;

@@ -15,8 +15,9 @@
 #   bash tools/run-tests.sh -R e2e             # other arguments go to every stage's ctest
 #   MEMSNAP_TEST_STAGES="release asan" bash tools/run-tests.sh
 #
-# A sanitizer report fails its test (halt_on_error / exitcode), so a stage passes only when
-# ctest does. Each stage prints how long it took.
+# Tests run two at a time (the test presets' execution.jobs; load_test alone, RUN_SERIAL), and
+# memsnapd_test as two shards. A sanitizer report fails its test (halt_on_error / exitcode), so
+# a stage passes only when ctest does. Each stage prints how long it took.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

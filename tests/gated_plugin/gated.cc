@@ -8,7 +8,9 @@
 //   (process_vm_readv), so any registered sandbox can use it;
 // - memsnap_gated_punch.so ("gated_punch", MEMSNAP_GATED_RELEASES) reads the memfd and, like
 //   hole_punch, releases what it wrote (make_durable, punch, released) before it waits: a pause
-//   that stops with part of the guest's memory only in its unfinished snapshot.
+//   that stops with part of the guest's memory only in its unfinished snapshot;
+// - memsnap_gated_memfd.so ("gated_memfd", MEMSNAP_GATED_MEMFD) reads the memfd and leaves it
+//   whole, like memfd: a handover export in flight whose held memory can serve a resume.
 // The gate is the directory named by $MEMSNAP_GATE_DIR: once half of the dirty bytes are in the
 // sink, it creates <dir>/waiting and waits until <dir>/open exists (checked every 2 ms, for at
 // most 120 s, then it fails); without the variable it never waits.
@@ -53,11 +55,16 @@ constexpr bool kReleases = true;
 #else
 constexpr bool kReleases = false;
 #endif
+#ifdef MEMSNAP_GATED_MEMFD
+constexpr bool kReadsMemfd = true;
+#else
+constexpr bool kReadsMemfd = kReleases;
+#endif
 
 // Reads n bytes of guest memory at guest offset off into buf: from the memfd (gated_punch) or
 // the VMM's address space (gated).
 Status read_guest(const ExportRequest& request, std::uint64_t off, std::uint64_t n, char* buf) {
-  if (kReleases) {
+  if (kReadsMemfd) {
     if (::pread(request.memfd, buf, n, static_cast<off_t>(off)) != static_cast<ssize_t>(n)) {
       return Status::Error(StatusCode::kIoError, errno, "gated: pread at 0x%llx failed",
                            static_cast<unsigned long long>(off));
@@ -118,7 +125,7 @@ class Gated final : public Strategy {
         }
         // Within one region: regions are block-aligned, and so are the chunks read.
         std::uint64_t n = std::min<std::uint64_t>(buf.size(), r.offset + r.length - off);
-        for (std::size_t k = 0; !kReleases && k < request.region_count; ++k) {
+        for (std::size_t k = 0; !kReadsMemfd && k < request.region_count; ++k) {
           const Region& g = request.regions[k];
           if (off >= g.guest_offset && off < g.guest_offset + g.size) {
             n = std::min(n, g.guest_offset + g.size - off);
@@ -155,6 +162,11 @@ Status create(Strategy** out, const Option* /*options*/, std::size_t count) noex
 MEMSNAP_PLUGIN("gated_punch", "1.0.0", kCapNeedsMemfd | kCapReleasesMemory | kCapExperimental,
                "test fixture: releases what it wrote, then stops half way until the test opens "
                "its gate",
+               create)
+#elif defined(MEMSNAP_GATED_MEMFD)
+MEMSNAP_PLUGIN("gated_memfd", "1.0.0", kCapNeedsMemfd | kCapExperimental,
+               "test fixture: reads the memfd and keeps it whole; stops half way until the test "
+               "opens its gate",
                create)
 #else
 MEMSNAP_PLUGIN("gated", "1.0.0", kCapNeedsPid | kCapExperimental,

@@ -2,7 +2,8 @@
 // for the disk, through a real memsnapd and memfd-backed stand-in VMMs (tools/fleet), against
 // copy pauses and the machine's own best durable write in the same run.
 //
-//   memsnap-handover-bench [--sizes 256M,1G,4G] [--reps 10,7,5] [--refs write1m,write4m,direct4m]
+//   memsnap-handover-bench [--sizes 256M,1G,4G] [--reps 10,7,5]
+//                          [--refs write1m,write4m,write16m,direct4m] [--kinds copy,handover]
 //                          [--out handover.json] [--no-warmup]
 //   tools/bench/handover_ratios.py handover.json
 //
@@ -18,7 +19,19 @@
 //   deleted (memsnapd lets go of the memfd it keeps for a warm resume) and its snapshot removed.
 // - ref: the same bytes (the pattern of the same seed, generation 1, in an anonymous mapping of
 //   the bench) written into a new file on the same file system as the snapshots, then fsync:
-//   write() in 1 or 4 MiB calls, or O_DIRECT in 4 MiB calls (durable_bench.cc's references).
+//   write() in 1, 4 or 16 MiB calls, or O_DIRECT in 4 MiB calls (durable_bench.cc's references;
+//   16 MiB calls were the fastest at 1 GiB in memsnap-bench, so they are in the default set).
+// - early / late (--kinds ...,early,late; issue 19 item 3): a handover pause of a fresh stand-in,
+//   then a resume of it, as a user who pauses and comes back at once would see it. early: the
+//   resume is asked as soon as the pause answered, and is served from the memory held for the
+//   export (background fill) while the export runs; late: the way without that, wait until
+//   durable, then a warm resume. Each records the resume's ready_seconds (handshake to VMM
+//   runnable, memsnapd's figure), the client's wall time from the pause request until the new
+//   VMM runs (pause_to_running_s), and until the guest has read every one of its pages and
+//   found them right (pause_to_work_s: the guest's whole working set at full speed), the fill's
+//   time, and the export's durable_seconds (early: contended by the fill). early is asked with
+//   map_ahead false, early_map with map_ahead true (the fill also maps every page it writes into
+//   the VMM; the default of such a resume).
 //
 // CPU, per operation: copy: the answer's cpu_seconds (the pipeline's threads) and memsnapd's
 // whole-process CPU over the call (utime + stime of /proc/<memsnapd>/stat, 10 ms ticks);
@@ -175,6 +188,7 @@ const std::vector<RefWay>& all_ref_ways() {
   static const std::vector<RefWay> ways = {
       {"write1m", 1ULL << 20, false, "write() 1 MiB calls + fsync"},
       {"write4m", 4ULL << 20, false, "write() 4 MiB calls + fsync"},
+      {"write16m", 16ULL << 20, false, "write() 16 MiB calls + fsync"},
       {"direct4m", 4ULL << 20, true, "O_DIRECT 4 MiB calls + fsync"},
   };
   return ways;
@@ -184,6 +198,7 @@ struct Options {
   std::vector<std::uint64_t> sizes;
   std::vector<int> reps;  // one per size
   std::vector<RefWay> refs;
+  std::vector<std::string> kinds = {"copy", "handover"};  // and early, late
   std::string out = "handover.json";
   std::string base_dir;
   bool warmup = true;
@@ -192,7 +207,8 @@ struct Options {
 void usage() {
   std::cerr
       << "usage: memsnap-handover-bench [--sizes 256M,1G,4G] [--reps N | N1,N2,...]\n"
-         "           [--refs write1m,write4m,direct4m | none] [--out FILE] [--dir DIR] "
+         "           [--refs write1m,write4m,write16m,direct4m | none]\n"
+         "           [--kinds copy,handover,early,early_map,late] [--out FILE] [--dir DIR] "
          "[--no-warmup]\n"
          "  defaults from $MEMSNAP_HANDOVER_SIZES, $MEMSNAP_HANDOVER_REPS; reps default 10 up to\n"
          "  256M, 7 up to 1G, 5 above; DIR (snapshots, reference files) $MEMSNAP_BENCH_DIR or "
@@ -205,7 +221,8 @@ Options parse(int argc, char** argv) {
       std::getenv("MEMSNAP_HANDOVER_SIZES") ? std::getenv("MEMSNAP_HANDOVER_SIZES") : "256M,1G,4G";
   std::string reps =
       std::getenv("MEMSNAP_HANDOVER_REPS") ? std::getenv("MEMSNAP_HANDOVER_REPS") : "";
-  std::string refs = "write1m,write4m,direct4m";
+  std::string refs = "write1m,write4m,write16m,direct4m";
+  std::string kinds = "copy,handover";
   o.base_dir = std::getenv("MEMSNAP_BENCH_DIR") ? std::getenv("MEMSNAP_BENCH_DIR") : "/var/tmp";
   for (int i = 1; i < argc; ++i) {
     const std::string a = argv[i];
@@ -222,6 +239,8 @@ Options parse(int argc, char** argv) {
       reps = next();
     else if (a == "--refs")
       refs = next();
+    else if (a == "--kinds")
+      kinds = next();
     else if (a == "--out")
       o.out = next();
     else if (a == "--dir")
@@ -250,6 +269,13 @@ Options parse(int argc, char** argv) {
       die("--reps: one number, or one per size");
     if (o.reps.back() < 1) die("--reps must be >= 1");
   }
+  o.kinds = split(kinds);
+  for (const auto& k : o.kinds) {
+    if (k != "copy" && k != "handover" && k != "early" && k != "early_map" && k != "late") {
+      die("unknown kind " + k + " (copy, handover, early, early_map, late)");
+    }
+  }
+  if (o.kinds.empty()) die("no kinds");
   if (refs != "none") {
     for (const auto& name : split(refs)) {
       auto it = std::find_if(all_ref_ways().begin(), all_ref_ways().end(),
@@ -421,6 +447,79 @@ json run_pause(fleet::Daemon& daemon, const std::string& mode, std::uint64_t siz
   return r;
 }
 
+// The pause (handover) of a fresh stand-in, then its resume: early (at once, from the held
+// memory) or late (once durable, warm). See the head of this file.
+json run_resume(fleet::Daemon& daemon, const std::string& kind, std::uint64_t size,
+                const std::string& id) {
+  const bool early = kind != "late";
+  fleet::SandboxSpec spec;
+  spec.id = id;
+  spec.size = size;
+  spec.backing = "memfd";
+  spec.seed = kSeed;
+  spec.zero_fraction = 0;
+  auto launched = fleet::Sandbox::launch(daemon, spec);
+  if (!launched.ok()) die("launch " + id + ": " + launched.error().to_string());
+  std::unique_ptr<fleet::Sandbox> sb = std::move(*launched);
+  const std::string wait = "/v1/sandboxes/" + id + "?wait_while=exporting&timeout_ms=600000";
+
+  const auto t0 = Clock::now();
+  auto paused = sb->pause({{"strategy", "memfd"},
+                           {"mode", "handover"},
+                           {"sync", true},
+                           {"parent", "none"},
+                           {"after", "stop"}});  // kills the stopped VMM
+  const double answer = seconds_since(t0);
+  if (!paused.ok()) die("pause " + id + ": " + paused.error().to_string());
+  if (paused->value("mode", "") != "handover") die("pause " + id + " did not hand over");
+  json r = {{"kind", kind},
+            {"client_answer_s", answer},
+            {"handover_s", paused->at("handover_seconds").get<double>()}};
+  if (!early) {
+    auto waited = daemon.call("GET", wait, nullptr, std::chrono::seconds(610));
+    if (!waited.ok() || !waited->ok() || !waited->body.value("durable", false)) {
+      die("wait " + id);
+    }
+    r["durable_s"] = waited->body["last_pause"].at("durable_seconds").get<double>();
+  }
+  const auto r0 = Clock::now();
+  auto resumed = sb->resume(kind == "late"        ? json{{"mode", "warm"}}
+                            : kind == "early_map" ? json{{"map_ahead", true}}
+                                                  : json{{"map_ahead", false}});
+  r["pause_to_running_s"] = seconds_since(t0);
+  r["resume_wall_s"] = seconds_since(r0);  // POST, the VMM's spawn and handshake, running
+  if (!resumed.ok()) die("resume " + id + ": " + resumed.error().to_string());
+  if (resumed->value("before_durable", false) != early) {
+    die("resume " + id + ": before_durable is " + resumed->value("before_durable", json()).dump());
+  }
+  r["ready_s"] = resumed->at("ready_seconds").get<double>();
+  r["resume_mode"] = resumed->value("mode", "");
+  const auto v0 = Clock::now();
+  auto bad = sb->verify();
+  r["touch_all_s"] = seconds_since(v0);
+  r["pause_to_work_s"] = seconds_since(t0);
+  if (!bad.ok() || *bad != 0) die("the resumed guest " + id + " does not hold its memory");
+  if (early) {
+    auto waited = daemon.call("GET", wait, nullptr, std::chrono::seconds(610));
+    if (!waited.ok() || !waited->ok() || !waited->body.value("durable", false)) {
+      die("wait " + id);
+    }
+    r["durable_s"] = waited->body["last_pause"].at("durable_seconds").get<double>();
+  }
+  auto got = daemon.call("GET", "/v1/sandboxes/" + id);
+  if (got.ok() && got->ok() && got->body.contains("faults")) {
+    r["fill_s"] = got->body["faults"].value("fill_seconds", 0.0);
+    r["faults"] = got->body["faults"].value("faults", std::uint64_t(0));
+    r["mapped_ahead_bytes"] = got->body["faults"].value("mapped_ahead_bytes", std::uint64_t(0));
+  }
+  auto removed = daemon.call("DELETE", "/v1/sandboxes/" + id + "?force=true");
+  if (!removed.ok() || !removed->ok()) die("delete " + id);
+  sb.reset();
+  std::error_code ec;
+  fs::remove_all(fs::path(daemon.snapshot_dir()) / id, ec);
+  return r;
+}
+
 void write_json(const std::string& path, const json& j) {
   const std::string tmp = path + ".tmp";
   {
@@ -490,7 +589,7 @@ int run(int argc, char** argv) {
     std::unique_ptr<Buffer> buf;
     if (!o.refs.empty()) buf = std::make_unique<Buffer>(size);
     // What one round runs; rotated by one each round so no kind is always first or last.
-    std::vector<std::string> kinds = {"copy", "handover"};
+    std::vector<std::string> kinds = o.kinds;
     for (const auto& w : o.refs) kinds.push_back("ref:" + w.name);
     for (int rep = 0; rep < o.reps[si]; ++rep) {
       for (std::size_t k = 0; k < kinds.size(); ++k) {
@@ -501,6 +600,8 @@ int run(int argc, char** argv) {
           const auto& way = *std::find_if(o.refs.begin(), o.refs.end(),
                                           [&](const RefWay& w) { return "ref:" + w.name == kind; });
           r = run_reference(way, *buf, dir);
+        } else if (kind == "early" || kind == "early_map" || kind == "late") {
+          r = run_resume(*daemon, kind, size, "hb-" + sn + "-" + std::to_string(rep) + "-" + kind);
         } else {
           r = run_pause(*daemon, kind, size, "hb-" + sn + "-" + std::to_string(rep) + "-" + kind);
         }
@@ -512,6 +613,12 @@ int run(int argc, char** argv) {
         std::fprintf(stderr, "%-5s rep %2d %-14s answer %9.3f ms  durable %8.3f s  (load %s)\n",
                      sn.c_str(), rep, kind.c_str(), r.value("client_answer_s", 0.0) * 1e3,
                      r.value("durable_s", 0.0), load.c_str());
+        if (r.contains("ready_s")) {
+          std::fprintf(stderr,
+                       "      ready %.3f ms  running %.3f s  working %.3f s after the pause\n",
+                       r["ready_s"].get<double>() * 1e3, r["pause_to_running_s"].get<double>(),
+                       r["pause_to_work_s"].get<double>());
+        }
         results["runs"].push_back(r);
       }
       write_json(o.out, results);  // partial results survive an interrupted run

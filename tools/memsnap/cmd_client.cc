@@ -582,6 +582,7 @@ int client_resume(Client& c, Args& args) {
   std::string socket = args.value("--handshake-socket");
   const std::string mode = args.value("--mode");
   const bool no_track = args.flag("--no-track-writes");
+  const std::string map_ahead = args.value("--map-ahead");
   const bool wait = args.flag("--wait");
   const std::string timeout = args.value("--timeout-ms");
   const std::string id = one_id(args, "resume");
@@ -593,6 +594,7 @@ int client_resume(Client& c, Args& args) {
   json body = {{"handshake_socket", socket}};
   if (!mode.empty()) body["mode"] = mode;
   if (no_track) body["track_writes"] = false;
+  if (!map_ahead.empty()) body["map_ahead"] = map_ahead == "yes";
 
   // With --wait and --json, only the final state is printed (one JSON document).
   auto started = c.call("POST", sandbox_path(id) + "/resume", body, kResumeCall, !wait);

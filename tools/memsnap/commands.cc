@@ -411,16 +411,20 @@ std::vector<Command> client_commands() {
       {.name = "export-retry",
        .summary = "try a failed background export again (its memory is still held)",
        .positional = one_id()}));
-  out.push_back(client(
-      {.name = "resume",
-       .summary = "memsnapd listens on PATH and serves the new VMM's memory; start the VMM",
-       .options = {required(path("--handshake-socket", "PATH", "where the VMM connects")),
-                   choice("--mode", {"lazy", "background", "eager", "warm"},
-                          "how memory comes back", "memsnapd's"),
-                   flag("--no-track-writes", "do not track writes for the next diff"),
-                   flag("--wait", "wait until the VMM runs"),
-                   integer("--timeout-ms", "how long --wait waits", "60000", 0, 600000)},
-       .positional = one_id()}));
+  out.push_back(
+      client({.name = "resume",
+              .summary = "memsnapd listens on PATH and serves the new VMM's memory; start the VMM",
+              .options = {required(path("--handshake-socket", "PATH", "where the VMM connects")),
+                          choice("--mode", {"lazy", "background", "eager", "warm"},
+                                 "how memory comes back", "memsnapd's"),
+                          flag("--no-track-writes", "do not track writes for the next diff"),
+                          choice("--map-ahead", {"yes", "no"},
+                                 "background: the fill also maps each page it writes into the VMM "
+                                 "(default: yes before durable, else no)",
+                                 ""),
+                          flag("--wait", "wait until the VMM runs"),
+                          integer("--timeout-ms", "how long --wait waits", "60000", 0, 600000)},
+              .positional = one_id()}));
   out.push_back(client({.name = "strategy",
                         .summary = "which strategy the next pause would use, and why",
                         .positional = one_id()}));

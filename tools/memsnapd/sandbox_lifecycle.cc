@@ -10,19 +10,22 @@ struct Move {
 
 // The lifecycle, one row a move (see the picture in the header).
 constexpr Move kMoves[] = {
-    {SandboxState::kRunning, SandboxState::kPausing},   // a pause claims it
-    {SandboxState::kPausing, SandboxState::kPaused},    // done, after=stop
-    {SandboxState::kPausing, SandboxState::kRunning},   // done, after=continue; refused; failed
-                                                        // with the VMM continued
-    {SandboxState::kPausing, SandboxState::kFailed},    // failed, the VMM gone or kept stopped
-    {SandboxState::kPaused, SandboxState::kResuming},   // a resume claims it
-    {SandboxState::kResuming, SandboxState::kRunning},  // the new VMM is served
-    {SandboxState::kResuming, SandboxState::kPaused},   // refused or failed: the chain is kept
-    {SandboxState::kRunning, SandboxState::kFailed},    // serving its memory stopped on an error
-    {SandboxState::kPausing, SandboxState::kExporting},     // answered at handover
-    {SandboxState::kExporting, SandboxState::kPaused},      // the background export is durable
+    {SandboxState::kRunning, SandboxState::kPausing},    // a pause claims it
+    {SandboxState::kPausing, SandboxState::kPaused},     // done, after=stop
+    {SandboxState::kPausing, SandboxState::kRunning},    // done, after=continue; refused; failed
+                                                         // with the VMM continued
+    {SandboxState::kPausing, SandboxState::kFailed},     // failed, the VMM gone or kept stopped
+    {SandboxState::kPaused, SandboxState::kResuming},    // a resume claims it
+    {SandboxState::kResuming, SandboxState::kRunning},   // the new VMM is served
+    {SandboxState::kResuming, SandboxState::kPaused},    // refused or failed: the chain is kept
+    {SandboxState::kRunning, SandboxState::kFailed},     // serving its memory stopped on an error
+    {SandboxState::kPausing, SandboxState::kExporting},  // answered at handover
+    {SandboxState::kExporting, SandboxState::kPaused},   // the background export is durable
     {SandboxState::kExporting, SandboxState::kExportFailed},  // it failed; the memory is held
     {SandboxState::kExportFailed, SandboxState::kExporting},  // retried
+    {SandboxState::kExporting, SandboxState::kResuming},      // a resume before durable claims it
+    {SandboxState::kResuming, SandboxState::kExporting},      // refused or failed, export running
+    {SandboxState::kResuming, SandboxState::kExportFailed},   // ... the export failed meanwhile
 };
 
 }  // namespace

@@ -14,11 +14,17 @@
 //   exporting --the background export is durable-->        paused
 //             --it failed (memory still held)-->           export_failed
 //   export_failed --retry-->                               exporting
+//   exporting --resume (before durable)--> resuming --ok--> running, the export goes on
+//                                                   --refused / error--> exporting, export_failed
+//                                                     or paused (as the export stands then)
 //
 // exporting and export_failed are paused sandboxes whose newest snapshot is not durable yet: the
 // pause was answered at handover, and memsnapd's background export (its own process) holds the
 // guest memory until the snapshot is committed. Neither is owned (a GET, a wait or a removal
-// with force may act on them); a pause or resume needs the export durable first.
+// with force may act on them). A resume of a strategy that leaves the held memory whole (memfd)
+// does not wait: it is served from that memory while the export runs on (docs/resume.md), and
+// the sandbox is then running with its export still pending; its next pause waits until the
+// export is durable. Other resumes, and pauses, need the export durable first.
 //
 // pausing and resuming are owned: exactly one pause or resume works on the sandbox, and only it
 // moves the sandbox out of that state. Registration enters running (a VMM) or paused (a chain);

@@ -29,12 +29,23 @@ TEST(SandboxLifecycleTest, EveryStateHasOneNameThatParsesBack) {
 // The table, move by move, against the whole square of states: what it allows and nothing else.
 TEST(SandboxLifecycleTest, TheTableAllowsExactlyTheDocumentedMoves) {
   const std::set<std::pair<S, S>> allowed = {
-      {S::kRunning, S::kPausing},  {S::kPausing, S::kPaused},   {S::kPausing, S::kRunning},
-      {S::kPausing, S::kFailed},   {S::kPaused, S::kResuming},  {S::kResuming, S::kRunning},
-      {S::kResuming, S::kPaused},  {S::kRunning, S::kFailed},
+      {S::kRunning, S::kPausing},
+      {S::kPausing, S::kPaused},
+      {S::kPausing, S::kRunning},
+      {S::kPausing, S::kFailed},
+      {S::kPaused, S::kResuming},
+      {S::kResuming, S::kRunning},
+      {S::kResuming, S::kPaused},
+      {S::kRunning, S::kFailed},
       // handover: answered before the snapshot is durable; the export ends it or fails
-      {S::kPausing, S::kExporting}, {S::kExporting, S::kPaused},
-      {S::kExporting, S::kExportFailed}, {S::kExportFailed, S::kExporting},
+      {S::kPausing, S::kExporting},
+      {S::kExporting, S::kPaused},
+      {S::kExporting, S::kExportFailed},
+      {S::kExportFailed, S::kExporting},
+      // a resume before durable, and where it parks the sandbox when it does not run
+      {S::kExporting, S::kResuming},
+      {S::kResuming, S::kExporting},
+      {S::kResuming, S::kExportFailed},
   };
   for (S from : kSandboxStates) {
     for (S to : kSandboxStates) {

@@ -82,7 +82,8 @@ struct Sandbox {
   json last_resume;
   std::string last_error;
   std::thread resume_thread;
-  std::unique_ptr<PendingExport> pending_export;  // exporting, export_failed
+  // exporting, export_failed; also running (or resuming) after a resume before durable
+  std::unique_ptr<PendingExport> pending_export;
   // Exports that ended (durable): destroyed outside the lock, never from their own callback.
   std::vector<std::unique_ptr<BackgroundExport>> finished_exports;
 };
@@ -886,7 +887,7 @@ class SandboxService::Claim {
     {
       std::lock_guard lock(service_->mu_);
       if (update) update(*sb_);
-      service_->move_locked(*sb_, to);
+      service_->move_locked(*sb_, parked(to) ? parked_state_locked(*sb_) : to);
     }
     service_->changed_.notify_all();
     sb_.reset();
@@ -897,6 +898,23 @@ class SandboxService::Claim {
   std::shared_ptr<Sandbox> sb_;  // null once finished (or moved from)
   SandboxState before_;
 };
+
+// A sandbox whose VMM is not running is paused, or -- while the snapshot of its last pause is
+// still being exported -- exporting or export_failed, whatever the operation that ends says.
+bool SandboxService::parked(SandboxState s) {
+  return s == SandboxState::kPaused || s == SandboxState::kExporting ||
+         s == SandboxState::kExportFailed;
+}
+
+SandboxState SandboxService::parked_state_locked(const Sandbox& sb) {
+  if (!sb.pending_export) return SandboxState::kPaused;
+  return sb.pending_export->status.state == ExportState::kFailed ? SandboxState::kExportFailed
+                                                                 : SandboxState::kExporting;
+}
+
+bool SandboxService::export_running_locked(const Sandbox& sb) {
+  return sb.pending_export && sb.pending_export->status.state != ExportState::kFailed;
+}
 
 // A pause or resume slot (limits.max_concurrent_*), given back when destroyed or released.
 class SandboxService::Slot {
@@ -1411,6 +1429,15 @@ void add_mode_json(json& answer, const ModeChoiceT& m, double handover_seconds) 
 Result<json> SandboxService::pause(const Caller& caller, const std::string& id, const json& body) {
   MEMSNAP_ASSIGN_OR_RETURN(auto parsed, parse_pause_body(body, options_.sync, registry_));
   const PauseBody& request = parsed;
+  // Resumed before its last pause was durable: this pause's diff names that snapshot as its
+  // parent, so it waits until it is committed.
+  bool export_pending = false;
+  {
+    std::lock_guard lock(mu_);
+    MEMSNAP_ASSIGN_OR_RETURN(auto found, find_locked(caller, id));
+    export_pending = found->state == SandboxState::kRunning && found->pending_export;
+  }
+  if (export_pending) MEMSNAP_RETURN_IF_ERROR(wait_until_durable(caller, id));
   MEMSNAP_ASSIGN_OR_RETURN(
       auto claimed, claim(caller, id, "pause", SandboxState::kRunning, SandboxState::kPausing));
   Claim& claim = claimed;  // until finished, any return puts the sandbox back to running
@@ -1651,15 +1678,20 @@ void SandboxService::export_changed(const std::weak_ptr<Sandbox>& weak, const Ex
           "sandbox {}: the background export to {} failed: {}; the guest memory is held, retry "
           "with POST /v1/sandboxes/{}/export/retry",
           sb->id, e->out_path, sb->last_error, sb->id);
-      move_locked(*sb, SandboxState::kExportFailed);
+      // A sandbox resumed before durable runs on: only its next pause waits for the retry.
+      if (sb->state == SandboxState::kExporting) move_locked(*sb, SandboxState::kExportFailed);
     } else if (st.state == ExportState::kDurable && st.report) {
       const PauseReport& rep = *st.report;
-      if (sb->session) sb->session->pause_committed();
+      // Still paused: the memory becomes the warm memory of the paused sandbox. Resumed (or
+      // resuming) before durable: the guest runs on a copy, and the session and kept memory
+      // belong to that resume; only the chain grows.
+      const bool paused = sb->state == SandboxState::kExporting;
+      if (paused && sb->session) sb->session->pause_committed();
       sb->chain = e->chain;
       sb->chain.push_back(rep.snapshot_path);
       sb->strategy = rep.strategy;
-      sb->retained = RetainedMemory{};
-      if (e->keeps_memory) {
+      if (paused) sb->retained = RetainedMemory{};
+      if (paused && e->keeps_memory) {
         sb->retained.memfd = std::move(e->memfd);
         sb->retained.snapshot_id = rep.snapshot_id;
         sb->retained.generation = rep.generation;
@@ -1680,7 +1712,7 @@ void SandboxService::export_changed(const std::weak_ptr<Sandbox>& weak, const Ex
       sb->pending_export.reset();
       --exports_pending_;
       sb->last_error.clear();
-      move_locked(*sb, SandboxState::kPaused);
+      if (paused) move_locked(*sb, SandboxState::kPaused);
     }
     publish_exports_locked();
   }
@@ -1697,10 +1729,11 @@ void SandboxService::export_changed(const std::weak_ptr<Sandbox>& weak, const Ex
 
 Result<json> SandboxService::retry_export(const Caller& caller, const std::string& id) {
   std::string strategy;
+  std::string state_after;
   {
     std::lock_guard lock(mu_);
     MEMSNAP_ASSIGN_OR_RETURN(auto sb, find_locked(caller, id));
-    if (sb->state != SandboxState::kExportFailed || !sb->pending_export) {
+    if (!sb->pending_export || export_running_locked(*sb) || is_owned(sb->state)) {
       return make_error(Errc::kInvalidState, "sandbox " + id + " is " +
                                                  std::string(state_name(sb->state)) +
                                                  "; only a failed export can be retried");
@@ -1729,13 +1762,14 @@ Result<json> SandboxService::retry_export(const Caller& caller, const std::strin
     sb->pending_export->status.state = ExportState::kRunning;
     sb->pending_export->status.error.reset();
     sb->last_error.clear();
-    move_locked(*sb, SandboxState::kExporting);
+    if (sb->state == SandboxState::kExportFailed) move_locked(*sb, SandboxState::kExporting);
+    state_after = std::string(state_name(sb->state));
     publish_exports_locked();
   }
   changed_.notify_all();
   metrics_.record_export_retry(strategy);
   spdlog::info("sandbox {}: background export retried", id);
-  return json{{"id", id}, {"state", std::string(state_name(SandboxState::kExporting))}};
+  return json{{"id", id}, {"state", state_after}};
 }
 
 void SandboxService::publish_exports_locked() {
@@ -1757,20 +1791,26 @@ struct ResumeBody {
   std::string socket;  // in the handshake directory
   std::optional<ResumeMode> mode;  // nullopt: the strategy's default
   bool track_writes = true;
+  std::optional<bool> map_ahead;  // nullopt: the session's default
 };
 
 Result<ResumeBody> parse_resume_body(const json& body) {
-  MEMSNAP_RETURN_IF_ERROR(only_keys(body, {"handshake_socket", "mode", "track_writes"}, "resume"));
+  MEMSNAP_RETURN_IF_ERROR(
+      only_keys(body, {"handshake_socket", "mode", "track_writes", "map_ahead"}, "resume"));
   auto socket = field<std::string>(body, "handshake_socket", "");
   auto mode_name = field<std::string>(body, "mode", "");
   auto track = field<bool>(body, "track_writes", true);
+  auto map_ahead = field<bool>(body, "map_ahead", false);
+  const bool map_ahead_given = body.contains("map_ahead");
   if (!socket.ok()) return std::move(socket).error();
   if (!mode_name.ok()) return std::move(mode_name).error();
   if (!track.ok()) return std::move(track).error();
+  if (!map_ahead.ok()) return std::move(map_ahead).error();
   if (socket->empty()) return make_error(Errc::kInvalidArgument, "handshake_socket is required");
   ResumeBody out;
   out.socket = std::move(*socket);
   out.track_writes = *track;
+  if (map_ahead_given) out.map_ahead = *map_ahead;
   if (!mode_name->empty()) {
     MEMSNAP_ASSIGN_OR_RETURN(out.mode, parse_resume_mode(*mode_name));
   }
@@ -1783,13 +1823,38 @@ Result<json> SandboxService::resume(const Caller& caller, const std::string& id,
                                     const json& body) {
   MEMSNAP_ASSIGN_OR_RETURN(const ResumeBody request, parse_resume_body(body));
   MEMSNAP_ASSIGN_OR_RETURN(const std::string socket_path, handshake_path(request.socket));
-  MEMSNAP_RETURN_IF_ERROR(wait_until_durable(caller, id));
-
-  MEMSNAP_ASSIGN_OR_RETURN(
-      auto claimed, claim(caller, id, "resume", SandboxState::kPaused, SandboxState::kResuming));
-  Claim& claim = claimed;  // until finished or handed on, any return puts it back to paused
+  MEMSNAP_ASSIGN_OR_RETURN(auto claimed, claim_for_resume(caller, id, request.mode));
+  Claim& claim = claimed;  // until finished or handed on, any return parks it again
   const std::shared_ptr<Sandbox> sb = claim.sandbox();
   if (sb->resume_thread.joinable()) sb->resume_thread.join();  // the previous one, long done
+  // Before durable: the pending snapshot is served from the memory held for its export. The
+  // export may turn durable meanwhile; what is taken here stays valid (its own reference).
+  PendingSnapshot pending;
+  io::UniqueFd held;
+  std::vector<std::string> chain;
+  std::string strategy;
+  int dup_errno = 0;
+  {
+    std::lock_guard lock(mu_);
+    const PendingExport* e = sb->pending_export.get();
+    strategy = e != nullptr ? e->strategy : sb->strategy;
+    if (e != nullptr && e->memfd.get() >= 0) {
+      held.reset(::fcntl(e->memfd.get(), F_DUPFD_CLOEXEC, 0));
+      if (held.get() < 0) dup_errno = errno;
+      pending.memfd = held.get();
+      pending.guest_size = e->guest_size;
+      pending.block_size = e->request.block_size;
+      pending.ranges = e->request.dirty;
+      chain = e->chain;
+    } else {
+      chain = sb->chain;
+    }
+  }
+  if (dup_errno != 0) {
+    return make_error(Errc::kIoError, "the memory held for sandbox " + id +
+                                          "'s export cannot be shared with the resume: " +
+                                          std::strerror(dup_errno));
+  }
 
   if (const Errc slot = acquire_slot(false); slot != Errc::kOk) {
     return slot == Errc::kShuttingDown
@@ -1799,27 +1864,30 @@ Result<json> SandboxService::resume(const Caller& caller, const std::string& id,
                             "stayed so for the queue timeout");
   }
   ResumeRequest rr;
-  rr.chain = sb->chain;
+  rr.chain = std::move(chain);
+  rr.pending = pending.memfd >= 0 ? &pending : nullptr;
   rr.socket_path = socket_path;
-  rr.strategy = sb->strategy;
+  rr.strategy = strategy;
   rr.mode = request.mode;
   rr.retained = &sb->retained;
   rr.handshake_timeout = settings().handshake_timeout;
   rr.reader_limits = settings().reader_limits;
   rr.verify_checksums = true;
   rr.track_writes = request.track_writes;
+  rr.map_ahead = request.map_ahead;
   rr.guard = options_.guard;
   auto prepared = pipeline_.prepare_resume(registry_, std::move(rr));
   if (!prepared.ok()) {
     release_slot(false);
     metrics::ResumeObservation obs;
-    obs.strategy = sb->strategy;
+    obs.strategy = strategy;
     obs.outcome = metrics::Outcome::kError;
     metrics_.record_resume(obs);
     claim.finish(SandboxState::kPaused,
                  [&](Sandbox& s) { s.last_error = prepared.error().to_string(); });
     return std::move(prepared).error();
   }
+  held.reset();  // the session has its own
   // Everything is checked (prepare refuses a warm resume without the kept memfd, a chain that
   // fails verification, a socket it cannot listen on): only now is the old session let go. Its
   // VMM is gone or stopped for good, and it has nothing left to serve; a VMM that still runs is
@@ -1834,10 +1902,11 @@ Result<json> SandboxService::resume(const Caller& caller, const std::string& id,
   old.reset();
 
   const std::string mode_chosen(resume_mode_name((*prepared)->report().mode));
+  const bool rr_before_durable = (*prepared)->report().before_durable;
   {
     std::lock_guard lock(mu_);
     sb->session = std::move(*prepared);
-    sb->session_strategy = sb->strategy;
+    sb->session_strategy = strategy;
     sb->faults_recorded = FaultStats{};
   }
   // The VMM connects when the orchestrator starts it, after this answer: wait for it on a
@@ -1847,27 +1916,51 @@ Result<json> SandboxService::resume(const Caller& caller, const std::string& id,
   return json{{"id", id},
               {"state", std::string(state_name(SandboxState::kResuming))},
               {"handshake_socket", socket_path},
-              {"strategy", sb->strategy},
+              {"strategy", strategy},
               {"mode", mode_chosen},
+              {"before_durable", rr_before_durable},
               {"snapshots", sb->chain}};
+}
+
+Result<SandboxService::Claim> SandboxService::claim_for_resume(const Caller& caller,
+                                                               const std::string& id,
+                                                               std::optional<ResumeMode> mode) {
+  bool before_durable = false;
+  {
+    std::lock_guard lock(mu_);
+    MEMSNAP_ASSIGN_OR_RETURN(auto sb, find_locked(caller, id));
+    const PendingExport* e = sb->pending_export.get();
+    // Served at once from the held memory when the strategy leaves it whole (not hole_punch,
+    // which releases it as it writes) and the mode does not hand memory to the VMM.
+    const bool hands_over = mode && (*mode == ResumeMode::kWarm || *mode == ResumeMode::kEager);
+    before_durable = sb->state == SandboxState::kExporting && e != nullptr && e->keeps_memory &&
+                     e->memfd.get() >= 0 && !hands_over;
+  }
+  if (before_durable) {
+    auto claimed = claim(caller, id, "resume", SandboxState::kExporting, SandboxState::kResuming);
+    // Durable in between: a resume like any other.
+    if (claimed.ok() || claimed.error().code != Errc::kInvalidState) return claimed;
+  } else {
+    MEMSNAP_RETURN_IF_ERROR(wait_until_durable(caller, id));
+  }
+  return claim(caller, id, "resume", SandboxState::kPaused, SandboxState::kResuming);
 }
 
 Status SandboxService::wait_until_durable(const Caller& caller, const std::string& id) {
   std::unique_lock lock(mu_);
   MEMSNAP_ASSIGN_OR_RETURN(auto sb, find_locked(caller, id));
   const auto timeout = settings_.queue_timeout;
-  if (!changed_.wait_for(lock, timeout, [&] {
-        return sb->state != SandboxState::kExporting || draining_;
-      })) {
+  if (!changed_.wait_for(lock, timeout, [&] { return !export_running_locked(*sb) || draining_; })) {
     return make_error(Errc::kBusy, "sandbox " + id +
                                        "'s snapshot is still being exported after the queue "
                                        "timeout; try again when it is durable");
   }
-  if (sb->state == SandboxState::kExportFailed) {
-    return make_error(Errc::kInvalidState,
-                      "sandbox " + id + "'s background export failed (" + sb->last_error +
-                          "): its memory is held; retry the export "
-                          "(POST /v1/sandboxes/" + id + "/export/retry), then resume");
+  if (sb->pending_export && !export_running_locked(*sb)) {
+    return make_error(Errc::kInvalidState, "sandbox " + id + "'s background export failed (" +
+                                               sb->last_error +
+                                               "): its memory is held; retry the export "
+                                               "(POST /v1/sandboxes/" +
+                                               id + "/export/retry) first");
   }
   return {};
 }
@@ -1879,7 +1972,7 @@ void SandboxService::finish_resume(Claim claim) {
   const Status served = session.accept_and_serve();
   const ResumeReport& rep = session.report();
   metrics::ResumeObservation obs;
-  obs.strategy = sb->strategy;
+  obs.strategy = sb->session_strategy;
   obs.phases = metric_phases(rep.phases);
   obs.mode = std::string(resume_mode_name(rep.mode));
   release_slot(false);
@@ -1899,9 +1992,10 @@ void SandboxService::finish_resume(Claim claim) {
   obs.seconds = rep.ready_seconds;
   metrics_.record_resume(obs);
   json answer = {{"id", sb->id},
-                 {"strategy", sb->strategy},
+                 {"strategy", sb->session_strategy},
                  {"mode", obs.mode},
                  {"mode_reason", rep.mode_reason},
+                 {"before_durable", rep.before_durable},
                  {"vmm_pid", rep.vmm_pid},
                  {"ready_seconds", rep.ready_seconds},
                  {"phases", phases_json(rep.phases)},
@@ -1926,6 +2020,18 @@ void SandboxService::finish_resume(Claim claim) {
   });
 }
 
+namespace {
+// Whether a wait_while=state still waits. Exporting also covers a sandbox resumed before its
+// snapshot was durable: the export runs on while the sandbox runs.
+bool waits_while(const Sandbox& sb, SandboxState state) {
+  if (state == SandboxState::kExporting) {
+    return sb.state == SandboxState::kExporting ||
+           (sb.pending_export && sb.pending_export->status.state != ExportState::kFailed);
+  }
+  return sb.state == state;
+}
+}  // namespace
+
 Result<json> SandboxService::get(const Caller& caller, const std::string& id,
                                  const std::string& wait_while_state,
                                  std::chrono::milliseconds timeout,
@@ -1949,7 +2055,7 @@ Result<json> SandboxService::get(const Caller& caller, const std::string& id,
     for (;;) {
       const auto until = std::min(deadline, std::chrono::steady_clock::now() + kSlice);
       if (changed_.wait_until(lock, until,
-                              [&] { return sb->state != *wait_while || draining_; })) {
+                              [&] { return !waits_while(*sb, *wait_while) || draining_; })) {
         break;
       }
       if (std::chrono::steady_clock::now() >= deadline) {
@@ -1961,7 +2067,7 @@ Result<json> SandboxService::get(const Caller& caller, const std::string& id,
                                               " closed its connection");
       }
     }
-    if (sb->state == *wait_while) {
+    if (waits_while(*sb, *wait_while)) {
       return make_error(Errc::kShuttingDown, "memsnapd is shutting down: sandbox " + id +
                                                  " is still " + wait_while_state);
     }
@@ -2060,9 +2166,8 @@ Result<json> SandboxService::remove(const Caller& caller, const std::string& id,
     // A handover pause was answered and its snapshot is not durable yet. Exporting: with force
     // the sandbox is forgotten and its export still commits. Failed: with force the held memory
     // -- the only copy of what the pause acknowledged -- is let go.
-    if (it->second->state == SandboxState::kExporting ||
-        it->second->state == SandboxState::kExportFailed) {
-      const bool failed = it->second->state == SandboxState::kExportFailed;
+    if (it->second->pending_export) {
+      const bool failed = !export_running_locked(*it->second);
       if (!force) {
         return make_error(Errc::kInvalidState,
                           "sandbox " + id + (failed ? "'s background export failed" :

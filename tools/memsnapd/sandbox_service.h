@@ -224,7 +224,18 @@ class SandboxService {
   void finish_resume(Claim claim);
   // A resume of a sandbox whose handover export runs waits for it to be durable (up to the queue
   // timeout; kBusy after); kInvalidState when the export failed.
+  // Until the snapshot of the sandbox's last pause is durable (at most the queue timeout);
+  // kInvalidState if its export failed (it must be retried first).
   Status wait_until_durable(const Caller& caller, const std::string& id);
+  // A resume's claim: at once from exporting when the held memory can serve it (resume before
+  // durable), else from paused once durable.
+  Result<Claim> claim_for_resume(const Caller& caller, const std::string& id,
+                                 std::optional<ResumeMode> mode);
+  // Lifecycle helpers: a state a finished operation parks a sandbox in (paused, exporting,
+  // export_failed), the one it really is in given its export, and whether that export runs.
+  static bool parked(SandboxState s);
+  static SandboxState parked_state_locked(const Sandbox& sb);
+  static bool export_running_locked(const Sandbox& sb);
 
   const PluginRegistry& registry_;
   metrics::HostMetrics& metrics_;

@@ -704,10 +704,23 @@ TEST_F(SandboxServiceTest, AHandoverAnswersBeforeTheSnapshotIsDurableAndCommitsI
   EXPECT_EQ(series("memsnap_background_exports_pending", {"state=\"running\""}), 1);
   EXPECT_EQ(series("memsnap_pause_handover_seconds_count", {"mode=\"handover\""}), 1);
 
-  // A pause or resume of it now: it is paused already / the resume waits, then gives up.
+  // A pause of it now: it is paused already. A warm resume hands memory over: it waits, then
+  // gives up. Any other resume does not wait: it is served from the held memory (the fake
+  // pipeline refuses it after it is asked), and the sandbox stays exporting.
   EXPECT_EQ(service_->pause(root_, "sb", json::object()).error().code, Errc::kInvalidState);
-  EXPECT_EQ(service_->resume(root_, "sb", {{"handshake_socket", "x.sock"}}).error().code,
+  EXPECT_EQ(service_->resume(root_, "sb", {{"handshake_socket", "x.sock"}, {"mode", "warm"}})
+                .error()
+                .code,
             Errc::kBusy);
+  EXPECT_EQ(service_->resume(root_, "sb", {{"handshake_socket", "x.sock"}}).error().code,
+            Errc::kResumeFailed);
+  {
+    const std::vector<ResumeRequest> asked = pipeline_.resumes();
+    ASSERT_EQ(asked.size(), 1u);
+    ASSERT_NE(asked[0].pending, nullptr) << "the resume was not asked from the held memory";
+    EXPECT_TRUE(asked[0].chain.empty());  // a base snapshot: no parents
+  }
+  EXPECT_EQ(get("sb")["state"], "exporting");
 
   // A wait for durable ends when the export commits.
   std::thread commit([&] { job.finish(); });
@@ -724,6 +737,21 @@ TEST_F(SandboxServiceTest, AHandoverAnswersBeforeTheSnapshotIsDurableAndCommitsI
   EXPECT_EQ(series("memsnap_background_exports_pending", {"state=\"running\""}), 0);
   EXPECT_EQ(series("memsnap_pause_durable_seconds_count", {"mode=\"handover\""}), 1);
   EXPECT_EQ(series("memsnap_sandboxes", {"state=\"paused\""}), 1);
+}
+
+// hole_punch releases the held memory as it writes it: a resume must wait until it is durable,
+// and is never asked from that memory.
+TEST_F(SandboxServiceTest, AResumeOfAHolePunchExportWaitsUntilItIsDurable) {
+  make_service();
+  register_vmm(0, "sb");
+  auto paused = service_->pause(root_, "sb", {{"mode", "handover"}, {"strategy", "hole_punch"}});
+  ASSERT_TRUE(paused.ok()) << paused.error().to_string();
+  ASSERT_EQ((*paused)["mode"], "handover") << paused->dump();
+  EXPECT_EQ(service_->resume(root_, "sb", {{"handshake_socket", "x.sock"}}).error().code,
+            Errc::kBusy);
+  EXPECT_TRUE(pipeline_.resumes().empty());
+  EXPECT_EQ(get("sb")["state"], "exporting");
+  pipeline_.exports()[0]->finish();
 }
 
 TEST_F(SandboxServiceTest, AFailedExportKeepsTheMemoryUntilARetryMakesItDurable) {
