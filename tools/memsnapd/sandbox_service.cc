@@ -952,12 +952,37 @@ void SandboxService::move_locked(Sandbox& sb, SandboxState to) {
 Result<SandboxService::Claim> SandboxService::claim(const Caller& caller, const std::string& id,
                                                     const char* op, SandboxState required,
                                                     SandboxState owned) {
-  std::lock_guard lock(mu_);
+  std::unique_lock lock(mu_);
   if (draining_) {
     return make_error(Errc::kShuttingDown,
                       "memsnapd is shutting down: no new " + std::string(op) + "s");
   }
   MEMSNAP_ASSIGN_OR_RETURN(auto found, find_locked(caller, id));
+  // A pause of a sandbox resumed before its last pause was durable: its diff names that
+  // snapshot as its parent, so it waits until the export committed it -- checked and claimed
+  // under one hold of the lock, so that no resume or export can slip in between.
+  if (owned == SandboxState::kPausing && found->state == SandboxState::kRunning &&
+      found->pending_export) {
+    const bool settled = changed_.wait_for(lock, settings_.queue_timeout, [&] {
+      return draining_ || !export_running_locked(*found) || found->state != SandboxState::kRunning;
+    });
+    if (draining_) {
+      return make_error(Errc::kShuttingDown,
+                        "memsnapd is shutting down: no new " + std::string(op) + "s");
+    }
+    if (!settled) {
+      return make_error(Errc::kBusy, "sandbox " + id +
+                                         "'s last snapshot is still being exported after the "
+                                         "queue timeout; try again when it is durable");
+    }
+    MEMSNAP_ASSIGN_OR_RETURN(found, find_locked(caller, id));  // removed meanwhile?
+    if (found->pending_export && found->state == SandboxState::kRunning) {
+      return make_error(Errc::kInvalidState,
+                        "sandbox " + id + "'s background export failed (" + found->last_error +
+                            "): its memory is held; retry the export (POST /v1/sandboxes/" + id +
+                            "/export/retry) before the next pause");
+    }
+  }
   Sandbox& sb = *found;
   const std::string now(state_name(sb.state));
   if (is_owned(sb.state)) {
@@ -1429,15 +1454,6 @@ void add_mode_json(json& answer, const ModeChoiceT& m, double handover_seconds) 
 Result<json> SandboxService::pause(const Caller& caller, const std::string& id, const json& body) {
   MEMSNAP_ASSIGN_OR_RETURN(auto parsed, parse_pause_body(body, options_.sync, registry_));
   const PauseBody& request = parsed;
-  // Resumed before its last pause was durable: this pause's diff names that snapshot as its
-  // parent, so it waits until it is committed.
-  bool export_pending = false;
-  {
-    std::lock_guard lock(mu_);
-    MEMSNAP_ASSIGN_OR_RETURN(auto found, find_locked(caller, id));
-    export_pending = found->state == SandboxState::kRunning && found->pending_export;
-  }
-  if (export_pending) MEMSNAP_RETURN_IF_ERROR(wait_until_durable(caller, id));
   MEMSNAP_ASSIGN_OR_RETURN(
       auto claimed, claim(caller, id, "pause", SandboxState::kRunning, SandboxState::kPausing));
   Claim& claim = claimed;  // until finished, any return puts the sandbox back to running
@@ -1801,7 +1817,7 @@ Result<ResumeBody> parse_resume_body(const json& body) {
   auto mode_name = field<std::string>(body, "mode", "");
   auto track = field<bool>(body, "track_writes", true);
   auto map_ahead = field<bool>(body, "map_ahead", false);
-  const bool map_ahead_given = body.contains("map_ahead");
+  const bool map_ahead_given = body.contains("map_ahead") && !body["map_ahead"].is_null();
   if (!socket.ok()) return std::move(socket).error();
   if (!mode_name.ok()) return std::move(mode_name).error();
   if (!track.ok()) return std::move(track).error();
@@ -1850,6 +1866,7 @@ Result<json> SandboxService::resume(const Caller& caller, const std::string& id,
       chain = sb->chain;
     }
   }
+  const std::vector<std::string> committed = chain;  // for the answer: parents, or the chain
   if (dup_errno != 0) {
     return make_error(Errc::kIoError, "the memory held for sandbox " + id +
                                           "'s export cannot be shared with the resume: " +
@@ -1919,16 +1936,18 @@ Result<json> SandboxService::resume(const Caller& caller, const std::string& id,
               {"strategy", strategy},
               {"mode", mode_chosen},
               {"before_durable", rr_before_durable},
-              {"snapshots", sb->chain}};
+              {"snapshots", committed}};
 }
 
 Result<SandboxService::Claim> SandboxService::claim_for_resume(const Caller& caller,
                                                                const std::string& id,
                                                                std::optional<ResumeMode> mode) {
   bool before_durable = false;
+  bool exporting = false;
   {
     std::lock_guard lock(mu_);
     MEMSNAP_ASSIGN_OR_RETURN(auto sb, find_locked(caller, id));
+    exporting = sb->state == SandboxState::kExporting || sb->state == SandboxState::kExportFailed;
     const PendingExport* e = sb->pending_export.get();
     // Served at once from the held memory when the strategy leaves it whole (not hole_punch,
     // which releases it as it writes) and the mode does not hand memory to the VMM.
@@ -1940,7 +1959,7 @@ Result<SandboxService::Claim> SandboxService::claim_for_resume(const Caller& cal
     auto claimed = claim(caller, id, "resume", SandboxState::kExporting, SandboxState::kResuming);
     // Durable in between: a resume like any other.
     if (claimed.ok() || claimed.error().code != Errc::kInvalidState) return claimed;
-  } else {
+  } else if (exporting) {
     MEMSNAP_RETURN_IF_ERROR(wait_until_durable(caller, id));
   }
   return claim(caller, id, "resume", SandboxState::kPaused, SandboxState::kResuming);
