@@ -1,5 +1,7 @@
 #include "core/dirty_set.h"
 
+#include <linux/userfaultfd.h>
+
 #include <fcntl.h>
 #include <sys/ioctl.h>
 #include <unistd.h>
@@ -288,6 +290,50 @@ Result<std::vector<ByteRange>> arm_write_tracking(pid_t pid, const std::vector<R
   const ScanQuery query{kScanCheckWpAsync | kScanWpMatching, 0, 0, kPageIsWritten | mapped,
                         kPageIsWritten, mapped};
   return scan_process(pid, regions, block_size, query);
+}
+
+Result<std::vector<ByteRange>> writable_ranges_of_process(pid_t pid,
+                                                          const std::vector<Region>& regions,
+                                                          std::uint64_t block_size) {
+  // No PM_SCAN_CHECK_WPASYNC: the categories are read the same way for a synchronous
+  // registration. Empty entries count as "written" in this walk: only mapped pages are kept.
+  const std::uint64_t mapped = kPageIsPresent | kPageIsSwapped;
+  const ScanQuery query{0, kPageIsWritten, mapped, kPageIsWritten | mapped, kPageIsWritten, mapped};
+  return scan_process(pid, regions, block_size, query);
+}
+
+Status protect_guest_ranges(int uffd, const std::vector<Region>& regions,
+                            const std::vector<ByteRange>& ranges, std::uint64_t join_gap_bytes) {
+  std::vector<ByteRange> joined;
+  for (const auto& r : ranges) {
+    if (!joined.empty() &&
+        joined.back().offset + joined.back().length + join_gap_bytes >= r.offset) {
+      joined.back().length =
+          std::max(joined.back().offset + joined.back().length, r.offset + r.length) -
+          joined.back().offset;
+    } else {
+      joined.push_back(r);
+    }
+  }
+  for (const auto& g : joined) {
+    for (const auto& reg : regions) {
+      const std::uint64_t s = std::max(g.offset, reg.guest_offset);
+      const std::uint64_t e = std::min(g.offset + g.length, reg.guest_offset + reg.size);
+      if (s >= e) continue;
+      uffdio_writeprotect wp{};
+      wp.range.start = reg.host_addr + (s - reg.guest_offset);
+      wp.range.len = e - s;
+      wp.mode = UFFDIO_WRITEPROTECT_MODE_WP;
+      if (::ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) != 0) {
+        const int err = errno;
+        return make_error(
+            Errc::kIoError,
+            "UFFDIO_WRITEPROTECT at guest offset " + std::to_string(s) + ": " + errno_text(err),
+            err);
+      }
+    }
+  }
+  return {};
 }
 
 Status validate_regions(std::vector<Region>& regions, std::uint64_t guest_size) {

@@ -60,6 +60,22 @@ Result<std::vector<ByteRange>> written_ranges_of_process(pid_t pid,
 Result<std::vector<ByteRange>> arm_write_tracking(pid_t pid, const std::vector<Region>& regions,
                                                   std::uint64_t block_size);
 
+// Synchronous write tracking (a userfaultfd registered for write-protect without WP_ASYNC: each
+// write to a protected page is a fault its server resolves): the pages of the VMM's guest regions
+// that are mapped and not write-protected -- written since they were protected, or installed
+// without protection -- as guest offsets. Only reads; re-protecting is the userfaultfd's
+// UFFDIO_WRITEPROTECT (protect_guest_ranges).
+Result<std::vector<ByteRange>> writable_ranges_of_process(pid_t pid,
+                                                          const std::vector<Region>& regions,
+                                                          std::uint64_t block_size);
+
+// Write-protects guest ranges of the VMM through its userfaultfd (UFFDIO_WRITEPROTECT), one call
+// per run, runs fewer than join_gap_bytes apart joined into one call (protecting a page that is
+// already protected changes nothing; one call costs more than ~20 pages of walking).
+Status protect_guest_ranges(int uffd, const std::vector<Region>& regions,
+                            const std::vector<ByteRange>& ranges,
+                            std::uint64_t join_gap_bytes = 64 * 1024);
+
 // Sorts regions by guest offset and checks they are disjoint, page-aligned and inside the guest.
 Status validate_regions(std::vector<Region>& regions, std::uint64_t guest_size);
 

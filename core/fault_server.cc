@@ -239,6 +239,29 @@ Result<std::vector<plugin::ByteRange>> FaultServer::discarded(bool clear,
   return out;
 }
 
+Result<std::vector<plugin::ByteRange>> FaultServer::written(bool clear,
+                                                            std::chrono::milliseconds timeout) {
+  std::unique_lock<std::mutex> lock(mu_);
+  if (!settle_locked(lock, timeout)) {
+    return make_error(Errc::kResumeFailed, "the fault-serving thread did not come round within " +
+                                               std::to_string(timeout.count()) +
+                                               " ms: which pages the guest wrote is not known");
+  }
+  std::vector<plugin::ByteRange> out = written_;
+  if (clear) written_.clear();
+  return out;
+}
+
+void FaultServer::set_live(std::shared_ptr<LiveImage> image) {
+  std::lock_guard<std::mutex> lock(live_mu_);
+  live_ = std::move(image);
+}
+
+std::shared_ptr<LiveImage> FaultServer::live() const {
+  std::lock_guard<std::mutex> lock(live_mu_);
+  return live_;
+}
+
 void FaultServer::fail(Error e) {
   std::lock_guard<std::mutex> lock(mu_);
   if (error_.ok()) error_ = std::move(e);
@@ -324,6 +347,8 @@ void FaultServer::publish_locked() {
   stats_.copy_wp_downgrades += pending_.copy_wp_downgrades;
   stats_.continue_wp_downgrades += pending_.continue_wp_downgrades;
   stats_.zeropage_downgrades += pending_.zeropage_downgrades;
+  stats_.write_faults += pending_.write_faults;
+  stats_.live_copies += pending_.live_copies;
   stats_.service_seconds += pending_.service_seconds;
   stats_.max_service_seconds = std::max(stats_.max_service_seconds, pending_.max_service_seconds);
   for (std::size_t i = 0; i < stats_.latency_counts.size(); ++i) {
@@ -349,15 +374,59 @@ const plugin::Region* FaultServer::region_of(std::uint64_t host_addr) const {
   return host_addr < it->host_addr + it->size ? &*it : nullptr;
 }
 
-FaultServer::Served FaultServer::serve(std::uint64_t host_page, bool minor) {
-  const plugin::Region* region = region_of(host_page);
+std::optional<std::uint64_t> FaultServer::block_at(std::uint64_t host_addr) {
+  const plugin::Region* region = region_of(host_addr);
   if (region == nullptr) {
-    fail(make_error(Errc::kResumeFailed, "fault at host address " + std::to_string(host_page) +
+    fail(make_error(Errc::kResumeFailed, "fault at host address " + std::to_string(host_addr) +
                                              " outside every guest region"));
-    return Served::kError;
+    return std::nullopt;
   }
-  const std::uint64_t block =
-      (region->guest_offset + (host_page - region->host_addr)) / block_size_;
+  return (region->guest_offset + (host_addr - region->host_addr)) / block_size_;
+}
+
+FaultServer::Served FaultServer::serve_write(std::uint64_t host_page) {
+  const auto block = block_at(host_page);
+  if (!block) return Served::kError;
+  if (auto image = live()) {
+    // The guest's write has not happened yet: what the page holds now is the pause's.
+    const std::uint64_t before = image->copies();
+    if (Status s = image->preserve(*block); !s.ok()) {
+      spdlog::error("fault server: live copy of guest offset {} failed: {}", *block * block_size_,
+                    s.error().to_string());
+    }
+    pending_.live_copies += image->copies() - before;
+  }
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    written_.push_back({*block * block_size_, block_size_});
+  }
+  ++pending_.write_faults;
+  int err = ops_->write_protect(host_page, block_size_, false);
+  for (int tries = 0; err == EAGAIN && tries < 1000; ++tries) {
+    err = ops_->write_protect(host_page, block_size_, false);
+  }
+  if (err == 0) return Served::kOk;
+  if (err == ESRCH) return Served::kGone;
+  fail(make_error(Errc::kResumeFailed,
+                  io::errno_message("UFFDIO_WRITEPROTECT (make writable) at guest offset " +
+                                        std::to_string(*block * block_size_),
+                                    err),
+                  err));
+  return Served::kError;
+}
+
+FaultServer::Served FaultServer::serve(std::uint64_t host_page, bool minor) {
+  const auto found = block_at(host_page);
+  if (!found) return Served::kError;
+  const std::uint64_t block = *found;
+  if (options_.write_faults) {
+    if (auto image = live()) {
+      // A page installed now may be written at once: keep what the export still needs.
+      const std::uint64_t before = image->copies();
+      (void)image->preserve(block);
+      pending_.live_copies += image->copies() - before;
+    }
+  }
   const Extent* x = extent_of(block);
   const std::uint8_t* data = x->zero ? nullptr : x->data + (block - x->first_block) * block_size_;
 
@@ -468,7 +537,9 @@ void FaultServer::handle_message(const void* raw) {
     const auto t0 = std::chrono::steady_clock::now();
     const std::uint64_t page = msg.arg.pagefault.address & ~(block_size_ - 1);
     const bool minor = (msg.arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_MINOR) != 0;
-    const Served s = serve(page, minor);
+    const bool write_fault =
+        options_.write_faults && (msg.arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) != 0;
+    const Served s = write_fault ? serve_write(page) : serve(page, minor);
     const double dt = seconds_since(t0);
     // Hot counters stay with this thread and are published once per batch (publish_locked).
     ++pending_.faults;
@@ -491,6 +562,7 @@ void FaultServer::handle_message(const void* raw) {
   if (msg.event == UFFD_EVENT_REMOVE) {
     const std::uint64_t start = msg.arg.remove.start;
     const std::uint64_t end = msg.arg.remove.end;
+    const std::shared_ptr<LiveImage> image = live();
     std::lock_guard<std::mutex> lock(mu_);
     ++stats_.remove_events;
     for (const auto& r : regions_) {
@@ -502,6 +574,7 @@ void FaultServer::handle_message(const void* raw) {
       const std::uint64_t last = (g + (e - s) + block_size_ - 1) / block_size_;
       for (std::uint64_t b = first; b < last; ++b) state_[b] = BlockState::kRemoved;
       discarded_.push_back({first * block_size_, (last - first) * block_size_});
+      if (image) image->discarded(first * block_size_, (last - first) * block_size_);
       stats_.removed_bytes += e - s;
     }
     return;

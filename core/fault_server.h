@@ -25,6 +25,12 @@
 // write-protected too. A page installed without protection counts as written: an over-report,
 // never a loss.
 //
+// With write_faults (a VMM whose userfaultfd reports write-protect faults synchronously, without
+// WP_ASYNC), a write to a protected page arrives as a WP fault: the server records the block as
+// written (written()) and makes the page writable again (UFFDIO_WRITEPROTECT), which wakes the
+// guest. During a live pause (set_live()) it first copies the block into the pause's LiveImage
+// if the export still needs it, and does the same before installing a page there.
+//
 // Which ioctl answers a fault is decide_fault() (core/fault_decision.h), a pure function of the
 // block's state, the fault and the modes. When the kernel refuses a mode (EINVAL for a
 // write-protecting COPY or CONTINUE: the range is not registered for WP, or the kernel predates
@@ -41,12 +47,14 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <thread>
 #include <vector>
 
 #include "core/base/file_io.h"
 #include "core/base/result.h"
 #include "core/fault_decision.h"
+#include "core/live_image.h"
 #include "core/snapshot/snapshot_chain.h"
 #include "core/uffd_ops.h"
 #include "plugins/plugin_api/plugin_api.h"
@@ -55,6 +63,9 @@ namespace memsnap {
 
 struct FaultServerOptions {
   bool write_protect = false;  // install pages write-protected (WP_ASYNC write tracking)
+  // The userfaultfd delivers write-protect faults (registered for WP without WP_ASYNC): record
+  // and resolve them (synchronous write tracking, and live pauses).
+  bool write_faults = false;
   int fill_memfd = -1;         // cold memfd: fill this (borrowed) memfd in the background
   std::uint64_t fill_chunk_bytes = 2 * 1024 * 1024;  // background fill step between fault batches
   // Background fill: also map every run it writes into the VMM (UFFDIO_CONTINUE over the run),
@@ -103,6 +114,8 @@ struct FaultStats {
   std::uint64_t zeropage_downgrades = 0;     // UFFDIO_ZEROPAGE: EEXIST; zeros copied instead
   std::uint64_t eagain_retries = 0;
   std::uint64_t remove_events = 0;
+  std::uint64_t write_faults = 0;  // write-protect faults resolved (write_faults)
+  std::uint64_t live_copies = 0;   // blocks copied out for a live pause before a write
   std::uint64_t removed_bytes = 0;
   std::uint64_t filled_bytes = 0;  // copied into the memfd by the background fill
   std::uint64_t mapped_ahead_bytes = 0;  // of those, mapped into the VMM by the fill (map_filled)
@@ -154,6 +167,16 @@ class FaultServer {
   Result<std::vector<plugin::ByteRange>> discarded(
       bool clear, std::chrono::milliseconds timeout = std::chrono::seconds(10));
 
+  // write_faults: guest ranges whose write-protect faults the server resolved since the last call
+  // with clear (block-aligned, unsorted), after letting the serving thread handle what it read,
+  // like discarded().
+  Result<std::vector<plugin::ByteRange>> written(
+      bool clear, std::chrono::milliseconds timeout = std::chrono::seconds(10));
+  // A live pause's image: from now on (null: no longer) blocks it needs are copied into it
+  // before the guest may change them. Call it with the VMM stopped; it takes effect for every
+  // message the serving thread handles after the call.
+  void set_live(std::shared_ptr<LiveImage> image);
+
   // Where a stretch of guest blocks gets its bytes, flattened from the chain.
   struct Extent {
     std::uint64_t first_block = 0;
@@ -169,6 +192,11 @@ class FaultServer {
   void run();
   void handle_message(const void* msg);
   Served serve(std::uint64_t host_page, bool minor);
+  // write_faults: a write-protect fault on host_page.
+  Served serve_write(std::uint64_t host_page);
+  std::shared_ptr<LiveImage> live() const;
+  // The guest block at host_addr, or nullopt (then serving has failed).
+  std::optional<std::uint64_t> block_at(std::uint64_t host_addr);
   // Issues the decision's ioctl for host_page (data: the block's snapshot bytes, or null);
   // returns 0 or its errno.
   int install(const FaultDecision& d, std::uint64_t host_page, const std::uint8_t* data);
@@ -222,6 +250,9 @@ class FaultServer {
   FaultStats stats_;                          // guarded by mu_
   Status error_;                              // guarded by mu_
   std::vector<plugin::ByteRange> discarded_;  // guarded by mu_
+  std::vector<plugin::ByteRange> written_;    // guarded by mu_
+  mutable std::mutex live_mu_;
+  std::shared_ptr<LiveImage> live_;           // guarded by live_mu_
   bool stopped_ = false;                      // guarded by mu_
   bool exited_ = false;                       // guarded by mu_: the serving thread has ended
   std::uint64_t loops_ = 0;                   // guarded by mu_: serving-loop iterations

@@ -296,6 +296,9 @@ class FakeUffd final : public UffdOps {
   int wake(std::uint64_t dst, std::uint64_t) override {
     return record({"wake", block_of(dst), false, false, 0});
   }
+  int write_protect(std::uint64_t dst, std::uint64_t len, bool wp) override {
+    return record({"write_protect", block_of(dst), wp, false, 0, len / kBlock});
+  }
 
   // Waits (generously: a loaded host is slow, and nothing here is timed) for n calls.
   bool wait_for_calls(std::size_t n) {

@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstring>
 #include <memory>
+#include <optional>
 
 #include <spdlog/spdlog.h>
 
@@ -206,6 +207,42 @@ class CountingSink final : public plugin::BlockSink {
   std::atomic<std::uint64_t>& done_;
 };
 
+// The writer as the strategy sees it during a live export: each chunk is read into a buffer of
+// its own first, then the blocks the guest changed since the pause are put back from the live
+// image (LiveImage::patch, after the read), and only then handed on.
+class LiveSink final : public plugin::BlockSink {
+ public:
+  LiveSink(plugin::BlockSink& inner, const LiveImage& image) : inner_(inner), image_(image) {}
+  plugin::Status write(const plugin::Chunk* chunks, std::size_t count) noexcept override {
+    constexpr std::uint64_t kPiece = 4u << 20;  // a multiple of every block size
+    for (std::size_t i = 0; i < count; ++i) {
+      const auto* data = static_cast<const std::uint8_t*>(chunks[i].data);
+      for (std::uint64_t off = 0; off < chunks[i].length; off += kPiece) {
+        const std::uint64_t n = std::min(kPiece, chunks[i].length - off);
+        if (buf_.size() < n) buf_.resize(n);
+        std::memcpy(buf_.data(), data + off, n);
+        if (Status s = image_.patch(chunks[i].guest_offset + off, buf_.data(), n); !s.ok()) {
+          return plugin::Status::Error(plugin::StatusCode::kSinkError, s.error().sys_errno, "%s",
+                                       s.error().message.c_str());
+        }
+        const plugin::Chunk piece{chunks[i].guest_offset + off, buf_.data(), n};
+        plugin::Status w = inner_.write(&piece, 1);
+        if (!w.ok()) return w;
+      }
+    }
+    return plugin::Status::Ok();
+  }
+  plugin::Status make_durable() noexcept override { return inner_.make_durable(); }
+  void released(std::uint64_t guest_offset, std::uint64_t length) noexcept override {
+    inner_.released(guest_offset, length);
+  }
+
+ private:
+  plugin::BlockSink& inner_;
+  const LiveImage& image_;
+  std::vector<std::uint8_t> buf_;
+};
+
 // One export of `dirty` with one strategy into a new snapshot writer at req.out_path. On failure
 // nothing is committed and the writer is gone; *strategy_at_fault is set when the strategy itself
 // failed and the source is whole again (any memory it released was written back), so that another
@@ -215,7 +252,7 @@ class CountingSink final : public plugin::BlockSink {
 Result<std::unique_ptr<SnapshotWriter>> export_once(
     plugin::Strategy& strategy, const std::string& name, const PauseRequest& req,
     const SnapshotParams& params, const std::vector<plugin::ByteRange>& dirty,
-    plugin::ExportStats& stats, bool* strategy_at_fault) {
+    const LiveImage* live, plugin::ExportStats& stats, bool* strategy_at_fault) {
   *strategy_at_fault = false;
   auto writer = SnapshotWriter::create(req.out_path, params, dirty);
   if (!writer.ok()) return std::move(writer).error();
@@ -228,14 +265,15 @@ Result<std::unique_ptr<SnapshotWriter>> export_once(
   export_request.block_size = req.block_size;
   export_request.ranges = dirty.data();
   export_request.range_count = dirty.size();
-  plugin::Status exported;
+  plugin::BlockSink* sink = writer->get();
+  std::optional<CountingSink> counting;
   if (req.progress_bytes != nullptr) {
     req.progress_bytes->store(0, std::memory_order_relaxed);
-    CountingSink counting(**writer, *req.progress_bytes);
-    exported = strategy.export_ranges(export_request, counting, stats);
-  } else {
-    exported = strategy.export_ranges(export_request, **writer, stats);
+    sink = &counting.emplace(*sink, *req.progress_bytes);
   }
+  std::optional<LiveSink> live_sink;
+  if (live != nullptr) sink = &live_sink.emplace(*sink, *live);
+  const plugin::Status exported = strategy.export_ranges(export_request, *sink, stats);
   if (exported.ok()) return writer;
   bool at_risk = false;
   Error error = fail_pause(
@@ -361,7 +399,16 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
     params.parent_id = h.snapshot_id;
   }
 
+  if (req.live && (!req.freeze || req.stay_frozen || req.pid <= 0 || !req.live->begin)) {
+    return make_error(Errc::kInvalidArgument,
+                      "a live pause needs a VMM to freeze and to continue after the pause");
+  }
+  if (req.live && req.live->prepare) {
+    clock.start("prepare_live");
+    MEMSNAP_RETURN_IF_ERROR(req.live->prepare());
+  }
   std::optional<Freezer> frozen;
+  const auto frozen_at = std::chrono::steady_clock::now();
   if (req.freeze && req.pid > 0) {
     clock.start("freeze");
     MEMSNAP_ASSIGN_OR_RETURN(auto f, Freezer::freeze(req.pid, req.pidfd));
@@ -390,10 +437,35 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
     req.total_bytes->store(report.dirty_bytes, std::memory_order_relaxed);
   }
 
+  // Live: protect the dirty set, then let the guest run during the export.
+  std::shared_ptr<LiveImage> live;
+  struct EndLive {
+    const PauseRequest& req;
+    std::shared_ptr<LiveImage>& image;
+    bool done = false;
+    void operator()() {
+      if (!image || done) return;
+      done = true;
+      image->close();
+      if (req.live->end) req.live->end();
+    }
+    ~EndLive() { (*this)(); }
+  } end_live{req, live};
+  if (req.live) {
+    clock.start("arm_live");
+    MEMSNAP_ASSIGN_OR_RETURN(live, req.live->begin(*dirty));
+    report.live = true;
+    clock.start("thaw");
+    if (auto s = frozen->thaw(); !s.ok()) return std::move(s).error();
+    frozen.reset();
+    report.stopped_seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - frozen_at).count();
+  }
+
   clock.start("export");
   bool strategy_at_fault = false;
-  auto writer = export_once(*strategy, report.strategy, req, params, *dirty, report.export_stats,
-                            &strategy_at_fault);
+  auto writer = export_once(*strategy, report.strategy, req, params, *dirty, live.get(),
+                            report.export_stats, &strategy_at_fault);
   if (!writer.ok() && strategy_at_fault && req.allow_fallback && report.fallback_reason.empty() &&
       req.fallback_strategy != report.strategy) {
     // The strategy started and failed half way. Its unfinished snapshot is gone and any memory it
@@ -414,8 +486,8 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
     report.fallback = FallbackCause::kStrategyFailed;
     report.strategy = (*fallback)->name;
     report.export_stats = {};
-    writer = export_once(**second, report.strategy, req, params, *dirty, report.export_stats,
-                         &strategy_at_fault);
+    writer = export_once(**second, report.strategy, req, params, *dirty, live.get(),
+                         report.export_stats, &strategy_at_fault);
     if (!writer.ok()) {
       Error e = std::move(writer).error();
       e.message += " (after strategy " + report.requested_strategy +
@@ -424,6 +496,18 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
     }
   }
   if (!writer.ok()) return keep_stopped_if_at_risk(frozen, std::move(writer).error());
+  if (live) {
+    // Every block is read: later writes need no copy. A copy that failed, or a discard of memory
+    // the export still needed, means the file is not the pause-instant image: nothing commits.
+    end_live();
+    report.live_copies = live->copies();
+    if (Status broken = live->broken(); !broken.ok()) {
+      Error e = std::move(broken).error();
+      e.message = "live pause: " + e.message + "; nothing was committed";
+      return fail_pause(**writer, req, std::move(e));
+    }
+    live.reset();
+  }
 
   clock.start("commit");
   if (auto s = (*writer)->commit(); !s.ok()) {
@@ -462,6 +546,10 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
   }
   report.wall_seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - wall_start).count();
+  if (!report.live && req.freeze && req.pid > 0) {
+    report.stopped_seconds =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - frozen_at).count();
+  }
   report.cpu_seconds = thread_cpu_seconds() - cpu_start + helper_cpu;
   return report;
 }

@@ -20,10 +20,11 @@
 #include <vector>
 
 #include "core/base/result.h"
+#include "core/fallback/fallback.h"
+#include "core/live_image.h"
 #include "core/plugin_host/plugin_registry.h"
 #include "core/snapshot/snapshot_reader.h"
 #include "core/snapshot/snapshot_writer.h"
-#include "core/fallback/fallback.h"
 #include "plugins/plugin_api/plugin_api.h"
 
 namespace memsnap {
@@ -77,6 +78,20 @@ struct PauseRequest {
   // How a synced snapshot's data reaches the disk (see DataWrite); ignored without sync.
   DataWrite data_write = DataWrite::kBuffered;
 
+  // A live pause (pause mode "live"; needs freeze without stay_frozen): once the dirty set is
+  // known, begin() makes sure the guest cannot change those blocks unnoticed (they are
+  // write-protected, and copied into the returned image before a write goes through), and the
+  // VMM is continued at once: it runs during the export, and the snapshot still holds its memory
+  // as it was when it stopped. end() is called once the export is over, whatever its outcome.
+  // prepare(), if set, runs before the freeze, while the guest still runs: it may protect what
+  // the guest wrote so far, so that the stop only has to protect what it writes after that.
+  struct Live {
+    std::function<Status()> prepare;
+    std::function<Result<std::shared_ptr<LiveImage>>(const std::vector<plugin::ByteRange>&)> begin;
+    std::function<void()> end;
+  };
+  std::optional<Live> live;
+
   // Progress, for a caller watching the pause from another thread (the background exporter).
   // Not owned; each may be null. *total_bytes is stored once the dirty set is known (its bytes,
   // report.dirty_bytes); *progress_bytes is set to 0 when an export starts (again, for a
@@ -123,6 +138,11 @@ struct PauseReport {
   std::vector<PhaseTiming> phases;
   double wall_seconds = 0;
   double cpu_seconds = 0;
+  // How long the VMM was stopped by this pause: from the freeze to the thaw (live), or to the end
+  // of the pause when it stayed stopped throughout (0 without a freeze).
+  double stopped_seconds = 0;
+  bool live = false;              // ran live (PauseRequest::live)
+  std::uint64_t live_copies = 0;  // live: blocks copied out before the guest wrote them
 
   const PhaseTiming* phase(std::string_view name) const;
   PhaseTiming* phase_mutable(std::string_view name);

@@ -34,12 +34,13 @@ nlohmann::json to_json(const PauseReport& r) {
   }
   return {{"requested_strategy", r.requested_strategy},
           {"strategy", r.strategy},
-          {"fallback", r.fallback_reason.empty()
-                           ? nlohmann::json(nullptr)
-                           : nlohmann::json{{"from", r.requested_strategy},
-                                            {"to", r.strategy},
-                                            {"reason", r.fallback_reason},
-                                            {"after_failure", r.fallback == FallbackCause::kStrategyFailed}}},
+          {"fallback",
+           r.fallback_reason.empty()
+               ? nlohmann::json(nullptr)
+               : nlohmann::json{{"from", r.requested_strategy},
+                                {"to", r.strategy},
+                                {"reason", r.fallback_reason},
+                                {"after_failure", r.fallback == FallbackCause::kStrategyFailed}}},
           {"snapshot", r.snapshot_path},
           {"snapshot_id", r.snapshot_id},
           {"parent_id", r.parent_id},
@@ -61,6 +62,9 @@ nlohmann::json to_json(const PauseReport& r) {
           {"partial_reads", r.export_stats.partial_reads},
           {"wall_seconds", r.wall_seconds},
           {"cpu_seconds", r.cpu_seconds},
+          {"stopped_seconds", r.stopped_seconds},
+          {"live", r.live},
+          {"live_copies", r.live_copies},
           {"phases", phases}};
 }
 
@@ -95,8 +99,17 @@ Result<PauseReport> report_from_json(const nlohmann::json& j) {
     r.export_stats.partial_reads = j.at("partial_reads").get<std::uint64_t>();
     r.wall_seconds = j.at("wall_seconds").get<double>();
     r.cpu_seconds = j.at("cpu_seconds").get<double>();
+    r.stopped_seconds = j.value("stopped_seconds", 0.0);
+    r.live = j.value("live", false);
+    r.live_copies = j.value("live_copies", std::uint64_t{0});
     const auto& phases = j.at("phases");
-    for (const char* name : {"resolve", "freeze", "dirty_set", "export", "commit", "thaw"}) {
+    // The pipeline's order (a live pause thaws before it exports).
+    const std::vector<const char*> order =
+        r.live ? std::vector<const char*>{"resolve",  "prepare_live", "freeze", "dirty_set",
+                                          "arm_live", "thaw",         "export", "commit"}
+               : std::vector<const char*>{"resolve", "freeze", "dirty_set",
+                                          "export",  "commit", "thaw"};
+    for (const char* name : order) {
       if (!phases.contains(name)) continue;
       const auto& p = phases.at(name);
       r.phases.push_back(
@@ -125,6 +138,7 @@ nlohmann::json to_json(const ResumeReport& r) {
           {"chain_length", r.chain_length},
           {"write_tracking", r.write_tracking},
           {"write_tracking_reason", r.write_tracking_reason},
+          {"write_faults", r.write_faults},
           {"tracking_armed_in_background", r.tracking_armed_in_background},
           {"tracking_arm_seconds", r.tracking_arm_seconds},
           {"ready_seconds", r.ready_seconds},
@@ -146,6 +160,8 @@ nlohmann::json to_json(const FaultStats& f) {
           {"eagain_retries", f.eagain_retries},
           {"remove_events", f.remove_events},
           {"removed_bytes", f.removed_bytes},
+          {"write_faults", f.write_faults},
+          {"live_copies", f.live_copies},
           {"filled_bytes", f.filled_bytes},
           {"mapped_ahead_bytes", f.mapped_ahead_bytes},
           {"fill_done", f.fill_done},

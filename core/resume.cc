@@ -1,8 +1,10 @@
 #include "core/resume.h"
 
 #include <fcntl.h>
+#include <linux/userfaultfd.h>
 #include <poll.h>
 #include <signal.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
@@ -11,6 +13,7 @@
 #include <algorithm>
 #include <cerrno>
 #include <cstring>
+#include <fstream>
 #include <string_view>
 #include <utility>
 
@@ -23,6 +26,24 @@
 
 namespace memsnap {
 namespace {
+
+// Whether a userfaultfd was set up (UFFDIO_API) for write-protect faults that reach its reader:
+// shared-memory write-protect without WP_ASYNC. The features are in its fdinfo ("API:\t<api>:
+// <features>:<ioctls>", hex).
+bool sends_write_faults(int uffd) {
+  constexpr std::uint64_t kWpAsync = 1ULL << 15;  // UFFD_FEATURE_WP_ASYNC
+  constexpr std::uint64_t kWpShmem = 1ULL << 12;  // UFFD_FEATURE_WP_HUGETLBFS_SHMEM
+  std::ifstream in("/proc/self/fdinfo/" + std::to_string(uffd));
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.rfind("API:", 0) != 0) continue;
+    const auto first = line.find(':', 4);
+    if (first == std::string::npos) return false;
+    const std::uint64_t features = std::strtoull(line.c_str() + first + 1, nullptr, 16);
+    return (features & kWpShmem) != 0 && (features & kWpAsync) == 0;
+  }
+  return false;
+}
 
 // Appends b's ranges to a and returns them sorted and merged.
 std::vector<plugin::ByteRange> merged(std::vector<plugin::ByteRange> a,
@@ -259,7 +280,10 @@ Status ResumeSession::wait_filled(std::chrono::milliseconds timeout) const {
 }
 
 Status ResumeSession::hand_over_memfd(int memfd, std::uint64_t generation) {
-  const bool vmm_arms = request_.track_writes && request_.arm_tracking_before_ready;
+  // With synchronous tracking nothing can read and re-protect in one step what the guest wrote
+  // before an arm: the VMM protects the memory before it runs (~4 ms per GiB of fresh mapping).
+  const bool vmm_arms =
+      request_.track_writes && (request_.arm_tracking_before_ready || report_.write_faults);
   if (Status s = handshake::send_reply(handshake_.connection.get(), true, memfd, report_.guest_size,
                                        generation, vmm_arms);
       !s.ok()) {
@@ -308,6 +332,17 @@ Status ResumeSession::accept_and_serve() {
     region.size = r.size;
     regions_.push_back(region);
   }
+  // Synchronous write tracking: the userfaultfd's features say so, and protecting the first page
+  // works (the range is registered for write-protect). Protecting a page early is always safe: a
+  // write to it then reaches the fault server and counts as written.
+  if (request_.track_writes && rep.vmm_memfd && !regions_.empty() &&
+      sends_write_faults(handshake_.uffd.get())) {
+    uffdio_writeprotect probe{};
+    probe.range.start = regions_.front().host_addr;
+    probe.range.len = rep.block_size;
+    probe.mode = UFFDIO_WRITEPROTECT_MODE_WP;
+    rep.write_faults = ::ioctl(handshake_.uffd.get(), UFFDIO_WRITEPROTECT, &probe) == 0;
+  }
 
   // From here on the VMM has registered its memory with the userfaultfd it sent: if memsnap does
   // not serve it, whatever went wrong, its first fault blocks forever. End it then, and say so.
@@ -337,6 +372,7 @@ Status ResumeSession::hand_over_and_serve(PhaseClock& clock,
 
   FaultServerOptions options;
   options.write_protect = request_.track_writes;
+  options.write_faults = rep.write_faults;
   options.fill_chunk_bytes = request_.fill_chunk_bytes;
   if (mode == ResumeMode::kBackground) {
     memfd_ = std::move(handshake_.memfd);
@@ -409,7 +445,11 @@ Status ResumeSession::hand_over_and_serve(PhaseClock& clock,
 
   // Is WP_ASYNC tracking there? A scan without re-arming tells without changing anything.
   // Probing one page is enough: the VMM registers all of guest memory the same way.
-  if (request_.track_writes) {
+  if (rep.write_faults) {
+    rep.write_tracking = true;
+    rep.write_tracking_reason =
+        "userfaultfd write-protect faults, resolved by memsnap (synchronous) + PAGEMAP_SCAN";
+  } else if (request_.track_writes) {
     std::vector<plugin::Region> first = {regions_.front()};
     first.front().size = std::min<std::uint64_t>(first.front().size, rep.block_size);
     auto probe = written_ranges_of_process(rep.vmm_pid, first, rep.block_size, false);
@@ -426,14 +466,15 @@ Status ResumeSession::hand_over_and_serve(PhaseClock& clock,
   // all unprotected. Arming takes ~7 ms per GiB, longer than the rest of a warm resume, so it
   // runs while the guest does; what the guest touches before its page is armed is reported by
   // the arm itself. Pages the fault server installs arrive protected either way.
-  const bool vmm_armed = request_.arm_tracking_before_ready &&
+  const bool vmm_armed = (request_.arm_tracking_before_ready || rep.write_faults) &&
                          (mode == ResumeMode::kWarm || mode == ResumeMode::kEager);
   if (rep.write_tracking && !vmm_armed) {
     rep.tracking_armed_in_background = true;
     arming_ = std::async(
         std::launch::async, [this, pid = rep.vmm_pid, regions = regions_, bs = rep.block_size] {
           const auto start = std::chrono::steady_clock::now();
-          auto armed = arm_write_tracking(pid, regions, bs);
+          auto armed =
+              report_.write_faults ? arm_write_faults() : arm_write_tracking(pid, regions, bs);
           arm_seconds_ =
               std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
           return armed;
@@ -472,7 +513,13 @@ Result<std::vector<plugin::ByteRange>> ResumeSession::dirty_since_resume(std::st
     any_discarded = !taken.empty();
     uncommitted_ = merged(std::move(uncommitted_), std::move(taken));
   }
-  if (report_.write_tracking) {
+  if (report_.write_tracking && report_.write_faults) {
+    // What the fault server resolved, and what is writable now (the same pages, and any
+    // installed without protection); then protected again, so that later writes fault.
+    MEMSNAP_ASSIGN_OR_RETURN(auto taken, take_write_faults());
+    ranges = std::move(taken);
+    source = "pages written since the resume (userfaultfd write-protect faults + PAGEMAP_SCAN)";
+  } else if (report_.write_tracking) {
     MEMSNAP_ASSIGN_OR_RETURN(auto written, written_ranges_of_process(report_.vmm_pid, regions_,
                                                                      report_.block_size, true));
     ranges = std::move(written);
@@ -512,5 +559,54 @@ bool ResumeSession::memfd_complete() const {
 }
 
 void ResumeSession::pause_committed() { uncommitted_.clear(); }
+
+Result<std::vector<plugin::ByteRange>> ResumeSession::arm_write_faults() const {
+  // Pages writable now were written (or installed unprotected): they are the result. Any page
+  // protected or unmapped now reaches the fault server when it is written, before or after the
+  // protection below, and the server records it (written()).
+  MEMSNAP_ASSIGN_OR_RETURN(
+      auto writable, writable_ranges_of_process(report_.vmm_pid, regions_, report_.block_size));
+  std::vector<plugin::ByteRange> all;
+  for (const auto& r : regions_) all.push_back({r.guest_offset, r.size});
+  MEMSNAP_RETURN_IF_ERROR(protect_guest_ranges(handshake_.uffd.get(), regions_, all));
+  return writable;
+}
+
+Result<std::vector<plugin::ByteRange>> ResumeSession::take_write_faults() {
+  // Recorded first: a page made writable after the record was taken is found by the scan.
+  MEMSNAP_ASSIGN_OR_RETURN(auto resolved, server_->written(true));
+  MEMSNAP_ASSIGN_OR_RETURN(
+      auto writable, writable_ranges_of_process(report_.vmm_pid, regions_, report_.block_size));
+  MEMSNAP_RETURN_IF_ERROR(protect_guest_ranges(handshake_.uffd.get(), regions_, writable));
+  return merged(std::move(resolved), std::move(writable));
+}
+
+Status ResumeSession::prepare_live() {
+  if (!can_pause_live()) return make_error(Errc::kUnsupported, "this sandbox cannot pause live");
+  if (Status s = wait_tracking_armed(); !s.ok()) return s;
+  // Into uncommitted_ at once: kept in every dirty set until a pause commits them.
+  MEMSNAP_ASSIGN_OR_RETURN(auto taken, take_write_faults());
+  uncommitted_ = merged(std::move(uncommitted_), std::move(taken));
+  return {};
+}
+
+bool ResumeSession::can_pause_live() const {
+  return report_.write_faults && report_.write_tracking && server_ && memfd_.get() >= 0;
+}
+
+Result<std::shared_ptr<LiveImage>> ResumeSession::begin_live(
+    const std::vector<plugin::ByteRange>& ranges) {
+  if (!can_pause_live()) {
+    return make_error(Errc::kUnsupported, "this sandbox cannot pause live");
+  }
+  MEMSNAP_ASSIGN_OR_RETURN(
+      auto image, LiveImage::create(memfd_.get(), report_.guest_size, report_.block_size, ranges));
+  server_->set_live(image);
+  return image;
+}
+
+void ResumeSession::end_live() {
+  if (server_) server_->set_live(nullptr);
+}
 
 }  // namespace memsnap

@@ -18,7 +18,10 @@
 //
 // The session also tracks what the guest writes, for the next pause's diff: pages are installed
 // write-protected and a VMM userfaultfd in WP_ASYNC mode records the writes (read with
-// PAGEMAP_SCAN). Without WP_ASYNC the next pause exports every populated page, and says so.
+// PAGEMAP_SCAN). A VMM whose userfaultfd is registered for write-protect without WP_ASYNC
+// (synchronous) sends each first write to the fault server, which records and resolves it: each
+// costs a round trip (~25 us against ~1 us), and in exchange the sandbox can pause live
+// (begin_live()). Without either the next pause exports every populated page, and says so.
 #pragma once
 
 #include <sys/types.h>
@@ -119,6 +122,9 @@ struct ResumeReport {
   bool vmm_memfd = false;  // the VMM sent a memfd
   bool write_tracking = false;
   std::string write_tracking_reason;
+  // The VMM's userfaultfd sends write-protect faults to memsnap (registered for WP without
+  // WP_ASYNC): tracking is synchronous, and the sandbox can pause live.
+  bool write_faults = false;
   // Warm and eager: the handed-over memfd is mapped afresh by the VMM, so tracking must be armed
   // on all of it (about 7 ms per GiB). That happens after the VMM is ready, while it runs (see
   // arm_write_tracking); ready_seconds does not include it. tracking_arm_seconds (how long the
@@ -182,6 +188,18 @@ class ResumeSession {
   // it too). Returns its error, if any; the report then says tracking is off.
   Status wait_tracking_armed();
 
+  // Whether a live pause can run: synchronous write tracking on, a memfd, faults served.
+  bool can_pause_live() const;
+  // A live pause, before its freeze, while the guest runs: takes what the guest wrote so far
+  // into the next dirty set and protects it again, so that the stop only re-protects what the
+  // guest writes from now on. Nothing is lost if the pause then fails (as dirty_since_resume).
+  Status prepare_live();
+  // A live pause, with the VMM stopped and right after dirty_since_resume() re-protected
+  // `ranges` (its result): until end_live(), the fault server copies each block of `ranges`
+  // out before the guest may change it.
+  Result<std::shared_ptr<LiveImage>> begin_live(const std::vector<plugin::ByteRange>& ranges);
+  void end_live();
+
   // Stops serving faults. A VMM that still runs then would hang on its next page fault, so it
   // is ended (SIGKILL through a pidfd taken at the handshake, i.e. the process SO_PEERCRED
   // named): stop only after the VMM exited, or when it must end. Idempotent.
@@ -224,6 +242,11 @@ class ResumeSession {
   std::vector<plugin::ByteRange> uncommitted_;  // taken by a pause that has not committed yet
   // The background arm of write tracking (warm/eager): the pages writable before it.
   std::future<Result<std::vector<plugin::ByteRange>>> arming_;
+  // Synchronous write tracking: what the fault server recorded and what is writable now, then
+  // protected again (with the VMM stopped or not: a later write reaches the fault server).
+  Result<std::vector<plugin::ByteRange>> take_write_faults();
+  // Synchronous write tracking: the pages writable before the arm, then everything protected.
+  Result<std::vector<plugin::ByteRange>> arm_write_faults() const;
   double arm_seconds_ = 0;  // written by the arming task, read after arming_.get()
 };
 

@@ -44,6 +44,13 @@ class UffdIoctls final : public UffdOps {
     uffdio_range r{dst, len};
     return call(UFFDIO_WAKE, &r);
   }
+  int write_protect(std::uint64_t dst, std::uint64_t len, bool wp) override {
+    uffdio_writeprotect w{};
+    w.range.start = dst;
+    w.range.len = len;
+    w.mode = wp ? UFFDIO_WRITEPROTECT_MODE_WP : 0;
+    return call(UFFDIO_WRITEPROTECT, &w);
+  }
 
  private:
   int call(unsigned long request, void* arg) const {

@@ -19,6 +19,9 @@ class UffdOps {
   virtual int continue_range(std::uint64_t dst, std::uint64_t len, bool wp) = 0;
   // UFFDIO_WAKE over [dst, dst + len).
   virtual int wake(std::uint64_t dst, std::uint64_t len) = 0;
+  // UFFDIO_WRITEPROTECT over [dst, dst + len): protect (wp) or make writable again and wake
+  // whoever waits on a write-protect fault there (!wp).
+  virtual int write_protect(std::uint64_t dst, std::uint64_t len, bool wp) = 0;
 };
 
 // The real ioctls on uffd (borrowed: it must outlive the returned object).

@@ -68,8 +68,8 @@ std::string strategy_value(std::string_view strategy) { return name_value(strate
 // histogram's sum (or be silently ignored by a counter) for the life of the process.
 bool usable(double v) { return std::isfinite(v) && v >= 0; }
 
-constexpr const char* kPausePhases[] = {"resolve", "freeze", "dirty_set",
-                                        "export",  "commit", "thaw"};
+constexpr const char* kPausePhases[] = {"resolve",  "prepare_live", "freeze", "dirty_set",
+                                        "arm_live", "export",       "commit", "thaw"};
 constexpr const char* kResumePhases[] = {"open", "listen",    "wait_vmm",
                                          "fill", "hand_over", "serve"};
 constexpr Outcome kOutcomes[] = {Outcome::kOk, Outcome::kError, Outcome::kAborted};
@@ -97,12 +97,13 @@ std::set<PauseModeFallbackSeries> possible_pause_mode_fallbacks() {
   std::set<PauseModeFallbackSeries> out = {
       {PauseMode::kCopy, PauseMode::kCopy, PauseModeFallback::kFlagError}};
   for (const PauseMode requested : kPauseModes) {
-    for (unsigned bits = 0; bits < 16; ++bits) {
+    for (unsigned bits = 0; bits < 32; ++bits) {
       PauseModeInputs in;
       in.strategy_needs_memfd = (bits & 1U) != 0;
       in.memfd_held = (bits & 2U) != 0;
       in.memory_resident = (bits & 4U) != 0;
       in.stop = (bits & 8U) != 0;
+      in.live_capable = (bits & 16U) != 0;
       const PauseModeDecision d = decide_pause_mode(requested, in);
       if (d.fallback != PauseModeFallback::kNone) out.insert({requested, d.mode, d.fallback});
     }
@@ -194,6 +195,14 @@ std::vector<MetricInfo> build_catalogue() {
        "",
        {"result"},
        {}},
+      {"memsnap_live_copies_total",
+       T::kCounter,
+       "Blocks a live pause copied out of guest memory before the running guest wrote them "
+       "(copy-before-write), by strategy: the price the guest paid for running during the "
+       "export.",
+       "",
+       {"strategy"},
+       {}},
       {"memsnap_operations_in_flight",
        T::kGauge,
        "Pauses or resumes running right now, by kind.",
@@ -280,7 +289,8 @@ std::vector<MetricInfo> build_catalogue() {
        {}},
       {"memsnap_pause_phase_duration_seconds",
        T::kHistogram,
-       "Wall time of each phase of a pause: resolve, freeze, dirty_set, export, commit, thaw.",
+       "Wall time of each phase of a pause: resolve, freeze, dirty_set, export, commit, thaw (a "
+       "live pause: prepare_live first, arm_live and thaw before export).",
        "seconds",
        {"strategy", "phase"},
        phase},
@@ -511,6 +521,7 @@ struct HostMetrics::Impl {
         fault_latency(histogram("memsnap_page_fault_service_duration_seconds")),
         fault_seconds(counter("memsnap_page_fault_service_seconds_total")),
         faults(counter("memsnap_page_faults_total")),
+        live_copies(counter("memsnap_live_copies_total")),
         pause_cpu(counter("memsnap_pause_cpu_seconds_total")),
         pause_durable(histogram("memsnap_pause_durable_seconds")),
         pause_duration(histogram("memsnap_pause_duration_seconds")),
@@ -608,6 +619,7 @@ struct HostMetrics::Impl {
       background_outcomes.Add(l);
     }
     export_retries.Add(s);
+    live_copies.Add(s);
     fault_series(strategy);
   }
 
@@ -627,6 +639,7 @@ struct HostMetrics::Impl {
   Histograms& fault_latency;
   Counters& fault_seconds;
   Counters& faults;
+  Counters& live_copies;
   Counters& pause_cpu;
   Histograms& pause_durable;
   Histograms& pause_duration;
@@ -976,6 +989,16 @@ void HostMetrics::record_durable(std::string_view strategy, PauseMode mode, doub
       m.background_outcomes.Add({{"strategy", s}, {"outcome", ok ? "durable" : "failed"}})
           .Increment();
     }
+  } catch (...) {
+  }
+}
+
+void HostMetrics::record_live_copies(std::string_view strategy, std::uint64_t blocks) noexcept {
+  try {
+    Impl& m = *impl_;
+    const std::string s = strategy_value(strategy);
+    m.declare(s);
+    m.live_copies.Add({{"strategy", s}}).Increment(static_cast<double>(blocks));
   } catch (...) {
   }
 }

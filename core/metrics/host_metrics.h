@@ -220,7 +220,8 @@ class HostMetrics {
   // exports that run after a handover.
   //
   // A pause answered (ok): seconds from its request to its answer, by the strategy that ran and
-  // the mode it ran in (copy: the whole pause; handover: the VMM stopped and its memory held).
+  // the mode it ran in (copy: the whole pause; handover: the VMM stopped and its memory held;
+  // live: how long the VMM was stopped, the moment it runs again).
   // memsnap_pause_handover_seconds. A pause that fails before its answer is not observed here
   // (memsnap_pause_duration_seconds{outcome} counts it).
   void record_handover(std::string_view strategy, PauseMode mode, double seconds) noexcept;
@@ -229,6 +230,8 @@ class HostMetrics {
   // mode, every attempt also counts in memsnap_background_exports_total{outcome="durable" or
   // "failed"} (a failed attempt retried and then durable counts once in each).
   void record_durable(std::string_view strategy, PauseMode mode, double seconds, bool ok) noexcept;
+  // Blocks a live pause copied out before the guest wrote them (memsnap_live_copies_total).
+  void record_live_copies(std::string_view strategy, std::uint64_t blocks) noexcept;
   // A failed background export tried again (memsnap_background_export_retries_total).
   void record_export_retry(std::string_view strategy) noexcept;
   // The background exports right now (set, not added; call on every change): running and failed

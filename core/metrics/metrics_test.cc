@@ -234,8 +234,10 @@ TEST(HostMetricsTest, PauseModeSeriesStartAtZero) {
         << pause_mode_fallback_name(cause);
   }
   EXPECT_FALSE(reasons.count("none"));
-  for (const auto& [requested, reason] : std::vector<std::pair<std::string, std::string>>{
-           {"handover", "strategy_reads_vmm"}, {"live", "not_built"}, {"copy", "flag_error"}}) {
+  for (const auto& [requested, reason] :
+       std::vector<std::pair<std::string, std::string>>{{"handover", "strategy_reads_vmm"},
+                                                        {"live", "no_write_faults"},
+                                                        {"copy", "flag_error"}}) {
     EXPECT_EQ(e.value("memsnap_pause_mode_fallbacks_total",
                       {{"requested", requested}, {"mode", "copy"}, {"reason", reason}}),
               0)
@@ -336,7 +338,8 @@ TEST(HostMetricsTest, PauseModeFallbacksAndEvaluations) {
   HostMetrics m;
   m.record_pause_mode_fallback(PauseMode::kHandover, PauseMode::kCopy, PauseModeFallback::kNoMemfd);
   m.record_pause_mode_fallback(PauseMode::kHandover, PauseMode::kCopy, PauseModeFallback::kNoMemfd);
-  m.record_pause_mode_fallback(PauseMode::kLive, PauseMode::kCopy, PauseModeFallback::kNotBuilt);
+  m.record_pause_mode_fallback(PauseMode::kLive, PauseMode::kCopy,
+                               PauseModeFallback::kNoWriteFaults);
   m.record_pause_mode_fallback(PauseMode::kCopy, PauseMode::kCopy, PauseModeFallback::kFlagError);
   m.record_pause_mode_fallback(PauseMode::kHandover, PauseMode::kHandover,
                                PauseModeFallback::kNone);  // not a fallback: nothing
@@ -354,7 +357,7 @@ TEST(HostMetricsTest, PauseModeFallbacksAndEvaluations) {
                    {{"requested", requested}, {"mode", mode}, {"reason", reason}});
   };
   EXPECT_EQ(fallbacks("handover", "copy", "no_memfd"), 2);
-  EXPECT_EQ(fallbacks("live", "copy", "not_built"), 1);
+  EXPECT_EQ(fallbacks("live", "copy", "no_write_faults"), 1);
   EXPECT_EQ(fallbacks("copy", "copy", "flag_error"), 1);
   EXPECT_EQ(fallbacks("handover", "copy", "continues"), 0);
   double total = 0;

@@ -37,8 +37,8 @@ std::string_view pause_mode_fallback_name(PauseModeFallback cause) noexcept {
       return "continues";
     case PauseModeFallback::kStops:
       return "stops";
-    case PauseModeFallback::kNotBuilt:
-      return "not_built";
+    case PauseModeFallback::kNoWriteFaults:
+      return "no_write_faults";
   }
   return "none";
 }
@@ -60,8 +60,10 @@ std::string_view pause_mode_fallback_text(PauseModeFallback cause) noexcept {
       return "handover needs after \"stop\": the VMM would run on the memory being exported";
     case PauseModeFallback::kStops:
       return "live needs after \"continue\"";
-    case PauseModeFallback::kNotBuilt:
-      return "live snapshots are not built yet";
+    case PauseModeFallback::kNoWriteFaults:
+      return "live needs a sandbox memsnapd serves whose VMM sends it write-protect faults "
+             "(userfaultfd write-protect without WP_ASYNC), with its memory in a memfd memsnapd "
+             "holds";
   }
   return "";
 }
@@ -88,7 +90,8 @@ PauseModeDecision decide_pause_mode(PauseMode requested, const PauseModeInputs& 
       return d;
     case PauseMode::kLive:
       if (in.stop) return fall(PauseModeFallback::kStops);
-      return fall(PauseModeFallback::kNotBuilt);
+      if (!in.live_capable) return fall(PauseModeFallback::kNoWriteFaults);
+      return d;
   }
   return d;
 }

@@ -7,8 +7,12 @@
 //             (a reference to the memfd behind guest memory, and the dirty set); the export runs
 //             in the background and becomes durable later. Only for a strategy that exports from
 //             the memfd, a sandbox whose memory is all in that memfd, and after "stop".
-//   live      after "continue": the guest stops only to arm write protection and runs during the
-//             export. Not built yet: it falls back to copy, and says so.
+//   live      after "continue": the guest stops only while its dirty set is write-protected and
+//             runs during the export; a block it writes meanwhile is copied out first
+//             (copy-before-write), so the snapshot is its memory at the pause. Only for a
+//             sandbox memsnapd serves whose VMM sends write-protect faults to memsnap (userfaultfd
+//             write-protect without WP_ASYNC) and whose memory is a memfd memsnapd holds. The
+//             answer comes when the snapshot is durable.
 #pragma once
 
 #include <array>
@@ -35,17 +39,17 @@ enum class PauseModeFallback {
   kMemoryNotResident,  // a resumed guest's memory is not all in its memfd yet (lazy, filling)
   kContinues,          // handover with after "continue": the VMM would run on the held memory
   kStops,              // live with after "stop": nothing runs during the export
-  kNotBuilt,           // live: not built yet
+  kNoWriteFaults,      // live: memsnap does not resolve this VMM's write-protect faults
 };
 
 inline constexpr std::array<PauseModeFallback, 7> kPauseModeFallbacks = {
-    PauseModeFallback::kFlagError,   PauseModeFallback::kStrategyReadsVmm,
-    PauseModeFallback::kNoMemfd,     PauseModeFallback::kMemoryNotResident,
-    PauseModeFallback::kContinues,   PauseModeFallback::kStops,
-    PauseModeFallback::kNotBuilt};
+    PauseModeFallback::kFlagError,    PauseModeFallback::kStrategyReadsVmm,
+    PauseModeFallback::kNoMemfd,      PauseModeFallback::kMemoryNotResident,
+    PauseModeFallback::kContinues,    PauseModeFallback::kStops,
+    PauseModeFallback::kNoWriteFaults};
 
 // The metric label and API code ("flag_error", "strategy_reads_vmm", "no_memfd",
-// "memory_not_resident", "continues", "stops", "not_built"; "none" for kNone).
+// "memory_not_resident", "continues", "stops", "no_write_faults"; "none" for kNone).
 std::string_view pause_mode_fallback_name(PauseModeFallback cause) noexcept;
 // A sentence for people (answers, logs).
 std::string_view pause_mode_fallback_text(PauseModeFallback cause) noexcept;
@@ -56,6 +60,8 @@ struct PauseModeInputs {
   bool memfd_held = false;            // the pause reads a memfd (not the VMM's mappings)
   bool memory_resident = true;        // all of the guest's memory is in that memfd
   bool stop = true;                   // after "stop"
+  // A live pause can run (ResumeSession::can_pause_live() on the memfd the pause reads).
+  bool live_capable = false;
 };
 
 struct PauseModeDecision {

@@ -70,13 +70,18 @@ TEST(PauseModeTest, CopyIsAlwaysPossible) {
   EXPECT_EQ(d.fallback, PauseModeFallback::kNone);
 }
 
-TEST(PauseModeTest, LiveIsNotBuiltAndSaysSo) {
+TEST(PauseModeTest, LiveNeedsContinueAndASandboxWhoseWriteFaultsMemsnapResolves) {
   auto in = memfd_sandbox();
+  in.live_capable = true;
   EXPECT_EQ(decide_pause_mode(PauseMode::kLive, in).fallback, PauseModeFallback::kStops);
   in.stop = false;
-  const auto d = decide_pause_mode(PauseMode::kLive, in);
+  auto d = decide_pause_mode(PauseMode::kLive, in);
+  EXPECT_EQ(d.mode, PauseMode::kLive);
+  EXPECT_EQ(d.fallback, PauseModeFallback::kNone);
+  in.live_capable = false;
+  d = decide_pause_mode(PauseMode::kLive, in);
   EXPECT_EQ(d.mode, PauseMode::kCopy);
-  EXPECT_EQ(d.fallback, PauseModeFallback::kNotBuilt);
+  EXPECT_EQ(d.fallback, PauseModeFallback::kNoWriteFaults);
 }
 
 }  // namespace

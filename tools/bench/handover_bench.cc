@@ -32,6 +32,16 @@
 //   time, and the export's durable_seconds (early: contended by the fill). early is asked with
 //   map_ahead false, early_map with map_ahead true (the fill also maps every page it writes into
 //   the VMM; the default of such a resume).
+// - live / copy_continue (--kinds ...,live,copy_continue; issue 19 item 4): a pause with after
+//   "continue" of a sandbox memsnapd serves, whose VMM sends it its write-protect faults (a
+//   stand-in with --track-writes sync, paused once and resumed warm). Before the pause the guest
+//   writes a quarter of its pages (scattered: the dirty set), then a thread of it writes 4096
+//   pages round after round (write-loop) through the pause. live runs in mode live (the guest
+//   stops only while its dirty set is protected), copy_continue in mode copy (stopped for the
+//   whole export): the user-side figures are how long the VMM was stopped (stopped_s, memsnapd's
+//   figure from the freeze to the thaw) and the loop's writes per second during the pause
+//   against the same for as long just before it (loop_rate_ratio); the price is the
+//   copy-before-write count (live_copies) and the pause's CPU.
 //
 // CPU, per operation: copy: the answer's cpu_seconds (the pipeline's threads) and memsnapd's
 // whole-process CPU over the call (utime + stime of /proc/<memsnapd>/stat, 10 ms ticks);
@@ -63,6 +73,7 @@
 #include <memory>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -208,7 +219,8 @@ void usage() {
   std::cerr
       << "usage: memsnap-handover-bench [--sizes 256M,1G,4G] [--reps N | N1,N2,...]\n"
          "           [--refs write1m,write4m,write16m,direct4m | none]\n"
-         "           [--kinds copy,handover,early,early_map,late] [--out FILE] [--dir DIR] "
+         "           [--kinds copy,handover,early,early_map,late,live,copy_continue]\n"
+         "           [--out FILE] [--dir DIR] "
          "[--no-warmup]\n"
          "  defaults from $MEMSNAP_HANDOVER_SIZES, $MEMSNAP_HANDOVER_REPS; reps default 10 up to\n"
          "  256M, 7 up to 1G, 5 above; DIR (snapshots, reference files) $MEMSNAP_BENCH_DIR or "
@@ -271,8 +283,9 @@ Options parse(int argc, char** argv) {
   }
   o.kinds = split(kinds);
   for (const auto& k : o.kinds) {
-    if (k != "copy" && k != "handover" && k != "early" && k != "early_map" && k != "late") {
-      die("unknown kind " + k + " (copy, handover, early, early_map, late)");
+    if (k != "copy" && k != "handover" && k != "early" && k != "early_map" && k != "late" &&
+        k != "live" && k != "copy_continue") {
+      die("unknown kind " + k + " (copy, handover, early, early_map, late, live, copy_continue)");
     }
   }
   if (o.kinds.empty()) die("no kinds");
@@ -330,15 +343,31 @@ json run_reference(const RefWay& way, const Buffer& buf, const std::string& dir)
           {"bytes", buf.size}};
 }
 
-// One pause of a fresh stand-in through memsnapd, in `mode`.
-json run_pause(fleet::Daemon& daemon, const std::string& mode, std::uint64_t size,
-               const std::string& id) {
+// A memfd-backed stand-in whose every page holds the pattern (all of guest memory is data).
+fleet::SandboxSpec bench_spec(const std::string& id, std::uint64_t size) {
   fleet::SandboxSpec spec;
   spec.id = id;
   spec.size = size;
   spec.backing = "memfd";
   spec.seed = kSeed;
-  spec.zero_fraction = 0;  // every page written: all of guest memory is data
+  spec.zero_fraction = 0;
+  return spec;
+}
+
+// Ends a sandbox with its VMM (?force=true) and frees its snapshots' disk.
+void remove_sandbox(fleet::Daemon& daemon, std::unique_ptr<fleet::Sandbox>& sb,
+                    const std::string& id) {
+  auto removed = daemon.call("DELETE", "/v1/sandboxes/" + id + "?force=true");
+  if (!removed.ok() || !removed->ok()) die("delete " + id);
+  sb.reset();
+  std::error_code ec;
+  fs::remove_all(fs::path(daemon.snapshot_dir()) / id, ec);
+}
+
+// One pause of a fresh stand-in through memsnapd, in `mode`.
+json run_pause(fleet::Daemon& daemon, const std::string& mode, std::uint64_t size,
+               const std::string& id) {
+  const fleet::SandboxSpec spec = bench_spec(id, size);
   const auto l0 = Clock::now();
   auto launched = fleet::Sandbox::launch(daemon, spec);
   const double launch = seconds_since(l0);
@@ -452,12 +481,7 @@ json run_pause(fleet::Daemon& daemon, const std::string& mode, std::uint64_t siz
 json run_resume(fleet::Daemon& daemon, const std::string& kind, std::uint64_t size,
                 const std::string& id) {
   const bool early = kind != "late";
-  fleet::SandboxSpec spec;
-  spec.id = id;
-  spec.size = size;
-  spec.backing = "memfd";
-  spec.seed = kSeed;
-  spec.zero_fraction = 0;
+  const fleet::SandboxSpec spec = bench_spec(id, size);
   auto launched = fleet::Sandbox::launch(daemon, spec);
   if (!launched.ok()) die("launch " + id + ": " + launched.error().to_string());
   std::unique_ptr<fleet::Sandbox> sb = std::move(*launched);
@@ -512,11 +536,73 @@ json run_resume(fleet::Daemon& daemon, const std::string& kind, std::uint64_t si
     r["faults"] = got->body["faults"].value("faults", std::uint64_t(0));
     r["mapped_ahead_bytes"] = got->body["faults"].value("mapped_ahead_bytes", std::uint64_t(0));
   }
-  auto removed = daemon.call("DELETE", "/v1/sandboxes/" + id + "?force=true");
-  if (!removed.ok() || !removed->ok()) die("delete " + id);
-  sb.reset();
-  std::error_code ec;
-  fs::remove_all(fs::path(daemon.snapshot_dir()) / id, ec);
+  remove_sandbox(daemon, sb, id);
+  return r;
+}
+
+// A pause with after "continue" of a served sandbox whose VMM sends its write faults to memsnap:
+// mode live (kind live) or copy (kind copy_continue). See the head of this file.
+json run_live(fleet::Daemon& daemon, const std::string& kind, std::uint64_t size,
+              const std::string& id) {
+  fleet::SandboxSpec spec = bench_spec(id, size);
+  spec.write_faults = true;
+  auto launched = fleet::Sandbox::launch(daemon, spec);
+  if (!launched.ok()) die("launch " + id + ": " + launched.error().to_string());
+  std::unique_ptr<fleet::Sandbox> sb = std::move(*launched);
+  auto first = sb->pause({{"strategy", "memfd"}, {"parent", "none"}, {"after", "stop"}});
+  if (!first.ok()) die("pause " + id + ": " + first.error().to_string());
+  auto resumed = sb->resume();
+  if (!resumed.ok()) die("resume " + id + ": " + resumed.error().to_string());
+  if (!resumed->at("report").value("write_faults", false))
+    die("resume " + id + ": no write faults");
+  GuestProcess& vmm = *sb->vmm();
+  const auto d0 = Clock::now();
+  auto dirtied = sb->dirty(0.25, 11, /*sequential=*/false);
+  const double dirty_s = seconds_since(d0);
+  if (!dirtied.ok()) die("dirty " + id + ": " + dirtied.error().to_string());
+  constexpr std::uint64_t kLoop = 4096;
+  if (!vmm.write_loop(0, kLoop).ok()) die("write-loop " + id);
+  // The loop's own speed, for as long as the pause will take at most (1 s is plenty at 1 GiB).
+  auto rounds = [&] {
+    auto n = vmm.write_rounds();
+    if (!n.ok()) die("write-status " + id);
+    return *n;
+  };
+  std::this_thread::sleep_for(std::chrono::milliseconds(200));  // past its first round's faults
+  const std::uint64_t b0 = rounds();
+  const auto bt = Clock::now();
+  std::this_thread::sleep_for(std::chrono::milliseconds(500));
+  const std::uint64_t b1 = rounds();
+  const double before_rate = double(b1 - b0) / seconds_since(bt);
+
+  const std::string mode = kind == "live" ? "live" : "copy";
+  const std::uint64_t p0 = rounds();
+  const auto t0 = Clock::now();
+  auto paused =
+      sb->pause({{"strategy", "memfd"}, {"mode", mode}, {"sync", true}, {"after", "continue"}});
+  const double answer = seconds_since(t0);
+  const std::uint64_t p1 = rounds();
+  if (!paused.ok()) die("pause " + id + ": " + paused.error().to_string());
+  if (paused->value("mode", "") != mode) die("pause " + id + " ran " + paused->dump());
+  auto stopped = vmm.write_stop();
+  if (!stopped.ok()) die("write-stop " + id);
+  json r = {{"kind", kind},
+            {"client_answer_s", answer},
+            {"durable_s", paused->at("seconds").get<double>()},
+            {"stopped_s", paused->at("stopped_seconds").get<double>()},
+            {"bytes", paused->value("bytes", std::uint64_t(0))},
+            {"dirty_s", dirty_s},
+            {"pause_cpu_s", paused->value("cpu_seconds", 0.0)},
+            {"loop_rounds_per_s_before", before_rate},
+            {"loop_rounds_per_s_during", double(p1 - p0) / answer},
+            {"loop_rate_ratio", before_rate > 0 ? double(p1 - p0) / answer / before_rate : 0.0},
+            {"live_copies", paused->contains("live") ? paused->at("live").value("copies", 0) : 0}};
+  if (paused->contains("report") && paused->at("report").contains("phases")) {
+    r["phases"] = paused->at("report")["phases"];
+  }
+  auto bad = sb->verify();
+  if (!bad.ok() || *bad != 0) die("the guest " + id + " does not hold its memory");
+  remove_sandbox(daemon, sb, id);
   return r;
 }
 
@@ -600,6 +686,8 @@ int run(int argc, char** argv) {
           const auto& way = *std::find_if(o.refs.begin(), o.refs.end(),
                                           [&](const RefWay& w) { return "ref:" + w.name == kind; });
           r = run_reference(way, *buf, dir);
+        } else if (kind == "live" || kind == "copy_continue") {
+          r = run_live(*daemon, kind, size, "hb-" + sn + "-" + std::to_string(rep) + "-" + kind);
         } else if (kind == "early" || kind == "early_map" || kind == "late") {
           r = run_resume(*daemon, kind, size, "hb-" + sn + "-" + std::to_string(rep) + "-" + kind);
         } else {
@@ -613,6 +701,11 @@ int run(int argc, char** argv) {
         std::fprintf(stderr, "%-5s rep %2d %-14s answer %9.3f ms  durable %8.3f s  (load %s)\n",
                      sn.c_str(), rep, kind.c_str(), r.value("client_answer_s", 0.0) * 1e3,
                      r.value("durable_s", 0.0), load.c_str());
+        if (r.contains("stopped_s")) {
+          std::fprintf(stderr, "      stopped %.3f ms  loop during/before %.2f  live copies %llu\n",
+                       r["stopped_s"].get<double>() * 1e3, r["loop_rate_ratio"].get<double>(),
+                       static_cast<unsigned long long>(r["live_copies"].get<std::uint64_t>()));
+        }
         if (r.contains("ready_s")) {
           std::fprintf(stderr,
                        "      ready %.3f ms  running %.3f s  working %.3f s after the pause\n",

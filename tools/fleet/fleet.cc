@@ -306,6 +306,7 @@ Result<json> Sandbox::resume(const json& extra) {
   go.no_fill = true;
   go.expect = expected_;
   go.accept_memfd = true;
+  go.write_faults = spec_.write_faults;
   MEMSNAP_ASSIGN_OR_RETURN(auto vmm, GuestProcess::spawn(go));
   vmm_ = std::move(vmm);
   MEMSNAP_ASSIGN_OR_RETURN(

@@ -96,6 +96,9 @@ struct SandboxSpec {
   std::uint64_t seed = 1;
   double zero_fraction = 0.05;
   bool thp = false;  // the VMM asks for 2 MiB transparent huge pages (MADV_HUGEPAGE)
+  // Resumed VMMs track writes with write-protect faults memsnap resolves (no WP_ASYNC): such a
+  // sandbox can pause live.
+  bool write_faults = false;
 };
 
 // One sandbox: its current VMM stand-in and what the daemon said about it.

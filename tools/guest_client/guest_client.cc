@@ -117,6 +117,10 @@ Result<std::unique_ptr<GuestProcess>> GuestProcess::spawn(const GuestOptions& o)
     args.push_back(o.handshake_socket);
     if (o.accept_memfd) args.push_back("--accept-memfd");
     if (!o.track_writes) args.push_back("--no-track-writes");
+    if (o.track_writes && o.write_faults) {
+      args.push_back("--track-writes");
+      args.push_back("sync");
+    }
     if (o.ack != "ok") {
       args.push_back("--ack");
       args.push_back(o.ack);
@@ -159,6 +163,7 @@ Result<std::unique_ptr<GuestProcess>> GuestProcess::spawn(const GuestOptions& o)
     g->memfd_number_ = layout["memfd_fd"].get<int>();
     g->uffd_ = layout.value("uffd", false);
     g->wp_async_ = layout.value("wp_async", false);
+    g->write_faults_ = layout.value("write_faults", false);
     for (const auto& r : layout["regions"]) {
       g->regions_.push_back({r["guest_offset"].get<std::uint64_t>(),
                              r["host_addr"].get<std::uint64_t>(), r["size"].get<std::uint64_t>()});
@@ -267,6 +272,7 @@ void GuestProcess::take_ping(const nlohmann::json& j) {
   ready_ = true;
   uffd_ = j.value("uffd", uffd_);
   wp_async_ = j.value("wp_async", wp_async_);
+  write_faults_ = j.value("write_faults", write_faults_);
   memfd_from_memsnap_ = j.value("memfd_from_memsnap", false);
   memfd_number_ = j.value("memfd_fd", memfd_number_);
 }
@@ -328,6 +334,41 @@ Result<std::vector<plugin::ByteRange>> GuestProcess::dirty(double fraction, bool
     ranges.push_back(range);
   }
   return ranges;
+}
+
+Status GuestProcess::write_loop(std::uint64_t first_page, std::uint64_t count) {
+  MEMSNAP_ASSIGN_OR_RETURN(
+      auto j, command("write-loop " + std::to_string(first_page) + " " + std::to_string(count)));
+  if (!j.value("writing", false)) {
+    return make_error(Errc::kInvalidArgument, "write-loop: " + j.dump());
+  }
+  loop_first_ = first_page;
+  loop_count_ = count;
+  loop_stride_ = j.value("stride", std::uint64_t{1});
+  return {};
+}
+
+Result<std::uint64_t> GuestProcess::write_rounds() {
+  MEMSNAP_ASSIGN_OR_RETURN(auto j, command("write-status"));
+  return j.value("rounds", std::uint64_t{0});
+}
+
+Result<nlohmann::json> GuestProcess::write_stop() {
+  MEMSNAP_ASSIGN_OR_RETURN(auto j, command("write-stop"));
+  if (!j.contains("generation"))
+    return make_error(Errc::kInvalidArgument, "write-stop: " + j.dump());
+  const auto gen = j["generation"].get<std::uint64_t>();
+  const auto pos = j["position"].get<std::uint64_t>();
+  const auto base = j["before"].get<std::uint64_t>();
+  for (std::uint64_t i = 0; i < loop_count_; ++i) {
+    const std::uint64_t page = write_loop_page(i);
+    if (i < pos) {
+      expected_[page] = static_cast<std::uint32_t>(gen);
+    } else if (gen - 1 > base) {
+      expected_[page] = static_cast<std::uint32_t>(gen - 1);
+    }
+  }
+  return j;
 }
 
 Result<std::uint64_t> GuestProcess::verify() {

@@ -43,6 +43,9 @@ struct GuestOptions {
   bool accept_memfd = false;
   // Register for asynchronous write-protect tracking (UFFD_FEATURE_WP_ASYNC) if the kernel can.
   bool track_writes = true;
+  // With track_writes: write-protect without WP_ASYNC (memsnap-guest --track-writes sync), so
+  // that each write to a protected page is a fault memsnap resolves (live pauses need it).
+  bool write_faults = false;
   // A misbehaving VMM (memsnap-guest --ack, --stray-page): how it answers a handed memfd ("ok",
   // "bad": a wrong ack, "none": never), and one registered page outside every region, read by
   // the command `touch-stray` (answers {"touching":true} first, then blocks on a fault nobody
@@ -75,6 +78,7 @@ class GuestProcess {
   // write-protect tracking (from the layout, refreshed by wait_ready()).
   bool uffd() const { return uffd_; }
   bool wp_async() const { return wp_async_; }
+  bool write_faults() const { return write_faults_; }
   // After wait_ready(): the guest maps a memfd memsnap handed it.
   bool memfd_from_memsnap() const { return memfd_from_memsnap_; }
   bool ready() const { return ready_; }
@@ -96,6 +100,17 @@ class GuestProcess {
   // becomes 0); returns the number discarded. With a userfaultfd registered this blocks until
   // the handler has read the UFFD_EVENT_REMOVE it raises.
   Result<std::uint64_t> discard(std::uint64_t first_page, std::uint64_t count);
+  // A thread of the guest writes pages [first_page, first_page + count) over and over, each
+  // round a new generation and in the scattered order write_loop_page() gives, until
+  // write_stop(), which updates expected_generations() to what the guest holds then.
+  // write_rounds(): rounds finished so far.
+  Status write_loop(std::uint64_t first_page, std::uint64_t count);
+  // The page of the i-th write of each round.
+  std::uint64_t write_loop_page(std::uint64_t i) const {
+    return loop_first_ + (i * loop_stride_) % loop_count_;
+  }
+  Result<std::uint64_t> write_rounds();
+  Result<nlohmann::json> write_stop();
   // Kills it with SIGKILL and reaps it.
   void kill();
 
@@ -114,7 +129,9 @@ class GuestProcess {
   int pending_pings_ = 0;  // pings sent whose answer has not been read yet
   bool uffd_ = false;
   bool wp_async_ = false;
+  bool write_faults_ = false;
   bool memfd_from_memsnap_ = false;
+  std::uint64_t loop_first_ = 0, loop_count_ = 0, loop_stride_ = 1;  // write_loop()
   bool ready_ = false;
   std::uint64_t guest_size_ = 0;
   std::uint64_t seed_ = 0;

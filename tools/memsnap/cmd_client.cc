@@ -117,9 +117,9 @@ std::string ms(double seconds) {
 // them (JSON objects come back sorted by name), then any others.
 std::string phases_text(const json& phases) {
   if (!phases.is_object() || phases.empty()) return "-";
-  static const char* const kOrder[] = {"resolve",  "freeze", "dirty_set", "export",
-                                       "commit",   "thaw",   "open",      "listen",
-                                       "wait_vmm", "fill",   "hand_over", "serve"};
+  static const char* const kOrder[] = {
+      "resolve", "prepare_live", "freeze", "dirty_set", "arm_live", "export",    "commit",
+      "thaw",    "open",         "listen", "wait_vmm",  "fill",     "hand_over", "serve"};
   std::vector<std::string> names;
   for (const char* n : kOrder) {
     if (phases.contains(n)) names.emplace_back(n);

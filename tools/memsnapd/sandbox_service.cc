@@ -1362,6 +1362,7 @@ json SandboxService::pause_answer(const std::string& id, const Choice& choice,
                  {"memory_released", rep.export_stats.bytes_released},
                  {"dirty_set_source", rep.dirty_set_source},
                  {"seconds", rep.wall_seconds},
+                 {"stopped_seconds", rep.stopped_seconds},
                  {"cpu_seconds", rep.cpu_seconds},
                  {"phases", phases_json(rep.phases)},
                  {"after", body.stop ? "stop" : "continue"},
@@ -1412,11 +1413,15 @@ SandboxService::ModeChoice SandboxService::choose_mode(const Sandbox& sb, const 
   }
   const PluginInfo* info = registry_.find(strategy);
   const bool partial_memory = sb.session && !sb.session->memfd_complete();
+  // Live: the session resolves this VMM's write faults, and the pause reads its memfd.
+  const bool live_capable = sb.session && sb.session->can_pause_live() && source.memfd >= 0 &&
+                            source.memfd == sb.session->memfd();
   m.decision = decide_pause_mode(
       m.requested, {.strategy_needs_memfd = info && StrategyPolicy::of(*info).needs_memfd(),
                     .memfd_held = source.memfd >= 0,
                     .memory_resident = !partial_memory,
-                    .stop = body.stop});
+                    .stop = body.stop,
+                    .live_capable = live_capable});
   if (!m.flag_problem.empty()) m.decision.fallback = PauseModeFallback::kFlagError;
   metrics_.record_pause_mode_evaluation(m.requested, m.source);
   if (m.decision.fallback != PauseModeFallback::kNone) {
@@ -1484,8 +1489,18 @@ Result<json> SandboxService::pause(const Caller& caller, const std::string& id, 
   }
 
   PauseRequest req = pause_request(sb, plan, request, source, choice.strategy, settings());
-  spdlog::info("pause {}: strategy {} ({}{}) -> {}", id, choice.strategy, choice.reason,
-               choice.variant.empty() ? "" : ", variant " + choice.variant, plan.out_path);
+  if (mode.decision.mode == PauseMode::kLive) {
+    // The session outlives the pause: the sandbox is claimed (pausing) until it finishes.
+    ResumeSession* session = sb.session.get();
+    req.live = PauseRequest::Live{[session] { return session->prepare_live(); },
+                                  [session](const std::vector<plugin::ByteRange>& ranges) {
+                                    return session->begin_live(ranges);
+                                  },
+                                  [session] { session->end_live(); }};
+  }
+  spdlog::info("pause {}: strategy {} ({}{}), mode {} -> {}", id, choice.strategy, choice.reason,
+               choice.variant.empty() ? "" : ", variant " + choice.variant,
+               pause_mode_name(mode.decision.mode), plan.out_path);
   auto paused = pipeline_.pause(registry_, req);
   const double seconds =
       std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count();
@@ -1493,11 +1508,18 @@ Result<json> SandboxService::pause(const Caller& caller, const std::string& id, 
   record_pause(paused.ok() ? &*paused : nullptr, choice.strategy, seconds);
   if (!paused.ok()) return fail_pause(claim, std::move(paused).error());
   const PauseReport& rep = *paused;
-  metrics_.record_handover(rep.strategy, PauseMode::kCopy, seconds);
-  metrics_.record_durable(rep.strategy, PauseMode::kCopy, seconds, true);
+  // Live: the moment that matters to the guest is when it runs again.
+  metrics_.record_handover(rep.strategy, mode.decision.mode,
+                           rep.live ? rep.stopped_seconds : seconds);
+  metrics_.record_durable(rep.strategy, mode.decision.mode, seconds, true);
+  if (rep.live) metrics_.record_live_copies(rep.strategy, rep.live_copies);
 
   json answer = pause_answer(id, choice, plan, request, rep);
   add_mode_json(answer, mode, seconds);
+  if (rep.live) {
+    answer["live"] = {{"copies", rep.live_copies},
+                      {"copied_bytes", rep.live_copies * rep.block_size}};
+  }
   ExportStatus done;
   done.state = ExportState::kDurable;
   done.bytes_done = done.bytes_total = rep.dirty_bytes;

@@ -5,6 +5,15 @@
 //   dirty FRACTION random|sequential SEED   write a new generation into that share of the pages
 //   verify                                  check every page against the generation it should hold
 //   discard FIRST_PAGE COUNT                release pages like a balloon: {"discarded":COUNT}
+//   write-loop FIRST_PAGE COUNT             a thread writes those pages over and over, each
+//                                           round a new generation, the i-th write of a round
+//                                           to page FIRST + (i * STRIDE) % COUNT (a scattered
+//                                           order): {"writing":true,"stride":STRIDE}
+//   write-status                            {"rounds":N}: rounds the thread has finished
+//   write-stop                              stops it: {"generation":G,"position":K,"rounds":N}:
+//                                           the round's first K pages hold G, the rest
+//                                           G-1 (or what they held before, when G-1 is
+//                                           "before": the generation when the loop began)
 //   ping                                    {"ok":true,"ready":true,"uffd","wp_async",
 //                                            "memfd_from_memsnap","memfd_fd","backing",
 //                                            "generation"}
@@ -28,6 +37,9 @@
 //                       mapped MAP_FIXED over the regions, registered for write tracking, becomes
 //                       the guest's memfd (same fd number when there was one), and is acked
 //   --no-track-writes   no UFFD_FEATURE_WP_ASYNC / UFFDIO_REGISTER_MODE_WP
+//   --track-writes sync write-protect without WP_ASYNC (memfd memory only): each write to a
+//                       protected page is a fault whoever serves the userfaultfd must resolve
+//                       (what memsnap's live pauses need); "async" is the default
 // A misbehaving VMM, for the tests of what memsnap does then:
 //   --ack ok|bad|none   with --accept-memfd: after mapping a handed memfd, ack it (ok, the
 //                       default), send a wrong ack (bad), or never ack (none); the guest runs on
@@ -46,6 +58,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <cstdio>
@@ -56,6 +69,7 @@
 #include <iterator>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -90,6 +104,7 @@ struct Options {
   std::string expect_file;
   bool accept_memfd = false;
   bool track_writes = true;
+  bool write_faults = false;  // --track-writes sync
   std::string ack = "ok";
   bool stray_page = false;
 };
@@ -169,7 +184,11 @@ Options parse_args(int argc, char** argv) {
       o.accept_memfd = true;
     else if (a == "--no-track-writes")
       o.track_writes = false;
-    else if (a == "--ack")
+    else if (a == "--track-writes") {
+      const std::string how = next();
+      if (how != "sync" && how != "async") usage("--track-writes is sync or async");
+      o.write_faults = how == "sync";
+    } else if (a == "--ack")
       o.ack = next();
     else if (a == "--stray-page")
       o.stray_page = true;
@@ -184,6 +203,9 @@ Options parse_args(int argc, char** argv) {
   if (o.accept_memfd && o.handshake.empty()) usage("--accept-memfd needs --handshake");
   if (o.ack != "ok" && o.ack != "bad" && o.ack != "none") usage("--ack is ok, bad or none");
   if (o.stray_page && o.handshake.empty()) usage("--stray-page needs --handshake");
+  if (o.write_faults && (!o.track_writes || o.backing != "memfd")) {
+    usage("--track-writes sync needs memfd memory and write tracking");
+  }
   return o;
 }
 
@@ -284,6 +306,15 @@ class Guest {
     if (!o.handshake.empty()) setup_userfaultfd();
   }
 
+  ~Guest() {
+    if (writer_.joinable()) {
+      loop_stop_ = true;
+      writer_.join();
+    }
+  }
+  Guest(const Guest&) = delete;
+  Guest& operator=(const Guest&) = delete;
+
   json layout() const {
     json regions = json::array();
     for (const auto& r : regions_) {
@@ -291,11 +322,17 @@ class Guest {
                          {"host_addr", reinterpret_cast<std::uint64_t>(r.host)},
                          {"size", r.size}});
     }
-    return {{"pid", getpid()},           {"backing", backing_},
-            {"memfd_fd", memfd_},        {"guest_size", o_.size},
-            {"page_size", kPage},        {"seed", o_.seed},
-            {"generation", generation_}, {"uffd", uffd_ >= 0},
-            {"wp_async", wp_async_},     {"uffd_features", features_},
+    return {{"pid", getpid()},
+            {"backing", backing_},
+            {"memfd_fd", memfd_},
+            {"guest_size", o_.size},
+            {"page_size", kPage},
+            {"seed", o_.seed},
+            {"generation", generation_},
+            {"uffd", uffd_ >= 0},
+            {"wp_async", wp_async_},
+            {"uffd_features", features_},
+            {"write_faults", write_faults_},
             {"regions", regions}};
   }
 
@@ -304,6 +341,7 @@ class Guest {
             {"ready", true},
             {"uffd", uffd_ >= 0},
             {"wp_async", wp_async_},
+            {"write_faults", write_faults_},
             {"memfd_from_memsnap", memfd_from_memsnap_},
             {"memfd_fd", memfd_},
             {"backing", backing_},
@@ -384,6 +422,62 @@ class Guest {
     return {{"discarded", count}};
   }
 
+  // write-loop: one thread writes pages [first, first + count) in order, round after round, each
+  // round a new generation, until write-stop. Other commands must leave those pages alone.
+  json write_loop(std::uint64_t first, std::uint64_t count) {
+    if (writer_.joinable()) return {{"error", "write-loop: already writing"}};
+    if (count == 0 || first >= expected_.size() || count > expected_.size() - first) {
+      return {{"error", "write-loop: pages out of range"}};
+    }
+    loop_first_ = first;
+    loop_count_ = count;
+    loop_stride_ = count % kLoopStride == 0 ? 1 : kLoopStride;
+    loop_base_ = generation_;
+    loop_stop_ = false;
+    loop_rounds_ = 0;
+    writer_ = std::thread([this] {
+      std::uint64_t gen = loop_base_;
+      for (;;) {
+        ++gen;
+        for (std::uint64_t i = 0; i < loop_count_; ++i) {
+          if (loop_stop_.load(std::memory_order_relaxed)) {
+            loop_gen_ = gen;
+            loop_pos_ = i;
+            return;
+          }
+          const std::uint64_t p = loop_page(i);
+          memsnap::pattern::fill_page(page(p), kPage, o_.seed, p, gen);
+        }
+        loop_rounds_.fetch_add(1, std::memory_order_relaxed);
+      }
+    });
+    return {{"writing", true}, {"first", first}, {"count", count}, {"stride", loop_stride_}};
+  }
+  // The page of the loop's i-th write in a round. A prime stride scatters consecutive writes, so
+  // that no order of reading the pages (a snapshot's, ascending) follows the order of writing.
+  static constexpr std::uint64_t kLoopStride = 1031;
+  std::uint64_t loop_page(std::uint64_t i) const {
+    return loop_first_ + (i * loop_stride_) % loop_count_;
+  }
+  json write_status() const { return {{"rounds", loop_rounds_.load()}}; }
+  json write_stop() {
+    if (!writer_.joinable()) return {{"error", "write-stop: not writing"}};
+    loop_stop_ = true;
+    writer_.join();
+    for (std::uint64_t i = 0; i < loop_count_; ++i) {
+      if (i < loop_pos_) {
+        expected_[loop_page(i)] = static_cast<std::uint32_t>(loop_gen_);
+      } else if (loop_gen_ - 1 > loop_base_) {
+        expected_[loop_page(i)] = static_cast<std::uint32_t>(loop_gen_ - 1);
+      }
+    }
+    generation_ = loop_gen_;
+    return {{"generation", loop_gen_},
+            {"position", loop_pos_},
+            {"rounds", loop_rounds_.load()},
+            {"before", loop_base_}};
+  }
+
   // --stray-page: reads the page no region holds (blocks until someone serves it, if ever).
   bool has_stray() const { return stray_ != nullptr; }
   void touch_stray() const {
@@ -401,7 +495,8 @@ class Guest {
     // WP_ASYNC: writes to write-protected pages are resolved by the kernel itself (no message),
     // so memsnap can find them with PAGEMAP_SCAN. The kernel turns on WP_UNPOPULATED with it
     // (anonymous none PTEs get write-protect markers), so it is not asked for separately.
-    const std::uint64_t wp = (o_.track_writes ? UFFD_FEATURE_WP_ASYNC : 0) |
+    // --track-writes sync: write-protect faults reach whoever serves the userfaultfd.
+    const std::uint64_t wp = (o_.track_writes && !o_.write_faults ? UFFD_FEATURE_WP_ASYNC : 0) |
                              (shmem ? UFFD_FEATURE_WP_HUGETLBFS_SHMEM : 0);
     uffd_ = userfaultfd_with(base | wp);
     features_ = base | wp;
@@ -416,9 +511,10 @@ class Guest {
       if (uffd_ < 0) die_errno("UFFDIO_API");
     }
     wp_async_ = (features_ & UFFD_FEATURE_WP_ASYNC) != 0;
+    write_faults_ = o_.write_faults && (features_ & UFFD_FEATURE_WP_HUGETLBFS_SHMEM) != 0;
     const std::uint64_t mode = UFFDIO_REGISTER_MODE_MISSING |
                                (memfd_ >= 0 ? UFFDIO_REGISTER_MODE_MINOR : 0) |
-                               (wp_async_ ? UFFDIO_REGISTER_MODE_WP : 0);
+                               (wp_async_ || write_faults_ ? UFFDIO_REGISTER_MODE_WP : 0);
     for (const auto& r : regions_) register_range(r, mode);
     if (o_.stray_page) {
       void* p = mmap(nullptr, kPage, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -458,7 +554,7 @@ class Guest {
       // arm_tracking_before_ready): arming 1 GiB takes ~7 ms, far longer than the rest of a warm
       // resume, so by default memsnap arms it after the ack, while the guest runs, and counts
       // what the guest touches before its page is armed.
-      if (wp_async_) {
+      if (wp_async_ || write_faults_) {
         register_range(r, UFFDIO_REGISTER_MODE_WP);
         if (reply.arm_writes) {
           uffdio_writeprotect wp{};
@@ -509,7 +605,14 @@ class Guest {
   int uffd_ = -1;  // kept open for the life of the process, like Firecracker; never read here
   std::uint64_t features_ = 0;
   bool wp_async_ = false;
+  bool write_faults_ = false;  // write-protect faults reach memsnap (--track-writes sync)
   bool memfd_from_memsnap_ = false;
+  // write-loop
+  std::thread writer_;
+  std::atomic<bool> loop_stop_{false};
+  std::atomic<std::uint64_t> loop_rounds_{0};
+  std::uint64_t loop_first_ = 0, loop_count_ = 0, loop_base_ = 0, loop_gen_ = 0, loop_pos_ = 0;
+  std::uint64_t loop_stride_ = 1;
   memsnap::io::UniqueFd connection_;  // the handshake connection, never closed
 };
 
@@ -546,6 +649,17 @@ int main(int argc, char** argv) {
         continue;
       }
       std::cout << guest.discard(first, count).dump() << std::endl;
+    } else if (cmd == "write-loop") {
+      std::uint64_t first = 0, count = 0;
+      if (!(in >> first >> count)) {
+        std::cout << json{{"error", "usage: write-loop FIRST_PAGE COUNT"}}.dump() << std::endl;
+        continue;
+      }
+      std::cout << guest.write_loop(first, count).dump() << std::endl;
+    } else if (cmd == "write-status") {
+      std::cout << guest.write_status().dump() << std::endl;
+    } else if (cmd == "write-stop") {
+      std::cout << guest.write_stop().dump() << std::endl;
     } else if (cmd == "touch-stray") {
       if (!guest.has_stray()) {
         std::cout << json{{"error", "touch-stray needs --stray-page"}}.dump() << std::endl;
