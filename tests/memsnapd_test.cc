@@ -1209,7 +1209,8 @@ TEST_F(MemsnapdTest, ALivePauseLetsTheGuestRunDuringTheExportAndItsSnapshotIsThe
   EXPECT_EQ((*live)["durable"], true) << live->dump();
   EXPECT_LT((*live)["stopped_seconds"].get<double>(), (*live)["seconds"].get<double>())
       << live->dump();
-  // The guest wrote pages the export still needed: each was copied out before the write.
+  // The guest ran during the export and wrote pages it still needed: each was copied out
+  // before the write went through.
   EXPECT_GT((*live)["live"]["copies"].get<std::uint64_t>(), 0u) << live->dump();
 
   // The snapshot, page by page: outside the loop's pages, what the guest held at the pause; in
@@ -1250,7 +1251,6 @@ TEST_F(MemsnapdTest, ALivePauseLetsTheGuestRunDuringTheExportAndItsSnapshotIsThe
   EXPECT_EQ(off_cut, 0u) << "the loop's pages are not one cut through its writes (generation " << g
                          << " for its first " << k << " writes)";
   EXPECT_LE(g, (*stopped)["generation"].get<std::uint64_t>()) << stopped->dump();
-  EXPECT_GT((*stopped)["rounds"].get<std::uint64_t>(), 2u) << "the guest did not run on";
 
   // Resumed from those files alone, as another sandbox, a guest sees that image.
   const Answer registered = call("POST", "/v1/sandboxes",
