@@ -324,7 +324,14 @@ Status protect_guest_ranges(int uffd, const std::vector<Region>& regions,
       wp.range.start = reg.host_addr + (s - reg.guest_offset);
       wp.range.len = e - s;
       wp.mode = UFFDIO_WRITEPROTECT_MODE_WP;
-      if (::ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) != 0) {
+      // EAGAIN: the address space is changing (a discard whose event the fault server has not
+      // read yet); give its thread time to read it, for up to ~1 s.
+      int rc = ::ioctl(uffd, UFFDIO_WRITEPROTECT, &wp);
+      for (int tries = 0; rc != 0 && errno == EAGAIN && tries < 1000; ++tries) {
+        ::usleep(1000);
+        rc = ::ioctl(uffd, UFFDIO_WRITEPROTECT, &wp);
+      }
+      if (rc != 0) {
         const int err = errno;
         return make_error(
             Errc::kIoError,

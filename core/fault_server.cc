@@ -401,11 +401,11 @@ FaultServer::Served FaultServer::serve_write(std::uint64_t host_page) {
     written_.push_back({*block * block_size_, block_size_});
   }
   ++pending_.write_faults;
-  int err = ops_->write_protect(host_page, block_size_, false);
-  for (int tries = 0; err == EAGAIN && tries < 1000; ++tries) {
-    err = ops_->write_protect(host_page, block_size_, false);
-  }
+  const int err = ops_->write_protect(host_page, block_size_, false);
   if (err == 0) return Served::kOk;
+  // The address space is changing (an event this thread has not read yet): try again after the
+  // next read, like a fault's EAGAIN.
+  if (err == EAGAIN) return Served::kRetry;
   if (err == ESRCH) return Served::kGone;
   fail(make_error(Errc::kResumeFailed,
                   io::errno_message("UFFDIO_WRITEPROTECT (make writable) at guest offset " +
@@ -537,8 +537,10 @@ void FaultServer::handle_message(const void* raw) {
     const auto t0 = std::chrono::steady_clock::now();
     const std::uint64_t page = msg.arg.pagefault.address & ~(block_size_ - 1);
     const bool minor = (msg.arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_MINOR) != 0;
-    const bool write_fault =
-        options_.write_faults && (msg.arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) != 0;
+    // A write-protect fault is resolved by making the page writable, whether or not this
+    // server tracks writes (installing the page again would only wake the guest into the same
+    // fault).
+    const bool write_fault = (msg.arg.pagefault.flags & UFFD_PAGEFAULT_FLAG_WP) != 0;
     const Served s = write_fault ? serve_write(page) : serve(page, minor);
     const double dt = seconds_since(t0);
     // Hot counters stay with this thread and are published once per batch (publish_locked).
@@ -550,7 +552,7 @@ void FaultServer::handle_message(const void* raw) {
     ++pending_.latency_counts[static_cast<std::size_t>(
         std::lower_bound(bounds.begin(), bounds.end(), dt) - bounds.begin())];
     if (s == Served::kRetry) {
-      retry_.push_back(page);
+      (write_fault ? write_retry_ : retry_).push_back(page);
       std::lock_guard<std::mutex> lock(mu_);
       ++stats_.eagain_retries;
     } else if (s == Served::kGone) {
@@ -668,7 +670,7 @@ void FaultServer::run() {
   std::vector<uffd_msg> msgs(kMessagesPerRead);
   for (;;) {
     int timeout = -1;
-    if (!retry_.empty()) timeout = 1;
+    if (!retry_.empty() || !write_retry_.empty()) timeout = 1;
     if (filling) timeout = 0;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -702,6 +704,20 @@ void FaultServer::run() {
       if (got > 0 && options_.after_read_for_testing) options_.after_read_for_testing();
       for (ssize_t i = 0; got > 0 && i < got / static_cast<ssize_t>(sizeof(uffd_msg)); ++i) {
         handle_message(&msgs[static_cast<std::size_t>(i)]);
+      }
+    }
+    if (!write_retry_.empty()) {
+      std::vector<std::uint64_t> again;
+      again.swap(write_retry_);
+      for (std::uint64_t page : again) {
+        const Served s = serve_write(page);
+        std::lock_guard<std::mutex> lock(mu_);
+        if (s == Served::kRetry) {
+          ++stats_.eagain_retries;
+          write_retry_.push_back(page);
+        } else if (s == Served::kGone) {
+          stats_.vmm_gone = true;
+        }
       }
     }
     if (!retry_.empty()) {

@@ -25,11 +25,12 @@
 // write-protected too. A page installed without protection counts as written: an over-report,
 // never a loss.
 //
-// With write_faults (a VMM whose userfaultfd reports write-protect faults synchronously, without
-// WP_ASYNC), a write to a protected page arrives as a WP fault: the server records the block as
-// written (written()) and makes the page writable again (UFFDIO_WRITEPROTECT), which wakes the
-// guest. During a live pause (set_live()) it first copies the block into the pause's LiveImage
-// if the export still needs it, and does the same before installing a page there.
+// A write to a protected page of a VMM whose userfaultfd reports write-protect faults (without
+// WP_ASYNC) arrives as a WP fault: the server records the block as written (written()) and makes
+// the page writable again (UFFDIO_WRITEPROTECT), which wakes the guest (EAGAIN: again after the
+// next read). With write_faults the session then uses that record as its write tracking. During a
+// live pause (set_live()) it first copies the block into the pause's LiveImage if the export still
+// needs it, and does the same before installing a page there.
 //
 // Which ioctl answers a fault is decide_fault() (core/fault_decision.h), a pure function of the
 // block's state, the fault and the modes. When the kernel refuses a mode (EINVAL for a
@@ -240,6 +241,7 @@ class FaultServer {
   FaultModes modes_;                  // what the kernel has not refused yet
   FaultStats pending_;                // per-fault counters not yet published to stats_
   std::vector<std::uint64_t> retry_;  // host page addresses to serve again
+  std::vector<std::uint64_t> write_retry_;  // write-protect faults to resolve again
   std::size_t fill_extent_ = 0;       // background fill cursor
   std::uint64_t fill_block_ = 0;
   bool map_filled_ok_ = true;  // map_filled not refused yet

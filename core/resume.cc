@@ -573,20 +573,29 @@ Result<std::vector<plugin::ByteRange>> ResumeSession::arm_write_faults() const {
 }
 
 Result<std::vector<plugin::ByteRange>> ResumeSession::take_write_faults() {
-  // Recorded first: a page made writable after the record was taken is found by the scan.
+  // Recorded first: a page made writable after the record was taken is found by the scan. Both
+  // go into uncommitted_ before anything is protected, so that a failure half way loses none of
+  // them (they stay in every dirty set until a pause commits).
   MEMSNAP_ASSIGN_OR_RETURN(auto resolved, server_->written(true));
+  uncommitted_ = merged(std::move(uncommitted_), resolved);
   MEMSNAP_ASSIGN_OR_RETURN(
       auto writable, writable_ranges_of_process(report_.vmm_pid, regions_, report_.block_size));
-  MEMSNAP_RETURN_IF_ERROR(protect_guest_ranges(handshake_.uffd.get(), regions_, writable));
-  return merged(std::move(resolved), std::move(writable));
+  uncommitted_ = merged(std::move(uncommitted_), writable);
+  // Every recorded block is protected again, mapped or not: a page the guest wrote and whose
+  // entry was zapped since (reclaim, a discard) has no write-protect marker, and on a mapping
+  // registered for write-protect only the kernel would map it writable without a fault.
+  std::vector<plugin::ByteRange> taken = merged(std::move(resolved), std::move(writable));
+  MEMSNAP_RETURN_IF_ERROR(protect_guest_ranges(handshake_.uffd.get(), regions_, taken));
+  return taken;
 }
 
 Status ResumeSession::prepare_live() {
   if (!can_pause_live()) return make_error(Errc::kUnsupported, "this sandbox cannot pause live");
   if (Status s = wait_tracking_armed(); !s.ok()) return s;
-  // Into uncommitted_ at once: kept in every dirty set until a pause commits them.
+  // take_write_faults() keeps what it takes in uncommitted_: in every dirty set until a pause
+  // commits it.
   MEMSNAP_ASSIGN_OR_RETURN(auto taken, take_write_faults());
-  uncommitted_ = merged(std::move(uncommitted_), std::move(taken));
+  (void)taken;
   return {};
 }
 
@@ -599,6 +608,10 @@ Result<std::shared_ptr<LiveImage>> ResumeSession::begin_live(
   if (!can_pause_live()) {
     return make_error(Errc::kUnsupported, "this sandbox cannot pause live");
   }
+  // Every block of the export protected, whatever its way into the dirty set (taken just now, a
+  // discard, an earlier pause that did not commit, a cut-off snapshot's blocks): one that is
+  // not could change without a fault. Protecting a protected page changes nothing.
+  MEMSNAP_RETURN_IF_ERROR(protect_guest_ranges(handshake_.uffd.get(), regions_, ranges));
   MEMSNAP_ASSIGN_OR_RETURN(
       auto image, LiveImage::create(memfd_.get(), report_.guest_size, report_.block_size, ranges));
   server_->set_live(image);
