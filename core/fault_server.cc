@@ -384,28 +384,35 @@ std::optional<std::uint64_t> FaultServer::block_at(std::uint64_t host_addr) {
   return (region->guest_offset + (host_addr - region->host_addr)) / block_size_;
 }
 
+void FaultServer::preserve_for_live(LiveImage& image, std::uint64_t block) {
+  const std::uint64_t before = image.copies();
+  // A failed copy breaks the image (the pause fails); the guest goes on either way.
+  if (Status s = image.preserve(block); !s.ok()) {
+    spdlog::error("fault server: live copy of guest offset {} failed: {}", block * block_size_,
+                  s.error().to_string());
+  }
+  pending_.live_copies += image.copies() - before;
+}
+
 FaultServer::Served FaultServer::serve_write(std::uint64_t host_page) {
   const auto block = block_at(host_page);
   if (!block) return Served::kError;
-  if (auto image = live()) {
-    // The guest's write has not happened yet: what the page holds now is the pause's.
-    const std::uint64_t before = image->copies();
-    if (Status s = image->preserve(*block); !s.ok()) {
-      spdlog::error("fault server: live copy of guest offset {} failed: {}", *block * block_size_,
-                    s.error().to_string());
-    }
-    pending_.live_copies += image->copies() - before;
-  }
+  // live_mu_ is held until the page is writable: set_live() cannot come between finding no
+  // image and the un-protect, so once set_live() returns, every page made writable either had
+  // its block preserved or was made writable before the caller's protection that follows.
+  std::lock_guard<std::mutex> live_lock(live_mu_);
+  // The guest's write has not happened yet: what the page holds now is the pause's.
+  if (live_) preserve_for_live(*live_, *block);
   {
     std::lock_guard<std::mutex> lock(mu_);
     written_.push_back({*block * block_size_, block_size_});
   }
-  ++pending_.write_faults;
   const int err = ops_->write_protect(host_page, block_size_, false);
-  if (err == 0) return Served::kOk;
   // The address space is changing (an event this thread has not read yet): try again after the
-  // next read, like a fault's EAGAIN.
+  // next read, like a fault's EAGAIN. Counted once, when it is resolved.
   if (err == EAGAIN) return Served::kRetry;
+  ++pending_.write_faults;
+  if (err == 0) return Served::kOk;
   if (err == ESRCH) return Served::kGone;
   fail(make_error(Errc::kResumeFailed,
                   io::errno_message("UFFDIO_WRITEPROTECT (make writable) at guest offset " +
@@ -420,12 +427,8 @@ FaultServer::Served FaultServer::serve(std::uint64_t host_page, bool minor) {
   if (!found) return Served::kError;
   const std::uint64_t block = *found;
   if (options_.write_faults) {
-    if (auto image = live()) {
-      // A page installed now may be written at once: keep what the export still needs.
-      const std::uint64_t before = image->copies();
-      (void)image->preserve(block);
-      pending_.live_copies += image->copies() - before;
-    }
+    // A page installed now may be written at once: keep what the export still needs.
+    if (auto image = live()) preserve_for_live(*image, block);
   }
   const Extent* x = extent_of(block);
   const std::uint8_t* data = x->zero ? nullptr : x->data + (block - x->first_block) * block_size_;

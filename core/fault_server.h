@@ -175,7 +175,9 @@ class FaultServer {
       bool clear, std::chrono::milliseconds timeout = std::chrono::seconds(10));
   // A live pause's image: from now on (null: no longer) blocks it needs are copied into it
   // before the guest may change them. Call it with the VMM stopped; it takes effect for every
-  // message the serving thread handles after the call.
+  // message the serving thread handles after the call, and it waits for a write-protect fault
+  // being resolved without an image: once it returns, a page is made writable only after its
+  // block was preserved, so a protection the caller applies after it holds until then.
   void set_live(std::shared_ptr<LiveImage> image);
 
   // Where a stretch of guest blocks gets its bytes, flattened from the chain.
@@ -195,6 +197,8 @@ class FaultServer {
   Served serve(std::uint64_t host_page, bool minor);
   // write_faults: a write-protect fault on host_page.
   Served serve_write(std::uint64_t host_page);
+  // Copies `block` into a live pause's image if the export still needs it, counted.
+  void preserve_for_live(LiveImage& image, std::uint64_t block);
   std::shared_ptr<LiveImage> live() const;
   // The guest block at host_addr, or nullopt (then serving has failed).
   std::optional<std::uint64_t> block_at(std::uint64_t host_addr);

@@ -10,6 +10,7 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -26,6 +27,7 @@
 #include <gtest/gtest.h>
 
 #include "core/dirty_set.h"
+#include "core/live_image.h"
 #include "core/snapshot/snapshot_writer.h"
 
 namespace memsnap {
@@ -431,6 +433,94 @@ TEST_F(FaultServePathTest, AContinueRefusedWithWriteProtectIsRetriedWithoutItOnc
   EXPECT_EQ(s.minor_faults, 2u);
   EXPECT_EQ(s.continues, 2u);
   EXPECT_EQ(s.copies, 1u);
+  EXPECT_TRUE(server_->error().ok());
+}
+
+// A live pause's begin (ResumeSession::begin_live) hands the server its image, then protects
+// the dirty set: from the moment set_live() returns, a page may be made writable only after its
+// block was preserved. A write-protect fault whose resolution began before set_live() (it found
+// no image) must therefore end before set_live() returns; else its un-protect lands after the
+// protection, and the guest's writes to that block go unseen through the export.
+TEST_F(FaultServePathTest, SetLiveWaitsForAWriteFaultThatFoundNoImageToBeResolved) {
+  std::mutex m;
+  std::condition_variable cv;
+  bool entered = false;
+  std::atomic<bool> set_live_returned{false};
+  std::atomic<bool> unprotected_after_set_live{false};
+  FaultServerOptions options;
+  options.write_faults = true;
+  ASSERT_NO_FATAL_FAILURE(start(
+      [&](const Call& c) {
+        if (c.op != "write_protect" || c.wp) return 0;
+        {
+          std::lock_guard<std::mutex> lock(m);
+          entered = true;
+        }
+        cv.notify_all();
+        // Give set_live() every chance to return while this un-protect is in flight: if it can,
+        // it does within this wait (the test thread calls it at once).
+        std::unique_lock<std::mutex> lock(m);
+        cv.wait_for(lock, std::chrono::seconds(1), [&] { return set_live_returned.load(); });
+        if (set_live_returned) unprotected_after_set_live = true;
+        return 0;
+      },
+      options));
+  uffd_msg msg{};
+  msg.event = UFFD_EVENT_PAGEFAULT;
+  msg.arg.pagefault.address = kBase + 3 * kBlock;
+  msg.arg.pagefault.flags = UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_WRITE;
+  ASSERT_EQ(::write(pipe_[1], &msg, sizeof(msg)), static_cast<ssize_t>(sizeof(msg)));
+  {
+    std::unique_lock<std::mutex> lock(m);
+    ASSERT_TRUE(cv.wait_for(lock, std::chrono::minutes(2), [&] { return entered; }));
+  }
+  const int memfd = ::memfd_create("live-test", MFD_CLOEXEC);
+  ASSERT_GE(memfd, 0);
+  ASSERT_EQ(::ftruncate(memfd, kBlocks * kBlock), 0);
+  auto image = LiveImage::create(memfd, kBlocks * kBlock, kBlock, {{0, kBlocks * kBlock}});
+  ::close(memfd);
+  ASSERT_TRUE(image.ok()) << image.error().to_string();
+  server_->set_live(*image);
+  {
+    std::lock_guard<std::mutex> lock(m);
+    set_live_returned = true;
+  }
+  cv.notify_all();
+  ASSERT_TRUE(fake_->wait_for_calls(1));
+  server_->stop();
+  EXPECT_FALSE(unprotected_after_set_live)
+      << "a page was made writable after set_live() returned, its block not preserved";
+  EXPECT_EQ(server_->stats().write_faults, 1u);
+}
+
+// A write-protect fault whose un-protect meets EAGAIN is retried after the next read, and counted
+// once, when it is resolved.
+TEST_F(FaultServePathTest, AWriteFaultRetriedAfterEagainIsCountedOnce) {
+  std::atomic<int> unprotects{0};
+  FaultServerOptions options;
+  options.write_faults = true;
+  ASSERT_NO_FATAL_FAILURE(start(
+      [&](const Call& c) {
+        if (c.op != "write_protect" || c.wp) return 0;
+        return unprotects++ == 0 ? EAGAIN : 0;
+      },
+      options));
+  for (std::uint64_t b : {2, 5}) {
+    uffd_msg msg{};
+    msg.event = UFFD_EVENT_PAGEFAULT;
+    msg.arg.pagefault.address = kBase + b * kBlock;
+    msg.arg.pagefault.flags = UFFD_PAGEFAULT_FLAG_WP | UFFD_PAGEFAULT_FLAG_WRITE;
+    ASSERT_EQ(::write(pipe_[1], &msg, sizeof(msg)), static_cast<ssize_t>(sizeof(msg)));
+  }
+  const FaultStats s = finish(3);
+  const std::vector<Call> expected = {{"write_protect", 2, false, false, EAGAIN},
+                                      {"write_protect", 5, false, false, 0},
+                                      {"write_protect", 2, false, false, 0}};
+  std::vector<Call> calls = fake_->calls();
+  std::sort(calls.begin() + 1, calls.end(),
+            [](const Call& a, const Call& b) { return a.block > b.block; });
+  EXPECT_EQ(calls, expected);
+  EXPECT_EQ(s.write_faults, 2u);
   EXPECT_TRUE(server_->error().ok());
 }
 

@@ -608,13 +608,20 @@ Result<std::shared_ptr<LiveImage>> ResumeSession::begin_live(
   if (!can_pause_live()) {
     return make_error(Errc::kUnsupported, "this sandbox cannot pause live");
   }
+  MEMSNAP_ASSIGN_OR_RETURN(
+      auto image, LiveImage::create(memfd_.get(), report_.guest_size, report_.block_size, ranges));
+  // The image first, then the protection. The VMM is stopped, but the fault server may still
+  // resolve a write fault its vCPU raised before the stop: set_live() waits for one that found
+  // no image, and every later one preserves its block before the page becomes writable. In the
+  // other order such a fault could make a page writable after it was protected, unpreserved.
+  server_->set_live(image);
   // Every block of the export protected, whatever its way into the dirty set (taken just now, a
   // discard, an earlier pause that did not commit, a cut-off snapshot's blocks): one that is
   // not could change without a fault. Protecting a protected page changes nothing.
-  MEMSNAP_RETURN_IF_ERROR(protect_guest_ranges(handshake_.uffd.get(), regions_, ranges));
-  MEMSNAP_ASSIGN_OR_RETURN(
-      auto image, LiveImage::create(memfd_.get(), report_.guest_size, report_.block_size, ranges));
-  server_->set_live(image);
+  if (Status s = protect_guest_ranges(handshake_.uffd.get(), regions_, ranges); !s.ok()) {
+    server_->set_live(nullptr);
+    return s.error();
+  }
   return image;
 }
 

@@ -7,6 +7,7 @@
 #include <sys/mount.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -19,6 +20,7 @@
 #include <iterator>
 #include <map>
 #include <regex>
+#include <set>
 #include <string>
 #include <thread>
 #include <vector>
@@ -1293,18 +1295,40 @@ TEST_F(MemsnapdTest, ALivePauseLetsTheGuestRunDuringTheExportAndItsSnapshotIsThe
   EXPECT_EQ(*bad, 0u) << "writes made during the live export are missing from the next diff";
 }
 
+// A tmpfs of its own at `dir` (created), unmounted when it goes: a file system that fills up.
+class SmallTmpfs {
+ public:
+  SmallTmpfs(const fs::path& dir, const std::string& options) : dir_(dir) {
+    if (::geteuid() != 0) {
+      why_not_ = "mounting a small tmpfs needs root";
+      return;
+    }
+    fs::create_directories(dir);
+    if (::mount("memsnap-test", dir.c_str(), "tmpfs", 0, options.c_str()) != 0) {
+      why_not_ = std::string("cannot mount a tmpfs here: ") + std::strerror(errno);
+      return;
+    }
+    mounted_ = true;
+  }
+  ~SmallTmpfs() {
+    if (mounted_) ::umount2(dir_.c_str(), MNT_DETACH);
+  }
+  SmallTmpfs(const SmallTmpfs&) = delete;
+  SmallTmpfs& operator=(const SmallTmpfs&) = delete;
+  bool mounted() const { return mounted_; }
+  const std::string& why_not() const { return why_not_; }
+
+ private:
+  fs::path dir_;
+  bool mounted_ = false;
+  std::string why_not_;
+};
+
 TEST_F(MemsnapdTest, AFullDiskFailsTheExportWithTheMemoryHeldAndARetryMakesItDurable) {
-  if (::geteuid() != 0) GTEST_SKIP() << "mounting a small tmpfs needs root";
   // The sandbox's snapshot directory is a tmpfs far smaller than its guest.
   const fs::path small = fs::path(daemon_->snapshot_dir()) / "sb-full";
-  fs::create_directories(small);
-  if (::mount("memsnap-test", small.c_str(), "tmpfs", 0, "size=4m") != 0) {
-    GTEST_SKIP() << "cannot mount a tmpfs here: " << std::strerror(errno);
-  }
-  struct Unmount {
-    std::string path;
-    ~Unmount() { ::umount2(path.c_str(), MNT_DETACH); }
-  } unmount{small.string()};
+  SmallTmpfs tmpfs(small, "size=4m");
+  if (!tmpfs.mounted()) GTEST_SKIP() << tmpfs.why_not();
   Sandbox& sb = launch("sb-full", "b", "memfd");
   auto paused = sb.pause({{"mode", "handover"}});
   ASSERT_TRUE(paused.ok()) << paused.error().to_string();
@@ -1336,6 +1360,88 @@ TEST_F(MemsnapdTest, AFullDiskFailsTheExportWithTheMemoryHeldAndARetryMakesItDur
   EXPECT_EQ(*bad, 0u);
   sandboxes_.clear();  // the VMM goes before the file system under its snapshot
   call("DELETE", "/v1/sandboxes/sb-full?force=true");
+}
+
+std::set<std::string> files_in(const fs::path& dir) {
+  std::set<std::string> names;
+  for (const auto& e : fs::directory_iterator(dir)) names.insert(e.path().filename().string());
+  return names;
+}
+
+// A live pause that runs out of disk fails with nothing committed, the guest running on
+// throughout; what it wrote before and during the failed pause is in the next one.
+TEST_F(MemsnapdTest, ALivePauseOnAFullDiskFailsWithNothingCommittedAndTheNextPauseKeepsEveryWrite) {
+  const fs::path small = fs::path(daemon_->snapshot_dir()) / "sb-live-full";
+  SmallTmpfs tmpfs(small, "size=160m");
+  if (!tmpfs.mounted()) GTEST_SKIP() << tmpfs.why_not();
+  SandboxSpec spec;
+  spec.id = "sb-live-full";
+  spec.size = 64ULL << 20;
+  spec.backing = "memfd";
+  spec.attributes = {{"team", "b"}};
+  spec.seed = 92;
+  spec.write_faults = true;
+  auto launched = Sandbox::launch(*daemon_, spec);
+  ASSERT_TRUE(launched.ok()) << launched.error().to_string();
+  Sandbox& sb = **launched;
+  ASSERT_TRUE(sb.pause({{"strategy", "memfd"}}).ok());
+  ASSERT_TRUE(sb.resume().ok());
+  GuestProcess& vmm = *sb.vmm();
+  ASSERT_TRUE(vmm.write_faults());
+  ASSERT_TRUE(sb.dirty(0.5, 93).ok());
+  const std::vector<std::string> chain_before =
+      call("GET", "/v1/sandboxes/sb-live-full").body["snapshots"];
+  // All but 2 MiB of the file system taken: the diff (about 32 MiB) cannot be written.
+  {
+    struct statvfs st {};
+    ASSERT_EQ(::statvfs(small.c_str(), &st), 0);
+    const std::uint64_t room = std::uint64_t{st.f_bavail} * st.f_frsize;
+    ASSERT_GT(room, 4ULL << 20);
+    std::vector<char> block(1 << 20, 'x');
+    std::ofstream filler(small / "filler", std::ios::binary);
+    for (std::uint64_t left = room - (2ULL << 20); left > 0;) {
+      const std::uint64_t n = std::min<std::uint64_t>(left, block.size());
+      filler.write(block.data(), static_cast<std::streamsize>(n));
+      left -= n;
+    }
+    filler.close();
+    ASSERT_TRUE(filler.good());
+  }
+  const std::set<std::string> files_before = files_in(small);
+  constexpr std::uint64_t kLoopPages = 1024;
+  const std::uint64_t pages = spec.size / 4096;
+  ASSERT_TRUE(vmm.write_loop(pages - kLoopPages, kLoopPages).ok());
+  auto failed = sb.pause({{"mode", "live"}, {"after", "continue"}, {"strategy", "memfd"}});
+  ASSERT_FALSE(failed.ok()) << failed->dump();
+  EXPECT_NE(failed.error().to_string().find("No space"), std::string::npos)
+      << failed.error().to_string();
+  const Answer after = call("GET", "/v1/sandboxes/sb-live-full");
+  EXPECT_EQ(after.body["state"], "running") << after.body.dump();
+  EXPECT_EQ(after.body["snapshots"], json(chain_before)) << after.body.dump();
+  EXPECT_EQ(files_in(small), files_before) << "the failed pause left files behind";
+  // The guest ran on through the failure: its loop still finishes rounds.
+  auto rounds = vmm.write_rounds();
+  ASSERT_TRUE(rounds.ok()) << rounds.error().to_string();
+  EXPECT_TRUE(eventually(
+      [&] {
+        auto now = vmm.write_rounds();
+        return now.ok() && *now > *rounds;
+      },
+      std::chrono::seconds(60)))
+      << "the guest's loop stopped after the failed live pause";
+  ASSERT_TRUE(vmm.write_stop().ok());
+  // Room again: the next pause holds every write, from before the failed pause and after it.
+  fs::remove(small / "filler");
+  auto next = sb.pause({{"mode", "live"}, {"after", "continue"}, {"strategy", "memfd"}});
+  ASSERT_TRUE(next.ok()) << next.error().to_string();
+  EXPECT_EQ((*next)["mode"], "live") << next->dump();
+  ASSERT_TRUE(sb.pause({{"strategy", "memfd"}}).ok());
+  ASSERT_TRUE(sb.resume().ok());
+  auto bad = sb.verify();
+  ASSERT_TRUE(bad.ok()) << bad.error().to_string();
+  EXPECT_EQ(*bad, 0u) << "writes made around the failed live pause are missing";
+  launched->reset();  // the VMM goes before the file system under its snapshot
+  call("DELETE", "/v1/sandboxes/sb-live-full?force=true");
 }
 
 TEST(MemsnapdConfigTest, ABadConfigFileIsRefusedWithFileLineAndColumn) {
