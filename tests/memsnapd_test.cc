@@ -169,14 +169,17 @@ class MemsnapdTest : public ::testing::Test {
   }
   void open_gate() { write_file(gate_ + "/open", ""); }
   // A stand-in with memfd-backed memory, owned by the test (which may end it, or outlive it).
+  // write_faults: its VMM sends its write-protect faults to memsnap (what a live pause needs).
   std::unique_ptr<Sandbox> launch_memfd(const std::string& id, std::uint64_t size,
-                                        const std::string& team, std::uint64_t seed) {
+                                        const std::string& team, std::uint64_t seed,
+                                        bool write_faults = false) {
     SandboxSpec spec;
     spec.id = id;
     spec.size = size;
     spec.backing = "memfd";
     spec.attributes = {{"team", team}};
     spec.seed = seed;
+    spec.write_faults = write_faults;
     auto launched = Sandbox::launch(*daemon_, spec);
     EXPECT_TRUE(launched.ok()) << launched.error().to_string();
     return launched.ok() ? std::move(*launched) : nullptr;
@@ -1161,16 +1164,10 @@ std::vector<std::uint32_t> generations_in(const std::vector<std::string>& chain_
 }
 
 TEST_F(MemsnapdTest, ALivePauseLetsTheGuestRunDuringTheExportAndItsSnapshotIsThePauseInstantImage) {
-  SandboxSpec spec;
-  spec.id = "sb-live";
-  spec.size = 128ULL << 20;
-  spec.backing = "memfd";
-  spec.attributes = {{"team", "b"}};
-  spec.seed = 90;
-  spec.write_faults = true;
-  auto launched = Sandbox::launch(*daemon_, spec);
-  ASSERT_TRUE(launched.ok()) << launched.error().to_string();
-  Sandbox& sb = **launched;
+  std::unique_ptr<Sandbox> launched = launch_memfd("sb-live", 128ULL << 20, "b", 90, true);
+  ASSERT_NE(launched, nullptr);
+  Sandbox& sb = *launched;
+  const SandboxSpec spec = sb.spec();
   const json live_body = {{"mode", "live"}, {"after", "continue"}, {"strategy", "memfd"}};
 
   // memsnapd does not serve the first VMM's faults: live falls back to copy and says why.
@@ -1374,16 +1371,10 @@ TEST_F(MemsnapdTest, ALivePauseOnAFullDiskFailsWithNothingCommittedAndTheNextPau
   const fs::path small = fs::path(daemon_->snapshot_dir()) / "sb-live-full";
   SmallTmpfs tmpfs(small, "size=160m");
   if (!tmpfs.mounted()) GTEST_SKIP() << tmpfs.why_not();
-  SandboxSpec spec;
-  spec.id = "sb-live-full";
-  spec.size = 64ULL << 20;
-  spec.backing = "memfd";
-  spec.attributes = {{"team", "b"}};
-  spec.seed = 92;
-  spec.write_faults = true;
-  auto launched = Sandbox::launch(*daemon_, spec);
-  ASSERT_TRUE(launched.ok()) << launched.error().to_string();
-  Sandbox& sb = **launched;
+  std::unique_ptr<Sandbox> launched = launch_memfd("sb-live-full", 64ULL << 20, "b", 92, true);
+  ASSERT_NE(launched, nullptr);
+  Sandbox& sb = *launched;
+  const SandboxSpec spec = sb.spec();
   ASSERT_TRUE(sb.pause({{"strategy", "memfd"}}).ok());
   ASSERT_TRUE(sb.resume().ok());
   GuestProcess& vmm = *sb.vmm();
@@ -1440,7 +1431,7 @@ TEST_F(MemsnapdTest, ALivePauseOnAFullDiskFailsWithNothingCommittedAndTheNextPau
   auto bad = sb.verify();
   ASSERT_TRUE(bad.ok()) << bad.error().to_string();
   EXPECT_EQ(*bad, 0u) << "writes made around the failed live pause are missing";
-  launched->reset();  // the VMM goes before the file system under its snapshot
+  launched.reset();  // the VMM goes before the file system under its snapshot
   call("DELETE", "/v1/sandboxes/sb-live-full?force=true");
 }
 
