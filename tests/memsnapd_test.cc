@@ -1074,6 +1074,72 @@ TEST_F(MemsnapdTest, KillNineOfMemsnapdDuringABackgroundExportLosesNothingAcknow
       << "the committed snapshot is not the memory the pause acknowledged";
 }
 
+// kill -9 of memsnapd while a live pause exports, the guest writing throughout: the pause was
+// never answered and nothing of it becomes visible; the VMM, whose writes fault to the dead
+// memsnapd, is ended by the guardian instead of hanging; the last committed snapshot still holds
+// every page it was given, and a restarted memsnapd removes the dead one's temporary file.
+TEST_F(MemsnapdTest, KillNineOfMemsnapdDuringALiveExportEndsTheVmmAndCommitsNothingOfThatPause) {
+  restart_with_gate();
+  std::unique_ptr<Sandbox> sb = launch_memfd("sb-live-kill", 64ULL << 20, "b", 94, true);
+  ASSERT_NE(sb, nullptr);
+  const SandboxSpec spec = sb->spec();
+  auto first = sb->pause({{"strategy", "memfd"}});
+  ASSERT_TRUE(first.ok()) << first.error().to_string();
+  const std::string gen1 = (*first)["snapshot"];
+  ASSERT_TRUE(sb->resume().ok());
+  GuestProcess& vmm = *sb->vmm();
+  ASSERT_TRUE(vmm.write_faults());
+  const std::vector<std::uint32_t> at_gen1 = vmm.expected_generations();
+  ASSERT_TRUE(sb->dirty(0.5, 95).ok());
+  const std::uint64_t pages = spec.size / 4096;
+  ASSERT_TRUE(vmm.write_loop(pages - 1024, 1024).ok());
+  const fs::path dir = fs::path(daemon_->snapshot_dir()) / "sb-live-kill";
+  auto names = [&](bool temporary) {
+    std::vector<std::string> out;
+    for (const auto& e : fs::directory_iterator(dir)) {
+      const std::string name = e.path().filename().string();
+      if ((name.find(".tmp.") != std::string::npos) == temporary) out.push_back(name);
+    }
+    return out;
+  };
+  // gated_memfd stops half way until the gate opens, which it never does here.
+  Result<json> live = json();
+  std::thread t([&] {
+    live = sb->pause({{"mode", "live"}, {"after", "continue"}, {"strategy", "gated_memfd"}});
+  });
+  const bool half_way = reached_gate();
+  const pid_t vmm_pid = vmm.pid();
+  // The guest runs during the export: its loop finishes rounds, its writes copied out first.
+  auto rounds = vmm.write_rounds();
+  ASSERT_TRUE(rounds.ok()) << rounds.error().to_string();
+  const bool ran = eventually(
+      [&] {
+        auto now = vmm.write_rounds();
+        return now.ok() && *now > *rounds;
+      },
+      std::chrono::seconds(60));
+  ASSERT_EQ(::kill(daemon_->pid(), SIGKILL), 0);
+  t.join();
+  ASSERT_TRUE(half_way) << "the live export never got half way";
+  EXPECT_TRUE(ran) << "the guest did not run during the live export";
+  EXPECT_FALSE(live.ok()) << "a live pause answered although memsnapd was killed in its middle";
+  EXPECT_TRUE(ends_within(vmm_pid, std::chrono::seconds(10)))
+      << "the VMM outlived the memsnapd that took its write faults";
+  EXPECT_EQ(names(false), std::vector<std::string>{fs::path(gen1).filename().string()});
+  EXPECT_FALSE(names(true).empty()) << "half way through, the live pause had no temporary file";
+  EXPECT_EQ(bad_pages_in({gen1}, spec.seed, at_gen1), 0u) << "generation 1 lost pages";
+  sb.reset();
+  daemon_.reset();
+  DaemonOptions o;
+  o.dir = dir_;
+  o.flags_file = flags_;
+  auto restarted = Daemon::start(o);
+  ASSERT_TRUE(restarted.ok()) << restarted.error().to_string();
+  daemon_ = std::move(*restarted);
+  EXPECT_TRUE(names(true).empty()) << "the restarted memsnapd left " << names(true).front();
+  EXPECT_TRUE(fs::exists(gen1));
+}
+
 // Item 3: a resume asked while the export runs is served at once from the memory held for the
 // export; the guest reads its paused memory and writes on, and the snapshot still commits the
 // memory as it was at the pause. Twice: a base snapshot (nothing under the held memory), then a
