@@ -103,6 +103,11 @@ class MemsnapdTest : public ::testing::Test {
     dir_ = templ;
     flags_ = dir_ + "/flags.json";
     write_file(flags_, flag_file("process_vm_readv"));
+    ASSERT_NO_FATAL_FAILURE(start_daemon());
+  }
+  // (Re)starts memsnapd on the test's directory and flags, as SetUp does; the old one, if any,
+  // must be gone (daemon_.reset()).
+  void start_daemon() {
     DaemonOptions o;
     o.dir = dir_;
     o.flags_file = flags_;
@@ -909,12 +914,7 @@ TEST_F(MemsnapdTest, KillNineInTheMiddleOfAPauseLeavesThePreviousGenerationWhole
   // A new memsnapd on the same directory cleans up what the dead one left.
   sb.reset();
   daemon_.reset();
-  DaemonOptions o;
-  o.dir = dir_;
-  o.flags_file = flags_;
-  auto restarted = Daemon::start(o);
-  ASSERT_TRUE(restarted.ok()) << restarted.error().to_string();
-  daemon_ = std::move(*restarted);
+  ASSERT_NO_FATAL_FAILURE(start_daemon());
   EXPECT_TRUE(temporaries().empty()) << "the restarted memsnapd left " << temporaries().front();
   EXPECT_TRUE(fs::exists(gen1));
 }
@@ -967,12 +967,7 @@ TEST_F(MemsnapdTest, KillNineInTheMiddleOfAHolePunchPauseLeavesTheMemoryRecovera
     return out;
   };
   daemon_.reset();
-  DaemonOptions o;
-  o.dir = dir_;
-  o.flags_file = flags_;
-  auto restarted = Daemon::start(o);
-  ASSERT_TRUE(restarted.ok()) << restarted.error().to_string();
-  daemon_ = std::move(*restarted);
+  ASSERT_NO_FATAL_FAILURE(start_daemon());
   const std::vector<std::string> left = files();
   ASSERT_EQ(left.size(), 2u) << "the temporary file and its journal must survive the restart";
   EXPECT_NE(left[1].find(".recovery"), std::string::npos) << left[1];
@@ -1130,12 +1125,7 @@ TEST_F(MemsnapdTest, KillNineOfMemsnapdDuringALiveExportEndsTheVmmAndCommitsNoth
   EXPECT_EQ(bad_pages_in({gen1}, spec.seed, at_gen1), 0u) << "generation 1 lost pages";
   sb.reset();
   daemon_.reset();
-  DaemonOptions o;
-  o.dir = dir_;
-  o.flags_file = flags_;
-  auto restarted = Daemon::start(o);
-  ASSERT_TRUE(restarted.ok()) << restarted.error().to_string();
-  daemon_ = std::move(*restarted);
+  ASSERT_NO_FATAL_FAILURE(start_daemon());
   EXPECT_TRUE(names(true).empty()) << "the restarted memsnapd left " << names(true).front();
   EXPECT_TRUE(fs::exists(gen1));
 }
