@@ -245,6 +245,36 @@ void ResumeSession::stop() {
   }
 }
 
+bool ResumeSession::stop_leaving_vmm_running() {
+  if (arming_.valid()) arming_.wait();
+  if (!vmm_running() || !memfd_complete() || handshake_.uffd.get() < 0) {
+    stop();
+    return false;
+  }
+  for (const plugin::Region& r : regions_) {
+    uffdio_range range{r.host_addr, r.size};
+    if (::ioctl(handshake_.uffd.get(), UFFDIO_UNREGISTER, &range) != 0) {
+      const int err = errno;
+      spdlog::warn("resume: VMM pid {}: unregistering its memory at {:#x} failed: {}",
+                   report_.vmm_pid, r.host_addr, std::strerror(err));
+      stop();
+      return false;
+    }
+  }
+  // Nothing can fault to memsnap any more: the server stops with nothing to serve.
+  if (server_) server_->stop();
+  if (guard_token_ != 0) {
+    request_.guard->release(guard_token_);
+    guard_token_ = 0;
+  }
+  spdlog::info(
+      "resume: VMM pid {} runs on without memsnap (its memory is whole in its memfd; its "
+      "writes are no longer tracked: its next pause exports every populated page)",
+      report_.vmm_pid);
+  vmm_pidfd_.reset();
+  return true;
+}
+
 bool ResumeSession::vmm_running() const {
   if (vmm_pidfd_.get() < 0) return false;
   pollfd p{vmm_pidfd_.get(), POLLIN, 0};  // readable once the process has exited

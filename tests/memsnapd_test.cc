@@ -697,6 +697,43 @@ TEST_F(MemsnapdTest, KillNineOfMemsnapdEndsTheVmmsItServesInsteadOfLeavingThemHa
       << "the VMM outlived the memsnapd that served its memory";
 }
 
+// A graceful stop of memsnapd (SIGTERM) ends only the VMMs that cannot run without it. A warm
+// resumed guest whose writes fault to memsnapd (synchronous write-protect) runs on: its memory
+// is unregistered from its userfaultfd, so it reads every page and writes without waiting for
+// anyone. A lazily served guest is ended (its next fault would hang).
+TEST_F(MemsnapdTest, SigtermLeavesAWarmResumedVmmRunningAndEndsOnlyALazilyServedOne) {
+  std::unique_ptr<Sandbox> warm = launch_memfd("sb-warm", 64ULL << 20, "b", 96, true);
+  ASSERT_NE(warm, nullptr);
+  ASSERT_TRUE(warm->pause({{"strategy", "memfd"}}).ok());
+  auto resumed = warm->resume({{"mode", "warm"}});
+  ASSERT_TRUE(resumed.ok()) << resumed.error().to_string();
+  ASSERT_EQ((*resumed)["report"]["write_faults"], true) << resumed->dump();
+  ASSERT_TRUE(warm->dirty(0.2, 97).ok());  // pages written, then protected again by a pause
+  ASSERT_TRUE(warm->pause({{"mode", "live"}, {"after", "continue"}, {"strategy", "memfd"}}).ok());
+  Sandbox& lazy = launch("sb-lazy", "a", "anon");
+  ASSERT_TRUE(lazy.pause().ok());
+  auto lazily = lazy.resume();
+  ASSERT_TRUE(lazily.ok()) << lazily.error().to_string();
+  ASSERT_EQ((*lazily)["mode"], "lazy") << lazily->dump();
+  const pid_t warm_pid = warm->vmm()->pid();
+  const pid_t lazy_pid = lazy.vmm()->pid();
+
+  EXPECT_EQ(daemon_->stop(SIGTERM, std::chrono::seconds(30)), 0);
+  EXPECT_TRUE(ends_within(lazy_pid, std::chrono::seconds(10)))
+      << "the lazily served VMM outlived memsnapd";
+  ASSERT_FALSE(ended(warm_pid)) << "memsnapd ended a VMM that can run without it";
+  GuestProcess& guest = *warm->vmm();
+  auto bad = guest.verify();
+  ASSERT_TRUE(bad.ok()) << bad.error().to_string();
+  EXPECT_EQ(*bad, 0u);
+  // Its pages were write-protected for memsnapd: writes go through without it now.
+  ASSERT_TRUE(guest.dirty(0.3, false, 98).ok());
+  bad = guest.verify();
+  ASSERT_TRUE(bad.ok()) << bad.error().to_string();
+  EXPECT_EQ(*bad, 0u);
+  EXPECT_FALSE(ended(warm_pid));
+}
+
 // Unregistering a sandbox that runs on memory memsnapd serves would end its VMM (and lose what
 // the guest did since its last pause): refused unless asked for with force=true.
 TEST_F(MemsnapdTest, RemovingARunningLazilyServedSandboxNeedsForceAndThenEndsItsVmm) {
@@ -729,6 +766,24 @@ char process_state(pid_t pid) {
   if (!std::getline(stat, text)) return 0;
   const auto close = text.rfind(')');
   return close == std::string::npos || close + 2 >= text.size() ? 0 : text[close + 2];
+}
+
+// A sandbox paused with its VMM left stopped, never resumed by memsnapd: removing it ends that
+// VMM (its memory is in the snapshot), as it does for a VMM memsnapd resumed, instead of leaving
+// a stopped process behind that nobody will continue.
+TEST_F(MemsnapdTest, RemovingAPausedSandboxEndsItsStoppedVmmEvenIfMemsnapdNeverResumedIt) {
+  Sandbox& sb = launch("sb-1", "a", "anon");
+  const pid_t vmm = sb.vmm()->pid();
+  // Through the API itself: the fleet's pause() ends a stopped VMM, as an orchestrator may.
+  const Answer paused = call("POST", "/v1/sandboxes/sb-1/pause", json::object());
+  ASSERT_EQ(paused.status, 200) << paused.error_text();
+  ASSERT_EQ(call("GET", "/v1/sandboxes/sb-1").body["state"], "paused");
+  ASSERT_EQ(process_state(vmm), 'T') << "the paused VMM is not stopped";
+  const Answer removed = call("DELETE", "/v1/sandboxes/sb-1");
+  ASSERT_EQ(removed.status, 200) << removed.body.dump();
+  EXPECT_EQ(removed.body["vmm_ended"], true) << removed.body.dump();
+  EXPECT_TRUE(ends_within(vmm, std::chrono::seconds(5)))
+      << "the stopped VMM of a removed sandbox was left behind";
 }
 
 // A refused request changes nothing: a warm resume of a sandbox that kept no memfd is refused

@@ -80,7 +80,9 @@ const cli_spec::Program& program() {
          "fallback strategy; keys that need a restart are logged and left as they were.\n\n"
          "SIGTERM and SIGINT drain: no new pause or resume is accepted; memsnapd waits up to "
          "drain.timeout_ms for those in flight, then removes the socket and exits once they "
-         "have ended. Nothing is ever aborted."},
+         "have ended. Nothing is ever aborted. On exit, a VMM memsnapd resumed whose memory is "
+         "whole in its memfd is left running (its memory unregistered from its userfaultfd); "
+         "one served lazily is ended, since its next fault would wait forever."},
         {"exit status",
          "0: stopped cleanly. 1: work in flight outlasted drain.timeout_ms, or memsnapd could "
          "not start. 2: a usage or configuration error, nothing was started."},

@@ -70,6 +70,11 @@ bool is_owned(SandboxState state) {
   return state == SandboxState::kPausing || state == SandboxState::kResuming;
 }
 
+bool vmm_left_stopped(SandboxState state) {
+  return state == SandboxState::kPaused || state == SandboxState::kExporting ||
+         state == SandboxState::kExportFailed;
+}
+
 bool transition_allowed(SandboxState from, SandboxState to) {
   for (const Move& m : kMoves) {
     if (m.from == from && m.to == to) return true;

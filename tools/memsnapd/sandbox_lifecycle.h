@@ -66,6 +66,11 @@ const std::vector<std::string>& sandbox_state_names();
 // Whether one pause or resume owns a sandbox in this state (pausing, resuming).
 bool is_owned(SandboxState state);
 
+// Whether a sandbox in this state with a VMM still alive has it stopped by memsnapd's last pause
+// (after: stop), waiting for a resume that no one else would give it: paused, exporting,
+// export_failed. (A registration with a VMM enters running; one from a chain has no VMM.)
+bool vmm_left_stopped(SandboxState state);
+
 // Whether the table above allows moving from `from` to `to`. Staying in a state is not a move.
 bool transition_allowed(SandboxState from, SandboxState to);
 

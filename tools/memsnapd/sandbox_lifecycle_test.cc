@@ -55,6 +55,17 @@ TEST(SandboxLifecycleTest, TheTableAllowsExactlyTheDocumentedMoves) {
   }
 }
 
+// The states a pause with after=stop leads to (and the export states that follow it) are the ones
+// whose VMM, if alive, memsnapd stopped.
+TEST(SandboxLifecycleTest, AVmmIsLeftStoppedOnlyInTheStatesAStopPauseLeadsTo) {
+  for (S s : kSandboxStates) {
+    const bool after_stop =
+        transition_allowed(S::kPausing, s) && s != S::kRunning && s != S::kFailed;
+    const bool export_state = s == S::kExporting || s == S::kExportFailed;
+    EXPECT_EQ(vmm_left_stopped(s), after_stop || export_state) << state_name(s);
+  }
+}
+
 TEST(SandboxLifecycleTest, OnlyPausingAndResumingAreOwned) {
   for (S s : kSandboxStates) {
     EXPECT_EQ(is_owned(s), s == S::kPausing || s == S::kResuming) << state_name(s);

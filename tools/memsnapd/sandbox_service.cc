@@ -355,9 +355,20 @@ SandboxService::~SandboxService() {
     all = sandboxes_;
   }
   changed_.notify_all();
+  // A VMM that can run without memsnapd (its memory whole in its memfd) is left running, no
+  // longer served or tracked; one served lazily is ended (its next fault would hang). Per
+  // sandbox in the log.
   for (auto& [id, sb] : all) {
     if (sb->resume_thread.joinable()) sb->resume_thread.join();
-    if (sb->session) sb->session->stop();
+    if (!sb->session) continue;
+    if (sb->session->stop_leaving_vmm_running()) {
+      spdlog::info("memsnapd stops: sandbox {} runs on without it (VMM pid {})", id, sb->vmm_pid);
+    } else if (sb->session->vmm_ended()) {
+      spdlog::warn(
+          "memsnapd stops: sandbox {} was ended (VMM pid {}): its memory was served "
+          "lazily; it resumes from its last snapshot",
+          id, sb->vmm_pid);
+    }
   }
   // Background exports go on without memsnapd (they commit, or hold the memory and retry): only
   // their watchers stop here, outside the lock their callbacks take.
@@ -2247,6 +2258,17 @@ Result<json> SandboxService::remove(const Caller& caller, const std::string& id,
   if (sb->session) {
     sb->session->stop();
     vmm_ended = sb->session->vmm_ended();
+  } else if (vmm_left_stopped(sb->state) && sb->vmm_pidfd.get() >= 0 &&
+             pidfd_alive(sb->vmm_pidfd.get())) {
+    // The VMM memsnapd stopped for the pause, never resumed by it: nobody would continue it
+    // now, and its memory is in the snapshot (or, exporting, held by the export). Through the
+    // pidfd taken at registration: never a successor with the same pid.
+    if (Status s = pidfd_signal(sb->vmm_pidfd.get(), SIGKILL); s.ok()) {
+      vmm_ended = true;
+    } else {
+      spdlog::warn("sandbox {}: its stopped VMM (pid {}) could not be ended: {}", id, sb->vmm_pid,
+                   s.error().to_string());
+    }
   }
   spdlog::info("sandbox {} unregistered (its snapshots stay){}", id,
                vmm_ended ? "; its VMM was ended" : "");
