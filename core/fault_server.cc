@@ -403,14 +403,20 @@ FaultServer::Served FaultServer::serve_write(std::uint64_t host_page) {
   std::lock_guard<std::mutex> live_lock(live_mu_);
   // The guest's write has not happened yet: what the page holds now is the pause's.
   if (live_) preserve_for_live(*live_, *block);
+  const plugin::ByteRange record{*block * block_size_, block_size_};
   {
     std::lock_guard<std::mutex> lock(mu_);
-    written_.push_back({*block * block_size_, block_size_});
+    written_.push_back(record);
   }
   const int err = ops_->write_protect(host_page, block_size_, false);
   // The address space is changing (an event this thread has not read yet): try again after the
-  // next read, like a fault's EAGAIN. Counted once, when it is resolved.
-  if (err == EAGAIN) return Served::kRetry;
+  // next read, like a fault's EAGAIN. Counted once, when it is resolved; recorded again then
+  // (the record stays unless it is the newest: taken since, it counts as written, harmlessly).
+  if (err == EAGAIN) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (!written_.empty() && written_.back().offset == record.offset) written_.pop_back();
+    return Served::kRetry;
+  }
   ++pending_.write_faults;
   if (err == 0) return Served::kOk;
   if (err == ESRCH) return Served::kGone;
@@ -426,9 +432,14 @@ FaultServer::Served FaultServer::serve(std::uint64_t host_page, bool minor) {
   const auto found = block_at(host_page);
   if (!found) return Served::kError;
   const std::uint64_t block = *found;
+  // With write faults, live_mu_ is held until the page is installed, as in serve_write(): a page
+  // installed writable (a write-protect mode turned off) must not slip in between a set_live()
+  // and the protection that follows it unpreserved.
+  std::unique_lock<std::mutex> live_lock(live_mu_, std::defer_lock);
   if (options_.write_faults) {
+    live_lock.lock();
     // A page installed now may be written at once: keep what the export still needs.
-    if (auto image = live()) preserve_for_live(*image, block);
+    if (live_) preserve_for_live(*live_, block);
   }
   const Extent* x = extent_of(block);
   const std::uint8_t* data = x->zero ? nullptr : x->data + (block - x->first_block) * block_size_;

@@ -251,6 +251,10 @@ bool ResumeSession::stop_leaving_vmm_running() {
     stop();
     return false;
   }
+  // The server first: it resolves what it has read, while the ranges are still registered (an
+  // ioctl on an unregistered range would fail, and a failing server ends the VMM). Faults
+  // raised from now on wait in the userfaultfd's queue.
+  if (server_) server_->stop();
   for (const plugin::Region& r : regions_) {
     uffdio_range range{r.host_addr, r.size};
     if (::ioctl(handshake_.uffd.get(), UFFDIO_UNREGISTER, &range) != 0) {
@@ -261,8 +265,18 @@ bool ResumeSession::stop_leaving_vmm_running() {
       return false;
     }
   }
-  // Nothing can fault to memsnap any more: the server stops with nothing to serve.
-  if (server_) server_->stop();
+  // Unregistering wakes only the faults of ranges registered for MISSING: every waiting fault
+  // is woken here, and retried on memory no userfaultfd watches any more.
+  for (const plugin::Region& r : regions_) {
+    uffdio_range range{r.host_addr, r.size};
+    if (::ioctl(handshake_.uffd.get(), UFFDIO_WAKE, &range) != 0) {
+      const int err = errno;
+      spdlog::warn("resume: VMM pid {}: waking its faults at {:#x} failed: {}", report_.vmm_pid,
+                   r.host_addr, std::strerror(err));
+      stop();
+      return false;
+    }
+  }
   if (guard_token_ != 0) {
     request_.guard->release(guard_token_);
     guard_token_ = 0;

@@ -207,12 +207,13 @@ class ResumeSession {
   // after the handshake (a wrong or missing ack, a fault server that cannot start; its error
   // says so), or the fault server stopping on an error while the VMM runs (serve_error()).
   void stop();
-  // stop() for a graceful stop of memsnap (not a takeover): a running VMM whose whole memory is
-  // in its memfd (warm, eager, a background fill that is done) can run on without memsnap, so
-  // its guest ranges are unregistered from its userfaultfd instead (UFFDIO_UNREGISTER acts on
-  // the VMM's address space and wakes any fault waiting there) and it is left running, no longer
-  // tracked. Any other running VMM (served lazily) is ended as stop() ends it. Returns whether
-  // a VMM was left running.
+  // stop() for a graceful stop of memsnap (not a takeover), for a sandbox that runs: a VMM
+  // whose whole memory is in its memfd (warm, eager, a background fill that is done) can run on
+  // without memsnap, so the server stops (resolving what it read), its guest ranges are
+  // unregistered from its userfaultfd (UFFDIO_UNREGISTER acts on the VMM's address space) and
+  // every fault still waiting is woken (UFFDIO_WAKE), and it is left running, no longer tracked.
+  // Any other running VMM (served lazily) is ended as stop() ends it. Returns whether a VMM was
+  // left running. Not for a VMM a pause left stopped: nobody would continue it (use stop()).
   bool stop_leaving_vmm_running();
   // Whether the VMM that connected still runs.
   bool vmm_running() const;

@@ -697,43 +697,6 @@ TEST_F(MemsnapdTest, KillNineOfMemsnapdEndsTheVmmsItServesInsteadOfLeavingThemHa
       << "the VMM outlived the memsnapd that served its memory";
 }
 
-// A graceful stop of memsnapd (SIGTERM) ends only the VMMs that cannot run without it. A warm
-// resumed guest whose writes fault to memsnapd (synchronous write-protect) runs on: its memory
-// is unregistered from its userfaultfd, so it reads every page and writes without waiting for
-// anyone. A lazily served guest is ended (its next fault would hang).
-TEST_F(MemsnapdTest, SigtermLeavesAWarmResumedVmmRunningAndEndsOnlyALazilyServedOne) {
-  std::unique_ptr<Sandbox> warm = launch_memfd("sb-warm", 64ULL << 20, "b", 96, true);
-  ASSERT_NE(warm, nullptr);
-  ASSERT_TRUE(warm->pause({{"strategy", "memfd"}}).ok());
-  auto resumed = warm->resume({{"mode", "warm"}});
-  ASSERT_TRUE(resumed.ok()) << resumed.error().to_string();
-  ASSERT_EQ((*resumed)["report"]["write_faults"], true) << resumed->dump();
-  ASSERT_TRUE(warm->dirty(0.2, 97).ok());  // pages written, then protected again by a pause
-  ASSERT_TRUE(warm->pause({{"mode", "live"}, {"after", "continue"}, {"strategy", "memfd"}}).ok());
-  Sandbox& lazy = launch("sb-lazy", "a", "anon");
-  ASSERT_TRUE(lazy.pause().ok());
-  auto lazily = lazy.resume();
-  ASSERT_TRUE(lazily.ok()) << lazily.error().to_string();
-  ASSERT_EQ((*lazily)["mode"], "lazy") << lazily->dump();
-  const pid_t warm_pid = warm->vmm()->pid();
-  const pid_t lazy_pid = lazy.vmm()->pid();
-
-  EXPECT_EQ(daemon_->stop(SIGTERM, std::chrono::seconds(30)), 0);
-  EXPECT_TRUE(ends_within(lazy_pid, std::chrono::seconds(10)))
-      << "the lazily served VMM outlived memsnapd";
-  ASSERT_FALSE(ended(warm_pid)) << "memsnapd ended a VMM that can run without it";
-  GuestProcess& guest = *warm->vmm();
-  auto bad = guest.verify();
-  ASSERT_TRUE(bad.ok()) << bad.error().to_string();
-  EXPECT_EQ(*bad, 0u);
-  // Its pages were write-protected for memsnapd: writes go through without it now.
-  ASSERT_TRUE(guest.dirty(0.3, false, 98).ok());
-  bad = guest.verify();
-  ASSERT_TRUE(bad.ok()) << bad.error().to_string();
-  EXPECT_EQ(*bad, 0u);
-  EXPECT_FALSE(ended(warm_pid));
-}
-
 // Unregistering a sandbox that runs on memory memsnapd serves would end its VMM (and lose what
 // the guest did since its last pause): refused unless asked for with force=true.
 TEST_F(MemsnapdTest, RemovingARunningLazilyServedSandboxNeedsForceAndThenEndsItsVmm) {
@@ -784,6 +747,68 @@ TEST_F(MemsnapdTest, RemovingAPausedSandboxEndsItsStoppedVmmEvenIfMemsnapdNeverR
   EXPECT_EQ(removed.body["vmm_ended"], true) << removed.body.dump();
   EXPECT_TRUE(ends_within(vmm, std::chrono::seconds(5)))
       << "the stopped VMM of a removed sandbox was left behind";
+}
+
+// A graceful stop of memsnapd (SIGTERM) ends only the VMMs that cannot run without it. A warm
+// resumed guest whose writes fault to memsnapd (synchronous write-protect) runs on, writing
+// through the stop: its memory is unregistered from its userfaultfd and its waiting faults
+// woken, so it reads every page and writes without waiting for anyone. A lazily served guest is
+// ended (its next fault would hang), and so is a VMM a pause left stopped.
+TEST_F(MemsnapdTest, SigtermLeavesAWarmResumedVmmRunningAndEndsOnlyTheLazyAndTheStoppedOnes) {
+  std::unique_ptr<Sandbox> warm = launch_memfd("sb-warm", 64ULL << 20, "b", 96, true);
+  ASSERT_NE(warm, nullptr);
+  ASSERT_TRUE(warm->pause({{"strategy", "memfd"}}).ok());
+  auto resumed = warm->resume({{"mode", "warm"}});
+  ASSERT_TRUE(resumed.ok()) << resumed.error().to_string();
+  ASSERT_EQ((*resumed)["report"]["write_faults"], true) << resumed->dump();
+  ASSERT_TRUE(warm->dirty(0.2, 97).ok());  // pages written, then protected again by a pause
+  ASSERT_TRUE(warm->pause({{"mode", "live"}, {"after", "continue"}, {"strategy", "memfd"}}).ok());
+  Sandbox& lazy = launch("sb-lazy", "a", "anon");
+  ASSERT_TRUE(lazy.pause().ok());
+  auto lazily = lazy.resume();
+  ASSERT_TRUE(lazily.ok()) << lazily.error().to_string();
+  ASSERT_EQ((*lazily)["mode"], "lazy") << lazily->dump();
+  // A warm-resumed VMM that a pause left stopped: nobody would continue it.
+  std::unique_ptr<Sandbox> stopped = launch_memfd("sb-stopped", 32ULL << 20, "b", 99);
+  ASSERT_NE(stopped, nullptr);
+  ASSERT_TRUE(stopped->pause({{"strategy", "memfd"}}).ok());
+  ASSERT_TRUE(stopped->resume({{"mode", "warm"}}).ok());
+  const pid_t stopped_pid = stopped->vmm()->pid();
+  ASSERT_EQ(call("POST", "/v1/sandboxes/sb-stopped/pause", json::object()).status, 200);
+  ASSERT_EQ(process_state(stopped_pid), 'T');
+  const pid_t warm_pid = warm->vmm()->pid();
+  const pid_t lazy_pid = lazy.vmm()->pid();
+  // The warm guest writes throughout the stop, its first write to each page a fault to
+  // memsnapd until then.
+  GuestProcess& guest = *warm->vmm();
+  const std::uint64_t pages = (64ULL << 20) / 4096;
+  ASSERT_TRUE(guest.write_loop(pages - 2048, 2048).ok());
+
+  EXPECT_EQ(daemon_->stop(SIGTERM, std::chrono::seconds(30)), 0);
+  EXPECT_TRUE(ends_within(lazy_pid, std::chrono::seconds(10)))
+      << "the lazily served VMM outlived memsnapd";
+  EXPECT_TRUE(ends_within(stopped_pid, std::chrono::seconds(10)))
+      << "a VMM a pause left stopped was left behind";
+  ASSERT_FALSE(ended(warm_pid)) << "memsnapd ended a VMM that can run without it";
+  auto rounds = guest.write_rounds();
+  ASSERT_TRUE(rounds.ok()) << rounds.error().to_string();
+  EXPECT_TRUE(eventually(
+      [&] {
+        auto now = guest.write_rounds();
+        return now.ok() && *now > *rounds + 1;
+      },
+      std::chrono::seconds(30)))
+      << "the guest's writes wait for the memsnapd that stopped";
+  ASSERT_TRUE(guest.write_stop().ok());
+  auto bad = guest.verify();
+  ASSERT_TRUE(bad.ok()) << bad.error().to_string();
+  EXPECT_EQ(*bad, 0u);
+  // Its pages were write-protected for memsnapd: writes go through without it now.
+  ASSERT_TRUE(guest.dirty(0.3, false, 98).ok());
+  bad = guest.verify();
+  ASSERT_TRUE(bad.ok()) << bad.error().to_string();
+  EXPECT_EQ(*bad, 0u);
+  EXPECT_FALSE(ended(warm_pid));
 }
 
 // A refused request changes nothing: a warm resume of a sandbox that kept no memfd is refused
@@ -1160,16 +1185,18 @@ TEST_F(MemsnapdTest, KillNineOfMemsnapdDuringALiveExportEndsTheVmmAndCommitsNoth
   const bool half_way = reached_gate();
   const pid_t vmm_pid = vmm.pid();
   // The guest runs during the export: its loop finishes rounds, its writes copied out first.
+  // (No assertion may return before the join below: the thread waits for the pause.)
   auto rounds = vmm.write_rounds();
-  ASSERT_TRUE(rounds.ok()) << rounds.error().to_string();
-  const bool ran = eventually(
-      [&] {
-        auto now = vmm.write_rounds();
-        return now.ok() && *now > *rounds;
-      },
-      std::chrono::seconds(60));
-  ASSERT_EQ(::kill(daemon_->pid(), SIGKILL), 0);
+  const bool ran = rounds.ok() && eventually(
+                                      [&] {
+                                        auto now = vmm.write_rounds();
+                                        return now.ok() && *now > *rounds;
+                                      },
+                                      std::chrono::seconds(60));
+  const bool killed = ::kill(daemon_->pid(), SIGKILL) == 0;
+  if (!killed) open_gate();  // let the pause end, so that the join below does
   t.join();
+  ASSERT_TRUE(killed) << std::strerror(errno);
   ASSERT_TRUE(half_way) << "the live export never got half way";
   EXPECT_TRUE(ran) << "the guest did not run during the live export";
   EXPECT_FALSE(live.ok()) << "a live pause answered although memsnapd was killed in its middle";

@@ -361,7 +361,15 @@ SandboxService::~SandboxService() {
   for (auto& [id, sb] : all) {
     if (sb->resume_thread.joinable()) sb->resume_thread.join();
     if (!sb->session) continue;
-    if (sb->session->stop_leaving_vmm_running()) {
+    SandboxState state;
+    {
+      std::lock_guard lock(mu_);
+      state = sb->state;
+    }
+    // A VMM a pause left stopped would stay stopped for good, its memory pinned: ended.
+    if (state != SandboxState::kRunning) {
+      sb->session->stop();
+    } else if (sb->session->stop_leaving_vmm_running()) {
       spdlog::info("memsnapd stops: sandbox {} runs on without it (VMM pid {})", id, sb->vmm_pid);
     } else if (sb->session->vmm_ended()) {
       spdlog::warn(
