@@ -243,6 +243,24 @@ class LiveSink final : public plugin::BlockSink {
   std::vector<std::uint8_t> buf_;
 };
 
+// params with the origin record of a snapshot the strategy `name` writes: what a resume needs to
+// know of it (the strategy, and its capabilities as the plugin declared them) and which memsnap
+// wrote it.
+SnapshotParams with_origin(const SnapshotParams& params, const PluginRegistry& registry,
+                           const std::string& name) {
+  SnapshotParams p = params;
+  p.origin = SnapshotOrigin();
+  // Plugin names are [a-z0-9_]+ (the registry refuses others), so the strategy is always
+  // recorded; a plugin version that is not short printable text is left out.
+  (void)p.origin.set(kOriginStrategy, name);
+  if (const PluginInfo* info = registry.find(name); info != nullptr) {
+    (void)p.origin.set(kOriginStrategyVersion, info->version);
+    (void)p.origin.set(kOriginStrategyCapabilities, capability_list(info->capabilities));
+  }
+  (void)p.origin.set(kOriginMemsnapVersion, MEMSNAP_CORE_VERSION);
+  return p;
+}
+
 // One export of `dirty` with one strategy into a new snapshot writer at req.out_path. On failure
 // nothing is committed and the writer is gone; *strategy_at_fault is set when the strategy itself
 // failed and the source is whole again (any memory it released was written back), so that another
@@ -464,8 +482,9 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
 
   clock.start("export");
   bool strategy_at_fault = false;
-  auto writer = export_once(*strategy, report.strategy, req, params, *dirty, live.get(),
-                            report.export_stats, &strategy_at_fault);
+  auto writer =
+      export_once(*strategy, report.strategy, req, with_origin(params, registry, report.strategy),
+                  *dirty, live.get(), report.export_stats, &strategy_at_fault);
   if (!writer.ok() && strategy_at_fault && req.allow_fallback && report.fallback_reason.empty() &&
       req.fallback_strategy != report.strategy) {
     // The strategy started and failed half way. Its unfinished snapshot is gone and any memory it
@@ -486,8 +505,9 @@ Result<PauseReport> pause(const PluginRegistry& registry, const PauseRequest& re
     report.fallback = FallbackCause::kStrategyFailed;
     report.strategy = (*fallback)->name;
     report.export_stats = {};
-    writer = export_once(**second, report.strategy, req, params, *dirty, live.get(),
-                         report.export_stats, &strategy_at_fault);
+    writer =
+        export_once(**second, report.strategy, req, with_origin(params, registry, report.strategy),
+                    *dirty, live.get(), report.export_stats, &strategy_at_fault);
     if (!writer.ok()) {
       Error e = std::move(writer).error();
       e.message += " (after strategy " + report.requested_strategy +

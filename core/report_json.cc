@@ -9,12 +9,7 @@ nlohmann::json to_json(const Error& error) {
 nlohmann::json to_json(const PluginInfo& info) {
   const bool loaded = info.state == PluginState::kLoaded;
   nlohmann::json caps = nlohmann::json::array();
-  for (auto [bit, name] : {std::pair{plugin::kCapNeedsPid, "needs-pid"},
-                           std::pair{plugin::kCapNeedsMemfd, "needs-memfd"},
-                           std::pair{plugin::kCapReleasesMemory, "releases-memory"},
-                           std::pair{plugin::kCapExperimental, "experimental"}}) {
-    if (info.capabilities & bit) caps.push_back(name);
-  }
+  for (std::string_view name : capability_names(info.capabilities)) caps.push_back(name);
   return {{"name", info.name},
           {"version", info.version},
           {"abi", info.abi},

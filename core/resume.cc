@@ -92,6 +92,25 @@ std::pair<ResumeMode, std::string> default_mode(const PluginInfo& info, const Re
 
 }  // namespace
 
+Result<std::string> chain_strategy(const SnapshotReader& newest, const std::string& asked) {
+  const std::string recorded = newest.origin().strategy();
+  if (recorded.empty()) {
+    if (asked.empty()) {
+      return make_error(Errc::kInvalidArgument,
+                        "snapshot " + newest.path() + " (format version " +
+                            std::to_string(newest.header().version) +
+                            ") does not record the strategy that wrote it: name the strategy");
+    }
+    return asked;
+  }
+  if (!asked.empty() && asked != recorded) {
+    return make_error(Errc::kInvalidArgument, "snapshot " + newest.path() +
+                                                  " was written by strategy \"" + recorded +
+                                                  "\", not \"" + asked + "\"");
+  }
+  return recorded;
+}
+
 std::string_view resume_mode_name(ResumeMode mode) noexcept {
   switch (mode) {
     case ResumeMode::kLazy:
@@ -121,7 +140,6 @@ Result<std::unique_ptr<ResumeSession>> ResumeSession::prepare(const PluginRegist
   s->registry_ = &registry;
   s->request_ = std::move(request);
   ResumeReport& rep = s->report_;
-  rep.strategy = s->request_.strategy;
   PhaseClock clock(rep.phases);
 
   clock.start("open");
@@ -141,6 +159,15 @@ Result<std::unique_ptr<ResumeSession>> ResumeSession::prepare(const PluginRegist
     rep.snapshot_id = to_hex(newest.header().snapshot_id);
     rep.chain_length = s->chain_->size();
   }
+
+  if (s->request_.pending == nullptr) {
+    MEMSNAP_ASSIGN_OR_RETURN(s->request_.strategy,
+                             chain_strategy(s->chain_->newest(), s->request_.strategy));
+  } else if (s->request_.strategy.empty()) {
+    // The pending snapshot is not written yet: the caller knows which strategy writes it.
+    return make_error(Errc::kInvalidArgument, "no strategy given for the pending snapshot");
+  }
+  rep.strategy = s->request_.strategy;
 
   // The strategy's own mode, from its capabilities.
   const PluginInfo* info = registry.find(s->request_.strategy);
@@ -239,6 +266,10 @@ void ResumeSession::stop() {
   if (arming_.valid()) arming_.wait();
   if (server_) server_->stop();
   end_vmm_if_running("memsnap stopped serving its memory while it still ran");
+  release_guard();
+}
+
+void ResumeSession::release_guard() {
   if (guard_token_ != 0) {
     request_.guard->release(guard_token_);
     guard_token_ = 0;
@@ -255,32 +286,27 @@ bool ResumeSession::stop_leaving_vmm_running() {
   // ioctl on an unregistered range would fail, and a failing server ends the VMM). Faults
   // raised from now on wait in the userfaultfd's queue.
   if (server_) server_->stop();
-  for (const plugin::Region& r : regions_) {
-    uffdio_range range{r.host_addr, r.size};
-    if (::ioctl(handshake_.uffd.get(), UFFDIO_UNREGISTER, &range) != 0) {
-      const int err = errno;
-      spdlog::warn("resume: VMM pid {}: unregistering its memory at {:#x} failed: {}",
-                   report_.vmm_pid, r.host_addr, std::strerror(err));
-      stop();
-      return false;
+  // One userfaultfd ioctl on every region; false at the first that fails.
+  auto on_every_region = [&](unsigned long request, std::string_view what) {
+    for (const plugin::Region& r : regions_) {
+      uffdio_range range{r.host_addr, r.size};
+      if (::ioctl(handshake_.uffd.get(), request, &range) != 0) {
+        const int err = errno;
+        spdlog::warn("resume: VMM pid {}: {} at {:#x} failed: {}", report_.vmm_pid, what,
+                     r.host_addr, std::strerror(err));
+        return false;
+      }
     }
-  }
+    return true;
+  };
   // Unregistering wakes only the faults of ranges registered for MISSING: every waiting fault
-  // is woken here, and retried on memory no userfaultfd watches any more.
-  for (const plugin::Region& r : regions_) {
-    uffdio_range range{r.host_addr, r.size};
-    if (::ioctl(handshake_.uffd.get(), UFFDIO_WAKE, &range) != 0) {
-      const int err = errno;
-      spdlog::warn("resume: VMM pid {}: waking its faults at {:#x} failed: {}", report_.vmm_pid,
-                   r.host_addr, std::strerror(err));
-      stop();
-      return false;
-    }
+  // is then woken, and retried on memory no userfaultfd watches any more.
+  if (!on_every_region(UFFDIO_UNREGISTER, "unregistering its memory") ||
+      !on_every_region(UFFDIO_WAKE, "waking the faults on its memory")) {
+    stop();
+    return false;
   }
-  if (guard_token_ != 0) {
-    request_.guard->release(guard_token_);
-    guard_token_ = 0;
-  }
+  release_guard();
   spdlog::info(
       "resume: VMM pid {} runs on without memsnap (its memory is whole in its memfd; its "
       "writes are no longer tracked: its next pause exports every populated page)",

@@ -53,6 +53,11 @@ enum class ResumeMode { kLazy, kBackground, kEager, kWarm };
 std::string_view resume_mode_name(ResumeMode mode) noexcept;
 Result<ResumeMode> parse_resume_mode(std::string_view name);
 
+// The strategy of a chain whose newest snapshot is `newest`: the one it records (format 2),
+// which `asked` may repeat but not contradict (kInvalidArgument); a version 1 snapshot records
+// none, so `asked` must name it (kInvalidArgument when empty).
+Result<std::string> chain_strategy(const SnapshotReader& newest, const std::string& asked);
+
 // Guest memory a memfd pause kept after the VMM went away, for a warm resume.
 struct RetainedMemory {
   io::UniqueFd memfd;
@@ -77,7 +82,9 @@ struct ResumeRequest {
   // Snapshot files, base first. With `pending`, the pending snapshot's parents (maybe none).
   std::vector<std::string> chain;
   std::string socket_path;         // where the VMM will connect
-  std::string strategy;            // the sandbox's strategy; picks the mode
+  // The strategy that wrote the chain; picks the mode. Empty: the one the newest snapshot records
+  // (format 2); given, it must agree with it (kInvalidArgument). Required with `pending`.
+  std::string strategy;
   std::optional<ResumeMode> mode;  // overrides the strategy's choice
   // Memory kept from the pause (warm candidate). Consumed only by a warm resume.
   RetainedMemory* retained = nullptr;
@@ -228,6 +235,8 @@ class ResumeSession {
   Status hand_over_and_serve(PhaseClock& clock,
                              std::chrono::steady_clock::time_point handshake_done);
   bool end_vmm_if_running(std::string_view why);
+  // Gives the VMM back from request_.guard (it no longer ends it if memsnap dies).
+  void release_guard();
   // prepare() for a resume before durable: the parents, the held memory, the report.
   Status prepare_pending();
 

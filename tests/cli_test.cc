@@ -97,6 +97,14 @@ TEST_F(CliTest, PauseByMemfdOfPidThenInspectThenCorruptionIsCaught) {
   EXPECT_EQ(info["checksums"]["status"], "ok");
   EXPECT_EQ(info["data_blocks"], 3072u);
   EXPECT_EQ(info["generation"], 1u);
+  // Format 2 records the strategy that wrote it, and what it declared.
+  EXPECT_EQ(info["version"], 2u);
+  EXPECT_EQ(info["strategy"], "memfd") << inspected.out;
+  EXPECT_EQ(info["origin"]["strategy_capabilities"], "needs-memfd") << inspected.out;
+  EXPECT_FALSE(info["origin"]["memsnap_version"].get<std::string>().empty()) << inspected.out;
+  const CommandResult text = memsnap("inspect " + snap + " --no-verify");
+  ASSERT_EQ(text.exit_code, 0) << text.out;
+  EXPECT_NE(text.out.find("strategy     memfd "), std::string::npos) << text.out;
 
   // Flip one byte in the data area: inspect must say which checksum failed and exit 1.
   {
@@ -249,8 +257,9 @@ TEST_F(CliTest, ResumeServesAVmmThatConnectsThroughTheHandshake) {
   (*guest)->kill();
 
   const std::string sock = dir_ + "/vm.sock";
+  // No --strategy: the snapshot records the one that wrote it.
   const std::string cmd = memsnap_binary() + " resume --snapshot " + snap + " --listen " + sock +
-                          " --strategy process_vm_readv --timeout 30 --json 2>&1";
+                          " --timeout 30 --json 2>&1";
   std::FILE* server = popen(cmd.c_str(), "r");
   ASSERT_NE(server, nullptr);
   for (int i = 0; i < 300 && !std::filesystem::exists(sock); ++i) usleep(10 * 1000);
@@ -280,6 +289,7 @@ TEST_F(CliTest, ResumeServesAVmmThatConnectsThroughTheHandshake) {
   const auto j = nlohmann::json::parse(out.substr(out.find("{\"")), nullptr, false);
   ASSERT_TRUE(j.is_object()) << out;
   EXPECT_EQ(j["mode"], "lazy");
+  EXPECT_EQ(j["strategy"], "process_vm_readv") << out;
   EXPECT_EQ(j["faults"]["faults"], 2048) << out;
   EXPECT_TRUE(j["error"].is_null()) << out;
 }

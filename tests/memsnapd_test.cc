@@ -189,6 +189,39 @@ class MemsnapdTest : public ::testing::Test {
     EXPECT_TRUE(launched.ok()) << launched.error().to_string();
     return launched.ok() ? std::move(*launched) : nullptr;
   }
+  // Resumes the registered paused sandbox `id` into a new stand-in of spec's size and seed that
+  // expects these page generations, and waits until memsnapd says it runs and the guest is
+  // ready. *running (if given): the sandbox then. Null, with the failure recorded, if a step
+  // failed.
+  std::unique_ptr<GuestProcess> resume_into_new_guest(const std::string& id,
+                                                      const SandboxSpec& spec,
+                                                      const std::vector<std::uint32_t>& expect,
+                                                      json* running = nullptr) {
+    const std::string socket = dir_ + "/" + id + ".uffd";
+    const Answer resume =
+        call("POST", "/v1/sandboxes/" + id + "/resume", {{"handshake_socket", socket}});
+    EXPECT_EQ(resume.status, 202) << resume.error_text();
+    if (resume.status != 202) return nullptr;
+    GuestOptions go;
+    go.size = spec.size;
+    go.seed = spec.seed;
+    go.handshake_socket = socket;
+    go.no_fill = true;
+    go.accept_memfd = true;
+    go.expect = expect;
+    auto guest = GuestProcess::spawn(go);
+    EXPECT_TRUE(guest.ok()) << guest.error().to_string();
+    if (!guest.ok()) return nullptr;
+    const Answer state =
+        call("GET", "/v1/sandboxes/" + id + "?wait_while=resuming&timeout_ms=60000");
+    EXPECT_EQ(state.body["state"], "running") << state.body.dump();
+    if (state.body["state"] != "running") return nullptr;
+    const Status ready = (*guest)->wait_ready(std::chrono::seconds(30));
+    EXPECT_TRUE(ready.ok()) << ready.error().to_string();
+    if (!ready.ok()) return nullptr;
+    if (running != nullptr) *running = state.body;
+    return std::move(*guest);
+  }
   // Closes the gate again for the next gated export.
   void close_gate() {
     fs::remove(gate_ + "/open");
@@ -776,6 +809,12 @@ TEST_F(MemsnapdTest, SigtermLeavesAWarmResumedVmmRunningAndEndsOnlyTheLazyAndThe
   const pid_t stopped_pid = stopped->vmm()->pid();
   ASSERT_EQ(call("POST", "/v1/sandboxes/sb-stopped/pause", json::object()).status, 200);
   ASSERT_EQ(process_state(stopped_pid), 'T');
+  // A VMM a pause left stopped, never resumed by memsnapd (no session): ended too, as a DELETE
+  // would end it.
+  Sandbox& never = launch("sb-never", "a", "anon");
+  const pid_t never_pid = never.vmm()->pid();
+  ASSERT_EQ(call("POST", "/v1/sandboxes/sb-never/pause", json::object()).status, 200);
+  ASSERT_EQ(process_state(never_pid), 'T');
   const pid_t warm_pid = warm->vmm()->pid();
   const pid_t lazy_pid = lazy.vmm()->pid();
   // The warm guest writes throughout the stop, its first write to each page a fault to
@@ -789,6 +828,8 @@ TEST_F(MemsnapdTest, SigtermLeavesAWarmResumedVmmRunningAndEndsOnlyTheLazyAndThe
       << "the lazily served VMM outlived memsnapd";
   EXPECT_TRUE(ends_within(stopped_pid, std::chrono::seconds(10)))
       << "a VMM a pause left stopped was left behind";
+  EXPECT_TRUE(ends_within(never_pid, std::chrono::seconds(10)))
+      << "a stopped VMM memsnapd never resumed was left behind";
   ASSERT_FALSE(ended(warm_pid)) << "memsnapd ended a VMM that can run without it";
   auto rounds = guest.write_rounds();
   ASSERT_TRUE(rounds.ok()) << rounds.error().to_string();
@@ -1396,24 +1437,9 @@ TEST_F(MemsnapdTest, ALivePauseLetsTheGuestRunDuringTheExportAndItsSnapshotIsThe
                                   {"strategy", "memfd"},
                                   {"attributes", {{"team", "b"}}}});
   ASSERT_EQ(registered.status, 201) << registered.error_text();
-  const std::string socket = dir_ + "/sb-live-copy.uffd";
-  const Answer resume =
-      call("POST", "/v1/sandboxes/sb-live-copy/resume", {{"handshake_socket", socket}});
-  ASSERT_EQ(resume.status, 202) << resume.error_text();
-  GuestOptions go;
-  go.size = spec.size;
-  go.seed = spec.seed;
-  go.handshake_socket = socket;
-  go.no_fill = true;
-  go.accept_memfd = true;
-  go.expect = at_pause;
-  auto copy = GuestProcess::spawn(go);
-  ASSERT_TRUE(copy.ok()) << copy.error().to_string();
-  const Answer running =
-      call("GET", "/v1/sandboxes/sb-live-copy?wait_while=resuming&timeout_ms=60000");
-  ASSERT_EQ(running.body["state"], "running") << running.body.dump();
-  ASSERT_TRUE((*copy)->wait_ready(std::chrono::seconds(30)).ok());
-  auto bad = (*copy)->verify();
+  std::unique_ptr<GuestProcess> copy = resume_into_new_guest("sb-live-copy", spec, at_pause);
+  ASSERT_NE(copy, nullptr);
+  auto bad = copy->verify();
   ASSERT_TRUE(bad.ok()) << bad.error().to_string();
   EXPECT_EQ(*bad, torn) << "the resumed copy does not hold the pause-instant image";
 
@@ -1428,6 +1454,81 @@ TEST_F(MemsnapdTest, ALivePauseLetsTheGuestRunDuringTheExportAndItsSnapshotIsThe
   bad = sb.verify();
   ASSERT_TRUE(bad.ok()) << bad.error().to_string();
   EXPECT_EQ(*bad, 0u) << "writes made during the live export are missing from the next diff";
+}
+
+// ---- what a snapshot records (issue 20 item 2) ----
+
+// A copy of a snapshot file as format version 1 wrote it: no origin record, so no strategy.
+void write_as_version_1(const std::string& from, const std::string& to) {
+  std::ifstream in(from, std::ios::binary);
+  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  ASSERT_GT(bytes.size(), kSnapshotDataOffset);
+  FileHeader h;
+  std::memcpy(&h, bytes.data(), sizeof(h));
+  ASSERT_EQ(h.version, 2u);
+  std::fill(bytes.begin() + sizeof(h), bytes.begin() + h.header_size, 0);
+  h.version = 1;
+  h.header_size = sizeof(h);
+  h.header_checksum = compute_header_checksum(h);
+  std::memcpy(bytes.data(), &h, sizeof(h));
+  std::ofstream out(to, std::ios::binary | std::ios::trunc);
+  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
+  ASSERT_TRUE(out.good());
+}
+
+// A snapshot records the strategy that wrote it, so a paused sandbox registers from its snapshot
+// files alone, and that strategy decides how the resume serves its memory (hole_punch released
+// the memory it paused: background fill).
+TEST_F(MemsnapdTest, AChainRegistersFromItsSnapshotsAloneAndResumesAsItsStrategyCallsFor) {
+  std::unique_ptr<Sandbox> sb = launch_memfd("sb-origin", 64ULL << 20, "c", 31);
+  ASSERT_NE(sb, nullptr);
+  const SandboxSpec spec = sb->spec();
+  const std::uint64_t pages = spec.size / 4096;
+  ASSERT_TRUE(sb->dirty(0.2, 5).ok());
+  auto paused = sb->pause({{"strategy", "hole_punch"}});
+  ASSERT_TRUE(paused.ok()) << paused.error().to_string();
+  ASSERT_EQ((*paused)["strategy"], "hole_punch") << paused->dump();
+  const std::vector<std::string> chain = call("GET", "/v1/sandboxes/sb-origin").body["snapshots"];
+  ASSERT_EQ(chain.size(), 1u);
+  const std::vector<std::uint32_t> at_pause = generations_in(chain, spec.seed, pages);
+
+  // Another strategy than the one recorded: refused, naming both; nothing is registered.
+  const Answer wrong =
+      call("POST", "/v1/sandboxes",
+           {{"id", "sb-origin-copy"}, {"snapshots", chain}, {"strategy", "memfd"}});
+  EXPECT_EQ(wrong.status, 400) << wrong.body.dump();
+  EXPECT_NE(wrong.error_text().find("written by strategy \"hole_punch\", not \"memfd\""),
+            std::string::npos)
+      << wrong.error_text();
+  EXPECT_EQ(call("GET", "/v1/sandboxes/sb-origin-copy").status, 404);
+
+  // A format 1 copy records none: it needs the strategy named, as before.
+  const std::string v1 = fs::path(chain.back()).parent_path() / "origin-v1.snap";
+  ASSERT_NO_FATAL_FAILURE(write_as_version_1(chain.back(), v1));
+  const Answer unnamed = call("POST", "/v1/sandboxes", {{"id", "sb-v1"}, {"snapshots", {v1}}});
+  EXPECT_EQ(unnamed.status, 400) << unnamed.body.dump();
+  EXPECT_NE(unnamed.error_text().find("does not record the strategy"), std::string::npos)
+      << unnamed.error_text();
+  const Answer named = call("POST", "/v1/sandboxes",
+                            {{"id", "sb-v1"}, {"snapshots", {v1}}, {"strategy", "hole_punch"}});
+  EXPECT_EQ(named.status, 201) << named.body.dump();
+
+  // The files alone.
+  const Answer registered =
+      call("POST", "/v1/sandboxes", {{"id", "sb-origin-copy"}, {"snapshots", chain}});
+  ASSERT_EQ(registered.status, 201) << registered.error_text();
+  EXPECT_EQ(registered.body["strategy"], "hole_punch") << registered.body.dump();
+  json running;
+  std::unique_ptr<GuestProcess> copy =
+      resume_into_new_guest("sb-origin-copy", spec, at_pause, &running);
+  ASSERT_NE(copy, nullptr);
+  EXPECT_EQ(running["last_resume"]["mode"], "background") << running.dump();
+  EXPECT_NE(running["last_resume"]["mode_reason"].get<std::string>().find("hole_punch"),
+            std::string::npos)
+      << running.dump();
+  auto bad = copy->verify();
+  ASSERT_TRUE(bad.ok()) << bad.error().to_string();
+  EXPECT_EQ(*bad, 0u) << "the copy registered from the files does not hold the paused memory";
 }
 
 // A tmpfs of its own at `dir` (created), unmounted when it goes: a file system that fills up.

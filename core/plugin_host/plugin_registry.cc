@@ -409,4 +409,24 @@ Result<StrategyHandle> PluginRegistry::create(
   return StrategyHandle(library, std::unique_ptr<plugin::Strategy>(raw));
 }
 
+std::vector<std::string_view> capability_names(std::uint32_t capabilities) {
+  std::vector<std::string_view> out;
+  for (auto [bit, name] : {std::pair{plugin::kCapNeedsPid, "needs-pid"},
+                           std::pair{plugin::kCapNeedsMemfd, "needs-memfd"},
+                           std::pair{plugin::kCapReleasesMemory, "releases-memory"},
+                           std::pair{plugin::kCapExperimental, "experimental"}}) {
+    if (capabilities & bit) out.emplace_back(name);
+  }
+  return out;
+}
+
+std::string capability_list(std::uint32_t capabilities) {
+  std::string out;
+  for (std::string_view name : capability_names(capabilities)) {
+    if (!out.empty()) out += ',';
+    out += name;
+  }
+  return out;
+}
+
 }  // namespace memsnap

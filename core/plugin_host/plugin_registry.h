@@ -25,6 +25,12 @@ struct LoadedLibrary;  // the dlopen'ed library and its factory; defined in plug
 
 enum class PluginState { kLoaded, kRefused };
 
+// The names of plugin::Capability bits, as `memsnap plugins list`, the API and a snapshot's
+// origin record give them: needs-pid, needs-memfd, releases-memory, experimental.
+[[nodiscard]] std::vector<std::string_view> capability_names(std::uint32_t capabilities);
+// The same joined by commas ("" for none).
+[[nodiscard]] std::string capability_list(std::uint32_t capabilities);
+
 // What the host learnt about one plugin file. Plain data: it owns copies of the descriptor's
 // strings, so it stays valid after the library is unloaded.
 struct PluginInfo {

@@ -1,5 +1,7 @@
 #include "core/snapshot/snapshot_format.h"
 
+// XXH3_state_t on the stack (its layout is that of the libxxhash the build links).
+#define XXH_STATIC_LINKING_ONLY
 #include <xxhash.h>
 
 namespace memsnap {
@@ -34,10 +36,14 @@ std::string_view run_kind_name(RunKind kind) noexcept {
   return "unknown";
 }
 
-std::uint64_t compute_header_checksum(const FileHeader& header) noexcept {
+std::uint64_t compute_header_checksum(const FileHeader& header, std::string_view origin) noexcept {
   FileHeader copy = header;
   copy.header_checksum = 0;
-  return XXH3_64bits(&copy, sizeof(copy));
+  XXH3_state_t state;
+  XXH3_64bits_reset(&state);
+  XXH3_64bits_update(&state, &copy, sizeof(copy));
+  XXH3_64bits_update(&state, origin.data(), origin.size());
+  return XXH3_64bits_digest(&state);
 }
 
 std::uint64_t compute_map_checksum(std::span<const MapRun> runs) noexcept {

@@ -1,6 +1,8 @@
-// On-disk layout of a memsnap snapshot file, format version 1 (docs/snapshot-format.md).
+// On-disk layout of a memsnap snapshot file, format version 2 (docs/snapshot-format.md).
 //
-//   [0, header_size)                 FileHeader, then zeros up to data_offset
+//   [0, 128)                         FileHeader
+//   [128, header_size)               version 2: the origin record (snapshot_origin.h), text
+//   [header_size, data_offset)       zeros
 //   [data_offset, +data_bytes)       packed DATA blocks, in guest order
 //   [map_offset, +run_count * 40)    block map: MapRun records sorted by first_block
 //
@@ -23,7 +25,12 @@ namespace memsnap {
 using SnapshotId = std::array<std::uint8_t, 16>;
 
 inline constexpr std::array<char, 8> kSnapshotMagic = {'M', 'E', 'M', 'S', 'N', 'A', 'P', '\0'};
-inline constexpr std::uint32_t kSnapshotFormatVersion = 1;
+// The version writers write. Readers also read every version from kOldestSnapshotFormatVersion:
+// version 1 is version 2 without the origin record (header_size is 128).
+inline constexpr std::uint32_t kSnapshotFormatVersion = 2;
+inline constexpr std::uint32_t kOldestSnapshotFormatVersion = 1;
+// The most header bytes (FileHeader and origin record) a reader accepts.
+inline constexpr std::uint32_t kMaxHeaderSize = 64 * 1024;
 inline constexpr std::uint32_t kSmallBlockSize = 4096;
 inline constexpr std::uint32_t kHugeBlockSize = 2 * 1024 * 1024;
 // Where the writer puts the data area: page-aligned, so DATA blocks can be mapped or copied
@@ -42,7 +49,7 @@ enum class RunKind : std::uint32_t {
 struct FileHeader {
   std::array<char, 8> magic;      // kSnapshotMagic
   std::uint32_t version;          // kSnapshotFormatVersion
-  std::uint32_t header_size;      // sizeof(FileHeader)
+  std::uint32_t header_size;      // 128 + the origin record's bytes (version 1: 128)
   std::uint32_t block_size;       // kSmallBlockSize or kHugeBlockSize
   std::uint32_t flags;            // none defined in version 1: must be 0
   std::uint64_t guest_size;       // bytes, a non-zero multiple of block_size
@@ -55,7 +62,7 @@ struct FileHeader {
   std::uint64_t map_offset;       // == data_offset + data_bytes
   std::uint64_t run_count;        // MapRun records in the map
   std::uint64_t map_checksum;     // XXH3_64 of the map bytes
-  std::uint64_t header_checksum;  // XXH3_64 of these 128 bytes with this field zeroed
+  std::uint64_t header_checksum;  // XXH3_64 of the header_size bytes with this field zeroed
 };
 
 struct MapRun {
@@ -111,8 +118,10 @@ static_assert(offsetof(MapRun, checksum) == 32);
 // "data", "zero", "parent" or "unknown".
 [[nodiscard]] std::string_view run_kind_name(RunKind kind) noexcept;
 
-// The value FileHeader::header_checksum must hold (computed with that field taken as zero).
-[[nodiscard]] std::uint64_t compute_header_checksum(const FileHeader& header) noexcept;
+// The value FileHeader::header_checksum must hold: XXH3-64 of the header's bytes (the FileHeader
+// and, from version 2, the origin record after it), computed with that field taken as zero.
+[[nodiscard]] std::uint64_t compute_header_checksum(const FileHeader& header,
+                                                    std::string_view origin = {}) noexcept;
 // The value FileHeader::map_checksum must hold for these runs.
 [[nodiscard]] std::uint64_t compute_map_checksum(std::span<const MapRun> runs) noexcept;
 

@@ -10,7 +10,8 @@
 //          rest is the second
 //   bit 2  open with Verify::kHeaderAndMap instead of Verify::kFull
 //   bit 3  raw: the file is exactly the bytes. Otherwise compact: the first 128 bytes are the
-//          header, the writer's zero padding up to 4096 is inserted, then the rest follows (the
+//          header, then its origin record (header_size - 128 bytes, when header_size is below
+//          4096), the writer's zero padding up to 4096 is inserted, then the rest follows (the
 //          data area and the map), so inputs stay small.
 // Files live in a directory on tmpfs (/dev/shm when it exists): nothing is written to disk. (Not
 // memfds through /proc/self/fd: the reader never follows a symlink, and those are magic links.)
@@ -44,9 +45,15 @@ void check(bool ok) {
 
 Bytes expand(const std::uint8_t* data, std::size_t size, bool raw) {
   if (raw || size < sizeof(FileHeader)) return Bytes(data, data + size);
+  FileHeader h;
+  std::memcpy(&h, data, sizeof(h));
+  std::size_t head = sizeof(FileHeader);  // header and origin record, as the input gives them
+  if (h.header_size > sizeof(FileHeader) && h.header_size < memsnap::kSnapshotDataOffset) {
+    head = std::min<std::size_t>(h.header_size, size);
+  }
   Bytes file(memsnap::kSnapshotDataOffset, 0);
-  std::memcpy(file.data(), data, sizeof(FileHeader));
-  file.insert(file.end(), data + sizeof(FileHeader), data + size);
+  std::memcpy(file.data(), data, head);
+  file.insert(file.end(), data + head, data + size);
   return file;
 }
 
@@ -74,7 +81,11 @@ void fix_checksums(Bytes& file) {
     }
     h.map_checksum = XXH3_64bits(file.data() + h.map_offset, h.run_count * sizeof(MapRun));
   }
-  h.header_checksum = memsnap::compute_header_checksum(h);
+  std::string origin;
+  if (h.header_size > sizeof(FileHeader) && h.header_size <= size) {
+    origin.assign(file.begin() + sizeof(FileHeader), file.begin() + h.header_size);
+  }
+  h.header_checksum = memsnap::compute_header_checksum(h, origin);
   std::memcpy(file.data(), &h, sizeof(h));
 }
 
@@ -135,6 +146,9 @@ void read_some(std::uint64_t guest_size, std::uint64_t block_size, ReadFn read_f
 void exercise(const memsnap::SnapshotReader& r) {
   const std::uint64_t blocks = r.block_count();
   check(blocks > 0);
+  // The origin record was parsed whole: written back, it is exactly the header's bytes after the
+  // FileHeader.
+  check(r.origin().serialize().size() == r.header().header_size - sizeof(FileHeader));
   const auto& s = r.summary();
   check(s.data_blocks + s.zero_blocks + s.parent_blocks == blocks);
   check(s.data_runs + s.zero_runs + s.parent_runs == r.runs().size());

@@ -93,20 +93,41 @@ Status SnapshotReader::load_header(std::uint64_t file_size, const ReaderLimits& 
                                                " bytes, shorter than the " + num(sizeof(h)) +
                                                "-byte header");
   }
-  if (h.version != kSnapshotFormatVersion) {
-    return error(Errc::kSnapshotBadVersion, "format version " + num(h.version) +
-                                                "; this build reads version " +
-                                                num(kSnapshotFormatVersion));
+  if (h.version < kOldestSnapshotFormatVersion || h.version > kSnapshotFormatVersion) {
+    return error(Errc::kSnapshotBadVersion,
+                 "format version " + num(h.version) + "; this build reads versions " +
+                     num(kOldestSnapshotFormatVersion) + " to " + num(kSnapshotFormatVersion));
   }
   auto bad = [this](const std::string& why) { return error(Errc::kSnapshotBadHeader, why); };
-  if (h.header_size != sizeof(h)) {
+  if (h.version == 1 && h.header_size != sizeof(h)) {
     return bad("header_size is " + num(h.header_size) + ", version 1 headers have " +
                num(sizeof(h)) + " bytes");
   }
-  if (const std::uint64_t sum = compute_header_checksum(h); sum != h.header_checksum) {
+  if (h.header_size < sizeof(h) || h.header_size > kMaxHeaderSize) {
+    return bad("header_size is " + num(h.header_size) + ", not between " + num(sizeof(h)) +
+               " and " + num(kMaxHeaderSize));
+  }
+  // Version 2: the origin record fills the header's bytes after the FileHeader.
+  std::string origin_text(h.header_size - sizeof(h), '\0');
+  if (!origin_text.empty()) {
+    if (file_size < h.header_size) {
+      return error(Errc::kSnapshotTruncated, "the file has " + num(file_size) +
+                                                 " bytes, shorter than its " + num(h.header_size) +
+                                                 "-byte header");
+    }
+    if (auto s = io::pread_exact(fd_, origin_text.data(), origin_text.size(), sizeof(h),
+                                 "reading the origin record of " + path_);
+        !s.ok()) {
+      return s;
+    }
+  }
+  if (const std::uint64_t sum = compute_header_checksum(h, origin_text); sum != h.header_checksum) {
     return bad("header checksum is " + hex64(sum) + ", the header says " +
                hex64(h.header_checksum));
   }
+  auto origin = SnapshotOrigin::parse(origin_text);
+  if (!origin.ok()) return bad(origin.error().message);
+  origin_ = std::move(*origin);
   if (!is_valid_block_size(h.block_size)) return bad("unsupported block size " + num(h.block_size));
   if (h.guest_size == 0 || h.guest_size % h.block_size != 0) {
     return bad("guest size " + num(h.guest_size) +

@@ -10,6 +10,7 @@
 
 #include "core/base/result.h"
 #include "core/snapshot/snapshot_format.h"
+#include "core/snapshot/snapshot_origin.h"
 
 namespace memsnap {
 
@@ -47,8 +48,8 @@ class SnapshotReader {
   //   kSnapshotTruncated  the file is shorter than its header, data area or map say, or they
   //                       lie over a hole (a sparse file does not store what its header claims)
   //   kSnapshotBadMagic, kSnapshotBadVersion
-  //   kSnapshotBadHeader  header checksum, header_size, block size, guest size (also above
-  //                       limits.max_guest_size), flags,
+  //   kSnapshotBadHeader  header checksum, header_size, a malformed origin record, block
+  //                       size, guest size (also above limits.max_guest_size), flags,
   //                       generation, ids, offsets inconsistent, or bytes after the map
   //   kSnapshotBadMap     map checksum; runs unsorted, with gaps or overlaps, not covering the
   //                       guest, of an unknown kind, PARENT in a base snapshot, DATA too long or
@@ -65,6 +66,8 @@ class SnapshotReader {
 
   const std::string& path() const { return path_; }
   const FileHeader& header() const { return header_; }
+  // How the snapshot was written (strategy, ...); empty for a version 1 file.
+  const SnapshotOrigin& origin() const { return origin_; }
   std::uint64_t block_size() const { return header_.block_size; }
   std::uint64_t guest_size() const { return header_.guest_size; }
   std::uint64_t block_count() const { return header_.guest_size / header_.block_size; }
@@ -100,6 +103,7 @@ class SnapshotReader {
   const std::string path_;
   const int fd_;
   FileHeader header_{};
+  SnapshotOrigin origin_;
   std::vector<MapRun> runs_;
   SnapshotSummary summary_;
 };

@@ -184,9 +184,18 @@ FileHeader header_of(const Bytes& file) {
   return h;
 }
 
-// Replaces the header and fixes its checksum, so only the field under test is wrong.
+// The origin record's bytes as the file holds them (what follows the FileHeader, up to
+// header_size, as far as the file goes).
+std::string origin_bytes_of(const Bytes& file, const FileHeader& h) {
+  const std::uint64_t end = std::min<std::uint64_t>(h.header_size, file.size());
+  if (end <= sizeof(FileHeader)) return {};
+  return std::string(file.begin() + sizeof(FileHeader), file.begin() + end);
+}
+
+// Replaces the header and fixes its checksum (over the origin record the file holds), so only
+// the field under test is wrong.
 void put_header(Bytes& file, FileHeader h) {
-  h.header_checksum = compute_header_checksum(h);
+  h.header_checksum = compute_header_checksum(h, origin_bytes_of(file, h));
   std::memcpy(file.data(), &h, sizeof(h));
 }
 
@@ -248,6 +257,52 @@ TEST_F(SnapshotTest, RoundTripWithDataAndZeroBlocks) {
   ASSERT_TRUE(r->read(5 * k4K + 123, part.size(), part.data()).ok());
   EXPECT_TRUE(std::equal(part.begin(), part.end(), image.begin() + 5 * k4K + 123));
   EXPECT_EQ(code_of(r->read(image.size() - 10, 11, part.data())), Errc::kInvalidArgument);
+}
+
+// Format 2: the origin record a writer is given comes back from the reader, in order, and the
+// header's size says where it ends.
+TEST_F(SnapshotTest, TheOriginRecordRoundTrips) {
+  const Bytes image = random_image(8, k4K, 5, 0);
+  SnapshotParams p = params_for(k4K, image.size());
+  ASSERT_TRUE(p.origin.set(kOriginStrategy, "hole_punch").ok());
+  ASSERT_TRUE(p.origin.set(kOriginStrategyVersion, "0.1.0").ok());
+  ASSERT_TRUE(p.origin.set(kOriginStrategyCapabilities, "needs-memfd,releases-memory").ok());
+  ASSERT_TRUE(p.origin.set("future_key", "kept = as is").ok());
+  write_snapshot(path("o.snap"), p, image, {{0, image.size()}});
+  auto r = open_ok(path("o.snap"));
+  ASSERT_NE(r, nullptr);
+  EXPECT_EQ(r->header().version, kSnapshotFormatVersion);
+  EXPECT_EQ(r->origin().strategy(), "hole_punch");
+  EXPECT_EQ(r->origin().fields(), p.origin.fields());
+  EXPECT_EQ(r->header().header_size, sizeof(FileHeader) + p.origin.serialize().size());
+  Bytes back(image.size());
+  ASSERT_TRUE(r->read(0, back.size(), back.data()).ok());
+  EXPECT_EQ(back, image);
+
+  // Without an origin: version 2 all the same, header_size 128.
+  write_snapshot(path("n.snap"), params_for(k4K, image.size()), image, {{0, image.size()}});
+  auto n = open_ok(path("n.snap"));
+  ASSERT_NE(n, nullptr);
+  EXPECT_TRUE(n->origin().empty());
+  EXPECT_EQ(n->header().header_size, sizeof(FileHeader));
+}
+
+TEST_F(SnapshotTest, AnOriginRecordThatCannotBeStoredIsRefusedBeforeAnythingIsWritten) {
+  SnapshotOrigin o;
+  EXPECT_EQ(o.set("Strategy", "x").error().code, Errc::kInvalidArgument);
+  EXPECT_EQ(o.set("", "x").error().code, Errc::kInvalidArgument);
+  EXPECT_EQ(o.set("strategy", "two\nlines").error().code, Errc::kInvalidArgument);
+  EXPECT_EQ(o.set("strategy", std::string(257, 'a')).error().code, Errc::kInvalidArgument);
+  EXPECT_TRUE(o.empty());
+  SnapshotParams p = params_for(k4K, 8 * k4K);
+  for (int i = 0; p.origin.serialize().size() <= kMaxOriginBytes; ++i) {
+    ASSERT_TRUE(p.origin.set("key_" + std::to_string(i), std::string(200, 'v')).ok());
+  }
+  auto w = SnapshotWriter::create(path("big.snap"), p, {{0, 8 * k4K}});
+  ASSERT_FALSE(w.ok());
+  EXPECT_EQ(w.error().code, Errc::kInvalidArgument);
+  EXPECT_NE(w.error().message.find("origin record"), std::string::npos) << w.error().message;
+  EXPECT_TRUE(files().empty());
 }
 
 TEST_F(SnapshotTest, ZeroBlocksTakeNoDataBytes) {
@@ -962,7 +1017,10 @@ class CorruptionTest : public SnapshotTest {
     SnapshotTest::SetUp();
     image_ = random_image(40, k4K, 99, 30);
     const auto dirty = ranges_of(std::vector<bool>(40, true), k4K);
-    write_snapshot(path("good.snap"), params_for(k4K, image_.size()), image_, dirty);
+    SnapshotParams p = params_for(k4K, image_.size());
+    ASSERT_TRUE(p.origin.set(kOriginStrategy, "memfd").ok());
+    ASSERT_TRUE(p.origin.set(kOriginStrategyCapabilities, "needs-memfd").ok());
+    write_snapshot(path("good.snap"), p, image_, dirty);
     good_ = read_file(path("good.snap"));
     ASSERT_GT(good_.size(), kSnapshotDataOffset);
   }
@@ -1016,11 +1074,79 @@ TEST_F(CorruptionTest, BadMagic) {
 TEST_F(CorruptionTest, BadVersion) {
   Bytes f = good_;
   FileHeader h = header_of(f);
-  h.version = 2;
+  h.version = kSnapshotFormatVersion + 1;
   put_header(f, h);
   EXPECT_EQ(error_of(f), Errc::kSnapshotBadVersion);
   f[8] = 0;  // version 0, checksum now wrong too: the version is still what is reported
   EXPECT_EQ(error_of(f), Errc::kSnapshotBadVersion);
+}
+
+// The origin record (format 2) is covered by the header checksum, and a malformed one is refused
+// even with a checksum that matches it.
+TEST_F(CorruptionTest, TheOriginRecordIsCheckedWithTheHeader) {
+  const FileHeader good = header_of(good_);
+  ASSERT_EQ(origin_bytes_of(good_, good), "strategy=memfd\nstrategy_capabilities=needs-memfd\n");
+  Bytes f = good_;
+  f[sizeof(FileHeader) + 9] ^= 1;  // "memfd" -> "lemfd": the checksum no longer matches
+  EXPECT_EQ(error_of(f), Errc::kSnapshotBadHeader);
+  EXPECT_NE(message_.find("header checksum"), std::string::npos) << message_;
+
+  for (const std::string& text :
+       {std::string("strategy=memfd"), std::string("strategy memfd\n"),
+        std::string("Strategy=memfd\n"), std::string("strategy=memfd\nstrategy=pvr\n"),
+        std::string("strategy=mem\x01"
+                    "fd\n"),
+        std::string("=memfd\n"), std::string(3, '\0')}) {
+    f = good_;
+    std::fill(f.begin() + sizeof(FileHeader), f.begin() + good.header_size, 0);
+    std::copy(text.begin(), text.end(), f.begin() + sizeof(FileHeader));
+    FileHeader h = good;
+    h.header_size = static_cast<std::uint32_t>(sizeof(FileHeader) + text.size());
+    put_header(f, h);
+    EXPECT_EQ(error_of(f), Errc::kSnapshotBadHeader) << text;
+    EXPECT_NE(message_.find("origin record"), std::string::npos) << text << ": " << message_;
+  }
+
+  // header_size beyond the data area, beyond the limit, or below the FileHeader.
+  for (std::uint64_t size : {std::uint64_t{good.data_offset + 8}, std::uint64_t{kMaxHeaderSize} + 1,
+                             std::uint64_t{64}}) {
+    f = good_;
+    FileHeader h = good;
+    h.header_size = static_cast<std::uint32_t>(size);
+    put_header(f, h);
+    EXPECT_EQ(error_of(f), Errc::kSnapshotBadHeader) << size;
+  }
+  // A file that ends inside its origin record.
+  f = truncated(sizeof(FileHeader) + 4);
+  EXPECT_EQ(error_of(f), Errc::kSnapshotTruncated);
+  EXPECT_NE(message_.find("header"), std::string::npos) << message_;
+}
+
+// Version 1 files (no origin record, header_size 128) still open and read the same; a version 1
+// header that claims an origin record is refused.
+TEST_F(CorruptionTest, AVersion1FileStillOpensAndRecordsNoOrigin) {
+  const FileHeader good = header_of(good_);
+  Bytes f = good_;
+  std::fill(f.begin() + sizeof(FileHeader), f.begin() + good.header_size, 0);
+  FileHeader h = good;
+  h.version = 1;
+  h.header_size = sizeof(FileHeader);
+  put_header(f, h);
+  write_file(path("v1.snap"), f);
+  auto r = open_ok(path("v1.snap"));
+  ASSERT_NE(r, nullptr);
+  EXPECT_EQ(r->header().version, 1u);
+  EXPECT_TRUE(r->origin().empty());
+  EXPECT_EQ(r->origin().strategy(), "");
+  Bytes back(image_.size());
+  ASSERT_TRUE(r->read(0, back.size(), back.data()).ok());
+  EXPECT_EQ(back, image_);
+
+  h.header_size = good.header_size;  // version 1 with the origin record left in
+  f = good_;
+  put_header(f, h);
+  EXPECT_EQ(error_of(f), Errc::kSnapshotBadHeader);
+  EXPECT_NE(message_.find("version 1 headers"), std::string::npos) << message_;
 }
 
 TEST_F(CorruptionTest, HeaderFieldTampered) {

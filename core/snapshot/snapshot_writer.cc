@@ -49,6 +49,8 @@ constexpr std::uint64_t kBounceBytes = kBatchBytes;
 // O_DIRECT writes of it.
 constexpr std::uint64_t kDirectOffsetAlign = 4096;
 static_assert(kSnapshotDataOffset % kDirectOffsetAlign == 0);
+static_assert(sizeof(FileHeader) + kMaxOriginBytes <= kSnapshotDataOffset,
+              "the header and its origin record must fit before the data area");
 static_assert(kBounceBytes % kDirectOffsetAlign == 0);
 
 DirectPwritevFn g_direct_pwritev = nullptr;  // tests only
@@ -103,6 +105,11 @@ Status validate_params(const SnapshotParams& p) {
   }
   if (p.generation == 0) {
     return make_error(Errc::kInvalidArgument, "generation must be at least 1");
+  }
+  if (const std::size_t n = p.origin.serialize().size(); n > kMaxOriginBytes) {
+    return make_error(Errc::kInvalidArgument, "the origin record has " + std::to_string(n) +
+                                                  " bytes, more than " +
+                                                  std::to_string(kMaxOriginBytes));
   }
   if (!is_zero_id(p.parent_id) && p.parent_id == p.snapshot_id) {
     return make_error(Errc::kInvalidArgument, "a snapshot cannot be its own parent");
@@ -880,10 +887,11 @@ Status SnapshotWriter::commit() {
 
 Status SnapshotWriter::finish_commit() {
   const std::vector<MapRun> map = build_map();
+  const std::string origin = params_.origin.serialize();
   FileHeader h{};
   h.magic = kSnapshotMagic;
   h.version = kSnapshotFormatVersion;
-  h.header_size = sizeof(FileHeader);
+  h.header_size = static_cast<std::uint32_t>(sizeof(FileHeader) + origin.size());
   h.block_size = static_cast<std::uint32_t>(params_.block_size);
   h.flags = 0;
   h.guest_size = params_.guest_size;
@@ -896,7 +904,7 @@ Status SnapshotWriter::finish_commit() {
   h.map_offset = kSnapshotDataOffset + data_end_;
   h.run_count = map.size();
   h.map_checksum = compute_map_checksum(map);
-  h.header_checksum = compute_header_checksum(h);
+  h.header_checksum = compute_header_checksum(h, origin);
 
   if (auto s = io::pwrite_all(fd_, map.data(), map.size() * sizeof(MapRun), h.map_offset,
                               "writing the block map to " + temp_path_);
@@ -911,6 +919,14 @@ Status SnapshotWriter::finish_commit() {
         make_error(Errc::kIoError, errno_message("truncating " + temp_path_, err), err));
   }
   // The header goes last: until it is written the file has no magic and no reader accepts it.
+  // The origin record first, then the FileHeader (one write, the file's first 128 bytes).
+  if (!origin.empty()) {
+    if (auto s = io::pwrite_all(fd_, origin.data(), origin.size(), sizeof(h),
+                                "writing the origin record to " + temp_path_);
+        !s.ok()) {
+      return fail_commit(std::move(s).error());
+    }
+  }
   if (auto s = io::pwrite_all(fd_, &h, sizeof(h), 0, "writing the header to " + temp_path_);
       !s.ok()) {
     return fail_commit(std::move(s).error());

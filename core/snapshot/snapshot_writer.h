@@ -16,6 +16,7 @@
 
 #include "core/base/result.h"
 #include "core/snapshot/snapshot_format.h"
+#include "core/snapshot/snapshot_origin.h"
 #include "plugins/plugin_api/plugin_api.h"
 
 struct XXH3_state_s;
@@ -66,6 +67,9 @@ struct SnapshotParams {
   bool preallocate = true;
   // See DataWrite; kDirect only takes effect with sync_on_commit or sync_on_make_durable.
   DataWrite data_write = DataWrite::kBuffered;
+  // Stored in the header (format version 2): the strategy that writes the snapshot and the rest
+  // a resume needs to know. At most kMaxOriginBytes of text.
+  SnapshotOrigin origin;
 };
 
 // Tests only: replaces the pwritev of the O_DIRECT data writes (null: the real one), to inject

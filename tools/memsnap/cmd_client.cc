@@ -433,7 +433,7 @@ int client_register(Client& c, Args& args) {
   if (pid.empty() == snapshots.empty()) {
     throw std::invalid_argument(
         "register needs either --pid PID --region OFF:ADDR:SIZE... (a running VMM) or "
-        "--snapshot PATH... --strategy NAME (a paused sandbox)");
+        "--snapshot PATH... (a paused sandbox)");
   }
   json body = {{"id", id}};
   if (!pid.empty()) {
@@ -463,11 +463,9 @@ int client_register(Client& c, Args& args) {
     if (!region_args.empty() || !memfd_fd.empty() || !guest_size.empty()) {
       throw std::invalid_argument("--region, --memfd-fd and --guest-size go with --pid");
     }
-    if (strategy.empty()) {
-      throw std::invalid_argument("--snapshot needs --strategy NAME (the strategy that wrote it)");
-    }
     body["snapshots"] = snapshots;
-    body["strategy"] = strategy;
+    // The snapshot records its strategy (format 2); --strategy only for version 1 files.
+    if (!strategy.empty()) body["strategy"] = strategy;
   }
   if (!attrs.empty()) {
     json a = json::object();

@@ -1,7 +1,9 @@
 // memsnap inspect FILE [--no-verify] [--json]: a snapshot's header, block map summary and a check
 // of every DATA run's checksum.
 //
-// --json prints exactly one JSON document whatever happens: the fields below, "checksums" as
+// --json prints exactly one JSON document whatever happens: the fields below ("strategy": the one
+// that wrote the snapshot, or null when not recorded; "origin": every field of the origin record,
+// docs/snapshot-format.md), "checksums" as
 // {"status": "ok" | "mismatch" | "not checked", "runs_checked", "failed": [{"run",
 // "guest_offset", "blocks", "bytes", "code", "message"}]}, and "error": null or {"code",
 // "message"} (a file that cannot be opened has only "path" and "error"; a usage error only
@@ -61,6 +63,29 @@ nlohmann::json checksums_json(const ChecksumResult& c, std::uint64_t block_size)
           {"failed", failed}};
 }
 
+// Every field of the origin record, as stored (an empty object for a version 1 file).
+nlohmann::json origin_json(const SnapshotOrigin& origin) {
+  nlohmann::json out = nlohmann::json::object();
+  for (const auto& [key, value] : origin.fields()) out[key] = value;
+  return out;
+}
+
+// "memfd 0.1.0 (needs-memfd)", or why there is no answer.
+std::string strategy_text(const SnapshotReader& r) {
+  const SnapshotOrigin& o = r.origin();
+  if (o.strategy().empty()) {
+    return r.header().version == 1 ? "not recorded (format version 1: give it to register or "
+                                     "resume)"
+                                   : "not recorded";
+  }
+  std::string out = o.strategy();
+  if (const std::string* v = o.find(kOriginStrategyVersion)) out += " " + *v;
+  if (const std::string* caps = o.find(kOriginStrategyCapabilities); caps && !caps->empty()) {
+    out += " (" + *caps + ")";
+  }
+  return out;
+}
+
 void print_json(const nlohmann::json& j) { std::printf("%s\n", j.dump(2).c_str()); }
 
 nlohmann::json report_json(const std::string& path, const SnapshotReader& r,
@@ -75,6 +100,9 @@ nlohmann::json report_json(const std::string& path, const SnapshotReader& r,
           {"snapshot_id", to_hex(h.snapshot_id)},
           {"parent_id", r.is_base() ? "" : to_hex(h.parent_id)},
           {"created_unix_ns", h.created_unix_ns},
+          {"strategy", r.origin().strategy().empty() ? nlohmann::json(nullptr)
+                                                     : nlohmann::json(r.origin().strategy())},
+          {"origin", origin_json(r.origin())},
           {"data_bytes", h.data_bytes},
           {"runs", h.run_count},
           {"data_blocks", s.data_blocks},
@@ -111,6 +139,10 @@ void print_text(const std::string& path, const SnapshotReader& r, const Checksum
   std::printf("id           %s\n", to_hex(h.snapshot_id).c_str());
   if (!r.is_base()) std::printf("parent       %s\n", to_hex(h.parent_id).c_str());
   std::printf("created      %s\n", when);
+  std::printf("strategy     %s\n", strategy_text(r).c_str());
+  if (const std::string* v = r.origin().find(kOriginMemsnapVersion)) {
+    std::printf("written by   memsnap %s\n", v->c_str());
+  }
   std::printf(
       "block map    %llu runs: %llu data blocks in %llu runs, %llu zero blocks in %llu "
       "runs, %llu inherited blocks in %llu runs\n",

@@ -49,8 +49,8 @@ int cmd_resume(Args& args) {
   const bool json = args.flag("--json");
   const std::string plugins = plugin_dir(args);
   args.expect_done();
-  if (newest.empty() || req.socket_path.empty() || req.strategy.empty()) {
-    throw std::invalid_argument("--snapshot, --listen and --strategy are required");
+  if (newest.empty() || req.socket_path.empty()) {
+    throw std::invalid_argument("--snapshot and --listen are required");
   }
   req.chain.push_back(newest);
   if (!mode.empty()) {

@@ -261,9 +261,13 @@ std::vector<Command> file_commands() {
                   "handshake until the VMM exits",
        .options = {required(path("--snapshot", "FILE", "the newest snapshot of the chain")),
                    repeatable(path("--parent", "FILE", "its parents, base first")),
-                   required(path("--listen", "SOCKET", "the handshake socket the VMM connects "
-                                                       "to")),
-                   required(text("--strategy", "S", "the strategy that wrote the chain")),
+                   required(path("--listen", "SOCKET",
+                                 "the handshake socket the VMM connects "
+                                 "to")),
+                   text("--strategy", "S",
+                        "the strategy that wrote the chain (format 1 snapshots only: newer ones "
+                        "record it)",
+                        "the one the snapshot records"),
                    choice("--mode", {"lazy", "background", "eager", "warm"},
                           "how memory comes back (warm needs memsnapd: it keeps the memfd)",
                           "lazy"),
@@ -380,15 +384,17 @@ std::vector<Command> client_commands() {
       {.name = "register",
        .summary = "register a running VMM, or a paused sandbox's snapshot chain",
        .synopsis = "--id ID (--pid PID --region OFF:ADDR:SIZE... [--memfd-fd N] [--guest-size "
-                   "S] | --snapshot PATH... --strategy NAME) [--attr KEY=VALUE]...",
-       .options = {required(text("--id", "ID", "the sandbox's name")),
-                   pid("--pid", "the VMM"),
+                   "S] | --snapshot PATH... [--strategy NAME]) [--attr KEY=VALUE]...",
+       .options = {required(text("--id", "ID", "the sandbox's name")), pid("--pid", "the VMM"),
                    repeatable(text("--region", "OFF:ADDR:SIZE", "a guest memory region")),
                    integer("--memfd-fd", "the memfd behind guest memory, in the VMM", "", 0),
                    size("--guest-size", "the guest's memory size", "the regions' sum"),
                    repeatable(path("--snapshot", "PATH", "a snapshot of the chain, base first")),
-                   text("--strategy", "NAME", "the strategy that wrote the chain"),
-                   repeatable(cli_spec::Option{.name = "--attr", .kind = ValueKind::kKeyValue,
+                   text("--strategy", "NAME",
+                        "the strategy that wrote the chain (format 1 snapshots only: newer ones "
+                        "record it)"),
+                   repeatable(cli_spec::Option{.name = "--attr",
+                                               .kind = ValueKind::kKeyValue,
                                                .placeholder = "KEY=VALUE",
                                                .help = "a flag-evaluation attribute"})}}));
   out.push_back(client(

@@ -82,7 +82,8 @@ const cli_spec::Program& program() {
          "drain.timeout_ms for those in flight, then removes the socket and exits once they "
          "have ended. Nothing is ever aborted. On exit, a VMM memsnapd resumed whose memory is "
          "whole in its memfd is left running (its memory unregistered from its userfaultfd); "
-         "one served lazily is ended, since its next fault would wait forever."},
+         "one served lazily is ended, since its next fault would wait forever, and so is a VMM a "
+         "pause left stopped (its memory is in the snapshot)."},
         {"exit status",
          "0: stopped cleanly. 1: work in flight outlasted drain.timeout_ms, or memsnapd could "
          "not start. 2: a usage or configuration error, nothing was started."},

@@ -356,26 +356,29 @@ SandboxService::~SandboxService() {
   }
   changed_.notify_all();
   // A VMM that can run without memsnapd (its memory whole in its memfd) is left running, no
-  // longer served or tracked; one served lazily is ended (its next fault would hang). Per
-  // sandbox in the log.
+  // longer served or tracked; one served lazily, or stopped by a pause, is ended. Per sandbox in
+  // the log.
   for (auto& [id, sb] : all) {
     if (sb->resume_thread.joinable()) sb->resume_thread.join();
-    if (!sb->session) continue;
     SandboxState state;
     {
       std::lock_guard lock(mu_);
       state = sb->state;
     }
-    // A VMM a pause left stopped would stay stopped for good, its memory pinned: ended.
-    if (state != SandboxState::kRunning) {
-      sb->session->stop();
-    } else if (sb->session->stop_leaving_vmm_running()) {
-      spdlog::info("memsnapd stops: sandbox {} runs on without it (VMM pid {})", id, sb->vmm_pid);
-    } else if (sb->session->vmm_ended()) {
-      spdlog::warn(
-          "memsnapd stops: sandbox {} was ended (VMM pid {}): its memory was served "
-          "lazily; it resumes from its last snapshot",
-          id, sb->vmm_pid);
+    switch (release_vmm(*sb, state, /*leave_running=*/state == SandboxState::kRunning)) {
+      case VmmRelease::kLeftRunning:
+        spdlog::info("memsnapd stops: sandbox {} runs on without it (VMM pid {})", id, sb->vmm_pid);
+        break;
+      case VmmRelease::kEnded:
+        spdlog::warn("memsnapd stops: sandbox {} ({}) was ended (VMM pid {}): {}", id,
+                     state_name(state), sb->vmm_pid,
+                     state == SandboxState::kRunning
+                         ? "its memory was served lazily; it resumes from its last snapshot"
+                         : "a pause had left it stopped; it resumes from its snapshot");
+        break;
+      case VmmRelease::kNone:
+      case VmmRelease::kNotEnded:
+        break;
     }
   }
   // Background exports go on without memsnapd (they commit, or hold the memory and retry): only
@@ -800,10 +803,12 @@ Status SandboxService::register_chain(const Caller& caller, const json& body, Sa
       const SnapshotChain chain_open,
       SnapshotChain::open(sb.chain, Verify::kHeaderAndMap, settings().reader_limits));
   sb.guest_size = chain_open.guest_size();
-  MEMSNAP_ASSIGN_OR_RETURN(sb.strategy, field<std::string>(body, "strategy", ""));
-  if (sb.strategy.empty() || registry_.find(sb.strategy) == nullptr) {
-    return make_error(Errc::kInvalidArgument,
-                      "a paused sandbox needs the strategy (a loaded plugin) that wrote it");
+  MEMSNAP_ASSIGN_OR_RETURN(const std::string asked, field<std::string>(body, "strategy", ""));
+  MEMSNAP_ASSIGN_OR_RETURN(sb.strategy, chain_strategy(chain_open.newest(), asked));
+  if (registry_.find(sb.strategy) == nullptr) {
+    return make_error(Errc::kInvalidArgument, "snapshot " + chain_open.newest().path() +
+                                                  " was written by strategy \"" + sb.strategy +
+                                                  "\", which is not a loaded plugin");
   }
   sb.state = SandboxState::kPaused;
   return {};
@@ -2262,25 +2267,33 @@ Result<json> SandboxService::remove(const Caller& caller, const std::string& id,
   exports_dropped.reset();
   finished.clear();
   if (sb->resume_thread.joinable()) sb->resume_thread.join();
-  bool vmm_ended = false;
-  if (sb->session) {
-    sb->session->stop();
-    vmm_ended = sb->session->vmm_ended();
-  } else if (vmm_left_stopped(sb->state) && sb->vmm_pidfd.get() >= 0 &&
-             pidfd_alive(sb->vmm_pidfd.get())) {
-    // The VMM memsnapd stopped for the pause, never resumed by it: nobody would continue it
-    // now, and its memory is in the snapshot (or, exporting, held by the export). Through the
-    // pidfd taken at registration: never a successor with the same pid.
-    if (Status s = pidfd_signal(sb->vmm_pidfd.get(), SIGKILL); s.ok()) {
-      vmm_ended = true;
-    } else {
-      spdlog::warn("sandbox {}: its stopped VMM (pid {}) could not be ended: {}", id, sb->vmm_pid,
-                   s.error().to_string());
-    }
-  }
+  const bool vmm_ended = release_vmm(*sb, sb->state, /*leave_running=*/false) == VmmRelease::kEnded;
   spdlog::info("sandbox {} unregistered (its snapshots stay){}", id,
                vmm_ended ? "; its VMM was ended" : "");
   return json{{"id", id}, {"removed", true}, {"snapshots", sb->chain}, {"vmm_ended", vmm_ended}};
+}
+
+SandboxService::VmmRelease SandboxService::release_vmm(Sandbox& sb, SandboxState state,
+                                                       bool leave_running) {
+  if (sb.session) {
+    if (leave_running && state == SandboxState::kRunning &&
+        sb.session->stop_leaving_vmm_running()) {
+      return VmmRelease::kLeftRunning;
+    }
+    sb.session->stop();
+    return sb.session->vmm_ended() ? VmmRelease::kEnded : VmmRelease::kNone;
+  }
+  if (!vmm_left_stopped(state) || sb.vmm_pidfd.get() < 0 || !pidfd_alive(sb.vmm_pidfd.get())) {
+    return VmmRelease::kNone;
+  }
+  // The VMM memsnapd stopped for the pause, never resumed by it. Through the pidfd taken at
+  // registration: never a successor with the same pid.
+  if (Status s = pidfd_signal(sb.vmm_pidfd.get(), SIGKILL); !s.ok()) {
+    spdlog::warn("sandbox {}: its stopped VMM (pid {}) could not be ended: {}", sb.id, sb.vmm_pid,
+                 s.error().to_string());
+    return VmmRelease::kNotEnded;
+  }
+  return VmmRelease::kEnded;
 }
 
 json SandboxService::health() const {

@@ -201,6 +201,15 @@ class SandboxService {
   Status register_chain(const Caller& caller, const nlohmann::json& body, Sandbox& sb) const;
   Result<nlohmann::json> add_locked(std::shared_ptr<Sandbox> sb);
   void flush_fault_stats_locked(Sandbox& sandbox);
+  // What became of a VMM memsnapd let go of (release_vmm).
+  enum class VmmRelease { kNone, kLeftRunning, kEnded, kNotEnded };
+  // memsnapd lets go of sandbox's VMM, once the sandbox is out of sandboxes_ (DELETE) or memsnapd
+  // stops. With leave_running (memsnapd's graceful stop of a running sandbox), a VMM whose memory
+  // is whole in its memfd runs on, no longer served or tracked. Otherwise, and for a VMM served
+  // lazily (its next fault would hang), it is ended; so is a VMM a pause left stopped, whether
+  // memsnapd resumed it or not (nobody would continue it, and its memory is in the snapshot or
+  // held by the export), through the pidfd taken at registration. `state` is the sandbox's.
+  VmmRelease release_vmm(Sandbox& sandbox, SandboxState state, bool leave_running);
   // The steps of a pause (pause() runs them in this order).
   Result<ChainPlan> plan_chain(const Sandbox& sb, const PauseBody& body) const;
   Status check_choice(const Sandbox& sb, const Choice& choice, const PauseBody& body) const;
