@@ -289,11 +289,12 @@ struct PathCodec {
   bool absolute_required = false;  // else "" is allowed and relative paths are resolved
   bool not_root = false;
   std::size_t max_length = 4095;  // PATH_MAX - 1
+  bool empty_allowed = false;     // with absolute_required: "" (none) is allowed too
   std::optional<std::string> parse(const YAML::Node& n, const Where& w) const {
     std::optional<std::string> s = parse_string(n, w);
     if (!s) return std::nullopt;
     if (s->empty()) {
-      if (absolute_required) {
+      if (absolute_required && !empty_allowed) {
         w.fail("must not be empty");
         return std::nullopt;
       }
@@ -587,6 +588,8 @@ const std::vector<Field>& schema() {
             PathCodec{.absolute_required = true, .not_root = true}),
       field("snapshots", "durable_write", true, &DC::snapshots, &SnapshotsConfig::durable_write,
             EnumCodec<DurableWrite>{kDurableWriteNames}),
+      field("state", "directory", false, &DC::state, &StateConfig::directory,
+            PathCodec{.absolute_required = true, .not_root = true, .empty_allowed = true}),
       // sun_path holds 108 bytes with the terminating NUL.
       field("control", "socket", false, &DC::control, &ControlConfig::socket,
             PathCodec{.absolute_required = true, .not_root = true, .max_length = 107}),

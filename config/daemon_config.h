@@ -12,6 +12,7 @@
 //   flags.pause_mode_flag      string        pause-mode
 //   snapshots.directory        absolute path /var/lib/memsnap/snapshots
 //   snapshots.durable_write    buffered|direct  buffered (how synced pauses write guest data)
+//   state.directory            absolute path /var/lib/memsnap/state ("" keeps no registry)
 //   control.socket             absolute path /run/memsnap/memsnapd.sock
 //   control.handshake_directory absolute path /run/memsnap/handshake (resume sockets go here)
 //   control.mode               octal text    "0600"
@@ -51,7 +52,8 @@
 // lexically (no "." or "..", no trailing "/"); symlinks are not resolved.
 //
 // SIGHUP reload: the daemon loads the file again (plus its --set overrides) and compares.
-//   Applied at runtime: logging.*, flags.file, flags.strategy_flag, flags.pause_mode_flag, limits.*, strategy.*,
+//   Applied at runtime: logging.*, flags.file, flags.strategy_flag, flags.pause_mode_flag,
+//   limits.*, strategy.*,
 //     drain.timeout_ms, snapshots.durable_write.
 //   Need a restart (restart_required_changes names them; the daemon keeps the running value and
 //     logs them): plugins.directory, snapshots.directory, control.* (the control API's server is
@@ -95,6 +97,13 @@ struct SnapshotsConfig {
   // kDirect: O_DIRECT, then fsync (less CPU with some strategies). Unsynced pauses always buffer.
   DurableWrite durable_write = DurableWrite::kBuffered;
   bool operator==(const SnapshotsConfig&) const = default;
+};
+
+// Where memsnapd keeps what must outlive it: the registry of sandboxes (registry.json), taken
+// back at the next start. "" keeps none (a restart forgets every sandbox).
+struct StateConfig {
+  std::string directory = "/var/lib/memsnap/state";  // never "/"
+  bool operator==(const StateConfig&) const = default;
 };
 
 struct ControlConfig {
@@ -156,6 +165,7 @@ struct DaemonConfig {
   PluginsConfig plugins;
   FlagsConfig flags;
   SnapshotsConfig snapshots;
+  StateConfig state;
   ControlConfig control;
   MetricsConfig metrics;
   LimitsConfig limits;

@@ -222,6 +222,17 @@ Result<std::vector<ByteRange>> populated_ranges_of_process(pid_t pid,
   // The pagemap reports nothing for an unmapped range, which would read as "nothing populated"
   // and export as zeros: a range the process does not map is an error.
   MEMSNAP_RETURN_IF_ERROR(check_regions_mapped(pid, regions));
+  // In a shared mapping (a memfd) a page the page tables do not map may still hold data: the
+  // scan would take it for a hole and the pause would export it as zeros.
+  MEMSNAP_ASSIGN_OR_RETURN(const bool shared, regions_in_shared_mapping(pid, regions));
+  if (shared) {
+    return make_error(Errc::kUnsupported,
+                      "the guest memory of process " + std::to_string(pid) +
+                          " is a shared mapping (a memfd or file): its page tables do not show "
+                          "every page that holds data, so their scan would export some as "
+                          "zeros. Give its memfd (memfd_fd at registration; --memfd-of-pid or "
+                          "--memfd-fd to memsnap pause)");
+  }
   MEMSNAP_ASSIGN_OR_RETURN(auto opened, open_pagemap(pid));
   const io::UniqueFd fd = std::move(opened);
   ScanStats stats;

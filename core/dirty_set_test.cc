@@ -89,6 +89,37 @@ TEST(PopulatedRangesTest, ProcessScanFindsTouchedPagesOnly) {
   munmap(mem, size);
 }
 
+// A shared mapping of a memfd holds data in pages the process's page tables no longer map
+// (MADV_DONTNEED drops the mapping, not the memfd's page): a scan of the page tables must not
+// pass for the populated set there, or those pages are exported as zeros. Refused, saying why.
+TEST(PopulatedRangesTest, AProcessScanOfASharedMemfdMappingIsRefusedNotTakenForHoles) {
+  const std::uint64_t size = 16 * kPage;
+  const int fd = memfd_create("dirty_set_test_shared", MFD_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(ftruncate(fd, static_cast<off_t>(size)), 0);
+  auto* mem = static_cast<char*>(mmap(nullptr, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0));
+  ASSERT_NE(mem, MAP_FAILED);
+  for (std::uint64_t p = 0; p < 8; ++p) mem[p * kPage] = 1;
+  ASSERT_EQ(madvise(mem + 4 * kPage, 4 * kPage, MADV_DONTNEED), 0);
+  ASSERT_EQ(mem[5 * kPage], 1) << "the memfd kept the page";
+  ASSERT_EQ(madvise(mem + 4 * kPage, 4 * kPage, MADV_DONTNEED), 0);  // read it back in: out again
+  const std::vector<Region> regions = {{0, reinterpret_cast<std::uint64_t>(mem), size}};
+  auto r = populated_ranges_of_process(getpid(), regions, kPage);
+  if (r.ok()) {
+    // Only acceptable if every page that holds data is in the set.
+    std::uint64_t covered = 0;
+    for (const ByteRange& b : *r) {
+      if (b.offset < 8 * kPage) covered += std::min(b.offset + b.length, 8 * kPage) - b.offset;
+    }
+    EXPECT_EQ(covered, 8 * kPage) << "pages of the memfd that hold data were left out";
+  } else {
+    EXPECT_EQ(r.error().code, Errc::kUnsupported) << r.error().to_string();
+    EXPECT_NE(r.error().message.find("shared"), std::string::npos) << r.error().message;
+  }
+  munmap(mem, size);
+  close(fd);
+}
+
 TEST(PopulatedRangesTest, GoneProcessIsReported) {
   std::vector<Region> regions = {{0, 0x10000, kPage}};
   auto r = populated_ranges_of_process(999999999, regions, kPage);

@@ -46,6 +46,33 @@ bool status_ids(pid_t pid, const char* key, std::uint64_t ids[4]) {
 
 }  // namespace
 
+Result<std::uint64_t> process_start_time(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string stat;
+  if (!std::getline(in, stat)) {
+    return make_error(Errc::kProcessGone, "no process " + std::to_string(pid));
+  }
+  // The command name (field 2) is in parentheses and may hold anything, ')' and spaces too: the
+  // fields that follow start after the last ')'. Field 3 is then the first, field 22 the 20th.
+  const std::size_t close = stat.rfind(')');
+  std::istringstream fields(close == std::string::npos ? std::string() : stat.substr(close + 1));
+  std::string field;
+  for (int i = 3; i < 22 && (fields >> field); ++i) {
+  }
+  std::uint64_t start = 0;
+  if (!(fields >> start)) {
+    return make_error(Errc::kIoError, "/proc/" + std::to_string(pid) + "/stat: no start time");
+  }
+  return start;
+}
+
+std::string boot_id() {
+  std::ifstream in("/proc/sys/kernel/random/boot_id");
+  std::string id;
+  std::getline(in, id);
+  return id;
+}
+
 Result<io::UniqueFd> open_pidfd(pid_t pid) {
   if (pid <= 0) return make_error(Errc::kInvalidArgument, "not a pid: " + std::to_string(pid));
   const int fd = static_cast<int>(::syscall(SYS_pidfd_open, pid, 0));
@@ -96,23 +123,89 @@ Status check_process_owner(pid_t pid, uid_t uid) {
   return {};
 }
 
-Status check_regions_mapped(pid_t pid, const std::vector<plugin::Region>& regions) {
-  struct Range {
-    std::uint64_t start, end;
-  };
-  std::vector<Range> maps;
-  {
-    std::ifstream in("/proc/" + std::to_string(pid) + "/maps");
-    if (!in) return make_error(Errc::kProcessGone, "no process " + std::to_string(pid));
-    std::string line;
-    while (std::getline(in, line)) {
-      std::uint64_t start = 0, end = 0;
-      if (std::sscanf(line.c_str(), "%" SCNx64 "-%" SCNx64, &start, &end) == 2 && end > start) {
-        maps.push_back({start, end});
-      }
+namespace {
+
+// One line of /proc/PID/maps: its range, whether it is a shared mapping ("rw-s"), and the file
+// offset it starts at.
+struct Mapping {
+  std::uint64_t start, end;
+  bool shared;
+  std::uint64_t offset;
+};
+
+// The process's mappings, sorted by start.
+Result<std::vector<Mapping>> read_mappings(pid_t pid) {
+  std::vector<Mapping> maps;
+  std::ifstream in("/proc/" + std::to_string(pid) + "/maps");
+  if (!in) return make_error(Errc::kProcessGone, "no process " + std::to_string(pid));
+  std::string line;
+  while (std::getline(in, line)) {
+    std::uint64_t start = 0, end = 0, offset = 0;
+    char perms[5] = {};
+    if (std::sscanf(line.c_str(), "%" SCNx64 "-%" SCNx64 " %4s %" SCNx64, &start, &end, perms,
+                    &offset) == 4 &&
+        end > start) {
+      maps.push_back({start, end, perms[3] == 's', offset});
     }
   }
-  std::sort(maps.begin(), maps.end(), [](const Range& a, const Range& b) { return a.start < b.start; });
+  std::sort(maps.begin(), maps.end(),
+            [](const Mapping& a, const Mapping& b) { return a.start < b.start; });
+  return maps;
+}
+
+}  // namespace
+
+Result<bool> regions_in_shared_mapping(pid_t pid, const std::vector<plugin::Region>& regions) {
+  MEMSNAP_ASSIGN_OR_RETURN(const std::vector<Mapping> maps, read_mappings(pid));
+  for (const auto& r : regions) {
+    for (const Mapping& m : maps) {
+      if (m.shared && m.start < r.host_addr + r.size && r.host_addr < m.end) return true;
+    }
+  }
+  return false;
+}
+
+Result<io::UniqueFd> take_mapped_memfd(pid_t pid, const std::vector<plugin::Region>& regions) {
+  MEMSNAP_ASSIGN_OR_RETURN(const std::vector<Mapping> maps, read_mappings(pid));
+  io::UniqueFd taken;
+  struct stat first {};
+  for (const auto& r : regions) {
+    const Mapping* m = nullptr;
+    for (const Mapping& candidate : maps) {
+      if (candidate.start <= r.host_addr && r.host_addr < candidate.end) m = &candidate;
+    }
+    const std::string where = "region " + hex(r.host_addr) + " of process " + std::to_string(pid);
+    if (m == nullptr || !m->shared || r.host_addr + r.size > m->end) {
+      return make_error(Errc::kInvalidArgument, where + " is not within one shared mapping");
+    }
+    // memsnap's rule: guest offset == memfd offset.
+    if (m->offset + (r.host_addr - m->start) != r.guest_offset) {
+      return make_error(Errc::kInvalidArgument,
+                        where + " maps file offset " + hex(m->offset + (r.host_addr - m->start)) +
+                            ", not its guest offset " + hex(r.guest_offset));
+    }
+    char name[64];
+    std::snprintf(name, sizeof(name), "%" PRIx64 "-%" PRIx64, m->start, m->end);
+    const std::string path = "/proc/" + std::to_string(pid) + "/map_files/" + name;
+    io::UniqueFd fd(::open(path.c_str(), O_RDWR | O_CLOEXEC));
+    struct stat st {};
+    if (fd.get() < 0 || ::fstat(fd.get(), &st) != 0) {
+      const int err = errno;
+      return make_error(Errc::kIoError, errno_message("opening " + path, err), err);
+    }
+    if (taken.get() < 0) {
+      taken = std::move(fd);
+      first = st;
+    } else if (st.st_dev != first.st_dev || st.st_ino != first.st_ino) {
+      return make_error(Errc::kInvalidArgument, where + " maps another file than the first region");
+    }
+  }
+  if (taken.get() < 0) return make_error(Errc::kInvalidArgument, "no regions");
+  return taken;
+}
+
+Status check_regions_mapped(pid_t pid, const std::vector<plugin::Region>& regions) {
+  MEMSNAP_ASSIGN_OR_RETURN(const std::vector<Mapping> maps, read_mappings(pid));
   for (const auto& r : regions) {
     const std::uint64_t end = r.host_addr + r.size;
     if (end < r.host_addr) {

@@ -7,6 +7,7 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 #include "core/base/file_io.h"
@@ -35,6 +36,24 @@ Status check_process_owner(pid_t pid, uid_t uid);
 // Every [host_addr, host_addr + size) of regions lies in mappings of process pid with no gaps
 // (/proc/PID/maps). kInvalidArgument naming the first range that is not mapped.
 Status check_regions_mapped(pid_t pid, const std::vector<plugin::Region>& regions);
+
+// When process pid started, in clock ticks after boot (field 22 of /proc/PID/stat). With the
+// boot's id (boot_id()), pid and start time name one process for good: how memsnapd recognises a
+// VMM again after a restart. kProcessGone if there is no such process.
+Result<std::uint64_t> process_start_time(pid_t pid);
+// /proc/sys/kernel/random/boot_id: differs after every reboot. Empty if unreadable.
+std::string boot_id();
+
+// Whether any byte of regions lies in a shared mapping of process pid (/proc/PID/maps). The
+// pages of a shared file mapping (a memfd) hold data whether or not the process's page tables
+// map them: its page tables do not tell which pages are populated.
+Result<bool> regions_in_shared_mapping(pid_t pid, const std::vector<plugin::Region>& regions);
+
+// The file behind every region of process pid, opened read-write through /proc/PID/map_files
+// (which needs CAP_SYS_ADMIN): how memsnapd takes back the memfd of a VMM it no longer holds.
+// Each region must lie in one shared mapping of that same file at file offset == guest offset
+// (kInvalidArgument otherwise). Check it with check_guest_memfd before use.
+Result<io::UniqueFd> take_mapped_memfd(pid_t pid, const std::vector<plugin::Region>& regions);
 
 // pidfd_getfd(pidfd, target_fd): a copy of the process's fd.
 Result<io::UniqueFd> take_fd_of_pidfd(int pidfd, int target_fd);

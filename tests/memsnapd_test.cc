@@ -1531,6 +1531,163 @@ TEST_F(MemsnapdTest, AChainRegistersFromItsSnapshotsAloneAndResumesAsItsStrategy
   EXPECT_EQ(*bad, 0u) << "the copy registered from the files does not hold the paused memory";
 }
 
+// ---- restarts (issue 20 item 1): the registry ----
+
+// memsnapd keeps a registry of its sandboxes on disk (state.directory). After a graceful stop
+// and after kill -9, the restarted memsnapd takes every paused sandbox back (its health and a
+// metric say so), and each resumes from it with its memory, page by page; then its guest writes
+// and pauses again for the next round.
+TEST_F(MemsnapdTest, PausedSandboxesResumeFromTheRecoveredRegistryAfterSigtermAndKillNine) {
+  std::unique_ptr<Sandbox> a = launch_memfd("sb-reg-a", 32ULL << 20, "c", 41);
+  std::unique_ptr<Sandbox> b = launch_memfd("sb-reg-b", 32ULL << 20, "a", 42);
+  ASSERT_NE(a, nullptr);
+  ASSERT_NE(b, nullptr);
+  ASSERT_TRUE(a->dirty(0.3, 3).ok());
+  ASSERT_TRUE(b->dirty(0.3, 4).ok());
+  ASSERT_TRUE(a->pause({{"strategy", "memfd"}}).ok());
+  ASSERT_TRUE(b->pause({{"strategy", "process_vm_readv"}}).ok());
+  const std::map<std::string, SandboxSpec> specs = {{"sb-reg-a", a->spec()},
+                                                    {"sb-reg-b", b->spec()}};
+  std::map<std::string, std::unique_ptr<GuestProcess>> guests;
+  for (const int sig : {SIGTERM, SIGKILL}) {
+    SCOPED_TRACE(sig == SIGTERM ? "after SIGTERM" : "after kill -9");
+    // The VMMs the last round's pauses left stopped (none in the first: the fleet ended them).
+    std::map<std::string, std::unique_ptr<GuestProcess>> stopped = std::move(guests);
+    std::map<std::string, json> before;
+    std::map<std::string, std::vector<std::uint32_t>> expect;
+    for (const auto& [id, spec] : specs) {
+      before[id] = call("GET", "/v1/sandboxes/" + id).body;
+      ASSERT_EQ(before[id]["state"], "paused") << before[id].dump();
+      expect[id] = generations_in(before[id]["snapshots"].get<std::vector<std::string>>(),
+                                  spec.seed, spec.size / 4096);
+    }
+    if (sig == SIGTERM) {
+      EXPECT_EQ(daemon_->stop(SIGTERM, std::chrono::seconds(30)), 0);
+    } else {
+      ASSERT_EQ(::kill(daemon_->pid(), SIGKILL), 0);
+    }
+    daemon_.reset();
+    ASSERT_NO_FATAL_FAILURE(start_daemon());
+
+    const json health = call("GET", "/v1/health").body;
+    ASSERT_TRUE(health["registry"].is_object()) << health.dump();
+    EXPECT_EQ(health["registry"]["recovered"].size(), 2u) << health.dump();
+    EXPECT_TRUE(health["registry"]["not_recovered"].empty()) << health.dump();
+    auto metrics = daemon_->scrape();
+    ASSERT_TRUE(metrics.ok());
+    EXPECT_EQ(sample(*metrics, R"(memsnap_registry_recovered_sandboxes{outcome="recovered"})"), 2);
+    for (const auto& [id, spec] : specs) {
+      const json now = call("GET", "/v1/sandboxes/" + id).body;
+      EXPECT_EQ(now["state"], "paused") << now.dump();
+      EXPECT_EQ(now["snapshots"], before[id]["snapshots"]) << now.dump();
+      EXPECT_EQ(now["strategy"], before[id]["strategy"]) << now.dump();
+      guests[id] = resume_into_new_guest(id, spec, expect[id]);
+      ASSERT_NE(guests[id], nullptr);
+      // The VMM its pause left stopped is ended by now (by the stop, or once the resume was
+      // accepted), never left stopped for good.
+      if (stopped.count(id)) {
+        EXPECT_TRUE(ends_within(stopped[id]->pid(), std::chrono::seconds(10)))
+            << "the stopped VMM of " << id << " was left behind";
+      }
+      auto bad = guests[id]->verify();
+      ASSERT_TRUE(bad.ok()) << bad.error().to_string();
+      EXPECT_EQ(*bad, 0u) << id << " does not hold its paused memory";
+      // The next round's pause: the guest writes, and the VMM stays stopped.
+      ASSERT_TRUE(guests[id]->dirty(0.2, false, spec.seed + 100).ok());
+      const Answer paused = call("POST", "/v1/sandboxes/" + id + "/pause", json::object());
+      ASSERT_EQ(paused.status, 200) << paused.error_text();
+    }
+  }
+}
+
+// A VMM a pause left stopped that memsnapd never resumed (so no guardian ends it) outlives a
+// kill -9 of memsnapd: the next memsnapd pins it again with the paused sandbox, and ends it once
+// a resume of that sandbox is accepted, instead of leaving it stopped for good.
+TEST_F(MemsnapdTest, AStoppedVmmOutlivingACrashIsPinnedAgainAndEndedByTheNextResume) {
+  Sandbox& sb = launch("sb-reg-stopped", "a", "anon");
+  const pid_t old_vmm = sb.vmm()->pid();
+  ASSERT_EQ(call("POST", "/v1/sandboxes/sb-reg-stopped/pause", json::object()).status, 200);
+  ASSERT_EQ(process_state(old_vmm), 'T');
+  const std::vector<std::string> chain =
+      call("GET", "/v1/sandboxes/sb-reg-stopped").body["snapshots"];
+  ASSERT_EQ(::kill(daemon_->pid(), SIGKILL), 0);
+  daemon_.reset();
+  ASSERT_NO_FATAL_FAILURE(start_daemon());
+  const json health = call("GET", "/v1/health").body;
+  ASSERT_EQ(health["registry"]["recovered"].size(), 1u) << health.dump();
+  EXPECT_NE(health["registry"]["recovered"][0]["detail"].get<std::string>().find("pinned again"),
+            std::string::npos)
+      << health.dump();
+  ASSERT_FALSE(ended(old_vmm));
+  const SandboxSpec spec = sb.spec();
+  auto guest = resume_into_new_guest("sb-reg-stopped", spec,
+                                     generations_in(chain, spec.seed, spec.size / 4096));
+  ASSERT_NE(guest, nullptr);
+  auto bad = guest->verify();
+  ASSERT_TRUE(bad.ok()) << bad.error().to_string();
+  EXPECT_EQ(*bad, 0u);
+  EXPECT_TRUE(ends_within(old_vmm, std::chrono::seconds(10)))
+      << "the stopped VMM of the paused sandbox was left behind by its resume";
+}
+
+// A warm VMM that a graceful stop left running is running again after the restart: memsnapd
+// recognises it (same boot, pid and start time), and its next pause, a full one (its writes
+// were no longer tracked), holds what it wrote while memsnapd was away.
+TEST_F(MemsnapdTest, AVmmThatRanOnThroughARestartIsRunningAgainAndItsNextPauseHoldsItsMemory) {
+  std::unique_ptr<Sandbox> warm = launch_memfd("sb-reg-warm", 32ULL << 20, "b", 51);
+  ASSERT_NE(warm, nullptr);
+  ASSERT_TRUE(warm->pause({{"strategy", "memfd"}}).ok());
+  auto resumed = warm->resume({{"mode", "warm"}});
+  ASSERT_TRUE(resumed.ok()) << resumed.error().to_string();
+  GuestProcess& guest = *warm->vmm();
+  const pid_t pid = guest.pid();
+  EXPECT_EQ(daemon_->stop(SIGTERM, std::chrono::seconds(30)), 0);
+  daemon_.reset();
+  ASSERT_TRUE(guest.dirty(0.3, false, 52).ok());  // while no memsnapd runs
+  ASSERT_NO_FATAL_FAILURE(start_daemon());
+
+  const json now = call("GET", "/v1/sandboxes/sb-reg-warm").body;
+  EXPECT_EQ(now["state"], "running") << now.dump();
+  EXPECT_EQ(now["vmm_pid"], pid) << now.dump();
+  const json health = call("GET", "/v1/health").body;
+  ASSERT_EQ(health["registry"]["recovered"].size(), 1u) << health.dump();
+  EXPECT_NE(health["registry"]["recovered"][0]["detail"].get<std::string>().find("ran on"),
+            std::string::npos)
+      << health.dump();
+  ASSERT_TRUE(guest.dirty(0.1, false, 53).ok());  // and after it came back
+  const Answer paused = call("POST", "/v1/sandboxes/sb-reg-warm/pause", json::object());
+  ASSERT_EQ(paused.status, 200) << paused.error_text();
+  // Its memfd was taken back from its mappings: the flag's memfd strategy runs, from SEEK_DATA
+  // (a scan of its page tables would miss the memfd's pages they do not map).
+  EXPECT_EQ(paused.body["strategy"], "memfd") << paused.body.dump();
+  const std::vector<std::string> chain = call("GET", "/v1/sandboxes/sb-reg-warm").body["snapshots"];
+  const SandboxSpec spec = warm->spec();
+  EXPECT_EQ(generations_in(chain, spec.seed, spec.size / 4096), guest.expected_generations())
+      << "the pause after the restart does not hold the guest's memory";
+}
+
+// A registry that cannot be read stops memsnapd from starting, naming the file, and is left as
+// it was: a start that took it for empty would forget every sandbox it records.
+TEST_F(MemsnapdTest, ADamagedRegistryKeepsMemsnapdFromStartingAndIsLeftAsItWas) {
+  Sandbox& sb = launch("sb-1", "a", "anon");
+  ASSERT_TRUE(sb.pause().ok());
+  daemon_.reset();
+  const std::string file = dir_ + "/state/registry.json";
+  ASSERT_TRUE(fs::exists(file));
+  write_file(file, "{\"memsnapd_registry\": 1, \"boot_id\": ");
+  DaemonOptions o;
+  o.dir = dir_;
+  o.flags_file = flags_;
+  auto refused = Daemon::start(o);
+  ASSERT_FALSE(refused.ok());
+  std::ifstream log(dir_ + "/memsnapd.log");
+  const std::string text((std::istreambuf_iterator<char>(log)), std::istreambuf_iterator<char>());
+  EXPECT_NE(text.find(file + " is not valid JSON"), std::string::npos) << text;
+  std::ifstream kept(file);
+  const std::string left((std::istreambuf_iterator<char>(kept)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(left, "{\"memsnapd_registry\": 1, \"boot_id\": ");
+}
+
 // A tmpfs of its own at `dir` (created), unmounted when it goes: a file system that fills up.
 class SmallTmpfs {
  public:

@@ -327,6 +327,14 @@ std::vector<MetricInfo> build_catalogue() {
        "",
        {"reason"},
        {}},
+      {"memsnap_registry_recovered_sandboxes",
+       T::kGauge,
+       "What memsnapd's start made of the sandboxes its registry recorded (state.directory): "
+       "recovered (taken back, paused or running) or not_recovered (the log and GET /v1/health "
+       "say why). Set once at start.",
+       "",
+       {"outcome"},
+       {}},
       {"memsnap_resume_duration_seconds",
        T::kHistogram,
        "What a resume costs a sandbox beyond its VMM's start-up: from the VMM's handshake to the "
@@ -539,6 +547,7 @@ struct HostMetrics::Impl {
         resume_phase(histogram("memsnap_resume_phase_duration_seconds")),
         resume_modes(counter("memsnap_resumes_by_mode_total")),
         sandboxes(gauge("memsnap_sandboxes")),
+        registry_recovered(gauge("memsnap_registry_recovered_sandboxes")),
         fallbacks(counter("memsnap_strategy_fallbacks_total")),
         warm_memory(gauge("memsnap_warm_memory_bytes")) {}
 
@@ -657,6 +666,7 @@ struct HostMetrics::Impl {
   Histograms& resume_phase;
   Counters& resume_modes;
   Gauges& sandboxes;
+  Gauges& registry_recovered;
   Counters& fallbacks;
   Gauges& warm_memory;
 
@@ -702,6 +712,9 @@ HostMetrics::HostMetrics(HostMetricsOptions options)
     for (const std::string_view source : kPauseModeSources) {
       m.pause_modes.Add({{"mode", pause_mode_label(mode)}, {"source", std::string(source)}});
     }
+  }
+  for (const char* outcome : {"recovered", "not_recovered"}) {
+    m.registry_recovered.Add({{"outcome", outcome}});
   }
   for (const std::string& state : options.sandbox_states) {
     std::string s = token_value(state, "unknown");
@@ -927,6 +940,18 @@ void HostMetrics::set_warm_memory_bytes(
       const auto it = held.find(s);
       m.warm_memory.Add({{"strategy", s}}).Set(it == held.end() ? 0 : it->second);
     }
+  } catch (...) {
+  }
+}
+
+void HostMetrics::set_registry_recovery(std::uint64_t recovered,
+                                        std::uint64_t not_recovered) noexcept {
+  try {
+    Impl& m = *impl_;
+    std::lock_guard lock(m.mutex);
+    m.registry_recovered.Add({{"outcome", "recovered"}}).Set(static_cast<double>(recovered));
+    m.registry_recovered.Add({{"outcome", "not_recovered"}})
+        .Set(static_cast<double>(not_recovered));
   } catch (...) {
   }
 }

@@ -212,6 +212,9 @@ class HostMetrics {
   // absent); strategies not yet declared are declared first.
   void set_warm_memory_bytes(const std::map<std::string, std::uint64_t>& by_strategy) noexcept;
 
+  // What the start made of the registry (memsnap_registry_recovered_sandboxes{outcome}).
+  void set_registry_recovery(std::uint64_t recovered, std::uint64_t not_recovered) noexcept;
+
   // Sets memsnap_sandboxes: every declared state to its count (0 when absent); states that
   // were not declared are added up under state="other".
   void set_sandboxes_by_state(const std::map<std::string, std::int64_t>& counts) noexcept;

@@ -112,9 +112,10 @@ Result<std::unique_ptr<Daemon>> Daemon::start(const DaemonOptions& o) {
   d->log_ = o.dir + "/memsnapd.log";
   std::vector<std::string> args = {o.binary.empty() ? find_binary("memsnapd") : o.binary};
   if (!o.config_file.empty()) args.insert(args.end(), {"--config", o.config_file});
-  args.insert(args.end(), {"--set", "snapshots.directory=" + d->snapshot_dir_, "--set",
-                           "control.socket=" + d->socket_, "--set",
-                           "control.handshake_directory=" + o.dir});
+  args.insert(args.end(),
+              {"--set", "snapshots.directory=" + d->snapshot_dir_, "--set",
+               "control.socket=" + d->socket_, "--set", "control.handshake_directory=" + o.dir,
+               "--set", "state.directory=" + o.dir + "/state"});
   if (o.metrics) {
     MEMSNAP_ASSIGN_OR_RETURN(
         auto port, o.metrics_port ? Result<std::uint16_t>(o.metrics_port) : free_loopback_port());

@@ -302,6 +302,7 @@ int run(int argc, char** argv) {
   ServiceOptions so;
   so.snapshot_dir = cfg.snapshots.directory;
   so.handshake_dir = cfg.control.handshake_directory;
+  so.state_dir = cfg.state.directory;
   so.settings = settings_of(cfg);
   so.guard = guard->get();
   auto created = SandboxService::create(registry, metrics, so);

@@ -67,6 +67,7 @@ struct Sandbox {
   uid_t owner_uid = 0;  // who registered it: only it and root may act on it
   pid_t vmm_pid = -1;
   io::UniqueFd vmm_pidfd;  // the VMM, pinned (from registration, or the resumed one)
+  std::uint64_t vmm_start_time = 0;  // of vmm_pid (process_start_time): the registry's record
   std::vector<plugin::Region> regions;
   // The memfd backing a registered VMM's guest memory, taken once at registration (checked to be
   // a read-write memfd); dropped when the sandbox is paused with after=stop.
@@ -89,6 +90,12 @@ struct Sandbox {
 };
 
 namespace {
+
+// The start time that, with its pid, names a VMM in the registry; 0 if unknown.
+std::uint64_t start_time_of(pid_t pid) {
+  auto t = process_start_time(pid);
+  return t.ok() ? *t : 0;
+}
 
 bool valid_id(const std::string& id) {
   if (id.empty() || id.size() > 128 || id.front() == '.') return false;
@@ -344,6 +351,14 @@ Result<std::unique_ptr<SandboxService>> SandboxService::create(const PluginRegis
     std::lock_guard lock(service->mu_);
     service->publish_states_locked();
   }
+  if (!service->options_.state_dir.empty()) {
+    service->registry_file_ = std::make_unique<RegistryFile>(service->options_.state_dir);
+    service->boot_id_ = boot_id();
+    // A registry that cannot be read is refused, never overwritten: the sandboxes it records
+    // would be forgotten for good.
+    MEMSNAP_ASSIGN_OR_RETURN(auto recorded, service->registry_file_->load());
+    service->recover(recorded ? *recorded : RegistryDocument{});
+  }
   return service;
 }
 
@@ -393,6 +408,7 @@ SandboxService::~SandboxService() {
     }
   }
   jobs.clear();
+  persist_registry();
 }
 
 void SandboxService::set_flags(std::shared_ptr<flags::FlagStore> store) {
@@ -445,6 +461,9 @@ void SandboxService::poll() {
     }
   }
   if (failed) changed_.notify_all();
+  // Whatever changed without an endpoint to write it (a VMM that failed, a claim put back) is
+  // on disk within a poll.
+  persist_registry();
   if (!store) return;
   const auto stats = store->stats();
   std::lock_guard lock(mu_);
@@ -689,6 +708,7 @@ Status SandboxService::pin_vmm(const Caller& caller, const json& body, Sandbox& 
     return make_error(Errc::kProcessGone, "process " + std::to_string(sb.vmm_pid) +
                                               " exited while being registered");
   }
+  sb.vmm_start_time = start_time_of(sb.vmm_pid);
   sb.vmm_pidfd = std::move(pidfd);
   sb.owner_uid = caller.uid;
   return {};
@@ -839,6 +859,7 @@ Result<json> SandboxService::add_locked(std::shared_ptr<Sandbox> sb) {
   sandboxes_[sb->id] = sb;
   if (sb->vmm_pidfd.get() >= 0) vmm_sandbox_[sb->vmm_pid] = sb->id;
   sb->counted = true;
+  registry_changed_locked();
   state_counts_.enter(sb->state);
   publish_states_locked();
   spdlog::info("sandbox {} registered ({}, {} MiB, owner uid {})", sb->id, state_name(sb->state),
@@ -872,8 +893,13 @@ Result<json> SandboxService::register_sandbox(const Caller& caller, const json& 
   const Status registered =
       has_vmm ? register_running(caller, body, *sb) : register_chain(caller, body, *sb);
   if (!registered.ok()) return registered.error();
-  std::lock_guard lock(mu_);
-  return add_locked(std::move(sb));
+  std::optional<Result<json>> added;
+  {
+    std::lock_guard lock(mu_);
+    added.emplace(add_locked(std::move(sb)));
+  }
+  persist_registry();
+  return std::move(*added);
 }
 
 Result<std::shared_ptr<Sandbox>> SandboxService::find_locked(const Caller& caller,
@@ -958,6 +984,8 @@ class SandboxService::Slot {
 };
 
 void SandboxService::move_locked(Sandbox& sb, SandboxState to) {
+  // What a finished operation changed besides the state (chain, VMM) is recorded too.
+  registry_changed_locked();
   if (sb.state == to) return;
   if (sb.counted) {
     if (!transition_allowed(sb.state, to)) {
@@ -1481,6 +1509,8 @@ void add_mode_json(json& answer, const ModeChoiceT& m, double handover_seconds) 
 }  // namespace
 
 Result<json> SandboxService::pause(const Caller& caller, const std::string& id, const json& body) {
+  // Written once the operation is over (the last destructor to run before the answer leaves).
+  const PersistAtExit persist_at_exit(*this);
   MEMSNAP_ASSIGN_OR_RETURN(auto parsed, parse_pause_body(body, options_.sync, registry_));
   const PauseBody& request = parsed;
   MEMSNAP_ASSIGN_OR_RETURN(
@@ -1773,6 +1803,7 @@ void SandboxService::export_changed(const std::weak_ptr<Sandbox>& weak, const Ex
       sb->finished_exports.push_back(std::move(e->job));
       sb->pending_export.reset();
       --exports_pending_;
+      registry_changed_locked();
       sb->last_error.clear();
       if (paused) move_locked(*sb, SandboxState::kPaused);
     }
@@ -1787,9 +1818,12 @@ void SandboxService::export_changed(const std::weak_ptr<Sandbox>& weak, const Ex
   } else if (st.state == ExportState::kFailed) {
     metrics_.record_durable(strategy, PauseMode::kHandover, seconds, false);
   }
+  persist_registry();
 }
 
 Result<json> SandboxService::retry_export(const Caller& caller, const std::string& id) {
+  // Written once the operation is over (the last destructor to run before the answer leaves).
+  const PersistAtExit persist_at_exit(*this);
   std::string strategy;
   std::string state_after;
   {
@@ -1883,6 +1917,8 @@ Result<ResumeBody> parse_resume_body(const json& body) {
 
 Result<json> SandboxService::resume(const Caller& caller, const std::string& id,
                                     const json& body) {
+  // Written once the operation is over (the last destructor to run before the answer leaves).
+  const PersistAtExit persist_at_exit(*this);
   MEMSNAP_ASSIGN_OR_RETURN(const ResumeBody request, parse_resume_body(body));
   MEMSNAP_ASSIGN_OR_RETURN(const std::string socket_path, handshake_path(request.socket));
   MEMSNAP_ASSIGN_OR_RETURN(auto claimed, claim_for_resume(caller, id, request.mode));
@@ -1961,7 +1997,14 @@ Result<json> SandboxService::resume(const Caller& caller, const std::string& id,
     flush_fault_stats_locked(*sb);
     old = std::move(sb->session);
   }
-  if (old) old->stop();
+  if (old) {
+    old->stop();
+  } else if (release_vmm(*sb, SandboxState::kPaused, /*leave_running=*/false) ==
+             VmmRelease::kEnded) {
+    // A VMM a pause left stopped that memsnapd never served (registered running, or pinned
+    // again after a restart): the same rule as for a session's.
+    spdlog::info("resume {}: the VMM its pause left stopped (pid {}) was ended", id, sb->vmm_pid);
+  }
   old.reset();
 
   const std::string mode_chosen(resume_mode_name((*prepared)->report().mode));
@@ -2031,6 +2074,8 @@ Status SandboxService::wait_until_durable(const Caller& caller, const std::strin
 }
 
 void SandboxService::finish_resume(Claim claim) {
+  // Written once the operation is over (the last destructor to run before the answer leaves).
+  const PersistAtExit persist_at_exit(*this);
   const std::shared_ptr<Sandbox> sb = claim.sandbox();
   metrics::InFlight in_flight = metrics_.track_in_flight(metrics::OperationKind::kResume);
   ResumeSession& session = *sb->session;
@@ -2074,6 +2119,7 @@ void SandboxService::finish_resume(Claim claim) {
     sb->vmm_memfd.reset();  // the session holds the memfd now, if there is one
     if (auto pidfd = open_pidfd(rep.vmm_pid); pidfd.ok()) {
       sb->vmm_pidfd = std::move(*pidfd);
+      sb->vmm_start_time = start_time_of(rep.vmm_pid);
       vmm_sandbox_[rep.vmm_pid] = sb->id;
     } else {
       sb->vmm_pidfd.reset();
@@ -2252,6 +2298,7 @@ Result<json> SandboxService::remove(const Caller& caller, const std::string& id,
     sb = it->second;
     flush_fault_stats_locked(*sb);
     sandboxes_.erase(it);
+    registry_changed_locked();
     if (sb->counted) state_counts_.leave(sb->state);
     sb->counted = false;
     warm_candidates_.erase(id);
@@ -2270,7 +2317,235 @@ Result<json> SandboxService::remove(const Caller& caller, const std::string& id,
   const bool vmm_ended = release_vmm(*sb, sb->state, /*leave_running=*/false) == VmmRelease::kEnded;
   spdlog::info("sandbox {} unregistered (its snapshots stay){}", id,
                vmm_ended ? "; its VMM was ended" : "");
+  persist_registry();
   return json{{"id", id}, {"removed", true}, {"snapshots", sb->chain}, {"vmm_ended", vmm_ended}};
+}
+
+RegistryDocument SandboxService::registry_locked() const {
+  RegistryDocument doc;
+  doc.boot_id = boot_id_;
+  for (const auto& [id, sb] : sandboxes_) {
+    RegistryEntry e;
+    e.id = id;
+    e.state = sb->state;
+    e.owner_uid = sb->owner_uid;
+    // As a registration gives them (the flag context's other keys are derived).
+    e.attributes = sandbox_context(sb->attributes);
+    e.attributes.erase("targetingKey");
+    e.attributes.erase("has_memfd");
+    e.chain = sb->chain;
+    e.strategy = sb->strategy;
+    e.guest_size = sb->guest_size;
+    if (sb->vmm_pid > 0 && sb->vmm_pidfd.get() >= 0 && sb->vmm_start_time != 0) {
+      e.vmm_pid = sb->vmm_pid;
+      e.vmm_start_time = sb->vmm_start_time;
+      e.regions = sb->regions;
+    }
+    if (sb->pending_export) {
+      e.export_output = sb->pending_export->out_path;
+      e.export_chain = sb->pending_export->chain;
+    }
+    doc.sandboxes.push_back(std::move(e));
+  }
+  return doc;
+}
+
+void SandboxService::persist_registry() {
+  if (!registry_file_) return;
+  std::lock_guard write(registry_write_mu_);
+  RegistryDocument doc;
+  std::uint64_t seq = 0;
+  {
+    std::lock_guard lock(mu_);
+    seq = registry_seq_;
+    if (seq == registry_written_) return;
+    doc = registry_locked();
+  }
+  if (Status s = registry_file_->save(doc); !s.ok()) {
+    if (!registry_failed_.exchange(true)) {
+      spdlog::error(
+          "registry: writing {} failed: {}; until it is written again, a restart "
+          "does not know what changed since",
+          registry_file_->path(), s.error().to_string());
+    }
+    return;
+  }
+  if (registry_failed_.exchange(false)) {
+    spdlog::info("registry: {} is written again", registry_file_->path());
+  }
+  registry_written_ = seq;
+}
+
+void SandboxService::recover(const RegistryDocument& doc) {
+  const bool same_boot = !doc.boot_id.empty() && doc.boot_id == boot_id_;
+  if (!doc.sandboxes.empty()) {
+    // Kept as it was: what this start did not take back stays readable there.
+    std::error_code ec;
+    fs::copy_file(registry_file_->path(), registry_file_->path() + ".previous",
+                  fs::copy_options::overwrite_existing, ec);
+  }
+  json recovered = json::array();
+  json lost = json::array();
+  for (const RegistryEntry& e : doc.sandboxes) {
+    std::string how;
+    std::string why;
+    std::shared_ptr<Sandbox> sb = recover_entry(e, same_boot, &how, &why);
+    if (sb) {
+      std::lock_guard lock(mu_);
+      auto added = add_locked(sb);
+      if (added.ok()) {
+        spdlog::info("registry: sandbox {} recovered ({} when memsnapd stopped): {}", e.id,
+                     state_name(e.state), how);
+        recovered.push_back({{"id", e.id},
+                             {"was", std::string(state_name(e.state))},
+                             {"state", std::string(state_name(sb->state))},
+                             {"detail", how}});
+        continue;
+      }
+      why = added.error().message;
+    }
+    spdlog::error("registry: sandbox {} ({} when memsnapd stopped) NOT recovered: {}", e.id,
+                  state_name(e.state), why);
+    lost.push_back({{"id", e.id}, {"was", std::string(state_name(e.state))}, {"reason", why}});
+  }
+  if (!doc.sandboxes.empty()) {
+    spdlog::info("registry: {} of {} sandboxes recovered from {}", recovered.size(),
+                 doc.sandboxes.size(), registry_file_->path());
+  }
+  metrics_.set_registry_recovery(recovered.size(), lost.size());
+  recovery_ = {{"file", registry_file_->path()},
+               {"recovered", std::move(recovered)},
+               {"not_recovered", std::move(lost)}};
+  {
+    std::lock_guard lock(mu_);
+    registry_changed_locked();  // written now, in this memsnapd's words
+  }
+  persist_registry();
+}
+
+std::shared_ptr<Sandbox> SandboxService::readopt_running(const RegistryEntry& e,
+                                                         std::vector<std::string> chain,
+                                                         std::shared_ptr<Sandbox> sb,
+                                                         std::string* how, std::string* why) {
+  const Caller self{};  // root's rights: the registration was checked when it was made
+  json regions = json::array();
+  for (const plugin::Region& r : e.regions) {
+    regions.push_back(
+        {{"guest_offset", r.guest_offset}, {"host_addr", r.host_addr}, {"size", r.size}});
+  }
+  sb->vmm_pid = e.vmm_pid;
+  const json body = {{"vmm_pid", static_cast<std::uint64_t>(e.vmm_pid)},
+                     {"regions", regions},
+                     {"guest_size", e.guest_size}};
+  if (Status s = register_running(self, body, *sb); !s.ok()) {
+    *why = "its VMM (pid " + std::to_string(e.vmm_pid) +
+           ") runs, but cannot be taken back: " + s.error().message;
+    return nullptr;
+  }
+  if (sb->vmm_start_time != e.vmm_start_time) {
+    *why = "its VMM (pid " + std::to_string(e.vmm_pid) + ") ended while it was taken back";
+    return nullptr;
+  }
+  sb->owner_uid = e.owner_uid;
+  sb->chain = std::move(chain);
+  sb->strategy = e.strategy;
+  // Its memfd, if its memory is one: taken back from its mappings (memsnapd held it before).
+  // Without it a pause can only read the VMM's address space, and refuses a shared mapping.
+  std::string memfd_note = "without its memfd";
+  if (auto memfd = take_mapped_memfd(e.vmm_pid, e.regions); !memfd.ok()) {
+    memfd_note += " (" + memfd.error().message + ")";
+  } else if (Status s = check_guest_memfd(memfd->get(), sb->guest_size); !s.ok()) {
+    memfd_note += " (" + s.error().message + ")";
+  } else {
+    sb->vmm_memfd = std::move(*memfd);
+    sb->attributes.has_memfd = true;
+    memfd_note = "its memfd taken back from its mappings";
+  }
+  *how = "running: its VMM (pid " + std::to_string(e.vmm_pid) +
+         ") ran on; memsnapd neither serves nor tracks its memory any more, so its next pause "
+         "exports every populated page; " +
+         memfd_note;
+  return sb;
+}
+
+std::shared_ptr<Sandbox> SandboxService::recover_entry(const RegistryEntry& e, bool same_boot,
+                                                       std::string* how, std::string* why) {
+  auto sb = std::make_shared<Sandbox>();
+  sb->id = e.id;
+  sb->attributes.id = e.id;
+  if (!valid_id(e.id)) {
+    *why = "not a valid sandbox id";
+    return nullptr;
+  }
+  if (Status s = parse_attributes(e.attributes, sb->attributes); !s.ok()) {
+    *why = s.error().message;
+    return nullptr;
+  }
+  // Its chain: the committed snapshots, and a handover's snapshot once its export committed it
+  // (the export process finishes without memsnapd).
+  std::vector<std::string> chain = e.chain;
+  if (!e.export_output.empty()) {
+    auto out =
+        SnapshotReader::open(e.export_output, Verify::kHeaderAndMap, settings().reader_limits);
+    if (!out.ok()) {
+      *why = "its pause was answered at handover and its export had not committed " +
+             e.export_output + " (" + out.error().message +
+             "); the export goes on without memsnapd: once the file exists, register the "
+             "sandbox with its snapshots";
+      return nullptr;
+    }
+    chain = e.export_chain;
+    chain.push_back(e.export_output);
+  }
+  // Its VMM, if it is the very process memsnapd knew: same boot, pid and start time.
+  bool vmm_alive = false;
+  if (same_boot && e.vmm_pid > 0) {
+    const auto started = process_start_time(e.vmm_pid);
+    vmm_alive = started.ok() && started.value() == e.vmm_start_time;
+  }
+  if (e.state == SandboxState::kRunning && vmm_alive) {
+    return readopt_running(e, std::move(chain), std::move(sb), how, why);
+  }
+  if (e.state == SandboxState::kPausing || e.state == SandboxState::kFailed) {
+    *why =
+        std::string("a sandbox ") +
+        (e.state == SandboxState::kPausing ? "whose pause was never answered" : "that had failed") +
+        " is not taken back: its VMM and snapshots are as they were; register it again";
+    return nullptr;
+  }
+  if (chain.empty()) {
+    *why = "it has no snapshot, and its VMM " +
+           (e.vmm_pid > 0 ? "(pid " + std::to_string(e.vmm_pid) + ") is gone" : "is unknown");
+    return nullptr;
+  }
+  const json body = {{"snapshots", chain}, {"strategy", e.strategy}};
+  const Caller self{};  // root's rights: the registration was checked when it was made
+  if (Status s = register_chain(self, body, *sb); !s.ok()) {
+    *why = s.error().message;
+    return nullptr;
+  }
+  sb->owner_uid = e.owner_uid;
+  std::string vmm_note = "no VMM";
+  if (vmm_alive) {
+    // The VMM a pause left stopped: pinned again, so that DELETE (or the next stop) ends it.
+    if (auto pidfd = open_pidfd(e.vmm_pid);
+        pidfd.ok() && start_time_of(e.vmm_pid) == e.vmm_start_time) {
+      sb->vmm_pid = e.vmm_pid;
+      sb->vmm_pidfd = std::move(*pidfd);
+      sb->vmm_start_time = e.vmm_start_time;
+      sb->regions = e.regions;
+      vmm_note = "its stopped VMM (pid " + std::to_string(e.vmm_pid) + ") pinned again";
+    }
+  } else if (e.vmm_pid > 0) {
+    vmm_note = "its VMM (pid " + std::to_string(e.vmm_pid) + ") is gone";
+  }
+  *how = "paused at " + chain.back() + " (" + std::to_string(chain.size()) + " snapshot" +
+         (chain.size() == 1 ? "" : "s") + ", strategy " + sb->strategy + "; " + vmm_note +
+         (e.state == SandboxState::kRunning || e.state == SandboxState::kResuming
+              ? "; what the guest did since that snapshot is lost"
+              : "") +
+         ")";
+  return sb;
 }
 
 SandboxService::VmmRelease SandboxService::release_vmm(Sandbox& sb, SandboxState state,
@@ -2319,7 +2594,15 @@ json SandboxService::health() const {
           {"snapshot_dir", snapshot_dir_},
           {"handshake_dir", handshake_dir_},
           {"plugins", plugins},
-          {"flags", flags}};
+          {"flags", flags},
+          {"registry", registry_health()}};
+}
+
+json SandboxService::registry_health() const {
+  if (!registry_file_) return nullptr;
+  json out = recovery_;
+  out["written"] = !registry_failed_.load();
+  return out;
 }
 
 bool SandboxService::drain(std::chrono::milliseconds timeout) {

@@ -26,6 +26,7 @@
 // connection on its own thread).
 #pragma once
 
+#include <atomic>
 #include <chrono>
 #include <condition_variable>
 #include <cstdint>
@@ -52,6 +53,7 @@
 #include "flags/flag_store.h"
 #include "tools/memsnapd/pipeline.h"
 #include "tools/memsnapd/sandbox_lifecycle.h"
+#include "tools/memsnapd/sandbox_registry.h"
 
 namespace memsnap::daemon {
 
@@ -99,6 +101,9 @@ struct ServiceOptions {
   // Empty: <snapshot_dir>/../handshake.
   std::string handshake_dir;
   bool sync = true;          // fsync snapshots at commit
+  // Where the registry of sandboxes is kept across restarts (tools/memsnapd/sandbox_registry.h);
+  // created if missing. Empty: no registry (a restart forgets every sandbox).
+  std::string state_dir;
   ServiceSettings settings;
   // Ends the VMMs memsnapd serves if memsnapd dies (core/vmm_guard.h); null: none.
   VmmGuard* guard = nullptr;
@@ -201,6 +206,37 @@ class SandboxService {
   Status register_chain(const Caller& caller, const nlohmann::json& body, Sandbox& sb) const;
   Result<nlohmann::json> add_locked(std::shared_ptr<Sandbox> sb);
   void flush_fault_stats_locked(Sandbox& sandbox);
+  // The registry on disk. Every change of what it records bumps registry_seq_ (under mu_:
+  // registry_changed_locked); persist_registry() (never under mu_) writes the newest version
+  // when it is not on disk yet, and returns once it is durable. Called before every answer that
+  // changed a sandbox, by the callbacks of background work, and by poll() (each second).
+  void registry_changed_locked() { ++registry_seq_; }
+  void persist_registry();
+  // persist_registry() when it goes (declared first in an endpoint, it runs last).
+  struct PersistAtExit {
+    explicit PersistAtExit(SandboxService& s) : service(s) {}
+    ~PersistAtExit() { service.persist_registry(); }
+    PersistAtExit(const PersistAtExit&) = delete;
+    PersistAtExit& operator=(const PersistAtExit&) = delete;
+    SandboxService& service;
+  };
+  RegistryDocument registry_locked() const;
+  // At start: takes back what the registry recorded (recover_entry), says so per sandbox in the
+  // log and in health(), and writes the registry as it now is.
+  void recover(const RegistryDocument& doc);
+  // health()'s "registry": its file, what the start recovered and what not, whether the last
+  // write succeeded; null without a registry.
+  nlohmann::json registry_health() const;
+  // One recorded sandbox as it can be taken back, or why it cannot (kept in *why). *how says
+  // what became of it ("paused, its VMM gone", ...).
+  std::shared_ptr<Sandbox> recover_entry(const RegistryEntry& entry, bool same_boot,
+                                         std::string* how, std::string* why);
+  // recover_entry for a running sandbox whose VMM is still the same process: registered again
+  // (regions, its memfd taken back from its mappings), with the chain it had.
+  std::shared_ptr<Sandbox> readopt_running(const RegistryEntry& entry,
+                                           std::vector<std::string> chain,
+                                           std::shared_ptr<Sandbox> sb, std::string* how,
+                                           std::string* why);
   // What became of a VMM memsnapd let go of (release_vmm).
   enum class VmmRelease { kNone, kLeftRunning, kEnded, kNotEnded };
   // memsnapd lets go of sandbox's VMM, once the sandbox is out of sandboxes_ (DELETE) or memsnapd
@@ -271,6 +307,16 @@ class SandboxService {
   bool draining_ = false;
   std::uint64_t reloads_seen_ = 0;
   std::uint64_t reload_failures_seen_ = 0;
+
+  // The registry (null without options_.state_dir) and the boot its VMM records belong to.
+  std::unique_ptr<RegistryFile> registry_file_;
+  std::string boot_id_;
+  std::uint64_t registry_seq_ = 0;      // under mu_: bumped by every change it records
+  std::mutex registry_write_mu_;        // one write at a time; taken before mu_, never under it
+  std::uint64_t registry_written_ = 0;  // under registry_write_mu_: the seq on disk
+  std::atomic<bool> registry_failed_{false};  // the last write failed
+  // What the start made of the registry (health's "registry"); set once, before serving.
+  nlohmann::json recovery_ = nullptr;
 };
 
 }  // namespace memsnap::daemon
