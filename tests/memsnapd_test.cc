@@ -1686,6 +1686,20 @@ TEST_F(MemsnapdTest, ADamagedRegistryKeepsMemsnapdFromStartingAndIsLeftAsItWas) 
   std::ifstream kept(file);
   const std::string left((std::istreambuf_iterator<char>(kept)), std::istreambuf_iterator<char>());
   EXPECT_EQ(left, "{\"memsnapd_registry\": 1, \"boot_id\": ");
+
+  // Nor does it start on a registry others could have written: it decides which processes
+  // memsnapd takes back, and for whom.
+  fs::remove(file);
+  ASSERT_EQ(::chmod((dir_ + "/state").c_str(), 0777), 0);
+  refused = Daemon::start(o);
+  ASSERT_FALSE(refused.ok());
+  std::ifstream log2(dir_ + "/memsnapd.log");
+  const std::string text2((std::istreambuf_iterator<char>(log2)), std::istreambuf_iterator<char>());
+  EXPECT_NE(text2.find("the state directory " + dir_ +
+                       "/state must belong to memsnapd's uid and "
+                       "be writable by nobody else"),
+            std::string::npos)
+      << text2;
 }
 
 // A tmpfs of its own at `dir` (created), unmounted when it goes: a file system that fills up.

@@ -139,7 +139,7 @@ Status RegistryFile::save(const RegistryDocument& doc) const {
   if (ec) return make_error(Errc::kIoError, "creating " + directory_ + ": " + ec.message());
   const std::string text = to_json(doc).dump(1) + "\n";
   const std::string temp = path_ + ".tmp";
-  const int fd = ::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  const int fd = ::open(temp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0600);
   if (fd < 0) {
     const int err = errno;
     return make_error(Errc::kIoError, io::errno_message("creating " + temp, err), err);

@@ -221,39 +221,43 @@ std::vector<metrics::Phase> metric_phases(const std::vector<PhaseTiming>& phases
 
 // The handshake directory, created if missing, canonical; refused unless nobody but memsnapd's
 // uid may change it or a directory on the way to it.
-Result<std::string> prepare_handshake_dir(const std::string& handshake) {
-  // The handshake directory: sockets are created, replaced and removed in it by name, as root,
-  // so nobody else may write to it (nor to a directory it resolves through: it is resolved once,
-  // here, and must be ours).
-  if (handshake.empty() || handshake.front() != '/') {
-    return make_error(Errc::kInvalidArgument,
-                      "the handshake directory must be absolute: \"" + handshake + "\"");
+// A directory memsnapd acts on by name as root, created with `mode` if missing:
+// nobody else may write to it, nor to a directory it resolves through (it is resolved once, here,
+// and must be ours). The handshake directory (sockets are created, replaced and removed in it)
+// and the state directory (its registry decides which processes memsnapd takes back).
+// `what` names it in errors.
+Result<std::string> prepare_own_dir(const std::string& dir, const std::string& what,
+                                    mode_t mode = 0755) {
+  if (dir.empty() || dir.front() != '/') {
+    return make_error(Errc::kInvalidArgument, what + " must be absolute: \"" + dir + "\"");
   }
-  if (::mkdir(handshake.c_str(), 0755) != 0 && errno != EEXIST) {
-    return make_error(Errc::kIoError, io::errno_message("cannot create the handshake directory " +
-                                                        handshake, errno));
+  if (::mkdir(dir.c_str(), mode) != 0 && errno != EEXIST) {
+    return make_error(Errc::kIoError,
+                      io::errno_message("cannot create " + what + " " + dir, errno));
   }
   std::error_code ec;
-  const fs::path handshake_canonical = fs::canonical(handshake, ec);
+  const fs::path canonical = fs::canonical(dir, ec);
   struct stat hst {};
-  if (ec || ::lstat(handshake_canonical.c_str(), &hst) != 0 || !S_ISDIR(hst.st_mode)) {
-    return make_error(Errc::kIoError, "cannot resolve the handshake directory " + handshake);
+  if (ec || ::lstat(canonical.c_str(), &hst) != 0 || !S_ISDIR(hst.st_mode)) {
+    return make_error(Errc::kIoError, "cannot resolve " + what + " " + dir);
   }
   if (hst.st_uid != ::geteuid() || (hst.st_mode & 022) != 0) {
-    return make_error(Errc::kInvalidArgument,
-                      "the handshake directory " + handshake_canonical.string() +
-                          " must belong to memsnapd's uid and be writable by nobody else (it is "
-                          "uid " + std::to_string(hst.st_uid) + ", mode " +
-                          [&] {
-                            char m[8];
-                            std::snprintf(m, sizeof(m), "%04o", hst.st_mode & 07777);
-                            return std::string(m);
-                          }() +
-                          ")");
+    return make_error(
+        Errc::kInvalidArgument,
+        what + " " + canonical.string() +
+            " must belong to memsnapd's uid and be writable by nobody else (it is "
+            "uid " +
+            std::to_string(hst.st_uid) + ", mode " +
+            [&] {
+              char m[8];
+              std::snprintf(m, sizeof(m), "%04o", hst.st_mode & 07777);
+              return std::string(m);
+            }() +
+            ")");
   }
   // Nor may anyone else rename or replace a directory on the way to it (a sticky, world-writable
   // /tmp is fine: only its owner may rename an entry there).
-  for (fs::path up = handshake_canonical.parent_path();; up = up.parent_path()) {
+  for (fs::path up = canonical.parent_path();; up = up.parent_path()) {
     struct stat ust {};
     if (::lstat(up.c_str(), &ust) != 0) {
       return make_error(Errc::kIoError, io::errno_message("lstat " + up.string(), errno));
@@ -261,13 +265,12 @@ Result<std::string> prepare_handshake_dir(const std::string& handshake) {
     const bool others_write = (ust.st_mode & 022) != 0 && (ust.st_mode & S_ISVTX) == 0;
     if (others_write || (ust.st_uid != 0 && ust.st_uid != ::geteuid())) {
       return make_error(Errc::kInvalidArgument,
-                        "the handshake directory " + handshake_canonical.string() +
-                            " lies in " + up.string() +
+                        what + " " + canonical.string() + " lies in " + up.string() +
                             ", which others may change: it must be writable by nobody else");
     }
     if (up == up.parent_path()) break;
   }
-  return handshake_canonical.string();
+  return canonical.string();
 }
 
 // The default output of a pause, relative to the snapshot directory: "<id>/generation-<n>.snap",
@@ -338,11 +341,11 @@ Result<std::unique_ptr<SandboxService>> SandboxService::create(const PluginRegis
     return make_error(Errc::kIoError, "cannot resolve the snapshot directory " +
                                           options.snapshot_dir + ": " + ec.message());
   }
-  MEMSNAP_ASSIGN_OR_RETURN(
-      auto handshake_canonical,
-      prepare_handshake_dir(options.handshake_dir.empty()
-                                ? (canonical.parent_path() / "handshake").string()
-                                : options.handshake_dir));
+  MEMSNAP_ASSIGN_OR_RETURN(auto handshake_canonical,
+                           prepare_own_dir(options.handshake_dir.empty()
+                                               ? (canonical.parent_path() / "handshake").string()
+                                               : options.handshake_dir,
+                                           "the handshake directory"));
   std::unique_ptr<SandboxService> service(
       new SandboxService(registry, metrics, std::move(options)));
   service->snapshot_dir_ = canonical.string();
@@ -352,7 +355,14 @@ Result<std::unique_ptr<SandboxService>> SandboxService::create(const PluginRegis
     service->publish_states_locked();
   }
   if (!service->options_.state_dir.empty()) {
-    service->registry_file_ = std::make_unique<RegistryFile>(service->options_.state_dir);
+    // The registry decides which processes memsnapd takes back and for whom: its directory must
+    // be memsnapd's alone.
+    std::error_code made;
+    fs::create_directories(fs::path(service->options_.state_dir).parent_path(), made);
+    MEMSNAP_ASSIGN_OR_RETURN(
+        const std::string state_dir,
+        prepare_own_dir(service->options_.state_dir, "the state directory", 0700));
+    service->registry_file_ = std::make_unique<RegistryFile>(state_dir);
     service->boot_id_ = boot_id();
     // A registry that cannot be read is refused, never overwritten: the sandboxes it records
     // would be forgotten for good.
@@ -2433,6 +2443,14 @@ std::shared_ptr<Sandbox> SandboxService::readopt_running(const RegistryEntry& e,
     regions.push_back(
         {{"guest_offset", r.guest_offset}, {"host_addr", r.host_addr}, {"size", r.size}});
   }
+  // Still the owner's process (root's registrations may name any process).
+  if (e.owner_uid != 0) {
+    if (Status s = check_process_owner(e.vmm_pid, e.owner_uid); !s.ok()) {
+      *why = "its VMM (pid " + std::to_string(e.vmm_pid) + ") is no longer uid " +
+             std::to_string(e.owner_uid) + "'s: " + s.error().message;
+      return nullptr;
+    }
+  }
   sb->vmm_pid = e.vmm_pid;
   const json body = {{"vmm_pid", static_cast<std::uint64_t>(e.vmm_pid)},
                      {"regions", regions},
@@ -2527,9 +2545,11 @@ std::shared_ptr<Sandbox> SandboxService::recover_entry(const RegistryEntry& e, b
   sb->owner_uid = e.owner_uid;
   std::string vmm_note = "no VMM";
   if (vmm_alive) {
-    // The VMM a pause left stopped: pinned again, so that DELETE (or the next stop) ends it.
+    // The VMM a pause left stopped: pinned again, so that DELETE (or the next stop) ends it --
+    // if it is still its owner's.
     if (auto pidfd = open_pidfd(e.vmm_pid);
-        pidfd.ok() && start_time_of(e.vmm_pid) == e.vmm_start_time) {
+        pidfd.ok() && start_time_of(e.vmm_pid) == e.vmm_start_time &&
+        (e.owner_uid == 0 || check_process_owner(e.vmm_pid, e.owner_uid).ok())) {
       sb->vmm_pid = e.vmm_pid;
       sb->vmm_pidfd = std::move(*pidfd);
       sb->vmm_start_time = e.vmm_start_time;
