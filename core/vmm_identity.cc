@@ -46,7 +46,7 @@ bool status_ids(pid_t pid, const char* key, std::uint64_t ids[4]) {
 
 }  // namespace
 
-Result<std::uint64_t> process_start_time(pid_t pid) {
+Result<ProcessStat> process_stat(pid_t pid) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
   std::string stat;
   if (!std::getline(in, stat)) {
@@ -56,14 +56,26 @@ Result<std::uint64_t> process_start_time(pid_t pid) {
   // fields that follow start after the last ')'. Field 3 is then the first, field 22 the 20th.
   const std::size_t close = stat.rfind(')');
   std::istringstream fields(close == std::string::npos ? std::string() : stat.substr(close + 1));
+  ProcessStat out;
   std::string field;
-  for (int i = 3; i < 22 && (fields >> field); ++i) {
+  if (!(fields >> out.state)) {
+    return make_error(Errc::kIoError, "/proc/" + std::to_string(pid) + "/stat: no state");
   }
-  std::uint64_t start = 0;
-  if (!(fields >> start)) {
+  for (int i = 4; i < 22 && (fields >> field); ++i) {
+  }
+  if (!(fields >> out.start_time)) {
     return make_error(Errc::kIoError, "/proc/" + std::to_string(pid) + "/stat: no start time");
   }
-  return start;
+  return out;
+}
+
+Result<std::uint64_t> process_start_time(pid_t pid) {
+  MEMSNAP_ASSIGN_OR_RETURN(const ProcessStat st, process_stat(pid));
+  // A process that has exited but is not reaped yet (a zombie) is gone: it runs nothing.
+  if (st.state == 'Z' || st.state == 'X') {
+    return make_error(Errc::kProcessGone, "process " + std::to_string(pid) + " has exited");
+  }
+  return st.start_time;
 }
 
 std::string boot_id() {
@@ -131,6 +143,7 @@ struct Mapping {
   std::uint64_t start, end;
   bool shared;
   std::uint64_t offset;
+  bool writable;
 };
 
 // The process's mappings, sorted by start.
@@ -145,7 +158,7 @@ Result<std::vector<Mapping>> read_mappings(pid_t pid) {
     if (std::sscanf(line.c_str(), "%" SCNx64 "-%" SCNx64 " %4s %" SCNx64, &start, &end, perms,
                     &offset) == 4 &&
         end > start) {
-      maps.push_back({start, end, perms[3] == 's', offset});
+      maps.push_back({start, end, perms[3] == 's', offset, perms[1] == 'w'});
     }
   }
   std::sort(maps.begin(), maps.end(),
@@ -184,9 +197,19 @@ Result<io::UniqueFd> take_mapped_memfd(pid_t pid, const std::vector<plugin::Regi
                         where + " maps file offset " + hex(m->offset + (r.host_addr - m->start)) +
                             ", not its guest offset " + hex(r.guest_offset));
     }
+    // Never opened wider than the VMM maps it, and only a memfd: a read-write mapping of
+    // "/memfd:..." (what the link names, read before anything is opened).
+    if (!m->writable) {
+      return make_error(Errc::kInvalidArgument, where + " is not mapped writable");
+    }
     char name[64];
     std::snprintf(name, sizeof(name), "%" PRIx64 "-%" PRIx64, m->start, m->end);
     const std::string path = "/proc/" + std::to_string(pid) + "/map_files/" + name;
+    char target[256] = {};
+    const ssize_t n = ::readlink(path.c_str(), target, sizeof(target) - 1);
+    if (n < 0 || std::strncmp(target, "/memfd:", 7) != 0) {
+      return make_error(Errc::kInvalidArgument, where + " does not map a memfd");
+    }
     io::UniqueFd fd(::open(path.c_str(), O_RDWR | O_CLOEXEC));
     struct stat st {};
     if (fd.get() < 0 || ::fstat(fd.get(), &st) != 0) {

@@ -37,9 +37,16 @@ Status check_process_owner(pid_t pid, uid_t uid);
 // (/proc/PID/maps). kInvalidArgument naming the first range that is not mapped.
 Status check_regions_mapped(pid_t pid, const std::vector<plugin::Region>& regions);
 
-// When process pid started, in clock ticks after boot (field 22 of /proc/PID/stat). With the
-// boot's id (boot_id()), pid and start time name one process for good: how memsnapd recognises a
-// VMM again after a restart. kProcessGone if there is no such process.
+// Fields of /proc/PID/stat: the state letter (R, S, D, T, t, Z, X, ...) and when the process
+// started, in clock ticks after boot (field 22).
+struct ProcessStat {
+  char state = '?';
+  std::uint64_t start_time = 0;
+};
+Result<ProcessStat> process_stat(pid_t pid);
+// When process pid started. With the boot's id (boot_id()), pid and start time name one process
+// for good: how memsnapd recognises a VMM again after a restart. kProcessGone if there is no such
+// process, or it has exited and is not reaped yet (a zombie).
 Result<std::uint64_t> process_start_time(pid_t pid);
 // /proc/sys/kernel/random/boot_id: differs after every reboot. Empty if unreadable.
 std::string boot_id();

@@ -1097,6 +1097,13 @@ TEST_F(MemsnapdTest, KillNineInTheMiddleOfAHolePunchPauseLeavesTheMemoryRecovera
     const std::string text((std::istreambuf_iterator<char>(log)), std::istreambuf_iterator<char>());
     EXPECT_NE(text.find("memsnap recover"), std::string::npos) << text;
   }
+  // The registry says `pausing` (written before anything was released), and the VMM is stopped:
+  // the restart does not take the half-punched VMM back as running (its next pause would export
+  // the holes as zeros, as if durable); it says why and keeps the entry.
+  EXPECT_EQ(call("GET", "/v1/sandboxes/sb-punch").status, 404);
+  const json health = call("GET", "/v1/health").body;
+  ASSERT_EQ(health["registry"]["not_recovered"].size(), 1u) << health.dump();
+  EXPECT_EQ(health["registry"]["not_recovered"][0]["was"], "pausing") << health.dump();
 
   const auto recovered = testing::run_memsnap(
       "recover " + left[0] + " --memfd-of-pid " + std::to_string(vmm) + " --remove", true);
@@ -1169,9 +1176,15 @@ TEST_F(MemsnapdTest, KillNineOfMemsnapdDuringABackgroundExportLosesNothingAcknow
   std::unique_ptr<Sandbox> sb = launch_memfd("sb-bg", 128ULL << 20, "c", 79);
   ASSERT_NE(sb, nullptr);
   const SandboxSpec spec = sb->spec();
+  // A first pause by another strategy: the chain the handover extends.
+  auto first = sb->pause({{"strategy", "memfd"}});
+  ASSERT_TRUE(first.ok()) << first.error().to_string();
+  const std::string first_snapshot = (*first)["snapshot"];
+  ASSERT_TRUE(sb->resume().ok());
+  ASSERT_TRUE(sb->dirty(0.5, 80).ok());  // what the handover's diff holds
   // gated_punch releases what it wrote, as hole_punch does, and stops half way until the gate
   // opens: the export is in flight, with half the memory only in its unfinished file, for sure.
-  // The guest does not write after its launch: this is its memory at the pause.
+  // The guest does not write after this: this is its memory at the pause.
   const std::vector<std::uint32_t> expected = sb->vmm()->expected_generations();
   auto paused = sb->pause({{"mode", "handover"}, {"sync", true}, {"strategy", "gated_punch"}});
   ASSERT_TRUE(paused.ok()) << paused.error().to_string();
@@ -1186,8 +1199,29 @@ TEST_F(MemsnapdTest, KillNineOfMemsnapdDuringABackgroundExportLosesNothingAcknow
   open_gate();
   EXPECT_TRUE(eventually([&] { return fs::exists(snapshot); }, std::chrono::seconds(60)))
       << "the exporter did not commit the snapshot after memsnapd died";
-  EXPECT_EQ(bad_pages_in({snapshot}, spec.seed, expected), 0u)
+  const std::vector<std::string> chain = {first_snapshot, snapshot};
+  EXPECT_EQ(bad_pages_in(chain, spec.seed, expected), 0u)
       << "the committed snapshot is not the memory the pause acknowledged";
+
+  // A restarted memsnapd takes the sandbox back (its registry recorded the export in flight),
+  // paused at that snapshot, by the strategy that wrote it; a resume from it holds that memory.
+  DaemonOptions o;
+  o.dir = dir_;
+  o.flags_file = flags_;
+  o.overrides = {"plugins.directory=" + dir_ + "/plugins"};
+  auto restarted = Daemon::start(o);
+  ASSERT_TRUE(restarted.ok()) << restarted.error().to_string();
+  daemon_ = std::move(*restarted);
+  const json back = call("GET", "/v1/sandboxes/sb-bg").body;
+  EXPECT_EQ(back["state"], "paused") << back.dump();
+  ASSERT_EQ(back["snapshots"].size(), 2u) << back.dump();
+  EXPECT_EQ(back["snapshots"][1], snapshot) << back.dump();
+  EXPECT_EQ(back["strategy"], "gated_punch") << back.dump();
+  auto guest = resume_into_new_guest("sb-bg", spec, expected);
+  ASSERT_NE(guest, nullptr);
+  auto bad = guest->verify();
+  ASSERT_TRUE(bad.ok()) << bad.error().to_string();
+  EXPECT_EQ(*bad, 0u);
 }
 
 // kill -9 of memsnapd while a live pause exports, the guest writing throughout: the pause was

@@ -1,7 +1,5 @@
 #include "core/snapshot/snapshot_format.h"
 
-// XXH3_state_t on the stack (its layout is that of the libxxhash the build links).
-#define XXH_STATIC_LINKING_ONLY
 #include <xxhash.h>
 
 namespace memsnap {
@@ -39,11 +37,17 @@ std::string_view run_kind_name(RunKind kind) noexcept {
 std::uint64_t compute_header_checksum(const FileHeader& header, std::string_view origin) noexcept {
   FileHeader copy = header;
   copy.header_checksum = 0;
-  XXH3_state_t state;
-  XXH3_64bits_reset(&state);
-  XXH3_64bits_update(&state, &copy, sizeof(copy));
-  XXH3_64bits_update(&state, origin.data(), origin.size());
-  return XXH3_64bits_digest(&state);
+  if (origin.empty()) return XXH3_64bits(&copy, sizeof(copy));
+  // Streamed (XXH3's streaming and one-shot results are equal): no copy of the origin record.
+  // Out of memory: a checksum the header does not hold (its reader then refuses the file).
+  XXH3_state_t* state = XXH3_createState();
+  if (state == nullptr) return ~std::uint64_t{0} ^ header.header_checksum;
+  XXH3_64bits_reset(state);
+  XXH3_64bits_update(state, &copy, sizeof(copy));
+  XXH3_64bits_update(state, origin.data(), origin.size());
+  const std::uint64_t sum = XXH3_64bits_digest(state);
+  XXH3_freeState(state);
+  return sum;
 }
 
 std::uint64_t compute_map_checksum(std::span<const MapRun> runs) noexcept {

@@ -17,6 +17,8 @@
 #include <string>
 #include <vector>
 
+#include <xxhash.h>
+
 #include "core/snapshot/snapshot_chain.h"
 #include "core/snapshot/snapshot_format.h"
 #include "core/snapshot/snapshot_reader.h"
@@ -1107,9 +1109,27 @@ TEST_F(CorruptionTest, TheOriginRecordIsCheckedWithTheHeader) {
     EXPECT_NE(message_.find("origin record"), std::string::npos) << text << ": " << message_;
   }
 
-  // header_size beyond the data area, beyond the limit, or below the FileHeader.
-  for (std::uint64_t size : {std::uint64_t{good.data_offset + 8}, std::uint64_t{kMaxHeaderSize} + 1,
-                             std::uint64_t{64}}) {
+  // header_size beyond the data area, with a well-formed origin record reaching into it: the
+  // data offset check refuses it, not the record's.
+  {
+    f = good_;
+    std::string text;
+    for (int i = 0; text.size() + 64 <= good.data_offset + 8 - sizeof(FileHeader); ++i) {
+      const std::string n = std::to_string(10000 + i).substr(1);  // 4 digits
+      text += "k" + n + "=" + std::string(57, 'v') + "\n";
+    }
+    text += std::string("z=") +
+            std::string(good.data_offset + 8 - sizeof(FileHeader) - text.size() - 3, 'v') + "\n";
+    ASSERT_EQ(text.size(), good.data_offset + 8 - sizeof(FileHeader));
+    std::copy(text.begin(), text.end(), f.begin() + sizeof(FileHeader));
+    FileHeader h = good;
+    h.header_size = static_cast<std::uint32_t>(good.data_offset + 8);
+    put_header(f, h);
+    EXPECT_EQ(error_of(f), Errc::kSnapshotBadHeader);
+    EXPECT_NE(message_.find("inside the header"), std::string::npos) << message_;
+  }
+  // header_size beyond the limit, or below the FileHeader.
+  for (std::uint64_t size : {std::uint64_t{kMaxHeaderSize} + 1, std::uint64_t{64}}) {
     f = good_;
     FileHeader h = good;
     h.header_size = static_cast<std::uint32_t>(size);
@@ -1132,6 +1152,19 @@ TEST_F(CorruptionTest, AVersion1FileStillOpensAndRecordsNoOrigin) {
   h.version = 1;
   h.header_size = sizeof(FileHeader);
   put_header(f, h);
+  // The checksum of a version 1 header is XXH3-64 of its 128 bytes, the field zeroed, in one
+  // call: what every version 1 file on disk holds.
+  {
+    FileHeader zeroed = header_of(f);
+    zeroed.header_checksum = 0;
+    EXPECT_EQ(header_of(f).header_checksum, XXH3_64bits(&zeroed, sizeof(zeroed)));
+    // And version 2's, over the header and its origin record, that of the bytes in one piece.
+    FileHeader v2 = good;
+    v2.header_checksum = 0;
+    Bytes whole(good_.begin(), good_.begin() + good.header_size);
+    std::memcpy(whole.data(), &v2, sizeof(v2));
+    EXPECT_EQ(good.header_checksum, XXH3_64bits(whole.data(), whole.size()));
+  }
   write_file(path("v1.snap"), f);
   auto r = open_ok(path("v1.snap"));
   ASSERT_NE(r, nullptr);

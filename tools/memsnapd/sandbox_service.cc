@@ -471,6 +471,7 @@ void SandboxService::poll() {
     }
   }
   if (failed) changed_.notify_all();
+  retry_unrecovered();
   // Whatever changed without an endpoint to write it (a VMM that failed, a claim put back) is
   // on disk within a poll.
   persist_registry();
@@ -714,11 +715,12 @@ Status SandboxService::pin_vmm(const Caller& caller, const json& body, Sandbox& 
     }
     sb.vmm_memfd = std::move(taken);
   }
+  // Read before the liveness check, like everything above: about this very process.
+  sb.vmm_start_time = start_time_of(sb.vmm_pid);
   if (!pidfd_alive(pidfd.get())) {
     return make_error(Errc::kProcessGone, "process " + std::to_string(sb.vmm_pid) +
                                               " exited while being registered");
   }
-  sb.vmm_start_time = start_time_of(sb.vmm_pid);
   sb.vmm_pidfd = std::move(pidfd);
   sb.owner_uid = caller.uid;
   return {};
@@ -869,6 +871,8 @@ Result<json> SandboxService::add_locked(std::shared_ptr<Sandbox> sb) {
   sandboxes_[sb->id] = sb;
   if (sb->vmm_pidfd.get() >= 0) vmm_sandbox_[sb->vmm_pid] = sb->id;
   sb->counted = true;
+  // A registration of an id the start could not take back replaces what the registry kept.
+  std::erase_if(unrecovered_, [&](const RegistryEntry& e) { return e.id == sb->id; });
   registry_changed_locked();
   state_counts_.enter(sb->state);
   publish_states_locked();
@@ -1526,6 +1530,9 @@ Result<json> SandboxService::pause(const Caller& caller, const std::string& id, 
   MEMSNAP_ASSIGN_OR_RETURN(
       auto claimed, claim(caller, id, "pause", SandboxState::kRunning, SandboxState::kPausing));
   Claim& claim = claimed;  // until finished, any return puts the sandbox back to running
+  // On disk before anything is frozen or released: a crash from here on finds it `pausing`
+  // (never taken back as running: its VMM may be stopped, its memory half released).
+  persist_registry();
   const Sandbox& sb = *claim;
 
   MEMSNAP_ASSIGN_OR_RETURN(auto plan, plan_chain(sb, request));
@@ -1933,6 +1940,7 @@ Result<json> SandboxService::resume(const Caller& caller, const std::string& id,
   MEMSNAP_ASSIGN_OR_RETURN(const std::string socket_path, handshake_path(request.socket));
   MEMSNAP_ASSIGN_OR_RETURN(auto claimed, claim_for_resume(caller, id, request.mode));
   Claim& claim = claimed;  // until finished or handed on, any return parks it again
+  persist_registry();      // `resuming` on disk before the old VMM is let go
   const std::shared_ptr<Sandbox> sb = claim.sandbox();
   if (sb->resume_thread.joinable()) sb->resume_thread.join();  // the previous one, long done
   // Before durable: the pending snapshot is served from the memory held for its export. The
@@ -2128,8 +2136,10 @@ void SandboxService::finish_resume(Claim claim) {
     sb->regions = session.regions();
     sb->vmm_memfd.reset();  // the session holds the memfd now, if there is one
     if (auto pidfd = open_pidfd(rep.vmm_pid); pidfd.ok()) {
-      sb->vmm_pidfd = std::move(*pidfd);
+      // Read, then checked to be about the pinned process (a pid reused in between is not).
       sb->vmm_start_time = start_time_of(rep.vmm_pid);
+      if (!pidfd_alive(pidfd->get())) sb->vmm_start_time = 0;
+      sb->vmm_pidfd = std::move(*pidfd);
       vmm_sandbox_[rep.vmm_pid] = sb->id;
     } else {
       sb->vmm_pidfd.reset();
@@ -2357,6 +2367,9 @@ RegistryDocument SandboxService::registry_locked() const {
     }
     doc.sandboxes.push_back(std::move(e));
   }
+  for (const RegistryEntry& e : unrecovered_) {
+    if (!sandboxes_.count(e.id)) doc.sandboxes.push_back(e);
+  }
   return doc;
 }
 
@@ -2386,8 +2399,41 @@ void SandboxService::persist_registry() {
   registry_written_ = seq;
 }
 
+void SandboxService::retry_unrecovered() {
+  std::vector<RegistryEntry> ready;
+  {
+    std::lock_guard lock(mu_);
+    for (const RegistryEntry& e : unrecovered_) {
+      struct stat st {};
+      if (!e.export_output.empty() && ::stat(e.export_output.c_str(), &st) == 0) ready.push_back(e);
+    }
+  }
+  for (const RegistryEntry& e : ready) {
+    std::string how;
+    std::string why;
+    std::shared_ptr<Sandbox> sb = recover_entry(e, registry_same_boot_, &how, &why);
+    if (!sb) continue;  // still not: kept, said at start
+    std::lock_guard lock(mu_);
+    if (!add_locked(sb).ok()) continue;
+    spdlog::info("registry: sandbox {} recovered once its export committed: {}", e.id, how);
+    json& lost = recovery_["not_recovered"];
+    for (auto it = lost.begin(); it != lost.end(); ++it) {
+      if ((*it)["id"] == e.id) {
+        lost.erase(it);
+        break;
+      }
+    }
+    recovery_["recovered"].push_back({{"id", e.id},
+                                      {"was", std::string(state_name(e.state))},
+                                      {"state", std::string(state_name(sb->state))},
+                                      {"detail", how}});
+    metrics_.set_registry_recovery(recovery_["recovered"].size(), lost.size());
+  }
+}
+
 void SandboxService::recover(const RegistryDocument& doc) {
   const bool same_boot = !doc.boot_id.empty() && doc.boot_id == boot_id_;
+  registry_same_boot_ = same_boot;
   if (!doc.sandboxes.empty()) {
     // Kept as it was: what this start did not take back stays readable there.
     std::error_code ec;
@@ -2414,9 +2460,13 @@ void SandboxService::recover(const RegistryDocument& doc) {
       }
       why = added.error().message;
     }
-    spdlog::error("registry: sandbox {} ({} when memsnapd stopped) NOT recovered: {}", e.id,
-                  state_name(e.state), why);
+    spdlog::error(
+        "registry: sandbox {} ({} when memsnapd stopped) NOT recovered: {}; kept in "
+        "the registry as it was",
+        e.id, state_name(e.state), why);
     lost.push_back({{"id", e.id}, {"was", std::string(state_name(e.state))}, {"reason", why}});
+    std::lock_guard lock(mu_);
+    unrecovered_.push_back(e);
   }
   if (!doc.sandboxes.empty()) {
     spdlog::info("registry: {} of {} sandboxes recovered from {}", recovered.size(),
@@ -2502,6 +2552,7 @@ std::shared_ptr<Sandbox> SandboxService::recover_entry(const RegistryEntry& e, b
   // Its chain: the committed snapshots, and a handover's snapshot once its export committed it
   // (the export process finishes without memsnapd).
   std::vector<std::string> chain = e.chain;
+  bool export_committed = false;
   if (!e.export_output.empty()) {
     auto out =
         SnapshotReader::open(e.export_output, Verify::kHeaderAndMap, settings().reader_limits);
@@ -2514,6 +2565,7 @@ std::shared_ptr<Sandbox> SandboxService::recover_entry(const RegistryEntry& e, b
     }
     chain = e.export_chain;
     chain.push_back(e.export_output);
+    export_committed = true;
   }
   // Its VMM, if it is the very process memsnapd knew: same boot, pid and start time.
   bool vmm_alive = false;
@@ -2522,6 +2574,14 @@ std::shared_ptr<Sandbox> SandboxService::recover_entry(const RegistryEntry& e, b
     vmm_alive = started.ok() && started.value() == e.vmm_start_time;
   }
   if (e.state == SandboxState::kRunning && vmm_alive) {
+    // A running sandbox's VMM runs: stopped, a pause of it was under way (and may have released
+    // memory), which is for a person to look at, not for a restart to take back as running.
+    if (const auto st = process_stat(e.vmm_pid);
+        st.ok() && (st.value().state == 'T' || st.value().state == 't')) {
+      *why = "its VMM (pid " + std::to_string(e.vmm_pid) +
+             ") is stopped, as by a pause that never finished: left as it is";
+      return nullptr;
+    }
     return readopt_running(e, std::move(chain), std::move(sb), how, why);
   }
   if (e.state == SandboxState::kPausing || e.state == SandboxState::kFailed) {
@@ -2536,7 +2596,9 @@ std::shared_ptr<Sandbox> SandboxService::recover_entry(const RegistryEntry& e, b
            (e.vmm_pid > 0 ? "(pid " + std::to_string(e.vmm_pid) + ") is gone" : "is unknown");
     return nullptr;
   }
-  const json body = {{"snapshots", chain}, {"strategy", e.strategy}};
+  // The strategy the newest snapshot records; the registry's is the one before a handover whose
+  // export committed since (and the only answer for a format 1 chain).
+  const json body = {{"snapshots", chain}, {"strategy", export_committed ? "" : e.strategy}};
   const Caller self{};  // root's rights: the registration was checked when it was made
   if (Status s = register_chain(self, body, *sb); !s.ok()) {
     *why = s.error().message;

@@ -315,8 +315,16 @@ class SandboxService {
   std::mutex registry_write_mu_;        // one write at a time; taken before mu_, never under it
   std::uint64_t registry_written_ = 0;  // under registry_write_mu_: the seq on disk
   std::atomic<bool> registry_failed_{false};  // the last write failed
-  // What the start made of the registry (health's "registry"); set once, before serving.
+  // What the start made of the registry (health's "registry"); set before serving, then under
+  // mu_ (a retry that takes a sandbox back moves it to "recovered").
   nlohmann::json recovery_ = nullptr;
+  // Under mu_: what the start could not take back, kept in the registry as it was (until a
+  // registration of the same id replaces it); a handover among them is retried by poll() once
+  // its export's snapshot exists.
+  std::vector<RegistryEntry> unrecovered_;
+  bool registry_same_boot_ = false;
+  // poll()'s retry of unrecovered_ handovers.
+  void retry_unrecovered();
 };
 
 }  // namespace memsnap::daemon
