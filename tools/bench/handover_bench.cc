@@ -213,6 +213,9 @@ struct Options {
   std::string out = "handover.json";
   std::string base_dir;
   bool warmup = true;
+  // memsnapd settings for the run (--daemon-set KEY=VALUE), e.g. state.directory= to compare
+  // pauses without the registry's writes.
+  std::vector<std::string> daemon_sets;
 };
 
 void usage() {
@@ -220,8 +223,7 @@ void usage() {
       << "usage: memsnap-handover-bench [--sizes 256M,1G,4G] [--reps N | N1,N2,...]\n"
          "           [--refs write1m,write4m,write16m,direct4m | none]\n"
          "           [--kinds copy,handover,early,early_map,late,live,copy_continue]\n"
-         "           [--out FILE] [--dir DIR] "
-         "[--no-warmup]\n"
+         "           [--out FILE] [--dir DIR] [--no-warmup] [--daemon-set KEY=VALUE]...\n"
          "  defaults from $MEMSNAP_HANDOVER_SIZES, $MEMSNAP_HANDOVER_REPS; reps default 10 up to\n"
          "  256M, 7 up to 1G, 5 above; DIR (snapshots, reference files) $MEMSNAP_BENCH_DIR or "
          "/var/tmp\n";
@@ -259,6 +261,8 @@ Options parse(int argc, char** argv) {
       o.base_dir = next();
     else if (a == "--no-warmup")
       o.warmup = false;
+    else if (a == "--daemon-set")
+      o.daemon_sets.push_back(next());
     else if (a == "-h" || a == "--help") {
       usage();
       std::exit(0);
@@ -625,6 +629,7 @@ int run(int argc, char** argv) {
   fleet::DaemonOptions dopt;
   dopt.dir = dir;
   dopt.metrics = false;
+  dopt.overrides = o.daemon_sets;
   auto started = fleet::Daemon::start(dopt);
   if (!started.ok()) die("memsnapd: " + started.error().to_string());
   std::unique_ptr<fleet::Daemon> daemon = std::move(*started);

@@ -133,7 +133,7 @@ Result<RegistryDocument> registry_from_json(const json& j) {
 RegistryFile::RegistryFile(std::string directory)
     : directory_(std::move(directory)), path_(directory_ + "/registry.json") {}
 
-Status RegistryFile::save(const RegistryDocument& doc) const {
+Status RegistryFile::save(const RegistryDocument& doc, bool sync) const {
   std::error_code ec;
   std::filesystem::create_directories(directory_, ec);
   if (ec) return make_error(Errc::kIoError, "creating " + directory_ + ": " + ec.message());
@@ -145,7 +145,7 @@ Status RegistryFile::save(const RegistryDocument& doc) const {
     return make_error(Errc::kIoError, io::errno_message("creating " + temp, err), err);
   }
   Status written = io::pwrite_all(fd, text.data(), text.size(), 0, "writing " + temp);
-  if (written.ok() && ::fsync(fd) != 0) {
+  if (written.ok() && sync && ::fsync(fd) != 0) {
     const int err = errno;
     written = make_error(Errc::kIoError, io::errno_message("fsync " + temp, err), err);
   }
@@ -155,7 +155,7 @@ Status RegistryFile::save(const RegistryDocument& doc) const {
     const int err = errno;
     return make_error(Errc::kIoError, io::errno_message("renaming " + temp, err), err);
   }
-  return fsync_path(directory_, O_RDONLY | O_DIRECTORY);
+  return sync ? fsync_path(directory_, O_RDONLY | O_DIRECTORY) : Status();
 }
 
 Result<std::optional<RegistryDocument>> RegistryFile::load() const {

@@ -55,8 +55,10 @@ Result<RegistryDocument> registry_from_json(const nlohmann::json& j);
 class RegistryFile {
  public:
   explicit RegistryFile(std::string directory);
-  // The directory is created if missing; the file is 0600.
-  Status save(const RegistryDocument& doc) const;
+  // The directory is created if missing; the file is 0600. With sync, the file and its
+  // directory are fsynced (durable against a power loss); without, the rename alone makes it
+  // what the next reader sees, also after memsnapd is killed (not after the host goes down).
+  Status save(const RegistryDocument& doc, bool sync = true) const;
   // nullopt when there is no file (a first start). A file that cannot be read or parsed is an
   // error naming it: memsnapd then refuses to start rather than forget sandboxes.
   Result<std::optional<RegistryDocument>> load() const;

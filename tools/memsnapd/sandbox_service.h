@@ -211,7 +211,9 @@ class SandboxService {
   // when it is not on disk yet, and returns once it is durable. Called before every answer that
   // changed a sandbox, by the callbacks of background work, and by poll() (each second).
   void registry_changed_locked() { ++registry_seq_; }
-  void persist_registry();
+  // sync=false: renamed into place without fsync (see RegistryFile::save) -- for a handover's
+  // answer, whose snapshot is not durable yet either; its durable moment writes it synced.
+  void persist_registry(bool sync = true);
   // persist_registry() when it goes (declared first in an endpoint, it runs last).
   struct PersistAtExit {
     explicit PersistAtExit(SandboxService& s) : service(s) {}
