@@ -82,17 +82,22 @@ Result<RegistryEntry> entry_from_json(const json& s, std::size_t index) {
 
 }  // namespace
 
+json regions_json(const std::vector<plugin::Region>& regions) {
+  json out = json::array();
+  for (const plugin::Region& r : regions) {
+    out.push_back({{"guest_offset", r.guest_offset}, {"host_addr", r.host_addr}, {"size", r.size}});
+  }
+  return out;
+}
+
 json to_json(const RegistryDocument& doc) {
   json sandboxes = json::array();
   for (const RegistryEntry& e : doc.sandboxes) {
     json vmm = nullptr;
     if (e.vmm_pid > 0) {
-      json regions = json::array();
-      for (const plugin::Region& r : e.regions) {
-        regions.push_back(
-            {{"guest_offset", r.guest_offset}, {"host_addr", r.host_addr}, {"size", r.size}});
-      }
-      vmm = {{"pid", e.vmm_pid}, {"start_time", e.vmm_start_time}, {"regions", regions}};
+      vmm = {{"pid", e.vmm_pid},
+             {"start_time", e.vmm_start_time},
+             {"regions", regions_json(e.regions)}};
     }
     json exp = nullptr;
     if (!e.export_output.empty()) exp = {{"output", e.export_output}, {"chain", e.export_chain}};

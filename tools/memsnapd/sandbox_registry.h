@@ -48,6 +48,9 @@ struct RegistryDocument {
   std::vector<RegistryEntry> sandboxes;
 };
 
+// Regions as the API and the registry write them: [{guest_offset, host_addr, size}, ...].
+nlohmann::json regions_json(const std::vector<plugin::Region>& regions);
+
 nlohmann::json to_json(const RegistryDocument& doc);
 // kInvalidArgument naming what is wrong (a sandbox's field, an unknown state).
 Result<RegistryDocument> registry_from_json(const nlohmann::json& j);

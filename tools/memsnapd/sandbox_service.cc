@@ -662,11 +662,7 @@ void SandboxService::publish_states_locked() {
 }
 
 json SandboxService::describe_locked(const Sandbox& sb) const {
-  json regions = json::array();
-  for (const auto& r : sb.regions) {
-    regions.push_back(
-        {{"guest_offset", r.guest_offset}, {"host_addr", r.host_addr}, {"size", r.size}});
-  }
+  const json regions = regions_json(sb.regions);
   return {{"id", sb.id},
           {"state", std::string(state_name(sb.state))},
           {"vmm_pid", sb.vmm_pid},
@@ -2492,11 +2488,6 @@ std::shared_ptr<Sandbox> SandboxService::readopt_running(const RegistryEntry& e,
                                                          std::shared_ptr<Sandbox> sb,
                                                          std::string* how, std::string* why) {
   const Caller self{};  // root's rights: the registration was checked when it was made
-  json regions = json::array();
-  for (const plugin::Region& r : e.regions) {
-    regions.push_back(
-        {{"guest_offset", r.guest_offset}, {"host_addr", r.host_addr}, {"size", r.size}});
-  }
   // Still the owner's process (root's registrations may name any process).
   if (e.owner_uid != 0) {
     if (Status s = check_process_owner(e.vmm_pid, e.owner_uid); !s.ok()) {
@@ -2507,7 +2498,7 @@ std::shared_ptr<Sandbox> SandboxService::readopt_running(const RegistryEntry& e,
   }
   sb->vmm_pid = e.vmm_pid;
   const json body = {{"vmm_pid", static_cast<std::uint64_t>(e.vmm_pid)},
-                     {"regions", regions},
+                     {"regions", regions_json(e.regions)},
                      {"guest_size", e.guest_size}};
   if (Status s = register_running(self, body, *sb); !s.ok()) {
     *why = "its VMM (pid " + std::to_string(e.vmm_pid) +
